@@ -1,0 +1,157 @@
+"""Durable filesystem primitives: fsync, atomic replace, rename that never overwrites.
+
+The registry's crash-safety rests on three facts of POSIX filesystems: ``rename`` within one filesystem is
+atomic; data is only durable after ``fsync`` of the file *and* of the directory that names it; and Linux's
+``renameat2(RENAME_NOREPLACE)`` refuses to replace an existing target, so two publishers that somehow picked
+the same number cannot clobber each other even if the lock failed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import hashlib
+import json
+import os
+import shutil
+import stat
+from pathlib import Path
+from typing import Any
+
+# Benchmarks that create tens of thousands of versions may set FINETUNE_FSYNC=0; never the default.
+_FSYNC = os.environ.get("FINETUNE_FSYNC", "1") != "0"
+_CHUNK = 1 << 20
+
+
+def fsync_file(path: Path) -> None:
+    if not _FSYNC:
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    if not _FSYNC:
+        return
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_bytes_durable(path: Path, data: bytes) -> None:
+    """Write a new file and fsync it (the caller fsyncs the directory)."""
+    with open(path, "xb") as f:
+        f.write(data)
+        f.flush()
+        if _FSYNC:
+            os.fsync(f.fileno())
+
+
+def canonical_json(obj: Any) -> bytes:
+    """The one JSON encoding used for anything hashed: sorted keys, no spaces, UTF-8."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def pretty_json(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def replace_file(path: Path, data: bytes, tmp_dir: Path) -> None:
+    """Atomically replace ``path`` with ``data``: write a temp file in ``tmp_dir`` (same filesystem), rename."""
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_dir / f"tmp-{os.getpid()}-{os.urandom(6).hex()}"
+    write_bytes_durable(tmp, data)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def _load_renameat2():
+    if not hasattr(os, "uname") or os.uname().sysname != "Linux":
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_RENAMEAT2 = _load_renameat2()
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
+
+
+def rename_noreplace(src: Path, dst: Path) -> None:
+    """Rename ``src`` to ``dst``; raise FileExistsError if ``dst`` exists, whatever any lock said."""
+    if _RENAMEAT2 is not None:
+        rc = _RENAMEAT2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE)
+        if rc == 0:
+            return
+        err = ctypes.get_errno()
+        if err == errno.EEXIST:
+            raise FileExistsError(errno.EEXIST, "target exists", str(dst))
+        if err not in (errno.EINVAL, errno.ENOSYS):  # EINVAL/ENOSYS: filesystem lacks the flag; fall back
+            raise OSError(err, os.strerror(err), str(src))
+    # Fallback: a plain rename onto a non-empty directory fails with ENOTEMPTY, and version folders are never
+    # empty (they hold a manifest), so only the tiny window below an empty target remains.
+    if os.path.lexists(dst):
+        raise FileExistsError(errno.EEXIST, "target exists", str(dst))
+    try:
+        os.rename(src, dst)
+    except OSError as err:
+        if err.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            raise FileExistsError(errno.EEXIST, "target exists", str(dst)) from err
+        raise
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def copy_and_hash(src: Path, dst: Path) -> tuple[int, str]:
+    """Copy one file, hashing the bytes as they pass; fsync the copy. Returns (size, sha256)."""
+    h = hashlib.sha256()
+    size = 0
+    with open(src, "rb") as fin, open(dst, "xb") as fout:
+        while chunk := fin.read(_CHUNK):
+            h.update(chunk)
+            fout.write(chunk)
+            size += len(chunk)
+        fout.flush()
+        if _FSYNC:
+            os.fsync(fout.fileno())
+    return size, h.hexdigest()
+
+
+def make_read_only(path: Path) -> None:
+    """Mark a published tree read-only (files 0444, folders 0555)."""
+    for dirpath, dirnames, filenames in os.walk(path):
+        for name in filenames:
+            os.chmod(os.path.join(dirpath, name), stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
+    for dirpath, dirnames, _ in os.walk(path, topdown=False):
+        os.chmod(dirpath, 0o555)
+
+
+def remove_tree(path: Path) -> None:
+    """Delete a tree, including read-only published folders."""
+    if not os.path.lexists(path):
+        return
+    if os.path.isdir(path) and not os.path.islink(path):
+        # Read-only folders refuse unlinking their entries: open them up first.
+        for dirpath, _, _ in os.walk(path):
+            os.chmod(dirpath, 0o755)
+        shutil.rmtree(path)
+    else:
+        os.unlink(path)

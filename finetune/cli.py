@@ -1,0 +1,248 @@
+"""The ``finetune`` command line. Each sub-command is a thin wrapper over the Python API.
+
+Errors the user can cause print one line (``finetune: error: ...``) and exit 2 for usage errors, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from . import __version__
+from .errors import FinetuneError
+from .names import parse_ref
+from .registry import HARDWARE, VISIBILITIES, Registry, Version
+
+
+def _registry(args: argparse.Namespace) -> Registry:
+    return Registry(args.registry)
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+def _table(rows: list[list[str]], header: list[str]) -> None:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for r in [header, *rows]:
+        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+def _metrics_summary(version: Version) -> str:
+    metrics = version.metadata.get("metrics", {})
+    parts = []
+    for key in ("train_loss", "eval_loss"):
+        if isinstance(metrics.get(key), (int, float)):
+            parts.append(f"{key}={metrics[key]:.4f}")
+    return " ".join(parts)
+
+
+def _parent_summary(version: Version) -> str:
+    parent = version.parent
+    if not isinstance(parent, dict):
+        return "-"
+    if "ref" in parent:
+        return parent["ref"]
+    if "hub_id" in parent:
+        return f"hub:{parent['hub_id']}@{str(parent.get('revision'))[:10]}"
+    if "local_path" in parent:
+        return f"local:{parent['local_path']}"
+    return "-"
+
+
+# ------------------------------------------------------------------ models
+def cmd_models_create(args: argparse.Namespace) -> None:
+    m = _registry(args).create_model(
+        args.model, description=args.description, visibility=args.visibility, hardware=args.hardware,
+        exist_ok=args.exist_ok,
+    )
+    print(f"created {m.full_name}" if not args.exist_ok else f"model {m.full_name} ready")
+
+
+def cmd_models_list(args: argparse.Namespace) -> None:
+    reg = _registry(args)
+    rows = []
+    for m in reg.list_models():
+        latest = reg.latest(m.full_name)
+        rows.append({**m.to_dict(), "model": m.full_name, "versions": len(reg.list_versions(m.full_name)),
+                     "latest": latest.ref if latest else None})
+    if args.json:
+        return _print_json(rows)
+    if not rows:
+        print(f"no models in {reg.root} (create one with `finetune models create OWNER/NAME`)")
+        return
+    _table([[r["model"], str(r["versions"]), r["latest"] or "-", r["visibility"], r["hardware"], r["description"]]
+            for r in rows], ["MODEL", "VERSIONS", "LATEST", "VISIBILITY", "HARDWARE", "DESCRIPTION"])
+
+
+def cmd_models_show(args: argparse.Namespace) -> None:
+    reg = _registry(args)
+    m = reg.get_model(args.model)
+    versions = reg.list_versions(m.full_name)
+    latest = reg.latest(m.full_name)
+    info = {**m.to_dict(), "model": m.full_name, "versions": len(versions),
+            "latest": latest.ref if latest else None, "aliases": reg.aliases(m.full_name), "path": str(m.path)}
+    if args.json:
+        return _print_json(info)
+    for key in ("model", "description", "visibility", "hardware", "created_at", "versions", "latest", "path"):
+        print(f"{key + ':':13}{info[key] if info[key] not in (None, '') else '-'}")
+    aliases = ", ".join(f"{a} -> {m.full_name}:{n}" for a, n in sorted(info["aliases"].items())) or "-"
+    print(f"{'aliases:':13}{aliases}")
+
+
+def cmd_models_delete(args: argparse.Namespace) -> None:
+    _registry(args).delete_model(args.model)
+    print(f"deleted {args.model}")
+
+
+def cmd_models_import(args: argparse.Namespace) -> None:
+    from .sources import import_base
+
+    v = import_base(_registry(args), args.model, args.source, revision=args.revision, description=args.description)
+    print(v.ref)
+
+
+# ------------------------------------------------------------------ versions
+def cmd_versions_list(args: argparse.Namespace) -> None:
+    reg = _registry(args)
+    versions = reg.list_versions(args.model)
+    if args.limit:
+        versions = versions[: args.limit]
+    if args.json:
+        return _print_json([{"ref": v.ref, "number": v.number, "id": v.id, "created_at": v.created_at,
+                             "kind": v.kind, "parent": v.parent, "metrics": v.metadata.get("metrics", {})}
+                            for v in versions])
+    if not versions:
+        print(f"{args.model} has no versions yet")
+        return
+    _table([[str(v.number), v.id[:12], v.created_at[:19].replace("T", " "), v.kind, _parent_summary(v),
+             _metrics_summary(v)] for v in versions], ["N", "ID", "CREATED", "KIND", "PARENT", "METRICS"])
+
+
+def cmd_versions_show(args: argparse.Namespace) -> None:
+    from .lineage import describe_version
+
+    reg = _registry(args)
+    v = reg.resolve(args.ref)
+    if args.json:
+        return _print_json(v.manifest)
+    print(describe_version(reg, v))
+
+
+def cmd_versions_verify(args: argparse.Namespace) -> int:
+    reg = _registry(args)
+    v = reg.resolve(args.ref)
+    problems = reg.verify(v)
+    for p in problems:
+        print(f"{v.ref}: {p}")
+    if problems:
+        print(f"{v.ref}: DAMAGED ({len(problems)} problem{'s' if len(problems) > 1 else ''})", file=sys.stderr)
+        return 1
+    print(f"{v.ref}: ok ({len(v.manifest['files'])} files, id {v.id[:12]})")
+    return 0
+
+
+def cmd_versions_delete(args: argparse.Namespace) -> None:
+    reg = _registry(args)
+    v = reg.resolve(args.ref)
+    reg.delete_version(v.ref)
+    print(f"deleted {v.ref}")
+
+
+def cmd_versions_alias(args: argparse.Namespace) -> None:
+    reg = _registry(args)
+    if args.remove:
+        reg.remove_alias(parse_ref(args.ref).model, args.alias)
+        print(f"removed alias {args.alias}")
+        return
+    v = reg.set_alias(args.ref, args.alias)
+    print(f"{v.model}:{args.alias} -> {v.ref}")
+
+
+# ------------------------------------------------------------------ registry
+def cmd_registry_gc(args: argparse.Namespace) -> None:
+    reg = _registry(args)
+    removed = reg.gc(older_than_hours=args.older_than, dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    for p in removed:
+        print(f"{verb} {p}")
+    print(f"{verb} {len(removed)} leftover{'s' if len(removed) != 1 else ''} in {reg.root}")
+
+
+# ------------------------------------------------------------------ parser
+def _add(sub: argparse._SubParsersAction, name: str, func: Callable, help: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help, description=help)
+    p.set_defaults(func=func)
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="finetune", description="LoRA fine-tuning with a versioned model registry.")
+    parser.add_argument("--version", action="version", version=f"finetune {__version__}")
+    parser.add_argument("--registry", metavar="PATH", default=None,
+                        help="registry root (default: $FINETUNE_HOME, else ./registry)")
+    groups = parser.add_subparsers(dest="group", metavar="COMMAND", required=True)
+
+    models = groups.add_parser("models", help="destination models").add_subparsers(dest="cmd", required=True)
+    p = _add(models, "create", cmd_models_create, "create a destination model OWNER/NAME")
+    p.add_argument("model", metavar="OWNER/NAME")
+    p.add_argument("--description", default="")
+    p.add_argument("--visibility", choices=VISIBILITIES, default="private")
+    p.add_argument("--hardware", choices=HARDWARE, default="auto")
+    p.add_argument("--exist-ok", action="store_true", help="succeed if the model exists already")
+    p = _add(models, "list", cmd_models_list, "list models")
+    p.add_argument("--json", action="store_true")
+    p = _add(models, "show", cmd_models_show, "show a model's fields, version count and latest version")
+    p.add_argument("model", metavar="OWNER/NAME")
+    p.add_argument("--json", action="store_true")
+    p = _add(models, "delete", cmd_models_delete, "delete a model that has no versions")
+    p.add_argument("model", metavar="OWNER/NAME")
+    p = _add(models, "import", cmd_models_import, "register a base model (local folder or hub id) as a version")
+    p.add_argument("model", metavar="OWNER/NAME")
+    p.add_argument("--from", dest="source", required=True, metavar="PATH_OR_HUB_ID")
+    p.add_argument("--revision", default=None, help="hub branch, tag or commit (default: main)")
+    p.add_argument("--description", default="")
+
+    versions = groups.add_parser("versions", help="versions of a model").add_subparsers(dest="cmd", required=True)
+    p = _add(versions, "list", cmd_versions_list, "list versions, newest first")
+    p.add_argument("model", metavar="OWNER/NAME")
+    p.add_argument("--limit", type=int, default=0, help="show at most N versions")
+    p.add_argument("--json", action="store_true")
+    p = _add(versions, "show", cmd_versions_show, "show a version: manifest summary and lineage")
+    p.add_argument("ref", metavar="REF")
+    p.add_argument("--json", action="store_true", help="print the whole manifest")
+    p = _add(versions, "verify", cmd_versions_verify, "re-hash every file of a version against its manifest")
+    p.add_argument("ref", metavar="REF")
+    p = _add(versions, "delete", cmd_versions_delete, "delete a version (numbers are never reused)")
+    p.add_argument("ref", metavar="REF")
+    p = _add(versions, "alias", cmd_versions_alias, "point ALIAS at a version (OWNER/NAME:ALIAS then resolves to it)")
+    p.add_argument("ref", metavar="REF")
+    p.add_argument("alias", metavar="ALIAS")
+    p.add_argument("--remove", action="store_true", help="remove the alias instead")
+
+    registry = groups.add_parser("registry", help="registry housekeeping").add_subparsers(dest="cmd", required=True)
+    p = _add(registry, "gc", cmd_registry_gc, "remove leftovers of interrupted publishes and deletions")
+    p.add_argument("--older-than", type=float, default=24.0, metavar="HOURS", help="only leftovers older than this")
+    p.add_argument("--dry-run", action="store_true")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``finetune`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except FinetuneError as err:
+        print(f"finetune: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("finetune: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

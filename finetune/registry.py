@@ -1,0 +1,655 @@
+"""The registry: destination models and their immutable, numbered versions, on the local filesystem.
+
+This module owns the on-disk layout; no other module builds a path inside the registry root::
+
+    ROOT/
+      models/OWNER/NAME/
+        model.json             description, visibility, hardware, created_at
+        next_version           the next number to hand out (numbers are never reused)
+        aliases.json           {"prod": 3, ...}
+        .lock                  allocation lock (filelock)
+        versions/N/            one published version: its files + manifest.json, all read-only
+      trainings/ID/            training records (see trainings.py), checkpoints, logs
+      cache/KIND/...           derived data that can be rebuilt (tokenized datasets)
+      .staging/                publishes and temp files in progress; `gc` removes abandoned ones
+      .trash/                  deletions in progress
+
+Publishing stages every file under ``.staging`` (same filesystem), fsyncs, allocates a number under a lock,
+writes ``manifest.json`` last, and renames the folder into ``versions/`` with a rename that refuses to
+overwrite. A version folder therefore appears whole or not at all.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib import metadata as _importlib_metadata
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock
+
+from . import atomic
+from .errors import (
+    AlreadyExistsError,
+    AmbiguousRefError,
+    ConflictError,
+    IntegrityError,
+    ModelNotFoundError,
+    NotFoundError,
+    RegistryAccessError,
+    UsageError,
+    VersionNotFoundError,
+)
+from .names import check_alias, check_name, parse_model_name, parse_ref
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+VISIBILITIES = ("private", "public")
+HARDWARE = ("cpu", "gpu", "auto")
+LOCK_TIMEOUT_S = 120
+_SOFTWARE = ("torch", "transformers", "peft", "accelerate", "datasets", "safetensors", "finetune")
+
+
+def utc_now() -> str:
+    """Timestamps everywhere: UTC, ISO 8601, microseconds, with a Z."""
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def software_versions() -> dict[str, str]:
+    out = {"python": sys.version.split()[0]}
+    for pkg in _SOFTWARE:
+        try:
+            out[pkg] = _importlib_metadata.version(pkg)
+        except _importlib_metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def manifest_id(manifest: dict[str, Any]) -> str:
+    """The version id: sha256 of the canonical manifest without its ``id`` field."""
+    body = {k: v for k, v in manifest.items() if k != "id"}
+    return hashlib.sha256(atomic.canonical_json(body)).hexdigest()
+
+
+class Model:
+    """A destination model: a named collection of versions."""
+
+    def __init__(self, path: Path, info: dict[str, Any]):
+        self.path = path
+        self.owner: str = info["owner"]
+        self.name: str = info["name"]
+        self.description: str = info.get("description", "")
+        self.visibility: str = info.get("visibility", "private")
+        self.hardware: str = info.get("hardware", "auto")
+        self.created_at: str = info.get("created_at", "")
+
+    @property
+    def full_name(self) -> str:
+        return f"{self.owner}/{self.name}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "owner": self.owner,
+            "name": self.name,
+            "description": self.description,
+            "visibility": self.visibility,
+            "hardware": self.hardware,
+            "created_at": self.created_at,
+        }
+
+    def __repr__(self) -> str:
+        return f"Model({self.full_name!r})"
+
+
+class Version:
+    """One published, immutable version. The manifest is read on first use."""
+
+    def __init__(self, model: str, number: int, path: Path, manifest: dict[str, Any] | None = None):
+        self.model = model
+        self.number = number
+        self.path = path
+        self._manifest = manifest
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        if self._manifest is None:
+            self._manifest = read_manifest(self.path)
+        return self._manifest
+
+    @property
+    def id(self) -> str:
+        return self.manifest["id"]
+
+    @property
+    def ref(self) -> str:
+        return f"{self.model}:{self.number}"
+
+    @property
+    def kind(self) -> str:
+        return self.manifest.get("kind", "files")
+
+    @property
+    def parent(self) -> dict[str, Any] | None:
+        return self.manifest.get("parent")
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        return self.manifest.get("metadata", {})
+
+    @property
+    def created_at(self) -> str:
+        return self.manifest.get("created_at", "")
+
+    def __repr__(self) -> str:
+        return f"Version({self.ref!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Version) and (self.model, self.number) == (other.model, other.number)
+
+    def __hash__(self) -> int:
+        return hash((self.model, self.number))
+
+
+def read_manifest(version_dir: Path) -> dict[str, Any]:
+    """Read and minimally check a manifest; a damaged one is an :class:`IntegrityError`."""
+    path = version_dir / MANIFEST
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise IntegrityError(f"{path} is missing", "the version is damaged; run `finetune versions verify`") from None
+    try:
+        manifest = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise IntegrityError(
+            f"{path} is not valid JSON (line {getattr(err, 'lineno', '?')})",
+            "the version is damaged; run `finetune versions verify`",
+        ) from None
+    if not isinstance(manifest, dict) or not {"id", "number", "model", "files"} <= manifest.keys():
+        raise IntegrityError(f"{path} lacks required fields", "the version is damaged; run `finetune versions verify`")
+    return manifest
+
+
+class Registry:
+    """The model registry rooted at ``root`` (default: ``$FINETUNE_HOME``, else ``./registry``)."""
+
+    def __init__(self, root: str | os.PathLike[str] | None = None):
+        if root is None:
+            root = os.environ.get("FINETUNE_HOME") or "registry"
+        self.root = Path(root).expanduser().absolute()
+        if self.root.exists() and not self.root.is_dir():
+            raise RegistryAccessError(
+                f"registry root {self.root} is not a folder", "point FINETUNE_HOME at a folder, or remove the file"
+            )
+
+    # ---------------------------------------------------------------- layout
+    def _model_dir(self, owner: str, name: str) -> Path:
+        return self.root / "models" / check_name(owner, "owner") / check_name(name, "model name")
+
+    def _versions_dir(self, model_dir: Path) -> Path:
+        return model_dir / "versions"
+
+    @property
+    def _staging(self) -> Path:
+        return self.root / ".staging"
+
+    @property
+    def _trash(self) -> Path:
+        return self.root / ".trash"
+
+    def trainings_dir(self) -> Path:
+        """The folder that holds one sub-folder per training record."""
+        return self.root / "trainings"
+
+    def training_dir(self, training_id: str) -> Path:
+        return self.trainings_dir() / check_name(training_id, "training id")
+
+    def cache_dir(self, kind: str) -> Path:
+        """A folder for rebuildable derived data of one kind (e.g. ``tokenized``)."""
+        return self.root / "cache" / check_name(kind, "cache kind")
+
+    def staging_dir(self, purpose: str) -> Path:
+        """A new empty folder on the registry's filesystem for work in progress; `gc` removes it if abandoned."""
+        self._ensure_writable()
+        path = self._staging / _work_name(purpose)
+        path.mkdir(parents=True)
+        return path
+
+    def _ensure_writable(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            for sub in ("models", ".staging", ".trash"):
+                (self.root / sub).mkdir(exist_ok=True)
+        except OSError as err:
+            raise RegistryAccessError(
+                f"cannot write to registry root {self.root}: {err.strerror}", "check FINETUNE_HOME and permissions"
+            ) from None
+
+    def _lock(self, model_dir: Path) -> FileLock:
+        return FileLock(str(model_dir / ".lock"), timeout=LOCK_TIMEOUT_S)
+
+    def _listdir(self, path: Path) -> list[os.DirEntry]:
+        try:
+            with os.scandir(path) as it:
+                return list(it)
+        except FileNotFoundError:
+            return []
+        except (PermissionError, NotADirectoryError) as err:
+            raise RegistryAccessError(f"cannot read {path}: {err.strerror}", "check FINETUNE_HOME and permissions") from None
+
+    # ---------------------------------------------------------------- models
+    def create_model(
+        self,
+        name: str,
+        description: str = "",
+        visibility: str = "private",
+        hardware: str = "auto",
+        exist_ok: bool = False,
+    ) -> Model:
+        """Create the destination model ``owner/name``; an existing one is an error unless ``exist_ok``."""
+        owner, short = parse_model_name(name)
+        if visibility not in VISIBILITIES:
+            raise UsageError(f"invalid visibility {visibility!r}", f"use one of: {', '.join(VISIBILITIES)}")
+        if hardware not in HARDWARE:
+            raise UsageError(f"invalid hardware {hardware!r}", f"use one of: {', '.join(HARDWARE)}")
+        model_dir = self._model_dir(owner, short)
+        if model_dir.exists():
+            if exist_ok:
+                return self.get_model(name)
+            raise AlreadyExistsError(f"model {name} already exists", "pass --exist-ok to reuse it")
+        self._ensure_writable()
+        info = {
+            "format": FORMAT_VERSION,
+            "owner": owner,
+            "name": short,
+            "description": description,
+            "visibility": visibility,
+            "hardware": hardware,
+            "created_at": utc_now(),
+        }
+        stage = self.staging_dir("model")
+        atomic.write_bytes_durable(stage / "model.json", atomic.pretty_json(info))
+        (stage / "versions").mkdir()
+        atomic.fsync_dir(stage)
+        model_dir.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            atomic.rename_noreplace(stage, model_dir)
+        except FileExistsError:
+            atomic.remove_tree(stage)
+            if exist_ok:
+                return self.get_model(name)
+            raise AlreadyExistsError(f"model {name} already exists", "pass --exist-ok to reuse it") from None
+        atomic.fsync_dir(model_dir.parent)
+        return Model(model_dir, info)
+
+    def get_model(self, name: str) -> Model:
+        """Return the model ``owner/name`` or raise :class:`ModelNotFoundError`."""
+        owner, short = parse_model_name(name)
+        model_dir = self._model_dir(owner, short)
+        try:
+            info = json.loads((model_dir / "model.json").read_bytes())
+        except FileNotFoundError:
+            raise ModelNotFoundError(
+                f"model {name} not found in {self.root}", f"create it with `finetune models create {name}`"
+            ) from None
+        except PermissionError as err:
+            raise RegistryAccessError(f"cannot read {model_dir}: {err.strerror}") from None
+        except json.JSONDecodeError:
+            raise IntegrityError(f"{model_dir / 'model.json'} is not valid JSON") from None
+        return Model(model_dir, info)
+
+    def list_models(self) -> list[Model]:
+        """Every model, sorted by ``owner/name``."""
+        out = []
+        for owner in sorted(self._listdir(self.root / "models"), key=lambda e: e.name):
+            if not owner.is_dir():
+                continue
+            for entry in sorted(self._listdir(Path(owner.path)), key=lambda e: e.name):
+                if (Path(entry.path) / "model.json").is_file():
+                    out.append(self.get_model(f"{owner.name}/{entry.name}"))
+        return out
+
+    def delete_model(self, name: str) -> None:
+        """Delete an empty model; refused while it has versions."""
+        model = self.get_model(name)
+        with self._lock(model.path):
+            if self._version_numbers(model.path):
+                raise ConflictError(
+                    f"model {name} still has versions", "delete them first with `finetune versions delete`"
+                )
+            self._ensure_writable()
+            target = self._trash / _work_name("model")
+            os.rename(model.path, target)
+        atomic.fsync_dir(model.path.parent)
+        atomic.remove_tree(target)
+
+    # ---------------------------------------------------------------- versions
+    def _version_numbers(self, model_dir: Path) -> list[int]:
+        return [
+            int(e.name) for e in self._listdir(self._versions_dir(model_dir)) if e.name.isdigit() and e.is_dir()
+        ]
+
+    def _next_number(self, model_dir: Path) -> int:
+        try:
+            return int((model_dir / "next_version").read_text().strip())
+        except FileNotFoundError:
+            return 1
+        except ValueError:
+            raise IntegrityError(f"{model_dir / 'next_version'} is damaged", "run `finetune registry gc`") from None
+
+    def _version(self, model: Model, number: int) -> Version | None:
+        path = self._versions_dir(model.path) / str(number)
+        return Version(model.full_name, number, path) if path.is_dir() else None
+
+    def list_versions(self, model: str) -> list[Version]:
+        """All versions of ``model``, newest first. Manifests are read lazily."""
+        m = self.get_model(model)
+        vdir = self._versions_dir(m.path)
+        return [Version(m.full_name, n, vdir / str(n)) for n in sorted(self._version_numbers(m.path), reverse=True)]
+
+    def latest(self, model: str) -> Version | None:
+        """The newest version without listing the folder: walk down from the allocation counter."""
+        m = self.get_model(model)
+        number = self._next_number(m.path) - 1
+        # Numbers between the newest version and the counter belong to publishes in progress or crashed;
+        # a deleted newest version makes us walk further. Both are rare and short.
+        while number >= 1:
+            v = self._version(m, number)
+            if v is not None:
+                return v
+            number -= 1
+        return None
+
+    def resolve(self, ref: str) -> Version:
+        """Resolve a reference (see :mod:`finetune.names`) to a published :class:`Version`."""
+        r = parse_ref(ref)
+        model = self.get_model(r.model)
+        if r.kind == "latest":
+            v = self.latest(r.model)
+            if v is None:
+                raise VersionNotFoundError(
+                    f"model {r.model} has no versions yet", "train into it or `finetune models import` a base"
+                )
+            return v
+        if r.kind == "number":
+            v = self._version(model, int(r.value))
+            if v is None:
+                raise VersionNotFoundError(
+                    f"version {r.model}:{r.value} not found", f"see `finetune versions list {r.model}`"
+                )
+            return v
+        if r.kind == "alias":
+            aliases = self.aliases(r.model)
+            if r.value not in aliases:
+                known = ", ".join(sorted(aliases)) or "none"
+                raise VersionNotFoundError(f"no alias {r.value!r} on {r.model} (aliases: {known})")
+            v = self._version(model, aliases[r.value])
+            if v is None:
+                raise VersionNotFoundError(f"alias {r.model}:{r.value} points at a deleted version")
+            return v
+        matches = [v for v in self.list_versions(r.model) if v.id.startswith(str(r.value))]
+        if not matches:
+            raise VersionNotFoundError(f"no version of {r.model} has an id starting with {r.value}")
+        if len(matches) > 1:
+            listed = ", ".join(f"{v.ref} ({v.id[:16]})" for v in matches)
+            raise AmbiguousRefError(f"id prefix {r.value} is ambiguous: {listed}", "give more hex characters")
+        return matches[0]
+
+    def publish(
+        self,
+        model: str,
+        src_dir: str | os.PathLike[str],
+        parent: Version | str | dict[str, Any] | None = None,
+        metadata: dict[str, Any] | None = None,
+        kind: str | None = None,
+    ) -> Version:
+        """Publish the files of ``src_dir`` as the next version of ``model``; atomic and safe across processes.
+
+        ``parent`` is the version this one derives from (a :class:`Version` or a ref, stored as exact ref and
+        id), or a dict describing an outside origin (``{"hub_id": ..., "revision": ...}``). ``kind`` defaults
+        to ``adapter`` when ``src_dir`` holds ``adapter_config.json``, ``base`` when it holds ``config.json``.
+        """
+        m = self.get_model(model)
+        src = Path(src_dir)
+        if not src.exists():
+            raise UsageError(f"source folder {src} does not exist")
+        if not src.is_dir():
+            raise UsageError(f"source {src} is not a folder", "publish takes a folder of files")
+        if (src / MANIFEST).exists():
+            raise UsageError(f"{src / MANIFEST} exists", "the manifest is written by the registry; remove it")
+        parent_info = self._parent_info(parent)
+        if kind is None:
+            kind = "adapter" if (src / "adapter_config.json").exists() else "base" if (src / "config.json").exists() else "files"
+        stage = self.staging_dir("publish")
+        try:
+            files = self._stage_files(src, stage)
+            body = {
+                "format": FORMAT_VERSION,
+                "model": m.full_name,
+                "kind": kind,
+                "parent": parent_info,
+                "metadata": metadata or {},
+                "software": software_versions(),
+                "files": files,
+            }
+            version = self._commit(m, stage, body)
+        except BaseException:
+            atomic.remove_tree(stage)
+            raise
+        return version
+
+    def _parent_info(self, parent: Version | str | dict[str, Any] | None) -> dict[str, Any] | None:
+        if parent is None or isinstance(parent, dict):
+            return parent
+        if isinstance(parent, str):
+            parent = self.resolve(parent)
+        return {"ref": parent.ref, "id": parent.id}
+
+    def _stage_files(self, src: Path, stage: Path) -> dict[str, dict[str, Any]]:
+        files: dict[str, dict[str, Any]] = {}
+        for dirpath, dirnames, filenames in os.walk(src):
+            dirnames.sort()
+            rel_dir = Path(dirpath).relative_to(src)
+            (stage / rel_dir).mkdir(exist_ok=True)
+            for name in sorted(filenames):
+                rel = (rel_dir / name).as_posix()
+                size, digest = atomic.copy_and_hash(Path(dirpath) / name, stage / rel)
+                files[rel] = {"size": size, "sha256": digest}
+            atomic.fsync_dir(stage / rel_dir)
+        return files
+
+    def _commit(self, model: Model, stage: Path, body: dict[str, Any]) -> Version:
+        vdir = self._versions_dir(model.path)
+        vdir.mkdir(exist_ok=True)
+        with self._lock(model.path):
+            while True:
+                number = self._next_number(model.path)
+                # A counter update lost to a crash (or a lock that silently failed elsewhere) must not make
+                # us reuse a number: step over anything that exists.
+                while (vdir / str(number)).exists():
+                    number += 1
+                atomic.replace_file(model.path / "next_version", f"{number + 1}\n".encode(), self._staging)
+                manifest = dict(body, number=number, created_at=utc_now())
+                manifest["id"] = manifest_id(manifest)
+                manifest_path = stage / MANIFEST
+                if manifest_path.exists():
+                    manifest_path.unlink()
+                atomic.write_bytes_durable(manifest_path, atomic.pretty_json(manifest))
+                atomic.make_read_only(stage)
+                atomic.fsync_dir(stage)
+                try:
+                    atomic.rename_noreplace(stage, vdir / str(number))
+                except FileExistsError:
+                    os.chmod(stage, 0o755)
+                    continue
+                atomic.fsync_dir(vdir)
+                return Version(model.full_name, number, vdir / str(number), manifest)
+
+    # ---------------------------------------------------------------- aliases, deletion
+    def aliases(self, model: str) -> dict[str, int]:
+        """The model's aliases, ``{alias: version number}``."""
+        m = self.get_model(model)
+        try:
+            return json.loads((m.path / "aliases.json").read_bytes())
+        except FileNotFoundError:
+            return {}
+        except json.JSONDecodeError:
+            raise IntegrityError(f"{m.path / 'aliases.json'} is not valid JSON") from None
+
+    def set_alias(self, ref: str, alias: str) -> Version:
+        """Point ``alias`` at the version ``ref`` names (moving it if it pointed elsewhere)."""
+        check_alias(alias)
+        version = self.resolve(ref)
+        m = self.get_model(version.model)
+        with self._lock(m.path):
+            aliases = self.aliases(version.model)
+            aliases[alias] = version.number
+            atomic.replace_file(m.path / "aliases.json", atomic.pretty_json(aliases), self._staging)
+        return version
+
+    def remove_alias(self, model: str, alias: str) -> None:
+        m = self.get_model(model)
+        with self._lock(m.path):
+            aliases = self.aliases(model)
+            if alias not in aliases:
+                raise NotFoundError(f"no alias {alias!r} on {model}")
+            del aliases[alias]
+            atomic.replace_file(m.path / "aliases.json", atomic.pretty_json(aliases), self._staging)
+
+    def children(self, version: Version) -> list[Version]:
+        """Versions anywhere in the registry whose parent is ``version``."""
+        out = []
+        for m in self.list_models():
+            for v in self.list_versions(m.full_name):
+                try:
+                    parent = v.parent
+                except IntegrityError:
+                    continue
+                if isinstance(parent, dict) and parent.get("id") == version.id:
+                    out.append(v)
+        return out
+
+    def delete_version(self, ref: str) -> None:
+        """Delete a version; refused while an alias points at it or another version names it as parent."""
+        version = self.resolve(ref)
+        m = self.get_model(version.model)
+        with self._lock(m.path):
+            pointing = sorted(a for a, n in self.aliases(version.model).items() if n == version.number)
+            if pointing:
+                raise ConflictError(
+                    f"{version.ref} has aliases: {', '.join(pointing)}",
+                    "move or remove them first (`finetune versions alias --remove`)",
+                )
+            kids = self.children(version)
+            if kids:
+                raise ConflictError(
+                    f"{version.ref} is the parent of {', '.join(k.ref for k in kids)}", "delete those versions first"
+                )
+            self._ensure_writable()
+            target = self._trash / _work_name("version")
+            os.chmod(version.path, 0o755)
+            os.rename(version.path, target)
+            atomic.fsync_dir(version.path.parent)
+        atomic.remove_tree(target)
+
+    # ---------------------------------------------------------------- integrity
+    def verify(self, ref: str | Version) -> list[str]:
+        """Re-hash every file of a version; return one line per problem (empty when intact)."""
+        version = ref if isinstance(ref, Version) else self.resolve(ref)
+        return check_version_dir(version.path, full=True)
+
+    def check(self, version: Version) -> None:
+        """The cheap check done on every load: manifest hash and file sizes. Raises :class:`IntegrityError`."""
+        problems = check_version_dir(version.path, full=False)
+        if problems:
+            raise IntegrityError(
+                f"{version.ref} is damaged: {problems[0]}" + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""),
+                f"run `finetune versions verify {version.ref}`",
+            )
+
+    # ---------------------------------------------------------------- housekeeping
+    def gc(self, older_than_hours: float = 24.0, dry_run: bool = False) -> list[Path]:
+        """Remove leftovers of interrupted publishes and deletions older than ``older_than_hours``.
+
+        A staging folder whose creating process is still alive on this host is kept whatever its age.
+        """
+        cutoff = time.time() - older_than_hours * 3600
+        host = socket.gethostname()
+        removed = []
+        for area in (self._staging, self._trash):
+            for entry in self._listdir(area):
+                try:
+                    if entry.stat(follow_symlinks=False).st_mtime > cutoff:
+                        continue
+                except FileNotFoundError:
+                    continue
+                if _owner_alive(entry.name, host):
+                    continue
+                removed.append(Path(entry.path))
+                if not dry_run:
+                    atomic.remove_tree(Path(entry.path))
+        return removed
+
+    @contextmanager
+    def model_lock(self, model: str) -> Iterator[None]:
+        """Hold the model's allocation lock (for callers that must read-modify-write model files)."""
+        with self._lock(self.get_model(model).path):
+            yield
+
+
+def _work_name(purpose: str) -> str:
+    # PURPOSE-PID-RAND@HOST lets `gc` tell a live process's folder from an abandoned one.
+    return f"{check_name(purpose, 'purpose')}-{os.getpid()}-{os.urandom(4).hex()}@{socket.gethostname()}"
+
+
+def _owner_alive(entry_name: str, host: str) -> bool:
+    """Staging names are PURPOSE-PID-RAND@HOST; true when that process still runs on this host."""
+    head, _, entry_host = entry_name.rpartition("@")
+    parts = head.split("-")
+    if entry_host != host or len(parts) != 3 or not parts[1].isdigit():
+        return False
+    try:
+        os.kill(int(parts[1]), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def check_version_dir(path: Path, full: bool) -> list[str]:
+    """Compare a version folder with its manifest. ``full`` re-hashes every byte; otherwise sizes only."""
+    try:
+        manifest = read_manifest(path)
+    except IntegrityError as err:
+        return [err.message]
+    problems = []
+    if manifest_id(manifest) != manifest.get("id"):
+        problems.append(f"{MANIFEST}: content does not match its id {str(manifest.get('id'))[:16]}")
+    files = manifest.get("files", {})
+    if not isinstance(files, dict):
+        return problems + [f"{MANIFEST}: 'files' is not a mapping"]
+    for rel, info in sorted(files.items()):
+        p = path / rel
+        if not p.is_file():
+            problems.append(f"{rel}: missing")
+            continue
+        size = p.stat().st_size
+        if size != info.get("size"):
+            problems.append(f"{rel}: size {size} bytes, manifest says {info.get('size')}")
+        elif full and atomic.sha256_file(p) != info.get("sha256"):
+            problems.append(f"{rel}: sha256 differs from the manifest")
+    if full:
+        for dirpath, _, filenames in os.walk(path):
+            for name in filenames:
+                rel = (Path(dirpath).relative_to(path) / name).as_posix()
+                if rel != MANIFEST and rel not in files:
+                    problems.append(f"{rel}: extra file not in the manifest")
+    return problems

@@ -1,0 +1,186 @@
+"""Where a model's weights come from: importing base models, and tracing any version down to its base.
+
+A *base* version is either a copy of a local Hugging Face folder (its files live in the version folder) or a
+pointer to a hub repository pinned at a commit (loaded through the ordinary Hugging Face cache). An *adapter*
+version holds a PEFT LoRA adapter and names its parent; following parents always ends at a base version.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ModelLoadError, NotFoundError, UsageError
+from .lineage import lineage
+from .names import parse_ref
+from .registry import Registry, Version
+
+_HUB_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
+
+
+@dataclass
+class BaseSource:
+    """What to hand to ``from_pretrained`` for the frozen base, and where it came from."""
+
+    load_path: str  # a local folder or a hub id
+    revision: str | None = None
+    version: Version | None = None  # the registry base version, when the base lives in the registry
+    description: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        if self.version is not None:
+            return {"ref": self.version.ref, "id": self.version.id}
+        if self.revision is not None:
+            return {"hub_id": self.load_path, "revision": self.revision}
+        return {"local_path": self.load_path}
+
+
+@dataclass
+class ResolvedModel:
+    """A model spec resolved for loading: its base, plus the adapter version to start from (if any)."""
+
+    spec: str
+    base: BaseSource
+    adapter: Version | None = None  # continuing from a fine-tune: this version's adapter
+    chain: list[Version] = field(default_factory=list)  # registry versions from `spec` down to the base
+
+    @property
+    def parent_info(self) -> dict[str, Any] | None:
+        """What a version trained from this model records as its parent."""
+        if self.chain:
+            return {"ref": self.chain[0].ref, "id": self.chain[0].id}
+        return self.base.to_dict()
+
+
+def resolve_hub_revision(repo_id: str, revision: str | None = None) -> str:
+    """The commit hash a hub id (and optional branch/tag) points at now."""
+    from huggingface_hub import HfApi
+
+    try:
+        info = HfApi().model_info(repo_id, revision=revision)
+    except Exception as err:  # the hub client raises many types; all mean "cannot resolve"
+        raise ModelLoadError(
+            f"cannot resolve hub model {repo_id!r}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}",
+            "check the id and your network, or import a local folder with --from PATH",
+        ) from None
+    if not info.sha:
+        raise ModelLoadError(f"the hub returned no commit for {repo_id!r}")
+    return info.sha
+
+
+def import_base(
+    reg: Registry,
+    model: str,
+    source: str,
+    *,
+    revision: str | None = None,
+    description: str = "",
+    visibility: str = "private",
+    hardware: str = "auto",
+) -> Version:
+    """Register a base model as a version of ``model`` (created if missing; it must have no versions yet).
+
+    ``source`` is a local Hugging Face folder (copied in with checksums) or a hub id (recorded with its resolved
+    commit; the weights stay in the Hugging Face cache).
+    """
+    reg.create_model(model, description=description, visibility=visibility, hardware=hardware, exist_ok=True)
+    if reg.list_versions(model):
+        raise UsageError(
+            f"model {model} already has versions", "import a base into a new model name, e.g. OWNER/NAME-base"
+        )
+    path = Path(source).expanduser()
+    if path.exists():
+        if not path.is_dir() or not (path / "config.json").is_file():
+            raise UsageError(
+                f"{path} is not a Hugging Face model folder (no config.json)",
+                "pass a folder written by save_pretrained, or a hub id",
+            )
+        stage = reg.staging_dir("import")
+        try:
+            for item in path.iterdir():
+                if item.name.startswith("."):  # .git, .cache: not part of the model
+                    continue
+                if item.is_dir():
+                    shutil.copytree(item, stage / item.name)
+                else:
+                    shutil.copy2(item, stage / item.name)
+            meta = {"source": {"type": "local", "path": str(path.absolute())}}
+            return reg.publish(model, stage, parent={"local_path": str(path.absolute())}, metadata=meta, kind="base")
+        finally:
+            _remove(stage)
+    if not _HUB_ID_RE.fullmatch(source):
+        raise UsageError(f"{source!r} is neither an existing folder nor a hub model id", "check the path")
+    sha = resolve_hub_revision(source, revision)
+    stage = reg.staging_dir("import")
+    try:
+        meta = {"source": {"type": "hub", "repo_id": source, "revision": sha}}
+        return reg.publish(model, stage, parent={"hub_id": source, "revision": sha}, metadata=meta, kind="base")
+    finally:
+        _remove(stage)
+
+
+def _remove(path: Path) -> None:
+    if path.exists():
+        shutil.rmtree(path)
+
+
+def base_source_of(reg: Registry, version: Version) -> BaseSource:
+    """The base a *base* version stands for; a base whose files are gone is a clear error."""
+    source = version.metadata.get("source", {})
+    if source.get("type") == "hub":
+        return BaseSource(source["repo_id"], source.get("revision"), version, f"{version.ref} (hub {source['repo_id']})")
+    if not (version.path / "config.json").is_file():
+        raise ModelLoadError(f"base version {version.ref} holds no model files", "re-import it with `finetune models import`")
+    return BaseSource(str(version.path), None, version, version.ref)
+
+
+def resolve_model(reg: Registry, spec: str) -> ResolvedModel:
+    """Resolve a ``base_model`` spec: a registry ref, else a local folder, else a hub id.
+
+    A registry ref to a fine-tune continues from that version's adapter on that adapter's own base.
+    """
+    try:
+        ref = parse_ref(spec)
+    except UsageError:
+        ref = None
+    if ref is not None and (reg.root / "models").exists():
+        try:
+            reg.get_model(ref.model)
+        except NotFoundError:
+            pass
+        else:
+            version = reg.resolve(spec)
+            chain = lineage(reg, version)
+            base_version = chain[-1]
+            if base_version.kind != "base":
+                raise ModelLoadError(
+                    f"the lineage of {version.ref} ends at {base_version.ref}, which is not a base model",
+                    "import the base with `finetune models import`",
+                )
+            reg.check(version)
+            adapter = version if version.kind == "adapter" else None
+            return ResolvedModel(spec, base_source_of(reg, base_version), adapter, chain)
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{path} is not a Hugging Face model folder (no config.json)")
+        return ResolvedModel(spec, BaseSource(str(path.absolute()), None, None, str(path.absolute())))
+    if _HUB_ID_RE.fullmatch(spec):
+        # Pin the commit when the hub answers; offline, the Hugging Face cache decides, as in transformers.
+        revision = None if os.environ.get("HF_HUB_OFFLINE") == "1" else _try_revision(spec)
+        return ResolvedModel(spec, BaseSource(spec, revision, None, f"hub {spec}"))
+    raise ModelLoadError(
+        f"base model {spec!r} not found: not a registry model, a local folder, or a hub id",
+        "see `finetune models list`, or import it with `finetune models import`",
+    )
+
+
+def _try_revision(repo_id: str) -> str | None:
+    try:
+        return resolve_hub_revision(repo_id)
+    except ModelLoadError:
+        return None

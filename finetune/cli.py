@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import __version__
-from .errors import FinetuneError
+from .errors import FinetuneError, UsageError
 from .names import parse_ref
 from .registry import HARDWARE, VISIBILITIES, Registry, Version
 
@@ -107,6 +107,10 @@ def cmd_models_import(args: argparse.Namespace) -> None:
 
 # ------------------------------------------------------------------ versions
 def cmd_versions_list(args: argparse.Namespace) -> None:
+    if args.limit < 0:  # a negative slice would silently drop the *oldest* versions instead
+        from .errors import UsageError
+
+        raise UsageError(f"--limit must be 0 or more, not {args.limit}")
     reg = _registry(args)
     versions = reg.list_versions(args.model)
     if args.limit:
@@ -172,6 +176,65 @@ def cmd_registry_gc(args: argparse.Namespace) -> None:
     print(f"{verb} {len(removed)} leftover{'s' if len(removed) != 1 else ''} in {reg.root}")
 
 
+# ------------------------------------------------------------------ training
+def cmd_train(args: argparse.Namespace) -> None:
+    from .config import load_config
+    from .train import run_training
+
+    if args.config is None and args.resume is None:
+        raise UsageError("give a CONFIG.yaml, or --resume TRAINING_ID")
+    if args.resume and (args.config or args.overrides):
+        raise UsageError("--resume continues a run with its own config", "drop CONFIG and --set when resuming")
+    config = load_config(args.config, args.overrides) if args.config else None
+    result = run_training(
+        config, registry=_registry(args), destination=args.destination,
+        create_destination=args.create_destination, resume=args.resume, progress=not args.quiet,
+    )
+    if result.version is not None:
+        print(result.version.ref)
+
+
+def _trainings(args: argparse.Namespace):
+    from .trainings import Trainings
+
+    return Trainings(_registry(args))
+
+
+def cmd_trainings_list(args: argparse.Namespace) -> None:
+    trainings = _trainings(args)
+    records = trainings.list()
+    if args.json:
+        return _print_json([r.to_dict() for r in records])
+    if not records:
+        print("no trainings yet")
+        return
+    rows = []
+    for r in records:
+        status = "processing (process gone)" if trainings.is_stale(r) and r.status == "processing" else r.status
+        out = (r.output or {}).get("version") or "-"
+        rows.append([r.id, status, r.destination, r.model or "-", out, r.created_at[:19].replace("T", " ")])
+    _table(rows, ["ID", "STATUS", "DESTINATION", "MODEL", "VERSION", "CREATED"])
+
+
+def cmd_trainings_show(args: argparse.Namespace) -> None:
+    trainings = _trainings(args)
+    record = trainings.get(args.id)
+    info = record.to_dict()
+    info["log"] = str(trainings.log_path(record.id))
+    info["metrics_file"] = str(trainings.metrics_path(record.id))
+    _print_json(info)
+
+
+def cmd_trainings_logs(args: argparse.Namespace) -> None:
+    for line in _trainings(args).follow_log(args.id, follow=args.follow):
+        print(line, flush=True)
+
+
+def cmd_trainings_cancel(args: argparse.Namespace) -> None:
+    record = _trainings(args).request_cancel(args.id)
+    print(f"cancel requested for {record.id}")
+
+
 # ------------------------------------------------------------------ parser
 def _add(sub: argparse._SubParsersAction, name: str, func: Callable, help: str) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=help, description=help)
@@ -222,6 +285,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ref", metavar="REF")
     p.add_argument("alias", metavar="ALIAS")
     p.add_argument("--remove", action="store_true", help="remove the alias instead")
+
+    p = _add(groups, "train", cmd_train, "train a LoRA adapter and publish it as a new version of the destination")
+    p.add_argument("config", nargs="?", metavar="CONFIG.yaml")
+    p.add_argument("--destination", metavar="OWNER/NAME", help="the model that receives the version")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.lr=1e-4 (repeatable)")
+    p.add_argument("--create-destination", action="store_true", help="create the destination if it does not exist")
+    p.add_argument("--resume", metavar="TRAINING_ID", help="continue a killed, failed or canceled run")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    trainings = groups.add_parser("trainings", help="training runs").add_subparsers(dest="cmd", required=True)
+    p = _add(trainings, "list", cmd_trainings_list, "list training runs, newest first")
+    p.add_argument("--json", action="store_true")
+    p = _add(trainings, "show", cmd_trainings_show, "show a training record")
+    p.add_argument("id", metavar="ID")
+    p = _add(trainings, "logs", cmd_trainings_logs, "print a training's log")
+    p.add_argument("id", metavar="ID")
+    p.add_argument("--follow", "-f", action="store_true", help="keep printing until the training ends")
+    p = _add(trainings, "cancel", cmd_trainings_cancel, "stop a running training (it publishes nothing)")
+    p.add_argument("id", metavar="ID")
 
     registry = groups.add_parser("registry", help="registry housekeeping").add_subparsers(dest="cmd", required=True)
     p = _add(registry, "gc", cmd_registry_gc, "remove leftovers of interrupted publishes and deletions")

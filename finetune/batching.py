@@ -1,0 +1,103 @@
+"""From tokenized examples to micro-batches: the order of an epoch, windows of gradient accumulation, collation.
+
+A micro-batch is ``batch_size`` examples. With packing they are laid end to end in one row (no padding at all);
+position ids restart at each example and ``cu_seq_lens`` marks the boundaries for the attention. Without
+packing they are padded to the longest example. Either way a step sees the same examples, so a packed run and a
+padded run optimise the same objective.
+
+The plan of an epoch depends only on (seed, epoch): every process computes the same plan, takes its share of
+each window, and a resumed run finds its place by step number alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+def epoch_order(num_examples: int, seed: int, epoch: int) -> list[int]:
+    """A shuffled order of the examples, the same for every process and every resume."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(num_examples, generator=gen).tolist()
+
+
+@dataclass(frozen=True)
+class Window:
+    """One optimizer step: the micro-batches of every process, and the label tokens they hold in total."""
+
+    micro_batches: tuple[tuple[int, ...], ...]  # example indices, in global order
+    label_tokens: int
+
+    def for_rank(self, rank: int, world_size: int) -> list[tuple[int, ...]]:
+        return list(self.micro_batches[rank::world_size])
+
+
+def plan_epoch(
+    label_counts: Sequence[int], batch_size: int, grad_accum: int, world_size: int, seed: int, epoch: int
+) -> list[Window]:
+    """Cut an epoch into optimizer steps of ``grad_accum x world_size`` micro-batches.
+
+    A last, shorter window is kept when every process still gets at least one micro-batch.
+    """
+    order = epoch_order(len(label_counts), seed, epoch)
+    micro = [tuple(order[i : i + batch_size]) for i in range(0, len(order), batch_size)]
+    per_step = grad_accum * world_size
+    windows = []
+    for i in range(0, len(micro), per_step):
+        chunk = tuple(micro[i : i + per_step])
+        if len(chunk) < world_size:
+            break
+        windows.append(Window(chunk, sum(label_counts[j] for mb in chunk for j in mb)))
+    return windows
+
+
+def label_count(labels: Sequence[int]) -> int:
+    """Tokens an example contributes to the loss: labelled positions after the first (nothing predicts it)."""
+    return sum(1 for t in labels[1:] if t != IGNORE_INDEX)
+
+
+def collate_packed(examples: Sequence[dict]) -> dict[str, torch.Tensor]:
+    """Lay examples end to end in one row; boundaries in ``cu_seq_lens``, positions restarting per example."""
+    ids: list[int] = []
+    labels: list[int] = []
+    positions: list[int] = []
+    bounds = [0]
+    for ex in examples:
+        n = len(ex["input_ids"])
+        ids.extend(ex["input_ids"])
+        # The first token of an example is never a target: its predecessor belongs to another example.
+        labels.append(IGNORE_INDEX)
+        labels.extend(ex["labels"][1:])
+        positions.extend(range(n))
+        bounds.append(bounds[-1] + n)
+    return {
+        "input_ids": torch.tensor([ids], dtype=torch.long),
+        "labels": torch.tensor([labels], dtype=torch.long),
+        "position_ids": torch.tensor([positions], dtype=torch.long),
+        "cu_seq_lens": torch.tensor(bounds, dtype=torch.int32),
+    }
+
+
+def collate_padded(examples: Sequence[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Pad examples to the longest; padding is masked out of attention and never a label."""
+    longest = max(len(ex["input_ids"]) for ex in examples)
+    ids = torch.full((len(examples), longest), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(examples), longest), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(examples), longest), dtype=torch.long)
+    for row, ex in enumerate(examples):
+        n = len(ex["input_ids"])
+        ids[row, :n] = torch.tensor(ex["input_ids"])
+        labels[row, 1:n] = torch.tensor(ex["labels"][1:])
+        mask[row, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def real_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Non-padding tokens in a collated micro-batch."""
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    return int(batch["input_ids"].numel())

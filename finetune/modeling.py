@@ -1,0 +1,229 @@
+"""Loading a base model for LoRA training or inference, and the loss that trains it.
+
+Three choices here decide most of the speed and memory of a run:
+
+* The frozen base weights are held in the compute dtype (bf16 where the device does it well) instead of fp32
+  master copies cast at every step; only the LoRA adapters (and their optimizer state) stay fp32.
+* Packed rows: several sequences share one row, each attending only to itself. Position ids restart at every
+  sequence, and our ``varlen`` attention runs causal attention per sequence (no padding, no dense
+  block-diagonal mask to build or to multiply by zero).
+* The loss projects to the vocabulary only at positions that have a label, in chunks, so the full
+  ``tokens x vocab`` fp32 logits are never materialised.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .batching import IGNORE_INDEX
+from .errors import ModelLoadError
+from .sources import BaseSource
+
+log = logging.getLogger(__name__)
+
+VARLEN_ATTENTION = "finetune_varlen"
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# Above this many logits (label positions x vocabulary) per micro-batch, the loss is computed in chunks whose
+# logits are recomputed in the backward pass instead of kept.
+_LOGITS_BUDGET = 32 * 1024 * 1024
+
+
+def choose_precision(requested: str, device: torch.device) -> str:
+    """Resolve ``auto`` to what the device does well: bf16 on GPUs and CPUs with native bf16, else fp16/fp32."""
+    if requested != "auto":
+        if requested == "fp16" and device.type == "cpu":
+            raise ModelLoadError("precision fp16 needs a GPU", "use precision: auto, bf16 or fp32 on the CPU")
+        return requested
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if device.type == "cpu" and _cpu_has_native_bf16():
+        return "bf16"
+    return "fp32"
+
+
+def _cpu_has_native_bf16() -> bool:
+    # oneDNN reports bf16 only with AVX512-BF16 or AMX; elsewhere bf16 is emulated and slower than fp32.
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def torch_dtype(precision: str) -> torch.dtype:
+    return _DTYPES[precision]
+
+
+def _varlen_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    cu_seq_lens_q: torch.Tensor | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Causal attention within each packed sequence. Shapes: (batch, heads, tokens, head_dim), batch == 1."""
+    groups = getattr(module, "num_key_value_groups", 1)
+    if groups > 1:
+        key = key.repeat_interleave(groups, dim=1)
+        value = value.repeat_interleave(groups, dim=1)
+    if cu_seq_lens_q is None:  # an unpacked call (e.g. generation): plain causal or masked attention
+        causal = attention_mask is None and query.shape[2] > 1
+        out = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=attention_mask, dropout_p=dropout, is_causal=causal, scale=scaling
+        )
+        return out.transpose(1, 2).contiguous(), None
+    assert query.shape[0] == 1, "packed micro-batches are a single row"
+    bounds = cu_seq_lens_q.tolist()
+    parts = [
+        F.scaled_dot_product_attention(
+            query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], dropout_p=dropout, is_causal=True, scale=scaling
+        )
+        for s, e in zip(bounds[:-1], bounds[1:])
+    ]
+    return torch.cat(parts, dim=2).transpose(1, 2).contiguous(), None
+
+
+def _no_mask(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+def register_varlen_attention() -> None:
+    """Make ``attn_implementation="finetune_varlen"`` available to transformers models."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(VARLEN_ATTENTION, _varlen_attention)
+    AttentionMaskInterface.register(VARLEN_ATTENTION, _no_mask)
+
+
+def load_tokenizer(source: BaseSource):
+    """The base model's tokenizer, with a pad token that is never eos (see :func:`ensure_pad_token`)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(source.load_path, revision=source.revision)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"cannot load the tokenizer of {source.description}: {_first_line(err)}") from None
+    return tok
+
+
+def load_base_model(source: BaseSource, dtype: torch.dtype, attn_implementation: str | None = None):
+    """The frozen base model, in ``dtype``, with the requested attention implementation."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"dtype": dtype, "revision": source.revision}
+    if attn_implementation == VARLEN_ATTENTION:
+        register_varlen_attention()
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source.load_path, **kwargs)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(
+            f"cannot load base model {source.description}: {_first_line(err)}",
+            "check that it exists (a registry ref, a local folder, or a hub id) and that the files are intact",
+        ) from None
+    model.requires_grad_(False)
+    return model
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def attach_lora(model, lora: Any, adapter_dir: str | None = None, trainable: bool = True):
+    """Add a LoRA adapter: a fresh one from the ``lora`` config, or the one saved in ``adapter_dir``.
+
+    Continuing from a fine-tune keeps training that adapter (no second adapter stacked on top).
+    """
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import PeftModel, get_peft_model
+
+    if adapter_dir is not None:
+        return PeftModel.from_pretrained(model, adapter_dir, is_trainable=trainable)
+    cfg = PeftLoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    # peft keeps adapter weights in fp32 even when the base is bf16 (autocast_adapter_dtype), which is what we
+    # want: low-precision frozen weights, full-precision trainable ones.
+    return get_peft_model(model, cfg)
+
+
+class CausalLMLoss(nn.Module):
+    """Wraps a (PEFT) causal LM so that ``forward`` returns ``(summed token loss, label token count)``.
+
+    Living in one module's ``forward`` matters for DistributedDataParallel, whose gradient hooks are armed by
+    the wrapped forward call.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self._decoder = inner.get_decoder()
+        self._head = inner.get_output_embeddings()
+        self._softcap = getattr(inner.config, "final_logit_softcapping", None)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cu_seq_lens: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        kwargs: dict[str, Any] = {}
+        if cu_seq_lens is not None:
+            kwargs["cu_seq_lens_q"] = cu_seq_lens
+        hidden = self._decoder(
+            input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False, **kwargs
+        ).last_hidden_state
+        # Position t predicts token t+1. Packed rows mark the first token of each sequence IGNORE_INDEX in
+        # `labels`, so no sequence is asked to predict its neighbour's first token.
+        targets = labels[:, 1:].reshape(-1)
+        keep = targets != IGNORE_INDEX
+        selected = hidden[:, :-1].reshape(-1, hidden.shape[-1])[keep]
+        return self.token_loss(selected, targets[keep]), keep.sum()
+
+    def token_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Summed cross-entropy of ``hidden`` rows against ``targets``, chunked above the logits budget."""
+        vocab = self._head.weight.shape[0]
+        if hidden.shape[0] * vocab <= _LOGITS_BUDGET or not torch.is_grad_enabled():
+            return self._chunk_loss(hidden, targets)
+        rows = max(1, _LOGITS_BUDGET // vocab)
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, hidden.shape[0], rows):
+            total = total + checkpoint(
+                self._chunk_loss, hidden[start : start + rows], targets[start : start + rows], use_reentrant=False
+            )
+        return total
+
+    def _chunk_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = self._head(hidden).float()
+        if self._softcap:
+            logits = torch.tanh(logits / self._softcap) * self._softcap
+        return F.cross_entropy(logits, targets, reduction="sum")
+
+
+def normalize_loss(loss_sum: torch.Tensor, window_label_tokens: int, world_size: int) -> torch.Tensor:
+    """Scale one micro-batch's summed loss so that accumulated gradients equal those of one big batch.
+
+    Every micro-batch of an optimizer step (on every process) divides by the label tokens of the whole step,
+    so long and short micro-batches weigh by their tokens, not equally. DistributedDataParallel averages
+    gradients over processes, which the ``world_size`` factor undoes.
+    """
+    return loss_sum * (world_size / max(window_label_tokens, 1))

@@ -1,0 +1,28 @@
+"""The run's log: timestamped lines to the training's ``train.log``, echoed to the terminal."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+
+class RunLog:
+    """Append lines to ``path`` (None: don't write, as on non-main processes) and optionally echo them."""
+
+    def __init__(self, path: Path | None, echo: bool = True):
+        self._file = open(path, "a", encoding="utf-8", buffering=1) if path is not None else None
+        self._echo = echo and path is not None
+
+    def info(self, message: str) -> None:
+        if self._file is not None:
+            self._file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
+        if self._echo:
+            from tqdm.auto import tqdm
+
+            tqdm.write(message, file=sys.stderr)  # keeps the progress bar intact
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None

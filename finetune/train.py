@@ -1,0 +1,377 @@
+"""The training run: LoRA on a frozen base, driven by accelerate, publishing a new version when it succeeds.
+
+``run_training`` reads top to bottom: resolve the inputs, open a training record, load model and data, loop
+over optimizer steps (each a window of micro-batches; see :mod:`finetune.batching`), checkpoint and evaluate as
+configured, and publish the adapter to the destination. Every process of an ``accelerate launch`` runs this
+function; only the main process writes the record, the metrics and the version.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator, PartialState
+from accelerate.utils import broadcast_object_list, set_seed
+from transformers import get_scheduler
+
+from . import data as data_mod
+from .batching import Window, collate_packed, collate_padded, label_count, plan_epoch, real_tokens
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import Config, config_from_dict
+from .errors import FinetuneError, ModelNotFoundError, TrainingCanceled, UsageError
+from .metrics import MetricsLog, Throughput
+from .modeling import (
+    VARLEN_ATTENTION,
+    CausalLMLoss,
+    attach_lora,
+    choose_precision,
+    load_base_model,
+    load_tokenizer,
+    normalize_loss,
+    torch_dtype,
+)
+from .names import parse_model_name
+from .registry import Registry, Version, utc_now
+from .runlog import RunLog
+from .sources import resolve_model
+from .trainings import TrainingRecord, Trainings, check_resumable, new_training_id
+
+
+@dataclass
+class TrainResult:
+    record: TrainingRecord
+    version: Version | None  # None on processes other than the main one
+
+
+def run_training(
+    config: Config | None,
+    *,
+    registry: Registry | None = None,
+    destination: str | None = None,
+    create_destination: bool = False,
+    resume: str | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train a LoRA adapter as ``config`` says and publish it as the next version of the destination.
+
+    ``resume`` continues a killed, failed or canceled run from its newest checkpoint (``config`` may be None:
+    the run's own resolved config is used). Raises :class:`FinetuneError` subclasses for bad input; the record
+    ends ``failed`` or ``canceled`` and nothing is published in those cases.
+    """
+    _quiet_libraries()
+    reg = registry or Registry()
+    trainings = Trainings(reg)
+    state = PartialState(cpu=not torch.cuda.is_available())
+
+    # ---- inputs: the config (or the resumed run's), the destination, the training record
+    record = None
+    if resume is not None:
+        record = trainings.get(resume)
+        check_resumable(trainings, record)
+        config = config_from_dict(record.input, source=f"training {resume}")
+        destination = record.destination
+    assert config is not None, "run_training needs a config or a training id to resume"
+    destination = destination or config.destination
+    if not destination:
+        raise UsageError("no destination model", "pass --destination OWNER/NAME or set `destination:` in the config")
+    parse_model_name(destination)
+    if state.is_main_process:
+        _ensure_destination(reg, destination, create_destination)
+
+    precision = choose_precision(config.train.precision, state.device)
+    accelerator = Accelerator(mixed_precision="no" if precision == "fp32" else precision, cpu=state.device.type == "cpu")
+    if state.is_main_process:
+        if record is None:
+            record = trainings.create(TrainingRecord(id=new_training_id(), destination=destination,
+                                                     input=config.to_dict()))
+        record = trainings.update(record, status="starting", pid=os.getpid(), error=None, completed_at=None)
+        trainings.clear_cancel(record.id)
+    shared = [record.id if record else None]
+    broadcast_object_list(shared)
+    training_id = shared[0]
+
+    log = RunLog(trainings.log_path(training_id) if state.is_main_process else None, echo=progress)
+    stop = _StopFlag(trainings, training_id)
+    try:
+        version = _train(config, reg, trainings, record, training_id, destination, accelerator, precision, log,
+                         stop, progress)
+    except (KeyboardInterrupt, TrainingCanceled) as err:
+        _finish(trainings, record, "canceled", error=f"canceled: {err}" if str(err) else "canceled", log=log)
+        raise TrainingCanceled(f"training {training_id} canceled; no version published") from None
+    except FinetuneError as err:
+        _finish(trainings, record, "failed", error=str(err), log=log)
+        raise
+    except Exception as err:
+        _finish(trainings, record, "failed", error=f"{type(err).__name__}: {err}", log=log)
+        raise
+    finally:
+        stop.restore()
+        log.close()
+    return TrainResult(trainings.get(training_id) if state.is_main_process else record, version)
+
+
+def _train(config, reg, trainings, record, training_id, destination, accelerator, precision, log, stop,
+           progress) -> Version | None:
+    main = accelerator.is_main_process
+    world, rank = accelerator.num_processes, accelerator.process_index
+    tcfg = config.train
+    log.info(f"training {training_id} -> {destination} ({world} process{'es' if world > 1 else ''}, "
+             f"{accelerator.device.type}, {precision})")
+
+    # ---- the base model, the tokenizer, the data
+    resolved = resolve_model(reg, config.base_model)
+    if main:
+        trainings.update(record, model=resolved.chain[0].ref if resolved.chain else resolved.base.description)
+    tokenizer = load_tokenizer(resolved.base)
+    with accelerator.main_process_first():  # one process tokenizes, the others read its cache
+        prepared = data_mod.prepare(
+            config.data.path, config.data.format, tokenizer, max_seq_len=config.data.max_seq_len,
+            train_on_inputs=tcfg.train_on_inputs, overlong=config.data.overlong, eval=config.data.eval,
+            seed=tcfg.seed, cache_dir=str(reg.cache_dir("tokenized")),
+        )
+    log.info(data_mod.format_summary(prepared.info))
+    train_set, eval_set = prepared.train, prepared.eval
+    label_counts = [label_count(labels) for labels in train_set["labels"]]
+
+    set_seed(tcfg.seed)  # LoRA init and dropout draw from the global generators
+    attn = VARLEN_ATTENTION if tcfg.packing else None
+    base = load_base_model(resolved.base, torch_dtype(precision), attn_implementation=attn)
+    model = attach_lora(base, config.lora, adapter_dir=str(resolved.adapter.path) if resolved.adapter else None)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    log.info(f"trainable parameters: {sum(p.numel() for p in trainable):,} "
+             f"of {sum(p.numel() for p in model.parameters()):,}")
+
+    # ---- the schedule: optimizer steps over epochs of windows
+    steps_per_epoch = len(plan_epoch(label_counts, tcfg.batch_size, tcfg.grad_accum, world, tcfg.seed, 0))
+    if steps_per_epoch == 0:
+        raise UsageError(f"the training set ({len(train_set)} rows) is too small for {world} processes")
+    total_steps = tcfg.max_steps or max(1, math.ceil(tcfg.epochs * steps_per_epoch))
+    optimizer = torch.optim.AdamW(trainable, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+    scheduler = get_scheduler(tcfg.scheduler if tcfg.scheduler != "constant" else "constant_with_warmup",
+                              optimizer, num_warmup_steps=tcfg.warmup_steps, num_training_steps=total_steps)
+    loss_model, optimizer = accelerator.prepare(CausalLMLoss(model), optimizer)
+
+    # ---- resume: adapter, optimizer, scheduler, RNG and position from the newest checkpoint
+    start = {"step": 0, "tokens": 0, "best_eval": None, "bad_evals": 0, "seconds": 0.0}
+    ckpt = latest_checkpoint(trainings.checkpoints_dir(training_id))
+    metrics = MetricsLog(trainings.metrics_path(training_id))
+    if ckpt is not None:
+        start = load_checkpoint(ckpt, accelerator.unwrap_model(loss_model).model, optimizer, scheduler, rank)
+        log.info(f"resumed from {ckpt.name} (step {start['step']})")
+        if main:
+            metrics.truncate_after(start["step"])
+            trainings.update(record, resumed_from_step=start["step"])
+    elif main and metrics.path.exists():
+        metrics.path.unlink()
+
+    if main:
+        trainings.update(record, status="processing", started_at=record.started_at or utc_now())
+    collate = collate_packed if tcfg.packing else (lambda exs: collate_padded(exs, _pad_id(tokenizer)))
+    speed = Throughput(warmup_steps=1 if start["step"] == 0 else 0)
+    step, tokens_seen, best_eval, bad_evals = start["step"], start["tokens"], start["best_eval"], start["bad_evals"]
+    last_loss = last_eval = None
+    wall = time.perf_counter() - start["seconds"]
+    bar = _ProgressBar(total_steps, step, enabled=progress and main)
+    loss_model.train()
+    speed.start()
+
+    # ---- the loop: one iteration per optimizer step
+    while step < total_steps:
+        epoch, index = divmod(step, steps_per_epoch)
+        window = plan_epoch(label_counts, tcfg.batch_size, tcfg.grad_accum, world, tcfg.seed, epoch)[index]
+        loss_sum, step_tokens = _train_step(window, train_set, collate, loss_model, accelerator, world, rank)
+        if tcfg.max_grad_norm:
+            accelerator.clip_grad_norm_(trainable, tcfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        step_tokens = int(accelerator.reduce(torch.tensor(step_tokens, device=accelerator.device), "sum"))
+        tokens_seen += step_tokens
+        last_loss = float(accelerator.reduce(loss_sum.detach(), "sum")) / max(window.label_tokens, 1)
+        speed.step(step_tokens)
+        row = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": round(last_loss, 6),
+               "lr": scheduler.get_last_lr()[0], "tokens": tokens_seen,
+               "tokens_per_s": round(speed.tokens_per_second(), 1)}
+
+        if eval_set is not None and (step == total_steps or (tcfg.eval_every and step % tcfg.eval_every == 0)):
+            speed.pause()
+            last_eval = evaluate(loss_model, eval_set, collate, tcfg.batch_size, accelerator)
+            row["eval_loss"] = round(last_eval, 6)
+            if best_eval is None or last_eval < best_eval:
+                best_eval, bad_evals = last_eval, 0
+            else:
+                bad_evals += 1
+            speed.resume()
+        if main and (step % tcfg.log_every == 0 or step == total_steps or "eval_loss" in row):
+            metrics.append(row)
+        bar.update(row)
+        stop_early = bool(tcfg.early_stopping_patience and bad_evals >= tcfg.early_stopping_patience)
+        if tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0 and step < total_steps and not stop_early:
+            speed.pause()
+            save_checkpoint(trainings.checkpoints_dir(training_id), step, accelerator.unwrap_model(loss_model).model,
+                            optimizer, scheduler, rank, main, accelerator.wait_for_everyone,
+                            {"tokens": tokens_seen, "best_eval": best_eval, "bad_evals": bad_evals,
+                             "seconds": time.perf_counter() - wall})
+            speed.resume()
+        stop.check(accelerator)
+        if stop_early:
+            log.info(f"early stopping at step {step}: eval loss has not improved for {bad_evals} evaluations")
+            break
+    bar.close()
+    speed.pause()
+
+    # ---- publish (main process only)
+    summary = {"train_loss": last_loss, "eval_loss": last_eval, "best_eval_loss": best_eval, "steps": step,
+               "trained_tokens": tokens_seen, "tokens_per_s": round(speed.tokens_per_second(), 1),
+               "total_time_s": round(time.perf_counter() - wall, 2), "precision": precision, "processes": world}
+    accelerator.wait_for_everyone()
+    if not main:
+        return None
+    from .publishing import publish_adapter
+
+    version = publish_adapter(
+        reg, trainings, record, destination, accelerator.unwrap_model(loss_model).model, tokenizer, config,
+        resolved, prepared.info, summary, metrics,
+    )
+    trainings.update(record, status="succeeded", metrics=summary,
+                     output={"version": version.ref, "weights": str(version.path)})
+    log.info(f"published {version.ref} ({version.id[:12]})")
+    return version
+
+
+def _train_step(window: Window, dataset, collate: Callable, loss_model, accelerator, world: int, rank: int):
+    """Forward and backward over this process's micro-batches of one window; returns (loss sum, real tokens)."""
+    micro_batches = window.for_rank(rank, world)
+    loss_sum = torch.zeros((), device=accelerator.device)
+    tokens = 0
+    for i, indices in enumerate(micro_batches):
+        batch = collate([dataset[j] for j in indices])
+        tokens += real_tokens(batch)
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        # Gradients are synchronised across processes once per window, on its last micro-batch.
+        sync = accelerator.no_sync(loss_model) if i < len(micro_batches) - 1 else nullcontext()
+        with sync, accelerator.autocast():
+            micro_loss, _ = loss_model(**batch)
+            accelerator.backward(normalize_loss(micro_loss, window.label_tokens, world))
+        loss_sum += micro_loss.detach().float()
+    return loss_sum, tokens
+
+
+@torch.no_grad()
+def evaluate(loss_model, eval_set, collate: Callable, batch_size: int, accelerator) -> float:
+    """Mean token loss over the eval set (split across processes, summed exactly)."""
+    model = accelerator.unwrap_model(loss_model)
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+    indices = list(range(accelerator.process_index * batch_size, len(eval_set), batch_size * accelerator.num_processes))
+    for start in indices:
+        batch = collate([eval_set[j] for j in range(start, min(start + batch_size, len(eval_set)))])
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        with accelerator.autocast():
+            loss_sum, count = model(**batch)
+        total += torch.stack([loss_sum.double(), count.double()])
+    total = accelerator.reduce(total, "sum")
+    model.train(was_training)
+    return float(total[0] / total[1].clamp(min=1))
+
+
+def _quiet_libraries() -> None:
+    # Our own bar and log say what happens; the libraries' per-file progress bars and notices would bury them.
+    import warnings
+
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
+def _ensure_destination(reg: Registry, destination: str, create: bool) -> None:
+    try:
+        reg.get_model(destination)
+    except ModelNotFoundError:
+        if not create:
+            raise ModelNotFoundError(
+                f"destination model {destination} does not exist",
+                f"create it with `finetune models create {destination}` or pass --create-destination",
+            ) from None
+        reg.create_model(destination, exist_ok=True)
+
+
+def _pad_id(tokenizer) -> int:
+    # Padding is masked out of attention and labels, so its id only needs to be a valid token.
+    for candidate in (tokenizer.pad_token_id, tokenizer.unk_token_id, tokenizer.eos_token_id, 0):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+def _finish(trainings: Trainings, record: TrainingRecord | None, status: str, error: str, log: RunLog) -> None:
+    log.info(f"{status}: {error}")
+    if record is not None:
+        trainings.update(record, status=status, error=error)
+
+
+class _StopFlag:
+    """Turns SIGTERM/SIGINT and `finetune trainings cancel` into a clean stop between steps."""
+
+    def __init__(self, trainings: Trainings, training_id: str):
+        self.trainings, self.training_id = trainings, training_id
+        self.signaled: str | None = None
+        self._previous: dict[int, Any] = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: rely on the cancel marker only
+                pass
+
+    def _handle(self, signum, frame) -> None:
+        self.signaled = signal.Signals(signum).name
+
+    def check(self, accelerator) -> None:
+        reason = self.signaled or ("cancel requested" if self.trainings.cancel_requested(self.training_id) else None)
+        flag = torch.tensor(1.0 if reason else 0.0, device=accelerator.device)
+        if accelerator.num_processes > 1:
+            flag = accelerator.reduce(flag, "max")  # all processes stop at the same step, or none does
+        if flag.item() > 0:
+            raise TrainingCanceled(reason or "stopped by another process")
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class _ProgressBar:
+    """A tqdm bar showing step, loss, tokens/s and ETA (a no-op when disabled)."""
+
+    def __init__(self, total: int, initial: int, enabled: bool):
+        self._bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+
+    def update(self, row: dict[str, Any]) -> None:
+        if self._bar is not None:
+            post = {"loss": f"{row['loss']:.4f}", "tok/s": f"{row['tokens_per_s']:.0f}"}
+            if "eval_loss" in row:
+                post["eval"] = f"{row['eval_loss']:.4f}"
+            self._bar.set_postfix(post, refresh=False)
+            self._bar.update(1)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import stat
 from pathlib import Path
 from typing import Any
@@ -65,7 +66,9 @@ def pretty_json(obj: Any) -> bytes:
 def replace_file(path: Path, data: bytes, tmp_dir: Path) -> None:
     """Atomically replace ``path`` with ``data``: write a temp file in ``tmp_dir`` (same filesystem), rename."""
     tmp_dir.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_dir / f"tmp-{os.getpid()}-{os.urandom(6).hex()}"
+    # PURPOSE-PID-RAND@HOST, like the registry's work folders: `gc` must see that a live process owns this file,
+    # or it deletes it between the write and the rename below.
+    tmp = tmp_dir / f"tmp-{os.getpid()}-{os.urandom(6).hex()}@{socket.gethostname()}"
     write_bytes_durable(tmp, data)
     os.replace(tmp, path)
     fsync_dir(path.parent)

@@ -19,6 +19,8 @@ from .errors import InvalidNameError, InvalidRefError
 NAME_PATTERN = r"[a-z0-9_][a-z0-9._-]{0,63}"
 ALIAS_PATTERN = r"[a-z][a-z0-9._-]{0,63}"
 MIN_ID_PREFIX = 8
+ID_LENGTH = 64  # hex characters of a sha256 version id
+MAX_NUMBER_DIGITS = 18  # version numbers stay far below this; longer ones would be over-long paths or huge ints
 LATEST = "latest"
 
 _NAME_RE = re.compile(NAME_PATTERN)
@@ -55,7 +57,10 @@ def check_alias(value: str) -> str:
 def parse_model_name(value: str) -> tuple[str, str]:
     """Split ``owner/name`` into its two checked parts."""
     if not isinstance(value, str) or value.count("/") != 1:
-        raise InvalidNameError(f"invalid model name {value!r}", "expected OWNER/NAME, for example alice/my-model")
+        raise InvalidNameError(
+            f"invalid model name {value!r}",
+            f"expected OWNER/NAME, each part matching {NAME_PATTERN}, for example alice/my-model",
+        )
     owner, name = value.split("/")
     return check_name(owner, "owner"), check_name(name, "model name")
 
@@ -87,18 +92,23 @@ def parse_ref(text: str) -> Ref:
     except InvalidNameError as err:
         raise InvalidRefError(
             f"invalid reference {text!r}: {err.message}",
-            "expected OWNER/NAME, OWNER/NAME:N, OWNER/NAME:latest, OWNER/NAME:ALIAS or OWNER/NAME:HEXPREFIX",
+            "expected OWNER/NAME, OWNER/NAME:N, OWNER/NAME:latest, OWNER/NAME:ALIAS or OWNER/NAME:HEXPREFIX, "
+            f"with OWNER and NAME matching {NAME_PATTERN}",
         ) from None
     if not sep:
         return Ref(owner, name, "latest")
     if selector == LATEST:
         return Ref(owner, name, "latest", LATEST)
     if selector.isdigit() and selector.isascii():
+        if len(selector) > MAX_NUMBER_DIGITS:
+            raise InvalidRefError(
+                f"invalid reference {text[:80]!r}: version number has more than {MAX_NUMBER_DIGITS} digits"
+            )
         number = int(selector)
         if number < 1:
             raise InvalidRefError(f"invalid reference {text!r}: version numbers start at 1")
         return Ref(owner, name, "number", number)
-    if len(selector) >= MIN_ID_PREFIX and _HEX_RE.fullmatch(selector):
+    if MIN_ID_PREFIX <= len(selector) <= ID_LENGTH and _HEX_RE.fullmatch(selector):
         return Ref(owner, name, "id_prefix", selector)
     if _ALIAS_RE.fullmatch(selector) and ".." not in selector:
         return Ref(owner, name, "alias", selector)

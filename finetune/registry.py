@@ -22,6 +22,7 @@ overwrite. A version folder therefore appears whole or not at all.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import hashlib
 import json
 import os
@@ -55,6 +56,7 @@ MANIFEST = "manifest.json"
 VISIBILITIES = ("private", "public")
 HARDWARE = ("cpu", "gpu", "auto")
 LOCK_TIMEOUT_S = 120
+_LATEST_WALK = 256  # numbers `latest` probes one by one before it lists the versions folder instead
 _SOFTWARE = ("torch", "transformers", "peft", "accelerate", "datasets", "safetensors", "finetune")
 
 
@@ -64,6 +66,14 @@ def utc_now() -> str:
 
 
 def software_versions() -> dict[str, str]:
+    """Versions of Python and the libraries that shape a version's files, recorded in every manifest."""
+    return dict(_software_versions())
+
+
+@functools.lru_cache(maxsize=1)
+def _software_versions() -> dict[str, str]:
+    # Reading package metadata costs ~2 ms a package, most of a small publish; it cannot change under a
+    # running process in any way that matters (the imported modules stay what they were).
     out = {"python": sys.version.split()[0]}
     for pkg in _SOFTWARE:
         try:
@@ -219,7 +229,12 @@ class Registry:
         """A new empty folder on the registry's filesystem for work in progress; `gc` removes it if abandoned."""
         self._ensure_writable()
         path = self._staging / _work_name(purpose)
-        path.mkdir(parents=True)
+        try:
+            path.mkdir(parents=True)
+        except OSError as err:
+            raise RegistryAccessError(
+                f"cannot write to registry root {self.root}: {err.strerror}", "check FINETUNE_HOME and permissions"
+            ) from None
         return path
 
     def _ensure_writable(self) -> None:
@@ -260,7 +275,13 @@ class Registry:
         if hardware not in HARDWARE:
             raise UsageError(f"invalid hardware {hardware!r}", f"use one of: {', '.join(HARDWARE)}")
         model_dir = self._model_dir(owner, short)
-        if model_dir.exists():
+        try:
+            exists = model_dir.exists()
+        except OSError as err:  # EACCES: Path.exists only swallows "not found"-like errors
+            raise RegistryAccessError(
+                f"cannot read registry root {self.root}: {err.strerror}", "check FINETUNE_HOME and permissions"
+            ) from None
+        if exists:
             if exist_ok:
                 return self.get_model(name)
             raise AlreadyExistsError(f"model {name} already exists", "pass --exist-ok to reuse it")
@@ -299,8 +320,15 @@ class Registry:
             raise ModelNotFoundError(
                 f"model {name} not found in {self.root}", f"create it with `finetune models create {name}`"
             ) from None
-        except PermissionError as err:
-            raise RegistryAccessError(f"cannot read {model_dir}: {err.strerror}") from None
+        except NotADirectoryError:
+            raise RegistryAccessError(
+                f"cannot read registry root {self.root}: a part of that path is a file",
+                "point FINETUNE_HOME at a folder",
+            ) from None
+        except OSError as err:
+            raise RegistryAccessError(
+                f"cannot read {model_dir}: {err.strerror}", "check FINETUNE_HOME and permissions"
+            ) from None
         except json.JSONDecodeError:
             raise IntegrityError(f"{model_dir / 'model.json'} is not valid JSON") from None
         return Model(model_dir, info)
@@ -357,15 +385,23 @@ class Registry:
     def latest(self, model: str) -> Version | None:
         """The newest version without listing the folder: walk down from the allocation counter."""
         m = self.get_model(model)
+        if not (m.path / "next_version").exists():
+            # No counter: a model never published to (an empty listing), or version folders copied in by hand.
+            numbers = self._version_numbers(m.path)
+            return self._version(m, max(numbers)) if numbers else None
         number = self._next_number(m.path) - 1
         # Numbers between the newest version and the counter belong to publishes in progress or crashed;
-        # a deleted newest version makes us walk further. Both are rare and short.
-        while number >= 1:
+        # a deleted newest version makes us walk further. Both are rare and short; a long walk (many newest
+        # versions deleted, a damaged counter) falls back to one listing rather than a stat per number.
+        for _ in range(_LATEST_WALK):
+            if number < 1:
+                return None
             v = self._version(m, number)
             if v is not None:
                 return v
             number -= 1
-        return None
+        below = [n for n in self._version_numbers(m.path) if n <= number]
+        return self._version(m, max(below)) if below else None
 
     def resolve(self, ref: str) -> Version:
         """Resolve a reference (see :mod:`finetune.names`) to a published :class:`Version`."""
@@ -419,9 +455,9 @@ class Registry:
         m = self.get_model(model)
         src = Path(src_dir)
         if not src.exists():
-            raise UsageError(f"source folder {src} does not exist")
+            raise NotFoundError(f"source folder {src} does not exist")
         if not src.is_dir():
-            raise UsageError(f"source {src} is not a folder", "publish takes a folder of files")
+            raise NotFoundError(f"source {src} is not a folder", "publish takes a folder of files")
         if (src / MANIFEST).exists():
             raise UsageError(f"{src / MANIFEST} exists", "the manifest is written by the registry; remove it")
         parent_info = self._parent_info(parent)
@@ -457,8 +493,17 @@ class Registry:
         for dirpath, dirnames, filenames in os.walk(src):
             dirnames.sort()
             rel_dir = Path(dirpath).relative_to(src)
+            # os.walk lists a link to a folder but does not enter it: without this check its files would be
+            # left out of the version without a word.
+            for name in dirnames:
+                if os.path.islink(os.path.join(dirpath, name)):
+                    raise UsageError(
+                        f"{Path(dirpath) / name} is a link to a folder", "publish copies files; copy the folder in"
+                    )
             (stage / rel_dir).mkdir(exist_ok=True)
             for name in sorted(filenames):
+                if not os.path.isfile(os.path.join(dirpath, name)):
+                    raise UsageError(f"{Path(dirpath) / name} is not a regular file (a broken link, a pipe?)")
                 rel = (rel_dir / name).as_posix()
                 size, digest = atomic.copy_and_hash(Path(dirpath) / name, stage / rel)
                 files[rel] = {"size": size, "sha256": digest}
@@ -509,6 +554,10 @@ class Registry:
         version = self.resolve(ref)
         m = self.get_model(version.model)
         with self._lock(m.path):
+            # delete_version checks aliases under this lock, so check here, under it too, that the version was not
+            # deleted since resolve(): otherwise the alias could end up pointing at nothing.
+            if not version.path.is_dir():
+                raise VersionNotFoundError(f"version {version.ref} not found (deleted just now)")
             aliases = self.aliases(version.model)
             aliases[alias] = version.number
             atomic.replace_file(m.path / "aliases.json", atomic.pretty_json(aliases), self._staging)
@@ -612,7 +661,8 @@ def _work_name(purpose: str) -> str:
 def _owner_alive(entry_name: str, host: str) -> bool:
     """Staging names are PURPOSE-PID-RAND@HOST; true when that process still runs on this host."""
     head, _, entry_host = entry_name.rpartition("@")
-    parts = head.split("-")
+    # PURPOSE may itself contain '-' (any valid name does), so split from the right.
+    parts = head.rsplit("-", 2)
     if entry_host != host or len(parts) != 3 or not parts[1].isdigit():
         return False
     try:
@@ -637,6 +687,10 @@ def check_version_dir(path: Path, full: bool) -> list[str]:
     if not isinstance(files, dict):
         return problems + [f"{MANIFEST}: 'files' is not a mapping"]
     for rel, info in sorted(files.items()):
+        # A tampered manifest must not make us read outside the version folder, nor crash on a malformed entry.
+        if not isinstance(info, dict) or Path(rel).is_absolute() or ".." in Path(rel).parts:
+            problems.append(f"{rel}: malformed manifest entry")
+            continue
         p = path / rel
         if not p.is_file():
             problems.append(f"{rel}: missing")

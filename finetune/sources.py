@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ModelLoadError, NotFoundError, UsageError
+from . import atomic
+from .errors import ConflictError, ModelLoadError, ModelNotFoundError, NotFoundError, UsageError
 from .lineage import lineage
-from .names import parse_ref
+from .names import parse_model_name, parse_ref
 from .registry import Registry, Version
 
 _HUB_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
@@ -87,18 +88,25 @@ def import_base(
     ``source`` is a local Hugging Face folder (copied in with checksums) or a hub id (recorded with its resolved
     commit; the weights stay in the Hugging Face cache).
     """
-    reg.create_model(model, description=description, visibility=visibility, hardware=hardware, exist_ok=True)
-    if reg.list_versions(model):
-        raise UsageError(
+    # Everything that can fail on the user's input is checked before the model is created, so a failed import
+    # leaves the registry as it was.
+    parse_model_name(model)
+    try:
+        has_versions = bool(reg.list_versions(model))
+    except ModelNotFoundError:
+        has_versions = False
+    if has_versions:
+        raise ConflictError(
             f"model {model} already has versions", "import a base into a new model name, e.g. OWNER/NAME-base"
         )
     path = Path(source).expanduser()
     if path.exists():
         if not path.is_dir() or not (path / "config.json").is_file():
-            raise UsageError(
+            raise ModelLoadError(
                 f"{path} is not a Hugging Face model folder (no config.json)",
                 "pass a folder written by save_pretrained, or a hub id",
             )
+        reg.create_model(model, description=description, visibility=visibility, hardware=hardware, exist_ok=True)
         stage = reg.staging_dir("import")
         try:
             for item in path.iterdir():
@@ -113,8 +121,9 @@ def import_base(
         finally:
             _remove(stage)
     if not _HUB_ID_RE.fullmatch(source):
-        raise UsageError(f"{source!r} is neither an existing folder nor a hub model id", "check the path")
+        raise NotFoundError(f"{source!r} is neither an existing folder nor a hub model id", "check the path")
     sha = resolve_hub_revision(source, revision)
+    reg.create_model(model, description=description, visibility=visibility, hardware=hardware, exist_ok=True)
     stage = reg.staging_dir("import")
     try:
         meta = {"source": {"type": "hub", "repo_id": source, "revision": sha}}
@@ -124,8 +133,8 @@ def import_base(
 
 
 def _remove(path: Path) -> None:
-    if path.exists():
-        shutil.rmtree(path)
+    # remove_tree, not rmtree: copytree keeps the modes of read-only folders (e.g. a registry version's).
+    atomic.remove_tree(path)
 
 
 def base_source_of(reg: Registry, version: Version) -> BaseSource:
@@ -156,14 +165,10 @@ def resolve_model(reg: Registry, spec: str) -> ResolvedModel:
             version = reg.resolve(spec)
             chain = lineage(reg, version)
             base_version = chain[-1]
-            if base_version.kind != "base":
-                raise ModelLoadError(
-                    f"the lineage of {version.ref} ends at {base_version.ref}, which is not a base model",
-                    "import the base with `finetune models import`",
-                )
+            base = base_source_of(reg, base_version) if base_version.kind == "base" else _outside_base(base_version)
             reg.check(version)
             adapter = version if version.kind == "adapter" else None
-            return ResolvedModel(spec, base_source_of(reg, base_version), adapter, chain)
+            return ResolvedModel(spec, base, adapter, chain)
     path = Path(spec).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
@@ -176,6 +181,25 @@ def resolve_model(reg: Registry, spec: str) -> ResolvedModel:
     raise ModelLoadError(
         f"base model {spec!r} not found: not a registry model, a local folder, or a hub id",
         "see `finetune models list`, or import it with `finetune models import`",
+    )
+
+
+def _outside_base(version: Version) -> BaseSource:
+    """The base of a fine-tune trained straight from a hub id or a local folder (no registry base version)."""
+    parent = version.parent if isinstance(version.parent, dict) else {}
+    if parent.get("hub_id"):
+        return BaseSource(parent["hub_id"], parent.get("revision"), None, f"hub {parent['hub_id']}")
+    if parent.get("local_path"):
+        path = Path(parent["local_path"])
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(
+                f"the base of {version.ref}, local folder {path}, is gone (no config.json there)",
+                "put the base model back at that path to use this version",
+            )
+        return BaseSource(str(path), None, None, str(path))
+    raise ModelLoadError(
+        f"the lineage of {version.ref} ends at {version.ref}, which is not a base model",
+        "import the base with `finetune models import`",
     )
 
 

@@ -82,12 +82,12 @@ def _varlen_attention(
         )
         return out.transpose(1, 2).contiguous(), None
     assert query.shape[0] == 1, "packed micro-batches are a single row"
-    bounds = cu_seq_lens_q.tolist()
+    # split (not slicing): its backward is one concatenation, where slices would each zero-fill a full-size
+    # gradient and add it up.
+    lengths = (cu_seq_lens_q[1:] - cu_seq_lens_q[:-1]).tolist()
     parts = [
-        F.scaled_dot_product_attention(
-            query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], dropout_p=dropout, is_causal=True, scale=scaling
-        )
-        for s, e in zip(bounds[:-1], bounds[1:])
+        F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling)
+        for q, k, v in zip(query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2))
     ]
     return torch.cat(parts, dim=2).transpose(1, 2).contiguous(), None
 
@@ -161,6 +161,19 @@ def attach_lora(model, lora: Any, adapter_dir: str | None = None, trainable: boo
     # peft keeps adapter weights in fp32 even when the base is bf16 (autocast_adapter_dtype), which is what we
     # want: low-precision frozen weights, full-precision trainable ones.
     return get_peft_model(model, cfg)
+
+
+def keep_activations_in_compute_dtype(model) -> None:
+    """Stop peft from casting every LoRA input to the adapter's fp32 dtype.
+
+    Under autocast the adapter matmuls run in bf16/fp16 anyway, so the cast only costs two full-size copies of
+    each adapted layer's input (to fp32 and back) in the forward pass and again in the backward pass.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.cast_input_dtype_enabled = False
 
 
 class CausalLMLoss(nn.Module):

@@ -34,6 +34,7 @@ from .modeling import (
     CausalLMLoss,
     attach_lora,
     choose_precision,
+    keep_activations_in_compute_dtype,
     load_base_model,
     load_tokenizer,
     normalize_loss,
@@ -146,6 +147,8 @@ def _train(config, reg, trainings, record, training_id, destination, accelerator
     attn = VARLEN_ATTENTION if tcfg.packing else None
     base = load_base_model(resolved.base, torch_dtype(precision), attn_implementation=attn)
     model = attach_lora(base, config.lora, adapter_dir=str(resolved.adapter.path) if resolved.adapter else None)
+    if precision != "fp32":
+        keep_activations_in_compute_dtype(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     log.info(f"trainable parameters: {sum(p.numel() for p in trainable):,} "
              f"of {sum(p.numel() for p in model.parameters()):,}")
@@ -201,7 +204,7 @@ def _train(config, reg, trainings, record, training_id, destination, accelerator
         speed.step(step_tokens)
         row = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": round(last_loss, 6),
                "lr": scheduler.get_last_lr()[0], "tokens": tokens_seen,
-               "tokens_per_s": round(speed.tokens_per_second(), 1)}
+               "tokens_per_s": round(speed.tokens_per_second(), 1), "time_s": round(time.perf_counter() - wall, 3)}
 
         if eval_set is not None and (step == total_steps or (tcfg.eval_every and step % tcfg.eval_every == 0)):
             speed.pause()

@@ -41,7 +41,7 @@ def test_minimal_config_gets_every_documented_default(tmp_path):
     assert cfg.destination is None
     assert cfg.data == DataConfig(path=str(tmp_path / "rows.jsonl"), format="auto", eval=None, max_seq_len=512,
                                   overlong="truncate")
-    assert cfg.lora == LoraConfig(r=16, alpha=32.0, dropout=0.05, target_modules="all-linear")
+    assert cfg.lora == LoraConfig(r=16, alpha=32.0, dropout=0.0, target_modules="all-linear")
     assert cfg.train == TrainConfig(
         epochs=1.0, max_steps=None, batch_size=8, grad_accum=1, lr=2e-4, scheduler="cosine", warmup_steps=0,
         weight_decay=0.0, max_grad_norm=1.0, seed=42, precision="auto", packing=True, train_on_inputs=False,

@@ -1,0 +1,53 @@
+"""Shared pytest fixtures and settings for the whole suite.
+
+Add a fixture here only when several test files need it; keep each one small and say what it guarantees.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Set before any test imports huggingface_hub/transformers/datasets, which read these at import time: the
+# suite must never reach a hub, and a test that tries should fail loudly instead of downloading.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # silences the fork warning in DataLoader tests
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+import finetune  # noqa: E402
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip tests marked ``gpu`` on machines without CUDA (torch is imported only if such tests exist)."""
+    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_items:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in gpu_items:
+        item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama (hidden 64, 2 layers, random init, seed 0) + trained tokenizer, as a Hugging Face folder.
+
+    Built once per session and shared by every test: treat it as read-only (copy it before changing it).
+    Its tokenizer is trained on the shipped sample data, so quickstart-style prompts tokenize compactly.
+    """
+    from finetune.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", hidden_size=64, num_layers=2, num_heads=4)
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> finetune.Registry:
+    """An empty registry in this test's own temporary folder."""
+    return finetune.Registry(tmp_path / "registry")

@@ -235,6 +235,127 @@ def cmd_trainings_cancel(args: argparse.Namespace) -> None:
     print(f"cancel requested for {record.id}")
 
 
+# ------------------------------------------------------------------ using versions
+def _generation(args: argparse.Namespace):
+    from .inference import GenerationSettings
+
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
+    settings.check()  # before a model is loaded
+    return settings
+
+
+def _quiet() -> None:
+    from .train import _quiet_libraries
+
+    _quiet_libraries()  # stdout is the answer; loaders' progress bars and notices would only clutter stderr
+
+
+def _load_for_inference(args: argparse.Namespace, version: Version):
+    from .inference import load_version
+
+    # version.ref names the exact number: a `:latest` published meanwhile must not swap the model under us.
+    return load_version(_registry(args), version.ref, device=args.device)
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    if (args.prompt is None) == (args.file is None):
+        raise UsageError("give either a PROMPT or --file PROMPTS.jsonl", 'e.g. finetune predict REF "Name a color."')
+    if args.prompt is not None and not args.prompt.strip():
+        raise UsageError("the prompt is empty", "give the text to complete")
+    version = _registry(args).resolve(args.ref)  # an unknown ref fails before the seconds of importing torch
+    _quiet()
+    from .inference import generate, load_prompts, prompt_format_of
+
+    settings = _generation(args)
+    prompts = load_prompts(args.file, prompt_format_of(version)) if args.file is not None else None
+    loaded = _load_for_inference(args, version)
+    if prompts is None:
+        print(generate(loaded, args.prompt, settings, system=args.system))
+        return
+    for prompt in prompts:
+        fields = {k: v for k, v in (prompt.record or {}).items() if v is not None}
+        completion = generate(loaded, prompt, settings, system=args.system)
+        print(json.dumps({**fields, "completion": completion}, ensure_ascii=False), flush=True)
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    version = _registry(args).resolve(args.ref)
+    _quiet()
+    from .inference import chat, require_chat
+
+    if version.kind != "base":  # a base may chat if its tokenizer has a template: known once that is loaded
+        require_chat(version)  # refuse before the seconds of loading a model
+    settings = _generation(args)
+    loaded = _load_for_inference(args, version)
+    replies = chat(loaded, _stdin_lines(), settings, system=args.system)
+    if sys.stdin.isatty():
+        print(f"chatting with {loaded.version.ref}; /reset starts over, /exit (or Ctrl-D) ends", file=sys.stderr)
+    for reply in replies:
+        print(reply, flush=True)
+
+
+def _stdin_lines():
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            return
+        yield line
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from .export import export
+
+    _quiet()
+    out = export(_registry(args), args.ref, args.out_dir, format=args.format, dtype=args.dtype)
+    print(out)
+
+
+def cmd_versions_compare(args: argparse.Namespace) -> None:
+    from .compare import compare_versions
+
+    settings = None
+    if args.prompts is not None or args.eval is not None:  # otherwise only manifests are read: no torch needed
+        _quiet()
+        settings = _generation(args)
+    result = compare_versions(_registry(args), args.refs, prompts_file=args.prompts, eval_file=args.eval,
+                              settings=settings, device=args.device)
+    if args.json:
+        return _print_json(result.to_dict())
+    first = result.reports[0].version.ref
+    rows = []
+    for r in result.reports:
+        data = r.version.metadata.get("dataset") or {}
+        dataset = "-"
+        if data:
+            name = str(data.get("path")).rsplit("/", 1)[-1]
+            dataset = f"{name} ({data.get('rows')} rows, {str(data.get('sha256'))[:8]})"
+        if r.config_changes is None:
+            changes = "(no training config)"
+        elif r.version.ref == result.reference:
+            changes = "(reference)"
+        else:
+            changes = "; ".join(f"{k}: {_short(a)} -> {_short(b)}" for k, (a, b) in r.config_changes.items())
+        loss = f"{r.eval_loss:.4f}" if r.eval_loss is not None else "-"
+        rows.append([r.version.ref, r.version.id[:12], _parent_summary(r.version), dataset, loss, changes or "(same)"])
+    _table(rows, ["VERSION", "ID", "PARENT", "DATASET", "EVAL LOSS", f"CONFIG CHANGES vs {result.reference or '-'}"])
+    if result.eval_file:
+        print(f"\neval: {result.eval_file}: {result.eval_rows} rows, {result.eval_label_tokens} label tokens, "
+              f"encoded once with {first}'s prompt format and tokenizer")
+    width = max(len(r.version.ref) for r in result.reports)
+    for i, prompt in enumerate(result.prompts):
+        print(f"\nprompt {i + 1}: {_short(prompt, 200)}")
+        for r in result.reports:
+            print(f"  {r.version.ref:<{width}}  {_short(r.answers[i], 500)}")
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else value.replace("\n", "\\n")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 # ------------------------------------------------------------------ parser
 def _add(sub: argparse._SubParsersAction, name: str, func: Callable, help: str) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=help, description=help)
@@ -285,6 +406,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ref", metavar="REF")
     p.add_argument("alias", metavar="ALIAS")
     p.add_argument("--remove", action="store_true", help="remove the alias instead")
+    p = _add(versions, "compare", cmd_versions_compare,
+             "compare versions: parent, data, config changes, eval loss on one file, answers to the same prompts")
+    p.add_argument("refs", nargs="+", metavar="REF")
+    p.add_argument("--prompts", metavar="FILE", help="JSONL of prompts to answer with every version")
+    p.add_argument("--eval", metavar="FILE", help="data file to compute every version's eval loss on")
+    p.add_argument("--json", action="store_true")
+    _add_generation_options(p)
 
     p = _add(groups, "train", cmd_train, "train a LoRA adapter and publish it as a new version of the destination")
     p.add_argument("config", nargs="?", metavar="CONFIG.yaml")
@@ -310,7 +438,31 @@ def build_parser() -> argparse.ArgumentParser:
     p = _add(registry, "gc", cmd_registry_gc, "remove leftovers of interrupted publishes and deletions")
     p.add_argument("--older-than", type=float, default=24.0, metavar="HOURS", help="only leftovers older than this")
     p.add_argument("--dry-run", action="store_true")
+
+    p = _add(groups, "predict", cmd_predict, "complete a prompt with a version, formatted as its training did")
+    p.add_argument("ref", metavar="REF")
+    p.add_argument("prompt", nargs="?", metavar="PROMPT")
+    p.add_argument("--file", metavar="PROMPTS.jsonl", help="one prompt per record; prints JSONL with completions")
+    p.add_argument("--system", default=None, help="system prompt (versions trained on chat messages)")
+    _add_generation_options(p)
+    p = _add(groups, "chat", cmd_chat, "chat with a version trained on messages (stdin lines; /reset, /exit)")
+    p.add_argument("ref", metavar="REF")
+    p.add_argument("--system", default=None, help="system prompt")
+    _add_generation_options(p)
+    p = _add(groups, "export", cmd_export, "write a version to a folder: its PEFT adapter, or merged into its base")
+    p.add_argument("ref", metavar="REF")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="a new or empty folder")
+    p.add_argument("--format", choices=("adapter", "merged"), default="adapter")
+    p.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                   help="weights dtype of a merged export (auto: the base model's)")
     return parser
+
+
+def _add_generation_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=128, metavar="N")
+    p.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default)")
+    p.add_argument("--seed", type=int, default=None, help="makes sampling repeatable")
+    p.add_argument("--device", default="auto", help="auto (follows the model's hardware), cpu, gpu or cuda:N")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,265 @@
+#!/usr/bin/env python
+"""Training throughput and memory: finetune against the Hugging Face Trainer + PEFT, side by side, in one run.
+
+    python scripts/bench_train.py [--data ../shared/data/alpaca_5000.json] [--steps 30] [--warmup 3]
+
+Runs, one after the other, each in its own process (so peak RSS is each contender's own):
+  1. ours         the real `finetune train` command, with its defaults;
+  2. peer-default Trainer + get_peft_model: random sampling, padding to the longest in the batch, fp32;
+  3. peer-tuned   the same with train_sampling_strategy="group_by_length" and bf16=True.
+Same model (a Llama built locally with random weights: hidden 512, 8 layers, 8 heads, intermediate 1376,
+vocabulary 8192 from a BPE tokenizer trained on the data), same tokenized data and prompt masking (finetune's
+data layer encodes it once for everybody), LoRA r 16 / alpha 32 on all linear layers, batch 8, max length 512,
+lr 2e-4, the same number of steps. It prints real (non-padding) tokens/s over the timed steps (after the
+warm-up), peak RSS, wall time of the whole process, the held-out loss of each final adapter (every contender
+trained the same number of steps of 8 examples; trained tokens are printed beside it), our ratios, and the
+machine's measured bf16/fp32 matmul rates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "alpaca_5000.json"
+MODEL = dict(hidden_size=512, num_layers=8, num_heads=8, intermediate_size=1376, vocab_size=8192)
+LORA = dict(r=16, alpha=32, dropout=0.05)
+BATCH, MAX_LEN, LR, EVAL_ROWS, SEED = 8, 512, 2e-4, 200, 42
+
+
+# ---------------------------------------------------------------- set-up shared by all contenders
+def build_inputs(data: Path, work: Path) -> dict:
+    """The base model folder, the train/eval split files, in ``work`` (reused when already there)."""
+    from finetune.tiny import alpaca_texts, build_tiny_model
+
+    records = json.loads(data.read_text())
+    train, held_out = records[EVAL_ROWS:], records[:EVAL_ROWS]
+    paths = {"model": work / "base", "train": work / "train.jsonl", "eval": work / "eval.jsonl"}
+    if not (paths["model"] / "config.json").exists():
+        build_tiny_model(paths["model"], texts=alpaca_texts(records), seed=SEED, max_position_embeddings=1024, **MODEL)
+        for key, rows in (("train", train), ("eval", held_out)):
+            paths[key].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return {k: str(v) for k, v in paths.items()}
+
+
+def tokenized(paths: dict, cache: Path):
+    """The data exactly as finetune encodes it (alpaca prompt, loss on completions only)."""
+    from transformers import AutoTokenizer
+
+    from finetune import data
+
+    tok = AutoTokenizer.from_pretrained(paths["model"])
+    train = data.prepare(paths["train"], "alpaca", tok, max_seq_len=MAX_LEN, train_on_inputs=False,
+                         cache_dir=str(cache)).train
+    held_out = data.prepare(paths["eval"], "alpaca", tok, max_seq_len=MAX_LEN, train_on_inputs=False,
+                            cache_dir=str(cache)).train
+    return tok, train, held_out
+
+
+def matmul_rates() -> dict:
+    import torch
+
+    out = {}
+    for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
+        for _ in range(2):
+            a @ b
+        n, t = 6, time.perf_counter()
+        for _ in range(n):
+            a @ b
+        out[name] = 2 * 2048**3 * n / (time.perf_counter() - t) / 1e9
+    return out
+
+
+# ---------------------------------------------------------------- contenders (each in its own process)
+def run_ours(paths: dict, steps: int, work: Path) -> dict:
+    """The real `finetune train` CLI with default settings (bar the shared benchmark parameters)."""
+    home = work / "registry-ours"
+    env = dict(os.environ, FINETUNE_HOME=str(home), HF_HUB_OFFLINE="1")
+    cfg = work / "ours.yaml"
+    cfg.write_text(json.dumps({
+        "base_model": paths["model"], "destination": "bench/ours",
+        "data": {"path": paths["train"], "format": "alpaca", "max_seq_len": MAX_LEN},
+        "lora": {**LORA, "target_modules": "all-linear"},
+        "train": {"max_steps": steps, "batch_size": BATCH, "lr": LR, "seed": SEED},
+    }))
+    cmd = [sys.executable, "-m", "finetune", "train", str(cfg), "--create-destination", "--quiet"]
+    result = _timed_child(cmd, env)
+    if result["returncode"] != 0:
+        raise SystemExit(f"ours failed:\n{result['stderr'][-3000:]}")
+    from finetune.registry import Registry
+
+    version = Registry(home).resolve("bench/ours")
+    rows = [json.loads(line) for line in (Path(home) / "trainings" / version.metadata["training_id"] /
+                                          "metrics.jsonl").read_text().splitlines()]
+    return {**result, "steps": [(r["time_s"], r["tokens"]) for r in rows], "adapter": str(version.path)}
+
+
+def peer_main(args: argparse.Namespace) -> None:
+    """Child process: the Hugging Face Trainer + PEFT, default or tuned."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+
+    paths = json.loads(args.paths)
+    tok, train, _ = tokenized(paths, Path(args.work) / "cache")
+    train = train.remove_columns([c for c in train.column_names if c not in ("input_ids", "labels")])
+    tuned = args.role == "peer-tuned"
+    counted = []
+
+    def collate(rows):
+        longest = max(len(r["input_ids"]) for r in rows)
+        ids = torch.full((len(rows), longest), tok.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), longest), -100, dtype=torch.long)
+        mask = torch.zeros((len(rows), longest), dtype=torch.long)
+        for i, r in enumerate(rows):
+            n = len(r["input_ids"])
+            ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(r["input_ids"]), torch.tensor(r["labels"]), 1
+        counted.append(int(mask.sum()))
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+    marks = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, *a, **k):
+            marks.append((time.perf_counter(), sum(counted)))
+
+    model = AutoModelForCausalLM.from_pretrained(paths["model"], dtype=torch.float32, attn_implementation="sdpa")
+    model = get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+                                             target_modules="all-linear", task_type="CAUSAL_LM"))
+    targs = TrainingArguments(
+        output_dir=str(Path(args.work) / args.role), per_device_train_batch_size=BATCH, learning_rate=LR,
+        max_steps=args.steps, lr_scheduler_type="cosine", logging_steps=1, save_strategy="no", report_to=[],
+        seed=SEED, bf16=tuned, use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
+        remove_unused_columns=False, train_sampling_strategy="group_by_length" if tuned else "random",
+        max_grad_norm=1.0, disable_tqdm=True,
+    )
+    if tuned:
+        train = train.add_column("length", [len(x) for x in train["input_ids"]])
+        targs.length_column_name = "length"
+    trainer = Trainer(model=model, args=targs, train_dataset=train, data_collator=collate, callbacks=[Clock()])
+    start = time.perf_counter()
+    trainer.train()
+    adapter = Path(args.work) / f"{args.role}-adapter"
+    model.save_pretrained(adapter)
+    print(json.dumps({"steps": [(t - start, n) for t, n in marks], "adapter": str(adapter),
+                      "padded_tokens": None}), flush=True)
+
+
+def run_peer(role: str, paths: dict, steps: int, work: Path) -> dict:
+    cmd = [sys.executable, __file__, "--role", role, "--paths", json.dumps(paths), "--steps", str(steps),
+           "--work", str(work)]
+    result = _timed_child(cmd, dict(os.environ, HF_HUB_OFFLINE="1"))
+    if result["returncode"] != 0:
+        raise SystemExit(f"{role} failed:\n{result['stderr'][-3000:]}")
+    return {**result, **json.loads(result["stdout"].strip().splitlines()[-1])}
+
+
+def _timed_child(cmd: list[str], env: dict) -> dict:
+    """Run a child; return its wall time, peak RSS (from wait4's rusage) and output."""
+    start = time.perf_counter()
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=err, cwd=REPO)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0), err.seek(0)
+        return {"returncode": proc.returncode, "wall_s": time.perf_counter() - start,
+                "peak_rss_mb": usage.ru_maxrss / 1024, "stdout": out.read().decode(), "stderr": err.read().decode()}
+
+
+# ---------------------------------------------------------------- judging
+def timed_rate(steps: list, warmup: int) -> tuple[float, int]:
+    """Real tokens per second over the steps after the warm-up, and all tokens trained."""
+    (t0, n0), (t1, n1) = steps[warmup - 1], steps[-1]
+    return (n1 - n0) / (t1 - t0), n1
+
+
+def held_out_loss(paths: dict, adapter: str, work: Path) -> float:
+    """Token-weighted loss of a final adapter on the held-out rows, the same code and tokens for everyone."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from finetune.batching import collate_packed
+    from finetune.modeling import CausalLMLoss, attach_lora
+
+    _, _, held_out = tokenized(paths, work / "cache")
+    model = attach_lora(AutoModelForCausalLM.from_pretrained(paths["model"], dtype=torch.float32), None,
+                        adapter_dir=adapter, trainable=False)
+    loss_model = CausalLMLoss(model).eval()
+    total = count = 0.0
+    with torch.no_grad():
+        for i in range(0, len(held_out), BATCH):
+            rows = [held_out[j] for j in range(i, min(i + BATCH, len(held_out)))]
+            batch = collate_packed(rows)
+            batch.pop("cu_seq_lens")  # sdpa here: packed rows are isolated through the position ids
+            s, n = loss_model(**batch)
+            total, count = total + float(s), count + float(n)
+    return total / count
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--steps", type=int, default=30, help="timed steps (after the warm-up)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp folder)")
+    parser.add_argument("--only", nargs="*", default=["ours", "peer-default", "peer-tuned"])
+    parser.add_argument("--role", help=argparse.SUPPRESS)
+    parser.add_argument("--paths", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.role:
+        return peer_main(args)
+    if not args.data.exists():
+        raise SystemExit(f"data file {args.data} not found (pass --data PATH)")
+    work = args.work or Path(tempfile.mkdtemp(prefix="ft-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    total_steps = args.steps + args.warmup
+    paths = build_inputs(args.data, work)
+    tokenized(paths, work / "cache")  # encode once up front; every contender then reads the same cache
+    rates = matmul_rates()
+    results = {}
+    for role in args.only:
+        print(f"running {role} ...", flush=True)
+        results[role] = (run_ours(paths, total_steps, work) if role == "ours"
+                         else run_peer(role, paths, total_steps, work))
+        rate, trained = timed_rate(results[role]["steps"], args.warmup)
+        results[role].update(rate=rate, trained=trained, loss=held_out_loss(paths, results[role]["adapter"], work))
+
+    flop_per_token = 4 * _matmul_params(paths["model"])
+    print(f"\nmachine: bf16 matmul {rates['bf16']:.0f} GFLOP/s, fp32 {rates['fp32']:.0f} GFLOP/s; "
+          f"model ~{flop_per_token / 1e6:.0f} MFLOP per trained token (frozen base: forward + input gradients)")
+    print(f"{args.steps} timed steps after {args.warmup} warm-up, batch {BATCH}, max length {MAX_LEN}\n")
+    print(f"{'':13}{'tokens/s':>10}{'of bf16 peak':>14}{'peak RSS MB':>13}{'wall s':>9}{'held-out loss':>15}"
+          f"{'trained tokens':>16}")
+    for role, r in results.items():
+        frac = r["rate"] * flop_per_token / (rates["bf16"] * 1e9)
+        print(f"{role:13}{r['rate']:>10.0f}{frac:>13.0%} {r['peak_rss_mb']:>12.0f}{r['wall_s']:>9.1f}"
+              f"{r['loss']:>15.4f}{r['trained']:>16}")
+    if "ours" in results:
+        ours = results["ours"]
+        for role in (r for r in results if r != "ours"):
+            peer = results[role]
+            print(f"\nours vs {role}: speed x{ours['rate'] / peer['rate']:.2f}, peak RSS x"
+                  f"{ours['peak_rss_mb'] / peer['peak_rss_mb']:.2f}, wall x{ours['wall_s'] / peer['wall_s']:.2f}, "
+                  f"held-out loss {100 * (ours['loss'] / peer['loss'] - 1):+.2f}%")
+    (work / "results.json").write_text(json.dumps({k: {kk: vv for kk, vv in v.items() if kk not in ("stdout", "stderr")}
+                                                   for k, v in results.items()} | {"matmul": rates}, indent=2))
+    print(f"\ndetails: {work / 'results.json'}")
+
+
+def _matmul_params(model_dir: str) -> int:
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    h, i, layers, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
+    kv = h * cfg.get("num_key_value_heads", cfg["num_attention_heads"]) // cfg["num_attention_heads"]
+    return layers * (2 * h * h + 2 * h * kv + 3 * h * i) + h * v
+
+
+if __name__ == "__main__":
+    main()

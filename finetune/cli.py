@@ -363,8 +363,15 @@ def _add(sub: argparse._SubParsersAction, name: str, func: Callable, help: str) 
     return p
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (like every other error) and still exits 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="finetune", description="LoRA fine-tuning with a versioned model registry.")
+    parser = _Parser(prog="finetune", description="LoRA fine-tuning with a versioned model registry.")
     parser.add_argument("--version", action="version", version=f"finetune {__version__}")
     parser.add_argument("--registry", metavar="PATH", default=None,
                         help="registry root (default: $FINETUNE_HOME, else ./registry)")

@@ -17,7 +17,8 @@ from typing import Any
 
 from .atomic import remove_tree, rename_noreplace
 from .errors import AlreadyExistsError, RegistryAccessError, UsageError
-from .registry import MANIFEST, Registry, Version
+from .manifest import MANIFEST
+from .registry import Registry, Version
 
 FORMATS = ("adapter", "merged")
 _SAVE_DTYPES = ("auto", "fp32", "bf16", "fp16")

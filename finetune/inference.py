@@ -21,7 +21,8 @@ import torch
 from . import data as data_mod
 from .errors import DataError, IntegrityError, ModelLoadError, UsageError
 from .modeling import _first_line, attach_lora, choose_precision, load_base_model, load_tokenizer, torch_dtype
-from .registry import Registry, Version, check_version_dir
+from .manifest import check_version_dir
+from .registry import Registry, Version
 from .sources import ResolvedModel, resolve_model
 
 DEVICES = ("auto", "cpu", "gpu", "cuda")

@@ -85,11 +85,36 @@ def _varlen_attention(
     # split (not slicing): its backward is one concatenation, where slices would each zero-fill a full-size
     # gradient and add it up.
     lengths = (cu_seq_lens_q[1:] - cu_seq_lens_q[:-1]).tolist()
+    attend = _causal_attention_math if query.device.type == "cpu" else _causal_attention_sdpa
     parts = [
-        F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling)
+        attend(q, k, v, dropout, scaling)
         for q, k, v in zip(query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2))
     ]
     return torch.cat(parts, dim=2).transpose(1, 2).contiguous(), None
+
+
+def _causal_attention_sdpa(q, k, v, dropout: float, scaling: float | None) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling)
+
+
+_MATH_MAX_LEN = 2048  # beyond this the fp32 score matrix costs more memory than the flash kernel's time
+
+
+def _causal_attention_math(q, k, v, dropout: float, scaling: float | None) -> torch.Tensor:
+    """Causal attention as two batched matmuls and an fp32 softmax.
+
+    On CPUs this is ~1.7x faster than SDPA's flash kernel (forward + backward, bf16) for the sequence lengths
+    of instruction data (measured: 8 sequences of 60-300 tokens, 8 heads of 64); long sequences, whose score
+    matrices would be large, still go to the flash kernel.
+    """
+    n = q.shape[2]
+    if n > _MATH_MAX_LEN or dropout > 0:
+        return _causal_attention_sdpa(q, k, v, dropout, scaling)
+    scale = scaling if scaling is not None else q.shape[-1] ** -0.5
+    scores = torch.matmul(q * scale, k.transpose(-1, -2)).float()
+    future = torch.ones(n, n, dtype=torch.bool, device=q.device).triu_(1)
+    probs = scores.masked_fill_(future, float("-inf")).softmax(dim=-1).to(v.dtype)
+    return torch.matmul(probs, v)
 
 
 def _no_mask(*args: Any, **kwargs: Any) -> None:

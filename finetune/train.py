@@ -41,7 +41,8 @@ from .modeling import (
     torch_dtype,
 )
 from .names import parse_model_name
-from .registry import Registry, Version, utc_now
+from .manifest import utc_now
+from .registry import Registry, Version
 from .runlog import RunLog
 from .sources import resolve_model
 from .trainings import TrainingRecord, Trainings, check_resumable, new_training_id

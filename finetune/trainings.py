@@ -27,7 +27,8 @@ from typing import Any
 
 from . import atomic
 from .errors import ConflictError, TrainingNotFoundError, UsageError
-from .registry import Registry, utc_now
+from .manifest import utc_now
+from .registry import Registry
 
 STATUSES = ("starting", "processing", "succeeded", "failed", "canceled")
 FINAL = ("succeeded", "failed", "canceled")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune.registry import MANIFEST, Registry
+from finetune.registry import Registry
 
 pytestmark = pytest.mark.slow
 

@@ -189,6 +189,10 @@ def cmd_train(args: argparse.Namespace) -> None:
     result = run_training(
         config, registry=_registry(args), destination=args.destination,
         create_destination=args.create_destination, resume=args.resume, progress=not args.quiet,
+        # stdout is kept for the version ref. The id (for `trainings logs|cancel` and --resume) reaches stderr as
+        # the log's first line, which --quiet silences: then say it here.
+        on_start=(lambda training_id: print(f"training {training_id}", file=sys.stderr, flush=True))
+        if args.quiet else None,
     )
     if result.version is not None:
         print(result.version.ref)

@@ -23,25 +23,27 @@ class Throughput:
         self._tokens = 0
         self._seconds = 0.0
         self._since: float | None = None
+        # Unpaused time since the last step; credited (or, in warm-up, dropped) with the step that ends it, so
+        # time before a pause inside a warm-up step is not counted either.
+        self._pending = 0.0
 
     def start(self) -> None:
         self._since = self._clock()
 
     def pause(self) -> None:
         if self._since is not None:
-            self._seconds += self._clock() - self._since
+            self._pending += self._clock() - self._since
             self._since = None
 
     resume = start
 
     def step(self, tokens: int) -> None:
         """Record one optimizer step that processed ``tokens`` real (non-padding) tokens."""
-        now = self._clock()
         if self._since is not None:
-            elapsed = now - self._since
+            now = self._clock()
+            self._pending += now - self._since
             self._since = now
-        else:
-            elapsed = 0.0
+        elapsed, self._pending = self._pending, 0.0
         self._steps += 1
         if self._steps <= self._warmup:
             return

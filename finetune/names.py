@@ -7,6 +7,9 @@ A model is ``owner/name``. A reference (ref) names one version of a model::
     owner/name:3          version number 3
     owner/name:prod       an alias set with ``finetune versions alias``
     owner/name:1f3a9c0e   a prefix (at least 8 hex characters) of the version id
+
+Up to 7 digits is a version number; 8 or more hex characters, digits only included, is an id prefix (about
+one id in forty starts with 8 decimal digits, and its prefix must still name it).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ NAME_PATTERN = r"[a-z0-9_][a-z0-9._-]{0,63}"
 ALIAS_PATTERN = r"[a-z][a-z0-9._-]{0,63}"
 MIN_ID_PREFIX = 8
 ID_LENGTH = 64  # hex characters of a sha256 version id
-MAX_NUMBER_DIGITS = 18  # version numbers stay far below this; longer ones would be over-long paths or huge ints
+MAX_NUMBER_DIGITS = MIN_ID_PREFIX - 1  # longer digit strings are id prefixes (see the module docstring)
 LATEST = "latest"
 
 _NAME_RE = re.compile(NAME_PATTERN)
@@ -99,11 +102,7 @@ def parse_ref(text: str) -> Ref:
         return Ref(owner, name, "latest")
     if selector == LATEST:
         return Ref(owner, name, "latest", LATEST)
-    if selector.isdigit() and selector.isascii():
-        if len(selector) > MAX_NUMBER_DIGITS:
-            raise InvalidRefError(
-                f"invalid reference {text[:80]!r}: version number has more than {MAX_NUMBER_DIGITS} digits"
-            )
+    if selector.isdigit() and selector.isascii() and len(selector) <= MAX_NUMBER_DIGITS:
         number = int(selector)
         if number < 1:
             raise InvalidRefError(f"invalid reference {text!r}: version numbers start at 1")

@@ -15,11 +15,11 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator, PartialState
+from accelerate.state import AcceleratorState
 from accelerate.utils import broadcast_object_list, set_seed
 from transformers import get_scheduler
 
@@ -62,12 +62,14 @@ def run_training(
     create_destination: bool = False,
     resume: str | None = None,
     progress: bool = True,
+    on_start: Callable[[str], None] | None = None,
 ) -> TrainResult:
     """Train a LoRA adapter as ``config`` says and publish it as the next version of the destination.
 
     ``resume`` continues a killed, failed or canceled run from its newest checkpoint (``config`` may be None:
-    the run's own resolved config is used). Raises :class:`FinetuneError` subclasses for bad input; the record
-    ends ``failed`` or ``canceled`` and nothing is published in those cases.
+    the run's own resolved config is used). ``on_start`` is called with the training id as soon as the record
+    exists (main process only). Raises :class:`FinetuneError` subclasses for bad input; the record ends
+    ``failed`` or ``canceled`` and nothing is published in those cases.
     """
     _quiet_libraries()
     reg = registry or Registry()
@@ -90,6 +92,10 @@ def run_training(
         _ensure_destination(reg, destination, create_destination)
 
     precision = choose_precision(config.train.precision, state.device)
+    # Accelerator settings live in a process-wide singleton that refuses another precision: a second run in the
+    # same process (a notebook, a test suite) would fail. Our training state is ours, so each run starts the
+    # singleton afresh; PartialState, which holds the process group, stays.
+    AcceleratorState._reset_state()
     accelerator = Accelerator(mixed_precision="no" if precision == "fp32" else precision, cpu=state.device.type == "cpu")
     if state.is_main_process:
         if record is None:
@@ -100,6 +106,8 @@ def run_training(
     shared = [record.id if record else None]
     broadcast_object_list(shared)
     training_id = shared[0]
+    if on_start is not None and state.is_main_process:
+        on_start(training_id)
 
     log = RunLog(trainings.log_path(training_id) if state.is_main_process else None, echo=progress)
     stop = _StopFlag(trainings, training_id)
@@ -195,6 +203,7 @@ def _train(config, reg, trainings, record, training_id, destination, accelerator
         loss_sum, step_tokens = _train_step(window, train_set, collate, loss_model, accelerator, world, rank)
         if tcfg.max_grad_norm:
             accelerator.clip_grad_norm_(trainable, tcfg.max_grad_norm)
+        step_lr = scheduler.get_last_lr()[0]  # the rate this step used; after scheduler.step() it is the next one's
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -204,7 +213,7 @@ def _train(config, reg, trainings, record, training_id, destination, accelerator
         last_loss = float(accelerator.reduce(loss_sum.detach(), "sum")) / max(window.label_tokens, 1)
         speed.step(step_tokens)
         row = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": round(last_loss, 6),
-               "lr": scheduler.get_last_lr()[0], "tokens": tokens_seen,
+               "lr": step_lr, "tokens": tokens_seen,
                "tokens_per_s": round(speed.tokens_per_second(), 1), "time_s": round(time.perf_counter() - wall, 3)}
 
         if eval_set is not None and (step == total_steps or (tcfg.eval_every and step % tcfg.eval_every == 0)):
@@ -298,6 +307,9 @@ def _quiet_libraries() -> None:
     import transformers
 
     datasets.disable_progress_bars()
+    # datasets logs a file it cannot parse at ERROR level before raising; the data layer turns that into one
+    # error line naming the file and line, so the log record would only put a second, vaguer one before it.
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -346,7 +358,8 @@ class _StopFlag:
         self.signaled = signal.Signals(signum).name
 
     def check(self, accelerator) -> None:
-        reason = self.signaled or ("cancel requested" if self.trainings.cancel_requested(self.training_id) else None)
+        # The marker first: `trainings cancel` also sends SIGTERM, and the record should say who stopped the run.
+        reason = ("cancel requested" if self.trainings.cancel_requested(self.training_id) else None) or self.signaled
         flag = torch.tensor(1.0 if reason else 0.0, device=accelerator.device)
         if accelerator.num_processes > 1:
             flag = accelerator.reduce(flag, "max")  # all processes stop at the same step, or none does

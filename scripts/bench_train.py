@@ -12,8 +12,9 @@ vocabulary 8192 from a BPE tokenizer trained on the data), same tokenized data a
 data layer encodes it once for everybody), LoRA r 16 / alpha 32 on all linear layers, batch 8, max length 512,
 lr 2e-4, the same number of steps. It prints real (non-padding) tokens/s over the timed steps (after the
 warm-up), peak RSS, wall time of the whole process, the held-out loss of each final adapter (every contender
-trained the same number of steps of 8 examples; trained tokens are printed beside it), our ratios, and the
-machine's measured bf16/fp32 matmul rates.
+trained the same number of steps of 8 examples), the training loss at equal trained tokens (token-weighted
+mean over the first N tokens, N = the fewest any contender trained), our ratios, and the machine's measured
+bf16/fp32 matmul rates.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "alpaca_5000.json"
 MODEL = dict(hidden_size=512, num_layers=8, num_heads=8, intermediate_size=1376, vocab_size=8192)
-LORA = dict(r=16, alpha=32, dropout=0.05)
+LORA = dict(r=16, alpha=32)  # dropout: each side's default (0 in peft and in finetune)
 BATCH, MAX_LEN, LR, EVAL_ROWS, SEED = 8, 512, 2e-4, 200, 42
 
 
@@ -87,7 +88,7 @@ def run_ours(paths: dict, steps: int, work: Path) -> dict:
     cfg.write_text(json.dumps({
         "base_model": paths["model"], "destination": "bench/ours",
         "data": {"path": paths["train"], "format": "alpaca", "max_seq_len": MAX_LEN},
-        "lora": {**LORA, "target_modules": "all-linear"},
+        "lora": {**LORA, "target_modules": "all-linear"},  # everything else: our defaults
         "train": {"max_steps": steps, "batch_size": BATCH, "lr": LR, "seed": SEED},
     }))
     cmd = [sys.executable, "-m", "finetune", "train", str(cfg), "--create-destination", "--quiet"]
@@ -99,7 +100,8 @@ def run_ours(paths: dict, steps: int, work: Path) -> dict:
     version = Registry(home).resolve("bench/ours")
     rows = [json.loads(line) for line in (Path(home) / "trainings" / version.metadata["training_id"] /
                                           "metrics.jsonl").read_text().splitlines()]
-    return {**result, "steps": [(r["time_s"], r["tokens"]) for r in rows], "adapter": str(version.path)}
+    return {**result, "steps": [(r["time_s"], r["tokens"]) for r in rows], "losses": [r["loss"] for r in rows],
+            "adapter": str(version.path)}
 
 
 def peer_main(args: argparse.Namespace) -> None:
@@ -132,8 +134,8 @@ def peer_main(args: argparse.Namespace) -> None:
             marks.append((time.perf_counter(), sum(counted)))
 
     model = AutoModelForCausalLM.from_pretrained(paths["model"], dtype=torch.float32, attn_implementation="sdpa")
-    model = get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
-                                             target_modules="all-linear", task_type="CAUSAL_LM"))
+    model = get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], target_modules="all-linear",
+                                             task_type="CAUSAL_LM"))
     targs = TrainingArguments(
         output_dir=str(Path(args.work) / args.role), per_device_train_batch_size=BATCH, learning_rate=LR,
         max_steps=args.steps, lr_scheduler_type="cosine", logging_steps=1, save_strategy="no", report_to=[],
@@ -149,8 +151,9 @@ def peer_main(args: argparse.Namespace) -> None:
     trainer.train()
     adapter = Path(args.work) / f"{args.role}-adapter"
     model.save_pretrained(adapter)
-    print(json.dumps({"steps": [(t - start, n) for t, n in marks], "adapter": str(adapter),
-                      "padded_tokens": None}), flush=True)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    print(json.dumps({"steps": [(t - start, n) for t, n in marks], "losses": losses, "adapter": str(adapter)}),
+          flush=True)
 
 
 def run_peer(role: str, paths: dict, steps: int, work: Path) -> dict:
@@ -179,6 +182,18 @@ def timed_rate(steps: list, warmup: int) -> tuple[float, int]:
     """Real tokens per second over the steps after the warm-up, and all tokens trained."""
     (t0, n0), (t1, n1) = steps[warmup - 1], steps[-1]
     return (n1 - n0) / (t1 - t0), n1
+
+
+def train_loss_at(steps: list, losses: list, budget: int) -> float:
+    """Token-weighted mean training loss over the steps that trained the first ``budget`` tokens."""
+    total = weight = 0.0
+    previous = 0
+    for (_, tokens), loss in zip(steps, losses):
+        take = min(tokens, budget) - previous
+        if take <= 0:
+            break
+        total, weight, previous = total + loss * take, weight + take, previous + take
+    return total / weight
 
 
 def held_out_loss(paths: dict, adapter: str, work: Path) -> float:
@@ -232,22 +247,26 @@ def main() -> None:
         rate, trained = timed_rate(results[role]["steps"], args.warmup)
         results[role].update(rate=rate, trained=trained, loss=held_out_loss(paths, results[role]["adapter"], work))
 
+    budget = min(r["trained"] for r in results.values())
+    for r in results.values():
+        r["train_loss_at_budget"] = train_loss_at(r["steps"], r["losses"], budget)
     flop_per_token = 4 * _matmul_params(paths["model"])
     print(f"\nmachine: bf16 matmul {rates['bf16']:.0f} GFLOP/s, fp32 {rates['fp32']:.0f} GFLOP/s; "
           f"model ~{flop_per_token / 1e6:.0f} MFLOP per trained token (frozen base: forward + input gradients)")
     print(f"{args.steps} timed steps after {args.warmup} warm-up, batch {BATCH}, max length {MAX_LEN}\n")
-    print(f"{'':13}{'tokens/s':>10}{'of bf16 peak':>14}{'peak RSS MB':>13}{'wall s':>9}{'held-out loss':>15}"
-          f"{'trained tokens':>16}")
+    print(f"{'':13}{'tokens/s':>10}{'of bf16 peak':>14}{'peak RSS MB':>13}{'wall s':>9}{'trained tokens':>16}"
+          f"{'train loss @' + str(budget):>20}{'held-out loss':>15}")
     for role, r in results.items():
         frac = r["rate"] * flop_per_token / (rates["bf16"] * 1e9)
-        print(f"{role:13}{r['rate']:>10.0f}{frac:>13.0%} {r['peak_rss_mb']:>12.0f}{r['wall_s']:>9.1f}"
-              f"{r['loss']:>15.4f}{r['trained']:>16}")
+        print(f"{role:13}{r['rate']:>10.0f}{frac:>13.0%} {r['peak_rss_mb']:>12.0f}{r['wall_s']:>9.1f}{r['trained']:>16}"
+              f"{r['train_loss_at_budget']:>20.4f}{r['loss']:>15.4f}")
     if "ours" in results:
         ours = results["ours"]
         for role in (r for r in results if r != "ours"):
             peer = results[role]
             print(f"\nours vs {role}: speed x{ours['rate'] / peer['rate']:.2f}, peak RSS x"
                   f"{ours['peak_rss_mb'] / peer['peak_rss_mb']:.2f}, wall x{ours['wall_s'] / peer['wall_s']:.2f}, "
+                  f"train loss at equal tokens {100 * (ours['train_loss_at_budget'] / peer['train_loss_at_budget'] - 1):+.2f}%, "
                   f"held-out loss {100 * (ours['loss'] / peer['loss'] - 1):+.2f}%")
     (work / "results.json").write_text(json.dumps({k: {kk: vv for kk, vv in v.items() if kk not in ("stdout", "stderr")}
                                                    for k, v in results.items()} | {"matmul": rates}, indent=2))

@@ -1,0 +1,246 @@
+"""Packed rows behave like separate sequences, and collation never turns padding, a prompt or a neighbour's first
+token into a training target.
+
+Isolation is checked on the tiny Llama in fp32 for both ways a packed row can be run: our ``finetune_varlen``
+attention (boundaries in ``cu_seq_lens``) and plain SDPA given restarting position ids (transformers then
+detects the packing and builds a block-diagonal mask). Label tests go through the real data path
+(``data.prepare`` on a file, then ``collate_packed``/``collate_padded`` and :class:`CausalLMLoss`); what the
+encoder itself produces per format is covered in test_data.py.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from finetune.batching import (
+    IGNORE_INDEX,
+    collate_packed,
+    collate_padded,
+    label_count,
+    plan_epoch,
+    real_tokens,
+)
+from finetune.data import prepare
+from finetune.modeling import VARLEN_ATTENTION, CausalLMLoss, register_varlen_attention
+from finetune.train import _pad_id
+
+ATOL = 1e-5  # fp32 logits of magnitude ~1-10; another summation order stays far below this
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_model_dir: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def _model(tiny_model_dir: Path, attn: str):
+    from transformers import AutoModelForCausalLM
+
+    if attn == VARLEN_ATTENTION:
+        register_varlen_attention()
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation=attn)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def sequences(tok) -> list[torch.Tensor]:
+    texts = ["Name a color.", "What is the capital of France? Paris is the capital of France.", "red green"]
+    return [torch.tensor(tok(t)["input_ids"]) for t in texts]
+
+
+def _alone(model, sequences: list[torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([model(input_ids=s[None], use_cache=False).logits[0] for s in sequences])
+
+
+def _packed_inputs(sequences: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    batch = collate_packed([{"input_ids": s.tolist(), "labels": s.tolist()} for s in sequences])
+    return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "cu_seq_lens": batch["cu_seq_lens"]}
+
+
+def test_varlen_packed_logits_equal_each_sequence_alone(tiny_model_dir: Path, sequences):
+    model = _model(tiny_model_dir, VARLEN_ATTENTION)
+    packed = _packed_inputs(sequences)
+    with torch.no_grad():
+        out = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"],
+                    cu_seq_lens_q=packed["cu_seq_lens"], use_cache=False).logits[0]
+    alone = _alone(model, sequences)
+    assert out.shape == alone.shape
+    torch.testing.assert_close(out, alone, atol=ATOL, rtol=0)
+
+
+def test_varlen_without_boundaries_would_mix_sequences(tiny_model_dir: Path, sequences):
+    """The isolation above is the boundaries' doing: without cu_seq_lens the same row attends across them."""
+    model = _model(tiny_model_dir, VARLEN_ATTENTION)
+    packed = _packed_inputs(sequences)
+    with torch.no_grad():
+        mixed = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False).logits[0]
+    assert (mixed - _alone(model, sequences)).abs().max() > 100 * ATOL
+
+
+def test_sdpa_with_restarting_position_ids_isolates_sequences(tiny_model_dir: Path, sequences):
+    model = _model(tiny_model_dir, "sdpa")
+    packed = _packed_inputs(sequences)
+    alone = _alone(model, sequences)
+    with torch.no_grad():
+        out = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False).logits[0]
+        # Plain consecutive positions: one long sequence, each token sees its predecessors' tokens.
+        unpacked = model(input_ids=packed["input_ids"], use_cache=False).logits[0]
+    torch.testing.assert_close(out, alone, atol=ATOL, rtol=0)
+    assert (unpacked - alone).abs().max() > 100 * ATOL
+
+
+@pytest.mark.parametrize("attn", [VARLEN_ATTENTION, "sdpa"])
+def test_packed_loss_equals_sum_of_separate_losses(tiny_model_dir: Path, tok, attn: str):
+    """Through CausalLMLoss, as training runs it: loss sums and label counts add up per sequence."""
+    examples = [{"input_ids": tok(t)["input_ids"], "labels": tok(t)["input_ids"]}
+                for t in ("Name a color.", "Write a haiku about the sea and the sky.", "blue")]
+    loss_model = CausalLMLoss(_model(tiny_model_dir, attn))
+    with torch.no_grad():
+        batch = collate_packed(examples)
+        if attn != VARLEN_ATTENTION:
+            del batch["cu_seq_lens"]  # sdpa finds the boundaries from the position ids
+        packed_sum, packed_count = loss_model(**batch)
+        sums, counts = zip(*(loss_model(**collate_packed([ex])) for ex in examples))
+    assert int(packed_count) == sum(int(c) for c in counts) == sum(label_count(ex["labels"]) for ex in examples)
+    torch.testing.assert_close(packed_sum, sum(sums), atol=1e-4, rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------- labels
+
+RECORDS = {
+    "alpaca": [{"instruction": "Name a color.", "input": "", "output": "red"},
+               {"instruction": "Capital of France?", "input": "Answer briefly.", "output": "Paris is the capital."},
+               {"instruction": "Say hi.", "input": "", "output": "hi"}],
+    "prompt_completion": [{"prompt": "Name a color: ", "completion": "blue"},
+                          {"prompt": "The capital of France is ", "completion": "Paris, a large city."},
+                          {"prompt": "2+2=", "completion": "4"}],
+    "messages": [{"messages": [{"role": "user", "content": "Name a color."},
+                               {"role": "assistant", "content": "green"}]},
+                 {"messages": [{"role": "system", "content": "Be brief."},
+                               {"role": "user", "content": "Capital of France?"},
+                               {"role": "assistant", "content": "Paris."},
+                               {"role": "user", "content": "And of Italy?"},
+                               {"role": "assistant", "content": "Rome."}]}],
+    "text": [{"text": "The quick brown fox."}, {"text": "Red, green and blue are colors of light."}],
+}
+
+
+def _prepared(tmp_path: Path, tokenizer, fmt: str):
+    path = tmp_path / f"{fmt}.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in RECORDS[fmt]))
+    train = prepare(str(path), fmt, tokenizer, max_seq_len=256, train_on_inputs=False).train
+    return [train[i] for i in range(len(train))]
+
+
+def _targets(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """What CausalLMLoss trains on: position t predicts labels[t + 1]; -100 where nothing is learned."""
+    return batch["labels"][:, 1:]
+
+
+def _completion_ends(tokenizer, ex: dict) -> list[int]:
+    """Positions of the eos that ends each learned span (a completion, an assistant turn)."""
+    labels, eos = ex["labels"], tokenizer.eos_token_id
+    return [i for i, t in enumerate(labels) if t == eos and i > 0 and labels[i - 1] != IGNORE_INDEX]
+
+
+@pytest.mark.parametrize("fmt", list(RECORDS))
+def test_packed_targets_per_format(tmp_path: Path, tok, fmt: str):
+    examples = _prepared(tmp_path, tok, fmt)
+    assert len(examples) == len(RECORDS[fmt])
+    batch = collate_packed(examples)
+    labels, ids = batch["labels"][0], batch["input_ids"][0]
+    starts = batch["cu_seq_lens"][:-1].tolist()
+    assert starts == [0, *torch.tensor([len(ex["input_ids"]) for ex in examples]).cumsum(0)[:-1].tolist()]
+    # A sequence's first token is never a target: its predecessor in the row belongs to another example.
+    assert all(labels[s] == IGNORE_INDEX for s in starts)
+    assert batch["position_ids"][0, starts].tolist() == [0] * len(starts)
+    targets = _targets(batch)[0]
+    assert int((targets != IGNORE_INDEX).sum()) == sum(label_count(ex["labels"]) for ex in examples)
+    assert tok.pad_token_id not in targets.tolist() and tok.pad_token_id not in ids.tolist()
+    for start, ex in zip(starts, examples):
+        ends = _completion_ends(tok, ex)
+        assert ends, f"{fmt}: no learned eos in {ex['labels']}"
+        for i in ends:  # the eos that ends a completion is learned, in the packed row too
+            assert labels[start + i] == tok.eos_token_id
+        # and the prompt is not: the first learned position comes after a masked prefix (text learns all)
+        first = next(i for i, t in enumerate(ex["labels"]) if t != IGNORE_INDEX)
+        assert (first == 0) == (fmt == "text")
+
+
+@pytest.mark.parametrize("fmt", list(RECORDS))
+def test_padded_targets_per_format(tmp_path: Path, tok, fmt: str):
+    examples = _prepared(tmp_path, tok, fmt)
+    batch = collate_padded(examples, _pad_id(tok))
+    lengths = [len(ex["input_ids"]) for ex in examples]
+    assert min(lengths) < max(lengths)  # there is padding to check
+    assert real_tokens(batch) == sum(lengths)
+    for row, ex in enumerate(examples):
+        n = len(ex["input_ids"])
+        assert batch["attention_mask"][row, n:].sum() == 0 and batch["attention_mask"][row, :n].all()
+        assert (batch["labels"][row, n:] == IGNORE_INDEX).all()  # padding is never a target
+        assert batch["labels"][row, 0] == IGNORE_INDEX
+        assert batch["labels"][row, 1:n].tolist() == ex["labels"][1:n]
+        for i in _completion_ends(tok, ex):
+            assert batch["labels"][row, i] == tok.eos_token_id
+    targets = _targets(batch)
+    assert int((targets != IGNORE_INDEX).sum()) == sum(label_count(ex["labels"]) for ex in examples)
+
+
+@pytest.fixture(scope="module")
+def pad_is_eos_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model with a tokenizer whose pad token is its eos (as many Llama/Mistral setups do)."""
+    out = tmp_path_factory.mktemp("pad-eos") / "model"
+    shutil.copytree(tiny_model_dir, out)
+    cfg_path = out / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["pad_token"] = cfg["eos_token"]
+    cfg_path.write_text(json.dumps(cfg))
+    return out
+
+
+def test_pad_equal_to_eos_still_learns_eos(tmp_path: Path, pad_is_eos_dir: Path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(pad_is_eos_dir)
+    eos = tokenizer.eos_token_id
+    assert tokenizer.pad_token_id == eos and _pad_id(tokenizer) == eos
+    examples = _prepared(tmp_path, tokenizer, "alpaca")
+    batch = collate_padded(examples, _pad_id(tokenizer))
+    ids, labels = batch["input_ids"], batch["labels"]
+    assert int((ids == eos).sum()) > len(examples)  # padding is written with the eos id...
+    assert int((labels == eos).sum()) == len(examples)  # ...yet only each completion's own eos is a target
+    for row, ex in enumerate(examples):
+        assert labels[row, len(ex["input_ids"]) - 1] == eos
+    loss_model = CausalLMLoss(_model(pad_is_eos_dir, "sdpa"))
+    with torch.no_grad():
+        _, count = loss_model(**batch)
+    assert int(count) == sum(label_count(ex["labels"]) for ex in examples)
+
+
+def test_window_label_tokens_match_what_the_loss_counts(tmp_path: Path, tok, tiny_model_dir: Path):
+    """normalize_loss divides by a window's label_tokens; it must be exactly what CausalLMLoss counts."""
+    examples = [ex for fmt in ("alpaca", "prompt_completion", "text") for ex in _prepared(tmp_path, tok, fmt)]
+    counts = [label_count(ex["labels"]) for ex in examples]
+    loss_model = CausalLMLoss(_model(tiny_model_dir, VARLEN_ATTENTION))
+    windows = plan_epoch(counts, batch_size=2, grad_accum=2, world_size=1, seed=3, epoch=0)
+    assert sorted(j for w in windows for mb in w.micro_batches for j in mb) == list(range(len(examples)))
+    with torch.no_grad():
+        for window in windows:
+            for collate in (collate_packed, lambda exs: collate_padded(exs, _pad_id(tok))):
+                seen = sum(int(loss_model(**collate([examples[j] for j in mb]))[1]) for mb in window.micro_batches)
+                assert seen == window.label_tokens

@@ -167,7 +167,8 @@ def _train(config, reg, trainings, record, training_id, destination, accelerator
     if steps_per_epoch == 0:
         raise UsageError(f"the training set ({len(train_set)} rows) is too small for {world} processes")
     total_steps = tcfg.max_steps or max(1, math.ceil(tcfg.epochs * steps_per_epoch))
-    optimizer = torch.optim.AdamW(trainable, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+    # fused: one kernel for all adapter tensors instead of a dozen small ops per tensor (CPU and CUDA alike).
+    optimizer = torch.optim.AdamW(trainable, lr=tcfg.lr, weight_decay=tcfg.weight_decay, fused=True)
     scheduler = get_scheduler(tcfg.scheduler if tcfg.scheduler != "constant" else "constant_with_warmup",
                               optimizer, num_warmup_steps=tcfg.warmup_steps, num_training_steps=total_steps)
     loss_model, optimizer = accelerator.prepare(CausalLMLoss(model), optimizer)

@@ -304,7 +304,8 @@ def _encode_dataset(records: datasets.Dataset, path: str, fmt: str, tokenizer: A
         if over.size:
             i = int(over[0])
             raise DataError(f"{where(i)}: {int(raw[i])} tokens, longer than max_seq_len {max_seq_len} "
-                            f"({over.size} rows are)", "raise max_seq_len, shorten the row, or set overlong: truncate")
+                            f"({over.size} row{'s are' if over.size != 1 else ' is'})",
+                            "raise max_seq_len, shorten the row, or set overlong: truncate")
     return encoded
 
 

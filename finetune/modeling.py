@@ -154,7 +154,8 @@ def register_varlen_attention() -> None:
 
 
 def load_tokenizer(source: BaseSource):
-    """The base model's tokenizer, with a pad token that is never eos (see :func:`ensure_pad_token`)."""
+    """The base model's tokenizer, as is. Its pad token may even be eos: padding is masked by position (see
+    :mod:`finetune.batching`), never by comparing token ids, so the eos a model must learn stays a label."""
     from transformers import AutoTokenizer
 
     try:

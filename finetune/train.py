@@ -83,6 +83,12 @@ def run_training(
         check_resumable(trainings, record)
         config = config_from_dict(record.input, source=f"training {resume}")
         destination = record.destination
+        published = _published_by(reg, destination, record.id)
+        if published is not None:  # killed after publishing, before the record said so: settle, never republish
+            if state.is_main_process:
+                record = trainings.update(record, status="succeeded",
+                                          output={"version": published.ref, "weights": str(published.path)})
+            return TrainResult(record, published if state.is_main_process else None)
     assert config is not None, "run_training needs a config or a training id to resume"
     destination = destination or config.destination
     if not destination:
@@ -314,6 +320,15 @@ def _quiet_libraries() -> None:
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
+def _published_by(reg: Registry, destination: str, training_id: str) -> Version | None:
+    """The version a training published, if it got that far (looked up in the destination's manifests)."""
+    try:
+        versions = reg.list_versions(destination)
+    except ModelNotFoundError:
+        return None
+    return next((v for v in versions if v.metadata.get("training_id") == training_id), None)
 
 
 def _ensure_destination(reg: Registry, destination: str, create: bool) -> None:

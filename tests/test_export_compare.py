@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import finetune
+from helpers import assert_one_line_error
 from finetune import atomic, data
 from finetune.cli import main
 from finetune.compare import compare_versions, config_changes
@@ -26,14 +27,6 @@ from finetune.train import run_training
 
 BASE = "local/tiny:1"
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # See tests/test_inference.py: a second OpenMP thread on 2 shared cores makes tiny-model ops ~1000x slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -62,12 +55,6 @@ def cli(capsys: pytest.CaptureFixture[str], reg: Registry, *argv: str) -> tuple[
     return rc, out, err
 
 
-def assert_one_line_error(rc: int, err: str, *needles: str) -> None:
-    assert rc != 0
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("finetune: error: "), err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 # ------------------------------------------------------------------------------------------- export

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 import finetune
+from helpers import assert_one_line_error
 from finetune import atomic, data, inference
 from finetune.cli import main
 from finetune.config import config_from_dict
@@ -43,15 +44,6 @@ def train(reg: Registry, base: str, destination: str, data_path: Path | None = N
     })
     return run_training(cfg, registry=reg, destination=destination, create_destination=True, progress=False).version
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # On 2 cores shared with other jobs, torch's second OpenMP thread waits for a core at every op: a 64x64
-    # matmul measured 23 ms with 2 threads and 2 us with 1. Tiny models gain nothing from a second thread.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -93,13 +85,6 @@ def cli(capsys: pytest.CaptureFixture[str], reg: Registry, *argv: str, stdin: st
     return rc, out, err
 
 
-def assert_one_line_error(rc: int, err: str, *needles: str) -> None:
-    assert rc != 0
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("finetune: error: ")
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 def writable(path: Path) -> None:

@@ -32,13 +32,6 @@ from finetune.train import _pad_id
 ATOL = 1e-5  # fp32 logits of magnitude ~1-10; another summation order stays far below this
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def tok(tiny_model_dir: Path):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import snapshot
 from finetune import atomic, names
 from finetune.errors import (
     AlreadyExistsError,
@@ -76,18 +77,6 @@ def publish_n(reg: Registry, tmp_path: Path, model: str, n: int) -> list[Version
     return out
 
 
-def snapshot(root: Path) -> dict[str, tuple]:
-    """Every path under ``root`` with its type, mode and content hash: equal snapshots mean an unchanged tree."""
-    out: dict[str, tuple] = {}
-    if not root.exists():
-        return out
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            p = Path(dirpath) / name
-            st = p.lstat()
-            digest = hashlib.sha256(p.read_bytes()).hexdigest() if stat.S_ISREG(st.st_mode) else None
-            out[str(p.relative_to(root))] = (stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), digest)
-    return out
 
 
 def make_writable(path: Path) -> None:

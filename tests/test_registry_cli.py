@@ -11,13 +11,13 @@ import hashlib
 import json
 import os
 import shutil
-import stat
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from helpers import assert_one_line_error, snapshot
 from finetune import atomic, sources
 from finetune.cli import main
 from finetune.errors import ModelLoadError
@@ -73,21 +73,8 @@ def cli(capsys: pytest.CaptureFixture[str], root: Path, *argv: str) -> tuple[int
     return rc, out, err
 
 
-def snapshot(top: Path) -> dict[str, tuple]:
-    out: dict[str, tuple] = {}
-    for dirpath, dirnames, filenames in os.walk(top):
-        for name in dirnames + filenames:
-            p = Path(dirpath) / name
-            st = p.lstat()
-            digest = hashlib.sha256(p.read_bytes()).hexdigest() if stat.S_ISREG(st.st_mode) else None
-            out[str(p.relative_to(top))] = (stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), digest)
-    return out
 
 
-def assert_one_line_error(err: str, *fragments: str) -> None:
-    assert err.startswith("finetune: error: ") and err.endswith("\n") and err.count("\n") == 1, repr(err)
-    for f in fragments:
-        assert f in err, (f, err)
 
 
 # ------------------------------------------------------------------ happy paths
@@ -222,7 +209,7 @@ def test_bad_input_is_one_line_and_changes_nothing(
     before = snapshot(tmp_path)
     rc, out, err = cli(capsys, root, *argv)
     assert rc == code, (rc, err)
-    assert_one_line_error(err, fragment)
+    assert_one_line_error(None, err, fragment)
     assert out == ""
     assert snapshot(tmp_path) == before
 
@@ -257,7 +244,7 @@ def test_hub_import_that_cannot_resolve_changes_nothing(
     before = snapshot(tmp_path)
     rc, out, err = cli(capsys, root, "models", "import", "o/new", "--from", "org/model")
     assert rc == 1
-    assert_one_line_error(err, "cannot resolve hub model 'org/model'")
+    assert_one_line_error(None, err, "cannot resolve hub model 'org/model'")
     assert snapshot(tmp_path) == before
 
 
@@ -266,7 +253,7 @@ def test_delete_refused_while_an_alias_points_at_it(capsys, tmp_path: Path, root
     before = snapshot(tmp_path)
     rc, _, err = cli(capsys, root, "versions", "delete", "o/m:2")
     assert rc == 1
-    assert_one_line_error(err, "o/m:2 has aliases: prod")
+    assert_one_line_error(None, err, "o/m:2 has aliases: prod")
     assert snapshot(tmp_path) == before
 
 
@@ -278,7 +265,7 @@ def test_corrupt_manifest(capsys, tmp_path: Path, root: Path, populated: Registr
     for argv in (["versions", "show", "o/m:1"], ["versions", "list", "o/m"], ["versions", "show", "o/m:1", "--json"]):
         rc, _, err = cli(capsys, root, *argv)
         assert rc == 1, argv
-        assert_one_line_error(err, "manifest.json is not valid JSON")
+        assert_one_line_error(None, err, "manifest.json is not valid JSON")
     rc, out, err = cli(capsys, root, "versions", "verify", "o/m:1")
     assert rc == 1 and "not valid JSON" in out
     assert err == "o/m:1: DAMAGED (1 problem)\n"
@@ -293,7 +280,7 @@ def test_registry_root_that_is_a_file(capsys, tmp_path: Path) -> None:
                      ["registry", "gc"]):
             rc, _, err = cli(capsys, root, *argv)
             assert rc == 1, (root, argv, err)
-            assert_one_line_error(err, str(tmp_path / "file"))
+            assert_one_line_error(None, err, str(tmp_path / "file"))
     assert snapshot(tmp_path) == before
 
 
@@ -312,10 +299,10 @@ def test_python_dash_m_finetune(tmp_path: Path, root: Path) -> None:
     assert (done.returncode, done.stdout, done.stderr) == (0, "created o/s\n", "")
     done = _finetune(root, "versions", "show", "o/s:1")
     assert done.returncode == 1 and done.stdout == ""
-    assert_one_line_error(done.stderr, "version o/s:1 not found")
+    assert_one_line_error(None, done.stderr, "version o/s:1 not found")
     done = _finetune(root, "models", "create", "O/s")
     assert done.returncode == 2
-    assert_one_line_error(done.stderr, "invalid owner 'O'")
+    assert_one_line_error(None, done.stderr, "invalid owner 'O'")
 
 
 def test_unreadable_registry_root(tmp_path: Path, root: Path, populated: Registry) -> None:
@@ -334,5 +321,5 @@ def test_unreadable_registry_root(tmp_path: Path, root: Path, populated: Registr
         os.chmod(root, 0o755)
     for what, done in results.items():
         assert done.returncode == 1, (what, done.stderr)
-        assert_one_line_error(done.stderr, "Permission denied")
+        assert_one_line_error(None, done.stderr, "Permission denied")
     assert snapshot(tmp_path) == before

@@ -53,13 +53,6 @@ sys.exit(main(sys.argv[1:]))
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # the subprocess gets OMP_NUM_THREADS=1: the same float arithmetic on both sides
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def root(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -34,13 +34,6 @@ DEST = "alice/e2e"
 STEPS = 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def subprocess_env() -> dict[str, str]:
     # One OpenMP thread (2 shared cores), no fsync (the registry tests cover durability), never a hub.
@@ -358,3 +351,21 @@ def test_runs_with_different_precisions_in_one_process(runs: dict, monkeypatch: 
         result = _in_process(runs, f"alice/{precision}", precision=precision, max_steps=1, eval_every=0,
                              checkpoint_every=0)
         assert result.version.metadata["metrics"]["precision"] == precision
+
+
+def test_resuming_a_run_killed_after_publishing_settles_it_without_a_second_version(
+        runs: dict, monkeypatch: pytest.MonkeyPatch):
+    """A kill between the publish and the record update leaves a 'processing' record; --resume must not
+    train and publish again."""
+    from finetune.train import run_training
+
+    monkeypatch.setattr(atomic, "_FSYNC", False)
+    trainings = Trainings(runs["reg"])
+    result = _in_process(runs, "alice/settle", max_steps=2, checkpoint_every=0, eval_every=0)
+    # What the kill would have left: the version exists, the record still says it runs, its process is gone.
+    trainings.update(result.record, status="processing", output=None, completed_at=None, pid=2**22 + 7)
+    again = run_training(None, registry=runs["reg"], resume=result.record.id, progress=False)
+    assert again.version == result.version
+    assert [v.number for v in runs["reg"].list_versions("alice/settle")] == [1]
+    record = trainings.get(result.record.id)
+    assert record.status == "succeeded" and record.output["version"] == result.version.ref

@@ -35,14 +35,6 @@ ATOL = 1e-6  # gradients: same computation, different summation order
 ADAPTER_ATOL = 1e-5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny models gain nothing from a second OpenMP thread on 2 shared cores; one thread is also deterministic.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def setup(tiny_model_dir: Path) -> dict:

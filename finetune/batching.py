@@ -101,3 +101,11 @@ def real_tokens(batch: dict[str, torch.Tensor]) -> int:
     if "attention_mask" in batch:
         return int(batch["attention_mask"].sum())
     return int(batch["input_ids"].numel())
+
+
+def pad_id(tokenizer) -> int:
+    """The id to pad with. Padding is masked out of attention and labels, so it only needs to be a valid token."""
+    for candidate in (tokenizer.pad_token_id, tokenizer.unk_token_id, tokenizer.eos_token_id, 0):
+        if candidate is not None:
+            return int(candidate)
+    return 0

@@ -249,9 +249,9 @@ def _generation(args: argparse.Namespace):
 
 
 def _quiet() -> None:
-    from .train import _quiet_libraries
+    from .runlog import quiet_libraries
 
-    _quiet_libraries()  # stdout is the answer; loaders' progress bars and notices would only clutter stderr
+    quiet_libraries()  # stdout is the answer; loaders' progress bars and notices would only clutter stderr
 
 
 def _load_for_inference(args: argparse.Namespace, version: Version):

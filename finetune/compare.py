@@ -110,10 +110,10 @@ def eval_loss(loaded: LoadedVersion, examples: Sequence[dict[str, list[int]]], b
 
     from .batching import collate_padded
     from .modeling import CausalLMLoss
-    from .train import _pad_id
+    from .batching import pad_id
 
     loss_model = CausalLMLoss(loaded.model)
-    pad = _pad_id(loaded.tokenizer)
+    pad = pad_id(loaded.tokenizer)
     # Similar lengths together waste less padding; the sums do not depend on the order.
     ordered = sorted(examples, key=lambda ex: len(ex["input_ids"]))
     total = torch.zeros(2, dtype=torch.float64)

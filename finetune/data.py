@@ -22,8 +22,8 @@ import datasets
 import numpy as np
 
 from .atomic import canonical_json, remove_tree, rename_noreplace, sha256_file
-from .errors import DataError, UsageError
-from .records import RowLocator, one_line, read_records
+from .errors import DataError, UsageError, one_line
+from .records import RowLocator, read_records
 
 FORMATS = ("auto", "alpaca", "prompt_completion", "messages", "text")
 OVERLONG = ("truncate", "error")

@@ -9,6 +9,13 @@ is malformed), 1 for everything else.
 from __future__ import annotations
 
 
+def one_line(err: BaseException, limit: int = 300) -> str:
+    """A library's exception (or what caused it) as one short line, for inclusion in our own messages."""
+    cause = err.__cause__ or err
+    text = " ".join(str(cause).split()) or "no details"
+    return f"{type(cause).__name__}: {text}"[:limit]
+
+
 class FinetuneError(Exception):
     """Base class: a message that says what was wrong, and optionally a hint that says how to fix it."""
 

@@ -20,7 +20,8 @@ import torch
 
 from . import data as data_mod
 from .errors import DataError, IntegrityError, ModelLoadError, UsageError
-from .modeling import _first_line, attach_lora, choose_precision, load_base_model, load_tokenizer, torch_dtype
+from .errors import one_line
+from .modeling import attach_lora, choose_precision, load_base_model, load_tokenizer, torch_dtype
 from .manifest import check_version_dir
 from .registry import Registry, Version
 from .sources import ResolvedModel, resolve_model
@@ -161,7 +162,7 @@ def load_version(
         try:
             model = attach_lora(model, None, adapter_dir=str(resolved.adapter.path), trainable=False)
         except Exception as err:  # peft and safetensors raise many types; all mean the adapter is unusable
-            raise ModelLoadError(f"cannot load the adapter of {version.ref}: {type(err).__name__}: {_first_line(err)}",
+            raise ModelLoadError(f"cannot load the adapter of {version.ref}: {one_line(err)}",
                                  f"run `finetune versions verify {version.ref}`") from None
         if merge:
             model = model.merge_and_unload()

@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .batching import IGNORE_INDEX
-from .errors import ModelLoadError
+from .errors import ModelLoadError, one_line
 from .sources import BaseSource
 
 log = logging.getLogger(__name__)
@@ -161,7 +161,7 @@ def load_tokenizer(source: BaseSource):
     try:
         tok = AutoTokenizer.from_pretrained(source.load_path, revision=source.revision)
     except (OSError, ValueError) as err:
-        raise ModelLoadError(f"cannot load the tokenizer of {source.description}: {_first_line(err)}") from None
+        raise ModelLoadError(f"cannot load the tokenizer of {source.description}: {one_line(err)}") from None
     return tok
 
 
@@ -178,16 +178,13 @@ def load_base_model(source: BaseSource, dtype: torch.dtype, attn_implementation:
         model = AutoModelForCausalLM.from_pretrained(source.load_path, **kwargs)
     except (OSError, ValueError) as err:
         raise ModelLoadError(
-            f"cannot load base model {source.description}: {_first_line(err)}",
+            f"cannot load base model {source.description}: {one_line(err)}",
             "check that it exists (a registry ref, a local folder, or a hub id) and that the files are intact",
         ) from None
     model.requires_grad_(False)
     return model
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def attach_lora(model, lora: Any, adapter_dir: str | None = None, trainable: bool = True):

@@ -15,7 +15,7 @@ from typing import Any
 
 import datasets
 
-from .errors import DataError
+from .errors import DataError, one_line
 
 EXTENSIONS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -68,9 +68,6 @@ def _read_hub(name: str) -> datasets.Dataset:
     return ds
 
 
-def one_line(err: BaseException) -> str:
-    cause = err.__cause__ or err
-    return " ".join(f"{type(cause).__name__}: {cause}".split())[:300]
 
 
 def _diagnose_json(p: Path) -> None:

@@ -26,3 +26,19 @@ class RunLog:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def quiet_libraries() -> None:
+    """Silence the libraries' per-file progress bars and notices: our own bar and log say what happens."""
+    import warnings
+
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    # datasets logs a file it cannot parse at ERROR level before raising; the data layer turns that into one
+    # error line naming the file and line, so the log record would only put a second, vaguer one before it.
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)

@@ -24,7 +24,7 @@ from accelerate.utils import broadcast_object_list, set_seed
 from transformers import get_scheduler
 
 from . import data as data_mod
-from .batching import Window, collate_packed, collate_padded, label_count, plan_epoch, real_tokens
+from .batching import Window, collate_packed, collate_padded, label_count, pad_id, plan_epoch, real_tokens
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import Config, config_from_dict
 from .errors import FinetuneError, ModelNotFoundError, TrainingCanceled, UsageError
@@ -43,7 +43,7 @@ from .modeling import (
 from .names import parse_model_name
 from .manifest import utc_now
 from .registry import Registry, Version
-from .runlog import RunLog
+from .runlog import RunLog, quiet_libraries
 from .sources import resolve_model
 from .trainings import TrainingRecord, Trainings, check_resumable, new_training_id
 
@@ -71,7 +71,7 @@ def run_training(
     exists (main process only). Raises :class:`FinetuneError` subclasses for bad input; the record ends
     ``failed`` or ``canceled`` and nothing is published in those cases.
     """
-    _quiet_libraries()
+    quiet_libraries()
     reg = registry or Registry()
     trainings = Trainings(reg)
     state = PartialState(cpu=not torch.cuda.is_available())
@@ -194,7 +194,7 @@ def _train(config, reg, trainings, record, training_id, destination, accelerator
 
     if main:
         trainings.update(record, status="processing", started_at=record.started_at or utc_now())
-    collate = collate_packed if tcfg.packing else (lambda exs: collate_padded(exs, _pad_id(tokenizer)))
+    collate = collate_packed if tcfg.packing else (lambda exs: collate_padded(exs, pad_id(tokenizer)))
     speed = Throughput(warmup_steps=1 if start["step"] == 0 else 0)
     step, tokens_seen, best_eval, bad_evals = start["step"], start["tokens"], start["best_eval"], start["bad_evals"]
     last_loss = last_eval = None
@@ -306,20 +306,6 @@ def evaluate(loss_model, eval_set, collate: Callable, batch_size: int, accelerat
     return float(total[0] / total[1].clamp(min=1))
 
 
-def _quiet_libraries() -> None:
-    # Our own bar and log say what happens; the libraries' per-file progress bars and notices would bury them.
-    import warnings
-
-    import datasets
-    import transformers
-
-    datasets.disable_progress_bars()
-    # datasets logs a file it cannot parse at ERROR level before raising; the data layer turns that into one
-    # error line naming the file and line, so the log record would only put a second, vaguer one before it.
-    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 def _published_by(reg: Registry, destination: str, training_id: str) -> Version | None:
@@ -343,12 +329,6 @@ def _ensure_destination(reg: Registry, destination: str, create: bool) -> None:
         reg.create_model(destination, exist_ok=True)
 
 
-def _pad_id(tokenizer) -> int:
-    # Padding is masked out of attention and labels, so its id only needs to be a valid token.
-    for candidate in (tokenizer.pad_token_id, tokenizer.unk_token_id, tokenizer.eos_token_id, 0):
-        if candidate is not None:
-            return int(candidate)
-    return 0
 
 
 def _finish(trainings: Trainings, record: TrainingRecord | None, status: str, error: str, log: RunLog) -> None:

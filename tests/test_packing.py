@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from finetune.batching import (
+    pad_id,
     IGNORE_INDEX,
     collate_packed,
     collate_padded,
@@ -27,7 +28,6 @@ from finetune.batching import (
 )
 from finetune.data import prepare
 from finetune.modeling import VARLEN_ATTENTION, CausalLMLoss, register_varlen_attention
-from finetune.train import _pad_id
 
 ATOL = 1e-5  # fp32 logits of magnitude ~1-10; another summation order stays far below this
 
@@ -178,7 +178,7 @@ def test_packed_targets_per_format(tmp_path: Path, tok, fmt: str):
 @pytest.mark.parametrize("fmt", list(RECORDS))
 def test_padded_targets_per_format(tmp_path: Path, tok, fmt: str):
     examples = _prepared(tmp_path, tok, fmt)
-    batch = collate_padded(examples, _pad_id(tok))
+    batch = collate_padded(examples, pad_id(tok))
     lengths = [len(ex["input_ids"]) for ex in examples]
     assert min(lengths) < max(lengths)  # there is padding to check
     assert real_tokens(batch) == sum(lengths)
@@ -211,9 +211,9 @@ def test_pad_equal_to_eos_still_learns_eos(tmp_path: Path, pad_is_eos_dir: Path)
 
     tokenizer = AutoTokenizer.from_pretrained(pad_is_eos_dir)
     eos = tokenizer.eos_token_id
-    assert tokenizer.pad_token_id == eos and _pad_id(tokenizer) == eos
+    assert tokenizer.pad_token_id == eos and pad_id(tokenizer) == eos
     examples = _prepared(tmp_path, tokenizer, "alpaca")
-    batch = collate_padded(examples, _pad_id(tokenizer))
+    batch = collate_padded(examples, pad_id(tokenizer))
     ids, labels = batch["input_ids"], batch["labels"]
     assert int((ids == eos).sum()) > len(examples)  # padding is written with the eos id...
     assert int((labels == eos).sum()) == len(examples)  # ...yet only each completion's own eos is a target
@@ -234,6 +234,6 @@ def test_window_label_tokens_match_what_the_loss_counts(tmp_path: Path, tok, tin
     assert sorted(j for w in windows for mb in w.micro_batches for j in mb) == list(range(len(examples)))
     with torch.no_grad():
         for window in windows:
-            for collate in (collate_packed, lambda exs: collate_padded(exs, _pad_id(tok))):
+            for collate in (collate_packed, lambda exs: collate_padded(exs, pad_id(tok))):
                 seen = sum(int(loss_model(**collate([examples[j] for j in mb]))[1]) for mb in window.micro_batches)
                 assert seen == window.label_tokens

@@ -204,9 +204,12 @@ def _train(config, reg, trainings, record, training_id, destination, accelerator
     speed.start()
 
     # ---- the loop: one iteration per optimizer step
+    plan: tuple[int, list[Window]] = (-1, [])
     while step < total_steps:
         epoch, index = divmod(step, steps_per_epoch)
-        window = plan_epoch(label_counts, tcfg.batch_size, tcfg.grad_accum, world, tcfg.seed, epoch)[index]
+        if plan[0] != epoch:
+            plan = (epoch, plan_epoch(label_counts, tcfg.batch_size, tcfg.grad_accum, world, tcfg.seed, epoch))
+        window = plan[1][index]
         loss_sum, step_tokens = _train_step(window, train_set, collate, loss_model, accelerator, world, rank)
         if tcfg.max_grad_norm:
             accelerator.clip_grad_norm_(trainable, tcfg.max_grad_norm)
@@ -277,7 +280,7 @@ def _train_step(window: Window, dataset, collate: Callable, loss_model, accelera
     for i, indices in enumerate(micro_batches):
         batch = collate([dataset[j] for j in indices])
         tokens += real_tokens(batch)
-        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        batch = _to_device(batch, accelerator.device)
         # Gradients are synchronised across processes once per window, on its last micro-batch.
         sync = accelerator.no_sync(loss_model) if i < len(micro_batches) - 1 else nullcontext()
         with sync, accelerator.autocast():
@@ -285,6 +288,12 @@ def _train_step(window: Window, dataset, collate: Callable, loss_model, accelera
             accelerator.backward(normalize_loss(micro_loss, window.label_tokens, world))
         loss_sum += micro_loss.detach().float()
     return loss_sum, tokens
+
+
+def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    # Sequence boundaries stay on the CPU: attention splits by them as Python ints, and reading them from a GPU
+    # would wait for the device in every layer.
+    return {k: v if k == "cu_seq_lens" else v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 @torch.no_grad()
@@ -297,7 +306,7 @@ def evaluate(loss_model, eval_set, collate: Callable, batch_size: int, accelerat
     indices = list(range(accelerator.process_index * batch_size, len(eval_set), batch_size * accelerator.num_processes))
     for start in indices:
         batch = collate([eval_set[j] for j in range(start, min(start + batch_size, len(eval_set)))])
-        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        batch = _to_device(batch, accelerator.device)
         with accelerator.autocast():
             loss_sum, count = model(**batch)
         total += torch.stack([loss_sum.double(), count.double()])

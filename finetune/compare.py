@@ -108,9 +108,8 @@ def eval_loss(loaded: LoadedVersion, examples: Sequence[dict[str, list[int]]], b
     """Mean token cross-entropy of ``loaded.model`` over ``examples`` (summed token loss / label tokens)."""
     import torch
 
-    from .batching import collate_padded
+    from .batching import collate_padded, pad_id
     from .modeling import CausalLMLoss
-    from .batching import pad_id
 
     loss_model = CausalLMLoss(loaded.model)
     pad = pad_id(loaded.tokenizer)

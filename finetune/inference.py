@@ -19,10 +19,15 @@ from typing import Any
 import torch
 
 from . import data as data_mod
-from .errors import DataError, IntegrityError, ModelLoadError, UsageError
-from .errors import one_line
-from .modeling import attach_lora, choose_precision, load_base_model, load_tokenizer, torch_dtype
+from .errors import DataError, IntegrityError, ModelLoadError, UsageError, one_line
 from .manifest import check_version_dir
+from .modeling import (
+    attach_lora,
+    choose_precision,
+    load_base_model,
+    load_tokenizer,
+    torch_dtype,
+)
 from .registry import Registry, Version
 from .sources import ResolvedModel, resolve_model
 

@@ -15,7 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from . import atomic
-from .errors import ConflictError, ModelLoadError, ModelNotFoundError, NotFoundError, UsageError
+from .errors import (
+    ConflictError,
+    ModelLoadError,
+    ModelNotFoundError,
+    NotFoundError,
+    UsageError,
+)
 from .lineage import lineage
 from .names import parse_model_name, parse_ref
 from .registry import Registry, Version

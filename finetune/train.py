@@ -24,10 +24,20 @@ from accelerate.utils import broadcast_object_list, set_seed
 from transformers import get_scheduler
 
 from . import data as data_mod
-from .batching import Window, collate_packed, collate_padded, label_count, pad_id, plan_epoch, real_tokens
+from .batching import (
+    PACK_MULTIPLE,
+    Window,
+    collate_packed,
+    collate_padded,
+    label_count,
+    pad_id,
+    plan_epoch,
+    real_tokens,
+)
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import Config, config_from_dict
 from .errors import FinetuneError, ModelNotFoundError, TrainingCanceled, UsageError
+from .manifest import utc_now
 from .metrics import MetricsLog, Throughput
 from .modeling import (
     VARLEN_ATTENTION,
@@ -41,7 +51,6 @@ from .modeling import (
     torch_dtype,
 )
 from .names import parse_model_name
-from .manifest import utc_now
 from .registry import Registry, Version
 from .runlog import RunLog, quiet_libraries
 from .sources import resolve_model
@@ -194,7 +203,9 @@ def _train(config, reg, trainings, record, training_id, destination, accelerator
 
     if main:
         trainings.update(record, status="processing", started_at=record.started_at or utc_now())
-    collate = collate_packed if tcfg.packing else (lambda exs: collate_padded(exs, pad_id(tokenizer)))
+    pad = pad_id(tokenizer)
+    collate = ((lambda exs: collate_packed(exs, pad, PACK_MULTIPLE)) if tcfg.packing
+               else (lambda exs: collate_padded(exs, pad)))
     speed = Throughput(warmup_steps=1 if start["step"] == 0 else 0)
     step, tokens_seen, best_eval, bad_evals = start["step"], start["tokens"], start["best_eval"], start["bad_evals"]
     last_loss = last_eval = None
@@ -278,9 +289,9 @@ def _train_step(window: Window, dataset, collate: Callable, loss_model, accelera
     loss_sum = torch.zeros((), device=accelerator.device)
     tokens = 0
     for i, indices in enumerate(micro_batches):
-        batch = collate([dataset[j] for j in indices])
-        tokens += real_tokens(batch)
-        batch = _to_device(batch, accelerator.device)
+        examples = [dataset[j] for j in indices]
+        tokens += real_tokens(examples)
+        batch = _to_device(collate(examples), accelerator.device)
         # Gradients are synchronised across processes once per window, on its last micro-batch.
         sync = accelerator.no_sync(loss_model) if i < len(micro_batches) - 1 else nullcontext()
         with sync, accelerator.autocast():

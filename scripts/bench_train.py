@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -226,6 +227,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp folder)")
     parser.add_argument("--only", nargs="*", default=["ours", "peer-default", "peer-tuned"])
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="rounds of all contenders, interleaved; speed and memory are the medians")
     parser.add_argument("--role", help=argparse.SUPPRESS)
     parser.add_argument("--paths", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -240,12 +243,23 @@ def main() -> None:
     tokenized(paths, work / "cache")  # encode once up front; every contender then reads the same cache
     rates = matmul_rates()
     results = {}
-    for role in args.only:
-        print(f"running {role} ...", flush=True)
-        results[role] = (run_ours(paths, total_steps, work) if role == "ours"
-                         else run_peer(role, paths, total_steps, work))
-        rate, trained = timed_rate(results[role]["steps"], args.warmup)
-        results[role].update(rate=rate, trained=trained, loss=held_out_loss(paths, results[role]["adapter"], work))
+    # Interleaved rounds, medians: on a shared machine one run of a contender can be 10-20% off.
+    rounds: dict[str, list[dict]] = {role: [] for role in args.only}
+    for i in range(args.repeat):
+        for role in args.only:
+            print(f"round {i + 1}/{args.repeat}: {role} ...", flush=True)
+            run = run_ours(paths, total_steps, work) if role == "ours" else run_peer(role, paths, total_steps, work)
+            run["rate"], run["trained"] = timed_rate(run["steps"], args.warmup)
+            rounds[role].append(run)
+    for role, runs in rounds.items():
+        r = dict(runs[0])  # training is seeded: every round trains the same tokens to the same adapter
+        r["rates"] = [run["rate"] for run in runs]
+        r["peak_rss_rounds"] = [run["peak_rss_mb"] for run in runs]
+        r["rate"] = statistics.median(r["rates"])
+        r["peak_rss_mb"] = statistics.median(run["peak_rss_mb"] for run in runs)
+        r["wall_s"] = statistics.median(run["wall_s"] for run in runs)
+        r["loss"] = held_out_loss(paths, r["adapter"], work)
+        results[role] = r
 
     budget = min(r["trained"] for r in results.values())
     for r in results.values():
@@ -253,13 +267,16 @@ def main() -> None:
     flop_per_token = 4 * _matmul_params(paths["model"])
     print(f"\nmachine: bf16 matmul {rates['bf16']:.0f} GFLOP/s, fp32 {rates['fp32']:.0f} GFLOP/s; "
           f"model ~{flop_per_token / 1e6:.0f} MFLOP per trained token (frozen base: forward + input gradients)")
-    print(f"{args.steps} timed steps after {args.warmup} warm-up, batch {BATCH}, max length {MAX_LEN}\n")
+    print(f"{args.steps} timed steps after {args.warmup} warm-up, batch {BATCH}, max length {MAX_LEN}; "
+          f"medians of {args.repeat} interleaved rounds\n")
     print(f"{'':13}{'tokens/s':>10}{'of bf16 peak':>14}{'peak RSS MB':>13}{'wall s':>9}{'trained tokens':>16}"
           f"{'train loss @' + str(budget):>20}{'held-out loss':>15}")
     for role, r in results.items():
         frac = r["rate"] * flop_per_token / (rates["bf16"] * 1e9)
         print(f"{role:13}{r['rate']:>10.0f}{frac:>13.0%} {r['peak_rss_mb']:>12.0f}{r['wall_s']:>9.1f}{r['trained']:>16}"
-              f"{r['train_loss_at_budget']:>20.4f}{r['loss']:>15.4f}")
+              f"{r['train_loss_at_budget']:>20.4f}{r['loss']:>15.4f}   rounds: "
+              + " ".join(f"{x:.0f}" for x in r["rates"]) + " tok/s, "
+              + " ".join(f"{x:.0f}" for x in r["peak_rss_rounds"]) + " MB")
     if "ours" in results:
         ours = results["ours"]
         for role in (r for r in results if r != "ours"):

@@ -11,7 +11,14 @@ import datasets
 import pytest
 
 from finetune import data
-from finetune.data import IGNORE_INDEX, encode_prompt, encode_record, prepare, prompt_for, read_records
+from finetune.data import (
+    IGNORE_INDEX,
+    encode_prompt,
+    encode_record,
+    prepare,
+    prompt_for,
+    read_records,
+)
 from finetune.errors import DataError, UsageError
 from finetune.tiny import train_tokenizer
 

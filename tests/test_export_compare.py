@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_one_line_error
 
 import finetune
-from helpers import assert_one_line_error
 from finetune import atomic, data
 from finetune.cli import main
 from finetune.compare import compare_versions, config_changes

@@ -16,15 +16,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_one_line_error
 from safetensors.torch import load_file
 
 import finetune
-from helpers import assert_one_line_error
 from finetune import atomic, data, inference
 from finetune.cli import main
 from finetune.config import config_from_dict
 from finetune.errors import IntegrityError, ModelLoadError, UsageError
-from finetune.inference import GenerationSettings, Prompt, generate, load_version, resolve_device
+from finetune.inference import (
+    GenerationSettings,
+    Prompt,
+    generate,
+    load_version,
+    resolve_device,
+)
 from finetune.lineage import lineage
 from finetune.registry import Registry
 from finetune.sources import import_base

@@ -18,16 +18,17 @@ import pytest
 import torch
 
 from finetune.batching import (
-    pad_id,
     IGNORE_INDEX,
     collate_packed,
     collate_padded,
     label_count,
+    pad_id,
     plan_epoch,
     real_tokens,
 )
 from finetune.data import prepare
 from finetune.modeling import VARLEN_ATTENTION, CausalLMLoss, register_varlen_attention
+from finetune.tiny import sample_data_path
 
 ATOL = 1e-5  # fp32 logits of magnitude ~1-10; another summation order stays far below this
 
@@ -181,7 +182,7 @@ def test_padded_targets_per_format(tmp_path: Path, tok, fmt: str):
     batch = collate_padded(examples, pad_id(tok))
     lengths = [len(ex["input_ids"]) for ex in examples]
     assert min(lengths) < max(lengths)  # there is padding to check
-    assert real_tokens(batch) == sum(lengths)
+    assert int(batch["attention_mask"].sum()) == sum(lengths) == real_tokens(examples)
     for row, ex in enumerate(examples):
         n = len(ex["input_ids"])
         assert batch["attention_mask"][row, n:].sum() == 0 and batch["attention_mask"][row, :n].all()
@@ -237,3 +238,26 @@ def test_window_label_tokens_match_what_the_loss_counts(tmp_path: Path, tok, tin
             for collate in (collate_packed, lambda exs: collate_padded(exs, pad_id(tok))):
                 seen = sum(int(loss_model(**collate([examples[j] for j in mb]))[1]) for mb in window.micro_batches)
                 assert seen == window.label_tokens
+
+
+def test_packed_rows_are_filled_to_a_multiple_without_changing_the_loss(tok, tiny_model_dir: Path):
+    """The filler segment rounds the row length up; it carries no labels, attends only to itself, and is not
+    counted as trained tokens."""
+    from transformers import AutoModelForCausalLM
+
+    data = prepare(str(sample_data_path()), "alpaca", tok, max_seq_len=256, train_on_inputs=False)
+    examples = [data.train[i] for i in range(5)]
+    filled = collate_packed(examples, pad_token_id=pad_id(tok), multiple=64)
+    exact = collate_packed(examples, pad_token_id=pad_id(tok), multiple=1)
+    n = real_tokens(examples)
+    assert exact["input_ids"].shape[1] == n and filled["input_ids"].shape[1] % 64 == 0
+    assert filled["input_ids"].shape[1] - n in range(1, 64) or n % 64 == 0
+    assert (filled["labels"][0, n:] == -100).all() and filled["cu_seq_lens"][-2].item() == n
+    assert filled["position_ids"][0, n] == 0  # the filler restarts positions: it is its own segment
+    register_varlen_attention()
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32,
+                                                 attn_implementation=VARLEN_ATTENTION)
+    loss_model = CausalLMLoss(model).eval()
+    with torch.no_grad():
+        (s1, c1), (s2, c2) = loss_model(**filled), loss_model(**exact)
+    assert int(c1) == int(c2) and torch.allclose(s1, s2, atol=1e-4)

@@ -13,8 +13,8 @@ import stat
 from pathlib import Path
 
 import pytest
-
 from helpers import snapshot
+
 from finetune import atomic, names
 from finetune.errors import (
     AlreadyExistsError,

@@ -16,8 +16,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from helpers import assert_one_line_error, snapshot
+
 from finetune import atomic, sources
 from finetune.cli import main
 from finetune.errors import ModelLoadError

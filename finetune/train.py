@@ -201,6 +201,7 @@ def _train(config, reg, trainings, record, training_id, destination, accelerator
     elif main and metrics.path.exists():
         metrics.path.unlink()
 
+    stop.check(accelerator)  # a cancel that arrived while loading ends the run before its first step
     if main:
         trainings.update(record, status="processing", started_at=record.started_at or utc_now())
     pad = pad_id(tokenizer)

@@ -185,8 +185,6 @@ def load_base_model(source: BaseSource, dtype: torch.dtype, attn_implementation:
     return model
 
 
-
-
 def attach_lora(model, lora: Any, adapter_dir: str | None = None, trainable: bool = True):
     """Add a LoRA adapter: a fresh one from the ``lora`` config, or the one saved in ``adapter_dir``.
 

@@ -68,8 +68,6 @@ def _read_hub(name: str) -> datasets.Dataset:
     return ds
 
 
-
-
 def _diagnose_json(p: Path) -> None:
     """Raise a DataError naming the first bad line of a JSON/JSONL file; return if none is found."""
     data = p.read_bytes()

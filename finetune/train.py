@@ -327,8 +327,6 @@ def evaluate(loss_model, eval_set, collate: Callable, batch_size: int, accelerat
     return float(total[0] / total[1].clamp(min=1))
 
 
-
-
 def _published_by(reg: Registry, destination: str, training_id: str) -> Version | None:
     """The version a training published, if it got that far (looked up in the destination's manifests)."""
     try:
@@ -348,8 +346,6 @@ def _ensure_destination(reg: Registry, destination: str, create: bool) -> None:
                 f"create it with `finetune models create {destination}` or pass --create-destination",
             ) from None
         reg.create_model(destination, exist_ok=True)
-
-
 
 
 def _finish(trainings: Trainings, record: TrainingRecord | None, status: str, error: str, log: RunLog) -> None:

@@ -34,7 +34,6 @@ STEPS = 4
 pytestmark = pytest.mark.slow
 
 
-
 @pytest.fixture(scope="module")
 def launched(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     tmp = tmp_path_factory.mktemp("distributed")

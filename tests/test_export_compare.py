@@ -28,7 +28,6 @@ from finetune.train import run_training
 BASE = "local/tiny:1"
 
 
-
 @pytest.fixture(scope="module")
 def built(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """local/tiny:1, a second copy of it (local/other:1), alice/m:1 and alice/m:2 (another lr, 40 rows of data)."""
@@ -53,8 +52,6 @@ def cli(capsys: pytest.CaptureFixture[str], reg: Registry, *argv: str) -> tuple[
     rc = main(["--registry", str(reg.root), *argv])
     out, err = capsys.readouterr()
     return rc, out, err
-
-
 
 
 # ------------------------------------------------------------------------------------------- export

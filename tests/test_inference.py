@@ -51,7 +51,6 @@ def train(reg: Registry, base: str, destination: str, data_path: Path | None = N
     return run_training(cfg, registry=reg, destination=destination, create_destination=True, progress=False).version
 
 
-
 @pytest.fixture(scope="module")
 def built(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """The shared registry: base, alpaca fine-tune (alice/m:1), chat fine-tune, a continuation and a fork."""
@@ -89,8 +88,6 @@ def cli(capsys: pytest.CaptureFixture[str], reg: Registry, *argv: str, stdin: st
     rc = main(["--registry", str(reg.root), *argv])
     out, err = capsys.readouterr()
     return rc, out, err
-
-
 
 
 def writable(path: Path) -> None:

@@ -33,7 +33,6 @@ from finetune.tiny import sample_data_path
 ATOL = 1e-5  # fp32 logits of magnitude ~1-10; another summation order stays far below this
 
 
-
 @pytest.fixture(scope="module")
 def tok(tiny_model_dir: Path):
     from transformers import AutoTokenizer

@@ -77,8 +77,6 @@ def publish_n(reg: Registry, tmp_path: Path, model: str, n: int) -> list[Version
     return out
 
 
-
-
 def make_writable(path: Path) -> None:
     """Undo the read-only bits of a published version so a test can damage it (root ignores them anyway)."""
     for dirpath, _, filenames in os.walk(path):

@@ -73,10 +73,6 @@ def cli(capsys: pytest.CaptureFixture[str], root: Path, *argv: str) -> tuple[int
     return rc, out, err
 
 
-
-
-
-
 # ------------------------------------------------------------------ happy paths
 def test_models_commands(capsys, root: Path, populated: Registry) -> None:
     rc, out, _ = cli(capsys, root, "models", "create", "o/new", "--description", "fresh", "--hardware", "cpu")

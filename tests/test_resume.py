@@ -53,7 +53,6 @@ sys.exit(main(sys.argv[1:]))
 pytestmark = pytest.mark.slow
 
 
-
 @pytest.fixture(scope="module")
 def root(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("resume") / "registry"

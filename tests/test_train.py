@@ -34,7 +34,6 @@ DEST = "alice/e2e"
 STEPS = 4
 
 
-
 def subprocess_env() -> dict[str, str]:
     # One OpenMP thread (2 shared cores), no fsync (the registry tests cover durability), never a hub.
     return {**os.environ, "OMP_NUM_THREADS": "1", "FINETUNE_FSYNC": "0", "HF_HUB_OFFLINE": "1",

@@ -27,7 +27,6 @@ from finetune.trainings import Trainings
 DEST = "err/dest"
 
 
-
 @pytest.fixture(scope="module")
 def root(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A registry with the tiny base, a copy of it whose tokenizer has no chat template, and the destination."""

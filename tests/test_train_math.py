@@ -35,7 +35,6 @@ ATOL = 1e-6  # gradients: same computation, different summation order
 ADAPTER_ATOL = 1e-5
 
 
-
 @pytest.fixture(scope="module")
 def setup(tiny_model_dir: Path) -> dict:
     """The tiny Llama with a LoRA adapter (B randomised) and eight real examples in micro-batches of very unequal

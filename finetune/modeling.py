@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import types
 from typing import Any
 
 import torch
@@ -205,6 +206,42 @@ def attach_lora(model, lora: Any, adapter_dir: str | None = None, trainable: boo
     # peft keeps adapter weights in fp32 even when the base is bf16 (autocast_adapter_dtype), which is what we
     # want: low-precision frozen weights, full-precision trainable ones.
     return get_peft_model(model, cfg)
+
+
+def fuse_lora_updates(model) -> int:
+    """Route plain LoRA linears through one fused multiply-accumulate; returns how many layers were routed.
+
+    peft computes ``base(x) + lora_B(lora_A(x)) * scaling``: besides the two small matmuls, that is a full-size
+    multiply and a full-size add per adapted layer, forward and backward. ``addmm`` folds both into the B
+    matmul (``base(x) + scaling * h @ B.T`` in one kernel). Anything but the plain case (dropout, DoRA and
+    other variants, several adapters, merged weights, extra arguments) keeps peft's own forward.
+    """
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    count = 0
+    for module in model.modules():
+        if type(module) is LoraLinear:  # the exact class: quantised and other subclasses keep their path
+            module.forward = types.MethodType(_fused_lora_forward, module)
+            count += 1
+    return count
+
+
+def _fused_lora_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    names = self.active_adapters
+    name = names[0] if len(names) == 1 else None
+    plain = (
+        not args and not kwargs and name is not None and not self.disable_adapters and not self.merged
+        and name in self.lora_A and name not in self.lora_variant
+        and isinstance(self.lora_dropout[name], nn.Identity) and self.lora_B[name].bias is None
+        and (x.dtype == self.lora_A[name].weight.dtype or torch.is_autocast_enabled(x.device.type))
+    )
+    if not plain:
+        return type(self).forward(self, x, *args, **kwargs)
+    result = self.base_layer(x)
+    h = F.linear(x, self.lora_A[name].weight)
+    fused = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]),
+                        self.lora_B[name].weight.t(), alpha=self.scaling[name])
+    return fused.view(result.shape)
 
 
 def keep_activations_in_compute_dtype(model) -> None:

@@ -44,6 +44,7 @@ from .modeling import (
     CausalLMLoss,
     attach_lora,
     choose_precision,
+    fuse_lora_updates,
     keep_activations_in_compute_dtype,
     load_base_model,
     load_tokenizer,
@@ -173,6 +174,7 @@ def _train(config, reg, trainings, record, training_id, destination, accelerator
     model = attach_lora(base, config.lora, adapter_dir=str(resolved.adapter.path) if resolved.adapter else None)
     if precision != "fp32":
         keep_activations_in_compute_dtype(model)
+    fuse_lora_updates(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     log.info(f"trainable parameters: {sum(p.numel() for p in trainable):,} "
              f"of {sum(p.numel() for p in model.parameters()):,}")

@@ -1,0 +1,84 @@
+"""The fused LoRA update equals peft's own forward, and anything but plain LoRA keeps peft's path."""
+
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from peft.tuners.lora.layer import Linear as LoraLinear
+from torch import nn
+
+from finetune.modeling import fuse_lora_updates
+
+
+class TwoLinears(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Linear(24, 40, bias=False)
+        self.down = nn.Linear(40, 24, bias=True)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))
+
+
+def adapted(dropout: float = 0.0) -> nn.Module:
+    torch.manual_seed(0)
+    model = get_peft_model(TwoLinears(), LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout,
+                                                     target_modules=["up", "down"]))
+    for p in model.parameters():
+        if p.requires_grad:  # B starts at zero in peft; give the adapter something to add
+            nn.init.normal_(p, std=0.1)
+    return model
+
+
+def run(model: nn.Module, x: torch.Tensor, upstream: torch.Tensor):
+    x = x.clone().requires_grad_(True)
+    out = model(x)
+    out.backward(upstream)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return out.detach(), x.grad, grads
+
+
+def test_fused_update_matches_peft_forward_and_gradients():
+    reference = adapted()
+    fused = copy.deepcopy(reference)
+    assert fuse_lora_updates(fused) == 2
+    x, upstream = torch.randn(3, 7, 24), torch.randn(3, 7, 24)
+    out_ref, gx_ref, g_ref = run(reference, x, upstream)
+    out, gx, g = run(fused, x, upstream)
+    torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-5, atol=1e-6)
+    assert g.keys() == g_ref.keys() and len(g) == 4
+    for name in g:
+        torch.testing.assert_close(g[name], g_ref[name], rtol=1e-5, atol=1e-6)
+
+
+def test_fused_update_changes_the_output_when_the_adapter_does():
+    """Guards against a fused path that silently drops the LoRA term (it would still match a zero-B adapter)."""
+    model = adapted()
+    fuse_lora_updates(model)
+    x = torch.randn(2, 5, 24)
+    with torch.no_grad():
+        with_adapter = model(x)
+        with model.disable_adapter():
+            without = model(x)
+    assert (with_adapter - without).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("case", ["dropout", "merged"])
+def test_other_cases_keep_peft_forward(case: str, monkeypatch: pytest.MonkeyPatch):
+    model = adapted(dropout=0.5 if case == "dropout" else 0.0)
+    fuse_lora_updates(model)
+    if case == "merged":
+        model.merge_adapter()
+    calls = []
+    original = LoraLinear.forward
+
+    def spy(self, x, *args, **kwargs):
+        calls.append(self)
+        return original(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(LoraLinear, "forward", spy)
+    model.train()
+    model(torch.randn(2, 5, 24))
+    assert len(calls) == 2

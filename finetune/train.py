@@ -45,6 +45,7 @@ from .modeling import (
     attach_lora,
     choose_precision,
     fuse_lora_updates,
+    fuse_rms_norms,
     keep_activations_in_compute_dtype,
     load_base_model,
     load_tokenizer,
@@ -175,6 +176,7 @@ def _train(config, reg, trainings, record, training_id, destination, accelerator
     if precision != "fp32":
         keep_activations_in_compute_dtype(model)
     fuse_lora_updates(model)
+    fuse_rms_norms(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     log.info(f"trainable parameters: {sum(p.numel() for p in trainable):,} "
              f"of {sum(p.numel() for p in model.parameters()):,}")

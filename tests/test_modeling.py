@@ -82,3 +82,39 @@ def test_other_cases_keep_peft_forward(case: str, monkeypatch: pytest.MonkeyPatc
     model.train()
     model(torch.randn(2, 5, 24))
     assert len(calls) == 2
+
+
+def test_lean_rms_norm_matches_llama_forward_and_gradients(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from finetune.modeling import fuse_rms_norms
+
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    lean = copy.deepcopy(reference)
+    layers = reference.config.num_hidden_layers
+    assert fuse_rms_norms(lean) == 2 * layers + 1  # two per decoder layer and the final one
+    ids = torch.randint(0, reference.config.vocab_size, (2, 19), generator=torch.Generator().manual_seed(0))
+    upstream = torch.randn(2, 19, reference.config.vocab_size, generator=torch.Generator().manual_seed(1))
+    outs = []
+    for model in (reference, lean):
+        model.requires_grad_(True)  # norm weights too, so their gradient formula is checked
+        logits = model(ids).logits
+        logits.backward(upstream)
+        outs.append((logits.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-5, atol=1e-5)
+    for name, grad in outs[0][1].items():
+        torch.testing.assert_close(outs[1][1][name], grad, rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_only_llama_style_norms_are_changed():
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from finetune.modeling import fuse_rms_norms
+
+    class OffsetNorm(LlamaRMSNorm):  # Gemma-style (1 + weight): another formula, must keep its own forward
+        def forward(self, hidden_states):
+            return super().forward(hidden_states) * 2
+
+    model = nn.Sequential(LlamaRMSNorm(8), OffsetNorm(8), nn.LayerNorm(8))
+    assert fuse_rms_norms(model) == 1
+    assert "forward" in vars(model[0]) and "forward" not in vars(model[1])

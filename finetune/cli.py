@@ -14,7 +14,7 @@ from typing import Any
 from . import __version__
 from .errors import FinetuneError, UsageError
 from .names import parse_ref
-from .registry import HARDWARE, VISIBILITIES, Registry, Version
+from .registry import HARDWARE, VISIBILITIES, Model, Registry, Version
 
 
 def _registry(args: argparse.Namespace) -> Registry:
@@ -62,13 +62,15 @@ def cmd_models_create(args: argparse.Namespace) -> None:
     print(f"created {m.full_name}" if not args.exist_ok else f"model {m.full_name} ready")
 
 
+def _model_info(reg: Registry, m: Model) -> dict[str, Any]:
+    versions = reg.list_versions(m.full_name)  # newest first: the latest is its head
+    return {**m.to_dict(), "model": m.full_name, "versions": len(versions),
+            "latest": versions[0].ref if versions else None}
+
+
 def cmd_models_list(args: argparse.Namespace) -> None:
     reg = _registry(args)
-    rows = []
-    for m in reg.list_models():
-        latest = reg.latest(m.full_name)
-        rows.append({**m.to_dict(), "model": m.full_name, "versions": len(reg.list_versions(m.full_name)),
-                     "latest": latest.ref if latest else None})
+    rows = [_model_info(reg, m) for m in reg.list_models()]
     if args.json:
         return _print_json(rows)
     if not rows:
@@ -81,10 +83,7 @@ def cmd_models_list(args: argparse.Namespace) -> None:
 def cmd_models_show(args: argparse.Namespace) -> None:
     reg = _registry(args)
     m = reg.get_model(args.model)
-    versions = reg.list_versions(m.full_name)
-    latest = reg.latest(m.full_name)
-    info = {**m.to_dict(), "model": m.full_name, "versions": len(versions),
-            "latest": latest.ref if latest else None, "aliases": reg.aliases(m.full_name), "path": str(m.path)}
+    info = {**_model_info(reg, m), "aliases": reg.aliases(m.full_name), "path": str(m.path)}
     if args.json:
         return _print_json(info)
     for key in ("model", "description", "visibility", "hardware", "created_at", "versions", "latest", "path"):
@@ -108,8 +107,6 @@ def cmd_models_import(args: argparse.Namespace) -> None:
 # ------------------------------------------------------------------ versions
 def cmd_versions_list(args: argparse.Namespace) -> None:
     if args.limit < 0:  # a negative slice would silently drop the *oldest* versions instead
-        from .errors import UsageError
-
         raise UsageError(f"--limit must be 0 or more, not {args.limit}")
     reg = _registry(args)
     versions = reg.list_versions(args.model)

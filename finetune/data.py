@@ -22,12 +22,12 @@ import datasets
 import numpy as np
 
 from .atomic import canonical_json, remove_tree, rename_noreplace, sha256_file
+from .batching import IGNORE_INDEX
 from .errors import DataError, UsageError, one_line
 from .records import RowLocator, read_records
 
 FORMATS = ("auto", "alpaca", "prompt_completion", "messages", "text")
 OVERLONG = ("truncate", "error")
-IGNORE_INDEX = -100
 # Bump whenever encoding rules change: old cache entries then stop matching instead of serving stale ids.
 CACHE_VERSION = 1
 

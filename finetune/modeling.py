@@ -14,7 +14,6 @@ Three choices here decide most of the speed and memory of a run:
 from __future__ import annotations
 
 import functools
-import logging
 import types
 from typing import Any
 
@@ -26,8 +25,6 @@ from torch.utils.checkpoint import checkpoint
 from .batching import IGNORE_INDEX
 from .errors import ModelLoadError, one_line
 from .sources import BaseSource
-
-log = logging.getLogger(__name__)
 
 VARLEN_ATTENTION = "finetune_varlen"
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

@@ -292,7 +292,9 @@ class Registry:
 
     def latest(self, model: str) -> Version | None:
         """The newest version without listing the folder: walk down from the allocation counter."""
-        m = self.get_model(model)
+        return self._latest(self.get_model(model))
+
+    def _latest(self, m: Model) -> Version | None:
         if not (m.path / "next_version").exists():
             # No counter: a model never published to (an empty listing), or version folders copied in by hand.
             numbers = self._version_numbers(m.path)
@@ -316,7 +318,7 @@ class Registry:
         r = parse_ref(ref)
         model = self.get_model(r.model)
         if r.kind == "latest":
-            v = self.latest(r.model)
+            v = self._latest(model)
             if v is None:
                 raise VersionNotFoundError(
                     f"model {r.model} has no versions yet", "train into it or `finetune models import` a base"
@@ -571,10 +573,13 @@ def _owner_alive(entry_name: str, host: str) -> bool:
     head, _, entry_host = entry_name.rpartition("@")
     # PURPOSE may itself contain '-' (any valid name does), so split from the right.
     parts = head.rsplit("-", 2)
-    if entry_host != host or len(parts) != 3 or not parts[1].isdigit():
-        return False
+    return entry_host == host and len(parts) == 3 and parts[1].isdigit() and process_alive(int(parts[1]))
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this host (one owned by another user counts as running)."""
     try:
-        os.kill(int(parts[1]), 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:

@@ -28,7 +28,7 @@ from typing import Any
 from . import atomic
 from .errors import ConflictError, TrainingNotFoundError, UsageError
 from .manifest import utc_now
-from .registry import Registry
+from .registry import Registry, process_alive
 
 STATUSES = ("starting", "processing", "succeeded", "failed", "canceled")
 FINAL = ("succeeded", "failed", "canceled")
@@ -133,7 +133,7 @@ class Trainings:
         if record.status in FINAL:
             raise ConflictError(f"training {training_id} already {record.status}")
         self._cancel_marker(training_id).touch()
-        if record.pid and _alive(record.pid):
+        if record.pid and process_alive(record.pid):
             # The marker is the contract (works across hosts and for all ranks); the signal wakes the run up.
             try:
                 os.kill(record.pid, signal.SIGTERM)
@@ -152,7 +152,7 @@ class Trainings:
 
     def is_stale(self, record: TrainingRecord) -> bool:
         """A record that says it runs, whose process is gone (killed -9, crashed machine)."""
-        return record.status not in FINAL and not (record.pid and _alive(record.pid))
+        return record.status not in FINAL and not (record.pid and process_alive(record.pid))
 
     # ---------------------------------------------------------------- logs
     def follow_log(self, training_id: str, follow: bool, poll_s: float = 0.5) -> Iterator[str]:
@@ -177,16 +177,6 @@ class Trainings:
                     yield from rest.splitlines()
                     return
                 time.sleep(poll_s)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def check_resumable(trainings: Trainings, record: TrainingRecord) -> None:

@@ -109,7 +109,7 @@ def eval_loss(loaded: LoadedVersion, examples: Sequence[dict[str, list[int]]], b
     import torch
 
     from .batching import collate_padded, pad_id
-    from .modeling import CausalLMLoss
+    from .loss import CausalLMLoss
 
     loss_model = CausalLMLoss(loaded.model)
     pad = pad_id(loaded.tokenizer)

@@ -1,36 +1,26 @@
-"""Loading a base model for LoRA training or inference, and the loss that trains it.
+"""Loading a base model for LoRA training or inference, and exact rewrites of its training arithmetic.
 
-Three choices here decide most of the speed and memory of a run:
-
-* The frozen base weights are held in the compute dtype (bf16 where the device does it well) instead of fp32
-  master copies cast at every step; only the LoRA adapters (and their optimizer state) stay fp32.
-* Packed rows: several sequences share one row, each attending only to itself. Position ids restart at every
-  sequence, and our ``varlen`` attention runs causal attention per sequence (no padding, no dense
-  block-diagonal mask to build or to multiply by zero).
-* The loss projects to the vocabulary only at positions that have a label, in chunks, so the full
-  ``tokens x vocab`` fp32 logits are never materialised.
+The frozen base weights are held in the compute dtype (bf16 where the device does it well) instead of fp32
+master copies cast at every step; only the LoRA adapters (and their optimizer state) stay fp32. The rewrites
+(``fuse_lora_updates``, ``fuse_rms_norms``, ``keep_activations_in_compute_dtype``) compute what peft and
+transformers compute, with fewer passes over the activations and fewer copies kept for the backward pass.
+Packed attention lives in :mod:`finetune.attention`, the loss in :mod:`finetune.loss`.
 """
 
 from __future__ import annotations
 
-import functools
 import types
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from .batching import IGNORE_INDEX
+from .attention import VARLEN_ATTENTION, register_varlen_attention
 from .errors import ModelLoadError, one_line
 from .sources import BaseSource
 
-VARLEN_ATTENTION = "finetune_varlen"
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-# Above this many logits (label positions x vocabulary) per micro-batch, the loss is computed in chunks whose
-# logits are recomputed in the backward pass instead of kept.
-_LOGITS_BUDGET = 32 * 1024 * 1024
 
 
 def choose_precision(requested: str, device: torch.device) -> str:
@@ -56,99 +46,6 @@ def _cpu_has_native_bf16() -> bool:
 
 def torch_dtype(precision: str) -> torch.dtype:
     return _DTYPES[precision]
-
-
-def _varlen_attention(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    dropout: float = 0.0,
-    scaling: float | None = None,
-    cu_seq_lens_q: torch.Tensor | None = None,
-    **kwargs: Any,
-) -> tuple[torch.Tensor, None]:
-    """Causal attention within each packed sequence. Shapes: (batch, heads, tokens, head_dim), batch == 1."""
-    groups = getattr(module, "num_key_value_groups", 1)
-    if groups > 1:
-        key = key.repeat_interleave(groups, dim=1)
-        value = value.repeat_interleave(groups, dim=1)
-    if cu_seq_lens_q is None:  # an unpacked call (e.g. generation): plain causal or masked attention
-        causal = attention_mask is None and query.shape[2] > 1
-        out = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=attention_mask, dropout_p=dropout, is_causal=causal, scale=scaling
-        )
-        return out.transpose(1, 2).contiguous(), None
-    assert query.shape[0] == 1, "packed micro-batches are a single row"
-    # split (not slicing): its backward is one concatenation, where slices would each zero-fill a full-size
-    # gradient and add it up.
-    lengths = (cu_seq_lens_q[1:] - cu_seq_lens_q[:-1]).tolist()
-    attend = _causal_attention_math if query.device.type == "cpu" else _causal_attention_sdpa
-    parts = [
-        attend(q, k, v, dropout, scaling)
-        for q, k, v in zip(query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2))
-    ]
-    return torch.cat(parts, dim=2).transpose(1, 2).contiguous(), None
-
-
-def _causal_attention_sdpa(q, k, v, dropout: float, scaling: float | None) -> torch.Tensor:
-    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling)
-
-
-# Measured on a 2-core AVX512-BF16 CPU, in whole training steps of the benchmark model (hidden 512, 8 heads):
-# per-sequence math attention for all sequences up to 512 tokens ran ~15% faster than SDPA's CPU flash kernel,
-# and the process peaked ~17% lower. (In isolation the flash kernel wins from ~200 tokens up; inside a step it
-# does not.) Score matrices grow with the square of the length, so long sequences still take the flash kernel.
-_MATH_MAX_LEN = 1024
-
-
-# Sequences are padded at their end to a multiple of this inside attention. Causal attention never lets a real
-# token see the padding (it lies in its future), so results are exact; but the matmul shapes take a few dozen
-# values instead of hundreds, and oneDNN, which caches kernels and buffers per shape, stays small.
-_LEN_QUANTUM = 32
-
-
-@functools.lru_cache(maxsize=64)
-def _future_mask(n: int, device: torch.device) -> torch.Tensor:
-    """``True`` above the diagonal: the positions each query must not see. Few sizes occur (see _LEN_QUANTUM)."""
-    return torch.ones(n, n, dtype=torch.bool, device=device).triu_(1)
-
-
-def _causal_attention_math(q, k, v, dropout: float, scaling: float | None) -> torch.Tensor:
-    """Causal attention as two batched matmuls and a softmax accumulated in fp32.
-
-    For short sequences this beats SDPA's CPU flash kernel, whose fixed costs dominate there (see
-    ``_MATH_MAX_LEN``); longer ones go to the flash kernel.
-    """
-    n = q.shape[2]
-    if n > _MATH_MAX_LEN or dropout > 0:
-        return _causal_attention_sdpa(q, k, v, dropout, scaling)
-    scale = scaling if scaling is not None else q.shape[-1] ** -0.5
-    pad = (-n) % _LEN_QUANTUM
-    if pad:
-        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
-    m = n + pad
-    scores = torch.matmul(q * scale, k.transpose(-1, -2))
-    future = _future_mask(m, q.device)
-    # Softmax in the activations' dtype: the kernel accumulates in fp32 either way, and its output is the one
-    # tensor that both backward passes (softmax's and the matmul's) keep, so no fp32 copy is saved.
-    probs = torch.softmax(scores.masked_fill_(future, float("-inf")), dim=-1)
-    out = torch.matmul(probs, v)
-    return out[:, :, :n] if pad else out
-
-
-def _no_mask(*args: Any, **kwargs: Any) -> None:
-    return None
-
-
-def register_varlen_attention() -> None:
-    """Make ``attn_implementation="finetune_varlen"`` available to transformers models."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
-
-    AttentionInterface.register(VARLEN_ATTENTION, _varlen_attention)
-    AttentionMaskInterface.register(VARLEN_ATTENTION, _no_mask)
 
 
 def load_tokenizer(source: BaseSource):
@@ -300,69 +197,3 @@ def keep_activations_in_compute_dtype(model) -> None:
     for module in model.modules():
         if isinstance(module, BaseTunerLayer):
             module.cast_input_dtype_enabled = False
-
-
-class CausalLMLoss(nn.Module):
-    """Wraps a (PEFT) causal LM so that ``forward`` returns ``(summed token loss, label token count)``.
-
-    Living in one module's ``forward`` matters for DistributedDataParallel, whose gradient hooks are armed by
-    the wrapped forward call.
-    """
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-        self._decoder = inner.get_decoder()
-        self._head = inner.get_output_embeddings()
-        self._softcap = getattr(inner.config, "final_logit_softcapping", None)
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        labels: torch.Tensor,
-        position_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        cu_seq_lens: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        kwargs: dict[str, Any] = {}
-        if cu_seq_lens is not None:
-            kwargs["cu_seq_lens_q"] = cu_seq_lens
-        hidden = self._decoder(
-            input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False, **kwargs
-        ).last_hidden_state
-        # Position t predicts token t+1. Packed rows mark the first token of each sequence IGNORE_INDEX in
-        # `labels`, so no sequence is asked to predict its neighbour's first token.
-        targets = labels[:, 1:].reshape(-1)
-        keep = targets != IGNORE_INDEX
-        selected = hidden[:, :-1].reshape(-1, hidden.shape[-1])[keep]
-        return self.token_loss(selected, targets[keep]), keep.sum()
-
-    def token_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Summed cross-entropy of ``hidden`` rows against ``targets``, chunked above the logits budget."""
-        vocab = self._head.weight.shape[0]
-        if hidden.shape[0] * vocab <= _LOGITS_BUDGET or not torch.is_grad_enabled():
-            return self._chunk_loss(hidden, targets)
-        rows = max(1, _LOGITS_BUDGET // vocab)
-        total = hidden.new_zeros((), dtype=torch.float32)
-        for start in range(0, hidden.shape[0], rows):
-            total = total + checkpoint(
-                self._chunk_loss, hidden[start : start + rows], targets[start : start + rows], use_reentrant=False
-            )
-        return total
-
-    def _chunk_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        logits = self._head(hidden).float()
-        if self._softcap:
-            logits = torch.tanh(logits / self._softcap) * self._softcap
-        return F.cross_entropy(logits, targets, reduction="sum")
-
-
-def normalize_loss(loss_sum: torch.Tensor, window_label_tokens: int, world_size: int) -> torch.Tensor:
-    """Scale one micro-batch's summed loss so that accumulated gradients equal those of one big batch.
-
-    Every micro-batch of an optimizer step (on every process) divides by the label tokens of the whole step,
-    so long and short micro-batches weigh by their tokens, not equally. DistributedDataParallel averages
-    gradients over processes, which the ``world_size`` factor undoes.
-    """
-    return loss_sum * (world_size / max(window_label_tokens, 1))

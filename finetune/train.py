@@ -39,9 +39,9 @@ from .config import Config, config_from_dict
 from .errors import FinetuneError, ModelNotFoundError, TrainingCanceled, UsageError
 from .manifest import utc_now
 from .metrics import MetricsLog, Throughput
+from .attention import VARLEN_ATTENTION
+from .loss import CausalLMLoss, normalize_loss
 from .modeling import (
-    VARLEN_ATTENTION,
-    CausalLMLoss,
     attach_lora,
     choose_precision,
     fuse_lora_updates,
@@ -49,7 +49,6 @@ from .modeling import (
     keep_activations_in_compute_dtype,
     load_base_model,
     load_tokenizer,
-    normalize_loss,
     torch_dtype,
 )
 from .names import parse_model_name

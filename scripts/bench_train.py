@@ -203,7 +203,8 @@ def held_out_loss(paths: dict, adapter: str, work: Path) -> float:
     from transformers import AutoModelForCausalLM
 
     from finetune.batching import collate_packed
-    from finetune.modeling import CausalLMLoss, attach_lora
+    from finetune.loss import CausalLMLoss
+    from finetune.modeling import attach_lora
 
     _, _, held_out = tokenized(paths, work / "cache")
     model = attach_lora(AutoModelForCausalLM.from_pretrained(paths["model"], dtype=torch.float32), None,

@@ -27,7 +27,8 @@ from finetune.batching import (
     real_tokens,
 )
 from finetune.data import prepare
-from finetune.modeling import VARLEN_ATTENTION, CausalLMLoss, register_varlen_attention
+from finetune.attention import VARLEN_ATTENTION, register_varlen_attention
+from finetune.loss import CausalLMLoss
 from finetune.tiny import sample_data_path
 
 ATOL = 1e-5  # fp32 logits of magnitude ~1-10; another summation order stays far below this

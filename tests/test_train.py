@@ -322,7 +322,7 @@ def test_cancel_marker_alone_stops_the_run(runs: dict, monkeypatch: pytest.Monke
 
 
 def test_crash_mid_run_ends_failed_with_the_reason(runs: dict, monkeypatch: pytest.MonkeyPatch):
-    from finetune.modeling import CausalLMLoss
+    from finetune.loss import CausalLMLoss
 
     monkeypatch.setattr(atomic, "_FSYNC", False)
     forward = CausalLMLoss.forward

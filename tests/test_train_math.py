@@ -17,12 +17,9 @@ from finetune.batching import collate_packed, label_count
 from finetune.config import LoraConfig, config_from_dict
 from finetune.data import prepare
 from finetune.metrics import Throughput, tokens_per_second
-from finetune.modeling import (
-    VARLEN_ATTENTION,
-    CausalLMLoss,
-    attach_lora,
-    normalize_loss,
-)
+from finetune.attention import VARLEN_ATTENTION
+from finetune.loss import CausalLMLoss, normalize_loss
+from finetune.modeling import attach_lora
 from finetune.registry import Registry
 from finetune.sources import import_base
 from finetune.tiny import sample_data_path
@@ -41,7 +38,7 @@ def setup(tiny_model_dir: Path) -> dict:
     label-token counts."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from finetune.modeling import register_varlen_attention
+    from finetune.attention import register_varlen_attention
 
     register_varlen_attention()
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)

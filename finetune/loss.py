@@ -1,0 +1,123 @@
+"""The training loss: summed token cross-entropy at labelled positions, and its normalisation across a step.
+
+The output layer projects to the vocabulary only where a label exists (completions are ~40% of the tokens in
+instruction data), and with a frozen output layer the projection, the loss and the gradient with respect to the
+hidden states are computed together, a chunk of rows at a time: no ``tokens x vocab`` fp32 logits are kept for
+the backward pass, or even exist beyond one chunk.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .batching import IGNORE_INDEX
+
+# Logits (rows x vocabulary) handled at a time by the loss. Its fp32 scratch is about three times this many
+# floats (logits, probabilities, their low-precision copy), so ~100 MB at most, whatever the batch.
+_CHUNK_LOGITS = 8 * 1024 * 1024
+
+
+class CausalLMLoss(nn.Module):
+    """Wraps a (PEFT) causal LM so that ``forward`` returns ``(summed token loss, label token count)``.
+
+    Living in one module's ``forward`` matters for DistributedDataParallel, whose gradient hooks are armed by
+    the wrapped forward call.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self._decoder = inner.get_decoder()
+        self._head = inner.get_output_embeddings()
+        self._softcap = getattr(inner.config, "final_logit_softcapping", None)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cu_seq_lens: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        kwargs: dict[str, Any] = {}
+        if cu_seq_lens is not None:
+            kwargs["cu_seq_lens_q"] = cu_seq_lens
+        hidden = self._decoder(
+            input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False, **kwargs
+        ).last_hidden_state
+        # Position t predicts token t+1. Packed rows mark the first token of each sequence IGNORE_INDEX in
+        # `labels`, so no sequence is asked to predict its neighbour's first token.
+        targets = labels[:, 1:].reshape(-1)
+        keep = targets != IGNORE_INDEX
+        selected = hidden[:, :-1].reshape(-1, hidden.shape[-1])[keep]
+        return self.token_loss(selected, targets[keep]), keep.sum()
+
+    def token_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Summed cross-entropy of the output layer's logits at ``hidden`` rows against ``targets``."""
+        head = self._head
+        rows = max(1, _CHUNK_LOGITS // head.weight.shape[0])
+        if type(head) is nn.Linear and head.bias is None and not head.weight.requires_grad:
+            want_grad = torch.is_grad_enabled() and hidden.requires_grad
+            return _HeadCrossEntropy.apply(hidden, head.weight, targets, self._softcap, rows, want_grad)
+        # A trained or wrapped output layer (LoRA on lm_head, modules_to_save): plain autograd, whole logits.
+        logits = head(hidden).float()
+        if self._softcap:
+            logits = torch.tanh(logits / self._softcap) * self._softcap
+        return F.cross_entropy(logits, targets, reduction="sum")
+
+
+class _HeadCrossEntropy(torch.autograd.Function):
+    """``sum(cross_entropy(softcap(hidden @ weight.T), targets))`` for a frozen ``weight``.
+
+    The gradient with respect to ``hidden`` does not depend on anything but the upstream scale, so it is
+    computed in the forward pass, chunk by chunk, and backward only scales it. The arithmetic is autograd's:
+    logits in the compute dtype, softmax and loss in fp32, the logits' gradient cast back to the compute dtype
+    for the matmul.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float | None,
+                rows: int, want_grad: bool) -> torch.Tensor:
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad = torch.empty_like(hidden) if want_grad else None
+        for start in range(0, hidden.shape[0], rows):
+            h, t = hidden[start : start + rows], targets[start : start + rows]
+            logits = F.linear(h, weight)  # under autocast: in the compute dtype, as the model's head would
+            compute_dtype = logits.dtype
+            logits = logits.float()
+            if softcap:
+                capped = torch.tanh(logits / softcap)
+                logits = capped * softcap
+            log_probs = torch.log_softmax(logits, dim=-1)
+            picked = log_probs.gather(1, t.unsqueeze(1))
+            total -= picked.sum()
+            if want_grad:
+                d_logits = log_probs.exp_()  # softmax, in place of the log-probabilities
+                d_logits.scatter_add_(1, t.unsqueeze(1), torch.full_like(picked, -1.0))
+                if softcap:
+                    d_logits *= 1 - capped.square()
+                grad[start : start + rows] = d_logits.to(compute_dtype) @ weight.to(compute_dtype)
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, upstream: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        # Scaled in fp32: a bf16 copy of the scale (1 / label tokens) would be off by up to 0.4%, the same way
+        # for every element of the micro-batch.
+        return (grad.float() * upstream).to(grad.dtype), None, None, None, None, None
+
+
+def normalize_loss(loss_sum: torch.Tensor, window_label_tokens: int, world_size: int) -> torch.Tensor:
+    """Scale one micro-batch's summed loss so that accumulated gradients equal those of one big batch.
+
+    Every micro-batch of an optimizer step (on every process) divides by the label tokens of the whole step,
+    so long and short micro-batches weigh by their tokens, not equally. DistributedDataParallel averages
+    gradients over processes, which the ``world_size`` factor undoes.
+    """
+    return loss_sum * (world_size / max(window_label_tokens, 1))

@@ -175,15 +175,59 @@ def fuse_rms_norms(model) -> int:
     """
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-    llama_code = LlamaRMSNorm.forward.__code__
     count = 0
     for module in model.modules():
-        code = getattr(type(module).forward, "__code__", None)
-        if (code is not None and code.co_code == llama_code.co_code and code.co_consts == llama_code.co_consts
-                and code.co_names == llama_code.co_names and hasattr(module, "variance_epsilon")):
+        if _same_code(type(module).forward, LlamaRMSNorm.forward) and hasattr(module, "variance_epsilon"):
             module.forward = types.MethodType(_rms_norm_forward, module)
             count += 1
     return count
+
+
+class _SiluMul(torch.autograd.Function):
+    """``silu(gate) * up``, keeping ``gate`` and ``up`` for the backward pass but not ``silu(gate)``, which is
+    recomputed there (one cheap elementwise pass). The gradients are autograd's, operation for operation."""
+
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        gate, up = ctx.saved_tensors
+        grad_gate = torch.ops.aten.silu_backward(grad * up, gate) if ctx.needs_input_grad[0] else None
+        grad_up = grad * F.silu(gate) if ctx.needs_input_grad[1] else None
+        return grad_gate, grad_up
+
+
+def _gated_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
+    return self.down_proj(_SiluMul.apply(self.gate_proj(x), self.up_proj(x)))
+
+
+def fuse_gated_mlps(model) -> int:
+    """Keep one activation less per token for the backward pass in Llama-style SiLU MLPs; returns how many.
+
+    ``down(silu(gate(x)) * up(x))`` saves ``gate(x)``, ``silu(gate(x))`` and ``up(x)``, three tensors of the
+    MLP's width per token and layer (the largest activations of a decoder); this keeps two. Only modules whose
+    ``forward`` is byte for byte Llama's (Mistral and Qwen2/3 copy it) with a SiLU activation are changed.
+    """
+    from transformers.activations import SiLUActivation
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    count = 0
+    for module in model.modules():
+        if (_same_code(type(module).forward, LlamaMLP.forward)
+                and type(getattr(module, "act_fn", None)) in (SiLUActivation, nn.SiLU)):
+            module.forward = types.MethodType(_gated_mlp_forward, module)
+            count += 1
+    return count
+
+
+def _same_code(function: Any, reference: Any) -> bool:
+    """Whether ``function`` is ``reference``'s code (a copy in another model family counts), by its bytecode."""
+    code, ref = getattr(function, "__code__", None), reference.__code__
+    return (code is not None and code.co_code == ref.co_code and code.co_consts == ref.co_consts
+            and code.co_names == ref.co_names)
 
 
 def keep_activations_in_compute_dtype(model) -> None:

@@ -44,6 +44,7 @@ from .loss import CausalLMLoss, normalize_loss
 from .modeling import (
     attach_lora,
     choose_precision,
+    fuse_gated_mlps,
     fuse_lora_updates,
     fuse_rms_norms,
     keep_activations_in_compute_dtype,
@@ -176,6 +177,7 @@ def _train(config, reg, trainings, record, training_id, destination, accelerator
         keep_activations_in_compute_dtype(model)
     fuse_lora_updates(model)
     fuse_rms_norms(model)
+    fuse_gated_mlps(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     log.info(f"trainable parameters: {sum(p.numel() for p in trainable):,} "
              f"of {sum(p.numel() for p in model.parameters()):,}")

@@ -37,7 +37,7 @@ def _reference(hidden, weight, targets, softcap):
 @pytest.mark.parametrize("rows_per_chunk", [1000, 7])  # one chunk, and many (with a ragged last one)
 def test_fused_loss_and_gradient_match_autograd_fp32(softcap, rows_per_chunk, monkeypatch):
     vocab = 97
-    monkeypatch.setattr(loss_mod, "_CHUNK_LOGITS", rows_per_chunk * vocab)
+    monkeypatch.setattr(loss_mod, "_CPU_CHUNK_ROWS", rows_per_chunk)
     torch.manual_seed(0)
     model = _Head(16, vocab, softcap).requires_grad_(False)
     hidden = torch.randn(45, 16) * 3

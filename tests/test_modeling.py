@@ -1,4 +1,5 @@
-"""The fused LoRA update equals peft's own forward, and anything but plain LoRA keeps peft's path."""
+"""Exact rewrites of the training arithmetic (fused LoRA update, lean RMSNorm and gated MLP) equal the code they
+replace, and anything they do not recognise keeps its own path."""
 
 import copy
 
@@ -118,3 +119,62 @@ def test_only_llama_style_norms_are_changed():
     model = nn.Sequential(LlamaRMSNorm(8), OffsetNorm(8), nn.LayerNorm(8))
     assert fuse_rms_norms(model) == 1
     assert "forward" in vars(model[0]) and "forward" not in vars(model[1])
+
+
+def test_lean_gated_mlp_matches_llama_forward_and_gradients(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from finetune.modeling import fuse_gated_mlps
+
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    lean = copy.deepcopy(reference)
+    assert fuse_gated_mlps(lean) == reference.config.num_hidden_layers
+    ids = torch.randint(0, reference.config.vocab_size, (2, 19), generator=torch.Generator().manual_seed(0))
+    upstream = torch.randn(2, 19, reference.config.vocab_size, generator=torch.Generator().manual_seed(1))
+    outs = []
+    for model in (reference, lean):
+        model.requires_grad_(True)  # the MLP weights too: the gradients of gate and up are both checked
+        logits = model(ids).logits
+        logits.backward(upstream)
+        outs.append((logits.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-5, atol=1e-5)
+    for name, grad in outs[0][1].items():
+        torch.testing.assert_close(outs[1][1][name], grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_lean_gated_mlp_saves_one_tensor_less():
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    from finetune.modeling import fuse_gated_mlps
+
+    mlp = LlamaMLP(LlamaConfig(hidden_size=16, intermediate_size=40, num_attention_heads=2, hidden_act="silu"))
+    x = torch.randn(3, 16, requires_grad=True)
+
+    def saved_widths(module) -> list[int]:
+        widths: list[int] = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: widths.append(t.shape[-1]) or t, lambda t: t):
+            module(x)
+        return widths
+
+    before = saved_widths(mlp).count(40)
+    assert fuse_gated_mlps(mlp) == 1
+    assert saved_widths(mlp).count(40) == before - 1
+
+
+def test_only_silu_llama_mlps_are_changed():
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    from finetune.modeling import fuse_gated_mlps
+
+    gelu = LlamaMLP(LlamaConfig(hidden_size=8, intermediate_size=16, num_attention_heads=2, hidden_act="gelu"))
+
+    class Scaled(LlamaMLP):  # another forward: must keep it
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    model = nn.ModuleList([gelu, Scaled(LlamaConfig(hidden_size=8, intermediate_size=16, num_attention_heads=2)),
+                           LlamaMLP(LlamaConfig(hidden_size=8, intermediate_size=16, num_attention_heads=2))])
+    assert fuse_gated_mlps(model) == 1
+    assert "forward" in vars(model[2]) and "forward" not in vars(model[0]) and "forward" not in vars(model[1])

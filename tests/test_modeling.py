@@ -54,6 +54,46 @@ def test_fused_update_matches_peft_forward_and_gradients():
         torch.testing.assert_close(g[name], g_ref[name], rtol=1e-5, atol=1e-6)
 
 
+def test_fused_update_under_bf16_autocast_matches_peft_forward():
+    reference = adapted().to(torch.bfloat16)
+    for module in reference.modules():  # adapters stay fp32 on a bf16 base, as in training
+        if isinstance(module, LoraLinear):
+            module.lora_A.float(), module.lora_B.float()
+    fused = copy.deepcopy(reference)
+    fuse_lora_updates(fused)
+    x = torch.randn(3, 7, 24, dtype=torch.bfloat16)
+    upstream = torch.randn(3, 7, 24, dtype=torch.bfloat16)
+    results = []
+    for model in (reference, fused):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            results.append(run(model, x, upstream))
+    (out_ref, gx_ref, g_ref), (out, gx, g) = results
+    assert out.dtype == out_ref.dtype == torch.bfloat16 and gx.dtype == torch.bfloat16
+    torch.testing.assert_close(out, out_ref, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(gx, gx_ref, rtol=2e-2, atol=2e-2)
+    for name in g_ref:
+        assert g[name].dtype == torch.float32
+        torch.testing.assert_close(g[name], g_ref[name], rtol=2e-2, atol=2e-2, msg=name)
+
+
+def test_fused_update_with_a_trained_base_layer_still_matches(monkeypatch: pytest.MonkeyPatch):
+    """A base layer that trains too needs its own gradients: the fused update keeps autograd for it."""
+    from finetune import modeling
+
+    reference = adapted()
+    reference.requires_grad_(True)
+    fused = copy.deepcopy(reference)
+    fuse_lora_updates(fused)
+    monkeypatch.setattr(modeling._LoraLinear, "apply", lambda *a: pytest.fail("a trained base took the fused path"))
+    x, upstream = torch.randn(3, 7, 24), torch.randn(3, 7, 24)
+    out_ref, gx_ref, g_ref = run(reference, x, upstream)
+    out, gx, g = run(fused, x, upstream)
+    torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-6)
+    assert g.keys() == g_ref.keys() and len(g) == 7  # weights and the bias of the base layers too
+    for name in g:
+        torch.testing.assert_close(g[name], g_ref[name], rtol=1e-5, atol=1e-6)
+
+
 def test_fused_update_changes_the_output_when_the_adapter_does():
     """Guards against a fused path that silently drops the LoRA term (it would still match a zero-B adapter)."""
     model = adapted()

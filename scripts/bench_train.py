@@ -11,10 +11,11 @@ Same model (a Llama built locally with random weights: hidden 512, 8 layers, 8 h
 vocabulary 8192 from a BPE tokenizer trained on the data), same tokenized data and prompt masking (finetune's
 data layer encodes it once for everybody), LoRA r 16 / alpha 32 on all linear layers, batch 8, max length 512,
 lr 2e-4, the same number of steps. It prints real (non-padding) tokens/s over the timed steps (after the
-warm-up), peak RSS, wall time of the whole process, the held-out loss of each final adapter (every contender
-trained the same number of steps of 8 examples), the training loss at equal trained tokens (token-weighted
-mean over the first N tokens, N = the fewest any contender trained), our ratios, and the machine's measured
-bf16/fp32 matmul rates.
+warm-up), peak RSS, wall time of the whole process, three losses (the training loss at equal trained tokens:
+token-weighted mean over the first N tokens, N = the fewest any contender trained, which is ours; the held-out
+loss of each final adapter, every contender having trained the same number of steps of 8 examples; and the
+held-out loss at equal trained tokens: each peer's adapter saved at the first step with >= N tokens), our
+ratios, and the machine's measured bf16/fp32 matmul rates.
 """
 
 from __future__ import annotations
@@ -129,10 +130,20 @@ def peer_main(args: argparse.Namespace) -> None:
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
     marks = []
+    at_budget: dict = {}
+    paused = [0.0]
 
     class Clock(TrainerCallback):
-        def on_step_end(self, *a, **k):
-            marks.append((time.perf_counter(), sum(counted)))
+        def on_step_end(self, targs, state, control, **kwargs):
+            # The data loader collates one batch ahead: the tokens trained are those of the first global_step
+            # batches, not all batches collated so far.
+            trained = sum(counted[: state.global_step])
+            marks.append((time.perf_counter() - paused[0], trained))
+            if args.budget and trained >= args.budget and not at_budget:
+                t = time.perf_counter()  # saving is not training: kept off the clock
+                at_budget.update(adapter=str(Path(args.work) / f"{args.role}-adapter-at-budget"), tokens=trained)
+                model.save_pretrained(at_budget["adapter"])
+                paused[0] += time.perf_counter() - t
 
     model = AutoModelForCausalLM.from_pretrained(paths["model"], dtype=torch.float32, attn_implementation="sdpa")
     model = get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], target_modules="all-linear",
@@ -153,13 +164,13 @@ def peer_main(args: argparse.Namespace) -> None:
     adapter = Path(args.work) / f"{args.role}-adapter"
     model.save_pretrained(adapter)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    print(json.dumps({"steps": [(t - start, n) for t, n in marks], "losses": losses, "adapter": str(adapter)}),
-          flush=True)
+    print(json.dumps({"steps": [(t - start, n) for t, n in marks], "losses": losses, "adapter": str(adapter),
+                      "at_budget": at_budget}), flush=True)
 
 
-def run_peer(role: str, paths: dict, steps: int, work: Path) -> dict:
+def run_peer(role: str, paths: dict, steps: int, work: Path, budget: int | None) -> dict:
     cmd = [sys.executable, __file__, "--role", role, "--paths", json.dumps(paths), "--steps", str(steps),
-           "--work", str(work)]
+           "--work", str(work), "--budget", str(budget or 0)]
     result = _timed_child(cmd, dict(os.environ, HF_HUB_OFFLINE="1"))
     if result["returncode"] != 0:
         raise SystemExit(f"{role} failed:\n{result['stderr'][-3000:]}")
@@ -232,6 +243,7 @@ def main() -> None:
                         help="rounds of all contenders, interleaved; speed and memory are the medians")
     parser.add_argument("--role", help=argparse.SUPPRESS)
     parser.add_argument("--paths", help=argparse.SUPPRESS)
+    parser.add_argument("--budget", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.role:
         return peer_main(args)
@@ -246,11 +258,17 @@ def main() -> None:
     results = {}
     # Interleaved rounds, medians: on a shared machine one run of a contender can be 10-20% off.
     rounds: dict[str, list[dict]] = {role: [] for role in args.only}
+    # Loss at equal tokens: each peer keeps its adapter from the step at which it has trained as many tokens as
+    # ours did in all its steps (ours runs first in a round; packing trains no padding, so it trains the fewest).
+    budget = None
     for i in range(args.repeat):
         for role in args.only:
             print(f"round {i + 1}/{args.repeat}: {role} ...", flush=True)
-            run = run_ours(paths, total_steps, work) if role == "ours" else run_peer(role, paths, total_steps, work)
+            run = run_ours(paths, total_steps, work) if role == "ours" else run_peer(role, paths, total_steps, work,
+                                                                                      budget)
             run["rate"], run["trained"] = timed_rate(run["steps"], args.warmup)
+            if role == "ours":
+                budget = run["trained"]
             rounds[role].append(run)
     for role, runs in rounds.items():
         r = dict(runs[0])  # training is seeded: every round trains the same tokens to the same adapter
@@ -260,6 +278,11 @@ def main() -> None:
         r["peak_rss_mb"] = statistics.median(run["peak_rss_mb"] for run in runs)
         r["wall_s"] = statistics.median(run["wall_s"] for run in runs)
         r["loss"] = held_out_loss(paths, r["adapter"], work)
+        if role == "ours":
+            r["loss_at_budget"], r["tokens_at_budget"] = r["loss"], r["trained"]
+        elif r.get("at_budget"):
+            r["loss_at_budget"] = held_out_loss(paths, r["at_budget"]["adapter"], work)
+            r["tokens_at_budget"] = r["at_budget"]["tokens"]
         results[role] = r
 
     budget = min(r["trained"] for r in results.values())
@@ -269,26 +292,38 @@ def main() -> None:
     print(f"\nmachine: bf16 matmul {rates['bf16']:.0f} GFLOP/s, fp32 {rates['fp32']:.0f} GFLOP/s; "
           f"model ~{flop_per_token / 1e6:.0f} MFLOP per trained token (frozen base: forward + input gradients)")
     print(f"{args.steps} timed steps after {args.warmup} warm-up, batch {BATCH}, max length {MAX_LEN}; "
-          f"medians of {args.repeat} interleaved rounds\n")
+          f"medians of {args.repeat} interleaved rounds")
+    print("loss columns: mean training loss over the first N trained tokens; held-out loss after the same steps;"
+          " held-out loss of the adapter at the first step with >= N trained tokens (N = ours' total)\n")
     print(f"{'':13}{'tokens/s':>10}{'of bf16 peak':>14}{'peak RSS MB':>13}{'wall s':>9}{'trained tokens':>16}"
-          f"{'train loss @' + str(budget):>20}{'held-out loss':>15}")
+          f"{'train loss @N':>15}{'held-out':>10}{'held-out @N':>13}")
     for role, r in results.items():
         frac = r["rate"] * flop_per_token / (rates["bf16"] * 1e9)
+        at_n = f"{r['loss_at_budget']:.4f}" if "loss_at_budget" in r else "n/a"
         print(f"{role:13}{r['rate']:>10.0f}{frac:>13.0%} {r['peak_rss_mb']:>12.0f}{r['wall_s']:>9.1f}{r['trained']:>16}"
-              f"{r['train_loss_at_budget']:>20.4f}{r['loss']:>15.4f}   rounds: "
+              f"{r['train_loss_at_budget']:>15.4f}{r['loss']:>10.4f}{at_n:>13}   rounds: "
               + " ".join(f"{x:.0f}" for x in r["rates"]) + " tok/s, "
               + " ".join(f"{x:.0f}" for x in r["peak_rss_rounds"]) + " MB")
+    print(f"N = {budget} tokens; " + ", ".join(f"{role} held-out @N taken at {r['tokens_at_budget']} tokens"
+                                               for role, r in results.items() if "tokens_at_budget" in r))
     if "ours" in results:
         ours = results["ours"]
         for role in (r for r in results if r != "ours"):
             peer = results[role]
-            print(f"\nours vs {role}: speed x{ours['rate'] / peer['rate']:.2f}, peak RSS x"
-                  f"{ours['peak_rss_mb'] / peer['peak_rss_mb']:.2f}, wall x{ours['wall_s'] / peer['wall_s']:.2f}, "
-                  f"train loss at equal tokens {100 * (ours['train_loss_at_budget'] / peer['train_loss_at_budget'] - 1):+.2f}%, "
-                  f"held-out loss {100 * (ours['loss'] / peer['loss'] - 1):+.2f}%")
+            line = (f"\nours vs {role}: speed x{ours['rate'] / peer['rate']:.2f}, peak RSS x"
+                    f"{ours['peak_rss_mb'] / peer['peak_rss_mb']:.2f}, wall x{ours['wall_s'] / peer['wall_s']:.2f}, "
+                    f"train loss @N {_pct(ours['train_loss_at_budget'], peer['train_loss_at_budget'])}, "
+                    f"held-out after the same steps {_pct(ours['loss'], peer['loss'])}")
+            if "loss_at_budget" in peer:
+                line += f", held-out @N {_pct(ours['loss_at_budget'], peer['loss_at_budget'])}"
+            print(line)
     (work / "results.json").write_text(json.dumps({k: {kk: vv for kk, vv in v.items() if kk not in ("stdout", "stderr")}
                                                    for k, v in results.items()} | {"matmul": rates}, indent=2))
     print(f"\ndetails: {work / 'results.json'}")
+
+
+def _pct(ours: float, peer: float) -> str:
+    return f"{100 * (ours / peer - 1):+.2f}%"
 
 
 def _matmul_params(model_dir: str) -> int:

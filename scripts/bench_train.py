@@ -260,15 +260,15 @@ def main() -> None:
     rounds: dict[str, list[dict]] = {role: [] for role in args.only}
     # Loss at equal tokens: each peer keeps its adapter from the step at which it has trained as many tokens as
     # ours did in all its steps (ours runs first in a round; packing trains no padding, so it trains the fewest).
-    budget = None
+    ours_tokens = None
     for i in range(args.repeat):
         for role in args.only:
             print(f"round {i + 1}/{args.repeat}: {role} ...", flush=True)
             run = run_ours(paths, total_steps, work) if role == "ours" else run_peer(role, paths, total_steps, work,
-                                                                                      budget)
+                                                                                      ours_tokens)
             run["rate"], run["trained"] = timed_rate(run["steps"], args.warmup)
             if role == "ours":
-                budget = run["trained"]
+                ours_tokens = run["trained"]
             rounds[role].append(run)
     for role, runs in rounds.items():
         r = dict(runs[0])  # training is seeded: every round trains the same tokens to the same adapter
@@ -283,6 +283,8 @@ def main() -> None:
         elif r.get("at_budget"):
             r["loss_at_budget"] = held_out_loss(paths, r["at_budget"]["adapter"], work)
             r["tokens_at_budget"] = r["at_budget"]["tokens"]
+        elif ours_tokens:  # it trained fewer tokens than ours in all its steps: its final adapter is the closest
+            r["loss_at_budget"], r["tokens_at_budget"] = r["loss"], r["trained"]
         results[role] = r
 
     budget = min(r["trained"] for r in results.values())
@@ -293,19 +295,20 @@ def main() -> None:
           f"model ~{flop_per_token / 1e6:.0f} MFLOP per trained token (frozen base: forward + input gradients)")
     print(f"{args.steps} timed steps after {args.warmup} warm-up, batch {BATCH}, max length {MAX_LEN}; "
           f"medians of {args.repeat} interleaved rounds")
-    print("loss columns: mean training loss over the first N trained tokens; held-out loss after the same steps;"
-          " held-out loss of the adapter at the first step with >= N trained tokens (N = ours' total)\n")
+    print("loss columns: mean training loss over the first N trained tokens (N = the fewest any contender trained);"
+          " held-out loss after the same steps; held-out loss at equal tokens (@ours: each peer's adapter from the"
+          " first step at which it had trained as many tokens as ours did in all its steps)\n")
     print(f"{'':13}{'tokens/s':>10}{'of bf16 peak':>14}{'peak RSS MB':>13}{'wall s':>9}{'trained tokens':>16}"
-          f"{'train loss @N':>15}{'held-out':>10}{'held-out @N':>13}")
+          f"{'train loss @N':>15}{'held-out':>10}{'held-out @ours':>16}")
     for role, r in results.items():
         frac = r["rate"] * flop_per_token / (rates["bf16"] * 1e9)
         at_n = f"{r['loss_at_budget']:.4f}" if "loss_at_budget" in r else "n/a"
         print(f"{role:13}{r['rate']:>10.0f}{frac:>13.0%} {r['peak_rss_mb']:>12.0f}{r['wall_s']:>9.1f}{r['trained']:>16}"
-              f"{r['train_loss_at_budget']:>15.4f}{r['loss']:>10.4f}{at_n:>13}   rounds: "
+              f"{r['train_loss_at_budget']:>15.4f}{r['loss']:>10.4f}{at_n:>16}   rounds: "
               + " ".join(f"{x:.0f}" for x in r["rates"]) + " tok/s, "
               + " ".join(f"{x:.0f}" for x in r["peak_rss_rounds"]) + " MB")
-    print(f"N = {budget} tokens; " + ", ".join(f"{role} held-out @N taken at {r['tokens_at_budget']} tokens"
-                                               for role, r in results.items() if "tokens_at_budget" in r))
+    print(f"N = {budget} tokens; held-out @ours taken at " + ", ".join(
+        f"{r['tokens_at_budget']} tokens ({role})" for role, r in results.items() if "tokens_at_budget" in r))
     if "ours" in results:
         ours = results["ours"]
         for role in (r for r in results if r != "ours"):
@@ -315,7 +318,7 @@ def main() -> None:
                     f"train loss @N {_pct(ours['train_loss_at_budget'], peer['train_loss_at_budget'])}, "
                     f"held-out after the same steps {_pct(ours['loss'], peer['loss'])}")
             if "loss_at_budget" in peer:
-                line += f", held-out @N {_pct(ours['loss_at_budget'], peer['loss_at_budget'])}"
+                line += f", held-out at equal tokens {_pct(ours['loss_at_budget'], peer['loss_at_budget'])}"
             print(line)
     (work / "results.json").write_text(json.dumps({k: {kk: vv for kk, vv in v.items() if kk not in ("stdout", "stderr")}
                                                    for k, v in results.items()} | {"matmul": rates}, indent=2))

@@ -19,9 +19,10 @@ from .batching import IGNORE_INDEX
 # Rows of logits handled at a time by the loss. On CPUs small chunks stay in cache: 128 rows ran ~8% faster
 # than 1024 for the benchmark model (vocabulary 8192; 32 and 64 rows were slower again), and the step's peak
 # fell by ~70 MB, since the loss runs when every activation of the forward pass is alive. GPUs want large
-# matmuls, so there the chunk is sized by its logits (64M floats: 256 MB of fp32 scratch per buffer).
+# matmuls, so there the chunk is sized by its logits: 16M floats (64 MB per fp32 buffer, a few buffers alive at
+# once) is 512 rows at a 32K vocabulary and 128 at 128K.
 _CPU_CHUNK_ROWS = 128
-_GPU_CHUNK_LOGITS = 64 * 1024 * 1024
+_GPU_CHUNK_LOGITS = 16 * 1024 * 1024
 
 
 def _chunk_rows(vocab: int, device: torch.device) -> int:

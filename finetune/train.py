@@ -24,6 +24,7 @@ from accelerate.utils import broadcast_object_list, set_seed
 from transformers import get_scheduler
 
 from . import data as data_mod
+from .attention import VARLEN_ATTENTION
 from .batching import (
     PACK_MULTIPLE,
     Window,
@@ -37,10 +38,9 @@ from .batching import (
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import Config, config_from_dict
 from .errors import FinetuneError, ModelNotFoundError, TrainingCanceled, UsageError
+from .loss import CausalLMLoss, normalize_loss
 from .manifest import utc_now
 from .metrics import MetricsLog, Throughput
-from .attention import VARLEN_ATTENTION
-from .loss import CausalLMLoss, normalize_loss
 from .modeling import (
     attach_lora,
     choose_precision,

@@ -110,7 +110,12 @@ def peer_main(args: argparse.Namespace) -> None:
     """Child process: the Hugging Face Trainer + PEFT, default or tuned."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+    from transformers import (
+        AutoModelForCausalLM,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
 
     paths = json.loads(args.paths)
     tok, train, _ = tokenized(paths, Path(args.work) / "cache")

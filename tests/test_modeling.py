@@ -89,6 +89,7 @@ def test_fused_update_with_a_trained_base_layer_still_matches(monkeypatch: pytes
     out_ref, gx_ref, g_ref = run(reference, x, upstream)
     out, gx, g = run(fused, x, upstream)
     torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-5, atol=1e-6)
     assert g.keys() == g_ref.keys() and len(g) == 7  # weights and the bias of the base layers too
     for name in g:
         torch.testing.assert_close(g[name], g_ref[name], rtol=1e-5, atol=1e-6)

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from finetune.attention import VARLEN_ATTENTION, register_varlen_attention
 from finetune.batching import (
     IGNORE_INDEX,
     collate_packed,
@@ -27,7 +28,6 @@ from finetune.batching import (
     real_tokens,
 )
 from finetune.data import prepare
-from finetune.attention import VARLEN_ATTENTION, register_varlen_attention
 from finetune.loss import CausalLMLoss
 from finetune.tiny import sample_data_path
 

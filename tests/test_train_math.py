@@ -13,12 +13,12 @@ import torch
 from safetensors.torch import load_file
 
 from finetune import atomic
+from finetune.attention import VARLEN_ATTENTION
 from finetune.batching import collate_packed, label_count
 from finetune.config import LoraConfig, config_from_dict
 from finetune.data import prepare
-from finetune.metrics import Throughput, tokens_per_second
-from finetune.attention import VARLEN_ATTENTION
 from finetune.loss import CausalLMLoss, normalize_loss
+from finetune.metrics import Throughput, tokens_per_second
 from finetune.modeling import attach_lora
 from finetune.registry import Registry
 from finetune.sources import import_base

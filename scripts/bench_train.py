@@ -12,10 +12,10 @@ vocabulary 8192 from a BPE tokenizer trained on the data), same tokenized data a
 data layer encodes it once for everybody), LoRA r 16 / alpha 32 on all linear layers, batch 8, max length 512,
 lr 2e-4, the same number of steps. It prints real (non-padding) tokens/s over the timed steps (after the
 warm-up), peak RSS, wall time of the whole process, three losses (the training loss at equal trained tokens:
-token-weighted mean over the first N tokens, N = the fewest any contender trained, which is ours; the held-out
-loss of each final adapter, every contender having trained the same number of steps of 8 examples; and the
-held-out loss at equal trained tokens: each peer's adapter saved at the first step with >= N tokens), our
-ratios, and the machine's measured bf16/fp32 matmul rates.
+token-weighted mean over the first N tokens, N = the fewest any contender trained; the held-out loss of each
+final adapter, every contender having trained the same number of steps of 8 examples; and the held-out loss at
+equal trained tokens: each peer's adapter saved at the first step at which it has trained as many tokens as
+ours did in all its steps), our ratios, and the machine's measured bf16/fp32 matmul rates.
 """
 
 from __future__ import annotations
@@ -264,7 +264,7 @@ def main() -> None:
     # Interleaved rounds, medians: on a shared machine one run of a contender can be 10-20% off.
     rounds: dict[str, list[dict]] = {role: [] for role in args.only}
     # Loss at equal tokens: each peer keeps its adapter from the step at which it has trained as many tokens as
-    # ours did in all its steps (ours runs first in a round; packing trains no padding, so it trains the fewest).
+    # ours did in all its steps (a peer that runs before ours in the first round learns that count in the next).
     ours_tokens = None
     for i in range(args.repeat):
         for role in args.only:
@@ -283,12 +283,13 @@ def main() -> None:
         r["peak_rss_mb"] = statistics.median(run["peak_rss_mb"] for run in runs)
         r["wall_s"] = statistics.median(run["wall_s"] for run in runs)
         r["loss"] = held_out_loss(paths, r["adapter"], work)
+        at_budget = next((run["at_budget"] for run in runs if run.get("at_budget")), None)
         if role == "ours":
             r["loss_at_budget"], r["tokens_at_budget"] = r["loss"], r["trained"]
-        elif r.get("at_budget"):
-            r["loss_at_budget"] = held_out_loss(paths, r["at_budget"]["adapter"], work)
-            r["tokens_at_budget"] = r["at_budget"]["tokens"]
-        elif ours_tokens:  # it trained fewer tokens than ours in all its steps: its final adapter is the closest
+        elif at_budget:
+            r["loss_at_budget"] = held_out_loss(paths, at_budget["adapter"], work)
+            r["tokens_at_budget"] = at_budget["tokens"]
+        elif ours_tokens and r["trained"] < ours_tokens:  # never reached ours' count: its final adapter is closest
             r["loss_at_budget"], r["tokens_at_budget"] = r["loss"], r["trained"]
         results[role] = r
 

@@ -2,8 +2,9 @@
 
 The frozen base weights are held in the compute dtype (bf16 where the device does it well) instead of fp32
 master copies cast at every step; only the LoRA adapters (and their optimizer state) stay fp32. The rewrites
-(``fuse_lora_updates``, ``fuse_rms_norms``, ``keep_activations_in_compute_dtype``) compute what peft and
-transformers compute, with fewer passes over the activations and fewer copies kept for the backward pass.
+(``fuse_lora_updates``, ``fuse_rms_norms``, ``fuse_gated_mlps``, ``keep_activations_in_compute_dtype``)
+compute what peft and transformers compute, with fewer passes over the activations and fewer copies kept for
+the backward pass.
 Packed attention lives in :mod:`finetune.attention`, the loss in :mod:`finetune.loss`.
 """
 
@@ -46,6 +47,11 @@ def _cpu_has_native_bf16() -> bool:
 
 def torch_dtype(precision: str) -> torch.dtype:
     return _DTYPES[precision]
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls on ``x`` run in: autocast's where it is on for ``x``'s device, else ``x``'s own."""
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
 
 
 def load_tokenizer(source: BaseSource):
@@ -135,8 +141,7 @@ def _fused_lora_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> tor
     base, a, b = self.base_layer, self.lora_A[name].weight, self.lora_B[name].weight
     if (type(base) is nn.Linear and not base.weight.requires_grad
             and (base.bias is None or not base.bias.requires_grad)):
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        return _LoraLinear.apply(x, base.weight, base.bias, a, b, self.scaling[name], dtype)
+        return _LoraLinear.apply(x, base.weight, base.bias, a, b, self.scaling[name], compute_dtype(x))
     # A trained or non-Linear base layer (GPT-2's Conv1D): autograd, with the update folded into the B matmul.
     result = base(x)
     h = F.linear(x, a)

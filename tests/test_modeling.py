@@ -126,6 +126,23 @@ def test_other_cases_keep_peft_forward(case: str, monkeypatch: pytest.MonkeyPatc
     assert len(calls) == 2
 
 
+def assert_same_logits_and_gradients(reference: nn.Module, changed: nn.Module, grad_atol: float) -> None:
+    """Same logits and the same gradient for every weight (all trainable here, so the rewritten modules' own
+    weight gradients are checked too) on a fixed batch and upstream gradient."""
+    vocab = reference.config.vocab_size
+    ids = torch.randint(0, vocab, (2, 19), generator=torch.Generator().manual_seed(0))
+    upstream = torch.randn(2, 19, vocab, generator=torch.Generator().manual_seed(1))
+    outs = []
+    for model in (reference, changed):
+        model.requires_grad_(True)
+        logits = model(ids).logits
+        logits.backward(upstream)
+        outs.append((logits.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-5, atol=1e-5)
+    for name, grad in outs[0][1].items():
+        torch.testing.assert_close(outs[1][1][name], grad, rtol=1e-4, atol=grad_atol, msg=name)
+
+
 def test_lean_rms_norm_matches_llama_forward_and_gradients(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
@@ -135,17 +152,7 @@ def test_lean_rms_norm_matches_llama_forward_and_gradients(tiny_model_dir):
     lean = copy.deepcopy(reference)
     layers = reference.config.num_hidden_layers
     assert fuse_rms_norms(lean) == 2 * layers + 1  # two per decoder layer and the final one
-    ids = torch.randint(0, reference.config.vocab_size, (2, 19), generator=torch.Generator().manual_seed(0))
-    upstream = torch.randn(2, 19, reference.config.vocab_size, generator=torch.Generator().manual_seed(1))
-    outs = []
-    for model in (reference, lean):
-        model.requires_grad_(True)  # norm weights too, so their gradient formula is checked
-        logits = model(ids).logits
-        logits.backward(upstream)
-        outs.append((logits.detach(), {n: p.grad for n, p in model.named_parameters()}))
-    torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-5, atol=1e-5)
-    for name, grad in outs[0][1].items():
-        torch.testing.assert_close(outs[1][1][name], grad, rtol=1e-4, atol=1e-4, msg=name)
+    assert_same_logits_and_gradients(reference, lean, grad_atol=1e-4)
 
 
 def test_only_llama_style_norms_are_changed():
@@ -170,17 +177,7 @@ def test_lean_gated_mlp_matches_llama_forward_and_gradients(tiny_model_dir):
     reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     lean = copy.deepcopy(reference)
     assert fuse_gated_mlps(lean) == reference.config.num_hidden_layers
-    ids = torch.randint(0, reference.config.vocab_size, (2, 19), generator=torch.Generator().manual_seed(0))
-    upstream = torch.randn(2, 19, reference.config.vocab_size, generator=torch.Generator().manual_seed(1))
-    outs = []
-    for model in (reference, lean):
-        model.requires_grad_(True)  # the MLP weights too: the gradients of gate and up are both checked
-        logits = model(ids).logits
-        logits.backward(upstream)
-        outs.append((logits.detach(), {n: p.grad for n, p in model.named_parameters()}))
-    torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-5, atol=1e-5)
-    for name, grad in outs[0][1].items():
-        torch.testing.assert_close(outs[1][1][name], grad, rtol=1e-4, atol=1e-5, msg=name)
+    assert_same_logits_and_gradients(reference, lean, grad_atol=1e-5)
 
 
 def test_lean_gated_mlp_saves_one_tensor_less():

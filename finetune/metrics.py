@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
+
+import torch
 
 
 class Throughput:
@@ -66,6 +69,17 @@ class Throughput:
 def tokens_per_second(tokens: int, seconds: float) -> float:
     """The one definition of throughput: real tokens over wall seconds (0.0 when no time has passed)."""
     return tokens / seconds if seconds > 0 else 0.0
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """This process's peak memory so far, in MiB: allocated accelerator memory on CUDA (what limits a GPU run),
+    resident memory on the CPU (what limits a CPU run, and what the benchmark's peers are measured by)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource  # POSIX only; not imported at module level so that Windows can still import this module
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 
 
 class MetricsLog:

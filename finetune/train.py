@@ -40,7 +40,7 @@ from .config import Config, config_from_dict
 from .errors import FinetuneError, ModelNotFoundError, TrainingCanceled, UsageError
 from .loss import CausalLMLoss, normalize_loss
 from .manifest import utc_now
-from .metrics import MetricsLog, Throughput
+from .metrics import MetricsLog, Throughput, peak_memory_mb
 from .modeling import (
     attach_lora,
     choose_precision,
@@ -273,7 +273,8 @@ def _train(config, reg, trainings, record, training_id, destination, accelerator
     # ---- publish (main process only)
     summary = {"train_loss": last_loss, "eval_loss": last_eval, "best_eval_loss": best_eval, "steps": step,
                "trained_tokens": tokens_seen, "tokens_per_s": round(speed.tokens_per_second(), 1),
-               "total_time_s": round(time.perf_counter() - wall, 2), "precision": precision, "processes": world}
+               "total_time_s": round(time.perf_counter() - wall, 2), "precision": precision, "processes": world,
+               "device": accelerator.device.type, "peak_memory_mb": round(peak_memory_mb(accelerator.device), 1)}
     accelerator.wait_for_everyone()
     if not main:
         return None

@@ -3,7 +3,7 @@
 
     python scripts/bench_train.py [--data ../shared/data/alpaca_5000.json] [--steps 30] [--warmup 3]
 
-Runs, one after the other, each in its own process (so peak RSS is each contender's own):
+Runs, one after the other, each in its own process (so peak memory is each contender's own):
   1. ours         the real `finetune train` command, with its defaults;
   2. peer-default Trainer + get_peft_model: random sampling, padding to the longest in the batch, fp32;
   3. peer-tuned   the same with train_sampling_strategy="group_by_length" and bf16=True.
@@ -11,11 +11,12 @@ Same model (a Llama built locally with random weights: hidden 512, 8 layers, 8 h
 vocabulary 8192 from a BPE tokenizer trained on the data), same tokenized data and prompt masking (finetune's
 data layer encodes it once for everybody), LoRA r 16 / alpha 32 on all linear layers, batch 8, max length 512,
 lr 2e-4, the same number of steps. It prints real (non-padding) tokens/s over the timed steps (after the
-warm-up), peak RSS, wall time of the whole process, three losses (the training loss at equal trained tokens:
-token-weighted mean over the first N tokens, N = the fewest any contender trained; the held-out loss of each
-final adapter, every contender having trained the same number of steps of 8 examples; and the held-out loss at
-equal trained tokens: each peer's adapter saved at the first step at which it has trained as many tokens as
-ours did in all its steps), our ratios, and the machine's measured bf16/fp32 matmul rates.
+warm-up), peak memory (resident on a CPU; allocated GPU memory on CUDA), wall time of the whole process, three
+losses (the training loss at equal trained tokens: token-weighted mean over the first N tokens, N = the fewest
+any contender trained; the held-out loss of each final adapter, every contender having trained the same number
+of steps of 8 examples; and the held-out loss at equal trained tokens: each peer's adapter saved at the first
+step at which it has trained as many tokens as ours did in all its steps), our ratios, and the machine's
+measured bf16/fp32 matmul rates (on the GPU when there is one).
 """
 
 from __future__ import annotations
@@ -67,18 +68,31 @@ def tokenized(paths: dict, cache: Path):
 
 
 def matmul_rates() -> dict:
+    """Measured GFLOP/s of a square matmul in bf16 and fp32, on the GPU when there is one (what trains there)."""
     import torch
 
+    cuda = torch.cuda.is_available()
+    size, n = (8192, 20) if cuda else (2048, 6)
     out = {}
     for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
-        a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
+        a, b = (torch.randn(size, size, dtype=dtype, device="cuda" if cuda else "cpu") for _ in range(2))
         for _ in range(2):
             a @ b
-        n, t = 6, time.perf_counter()
+        if cuda:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
         for _ in range(n):
             a @ b
-        out[name] = 2 * 2048**3 * n / (time.perf_counter() - t) / 1e9
+        if cuda:
+            torch.cuda.synchronize()
+        out[name] = 2 * size**3 * n / (time.perf_counter() - t) / 1e9
     return out
+
+
+def on_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 # ---------------------------------------------------------------- contenders (each in its own process)
@@ -97,13 +111,16 @@ def run_ours(paths: dict, steps: int, work: Path) -> dict:
     result = _timed_child(cmd, env)
     if result["returncode"] != 0:
         raise SystemExit(f"ours failed:\n{result['stderr'][-3000:]}")
+    from finetune.metrics import MetricsLog
     from finetune.registry import Registry
+    from finetune.trainings import Trainings
 
-    version = Registry(home).resolve("bench/ours")
-    rows = [json.loads(line) for line in (Path(home) / "trainings" / version.metadata["training_id"] /
-                                          "metrics.jsonl").read_text().splitlines()]
+    registry = Registry(home)
+    version, trainings = registry.resolve("bench/ours"), Trainings(registry)
+    rows = MetricsLog(trainings.metrics_path(version.metadata["training_id"])).read()
+    summary = trainings.get(version.metadata["training_id"]).metrics
     return {**result, "steps": [(r["time_s"], r["tokens"]) for r in rows], "losses": [r["loss"] for r in rows],
-            "adapter": str(version.path)}
+            "adapter": str(version.path), "gpu_peak_mb": summary["peak_memory_mb"] if on_gpu() else None}
 
 
 def peer_main(args: argparse.Namespace) -> None:
@@ -169,8 +186,9 @@ def peer_main(args: argparse.Namespace) -> None:
     adapter = Path(args.work) / f"{args.role}-adapter"
     model.save_pretrained(adapter)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    gpu_peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
     print(json.dumps({"steps": [(t - start, n) for t, n in marks], "losses": losses, "adapter": str(adapter),
-                      "at_budget": at_budget}), flush=True)
+                      "at_budget": at_budget, "gpu_peak_mb": gpu_peak}), flush=True)
 
 
 def run_peer(role: str, paths: dict, steps: int, work: Path, budget: int | None) -> dict:
@@ -260,6 +278,8 @@ def main() -> None:
     paths = build_inputs(args.data, work)
     tokenized(paths, work / "cache")  # encode once up front; every contender then reads the same cache
     rates = matmul_rates()
+    # On a GPU what limits a run is the device's memory (allocated peak); on a CPU, the process's resident peak.
+    memory, memory_name = ("gpu_peak_mb", "peak GPU MB") if on_gpu() else ("peak_rss_mb", "peak RSS MB")
     results = {}
     # Interleaved rounds, medians: on a shared machine one run of a contender can be 10-20% off.
     rounds: dict[str, list[dict]] = {role: [] for role in args.only}
@@ -278,9 +298,9 @@ def main() -> None:
     for role, runs in rounds.items():
         r = dict(runs[0])  # training is seeded: every round trains the same tokens to the same adapter
         r["rates"] = [run["rate"] for run in runs]
-        r["peak_rss_rounds"] = [run["peak_rss_mb"] for run in runs]
+        r["memory_rounds"] = [run[memory] for run in runs]
         r["rate"] = statistics.median(r["rates"])
-        r["peak_rss_mb"] = statistics.median(run["peak_rss_mb"] for run in runs)
+        r["memory_mb"] = statistics.median(r["memory_rounds"])
         r["wall_s"] = statistics.median(run["wall_s"] for run in runs)
         r["loss"] = held_out_loss(paths, r["adapter"], work)
         at_budget = next((run["at_budget"] for run in runs if run.get("at_budget")), None)
@@ -304,23 +324,23 @@ def main() -> None:
     print("loss columns: mean training loss over the first N trained tokens (N = the fewest any contender trained);"
           " held-out loss after the same steps; held-out loss at equal tokens (@ours: each peer's adapter from the"
           " first step at which it had trained as many tokens as ours did in all its steps)\n")
-    print(f"{'':13}{'tokens/s':>10}{'of bf16 peak':>14}{'peak RSS MB':>13}{'wall s':>9}{'trained tokens':>16}"
+    print(f"{'':13}{'tokens/s':>10}{'of bf16 peak':>14}{memory_name:>13}{'wall s':>9}{'trained tokens':>16}"
           f"{'train loss @N':>15}{'held-out':>10}{'held-out @ours':>16}")
     for role, r in results.items():
         frac = r["rate"] * flop_per_token / (rates["bf16"] * 1e9)
         at_n = f"{r['loss_at_budget']:.4f}" if "loss_at_budget" in r else "n/a"
-        print(f"{role:13}{r['rate']:>10.0f}{frac:>13.0%} {r['peak_rss_mb']:>12.0f}{r['wall_s']:>9.1f}{r['trained']:>16}"
+        print(f"{role:13}{r['rate']:>10.0f}{frac:>13.0%} {r['memory_mb']:>12.0f}{r['wall_s']:>9.1f}{r['trained']:>16}"
               f"{r['train_loss_at_budget']:>15.4f}{r['loss']:>10.4f}{at_n:>16}   rounds: "
               + " ".join(f"{x:.0f}" for x in r["rates"]) + " tok/s, "
-              + " ".join(f"{x:.0f}" for x in r["peak_rss_rounds"]) + " MB")
+              + " ".join(f"{x:.0f}" for x in r["memory_rounds"]) + " MB")
     print(f"N = {budget} tokens; held-out @ours taken at " + ", ".join(
         f"{r['tokens_at_budget']} tokens ({role})" for role, r in results.items() if "tokens_at_budget" in r))
     if "ours" in results:
         ours = results["ours"]
         for role in (r for r in results if r != "ours"):
             peer = results[role]
-            line = (f"\nours vs {role}: speed x{ours['rate'] / peer['rate']:.2f}, peak RSS x"
-                    f"{ours['peak_rss_mb'] / peer['peak_rss_mb']:.2f}, wall x{ours['wall_s'] / peer['wall_s']:.2f}, "
+            line = (f"\nours vs {role}: speed x{ours['rate'] / peer['rate']:.2f}, {memory_name[:-3]} x"
+                    f"{ours['memory_mb'] / peer['memory_mb']:.2f}, wall x{ours['wall_s'] / peer['wall_s']:.2f}, "
                     f"train loss @N {_pct(ours['train_loss_at_budget'], peer['train_loss_at_budget'])}, "
                     f"held-out after the same steps {_pct(ours['loss'], peer['loss'])}")
             if "loss_at_budget" in peer:

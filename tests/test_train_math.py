@@ -18,7 +18,7 @@ from finetune.batching import collate_packed, label_count
 from finetune.config import LoraConfig, config_from_dict
 from finetune.data import prepare
 from finetune.loss import CausalLMLoss, normalize_loss
-from finetune.metrics import Throughput, tokens_per_second
+from finetune.metrics import Throughput, peak_memory_mb, tokens_per_second
 from finetune.modeling import attach_lora
 from finetune.registry import Registry
 from finetune.sources import import_base
@@ -228,3 +228,13 @@ def test_tokens_per_second_definition():
     assert tokens_per_second(500, 2.0) == 250.0
     assert tokens_per_second(500, 0.0) == 0.0
     assert tokens_per_second(0, 3.0) == 0.0
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the kernel's own peak from /proc")
+def test_peak_memory_is_the_processes_resident_peak_in_mib():
+    held = torch.ones(64 * 2**20)  # 256 MiB, written, so resident
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+    kernel_peak_mb = int(status["VmHWM"].split()[0]) / 1024
+    assert peak_memory_mb(torch.device("cpu")) == pytest.approx(kernel_peak_mb, rel=0.01)
+    assert kernel_peak_mb > 256
+    del held

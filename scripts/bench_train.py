@@ -89,12 +89,6 @@ def matmul_rates() -> dict:
     return out
 
 
-def on_gpu() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 # ---------------------------------------------------------------- contenders (each in its own process)
 def run_ours(paths: dict, steps: int, work: Path) -> dict:
     """The real `finetune train` CLI with default settings (bar the shared benchmark parameters)."""
@@ -120,7 +114,7 @@ def run_ours(paths: dict, steps: int, work: Path) -> dict:
     rows = MetricsLog(trainings.metrics_path(version.metadata["training_id"])).read()
     summary = trainings.get(version.metadata["training_id"]).metrics
     return {**result, "steps": [(r["time_s"], r["tokens"]) for r in rows], "losses": [r["loss"] for r in rows],
-            "adapter": str(version.path), "gpu_peak_mb": summary["peak_memory_mb"] if on_gpu() else None}
+            "adapter": str(version.path), "gpu_peak_mb": summary["peak_memory_mb"] if summary["device"] == "cuda" else None}
 
 
 def peer_main(args: argparse.Namespace) -> None:
@@ -256,6 +250,8 @@ def held_out_loss(paths: dict, adapter: str, work: Path) -> float:
 
 
 def main() -> None:
+    import torch
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--steps", type=int, default=30, help="timed steps (after the warm-up)")
@@ -279,7 +275,7 @@ def main() -> None:
     tokenized(paths, work / "cache")  # encode once up front; every contender then reads the same cache
     rates = matmul_rates()
     # On a GPU what limits a run is the device's memory (allocated peak); on a CPU, the process's resident peak.
-    memory, memory_name = ("gpu_peak_mb", "peak GPU MB") if on_gpu() else ("peak_rss_mb", "peak RSS MB")
+    memory, memory_name = ("gpu_peak_mb", "peak GPU MB") if torch.cuda.is_available() else ("peak_rss_mb", "peak RSS MB")
     results = {}
     # Interleaved rounds, medians: on a shared machine one run of a contender can be 10-20% off.
     rounds: dict[str, list[dict]] = {role: [] for role in args.only}

@@ -73,7 +73,7 @@ def config_changes(first: dict[str, Any], other: dict[str, Any]) -> dict[str, tu
 
 
 def _check_same_base(reg: Registry, versions: list[Version]) -> None:
-    from .sources import resolve_model
+    from .registry.sources import resolve_model
 
     bases = [resolve_model(reg, v.ref).base for v in versions]
     first = bases[0].to_dict()
@@ -88,14 +88,14 @@ def _check_same_base(reg: Registry, versions: list[Version]) -> None:
 
 def _eval_examples(loaded: LoadedVersion, path: str) -> list[dict[str, list[int]]]:
     """The eval file as token ids and labels, encoded with ``loaded``'s format, tokenizer and data settings."""
-    from . import data as data_mod
     from .config import DataConfig, TrainConfig
+    from .data.prepare import prepare
 
     config = loaded.version.metadata.get("config") or {}
     data_cfg, train_cfg = config.get("data") or {}, config.get("train") or {}
     defaults_data, defaults_train = DataConfig(path="-"), TrainConfig()
     fmt = (loaded.version.metadata.get("prompt_format") or {}).get("name") or "auto"  # a base: as the file reads
-    prepared = data_mod.prepare(
+    prepared = prepare(
         path, fmt, loaded.tokenizer,
         max_seq_len=data_cfg.get("max_seq_len", defaults_data.max_seq_len),
         train_on_inputs=train_cfg.get("train_on_inputs", defaults_train.train_on_inputs),
@@ -108,8 +108,8 @@ def eval_loss(loaded: LoadedVersion, examples: Sequence[dict[str, list[int]]], b
     """Mean token cross-entropy of ``loaded.model`` over ``examples`` (summed token loss / label tokens)."""
     import torch
 
-    from .batching import collate_padded, pad_id
-    from .loss import CausalLMLoss
+    from .data.batching import collate_padded, pad_id
+    from .modeling.ops.loss import CausalLMLoss
 
     loss_model = CausalLMLoss(loaded.model)
     pad = pad_id(loaded.tokenizer)
@@ -158,13 +158,13 @@ def compare_versions(
     comparison = Comparison(reports, reference=reference.ref if reference else None, eval_file=eval_file)
     if eval_file is None and prompts_file is None:
         return comparison
-    from . import data as data_mod
-    from .batching import label_count
+    from .data.batching import label_count
+    from .data.records import read_records
     from .inference import generate, load_version, prompt_format_of, prompt_from_record
 
     if eval_file is not None:
         _check_same_base(reg, versions)
-    records = data_mod.read_records(prompts_file).to_list() if prompts_file is not None else []
+    records = read_records(prompts_file).to_list() if prompts_file is not None else []
     comparison.prompts = [_prompt_label(r) for r in records]
     # Every record is checked against every version's format before the first model loads: a bad one fails fast.
     prompts = [[prompt_from_record(prompt_format_of(v), r, f"{prompts_file} record {i}")

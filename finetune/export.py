@@ -17,8 +17,8 @@ from typing import Any
 
 from .atomic import remove_tree, rename_noreplace
 from .errors import AlreadyExistsError, RegistryAccessError, UsageError
-from .manifest import MANIFEST
 from .registry import Registry, Version
+from .registry.manifest import MANIFEST
 
 FORMATS = ("adapter", "merged")
 _SAVE_DTYPES = ("auto", "fp32", "bf16", "fp16")
@@ -92,7 +92,7 @@ def _save_merged(reg: Registry, ref: str, stage: Path, dtype: str) -> None:
     import torch
 
     from .inference import load_version
-    from .modeling import torch_dtype
+    from .modeling.precision import torch_dtype
 
     loaded = load_version(reg, ref, device="cpu", merge=True, precision="fp32")
     model = loaded.model

@@ -18,18 +18,14 @@ from typing import Any
 
 import torch
 
-from . import data as data_mod
+from .data.formats import alpaca_prompt, encode_prompt, prompt_for
+from .data.records import read_records
 from .errors import DataError, IntegrityError, ModelLoadError, UsageError, one_line
-from .manifest import check_version_dir
-from .modeling import (
-    attach_lora,
-    choose_precision,
-    load_base_model,
-    load_tokenizer,
-    torch_dtype,
-)
+from .modeling.load import attach_lora, load_base_model, load_tokenizer
+from .modeling.precision import choose_precision, torch_dtype
 from .registry import Registry, Version
-from .sources import ResolvedModel, resolve_model
+from .registry.manifest import check_version_dir
+from .registry.sources import ResolvedModel, resolve_model
 
 DEVICES = ("auto", "cpu", "gpu", "cuda")
 
@@ -227,14 +223,14 @@ def prompt_from_record(fmt: str, record: dict[str, Any], where: str) -> Prompt:
         if not isinstance(instruction, str) or not instruction.strip() or not isinstance(extra, str):
             raise DataError(f"{where}: 'instruction' must be a non-empty string and 'input' a string")
         # prompt_for takes the instruction alone; an input needs the with-input variant of the template.
-        return Prompt(data_mod.alpaca_prompt(instruction, extra), rendered=True, record=record)
+        return Prompt(alpaca_prompt(instruction, extra), rendered=True, record=record)
     raise DataError(f"{where}: no 'prompt' field (fields: {sorted(fields)})",
                     "each record needs 'prompt', or 'instruction'/'input' for alpaca-trained versions")
 
 
 def load_prompts(path: str, fmt: str) -> list[Prompt]:
     """Read a prompts file (JSONL, JSON, CSV or Parquet; one record per prompt) for a version of format ``fmt``."""
-    records = data_mod.read_records(path).to_list()  # refuses a missing, empty or malformed file, naming it
+    records = read_records(path).to_list()  # refuses a missing, empty or malformed file, naming it
     return [prompt_from_record(fmt, record, f"{path} record {i}") for i, record in enumerate(records, 1)]
 
 
@@ -247,9 +243,9 @@ def prompt_ids(loaded: LoadedVersion, prompt: Prompt | str | list[dict], system:
     else:
         if isinstance(prompt.value, str) and not prompt.value.strip() and fmt != "text":
             raise UsageError("the prompt is empty", "give the text to complete")
-        text = data_mod.prompt_for(fmt, loaded.tokenizer, prompt.value, system=system)
+        text = prompt_for(fmt, loaded.tokenizer, prompt.value, system=system)
     assert isinstance(text, str)
-    return data_mod.encode_prompt(fmt, loaded.tokenizer, text)
+    return encode_prompt(fmt, loaded.tokenizer, text)
 
 
 # ------------------------------------------------------------------ generation

@@ -57,12 +57,12 @@ def tokenized(paths: dict, cache: Path):
     """The data exactly as finetune encodes it (alpaca prompt, loss on completions only)."""
     from transformers import AutoTokenizer
 
-    from finetune import data
+    import finetune.data.prepare as preparing
 
     tok = AutoTokenizer.from_pretrained(paths["model"])
-    train = data.prepare(paths["train"], "alpaca", tok, max_seq_len=MAX_LEN, train_on_inputs=False,
+    train = preparing.prepare(paths["train"], "alpaca", tok, max_seq_len=MAX_LEN, train_on_inputs=False,
                          cache_dir=str(cache)).train
-    held_out = data.prepare(paths["eval"], "alpaca", tok, max_seq_len=MAX_LEN, train_on_inputs=False,
+    held_out = preparing.prepare(paths["eval"], "alpaca", tok, max_seq_len=MAX_LEN, train_on_inputs=False,
                             cache_dir=str(cache)).train
     return tok, train, held_out
 
@@ -105,9 +105,9 @@ def run_ours(paths: dict, steps: int, work: Path) -> dict:
     result = _timed_child(cmd, env)
     if result["returncode"] != 0:
         raise SystemExit(f"ours failed:\n{result['stderr'][-3000:]}")
-    from finetune.metrics import MetricsLog
     from finetune.registry import Registry
-    from finetune.trainings import Trainings
+    from finetune.registry.jobs import Trainings
+    from finetune.training.metrics import MetricsLog
 
     registry = Registry(home)
     version, trainings = registry.resolve("bench/ours"), Trainings(registry)
@@ -230,9 +230,9 @@ def held_out_loss(paths: dict, adapter: str, work: Path) -> float:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from finetune.batching import collate_packed
-    from finetune.loss import CausalLMLoss
-    from finetune.modeling import attach_lora
+    from finetune.data.batching import collate_packed
+    from finetune.modeling.load import attach_lora
+    from finetune.modeling.ops.loss import CausalLMLoss
 
     _, _, held_out = tokenized(paths, work / "cache")
     model = attach_lora(AutoModelForCausalLM.from_pretrained(paths["model"], dtype=torch.float32), None,

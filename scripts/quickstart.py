@@ -40,9 +40,9 @@ def main() -> int:
     from finetune.config import load_config
     from finetune.errors import FinetuneError
     from finetune.inference import GenerationSettings, generate, load_version, prompt_from_record
-    from finetune.sources import import_base
+    from finetune.registry.sources import import_base
     from finetune.tiny import build_tiny_model, load_sample_records
-    from finetune.train import run_training
+    from finetune.training.run import run_training
 
     reg = Registry(args.registry)
     print(f"registry: {reg.root}")

@@ -9,14 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune.config import (
-    Config,
-    DataConfig,
-    LoraConfig,
-    TrainConfig,
-    config_from_dict,
-    load_config,
-)
+from finetune.config import Config, DataConfig, LoraConfig, TrainConfig, config_from_dict, load_config
 from finetune.errors import ConfigError, UsageError
 
 MINIMAL = """\

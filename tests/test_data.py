@@ -10,15 +10,11 @@ from pathlib import Path
 import datasets
 import pytest
 
-from finetune import data
-from finetune.data import (
-    IGNORE_INDEX,
-    encode_prompt,
-    encode_record,
-    prepare,
-    prompt_for,
-    read_records,
-)
+import finetune.data.prepare as preparing
+from finetune.data import formats
+from finetune.data.formats import IGNORE_INDEX, encode_prompt, encode_record, prompt_for
+from finetune.data.prepare import prepare
+from finetune.data.records import read_records
 from finetune.errors import DataError, UsageError
 from finetune.tiny import train_tokenizer
 
@@ -55,10 +51,10 @@ def write_jsonl(path: Path, rows) -> Path:
 
 
 def test_alpaca_template_text_is_exact():
-    assert data.alpaca_prompt("Do X.") == (
+    assert formats.alpaca_prompt("Do X.") == (
         "Below is an instruction that describes a task. Write a response that appropriately completes the request."
         "\n\n### Instruction:\nDo X.\n\n### Response:\n")
-    assert data.alpaca_prompt("Do X.", "some input") == (
+    assert formats.alpaca_prompt("Do X.", "some input") == (
         "Below is an instruction that describes a task, paired with an input that provides further context. "
         "Write a response that appropriately completes the request.\n\n### Instruction:\nDo X.\n\n"
         "### Input:\nsome input\n\n### Response:\n")
@@ -159,12 +155,12 @@ def test_inference_prompt_with_system_and_text(tok):
     (["text", "meta"], "text"),
 ])
 def test_detect_format(columns, fmt):
-    assert data.detect_format(columns) == fmt
+    assert formats.detect_format(columns) == fmt
 
 
 def test_unknown_columns_error_lists_columns_and_needs():
     with pytest.raises(DataError, match=r"\['answer', 'question'\].*alpaca needs 'instruction' and 'output'"):
-        data.detect_format(["question", "answer"])
+        formats.detect_format(["question", "answer"])
 
 
 def test_field_errors_name_line_and_field(tmp_path, tok):
@@ -262,7 +258,7 @@ def test_prepare_info_and_columns(tmp_path, tok):
     assert info["train_tokens"] == sum(result.train["length"])
     assert info["label_tokens"] == sum(lab != IGNORE_INDEX for row in result.train["labels"] for lab in row)
     assert result.train[0]["input_ids"] == encode_record(ALPACA, "alpaca", tok, False)[0]  # order kept
-    assert "\n" not in data.format_summary(info) and "alpaca" in data.format_summary(info)
+    assert "\n" not in preparing.format_summary(info) and "alpaca" in preparing.format_summary(info)
 
 
 def test_prepare_messages_records_template_hash(tmp_path, tok):
@@ -317,15 +313,15 @@ def test_cache_hit_skips_tokenization_and_misses_on_change(tmp_path, tok, monkey
     kw = dict(max_seq_len=64, train_on_inputs=False, eval=0.5, cache_dir=str(cache))
     first = prepare(str(path), "auto", tok, **kw)
     assert first.info["cache_hit"] is False
-    real = data._encode_dataset
-    monkeypatch.setattr(data, "_encode_dataset", lambda *a, **k: pytest.fail("tokenized despite a cache entry"))
+    real = preparing._encode_dataset
+    monkeypatch.setattr(preparing, "_encode_dataset", lambda *a, **k: pytest.fail("tokenized despite a cache entry"))
     second = prepare(str(path), "auto", tok, **kw)
     assert second.info["cache_hit"] is True
     assert second.train["input_ids"] == first.train["input_ids"] and second.eval["labels"] == first.eval["labels"]
     assert {k: v for k, v in second.info.items() if k != "cache_hit"} == \
            {k: v for k, v in first.info.items() if k != "cache_hit"}
     assert [p.name for p in cache.iterdir() if p.name.startswith(".tmp")] == []
-    monkeypatch.setattr(data, "_encode_dataset", real)
+    monkeypatch.setattr(preparing, "_encode_dataset", real)
     assert prepare(str(path), "auto", tok, **{**kw, "max_seq_len": 65}).info["cache_hit"] is False
     assert prepare(str(path), "auto", tok, **{**kw, "train_on_inputs": True}).info["cache_hit"] is False
     write_jsonl(path, [{"prompt": f"q{i}", "completion": "c"} for i in range(6)])
@@ -340,9 +336,9 @@ def test_bad_arguments_are_usage_errors(tmp_path, tok):
 
 
 def test_tokenizer_fingerprint_tracks_what_decides_ids(tok):
-    before = data.tokenizer_fingerprint(tok)
+    before = preparing.tokenizer_fingerprint(tok)
     tok(["a b c d e f", "a"], padding=True, truncation=True, max_length=3)  # leaves call-time state behind
-    assert data.tokenizer_fingerprint(tok) == before
+    assert preparing.tokenizer_fingerprint(tok) == before
     other = copy.deepcopy(tok)
     other.chat_template = tok.chat_template + " "
-    assert data.tokenizer_fingerprint(other) != before
+    assert preparing.tokenizer_fingerprint(other) != before

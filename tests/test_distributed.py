@@ -24,9 +24,9 @@ from safetensors.torch import load_file
 from finetune import atomic
 from finetune.cli import main
 from finetune.registry import Registry
-from finetune.sources import import_base
+from finetune.registry.jobs import Trainings
+from finetune.registry.sources import import_base
 from finetune.tiny import sample_data_path
-from finetune.trainings import Trainings
 
 LAUNCH = Path(__file__).resolve().parents[1] / "scripts" / "launch.py"
 STEPS = 4

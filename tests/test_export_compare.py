@@ -13,17 +13,19 @@ import torch.nn.functional as F
 from helpers import assert_one_line_error
 
 import finetune
-from finetune import atomic, data
+import finetune.data.prepare as preparing
+from finetune import atomic
 from finetune.cli import main
 from finetune.compare import compare_versions, config_changes
 from finetune.config import config_from_dict
+from finetune.data import formats
 from finetune.errors import AlreadyExistsError, UsageError
 from finetune.export import export
 from finetune.inference import GenerationSettings, generate, load_version
 from finetune.registry import Registry
-from finetune.sources import import_base
+from finetune.registry.sources import import_base
 from finetune.tiny import load_sample_records, sample_data_path
-from finetune.train import run_training
+from finetune.training.run import run_training
 
 BASE = "local/tiny:1"
 
@@ -123,8 +125,8 @@ def test_compare_encodes_the_eval_file_once_and_scores_every_version(built: dict
     eval_file = tmp_path / "eval.jsonl"
     eval_file.write_text("".join(json.dumps(r) + "\n" for r in load_sample_records()[40:52]))
     calls = []
-    real_prepare = data.prepare
-    monkeypatch.setattr(data, "prepare", lambda *a, **k: calls.append(a) or real_prepare(*a, **k))
+    real_prepare = preparing.prepare
+    monkeypatch.setattr(preparing, "prepare", lambda *a, **k: calls.append(a) or real_prepare(*a, **k))
     result = compare_versions(reg, ["alice/m:1", "alice/m:2", BASE], eval_file=str(eval_file))
     assert len(calls) == 1  # one encoding, reused for all three
     losses = [r.eval_loss for r in result.reports]
@@ -135,12 +137,12 @@ def test_compare_encodes_the_eval_file_once_and_scores_every_version(built: dict
     loaded = load_version(reg, "alice/m:2")
     total = count = 0.0
     for record in load_sample_records()[40:52]:
-        ids, labels = data.encode_record(record, "alpaca", loaded.tokenizer, train_on_inputs=False)
+        ids, labels = formats.encode_record(record, "alpaca", loaded.tokenizer, train_on_inputs=False)
         with torch.no_grad():
             logits = loaded.model(torch.tensor([ids])).logits[0, :-1]
         targets = torch.tensor(labels[1:])
-        total += float(F.cross_entropy(logits, targets, ignore_index=data.IGNORE_INDEX, reduction="sum"))
-        count += int((targets != data.IGNORE_INDEX).sum())
+        total += float(F.cross_entropy(logits, targets, ignore_index=formats.IGNORE_INDEX, reduction="sum"))
+        count += int((targets != formats.IGNORE_INDEX).sum())
     assert losses[1] == pytest.approx(total / count, rel=1e-4)
     assert result.eval_label_tokens == count
 

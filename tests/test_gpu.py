@@ -3,7 +3,7 @@
 import pytest
 
 from finetune.config import config_from_dict
-from finetune.sources import import_base
+from finetune.registry.sources import import_base
 from finetune.tiny import sample_data_path
 
 pytestmark = pytest.mark.gpu
@@ -13,7 +13,7 @@ def test_train_and_load_on_gpu(tiny_model_dir, registry):
     import torch
 
     import finetune
-    from finetune.train import run_training
+    from finetune.training.run import run_training
 
     import_base(registry, "local/tiny", str(tiny_model_dir))
     cfg = config_from_dict({"base_model": "local/tiny:1", "data": {"path": str(sample_data_path())},

@@ -20,22 +20,17 @@ from helpers import assert_one_line_error
 from safetensors.torch import load_file
 
 import finetune
-from finetune import atomic, data, inference
+from finetune import atomic, inference
 from finetune.cli import main
 from finetune.config import config_from_dict
+from finetune.data import formats
 from finetune.errors import IntegrityError, ModelLoadError, UsageError
-from finetune.inference import (
-    GenerationSettings,
-    Prompt,
-    generate,
-    load_version,
-    resolve_device,
-)
-from finetune.lineage import lineage
+from finetune.inference import GenerationSettings, Prompt, generate, load_version, resolve_device
 from finetune.registry import Registry
-from finetune.sources import import_base
+from finetune.registry.lineage import lineage
+from finetune.registry.sources import import_base
 from finetune.tiny import load_sample_records, sample_data_path
-from finetune.train import run_training
+from finetune.training.run import run_training
 
 BASE = "local/tiny:1"
 SETTINGS = GenerationSettings(max_new_tokens=8)
@@ -145,9 +140,9 @@ def test_predict_formats_the_prompt_as_training_did(built: dict, capsys):
     loaded = load_version(reg, "alice/m:1")
     assert loaded.prompt_format == "alpaca"
     ids = inference.prompt_ids(loaded, "Name a color.")
-    train_ids, labels = data.encode_record({"instruction": "Name a color.", "input": "", "output": "red"}, "alpaca",
+    train_ids, labels = formats.encode_record({"instruction": "Name a color.", "input": "", "output": "red"}, "alpaca",
                                            loaded.tokenizer, train_on_inputs=False)
-    prompt_len = labels.index(next(t for t in labels if t != data.IGNORE_INDEX))
+    prompt_len = labels.index(next(t for t in labels if t != formats.IGNORE_INDEX))
     assert ids == train_ids[:prompt_len]  # exactly the tokens training put before the completion
 
     # The CLI prints only the completion: greedy generate on those ids, new tokens only, up to eos.
@@ -190,7 +185,7 @@ def test_predict_file_writes_one_jsonl_line_per_prompt(built: dict, capsys, tmp_
     assert [{k: v for k, v in line.items() if k != "completion"} for line in lines] == rows
     loaded = load_version(reg, "alice/m:1")
     single = generate(loaded, "Name a color.", SETTINGS)
-    with_input = generate(loaded, Prompt(data.alpaca_prompt("Add the numbers.", "2 and 3"), rendered=True), SETTINGS)
+    with_input = generate(loaded, Prompt(formats.alpaca_prompt("Add the numbers.", "2 and 3"), rendered=True), SETTINGS)
     assert [line["completion"] for line in lines] == [single, with_input, single]
 
 

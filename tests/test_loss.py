@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from finetune import loss as loss_mod
-from finetune.loss import CausalLMLoss
+from finetune.modeling.ops import loss as loss_mod
+from finetune.modeling.ops.loss import CausalLMLoss
 
 
 class _Head(nn.Module):

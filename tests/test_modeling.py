@@ -9,7 +9,7 @@ from peft import LoraConfig, get_peft_model
 from peft.tuners.lora.layer import Linear as LoraLinear
 from torch import nn
 
-from finetune.modeling import fuse_lora_updates
+from finetune.modeling.ops.lora import fuse_lora_updates
 
 
 class TwoLinears(nn.Module):
@@ -78,7 +78,7 @@ def test_fused_update_under_bf16_autocast_matches_peft_forward():
 
 def test_fused_update_with_a_trained_base_layer_still_matches(monkeypatch: pytest.MonkeyPatch):
     """A base layer that trains too needs its own gradients: the fused update keeps autograd for it."""
-    from finetune import modeling
+    from finetune.modeling.ops import lora as modeling
 
     reference = adapted()
     reference.requires_grad_(True)
@@ -146,7 +146,7 @@ def assert_same_logits_and_gradients(reference: nn.Module, changed: nn.Module, g
 def test_lean_rms_norm_matches_llama_forward_and_gradients(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    from finetune.modeling import fuse_rms_norms
+    from finetune.modeling.ops.norms import fuse_rms_norms
 
     reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     lean = copy.deepcopy(reference)
@@ -158,7 +158,7 @@ def test_lean_rms_norm_matches_llama_forward_and_gradients(tiny_model_dir):
 def test_only_llama_style_norms_are_changed():
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-    from finetune.modeling import fuse_rms_norms
+    from finetune.modeling.ops.norms import fuse_rms_norms
 
     class OffsetNorm(LlamaRMSNorm):  # Gemma-style (1 + weight): another formula, must keep its own forward
         def forward(self, hidden_states):
@@ -172,7 +172,7 @@ def test_only_llama_style_norms_are_changed():
 def test_lean_gated_mlp_matches_llama_forward_and_gradients(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    from finetune.modeling import fuse_gated_mlps
+    from finetune.modeling.ops.mlp import fuse_gated_mlps
 
     reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     lean = copy.deepcopy(reference)
@@ -184,7 +184,7 @@ def test_lean_gated_mlp_saves_one_tensor_less():
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaMLP
 
-    from finetune.modeling import fuse_gated_mlps
+    from finetune.modeling.ops.mlp import fuse_gated_mlps
 
     mlp = LlamaMLP(LlamaConfig(hidden_size=16, intermediate_size=40, num_attention_heads=2, hidden_act="silu"))
     x = torch.randn(3, 16, requires_grad=True)
@@ -204,7 +204,7 @@ def test_only_silu_llama_mlps_are_changed():
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaMLP
 
-    from finetune.modeling import fuse_gated_mlps
+    from finetune.modeling.ops.mlp import fuse_gated_mlps
 
     gelu = LlamaMLP(LlamaConfig(hidden_size=8, intermediate_size=16, num_attention_heads=2, hidden_act="gelu"))
 

@@ -17,8 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from finetune.attention import VARLEN_ATTENTION, register_varlen_attention
-from finetune.batching import (
+from finetune.data.batching import (
     IGNORE_INDEX,
     collate_packed,
     collate_padded,
@@ -27,8 +26,9 @@ from finetune.batching import (
     plan_epoch,
     real_tokens,
 )
-from finetune.data import prepare
-from finetune.loss import CausalLMLoss
+from finetune.data.prepare import prepare
+from finetune.modeling.ops.attention import VARLEN_ATTENTION, register_varlen_attention
+from finetune.modeling.ops.loss import CausalLMLoss
 from finetune.tiny import sample_data_path
 
 ATOL = 1e-5  # fp32 logits of magnitude ~1-10; another summation order stays far below this

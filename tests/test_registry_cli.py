@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 from helpers import assert_one_line_error, snapshot
 
-from finetune import atomic, sources
+from finetune import atomic
 from finetune.cli import main
 from finetune.errors import ModelLoadError
-from finetune.registry import MANIFEST, Registry
+from finetune.registry import MANIFEST, Registry, sources
 
 
 @pytest.fixture(autouse=True)

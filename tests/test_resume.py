@@ -26,17 +26,17 @@ from safetensors.torch import load_file
 
 from finetune import atomic
 from finetune.cli import main
-from finetune.metrics import MetricsLog
 from finetune.registry import Registry
-from finetune.sources import import_base
+from finetune.registry.jobs import Trainings
+from finetune.registry.sources import import_base
 from finetune.tiny import sample_data_path
-from finetune.trainings import Trainings
+from finetune.training.metrics import MetricsLog
 
 STEPS, HANG_AFTER = 8, 5
 # The killed process loads, trains steps 1-5 and then waits (at most this long) to be killed.
 RUN_UNTIL_KILLED = f"""
 import sys, time
-import finetune.train as train
+import finetune.training.run as train
 calls = 0
 check = train._StopFlag.check
 def stand_still(self, accelerator):

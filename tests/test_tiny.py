@@ -11,13 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import finetune
 from finetune.errors import AlreadyExistsError, UsageError
-from finetune.tiny import (
-    alpaca_texts,
-    build_tiny_model,
-    load_sample_records,
-    sample_data_path,
-    train_tokenizer,
-)
+from finetune.tiny import alpaca_texts, build_tiny_model, load_sample_records, sample_data_path, train_tokenizer
 
 CHAT = [
     {"role": "system", "content": "Answer briefly."},

@@ -24,11 +24,11 @@ import yaml
 
 from finetune import atomic
 from finetune.cli import main
-from finetune.metrics import MetricsLog
 from finetune.registry import Registry
-from finetune.sources import import_base
+from finetune.registry.jobs import Trainings
+from finetune.registry.sources import import_base
 from finetune.tiny import sample_data_path
-from finetune.trainings import Trainings
+from finetune.training.metrics import MetricsLog
 
 DEST = "alice/e2e"
 STEPS = 4
@@ -293,7 +293,7 @@ def record_steps(runs: dict, training_id: str) -> int:
 
 def _in_process(runs: dict, destination: str, **train: object):
     from finetune.config import load_config
-    from finetune.train import run_training
+    from finetune.training.run import run_training
 
     config = load_config(runs["config"], [f"train.{k}={v}" for k, v in train.items()])
     return run_training(config, registry=runs["reg"], destination=destination, create_destination=True,
@@ -323,7 +323,7 @@ def test_cancel_marker_alone_stops_the_run(runs: dict, monkeypatch: pytest.Monke
 
 
 def test_crash_mid_run_ends_failed_with_the_reason(runs: dict, monkeypatch: pytest.MonkeyPatch):
-    from finetune.loss import CausalLMLoss
+    from finetune.modeling.ops.loss import CausalLMLoss
 
     monkeypatch.setattr(atomic, "_FSYNC", False)
     forward = CausalLMLoss.forward
@@ -357,7 +357,7 @@ def test_resuming_a_run_killed_after_publishing_settles_it_without_a_second_vers
         runs: dict, monkeypatch: pytest.MonkeyPatch):
     """A kill between the publish and the record update leaves a 'processing' record; --resume must not
     train and publish again."""
-    from finetune.train import run_training
+    from finetune.training.run import run_training
 
     monkeypatch.setattr(atomic, "_FSYNC", False)
     trainings = Trainings(runs["reg"])

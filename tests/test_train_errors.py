@@ -20,9 +20,9 @@ from finetune import atomic
 from finetune.cli import main
 from finetune.errors import ModelNotFoundError
 from finetune.registry import Registry
-from finetune.sources import import_base
+from finetune.registry.jobs import Trainings
+from finetune.registry.sources import import_base
 from finetune.tiny import sample_data_path
-from finetune.trainings import Trainings
 
 DEST = "err/dest"
 

@@ -13,17 +13,17 @@ import torch
 from safetensors.torch import load_file
 
 from finetune import atomic
-from finetune.attention import VARLEN_ATTENTION
-from finetune.batching import collate_packed, label_count
 from finetune.config import LoraConfig, config_from_dict
-from finetune.data import prepare
-from finetune.loss import CausalLMLoss, normalize_loss
-from finetune.metrics import Throughput, peak_memory_mb, tokens_per_second
-from finetune.modeling import attach_lora
+from finetune.data.batching import collate_packed, label_count
+from finetune.data.prepare import prepare
+from finetune.modeling.load import attach_lora
+from finetune.modeling.ops.attention import VARLEN_ATTENTION
+from finetune.modeling.ops.loss import CausalLMLoss, normalize_loss
 from finetune.registry import Registry
-from finetune.sources import import_base
+from finetune.registry.sources import import_base
 from finetune.tiny import sample_data_path
-from finetune.train import run_training
+from finetune.training.metrics import Throughput, peak_memory_mb, tokens_per_second
+from finetune.training.run import run_training
 
 ATOL = 1e-6  # gradients: same computation, different summation order
 # Adapters after a few Adam steps: Adam divides by sqrt(v), so the ~1e-7 relative noise of small gradients (padded
@@ -38,7 +38,7 @@ def setup(tiny_model_dir: Path) -> dict:
     label-token counts."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from finetune.attention import register_varlen_attention
+    from finetune.modeling.ops.attention import register_varlen_attention
 
     register_varlen_attention()
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -152,7 +152,7 @@ def _train(reg: Registry, destination: str, **train: object):
         "train": {"precision": "fp32", "lr": 1e-2, "scheduler": "constant", **train},
     })
     result = run_training(cfg, registry=reg, destination=destination, create_destination=True, progress=False)
-    from finetune.trainings import Trainings
+    from finetune.registry.jobs import Trainings
 
     return load_file(str(result.version.path / "adapter_model.safetensors")), \
         Trainings(reg).metrics_path(result.record.id)
@@ -173,7 +173,7 @@ def test_grad_accum_4x2_equals_one_batch_of_8(registry_with_base: Registry, pack
     moved = max(float(big[k].abs().max()) for k in big if "lora_B" in k)
     assert moved > 1e-2  # training did change the adapter
     assert diff < ADAPTER_ATOL, diff
-    from finetune.metrics import MetricsLog
+    from finetune.training.metrics import MetricsLog
 
     losses = [[r["loss"] for r in MetricsLog(p).read()] for p in (accum_metrics, big_metrics)]
     assert len(losses[0]) == 3

@@ -25,10 +25,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import atomic
-from .errors import ConflictError, TrainingNotFoundError, UsageError
+from .. import atomic
+from ..errors import ConflictError, TrainingNotFoundError, UsageError
 from .manifest import utc_now
-from .registry import Registry, process_alive
+from .store import Registry, process_alive
 
 STATUSES = ("starting", "processing", "succeeded", "failed", "canceled")
 FINAL = ("succeeded", "failed", "canceled")

@@ -32,8 +32,8 @@ from typing import Any
 
 from filelock import FileLock
 
-from . import atomic
-from .errors import (
+from .. import atomic
+from ..errors import (
     AlreadyExistsError,
     AmbiguousRefError,
     ConflictError,
@@ -44,20 +44,16 @@ from .errors import (
     UsageError,
     VersionNotFoundError,
 )
+from ..names import check_alias, check_name, parse_model_name, parse_ref
 from .manifest import (
     FORMAT_VERSION,
     MANIFEST,
     Version,
     check_version_dir,
     manifest_id,
-    read_manifest,
     software_versions,
     utc_now,
 )
-from .names import check_alias, check_name, parse_model_name, parse_ref
-
-__all__ = ["FORMAT_VERSION", "HARDWARE", "MANIFEST", "VISIBILITIES", "Model", "Registry", "Version", "check_version_dir", "manifest_id",
-           "read_manifest", "software_versions", "utc_now"]
 
 VISIBILITIES = ("private", "public")
 HARDWARE = ("cpu", "gpu", "auto")

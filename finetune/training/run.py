@@ -23,9 +23,8 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import broadcast_object_list, set_seed
 from transformers import get_scheduler
 
-from . import data as data_mod
-from .attention import VARLEN_ATTENTION
-from .batching import (
+from ..config import Config, config_from_dict
+from ..data.batching import (
     PACK_MULTIPLE,
     Window,
     collate_packed,
@@ -35,28 +34,23 @@ from .batching import (
     plan_epoch,
     real_tokens,
 )
+from ..data.prepare import format_summary, prepare
+from ..errors import FinetuneError, ModelNotFoundError, TrainingCanceled, UsageError
+from ..modeling.load import attach_lora, load_base_model, load_tokenizer
+from ..modeling.ops.attention import VARLEN_ATTENTION
+from ..modeling.ops.lora import fuse_lora_updates, keep_activations_in_compute_dtype
+from ..modeling.ops.loss import CausalLMLoss, normalize_loss
+from ..modeling.ops.mlp import fuse_gated_mlps
+from ..modeling.ops.norms import fuse_rms_norms
+from ..modeling.precision import choose_precision, torch_dtype
+from ..names import parse_model_name
+from ..registry import Registry, Version
+from ..registry.jobs import TrainingRecord, Trainings, check_resumable, new_training_id
+from ..registry.manifest import utc_now
+from ..registry.sources import resolve_model
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import Config, config_from_dict
-from .errors import FinetuneError, ModelNotFoundError, TrainingCanceled, UsageError
-from .loss import CausalLMLoss, normalize_loss
-from .manifest import utc_now
 from .metrics import MetricsLog, Throughput, peak_memory_mb
-from .modeling import (
-    attach_lora,
-    choose_precision,
-    fuse_gated_mlps,
-    fuse_lora_updates,
-    fuse_rms_norms,
-    keep_activations_in_compute_dtype,
-    load_base_model,
-    load_tokenizer,
-    torch_dtype,
-)
-from .names import parse_model_name
-from .registry import Registry, Version
 from .runlog import RunLog, quiet_libraries
-from .sources import resolve_model
-from .trainings import TrainingRecord, Trainings, check_resumable, new_training_id
 
 
 @dataclass
@@ -160,12 +154,12 @@ def _train(config, reg, trainings, record, training_id, destination, accelerator
         trainings.update(record, model=resolved.chain[0].ref if resolved.chain else resolved.base.description)
     tokenizer = load_tokenizer(resolved.base)
     with accelerator.main_process_first():  # one process tokenizes, the others read its cache
-        prepared = data_mod.prepare(
+        prepared = prepare(
             config.data.path, config.data.format, tokenizer, max_seq_len=config.data.max_seq_len,
             train_on_inputs=tcfg.train_on_inputs, overlong=config.data.overlong, eval=config.data.eval,
             seed=tcfg.seed, cache_dir=str(reg.cache_dir("tokenized")),
         )
-    log.info(data_mod.format_summary(prepared.info))
+    log.info(format_summary(prepared.info))
     train_set, eval_set = prepared.train, prepared.eval
     label_counts = [label_count(labels) for labels in train_set["labels"]]
 

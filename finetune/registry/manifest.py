@@ -18,8 +18,8 @@ from importlib import metadata as _importlib_metadata
 from pathlib import Path
 from typing import Any
 
-from . import atomic
-from .errors import IntegrityError
+from .. import atomic
+from ..errors import IntegrityError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"

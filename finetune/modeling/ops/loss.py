@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .batching import IGNORE_INDEX
-from .modeling import compute_dtype
+from ...data.formats import IGNORE_INDEX
+from ..precision import compute_dtype
 
 # Rows of logits handled at a time by the loss. On CPUs small chunks stay in cache: 128 rows ran ~8% faster
 # than 1024 for the benchmark model (vocabulary 8192; 32 and 64 rows were slower again), and the step's peak

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-IGNORE_INDEX = -100
+from .formats import IGNORE_INDEX
 
 
 def epoch_order(num_examples: int, seed: int, epoch: int) -> list[int]:

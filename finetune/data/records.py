@@ -15,7 +15,7 @@ from typing import Any
 
 import datasets
 
-from .errors import DataError, one_line
+from ..errors import DataError, one_line
 
 EXTENSIONS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")

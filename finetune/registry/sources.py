@@ -14,17 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import atomic
-from .errors import (
-    ConflictError,
-    ModelLoadError,
-    ModelNotFoundError,
-    NotFoundError,
-    UsageError,
-)
+from .. import atomic
+from ..errors import ConflictError, ModelLoadError, ModelNotFoundError, NotFoundError, UsageError
+from ..names import parse_model_name, parse_ref
 from .lineage import lineage
-from .names import parse_model_name, parse_ref
-from .registry import Registry, Version
+from .store import Registry, Version
 
 _HUB_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
 

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import atomic
-from .errors import IntegrityError
+from .. import atomic
+from ..errors import IntegrityError
 
 KEEP = 2  # older checkpoints are removed; two survive a crash during the newest one's pruning
 

@@ -8,11 +8,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .config import Config
+from ..config import Config
+from ..registry import Registry, Version
+from ..registry.jobs import TrainingRecord, Trainings
+from ..registry.sources import ResolvedModel
 from .metrics import MetricsLog
-from .registry import Registry, Version
-from .sources import ResolvedModel
-from .trainings import TrainingRecord, Trainings
 
 _DATASET_KEYS = ("path", "sha256", "rows", "format", "template", "train_rows", "eval_rows", "truncated", "dropped",
                  "train_tokens", "label_tokens")

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from .errors import IntegrityError, ModelLoadError, NotFoundError
-from .registry import Registry, Version
+from ..errors import IntegrityError, ModelLoadError, NotFoundError
+from .store import Registry, Version
 
 
 def lineage(reg: Registry, version: Version) -> list[Version]:

@@ -1,0 +1,54 @@
+"""The ``finetune`` command line. Each sub-command is a thin wrapper over the Python API.
+
+One module per command group (``models``, ``versions``, ``train`` with ``trainings``, ``use`` for predict, chat
+and export, ``housekeeping`` for ``registry gc``). Errors the user can cause print one line
+(``finetune: error: ...``) and exit 2 for usage errors, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from .. import __version__
+from ..errors import FinetuneError
+from . import housekeeping, models, train, use, versions
+
+_GROUPS = (models, versions, train, housekeeping, use)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (like every other error) and still exits 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="finetune", description="LoRA fine-tuning with a versioned model registry.")
+    parser.add_argument("--version", action="version", version=f"finetune {__version__}")
+    parser.add_argument("--registry", metavar="PATH", default=None,
+                        help="registry root (default: $FINETUNE_HOME, else ./registry)")
+    groups = parser.add_subparsers(dest="group", metavar="COMMAND", required=True)
+    for module in _GROUPS:
+        module.add_commands(groups)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``finetune`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except FinetuneError as err:
+        print(f"finetune: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("finetune: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

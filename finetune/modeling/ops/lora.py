@@ -1,0 +1,103 @@
+"""LoRA linears with a fused forward and backward, and no per-layer input casts under autocast."""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..precision import compute_dtype
+
+
+def fuse_lora_updates(model) -> int:
+    """Route plain LoRA linears through a fused forward and backward; returns how many layers were routed.
+
+    peft computes ``base(x) + lora_B(lora_A(x)) * scaling``: besides the two small matmuls, that is a full-size
+    multiply and a full-size add per adapted layer, forward and backward. Here the update is accumulated into
+    the base output by the B matmul itself (``addmm``), and with a frozen ``nn.Linear`` base the backward is
+    written out too (see ``_LoraLinear``). Anything but the plain case (dropout, DoRA and other variants,
+    several adapters, merged weights, extra arguments) keeps peft's own forward.
+    """
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    count = 0
+    for module in model.modules():
+        if type(module) is LoraLinear:  # the exact class: quantised and other subclasses keep their path
+            module.forward = types.MethodType(_fused_lora_forward, module)
+            count += 1
+    return count
+
+
+def _fused_lora_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    names = self.active_adapters
+    name = names[0] if len(names) == 1 else None
+    plain = (
+        not args and not kwargs and name is not None and not self.disable_adapters and not self.merged
+        and name in self.lora_A and name not in self.lora_variant
+        and isinstance(self.lora_dropout[name], nn.Identity) and self.lora_B[name].bias is None
+        and (x.dtype == self.lora_A[name].weight.dtype or torch.is_autocast_enabled(x.device.type))
+    )
+    if not plain:
+        return type(self).forward(self, x, *args, **kwargs)
+    base, a, b = self.base_layer, self.lora_A[name].weight, self.lora_B[name].weight
+    if (type(base) is nn.Linear and not base.weight.requires_grad
+            and (base.bias is None or not base.bias.requires_grad)):
+        return _LoraLinear.apply(x, base.weight, base.bias, a, b, self.scaling[name], compute_dtype(x))
+    # A trained or non-Linear base layer (GPT-2's Conv1D): autograd, with the update folded into the B matmul.
+    result = base(x)
+    h = F.linear(x, a)
+    fused = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), b.t(),
+                        alpha=self.scaling[name])
+    return fused.view(result.shape)
+
+
+class _LoraLinear(torch.autograd.Function):
+    """``x @ W.T + bias + scaling * (x @ A.T) @ B.T`` for a frozen ``W`` (and bias), computed in ``dtype``.
+
+    One autograd node instead of a dozen, and the input gradient accumulated in place: ``g @ W`` is written
+    once and the LoRA term ``(g @ B) @ A`` is added into it by the same GEMM (``addmm_``), where autograd would
+    write two full-size gradients and add them. Saves ``x`` and the rank-r ``x @ A.T``, as autograd does.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float, dtype: torch.dtype):
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+        a, b = lora_a.to(dtype), lora_b.to(dtype)
+        h = x2 @ a.t()
+        w = weight.to(dtype)
+        out = torch.addmm(bias.to(dtype), x2, w.t()) if bias is not None else x2 @ w.t()
+        out.addmm_(h, b.t(), alpha=scaling)
+        ctx.save_for_backward(x2, h, w, a, b)
+        ctx.scaling, ctx.x_dtype = scaling, x.dtype
+        ctx.a_dtype, ctx.b_dtype = lora_a.dtype, lora_b.dtype
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x2, h, w, a, b = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1]).to(x2.dtype)
+        gh = (g @ b).mul_(ctx.scaling)  # gradient at x @ A.T, [tokens, r]
+        grad_b = (g.t() @ h).mul_(ctx.scaling).to(ctx.b_dtype) if ctx.needs_input_grad[4] else None
+        grad_a = (gh.t() @ x2).to(ctx.a_dtype) if ctx.needs_input_grad[3] else None
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (g @ w).addmm_(gh, a).view(*grad.shape[:-1], x2.shape[-1]).to(ctx.x_dtype)
+        return grad_x, None, None, grad_a, grad_b, None, None
+
+
+
+
+def keep_activations_in_compute_dtype(model) -> None:
+    """Stop peft from casting every LoRA input to the adapter's fp32 dtype.
+
+    Under autocast the adapter matmuls run in bf16/fp16 anyway, so the cast only costs two full-size copies of
+    each adapted layer's input (to fp32 and back) in the forward pass and again in the backward pass.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.cast_input_dtype_enabled = False

@@ -42,7 +42,7 @@ def main() -> int:
     from finetune.inference import GenerationSettings, generate, load_version, prompt_from_record
     from finetune.registry.sources import import_base
     from finetune.tiny import build_tiny_model, load_sample_records
-    from finetune.training.run import run_training
+    from finetune.training import train
 
     reg = Registry(args.registry)
     print(f"registry: {reg.root}")
@@ -64,7 +64,7 @@ def main() -> int:
         config = load_config(REPO / "configs" / "quickstart.yaml", [f"base_model={reg.resolve(BASE).ref}"])
         print("$ finetune train configs/quickstart.yaml")
         start = time.perf_counter()
-        first = run_training(config, registry=reg, destination=DESTINATION).version
+        first = train(config, registry=reg, destination=DESTINATION).version
         print(f"-> {first.ref}  (train loss {first.metadata['metrics']['train_loss']:.4f}, "
               f"{time.perf_counter() - start:.0f} s)")
         config = load_config(REPO / "configs" / "quickstart.yaml",
@@ -72,7 +72,7 @@ def main() -> int:
         print(f"$ finetune train configs/quickstart.yaml --set base_model={first.ref} --set train.max_steps=30 "
               "--set train.lr=5e-4")
         start = time.perf_counter()
-        second = run_training(config, registry=reg, destination=DESTINATION).version
+        second = train(config, registry=reg, destination=DESTINATION).version
         print(f"-> {second.ref}  (parent {second.parent['ref']}, train loss "
               f"{second.metadata['metrics']['train_loss']:.4f}, {time.perf_counter() - start:.0f} s)")
 

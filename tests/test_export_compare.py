@@ -25,7 +25,7 @@ from finetune.inference import GenerationSettings, generate, load_version
 from finetune.registry import Registry
 from finetune.registry.sources import import_base
 from finetune.tiny import load_sample_records, sample_data_path
-from finetune.training.run import run_training
+from finetune.training import train
 
 BASE = "local/tiny:1"
 
@@ -45,7 +45,7 @@ def built(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
         for name, path, lr in (("v1", sample_data_path(), 5e-3), ("v2", subset, 1e-2)):
             cfg = config_from_dict({"base_model": BASE, "data": {"path": str(path), "max_seq_len": 256},
                                     "train": {"max_steps": 3, "batch_size": 8, "lr": lr}})
-            versions[name] = run_training(cfg, registry=reg, destination="alice/m", create_destination=True,
+            versions[name] = train(cfg, registry=reg, destination="alice/m", create_destination=True,
                                           progress=False).version
         yield {"root": root, "reg": reg, **versions}
 

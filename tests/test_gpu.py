@@ -13,12 +13,12 @@ def test_train_and_load_on_gpu(tiny_model_dir, registry):
     import torch
 
     import finetune
-    from finetune.training.run import run_training
+    from finetune.training import train
 
     import_base(registry, "local/tiny", str(tiny_model_dir))
     cfg = config_from_dict({"base_model": "local/tiny:1", "data": {"path": str(sample_data_path())},
                             "train": {"max_steps": 3, "batch_size": 4}})
-    result = run_training(cfg, registry=registry, destination="gpu/run", create_destination=True, progress=False)
+    result = train(cfg, registry=registry, destination="gpu/run", create_destination=True, progress=False)
     metrics = result.version.metadata["metrics"]
     assert metrics["precision"] == ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
     model, _ = finetune.load(result.version.ref, device="gpu", registry=registry)

@@ -20,7 +20,7 @@ from helpers import assert_one_line_error
 from safetensors.torch import load_file
 
 import finetune
-from finetune import atomic, inference
+from finetune import atomic, inference, training
 from finetune.cli import main
 from finetune.config import config_from_dict
 from finetune.data import formats
@@ -30,7 +30,6 @@ from finetune.registry import Registry
 from finetune.registry.lineage import lineage
 from finetune.registry.sources import import_base
 from finetune.tiny import load_sample_records, sample_data_path
-from finetune.training.run import run_training
 
 BASE = "local/tiny:1"
 SETTINGS = GenerationSettings(max_new_tokens=8)
@@ -43,7 +42,7 @@ def train(reg: Registry, base: str, destination: str, data_path: Path | None = N
         "data": {"path": str(data_path or sample_data_path()), "format": fmt, "max_seq_len": 256},
         "train": {"max_steps": 3, "batch_size": 8, "lr": 5e-3, **train},
     })
-    return run_training(cfg, registry=reg, destination=destination, create_destination=True, progress=False).version
+    return training.train(cfg, registry=reg, destination=destination, create_destination=True, progress=False).version
 
 
 @pytest.fixture(scope="module")

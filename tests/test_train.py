@@ -292,12 +292,12 @@ def record_steps(runs: dict, training_id: str) -> int:
 
 
 def _in_process(runs: dict, destination: str, **train: object):
+    from finetune import training
     from finetune.config import load_config
-    from finetune.training.run import run_training
 
     config = load_config(runs["config"], [f"train.{k}={v}" for k, v in train.items()])
-    return run_training(config, registry=runs["reg"], destination=destination, create_destination=True,
-                        progress=False)
+    return training.train(config, registry=runs["reg"], destination=destination, create_destination=True,
+                          progress=False)
 
 
 def test_cancel_marker_alone_stops_the_run(runs: dict, monkeypatch: pytest.MonkeyPatch):
@@ -357,14 +357,14 @@ def test_resuming_a_run_killed_after_publishing_settles_it_without_a_second_vers
         runs: dict, monkeypatch: pytest.MonkeyPatch):
     """A kill between the publish and the record update leaves a 'processing' record; --resume must not
     train and publish again."""
-    from finetune.training.run import run_training
+    from finetune.training import run_training
 
     monkeypatch.setattr(atomic, "_FSYNC", False)
     trainings = Trainings(runs["reg"])
     result = _in_process(runs, "alice/settle", max_steps=2, checkpoint_every=0, eval_every=0)
     # What the kill would have left: the version exists, the record still says it runs, its process is gone.
     trainings.update(result.record, status="processing", output=None, completed_at=None, pid=2**22 + 7)
-    again = run_training(None, registry=runs["reg"], resume=result.record.id, progress=False)
+    again = run_training(result.record.id, registry=runs["reg"], progress=False)
     assert again.version == result.version
     assert [v.number for v in runs["reg"].list_versions("alice/settle")] == [1]
     record = trainings.get(result.record.id)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from finetune import atomic
+from finetune import atomic, training
 from finetune.config import LoraConfig, config_from_dict
 from finetune.data.batching import collate_packed, label_count
 from finetune.data.prepare import prepare
@@ -23,7 +23,6 @@ from finetune.registry import Registry
 from finetune.registry.sources import import_base
 from finetune.tiny import sample_data_path
 from finetune.training.metrics import Throughput, peak_memory_mb, tokens_per_second
-from finetune.training.run import run_training
 
 ATOL = 1e-6  # gradients: same computation, different summation order
 # Adapters after a few Adam steps: Adam divides by sqrt(v), so the ~1e-7 relative noise of small gradients (padded
@@ -151,7 +150,7 @@ def _train(reg: Registry, destination: str, **train: object):
         "lora": {"r": 4, "alpha": 8},
         "train": {"precision": "fp32", "lr": 1e-2, "scheduler": "constant", **train},
     })
-    result = run_training(cfg, registry=reg, destination=destination, create_destination=True, progress=False)
+    result = training.train(cfg, registry=reg, destination=destination, create_destination=True, progress=False)
     from finetune.registry.jobs import Trainings
 
     return load_file(str(result.version.path / "adapter_model.safetensors")), \

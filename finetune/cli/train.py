@@ -11,21 +11,24 @@ from .common import add_command, open_registry, print_json, table
 
 def cmd_train(args: argparse.Namespace) -> None:
     from ..config import load_config
-    from ..training.run import run_training
+    from ..training.run import run_training, train
 
     if args.config is None and args.resume is None:
         raise UsageError("give a CONFIG.yaml, or --resume TRAINING_ID")
     if args.resume and (args.config or args.overrides):
         raise UsageError("--resume continues a run with its own config", "drop CONFIG and --set when resuming")
-    config = load_config(args.config, args.overrides) if args.config else None
-    result = run_training(
-        config, registry=open_registry(args), destination=args.destination,
-        create_destination=args.create_destination, resume=args.resume, progress=not args.quiet,
-        # stdout is kept for the version ref. The id (for `trainings logs|cancel` and --resume) reaches stderr as
-        # the log's first line, which --quiet silences: then say it here.
-        on_start=(lambda training_id: print(f"training {training_id}", file=sys.stderr, flush=True))
-        if args.quiet else None,
-    )
+    reg = open_registry(args)
+    if args.resume:
+        result = run_training(args.resume, registry=reg, progress=not args.quiet)
+    else:
+        result = train(
+            load_config(args.config, args.overrides), registry=reg, destination=args.destination,
+            create_destination=args.create_destination, progress=not args.quiet,
+            # stdout is kept for the version ref. The id (for `trainings logs|cancel` and --resume) reaches stderr
+            # as the log's first line, which --quiet silences: then say it here.
+            on_start=(lambda training_id: print(f"training {training_id}", file=sys.stderr, flush=True))
+            if args.quiet else None,
+        )
     if result.version is not None:
         print(result.version.ref)
 

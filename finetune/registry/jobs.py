@@ -51,6 +51,7 @@ class TrainingRecord:
     completed_at: str | None = None
     pid: int | None = None
     resumed_from_step: int | None = None
+    source: str = "cli"  # who submitted it: cli (or Python) | api
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -1,5 +1,5 @@
 """Training: the loop (``run``), its checkpoints, metrics, log, and publishing the result as a version."""
 
-from .run import TrainResult, run_training
+from .run import TrainResult, run_training, submit_training, train
 
-__all__ = ["TrainResult", "run_training"]
+__all__ = ["TrainResult", "run_training", "submit_training", "train"]

@@ -1,6 +1,7 @@
 """The training run: LoRA on a frozen base, driven by accelerate, publishing a new version when it succeeds.
 
-``run_training`` reads top to bottom: resolve the inputs, open a training record, load model and data, loop
+``submit_training`` writes a durable training record; ``run_training`` runs one (``train`` does both, as the CLI
+does). The run reads top to bottom: read the record's config, load model and data, loop
 over optimizer steps (each a window of micro-batches; see :mod:`finetune.batching`), checkpoint and evaluate as
 configured, and publish the adapter to the destination. Every process of an ``accelerate launch`` runs this
 function; only the main process writes the record, the metrics and the version.
@@ -59,66 +60,90 @@ class TrainResult:
     version: Version | None  # None on processes other than the main one
 
 
-def run_training(
-    config: Config | None,
+def submit_training(
+    config: Config,
     *,
     registry: Registry | None = None,
     destination: str | None = None,
     create_destination: bool = False,
-    resume: str | None = None,
+    source: str = "cli",
+) -> TrainingRecord:
+    """Check the destination and write a durable training record (status ``starting``) for ``config``.
+
+    Nothing is trained: :func:`run_training` runs the record (the CLI at once, the server's queue when a worker
+    claims it). Raises :class:`FinetuneError` subclasses for a bad destination.
+    """
+    reg = registry or Registry()
+    destination = destination or config.destination
+    if not destination:
+        raise UsageError("no destination model", "pass --destination OWNER/NAME or set `destination:` in the config")
+    parse_model_name(destination)
+    _ensure_destination(reg, destination, create_destination)
+    return Trainings(reg).create(TrainingRecord(id=new_training_id(), destination=destination,
+                                                input=config.to_dict(), source=source))
+
+
+def train(
+    config: Config,
+    *,
+    registry: Registry | None = None,
+    destination: str | None = None,
+    create_destination: bool = False,
     progress: bool = True,
     on_start: Callable[[str], None] | None = None,
 ) -> TrainResult:
-    """Train a LoRA adapter as ``config`` says and publish it as the next version of the destination.
+    """Submit ``config`` and run it here: :func:`submit_training` then :func:`run_training`.
 
-    ``resume`` continues a killed, failed or canceled run from its newest checkpoint (``config`` may be None:
-    the run's own resolved config is used). ``on_start`` is called with the training id as soon as the record
-    exists (main process only). Raises :class:`FinetuneError` subclasses for bad input; the record ends
-    ``failed`` or ``canceled`` and nothing is published in those cases.
+    Every process of an ``accelerate launch`` calls this; only the main process writes the record. ``on_start``
+    is called with the training id as soon as the record exists (main process only).
+    """
+    reg = registry or Registry()
+    state = PartialState(cpu=not torch.cuda.is_available())
+    shared: list[str | None] = [None]
+    if state.is_main_process:
+        shared[0] = submit_training(config, registry=reg, destination=destination,
+                                    create_destination=create_destination).id
+    broadcast_object_list(shared)
+    assert shared[0] is not None
+    if on_start is not None and state.is_main_process:
+        on_start(shared[0])
+    return run_training(shared[0], registry=reg, progress=progress)
+
+
+def run_training(training_id: str, *, registry: Registry | None = None, progress: bool = True) -> TrainResult:
+    """Run the training record ``training_id`` and publish its adapter as the next version of its destination.
+
+    A new record (from :func:`submit_training`) starts from step 0; a killed, failed or canceled one continues
+    from its newest checkpoint (``finetune train --resume``). A record that already published settles as
+    ``succeeded`` without training again. Raises :class:`FinetuneError` subclasses for bad input; the record
+    ends ``failed`` or ``canceled`` and nothing is published in those cases.
     """
     quiet_libraries()
     reg = registry or Registry()
     trainings = Trainings(reg)
     state = PartialState(cpu=not torch.cuda.is_available())
 
-    # ---- inputs: the config (or the resumed run's), the destination, the training record
-    record = None
-    if resume is not None:
-        record = trainings.get(resume)
-        check_resumable(trainings, record)
-        config = config_from_dict(record.input, source=f"training {resume}")
-        destination = record.destination
-        published = _published_by(reg, destination, record.id)
-        if published is not None:  # killed after publishing, before the record said so: settle, never republish
-            if state.is_main_process:
-                record = trainings.update(record, status="succeeded",
-                                          output={"version": published.ref, "weights": str(published.path)})
-            return TrainResult(record, published if state.is_main_process else None)
-    assert config is not None, "run_training needs a config or a training id to resume"
-    destination = destination or config.destination
-    if not destination:
-        raise UsageError("no destination model", "pass --destination OWNER/NAME or set `destination:` in the config")
-    parse_model_name(destination)
+    # ---- the record: checked and claimed by the main process (the others would race its claim), then shared
+    verdict: list[Any] = [None]
     if state.is_main_process:
-        _ensure_destination(reg, destination, create_destination)
+        verdict[0] = _claim(reg, trainings, training_id)
+    broadcast_object_list(verdict)
+    if isinstance(verdict[0], FinetuneError):
+        raise verdict[0]
+    if isinstance(verdict[0], Version):  # it had published already: settled, nothing to train
+        return TrainResult(trainings.get(training_id), verdict[0] if state.is_main_process else None)
+    claimed = trainings.get(training_id)
+    config = config_from_dict(claimed.input, source=f"training {training_id}")
+    destination = claimed.destination
+    record = claimed if state.is_main_process else None  # only the main process writes the record
 
     precision = choose_precision(config.train.precision, state.device)
     # Accelerator settings live in a process-wide singleton that refuses another precision: a second run in the
     # same process (a notebook, a test suite) would fail. Our training state is ours, so each run starts the
     # singleton afresh; PartialState, which holds the process group, stays.
     AcceleratorState._reset_state()
-    accelerator = Accelerator(mixed_precision="no" if precision == "fp32" else precision, cpu=state.device.type == "cpu")
-    if state.is_main_process:
-        if record is None:
-            record = trainings.create(TrainingRecord(id=new_training_id(), destination=destination,
-                                                     input=config.to_dict()))
-        record = trainings.update(record, status="starting", pid=os.getpid(), error=None, completed_at=None)
-        trainings.clear_cancel(record.id)
-    shared = [record.id if record else None]
-    broadcast_object_list(shared)
-    training_id = shared[0]
-    if on_start is not None and state.is_main_process:
-        on_start(training_id)
+    accelerator = Accelerator(mixed_precision="no" if precision == "fp32" else precision,
+                              cpu=state.device.type == "cpu")
 
     log = RunLog(trainings.log_path(training_id) if state.is_main_process else None, echo=progress)
     stop = _StopFlag(trainings, training_id)
@@ -138,6 +163,24 @@ def run_training(
         stop.restore()
         log.close()
     return TrainResult(trainings.get(training_id) if state.is_main_process else record, version)
+
+
+def _claim(reg: Registry, trainings: Trainings, training_id: str) -> FinetuneError | Version | None:
+    """Check that the record may run and mark it as run by this process. Returns the error that forbids it, the
+    version it already published (the record is settled as succeeded), or None: go on."""
+    try:
+        record = trainings.get(training_id)
+        check_resumable(trainings, record)
+        config_from_dict(record.input, source=f"training {training_id}")
+    except FinetuneError as err:
+        return err
+    published = _published_by(reg, record.destination, record.id)
+    if published is not None:  # killed after publishing, before the record said so: settle, never republish
+        trainings.update(record, status="succeeded", output={"version": published.ref, "weights": str(published.path)})
+        return published
+    trainings.update(record, status="starting", pid=os.getpid(), error=None, completed_at=None)
+    trainings.clear_cancel(training_id)
+    return None
 
 
 def _train(config, reg, trainings, record, training_id, destination, accelerator, precision, log, stop,

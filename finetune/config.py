@@ -309,6 +309,9 @@ class _Checker:
         if train.get("early_stopping_patience") not in (None, _INVALID) and data.get("eval") is None:
             self.report("train.early_stopping_patience", "train.early_stopping_patience: needs an eval set; "
                         "set data.eval to a fraction in (0, 1) or a file")
+        if train.get("eval_every") not in (None, 0, _INVALID) and data.get("eval") is None:
+            self.report("train.eval_every", "train.eval_every: needs an eval set; "
+                        "set data.eval to a fraction in (0, 1) or a file, or drop eval_every")
 
 
 def _instantiate(cls: type, values: dict[str, Any]) -> Any:

@@ -23,6 +23,7 @@ from .data.records import read_records
 from .errors import DataError, IntegrityError, ModelLoadError, UsageError, one_line
 from .modeling.load import attach_lora, load_base_model, load_tokenizer
 from .modeling.precision import choose_precision, torch_dtype
+from .names import check_text
 from .registry import Registry, Version
 from .registry.manifest import check_version_dir
 from .registry.sources import ResolvedModel, resolve_model
@@ -238,6 +239,9 @@ def prompt_ids(loaded: LoadedVersion, prompt: Prompt | str | list[dict], system:
     """Token ids for a prompt, rendered and tokenized exactly as the version's training did."""
     prompt = prompt if isinstance(prompt, Prompt) else Prompt(prompt)
     fmt = loaded.prompt_format
+    for text, what in ((prompt.value, "prompt"), (system, "system prompt")):
+        if isinstance(text, str):
+            check_text(text, what)  # before rendering, so the position named is the user's own
     if prompt.rendered:
         text = prompt.value
     else:
@@ -245,6 +249,7 @@ def prompt_ids(loaded: LoadedVersion, prompt: Prompt | str | list[dict], system:
             raise UsageError("the prompt is empty", "give the text to complete")
         text = prompt_for(fmt, loaded.tokenizer, prompt.value, system=system)
     assert isinstance(text, str)
+    check_text(text, "prompt")  # a conversation's turns
     return encode_prompt(fmt, loaded.tokenizer, text)
 
 
@@ -261,17 +266,46 @@ def _eos_ids(loaded: LoadedVersion) -> list[int]:
     return sorted(ids)
 
 
+def context_length(model: Any) -> int | None:
+    """The most positions the model was built for (``max_position_embeddings``), if its config says."""
+    value = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def _bounded_new_tokens(loaded: LoadedVersion, prompt_tokens: int, max_new_tokens: int) -> int:
+    """``max_new_tokens``, held within the model's context: a prompt that fills it, or a request for more new
+    tokens than it has at all, is refused; a prompt plus answer that would run past it stops at its end (said)."""
+    context = context_length(loaded.model)
+    if context is None:
+        return max_new_tokens
+    if max_new_tokens > context:
+        raise UsageError(f"max_new_tokens {max_new_tokens} is more than {loaded.version.ref}'s context of "
+                         f"{context} tokens", f"ask for at most {context - min(prompt_tokens, context - 1)}")
+    if prompt_tokens >= context:
+        raise UsageError(f"the prompt is {prompt_tokens} tokens, which fills {loaded.version.ref}'s context of "
+                         f"{context} tokens", "shorten the prompt")
+    if prompt_tokens + max_new_tokens > context:
+        import logging
+
+        logging.getLogger("finetune").warning(
+            "the answer stops after %d new tokens, where the prompt (%d tokens) and the answer fill the model's "
+            "context of %d tokens", context - prompt_tokens, prompt_tokens, context)
+        return context - prompt_tokens
+    return max_new_tokens
+
+
 @torch.no_grad()
 def generate_ids(loaded: LoadedVersion, ids: Sequence[int], settings: GenerationSettings) -> list[int]:
     """The new token ids after ``ids`` (without the stopping eos)."""
     from transformers import GenerationConfig
 
     settings.check()
+    max_new = _bounded_new_tokens(loaded, len(ids), settings.max_new_tokens)
     eos = _eos_ids(loaded)
     pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
     sample = settings.temperature > 0
     config = GenerationConfig(
-        max_new_tokens=settings.max_new_tokens, do_sample=sample, num_beams=1,
+        max_new_tokens=max_new, do_sample=sample, num_beams=1,
         temperature=settings.temperature if sample else None, top_p=settings.top_p if sample else None,
         top_k=None, eos_token_id=eos or None, pad_token_id=pad,
     )

@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .errors import InvalidNameError, InvalidRefError
+from .errors import InvalidNameError, InvalidRefError, UsageError
 
 NAME_PATTERN = r"[a-z0-9_][a-z0-9._-]{0,63}"
 ALIAS_PATTERN = r"[a-z][a-z0-9._-]{0,63}"
@@ -29,6 +29,21 @@ LATEST = "latest"
 _NAME_RE = re.compile(NAME_PATTERN)
 _ALIAS_RE = re.compile(ALIAS_PATTERN)
 _HEX_RE = re.compile(r"[0-9a-f]+")
+
+
+def check_text(value: str, what: str) -> str:
+    """Return ``value`` if it is Unicode text that can be stored and tokenized, else raise :class:`UsageError`.
+
+    Python hands over command-line arguments and stdin that are not UTF-8 with the bad bytes smuggled in as lone
+    surrogates (``caf\\udce9``); they only fail later, deep inside json or a tokenizer.
+    """
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        bad = value[err.start:err.end].encode("utf-8", "surrogateescape")
+        raise UsageError(f"the {what} is not UTF-8 text (byte {bad.hex(' ')} at character {err.start + 1})",
+                         "use a UTF-8 terminal or file (e.g. `export LANG=C.UTF-8`, or convert with iconv)") from None
+    return value
 
 
 def check_name(value: str, what: str = "name") -> str:

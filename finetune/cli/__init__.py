@@ -22,7 +22,20 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (like every other error) and still exits 2."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
+        commands = self._missing_command(message)
+        if commands:
+            message = f"`{self.prog}` needs a command: {', '.join(commands)}"
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+    def _missing_command(self, message: str) -> list[str]:
+        """The sub-commands to list when the error is that none was given (argparse says "required: cmd")."""
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction) and action.required:
+                names = (action.metavar or action.dest or "",)
+                if message.startswith("the following arguments are required") and any(
+                        n and n in message for n in names):
+                    return list(action.choices)
+        return []
 
 
 def build_parser() -> argparse.ArgumentParser:

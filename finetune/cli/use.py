@@ -71,13 +71,19 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 def _stdin_lines():
     interactive = sys.stdin.isatty()
+    number = 0
     while True:
         if interactive:
             print("> ", end="", file=sys.stderr, flush=True)
-        line = sys.stdin.readline()
-        if not line:
+        raw = sys.stdin.buffer.readline()  # bytes: decoded here, so non-UTF-8 input is one clear error
+        if not raw:
             return
-        yield line
+        number += 1
+        try:
+            yield raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise UsageError(f"stdin line {number} is not UTF-8 text",
+                             "use a UTF-8 terminal or file (e.g. `export LANG=C.UTF-8`)") from None
 
 
 def cmd_export(args: argparse.Namespace) -> None:

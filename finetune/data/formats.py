@@ -10,6 +10,7 @@ works for any template whose renders extend each other.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -37,6 +38,7 @@ _COLUMNS = {
     "prompt_completion": ([{"prompt", "completion"}], "'prompt' and 'completion'"),
     "text": ([{"text"}], "'text'"),
 }
+_ROLES = ("system", "user", "assistant", "tool", "developer")
 _SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "user": "user", "assistant": "assistant", "system": "system"}
 
 
@@ -69,7 +71,8 @@ def _field(record: dict, name: str, fmt: str, optional: bool = False) -> str:
     if value is None:
         if optional:
             return ""
-        raise _Bad(f"field '{name}' is missing", f"{fmt} records need {_COLUMNS[fmt][1]}")
+        # Arrow gives absent keys and JSON null the same None: the message has to cover both.
+        raise _Bad(f"field '{name}' is missing or null", f"{fmt} records need {_COLUMNS[fmt][1]}")
     if not isinstance(value, str):
         raise _Bad(f"field '{name}' must be a string, got {type(value).__name__}", "quote the value")
     return value
@@ -87,6 +90,12 @@ def _messages(value: Any) -> list[dict]:
             m = {"role": _SHAREGPT_ROLES.get(m.pop("from"), None), "content": m.pop("value", None), **m}
         if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise _Bad(f"message {k} needs string 'role' and 'content'", "use {\"role\": ..., \"content\": ...}")
+        if m["role"] not in _ROLES:
+            # Templates accept more roles than ours, but one a letter or two from a known role is a typo that
+            # would silently drop the turn from training (an assistent turn learns nothing).
+            close = difflib.get_close_matches(m["role"], _ROLES, n=1, cutoff=0.75)
+            if close:
+                raise _Bad(f"message {k} has role '{m['role']}'", f"did you mean '{close[0]}'?")
         out.append(m)
     return out
 

@@ -18,7 +18,7 @@ import datasets
 import numpy as np
 
 from ..atomic import canonical_json, remove_tree, rename_noreplace, sha256_file
-from ..errors import DataError, UsageError
+from ..errors import DataError, UsageError, one_line
 from .formats import FORMATS, IGNORE_INDEX, OVERLONG, _check_columns, _encode_many, detect_format
 from .records import RowLocator, read_records
 
@@ -102,6 +102,11 @@ def _encode_dataset(records: datasets.Dataset, path: str, fmt: str, tokenizer: A
     return encoded
 
 
+def info_truncated(encoded: datasets.Dataset, max_seq_len: int) -> bool:
+    """Whether any encoded row was longer than ``max_seq_len`` (kept or dropped)."""
+    return bool((encoded.data.column("raw_length").to_numpy() > max_seq_len).any())
+
+
 def _eval_spec(eval: float | int | str | None) -> tuple[str, Any] | None:
     """('fraction', f) | ('rows', n) | ('file', path) | None; a numeric string counts as a number."""
     if isinstance(eval, str) and re.fullmatch(r"\s*\d*\.?\d+\s*", eval):
@@ -161,10 +166,16 @@ def prepare(path: str, fmt: str, tokenizer: Any, *, max_seq_len: int, train_on_i
                     eval_sha256=eval_source)
     entry = Path(cache_dir) / key if cache_dir else None
     if entry is not None and (entry / "info.json").is_file():
-        return _load(entry, {**json.loads((entry / "info.json").read_text()), **here, "cache_hit": True})
+        try:
+            return _load(entry, {**json.loads((entry / "info.json").read_text()), **here, "cache_hit": True})
+        except Exception as err:  # derived data: a damaged entry is set aside and rebuilt, never trusted
+            _discard(entry, err)
 
     records = records if records is not None else read_records(path)
-    resolved = detect_format(records.column_names) if fmt == "auto" else fmt
+    try:
+        resolved = detect_format(records.column_names) if fmt == "auto" else fmt
+    except DataError as err:
+        raise DataError(f"{path}: {err.message}", err.hint) from None
     _check_columns(resolved, records.column_names, path)
     encode = dict(fmt=resolved, tokenizer=tokenizer, train_on_inputs=train_on_inputs, max_seq_len=max_seq_len,
                   overlong=overlong)
@@ -180,7 +191,11 @@ def prepare(path: str, fmt: str, tokenizer: Any, *, max_seq_len: int, train_on_i
         rows, eval_rows = _split(encoded.num_rows, spec, seed, path)
         eval_set, eval_counts = _keep(encoded, eval_rows)
     train, counts = _keep(encoded, rows)
-    hint = f"raise max_seq_len (now {max_seq_len}) or check that records have something to learn"
+    if info_truncated(encoded, max_seq_len):
+        hint = f"raise max_seq_len (now {max_seq_len}) or check that records have something to learn"
+    else:
+        hint = ("no record was cut short, so the records themselves have nothing to learn: check that each has a "
+                "completion (or an assistant turn, with role 'assistant')")
     if train.num_rows == 0:
         raise DataError(f"{path}: no training rows left: all {counts['dropped']} have no label token", hint)
     if eval_set is not None and eval_set.num_rows == 0:
@@ -205,7 +220,28 @@ def prepare(path: str, fmt: str, tokenizer: Any, *, max_seq_len: int, train_on_i
 
 def _load(entry: Path, info: dict) -> Prepared:
     split = lambda name: datasets.load_from_disk(str(entry / name)) if (entry / name).is_dir() else None  # noqa: E731
-    return Prepared(split("train"), split("eval"), info)
+    prepared = Prepared(split("train"), split("eval"), info)
+    if prepared.train is None or prepared.train.num_rows != info.get("train_rows", prepared.train.num_rows):
+        raise DataError(f"cache entry {entry} does not hold the {info.get('train_rows')} training rows it lists")
+    for ds in (prepared.train, prepared.eval):  # reading the data, not just the header, finds torn Arrow files
+        if ds is not None and ds.num_rows:
+            ds[ds.num_rows - 1]
+    return prepared
+
+
+def _discard(entry: Path, err: Exception) -> None:
+    """Move a damaged cache entry out of the way (it is rebuilt from the data file) and say so."""
+    import logging
+
+    logging.getLogger("finetune").warning(
+        "tokenized cache entry %s is damaged (%s); rebuilding it (the cache is safe to delete)", entry.name,
+        one_line(err))
+    aside = entry.parent / f".damaged-{entry.name[:16]}-{os.getpid()}-{os.urandom(4).hex()}"
+    try:
+        entry.rename(aside)
+    except OSError:
+        return  # another process moved it first; ours rebuilds all the same
+    remove_tree(aside)
 
 
 def _store(entry: Path, train: datasets.Dataset, eval_set: datasets.Dataset | None, info: dict) -> None:

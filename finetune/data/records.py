@@ -7,6 +7,7 @@ malformed file without a line number, so on failure the file is re-scanned here 
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 import re
@@ -35,13 +36,17 @@ def read_records(path: str) -> datasets.Dataset:
         raise DataError(f"{path}: unsupported file type '{p.suffix}'", "use one of " + ", ".join(EXTENSIONS))
     if p.stat().st_size == 0:
         raise DataError(f"{path} is empty", "add at least one record")
+    if kind != "parquet":  # pyarrow reads text columns as unchecked bytes and fails late, with a traceback
+        _check_utf8(p)
     kwargs: dict[str, Any] = {}
     if kind == "csv":
         # Keep every cell a string ("007" stays "007", "NA" stays "NA"); only empty cells become missing.
         import csv
 
-        with open(p, newline="", encoding="utf-8") as f:
+        with open(p, newline="", encoding="utf-8-sig") as f:
             header = next(csv.reader(f), [])
+        if not any(c.strip() for c in header):
+            raise DataError(f"{path} has no header row", "the first line must name the columns")
         kwargs = dict(features=datasets.Features({c: datasets.Value("string") for c in header}),
                       keep_default_na=False, na_values=[""])
     try:
@@ -55,6 +60,25 @@ def read_records(path: str) -> datasets.Dataset:
     if ds.num_rows == 0:
         raise DataError(f"{path} has no records", "add at least one record")
     return ds
+
+
+def _check_utf8(p: Path, chunk_size: int = 1 << 20) -> None:
+    """Raise a DataError naming the first line of ``p`` that is not UTF-8 (one streaming pass, any file size)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    line = 1
+    with open(p, "rb") as f:
+        while True:
+            chunk = f.read(chunk_size)
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as err:
+                # err.start counts from the decoder's buffer: the few undecoded bytes of the last chunk, then this one
+                line += chunk.count(b"\n", 0, max(0, err.start))
+                raise DataError(f"{p}:{line}: not UTF-8 text ({err.reason})",
+                                "save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)") from None
+            if not chunk:
+                return
+            line += chunk.count(b"\n")
 
 
 def _read_hub(name: str) -> datasets.Dataset:

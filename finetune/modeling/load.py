@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from ..errors import ModelLoadError, one_line
+from ..errors import ConfigError, ModelLoadError, one_line
 from ..registry.sources import BaseSource
 from .ops.attention import VARLEN_ATTENTION, register_varlen_attention
 
@@ -24,8 +24,29 @@ def load_tokenizer(source: BaseSource):
     try:
         tok = AutoTokenizer.from_pretrained(source.load_path, revision=source.revision)
     except (OSError, ValueError) as err:
+        _raise_if_offline(source, err)
         raise ModelLoadError(f"cannot load the tokenizer of {source.description}: {one_line(err)}") from None
     return tok
+
+
+_OFFLINE_ERRORS = ("LocalEntryNotFoundError", "OfflineModeIsEnabled")
+
+
+def _raise_if_offline(source: BaseSource, err: BaseException) -> None:
+    """A hub model that is not in the local cache while the hub cannot be reached: say so in our own words
+    (the hub client's advice names its own keyword arguments, which are no option of ours)."""
+    chain, seen = [], err
+    while seen is not None and len(chain) < 8:
+        chain.append(type(seen).__name__)
+        seen = seen.__cause__ or seen.__context__
+    if not any(name in _OFFLINE_ERRORS for name in chain):
+        return
+    repo = source.load_path
+    flag = f" --revision {source.revision}" if source.revision else ""
+    raise ModelLoadError(
+        f"hub model {repo} is not in the local Hugging Face cache, and the hub cannot be reached (offline)",
+        f"on a machine that is online run `hf download {repo}{flag}` (or unset HF_HUB_OFFLINE), "
+        "or import a local folder with `finetune models import OWNER/NAME --from PATH`") from None
 
 
 def load_base_model(source: BaseSource, dtype: torch.dtype, attn_implementation: str | None = None):
@@ -40,6 +61,7 @@ def load_base_model(source: BaseSource, dtype: torch.dtype, attn_implementation:
     try:
         model = AutoModelForCausalLM.from_pretrained(source.load_path, **kwargs)
     except (OSError, ValueError) as err:
+        _raise_if_offline(source, err)
         raise ModelLoadError(
             f"cannot load base model {source.description}: {one_line(err)}",
             "check that it exists (a registry ref, a local folder, or a hub id) and that the files are intact",
@@ -67,6 +89,20 @@ def attach_lora(model, lora: Any, adapter_dir: str | None = None, trainable: boo
     )
     # peft keeps adapter weights in fp32 even when the base is bf16 (autocast_adapter_dtype), which is what we
     # want: low-precision frozen weights, full-precision trainable ones.
-    return get_peft_model(model, cfg)
+    try:
+        return get_peft_model(model, cfg)
+    except ValueError as err:  # peft's NoMatchingPeftModuleError (a ValueError) and its other target checks
+        if "target" not in str(err).lower():
+            raise
+        raise ConfigError([f"lora.target_modules: {lora.target_modules!r} matches no layer LoRA can adapt "
+                           f"({one_line(err)}); this model's linear layers are {', '.join(linear_names(model))} "
+                           "(or use all-linear)"]) from None
+
+
+def linear_names(model) -> list[str]:
+    """The distinct short names of a model's linear layers (what ``target_modules`` may list), but the output head."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                   if isinstance(module, torch.nn.Linear) and module is not head})
 
 

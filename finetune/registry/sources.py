@@ -73,6 +73,11 @@ def resolve_hub_revision(repo_id: str, revision: str | None = None) -> str:
     return info.sha
 
 
+# The vocabulary files some tokenizer class loads from; tokenizer_config.json alone names a class, not a vocabulary.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                   "sentencepiece.bpe.model", "tiktoken.model")
+
+
 def import_base(
     reg: Registry,
     model: str,
@@ -105,6 +110,14 @@ def import_base(
             raise ModelLoadError(
                 f"{path} is not a Hugging Face model folder (no config.json)",
                 "pass a folder written by save_pretrained, or a hub id",
+            )
+        if revision is not None:
+            raise UsageError(f"--revision {revision} applies to hub ids, but {path} is a local folder",
+                             "drop --revision, or check that revision out into the folder first")
+        if not any((path / name).is_file() for name in TOKENIZER_FILES):
+            raise ModelLoadError(
+                f"{path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)})",
+                "save the tokenizer into the same folder (tokenizer.save_pretrained(folder)) and import again",
             )
         reg.create_model(model, description=description, visibility=visibility, hardware=hardware, exist_ok=True)
         stage = reg.staging_dir("import")

@@ -44,7 +44,7 @@ from ..errors import (
     UsageError,
     VersionNotFoundError,
 )
-from ..names import check_alias, check_name, parse_model_name, parse_ref
+from ..names import check_alias, check_name, check_text, parse_model_name, parse_ref
 from .manifest import (
     FORMAT_VERSION,
     MANIFEST,
@@ -97,6 +97,8 @@ class Registry:
     def __init__(self, root: str | os.PathLike[str] | None = None):
         if root is None:
             root = os.environ.get("FINETUNE_HOME") or "registry"
+        elif not str(root).strip():  # Path("") is the current folder: never what an empty --registry meant
+            raise UsageError("the registry path is empty", "give --registry PATH, or set FINETUNE_HOME")
         self.root = Path(root).expanduser().absolute()
         if self.root.exists() and not self.root.is_dir():
             raise RegistryAccessError(
@@ -174,6 +176,7 @@ class Registry:
     ) -> Model:
         """Create the destination model ``owner/name``; an existing one is an error unless ``exist_ok``."""
         owner, short = parse_model_name(name)
+        check_text(description, "description")
         if visibility not in VISIBILITIES:
             raise UsageError(f"invalid visibility {visibility!r}", f"use one of: {', '.join(VISIBILITIES)}")
         if hardware not in HARDWARE:
@@ -250,7 +253,10 @@ class Registry:
 
     def delete_model(self, name: str) -> None:
         """Delete an empty model; refused while it has versions."""
-        model = self.get_model(name)
+        try:
+            model = self.get_model(name)
+        except ModelNotFoundError as err:
+            raise ModelNotFoundError(err.message, "`finetune models list` shows the models there are") from None
         with self._lock(model.path):
             if self._version_numbers(model.path):
                 raise ConflictError(

@@ -18,13 +18,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import assert_one_line_error
 
 from finetune import atomic
 from finetune.cli import main
 from finetune.registry import Registry
 from finetune.registry.sources import import_base
 from finetune.tiny import sample_data_path
-from helpers import assert_one_line_error
 
 DEST = "bad/dest"
 

@@ -52,6 +52,8 @@ class TrainingRecord:
     pid: int | None = None
     resumed_from_step: int | None = None
     source: str = "cli"  # who submitted it: cli (or Python) | api
+    webhook: str | None = None  # the URL that hears about this training (API trainings; see server/webhooks.py)
+    webhook_events_filter: list[str] | None = None  # which events it hears (None: all)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -12,7 +12,7 @@ import pytest
 from finetune import atomic
 from finetune.queue import TrainingQueue
 from finetune.registry import Registry
-from finetune.registry.jobs import TrainingRecord, Trainings, new_training_id
+from finetune.registry.jobs import TrainingRecord, Trainings, new_record_id
 
 
 class FakeJob:
@@ -62,7 +62,7 @@ def reg(registry: Registry) -> Registry:
 
 
 def record(reg: Registry, source: str = "api", **fields) -> TrainingRecord:
-    rec = TrainingRecord(id=new_training_id(), destination="alice/y", source=source, **fields)
+    rec = TrainingRecord(id=new_record_id(), destination="alice/y", source=source, **fields)
     time.sleep(0.002)  # created_at orders the recovery
     return Trainings(reg).create(rec)
 

@@ -136,7 +136,7 @@ class TrainingQueue:
                     if record.status in FINAL:
                         raise ConflictError(f"training {training_id} already {record.status}")
                     self._canceling.add(training_id)
-                    _cancel_marker(self.trainings, training_id).touch()  # the run checks it at every step
+                    self.trainings.paths(training_id).cancel.touch()  # the run checks it at every step
                     job.stop()  # before its worker installed a handler this ends it; after, it stops at a step
                     return self.trainings.get(training_id)
         if ended:
@@ -277,6 +277,3 @@ def _published_by(reg: Registry, destination: str, training_id: str) -> Version 
         return None
     return next((v for v in versions if v.metadata.get("training_id") == training_id), None)
 
-
-def _cancel_marker(trainings: Trainings, training_id: str):
-    return trainings._cancel_marker(training_id)

@@ -277,7 +277,7 @@ class TrainingWebhooks:
             events.append("start")
         now = time.monotonic()
         try:
-            size = self.trainings.log_path(training_id).stat().st_size
+            size = self.trainings.paths(training_id).log.stat().st_size
         except FileNotFoundError:
             size = 0
         final = record.status in FINAL

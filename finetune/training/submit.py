@@ -10,7 +10,7 @@ from ..config import Config
 from ..errors import ModelNotFoundError, UsageError
 from ..names import parse_model_name
 from ..registry import Registry
-from ..registry.jobs import TrainingRecord, Trainings, new_training_id
+from ..registry.jobs import TrainingRecord, Trainings, new_record_id
 
 
 def submit_training(
@@ -32,7 +32,7 @@ def submit_training(
         raise UsageError("no destination model", "pass --destination OWNER/NAME or set `destination:` in the config")
     parse_model_name(destination)
     _ensure_destination(reg, destination, create_destination)
-    return Trainings(reg).create(TrainingRecord(id=new_training_id(), destination=destination,
+    return Trainings(reg).create(TrainingRecord(id=new_record_id(), destination=destination,
                                                 input=config.to_dict(), source=source))
 
 

@@ -106,3 +106,15 @@ class TrainingCanceled(FinetuneError):
     """A run was stopped by Ctrl-C, SIGTERM or ``finetune trainings cancel``."""
 
     exit_code = 130
+
+
+class AuthenticationError(FinetuneError):
+    """A request to the service carries no token, or one that is unknown or revoked."""
+
+
+class PermissionDeniedError(FinetuneError, PermissionError):
+    """The account may see the thing but may not do this to it (only its owner may)."""
+
+
+class TooLargeError(UsageError):
+    """An upload or a request body is over the size limit the server was started with."""

@@ -57,6 +57,9 @@ from .manifest import (
 
 VISIBILITIES = ("private", "public")
 HARDWARE = ("cpu", "gpu", "auto")
+# Optional text fields of a model besides its description (Replicate's model object has the same names).
+MODEL_LINKS = ("github_url", "paper_url", "license_url", "cover_image_url")
+EDITABLE = ("description", "readme", *MODEL_LINKS)
 LOCK_TIMEOUT_S = 120
 _LATEST_WALK = 256  # numbers `latest` probes one by one before it lists the versions folder instead
 
@@ -72,6 +75,8 @@ class Model:
         self.visibility: str = info.get("visibility", "private")
         self.hardware: str = info.get("hardware", "auto")
         self.created_at: str = info.get("created_at", "")
+        self.readme: str = info.get("readme", "")
+        self.links: dict[str, str | None] = {key: info.get(key) for key in MODEL_LINKS}
 
     @property
     def full_name(self) -> str:
@@ -85,6 +90,8 @@ class Model:
             "visibility": self.visibility,
             "hardware": self.hardware,
             "created_at": self.created_at,
+            "readme": self.readme,
+            **self.links,
         }
 
     def __repr__(self) -> str:
@@ -171,8 +178,12 @@ class Registry:
         visibility: str = "private",
         hardware: str = "auto",
         exist_ok: bool = False,
+        **fields: str | None,
     ) -> Model:
-        """Create the destination model ``owner/name``; an existing one is an error unless ``exist_ok``."""
+        """Create the destination model ``owner/name``; an existing one is an error unless ``exist_ok``.
+
+        ``fields`` may set ``readme`` and the links of :data:`MODEL_LINKS`."""
+        _check_fields(fields)
         owner, short = parse_model_name(name)
         if visibility not in VISIBILITIES:
             raise UsageError(f"invalid visibility {visibility!r}", f"use one of: {', '.join(VISIBILITIES)}")
@@ -198,6 +209,7 @@ class Registry:
             "visibility": visibility,
             "hardware": hardware,
             "created_at": utc_now(),
+            **{k: v for k, v in fields.items() if v is not None},
         }
         stage = self.staging_dir("model")
         atomic.write_bytes_durable(stage / "model.json", atomic.pretty_json(info))
@@ -248,6 +260,20 @@ class Registry:
                     out.append(self.get_model(f"{owner.name}/{entry.name}"))
         return out
 
+    def update_model(self, name: str, **changes: str | None) -> Model:
+        """Change a model's editable fields (:data:`EDITABLE`); ``None`` clears a link. Atomic under its lock."""
+        _check_fields(changes, allowed=EDITABLE)
+        model = self.get_model(name)
+        with self._lock(model.path):
+            info = json.loads((model.path / "model.json").read_bytes())
+            for key, value in changes.items():
+                if value is None and key in MODEL_LINKS:
+                    info.pop(key, None)
+                else:
+                    info[key] = value or ""
+            atomic.replace_file(model.path / "model.json", atomic.pretty_json(info), self._staging)
+        return Model(model.path, info)
+
     def delete_model(self, name: str) -> None:
         """Delete an empty model; refused while it has versions."""
         model = self.get_model(name)
@@ -279,6 +305,10 @@ class Registry:
     def _version(self, model: Model, number: int) -> Version | None:
         path = self._versions_dir(model.path) / str(number)
         return Version(model.full_name, number, path) if path.is_dir() else None
+
+    def version(self, model: str, number: int) -> Version | None:
+        """Version ``number`` of ``model``, or ``None`` if it does not exist (one ``stat``, no manifest read)."""
+        return self._version(self.get_model(model), number)
 
     def list_versions(self, model: str) -> list[Version]:
         """All versions of ``model``, newest first. Manifests are read lazily."""
@@ -557,6 +587,14 @@ class Registry:
         """Hold the model's allocation lock (for callers that must read-modify-write model files)."""
         with self._lock(self.get_model(model).path):
             yield
+
+
+def _check_fields(fields: dict[str, Any], allowed: tuple[str, ...] = ("readme", *MODEL_LINKS)) -> None:
+    for key, value in fields.items():
+        if key not in allowed:
+            raise UsageError(f"unknown model field {key!r}", f"use one of: {', '.join(allowed)}")
+        if value is not None and not isinstance(value, str):
+            raise UsageError(f"model field {key!r} must be text, not {type(value).__name__}")
 
 
 def _work_name(purpose: str) -> str:

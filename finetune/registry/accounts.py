@@ -2,7 +2,7 @@
 
 An account is an owner name (the ``alice`` of ``alice/model``); it exists once a token has been created for it.
 A token is shown once, when created; the registry keeps only its sha256, so a copy of the registry does not
-leak working tokens. Layout (inside the registry root)::
+leak working tokens. Layout (inside ``Registry.accounts_dir()``)::
 
     accounts/
       OWNER.json          username, created_at, webhook_secret (whsec_..., signs the account's webhooks)
@@ -68,7 +68,7 @@ class Accounts:
 
     def __init__(self, registry: Registry):
         self.registry = registry
-        self.root = registry.root / "accounts"
+        self.root = registry.accounts_dir()
 
     # ---------------------------------------------------------------- paths
     def _account_path(self, owner: str) -> Path:

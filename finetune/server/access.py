@@ -16,10 +16,10 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import (
+    AccessDeniedError,
     FinetuneError,
     InvalidNameError,
     ModelNotFoundError,
-    PermissionDeniedError,
     TrainingNotFoundError,
     UsageError,
     VersionNotFoundError,
@@ -44,7 +44,7 @@ def can_read(account: str | Account, model: Model) -> bool:
 def check_create(account: str | Account, owner: str) -> None:
     """An account creates models under its own name only."""
     if owner != username(account):
-        raise PermissionDeniedError(
+        raise AccessDeniedError(
             f"{username(account)} cannot create models under {owner!r}",
             f"create it as {username(account)}/NAME, or use a token of {owner}",
         )
@@ -66,7 +66,7 @@ def owned_model(reg: Registry, account: str | Account, name: str, action: str = 
     """The model if ``account`` owns it; 404 if it may not even see it, 403 if it may only read it."""
     model = visible_model(reg, account, name)
     if model.owner != username(account):
-        raise PermissionDeniedError(f"only {model.owner} may {action} {name}")
+        raise AccessDeniedError(f"only {model.owner} may {action} {name}")
     return model
 
 

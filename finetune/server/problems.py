@@ -24,29 +24,10 @@ log = logging.getLogger("finetune.server")
 
 PROBLEM_JSON = "application/problem+json"
 
-# Until every error class carries ``http_status`` itself, the nearest class in this table decides.
-_STATUS_BY_CLASS: tuple[tuple[type[errors.FinetuneError], int], ...] = (
-    (errors.AuthenticationError, 401),
-    (errors.PermissionDeniedError, 403),
-    (errors.TooLargeError, 413),
-    (errors.UsageError, 422),
-    (errors.DataError, 422),
-    (errors.NotFoundError, 404),
-    (errors.AlreadyExistsError, 409),
-    (errors.ConflictError, 409),
-    (errors.TrainingCanceled, 409),
-)
-
-
 def status_for(err: errors.FinetuneError) -> int:
-    """The HTTP status of one of our errors: its class's ``http_status`` if it has one, else the table above."""
-    explicit = getattr(err, "http_status", None)
-    if isinstance(explicit, int):
-        return explicit
-    for cls, status in _STATUS_BY_CLASS:
-        if isinstance(err, cls):
-            return status
-    return 500
+    """The HTTP status of one of our errors: its class's ``http_status`` (500 when it has none)."""
+    status = getattr(err, "http_status", 500)
+    return status if isinstance(status, int) and 400 <= status < 600 else 500
 
 
 def problem(status: int, detail: str, title: str | None = None, headers: dict[str, str] | None = None,

@@ -18,8 +18,10 @@ from ..registry import Registry
 from ..registry.accounts import Accounts
 from ..registry.index import VersionIndex
 from . import problems
-from .routes import account, models, versions
+from .objects import training_object
+from .routes import account, models, trainings, versions
 from .settings import ServerSettings
+from .training_service import TrainingService
 
 __all__ = ["ServerSettings", "create_app"]
 
@@ -53,7 +55,11 @@ def create_app(registry: Registry | None = None, settings: ServerSettings | None
     app.include_router(account.router)
     app.include_router(models.router)
     app.include_router(versions.router)
-    # trainings (h3-queue): app.include_router(trainings.router); app.state.services.append(queue)
+    app.include_router(trainings.router)
+    # The queue and the webhooks: started with the server (recovering waiting trainings), stopped with it.
+    app.state.trainings = TrainingService(registry, settings, app.state.accounts,
+                                          lambda record, url: training_object(registry, record, url))
+    app.state.services.append(app.state.trainings)
     # predictions (h4-predict): app.include_router(predictions.router)
     # web pages (h6-web), last so that /v1 wins: app.include_router(web.router)  # mounted at /
     return app

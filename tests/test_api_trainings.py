@@ -131,10 +131,13 @@ def test_client_trains_two_versions_and_weights_load_in_peft(world, receiver: Re
     client.models.create("alice", "y", visibility="private", hardware="cpu")
 
     # Two trainings into one destination at once; the second one's webhook receiver is down (never matters).
-    first = client.trainings.create(version=f"base/x:{base_id}", input=SHORT, destination="alice/y",
-                                    webhook=receiver.url)
-    second = client.trainings.create(version=f"base/x:{base_id}", input={**SHORT, "train.seed": 7},
-                                     destination="alice/y", webhook=dead_url())
+    # Data as uploads: one with files.create, one as a file object the client uploads itself.
+    upload = client.files.create(DATA)
+    first = client.trainings.create(version=f"base/x:{base_id}", destination="alice/y", webhook=receiver.url,
+                                    input={**SHORT, "data": {"path": upload.urls["get"], "max_seq_len": 128}})
+    with open(DATA, "rb") as f:
+        second = client.trainings.create(version=f"base/x:{base_id}", destination="alice/y", webhook=dead_url(),
+                                         input={**SHORT, "data": {"path": f, "max_seq_len": 128}, "train.seed": 7})
     assert first.status == "starting" and first.model == "base/x" and first.version == base_id
     assert first.input["train"]["max_steps"] == 2 and first.urls["get"].endswith(f"/v1/trainings/{first.id}")
 
@@ -259,7 +262,7 @@ def test_bad_requests_name_the_problem(world) -> None:
     status, detail = post({"destination": "alice/e", "input": {**SHORT, "train": {"lr": -1}}})
     assert status == 422 and "train.lr" in detail
     status, detail = post({"destination": "alice/e", "input": {"data": {"path": "/etc/passwd"}}})
-    assert status == 422 and "data.path" in detail and "--allow-data-dir" in detail
+    assert status == 403 and "data.path" in detail and "outside the folders this server allows" in detail
     status, detail = post({"destination": "alice/e", "input": {"data": {"path": "http://elsewhere/x.jsonl"}}})
     assert status == 422 and "data.path" in detail
     status, detail = post({"destination": "alice/e", "input": {**SHORT, "base_model": "base/x:1"}})

@@ -18,8 +18,9 @@ from ..registry import Registry
 from ..registry.accounts import Accounts
 from ..registry.index import VersionIndex
 from . import problems
+from .limits import FRAMING_BYTES, BodyLimit
 from .objects import training_object
-from .routes import account, models, trainings, versions
+from .routes import account, files, models, trainings, versions
 from .settings import ServerSettings
 from .training_service import TrainingService
 
@@ -51,10 +52,12 @@ def create_app(registry: Registry | None = None, settings: ServerSettings | None
     app.state.version_index = VersionIndex(registry)
     app.state.services = []  # objects with start()/stop(), e.g. the training queue
     problems.install(app)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_upload_bytes + FRAMING_BYTES)
 
     app.include_router(account.router)
     app.include_router(models.router)
     app.include_router(versions.router)
+    app.include_router(files.router)
     app.include_router(trainings.router)
     # The queue and the webhooks: started with the server (recovering waiting trainings), stopped with it.
     app.state.trainings = TrainingService(registry, settings, app.state.accounts,

@@ -8,8 +8,6 @@ as a YAML config is. The record is written (durably) before the 201 goes out; th
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -17,13 +15,14 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict
 
 from ...config import Config, config_from_dict
-from ...errors import ConfigError, ModelNotFoundError, TrainingNotFoundError, UsageError
+from ...errors import ConfigError, FinetuneError, ModelNotFoundError, TrainingNotFoundError, UsageError
 from ...registry import Registry
 from ...registry.jobs import TrainingRecord, Trainings
 from .. import access
 from ..archive import tar_stream
 from ..auth import AccountDep, current_account
 from ..context import RegistryDep, SettingsDep, VersionIndexDep, base_url
+from ..data_sources import resolve_data_input
 from ..objects import training_object
 from ..pagination import page
 from ..settings import ServerSettings
@@ -33,8 +32,6 @@ from ..webhooks import check_webhook
 router = APIRouter(prefix="/v1", dependencies=[Depends(current_account)], tags=["trainings"])
 
 MISSING_DESTINATION = "The specified training destination does not exist"  # Replicate's own words
-_SECTIONS = ("data", "lora", "train")
-_DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".parquet", ".arrow", ".txt")
 
 
 class TrainingCreate(BaseModel):
@@ -85,46 +82,18 @@ def _nest(raw: dict[str, Any]) -> dict[str, Any]:
     return nested
 
 
-def _local_path(value: str, settings: ServerSettings) -> str:
-    """A server path a training may read: only inside ``--allow-data-dir`` folders."""
-    path = Path(value).expanduser()
-    if not path.is_absolute():
-        raise UsageError(f"{value!r} is a relative path on the server",
-                         "upload the file (POST /v1/files) and give its URL")
-    real = path.resolve()
-    for allowed in settings.allowed_data_dirs:
-        if real == allowed or allowed in real.parents:
-            return str(real)
-    raise UsageError(f"{value} is not in a folder this server allows training data from",
-                     "upload the file (POST /v1/files) and give its URL, or start the server with --allow-data-dir")
-
-
-def _looks_local(value: str) -> bool:
-    return (value.startswith(("/", ".", "~")) or value.lower().endswith(_DATA_SUFFIXES)
-            or os.path.exists(value))
-
-
-def _data_source(value: Any, key: str, request: Request, account: Any, settings: ServerSettings) -> Any:
-    """What the trainer reads for ``data.path`` / ``data.eval``: an uploaded file (by URL or id) as its server
-    path, an allowed server path, or a hub dataset id as it is. Anything else is a 422 naming ``key``."""
+def _data_source(value: Any, key: str, reg: Registry, account: Any, settings: ServerSettings) -> Any:
+    """What the trainer reads for ``data.path`` / ``data.eval`` (see :mod:`..data_sources`); an error keeps its
+    status (a foreign file 404, a server path outside the allow-list 403, another URL 422) and names ``key``."""
     if not isinstance(value, str) or not value:
         return value  # a fraction for data.eval, or a wrong type the config check reports
     try:
-        resolve_file = getattr(request.app.state, "resolve_data_file", None)
-        if resolve_file is not None:
-            found = resolve_file(value, account)
-            if found is not None:
-                return str(found)
-        if "://" in value:
-            raise UsageError(f"{value[:100]} is not a file uploaded to this server", "upload it with POST /v1/files")
-        if _looks_local(value):
-            return _local_path(value, settings)
-    except UsageError as err:
-        raise ConfigError([f"{key}: {err}"], source="input") from None
-    return value  # a hub dataset id: the data layer checks it
+        return resolve_data_input(value, account=account, registry=reg, settings=settings)
+    except FinetuneError as err:
+        raise type(err)(f"input: {key}: {err.message}", err.hint) from None
 
 
-def training_config(raw_input: dict[str, Any], trainer_ref: str, request: Request, account: Any,
+def training_config(raw_input: dict[str, Any], trainer_ref: str, reg: Registry, account: Any,
                     settings: ServerSettings) -> Config:
     """The checked config of an API training: the trainer as ``base_model``, the input's sections."""
     nested = _nest(raw_input)
@@ -132,7 +101,7 @@ def training_config(raw_input: dict[str, Any], trainer_ref: str, request: Reques
     if isinstance(data, dict):
         for key in ("path", "eval"):
             if key in data:
-                data[key] = _data_source(data[key], f"data.{key}", request, account, settings)
+                data[key] = _data_source(data[key], f"data.{key}", reg, account, settings)
     return config_from_dict({"base_model": trainer_ref, **nested}, source="input")
 
 
@@ -160,7 +129,7 @@ def create_training(owner: str, name: str, version_id: str, body: TrainingCreate
     if webhook is None and body.webhook_completed:
         webhook, events = body.webhook_completed, ["completed"]
     check_webhook(webhook, events)
-    config = training_config(body.input, trainer.ref, request, account, settings)
+    config = training_config(body.input, trainer.ref, reg, account, settings)
     url = base_url(request)
     record = _service(request).submit(config, destination, webhook=webhook, webhook_events_filter=events,
                                       base_url=url)

@@ -38,11 +38,9 @@ from ..data.batching import (
 from ..data.prepare import format_summary, prepare
 from ..errors import FinetuneError, ModelNotFoundError, TrainingCanceled, UsageError
 from ..modeling.load import attach_lora, load_base_model, load_tokenizer
+from ..modeling.ops import rewrite_for_training
 from ..modeling.ops.attention import VARLEN_ATTENTION
-from ..modeling.ops.lora import fuse_lora_updates, keep_activations_in_compute_dtype
 from ..modeling.ops.loss import CausalLMLoss, normalize_loss
-from ..modeling.ops.mlp import fuse_gated_mlps
-from ..modeling.ops.norms import fuse_rms_norms
 from ..modeling.precision import choose_precision, torch_dtype
 from ..names import parse_model_name
 from ..registry import Registry, Version
@@ -210,11 +208,7 @@ def _train(config, reg, trainings, record, training_id, destination, accelerator
     attn = VARLEN_ATTENTION if tcfg.packing else None
     base = load_base_model(resolved.base, torch_dtype(precision), attn_implementation=attn)
     model = attach_lora(base, config.lora, adapter_dir=str(resolved.adapter.path) if resolved.adapter else None)
-    if precision != "fp32":
-        keep_activations_in_compute_dtype(model)
-    fuse_lora_updates(model)
-    fuse_rms_norms(model)
-    fuse_gated_mlps(model)
+    log.info(str(rewrite_for_training(model, precision, accelerator.device)))  # which fused paths are on
     trainable = [p for p in model.parameters() if p.requires_grad]
     log.info(f"trainable parameters: {sum(p.numel() for p in trainable):,} "
              f"of {sum(p.numel() for p in model.parameters()):,}")

@@ -43,9 +43,10 @@ def browser():
 @pytest.fixture
 def web(tmp_path, tiny_model_dir):
     """A server over a registry holding alice's tiny base model and bob's private model."""
+    from service import running_server
+
     from finetune.registry import Registry
     from finetune.registry.sources import import_base
-    from tests.service import running_server
 
     reg = Registry(tmp_path / "registry")
     import_base(reg, "alice/tiny-base", str(tiny_model_dir))

@@ -134,17 +134,22 @@ def playground_run(request: Request, user: User, form: Form, owner: str, name: s
 
 
 @router.get("/predictions/{prediction_id}/stream")
-def prediction_stream(request: Request, user: User, prediction_id: str) -> Response:
-    """The prediction's output as server-sent events: ``output`` (a JSON string each), then ``done`` or
-    ``error``."""
-    chunks = services.stream_prediction(request, user.account, prediction_id)
+async def prediction_stream(request: Request, user: User, prediction_id: str) -> Response:
+    """The prediction's output as server-sent events for the playground: ``output`` events (each a JSON
+    string), then ``done`` (JSON) or ``error`` (a JSON string)."""
+    events = services.stream_prediction(request, user.account, prediction_id)
+    first = await anext(events, None)  # an unknown or foreign prediction fails here, as a 404 page
 
-    def events():
+    async def body():
+        event = first
         try:
-            for kind, data in chunks:
-                yield f"event: {kind}\ndata: {json.dumps(data)}\n\n"
+            while event is not None:
+                kind, data = event
+                payload = data if kind == "done" else json.dumps(data)
+                yield f"event: {kind}\ndata: {payload}\n\n"
+                event = await anext(events, None)
         except FinetuneError as err:
             yield f"event: error\ndata: {json.dumps(str(err))}\n\n"
 
-    return StreamingResponse(events(), media_type="text/event-stream",
+    return StreamingResponse(body(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})

@@ -24,7 +24,8 @@ from ..server import access
 from .charts import loss_chart_svg
 from .core import WebUser, check_csrf, render, router, signed_in
 from .markdown import render_markdown
-from .views import number, size, training_view, version_row, when
+from .views import number as fmt_number
+from .views import size, training_view, version_row, when
 
 TABS = (("versions", "Versions"), ("train", "Train"), ("trainings", "Trainings"), ("playground", "Playground"),
         ("compare", "Compare"))
@@ -179,8 +180,8 @@ def _comparison_view(result: Any) -> dict[str, Any]:
         rows.append({
             "ref": r.version.ref, "number": r.version.number, "parent": parent_summary(r.version),
             "data": f"{data.get('rows')} rows, {str(data.get('sha256'))[:8]}" if data else "–",
-            "train_loss": number(metrics.get("train_loss")),
-            "eval_loss": number(r.eval_loss if r.eval_loss is not None else metrics.get("eval_loss")),
+            "train_loss": fmt_number(metrics.get("train_loss")),
+            "eval_loss": fmt_number(r.eval_loss if r.eval_loss is not None else metrics.get("eval_loss")),
             "reference": r.version.ref == result.reference,
             "changes": None if r.config_changes is None else
             [(k, _show(a), _show(b)) for k, (a, b) in r.config_changes.items()],
@@ -235,8 +236,8 @@ def version_page(request: Request, user: User, owner: str, name: str, number: in
         "format": (meta.get("prompt_format") or {}).get("name"),
         "data": f"{str(data.get('path', '?')).rsplit('/', 1)[-1]} · {data.get('rows')} rows · sha256 "
                 f"{str(data.get('sha256'))[:12]}" if data else None,
-        "train_loss": number(metrics.get("train_loss")), "eval_loss": number(metrics.get("eval_loss")),
-        "tokens_per_s": number(metrics.get("tokens_per_s"), 0) if metrics.get("tokens_per_s") else "–",
+        "train_loss": fmt_number(metrics.get("train_loss")), "eval_loss": fmt_number(metrics.get("eval_loss")),
+        "tokens_per_s": fmt_number(metrics.get("tokens_per_s"), 0) if metrics.get("tokens_per_s") else "–",
         "files": len(files), "size": size(sum(int(f.get("size", 0)) for f in files.values())),
         "aliases": sorted(a for a, n in reg.aliases(model.full_name).items() if n == v.number),
     }
@@ -278,7 +279,8 @@ def version_file(request: Request, user: User, owner: str, name: str, number: in
         raise NotFoundError(f"{v.ref} has no file {path}")
     media = {"png": "image/png", "md": "text/plain; charset=utf-8", "json": "application/json"}
     kind = media.get(path.rsplit(".", 1)[-1], "application/octet-stream")
-    headers = {} if kind == "image/png" else {"Content-Disposition": f'attachment; filename="{path.rsplit("/", 1)[-1]}"'}
+    filename = path.rsplit("/", 1)[-1]
+    headers = {} if kind == "image/png" else {"Content-Disposition": f'attachment; filename="{filename}"'}
     return Response((v.path / path).read_bytes(), media_type=kind, headers=headers)
 
 

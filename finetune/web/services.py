@@ -7,14 +7,14 @@ This module only adapts arguments; it holds no rule of its own.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 from fastapi import Request
 
 from ..config import Config
-from ..errors import FinetuneError
+from ..errors import NotFoundError, UsageError
 from ..registry import Registry, Version
 
 
@@ -23,62 +23,84 @@ def _registry(request: Request) -> Registry:
 
 
 # ---------------------------------------------------------------- files (the API's file store)
-class FileInfo:
-    def __init__(self, id: str, name: str, size: int):
-        self.id, self.name, self.size = id, name, size
-
-
-def list_files(request: Request, account: str) -> list[FileInfo]:
+def list_files(request: Request, account: str) -> list[Any]:
     """The account's uploaded files, newest first."""
     from ..registry.files import Files
 
-    return [FileInfo(f.id, f.name, f.size) for f in Files(_registry(request)).list(owner=account)]
+    return Files(_registry(request)).list(account)
 
 
-async def store(request: Request, account: str, upload: Any) -> FileInfo:
-    """Store an uploaded file for ``account`` with the API's size limit."""
+async def store(request: Request, account: str, upload: Any) -> Any:
+    """Store an uploaded file for ``account`` with the server's upload limit, as ``POST /v1/files`` does."""
+    from starlette.concurrency import run_in_threadpool
+
     from ..registry.files import Files
 
     limit = request.app.state.settings.max_upload_bytes
-    record = Files(_registry(request)).create(account, upload.filename, upload.file, max_bytes=limit)
-    return FileInfo(record.id, record.name, record.size)
+    return await run_in_threadpool(Files(_registry(request)).create, account, upload.file, upload.filename,
+                                   upload.content_type or "application/octet-stream", None, limit)
 
 
 def path_of(request: Request, account: str, file_id: str) -> Path:
-    """Where an uploaded file of ``account`` lies (404 for someone else's)."""
+    """Where an uploaded file of ``account`` lies (404 for someone else's, by the access rule)."""
     from ..registry.files import Files
+    from ..server import access
 
-    return Files(_registry(request)).path(file_id, owner=account)
+    stored = Files(_registry(request)).get(file_id)
+    access.check_owns(account, stored, "file", file_id, NotFoundError)
+    return stored.path
 
 
-# ---------------------------------------------------------------- trainings (the queue)
-def start_training(request: Request, account: str, config: Config) -> Any:
-    """Submit a checked config into its destination and queue it, as ``POST .../trainings`` does."""
-    from ..training.run import submit_training
+# ---------------------------------------------------------------- trainings (the API's training service)
+def training_config(request: Request, account: str, raw: dict[str, Any], trainer_ref: str) -> Config:
+    """The checked config of a training of ``trainer_ref`` with ``raw`` as its input, exactly as
+    ``POST .../trainings`` checks it (data files resolved to the account's uploads); :class:`ConfigError`."""
+    from ..registry.accounts import Account
+    from ..server.routes.trainings import training_config as api_training_config
 
-    record = submit_training(config, registry=_registry(request), destination=config.destination, source="api")
-    queue = getattr(request.app.state, "queue", None)
-    if queue is not None:
-        queue.submit(record.id)
-    return record
+    return api_training_config(raw, trainer_ref, request, Account(account), request.app.state.settings)
+
+
+def start_training(request: Request, account: str, config: Config, destination: str) -> Any:
+    """Queue a checked config into ``destination`` through the training service; the record."""
+    from ..server.context import base_url
+
+    return request.app.state.trainings.submit(config, destination, webhook=None, webhook_events_filter=None,
+                                              base_url=base_url(request))
 
 
 def cancel_training(request: Request, account: str, training_id: str) -> None:
-    queue = getattr(request.app.state, "queue", None)
-    if queue is not None:
-        queue.cancel(training_id)
-        return
-    from ..registry.jobs import Trainings
-
-    Trainings(_registry(request)).request_cancel(training_id)
+    request.app.state.trainings.cancel(training_id)
 
 
 # ---------------------------------------------------------------- predictions (the inference service)
+def _predictions(request: Request) -> Any:
+    service = getattr(request.app.state, "predictions", None)
+    if service is None:
+        raise UsageError("this server runs no inference workers", "start it with `finetune serve`")
+    return service
+
+
 def create_prediction(request: Request, account: str, version: Version, inputs: dict[str, Any]) -> str:
-    """Create a streaming prediction of ``version``; its id."""
-    raise FinetuneError("predictions are not available in this server yet")
+    """Create a streaming prediction of ``version`` as ``POST /v1/predictions`` does; its id. Blocks until a
+    worker admitted it (call from a thread)."""
+    from ..server.context import base_url
+
+    record = _predictions(request).create(version, inputs, owner=account, stream=True, base_url=base_url(request))
+    return record.id
 
 
-def stream_prediction(request: Request, account: str, prediction_id: str) -> Iterator[tuple[str, Any]]:
-    """``("output", text)`` pieces as they are generated, then ``("done", {"status": ...})``."""
-    raise FinetuneError("predictions are not available in this server yet")
+async def stream_prediction(request: Request, account: str, prediction_id: str) -> AsyncIterator[tuple[str, str]]:
+    """The prediction's events as the API streams them: ``("output", piece)``..., then ``("done", json)`` or
+    ``("error", text)``; 404 for another account's prediction (the access rule)."""
+    from ..registry.predictions import PredictionNotFoundError
+    from ..server import access
+
+    service = _predictions(request)
+    try:
+        record = service.get(prediction_id)
+    except (PredictionNotFoundError, UsageError):
+        raise PredictionNotFoundError(f"prediction {prediction_id} not found") from None
+    access.check_owns(account, record, "prediction", prediction_id, error=PredictionNotFoundError)
+    async for event, data in service.subscribe(prediction_id):
+        yield event, data

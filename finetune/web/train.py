@@ -19,7 +19,7 @@ from . import services
 from .core import render, router, templates
 from .pages import Form, User, model_context, registry
 from .preview import Preview, preview_data
-from .train_form import SETTINGS, build_config, default_form
+from .train_form import SETTINGS, check_input, default_form, form_input
 from .views import size, trainer_choices
 
 
@@ -88,36 +88,34 @@ def train_preview(request: Request, user: User, form: Form, owner: str, name: st
 
 @router.post("/models/{owner}/{name}/train")
 async def start_training(request: Request, user: User, form: Form, owner: str, name: str) -> Response:
-    """Check the form as the config loader checks a file and start the training; errors next to their fields."""
+    """Check the form as the API checks a training's input and start it; each problem next to its field."""
     reg = registry(request)
     destination = access.owned_model(reg, user.account, f"{owner}/{name}", "train into").full_name
     values = {k: v for k, v in form.items() if isinstance(v, str)}
     file = form.get("data_file")
     if file is not None and getattr(file, "filename", None):  # a browser without JavaScript uploads here
         values["data_upload"] = (await services.store(request, user.account, file)).id
-    errors: dict[str, list[str]] = {}
-    data_path = None
+    raw, errors = form_input(values, values.get("data_upload") or None)
+    trainer = None
+    try:
+        trainer = access.visible_version(reg, user.account, *_split_ref(values.get("base_model", "")))
+    except FinetuneError as err:
+        errors.add("base_model", str(err))
+    config = None
+    if trainer is not None:
+        config = check_input(raw, errors, lambda r: services.training_config(request, user.account, r, trainer.ref))
+    preview = None
     if values.get("data_upload"):
         try:
-            data_path = str(services.path_of(request, user.account, values["data_upload"]))
+            preview = _preview(request, user, values)
         except FinetuneError as err:
-            errors["data.path"] = [str(err)]
-    trainer = values.get("base_model", "")
-    try:
-        if trainer:
-            access.visible_version(reg, user.account, *_split_ref(trainer))
-    except FinetuneError as err:
-        errors["base_model"] = [str(err)]
-    config, problems = build_config(values, base_model=trainer, data_path=data_path, destination=destination)
-    for key, messages in problems.items():
-        errors.setdefault(key, []).extend(messages)
-    preview = _preview(request, user, values) if data_path else None
-    if preview is not None and preview.error:
-        errors.setdefault("data.path", []).append(preview.error)
+            errors.add("data.path", str(err))
+        if preview is not None and preview.error:
+            errors.add("data.path", preview.error)
     if errors or config is None:
         ctx = _train_context(request, user, owner, name, values, errors, preview)
         return render(request, "tab_train.html", ctx, status_code=422, user=user)
-    record = services.start_training(request, user.account, config)
+    record = services.start_training(request, user.account, config, destination)
     return RedirectResponse(f"/trainings/{record.id}", status_code=303)
 
 

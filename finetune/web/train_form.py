@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import yaml
@@ -88,13 +88,14 @@ class FormErrors(dict):
         self.setdefault(key, []).append(message)
 
 
-def build_config(form: Mapping[str, str], *, base_model: str, data_path: str | None,
-                 destination: str) -> tuple[Config | None, FormErrors]:
-    """Check the submitted form as the config loader would check a file; ``(config, {})`` or ``(None, errors)``."""
+def form_input(form: Mapping[str, str], data: str | None) -> tuple[dict[str, Any], FormErrors]:
+    """The training input a submitted form stands for: the config's sections (``data``, ``lora``, ``train``)
+    as the API's ``input`` takes them, the advanced YAML merged over the fields; ``data`` names the data file
+    (an uploaded file's id). Errors here are the form's own (YAML that does not parse, a missing file)."""
     errors = FormErrors()
-    raw: dict[str, Any] = {"base_model": base_model, "destination": destination, "data": {}}
-    if data_path:
-        raw["data"]["path"] = data_path
+    raw: dict[str, Any] = {"data": {}}
+    if data:
+        raw["data"]["path"] = data
     fmt = (form.get("data.format") or "").strip()
     if fmt:
         raw["data"]["format"] = fmt
@@ -116,22 +117,40 @@ def build_config(form: Mapping[str, str], *, base_model: str, data_path: str | N
             mark = getattr(err, "problem_mark", None)
             where = f"line {mark.line + 1}: " if mark is not None else ""
             errors.add("advanced", f"{where}invalid YAML: {getattr(err, 'problem', None) or err}")
-            return None, errors
+            return raw, errors
         if not isinstance(extra, Mapping):
             errors.add("advanced", "expected a mapping of keys (for example `train:` then `  warmup_steps: 5`)")
-            return None, errors
-        _merge(raw, extra)
-    if not data_path and not (isinstance(raw.get("data"), Mapping) and raw["data"].get("path")):
+            return raw, errors
+        for key in ("base_model", "destination"):
+            if key in extra:
+                errors.add("advanced", f"{key}: set it with the form (the trainer, and this model), not here")
+        _merge(raw, {k: v for k, v in extra.items() if k not in ("base_model", "destination")})
+    if not (isinstance(raw.get("data"), Mapping) and raw["data"].get("path")):
         errors.add("data.path", "choose a data file: upload one or pick an uploaded one")
+    return raw, errors
+
+
+def check_input(raw: dict[str, Any], errors: FormErrors, check: Callable[[dict[str, Any]], Config]) -> Config | None:
+    """Run ``check`` (the config loader, as the API calls it) over ``raw``; its problems go next to their
+    fields. The config, or None when anything (the form's own errors included) is wrong."""
     try:
-        config = config_from_dict(raw, source="the form")
+        config = check(raw)
     except ConfigError as err:
         for problem in err.problems:
             if "data.path" in errors and problem == "missing required key 'data.path'":
                 continue  # already said, in the form's words
             place_problem(errors, problem)
-        return None, errors
-    return (None, errors) if errors else (config, errors)
+        return None
+    return None if errors else config
+
+
+def build_config(form: Mapping[str, str], *, base_model: str, data_path: str | None,
+                 destination: str) -> tuple[Config | None, FormErrors]:
+    """The form checked by :func:`finetune.config.config_from_dict` (for callers without a server)."""
+    raw, errors = form_input(form, data_path)
+    check = lambda r: config_from_dict({"base_model": base_model, "destination": destination, **r},  # noqa: E731
+                                       source="the form")
+    return check_input(raw, errors, check), errors
 
 
 _KEY = re.compile(r"'?([a-z_]+(?:\.[a-z_]+)*)'?")

@@ -179,7 +179,7 @@ function initPlayground() {
     });
     source.addEventListener("done", (e) => {
       const info = e.data ? JSON.parse(e.data) : {};
-      finish(info.status === "succeeded" || !info.status ? "Done" : info.status);
+      finish(info.reason ? "Stopped: " + info.reason : "Done");
     });
   });
 }

@@ -17,8 +17,8 @@ from .. import __version__
 from ..registry import Registry
 from ..registry.accounts import Accounts
 from ..registry.index import VersionIndex
-from . import problems
 from ..web.app import router as web_router
+from . import problems
 from .routes import account, models, versions
 from .settings import ServerSettings
 

@@ -13,6 +13,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends, Query, Request
 from fastapi.responses import RedirectResponse, Response, StreamingResponse
+from markupsafe import Markup
 
 from ..errors import AlreadyExistsError, FinetuneError, InvalidNameError, ModelLoadError, NotFoundError
 from ..names import check_name
@@ -242,7 +243,7 @@ def version_page(request: Request, user: User, owner: str, name: str, number: in
         "aliases": sorted(a for a, n in reg.aliases(model.full_name).items() if n == v.number),
     }
     ctx = {"title": v.ref, "model": model_summary(reg, model), "v": view, "lineage": hops,
-           "lineage_error": lineage_error, "chart": loss_chart_svg(rows) if rows else None, "card": card,
+           "lineage_error": lineage_error, "chart": Markup(loss_chart_svg(rows)) if rows else None, "card": card,
            "snippets": snippets(v.ref, v.id, host, model.full_name), "download_url": f"{base}/adapter.zip"}
     return render(request, "version.html", ctx, user=user)
 

@@ -16,6 +16,11 @@ def when(stamp: str | None) -> str:
     return f"{stamp[:19].replace('T', ' ')} UTC" if stamp else "–"
 
 
+def when_short(stamp: str | None) -> str:
+    """``2026-12-01 10:49`` (UTC), for tables."""
+    return stamp[:16].replace("T", " ") if stamp else "–"
+
+
 def number(value: Any, digits: int = 4) -> str:
     return f"{value:.{digits}f}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "–"
 
@@ -45,7 +50,8 @@ def version_row(v: Version) -> dict[str, Any]:
     metrics = meta.get("metrics") or {}
     data = meta.get("dataset") or {}
     return {
-        "number": v.number, "id": v.id, "ref": v.ref, "kind": v.kind, "created": when(v.created_at),
+        "number": v.number, "id": v.id, "ref": v.ref, "kind": v.kind, "created": when_short(v.created_at),
+        "created_full": when(v.created_at),
         "parent": parent_summary(v),
         "data": {"rows": data.get("rows"), "sha": str(data.get("sha256") or "")[:8]} if data else None,
         "train_loss": number(metrics.get("train_loss")), "eval_loss": number(metrics.get("eval_loss")),

@@ -160,6 +160,8 @@ def render(request: Request, name: str, context: dict[str, Any], status_code: in
            user: WebUser | None = None) -> HTMLResponse:
     session = user.session if user else current_session(request)
     ctx = {"user": user.account if user else None, "csrf": session.csrf if session else "", **context}
+    if session is not None and session.flash and "flash" not in ctx:
+        ctx["flash"], session.flash = session.flash, None
     response = templates.TemplateResponse(request, name, ctx, status_code=status_code)
     response.headers.update(PAGE_HEADERS)
     return response

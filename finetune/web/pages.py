@@ -99,10 +99,9 @@ def create_model(request: Request, user: User, form: Form) -> Response:
     if values["visibility"] not in VISIBILITIES:
         errors["visibility"] = [f"invalid visibility {values['visibility']!r} — use one of: {', '.join(VISIBILITIES)}"]
     hardware = values["hardware"]
-    try:
-        hardware = normalize_hardware(values["hardware"])
-    except FinetuneError as err:
-        errors["hardware"] = [str(err)]
+    hardware = normalize_hardware(values["hardware"])
+    if hardware not in HARDWARE:  # the registry's list; its own check would stop at the first bad field
+        errors["hardware"] = [f"invalid hardware {values['hardware']!r} — use one of: {', '.join(HARDWARE)}"]
     if not errors:
         name = f"{values['owner']}/{values['name']}"
         try:
@@ -309,11 +308,7 @@ def delete_version(request: Request, user: User, form: Form, owner: str, name: s
     try:
         reg.delete_version(v.ref)
     except FinetuneError as err:
-        ctx = model_context(request, user, f"{owner}/{name}", "versions")
-        ctx["versions"] = [version_row(x) for x in reg.list_versions(ctx["model"]["model"])]
-        ctx["flash"] = {"kind": "bad", "text": f"Not deleted: {err}"}
-        return render(request, "tab_versions.html", ctx, status_code=err.http_status, user=user)
-    ctx = model_context(request, user, f"{owner}/{name}", "versions")
-    ctx["versions"] = [version_row(x) for x in reg.list_versions(ctx["model"]["model"])]
-    ctx["flash"] = {"kind": "ok", "text": f"Deleted {v.ref}."}
-    return render(request, "tab_versions.html", ctx, user=user)
+        user.session.flash = {"kind": "bad", "text": f"Not deleted: {err}"}
+    else:
+        user.session.flash = {"kind": "ok", "text": f"Deleted {v.ref}."}
+    return RedirectResponse(f"/models/{owner}/{name}", status_code=303)

@@ -35,6 +35,7 @@ class Session:
     account: str | None = None  # the signed-in account's name; None while anonymous
     token: str | None = None  # the API token it signed in with (checked again on every request)
     last_seen: float = field(default_factory=time.monotonic)
+    flash: dict[str, str] | None = None  # a one-time notice for the next page ({"kind": "ok"|"bad", "text": ...})
 
     def csrf_ok(self, sent: str | None) -> bool:
         return bool(sent) and hmac.compare_digest(self.csrf.encode(), str(sent).encode())

@@ -23,30 +23,33 @@ def _registry(request: Request) -> Registry:
 
 
 # ---------------------------------------------------------------- files (the API's file store)
+def _files(request: Request) -> Any:
+    try:
+        from ..registry.files import Files
+    except ImportError:  # the file store lands with the API's /v1/files
+        raise UsageError("this server does not store uploaded files yet") from None
+    return Files(_registry(request))
+
+
 def list_files(request: Request, account: str) -> list[Any]:
     """The account's uploaded files, newest first."""
-    from ..registry.files import Files
-
-    return Files(_registry(request)).list(account)
+    return _files(request).list(account)
 
 
 async def store(request: Request, account: str, upload: Any) -> Any:
     """Store an uploaded file for ``account`` with the server's upload limit, as ``POST /v1/files`` does."""
     from starlette.concurrency import run_in_threadpool
 
-    from ..registry.files import Files
-
     limit = request.app.state.settings.max_upload_bytes
-    return await run_in_threadpool(Files(_registry(request)).create, account, upload.file, upload.filename,
+    return await run_in_threadpool(_files(request).create, account, upload.file, upload.filename,
                                    upload.content_type or "application/octet-stream", None, limit)
 
 
 def path_of(request: Request, account: str, file_id: str) -> Path:
     """Where an uploaded file of ``account`` lies (404 for someone else's, by the access rule)."""
-    from ..registry.files import Files
     from ..server import access
 
-    stored = Files(_registry(request)).get(file_id)
+    stored = _files(request).get(file_id)
     access.check_owns(account, stored, "file", file_id, NotFoundError)
     return stored.path
 

@@ -17,6 +17,7 @@ from .. import __version__
 from ..registry import Registry
 from ..registry.accounts import Accounts
 from ..registry.index import VersionIndex
+from ..web.app import router as web_router
 from . import problems
 from .limits import FRAMING_BYTES, BodyLimit
 from .routes import account, files, models, versions
@@ -60,5 +61,5 @@ def create_app(registry: Registry | None = None, settings: ServerSettings | None
     app.include_router(files.router)
     # trainings (h3-queue): app.include_router(trainings.router); app.state.services.append(queue)
     # predictions (h4-predict): app.include_router(predictions.router)
-    # web pages (h6-web), last so that /v1 wins: app.include_router(web.router)  # mounted at /
+    app.include_router(web_router)  # the web app's pages at / (last, so that /v1 wins)
     return app

@@ -1,9 +1,9 @@
 """The ASGI application of ``finetune serve``: a thin HTTP adapter over the registry (and, later, the queue).
 
 ``create_app(registry, settings)`` builds a FastAPI app whose state holds the registry, the settings, the
-accounts and a version-id index; routers come from :mod:`finetune.server.routes`. Long-lived services (the
-training queue, inference workers) join ``app.state.services``: each has ``start()`` and ``stop()``, called
-when the server starts and stops.
+accounts, a version-id index and a cache of version JSON; routers come from :mod:`finetune.server.routes`.
+Long-lived services (the training queue, inference workers) join ``app.state.services``: each has ``start()``
+and ``stop()``, called when the server starts and stops.
 """
 
 from __future__ import annotations
@@ -17,12 +17,14 @@ from .. import __version__
 from ..registry import Registry
 from ..registry.accounts import Accounts
 from ..registry.index import VersionIndex
+from ..web.app import router as web_router
 from . import problems
 from .limits import FRAMING_BYTES, BodyLimit
 from .objects import training_object
 from .routes import account, files, models, trainings, versions
 from .settings import ServerSettings
 from .training_service import TrainingService
+from .wire_cache import VersionJSON
 
 __all__ = ["ServerSettings", "create_app"]
 
@@ -50,6 +52,7 @@ def create_app(registry: Registry | None = None, settings: ServerSettings | None
     app.state.settings = settings
     app.state.accounts = Accounts(registry)
     app.state.version_index = VersionIndex(registry)
+    app.state.version_json = VersionJSON()
     app.state.services = []  # objects with start()/stop(), e.g. the training queue
     problems.install(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_upload_bytes + FRAMING_BYTES)
@@ -64,5 +67,5 @@ def create_app(registry: Registry | None = None, settings: ServerSettings | None
                                           lambda record, url: training_object(registry, record, url))
     app.state.services.append(app.state.trainings)
     # predictions (h4-predict): app.include_router(predictions.router)
-    # web pages (h6-web), last so that /v1 wins: app.include_router(web.router)  # mounted at /
+    app.include_router(web_router)  # the web app's pages at / (last, so that /v1 wins)
     return app

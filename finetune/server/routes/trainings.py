@@ -93,9 +93,11 @@ def _data_source(value: Any, key: str, reg: Registry, account: Any, settings: Se
         raise type(err)(f"input: {key}: {err.message}", err.hint) from None
 
 
-def training_config(raw_input: dict[str, Any], trainer_ref: str, reg: Registry, account: Any,
+def training_config(raw_input: dict[str, Any], trainer_ref: str, request: Request, account: Any,
                     settings: ServerSettings) -> Config:
-    """The checked config of an API training: the trainer as ``base_model``, the input's sections."""
+    """The checked config of a training of ``trainer_ref`` (its ``base_model``) with ``raw_input`` as the
+    config's sections or dotted keys, data resolved for ``account``; the API and the web app both use it."""
+    reg: Registry = request.app.state.registry
     nested = _nest(raw_input)
     data = nested.get("data")
     if isinstance(data, dict):
@@ -129,7 +131,7 @@ def create_training(owner: str, name: str, version_id: str, body: TrainingCreate
     if webhook is None and body.webhook_completed:
         webhook, events = body.webhook_completed, ["completed"]
     check_webhook(webhook, events)
-    config = training_config(body.input, trainer.ref, reg, account, settings)
+    config = training_config(body.input, trainer.ref, request, account, settings)
     url = base_url(request)
     record = _service(request).submit(config, destination, webhook=webhook, webhook_events_filter=events,
                                       base_url=url)

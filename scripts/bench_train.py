@@ -111,7 +111,7 @@ def run_ours(paths: dict, steps: int, work: Path) -> dict:
 
     registry = Registry(home)
     version, trainings = registry.resolve("bench/ours"), Trainings(registry)
-    rows = MetricsLog(trainings.metrics_path(version.metadata["training_id"])).read()
+    rows = MetricsLog(trainings.paths(version.metadata["training_id"]).metrics).read()
     summary = trainings.get(version.metadata["training_id"]).metrics
     return {**result, "steps": [(r["time_s"], r["tokens"]) for r in rows], "losses": [r["loss"] for r in rows],
             "adapter": str(version.path), "gpu_peak_mb": summary["peak_memory_mb"] if summary["device"] == "cuda" else None}

@@ -59,8 +59,9 @@ def cmd_trainings_show(args: argparse.Namespace) -> None:
     trainings = _trainings(args)
     record = trainings.get(args.id)
     info = record.to_dict()
-    info["log"] = str(trainings.log_path(record.id))
-    info["metrics_file"] = str(trainings.metrics_path(record.id))
+    paths = trainings.paths(record.id)
+    info["log"] = str(paths.log)
+    info["metrics_file"] = str(paths.metrics)
     print_json(info)
 
 

@@ -156,7 +156,7 @@ def resolve_model(reg: Registry, spec: str) -> ResolvedModel:
         ref = parse_ref(spec)
     except UsageError:
         ref = None
-    if ref is not None and (reg.root / "models").exists():
+    if ref is not None and reg.has_models():
         try:
             reg.get_model(ref.model)
         except NotFoundError:

@@ -1,6 +1,7 @@
 """The registry: destination models and their immutable, numbered versions, on the local filesystem.
 
-This module owns the on-disk layout; no other module builds a path inside the registry root::
+This module owns the on-disk layout, drawn here once; no other module builds a path inside the registry root
+(they ask :class:`Registry` for the folder or the :class:`TrainingPaths` they need)::
 
     ROOT/
       models/OWNER/NAME/
@@ -9,14 +10,22 @@ This module owns the on-disk layout; no other module builds a path inside the re
         aliases.json           {"prod": 3, ...}
         .lock                  allocation lock (filelock)
         versions/N/            one published version: its files + manifest.json, all read-only
-      trainings/ID/            training records (see trainings.py), checkpoints, logs
+      trainings/ID/            one training run (registry.jobs.Trainings); ID = YYYYMMDD-HHMMSS-xxxxxx
+        record.json            id, status, model, destination, input, output, metrics, error, timestamps, pid
+        train.log              what the run printed
+        metrics.jsonl          one JSON object per logged step
+        checkpoints/step-N/    what --resume needs (training.checkpoint)
+        output/                the adapter folder that gets published
+        cancel                 present when `finetune trainings cancel` asked the run to stop
+      predictions/ID/          prediction records, same store (registry.jobs.RecordStore)
       cache/KIND/...           derived data that can be rebuilt (tokenized datasets)
       .staging/                publishes and temp files in progress; `gc` removes abandoned ones
       .trash/                  deletions in progress
 
 Publishing stages every file under ``.staging`` (same filesystem), fsyncs, allocates a number under a lock,
 writes ``manifest.json`` last, and renames the folder into ``versions/`` with a rename that refuses to
-overwrite. A version folder therefore appears whole or not at all.
+overwrite. A version folder therefore appears whole or not at all. Job records (``record.json``) are replaced
+atomically on every change, so a reader never sees half a record.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,8 +67,28 @@ from .manifest import (
 
 VISIBILITIES = ("private", "public")
 HARDWARE = ("cpu", "gpu", "auto")
+RECORD = "record.json"  # a job record's file in its folder
+JOB_KINDS = ("trainings", "predictions")  # the folders of job records under the root (see the layout above)
 LOCK_TIMEOUT_S = 120
 _LATEST_WALK = 256  # numbers `latest` probes one by one before it lists the versions folder instead
+
+
+@dataclass(frozen=True)
+class TrainingPaths:
+    """Where one training run keeps its files (see the layout above); handed out by :meth:`Registry.training_paths`."""
+
+    folder: Path
+    record: Path
+    log: Path
+    metrics: Path
+    checkpoints: Path
+    output: Path
+    cancel: Path  # the marker `finetune trainings cancel` leaves
+
+    @classmethod
+    def under(cls, folder: Path) -> TrainingPaths:
+        return cls(folder, folder / RECORD, folder / "train.log", folder / "metrics.jsonl",
+                   folder / "checkpoints", folder / "output", folder / "cancel")
 
 
 class Model:
@@ -118,12 +148,23 @@ class Registry:
     def _trash(self) -> Path:
         return self.root / ".trash"
 
-    def trainings_dir(self) -> Path:
-        """The folder that holds one sub-folder per training record."""
-        return self.root / "trainings"
+    def has_models(self) -> bool:
+        """Whether anything was ever created here (the models folder exists)."""
+        return (self.root / "models").exists()
 
-    def training_dir(self, training_id: str) -> Path:
-        return self.trainings_dir() / check_name(training_id, "training id")
+    def jobs_dir(self, kind: str) -> Path:
+        """The folder that holds one sub-folder per record of a kind of job (``trainings``, ``predictions``)."""
+        if kind not in JOB_KINDS:
+            raise UsageError(f"unknown kind of job {kind!r}", f"use one of: {', '.join(JOB_KINDS)}")
+        return self.root / kind
+
+    def job_dir(self, kind: str, job_id: str) -> Path:
+        """The folder of one job record; its ``record.json`` holds the record."""
+        return self.jobs_dir(kind) / check_name(job_id, f"{kind.removesuffix('s')} id")
+
+    def training_paths(self, training_id: str) -> TrainingPaths:
+        """The files of one training run."""
+        return TrainingPaths.under(self.job_dir("trainings", training_id))
 
     def cache_dir(self, kind: str) -> Path:
         """A folder for rebuildable derived data of one kind (e.g. ``tokenized``)."""

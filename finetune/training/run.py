@@ -46,7 +46,7 @@ from ..modeling.ops.norms import fuse_rms_norms
 from ..modeling.precision import choose_precision, torch_dtype
 from ..names import parse_model_name
 from ..registry import Registry, Version
-from ..registry.jobs import TrainingRecord, Trainings, check_resumable, new_training_id
+from ..registry.jobs import TrainingRecord, Trainings, check_resumable, new_record_id
 from ..registry.manifest import utc_now
 from ..registry.sources import resolve_model
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -79,7 +79,7 @@ def submit_training(
         raise UsageError("no destination model", "pass --destination OWNER/NAME or set `destination:` in the config")
     parse_model_name(destination)
     _ensure_destination(reg, destination, create_destination)
-    return Trainings(reg).create(TrainingRecord(id=new_training_id(), destination=destination,
+    return Trainings(reg).create(TrainingRecord(id=new_record_id(), destination=destination,
                                                 input=config.to_dict(), source=source))
 
 
@@ -145,7 +145,7 @@ def run_training(training_id: str, *, registry: Registry | None = None, progress
     accelerator = Accelerator(mixed_precision="no" if precision == "fp32" else precision,
                               cpu=state.device.type == "cpu")
 
-    log = RunLog(trainings.log_path(training_id) if state.is_main_process else None, echo=progress)
+    log = RunLog(trainings.paths(training_id).log if state.is_main_process else None, echo=progress)
     stop = _StopFlag(trainings, training_id)
     try:
         version = _train(config, reg, trainings, record, training_id, destination, accelerator, precision, log,
@@ -232,8 +232,8 @@ def _train(config, reg, trainings, record, training_id, destination, accelerator
 
     # ---- resume: adapter, optimizer, scheduler, RNG and position from the newest checkpoint
     start = {"step": 0, "tokens": 0, "best_eval": None, "bad_evals": 0, "seconds": 0.0}
-    ckpt = latest_checkpoint(trainings.checkpoints_dir(training_id))
-    metrics = MetricsLog(trainings.metrics_path(training_id))
+    ckpt = latest_checkpoint(trainings.paths(training_id).checkpoints)
+    metrics = MetricsLog(trainings.paths(training_id).metrics)
     if ckpt is not None:
         start = load_checkpoint(ckpt, accelerator.unwrap_model(loss_model).model, optimizer, scheduler, rank)
         log.info(f"resumed from {ckpt.name} (step {start['step']})")
@@ -295,7 +295,7 @@ def _train(config, reg, trainings, record, training_id, destination, accelerator
         stop_early = bool(tcfg.early_stopping_patience and bad_evals >= tcfg.early_stopping_patience)
         if tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0 and step < total_steps and not stop_early:
             speed.pause()
-            save_checkpoint(trainings.checkpoints_dir(training_id), step, accelerator.unwrap_model(loss_model).model,
+            save_checkpoint(trainings.paths(training_id).checkpoints, step, accelerator.unwrap_model(loss_model).model,
                             optimizer, scheduler, rank, main, accelerator.wait_for_everyone,
                             {"tokens": tokens_seen, "best_eval": best_eval, "bad_evals": bad_evals,
                              "seconds": time.perf_counter() - wall})

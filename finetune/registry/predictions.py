@@ -9,22 +9,14 @@ is settled as failed when the next one starts (:meth:`Predictions.settle_interru
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as _dt
-import json
 import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
-from .. import atomic
 from ..errors import NotFoundError
-from ..names import check_name
+from .jobs import FINAL, RECORD, RecordStore, Status
 from .manifest import utc_now
-from .store import Registry
-
-FINAL = ("succeeded", "failed", "canceled")
-RECORD = "record.json"
 
 
 class PredictionNotFoundError(NotFoundError):
@@ -40,7 +32,7 @@ class PredictionRecord:
     version: str = ""  # the version's 64-hex id
     version_ref: str = ""  # owner/name:N
     owner: str = ""  # the account that created it
-    status: str = "starting"
+    status: Status = Status.STARTING
     input: dict[str, Any] = field(default_factory=dict)
     output: list[str] | None = None
     logs: str = ""
@@ -54,6 +46,9 @@ class PredictionRecord:
     webhook_events_filter: list[str] | None = None
     source: str = "api"
 
+    def __post_init__(self) -> None:
+        self.status = Status(self.status)
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -64,49 +59,22 @@ def new_prediction_id() -> str:
     return f"{now:%Y%m%d-%H%M%S-%f}-{os.urandom(3).hex()}"
 
 
-class Predictions:
+class Predictions(RecordStore[PredictionRecord]):
     """Read and write prediction records in a registry."""
 
     kind = "predictions"
-
-    def __init__(self, registry: Registry):
-        self.registry = registry
-
-    def root(self) -> Path:
-        return self.registry.root / self.kind
-
-    def dir(self, prediction_id: str) -> Path:
-        return self.root() / check_name(prediction_id, "prediction id")
-
-    def create(self, record: PredictionRecord) -> PredictionRecord:
-        self.dir(record.id).mkdir(parents=True, exist_ok=False)
-        record.created_at = record.created_at or utc_now()
-        self.save(record)
-        return record
-
-    def save(self, record: PredictionRecord) -> None:
-        folder = self.dir(record.id)
-        atomic.replace_file(folder / RECORD, atomic.pretty_json(record.to_dict()), folder)
-
-    def get(self, prediction_id: str) -> PredictionRecord:
-        try:
-            data = json.loads((self.dir(prediction_id) / RECORD).read_bytes())
-        except (FileNotFoundError, NotADirectoryError):
-            raise PredictionNotFoundError(f"no prediction {prediction_id!r}") from None
-        known = {f.name for f in dataclasses.fields(PredictionRecord)}
-        return PredictionRecord(**{k: v for k, v in data.items() if k in known})
+    record_type = PredictionRecord
+    not_found = PredictionNotFoundError
+    not_found_hint = "see GET /v1/predictions"
 
     def ids(self) -> list[str]:
         """Every record's id, newest first."""
+        root = self.registry.jobs_dir(self.kind)
         try:
-            entries = sorted(os.listdir(self.root()), reverse=True)
+            entries = sorted(os.listdir(root), reverse=True)
         except FileNotFoundError:
             return []
-        return [e for e in entries if (self.root() / e / RECORD).is_file()]
-
-    def list(self) -> list[PredictionRecord]:
-        """Every record, newest first."""
-        return [self.get(i) for i in self.ids()]
+        return [e for e in entries if (root / e / RECORD).is_file()]
 
     def settle_interrupted(self) -> list[str]:
         """Mark records a stopped server left running as failed; returns their ids. Call before serving."""
@@ -114,8 +82,7 @@ class Predictions:
         for prediction_id in self.ids():
             record = self.get(prediction_id)
             if record.status not in FINAL:
-                record.status, record.error = "failed", "the server stopped while this prediction ran"
-                record.completed_at = utc_now()
-                self.save(record)
+                self.update(record, status=Status.FAILED, error="the server stopped while this prediction ran",
+                            completed_at=utc_now())
                 settled.append(prediction_id)
         return settled

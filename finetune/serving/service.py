@@ -28,7 +28,8 @@ from ..errors import ConflictError, FinetuneError, UsageError
 from ..inference import prompt_format_of
 from ..registry import Registry, Version
 from ..registry.manifest import utc_now
-from ..registry.predictions import FINAL, PredictionRecord, Predictions, new_prediction_id
+from ..registry.jobs import FINAL, Status
+from ..registry.predictions import PredictionRecord, Predictions, new_prediction_id
 from .schema import check_input
 from .worker import LocalWorker, WorkerConfig, WorkerProcess
 
@@ -141,8 +142,8 @@ class PredictionService:
         live.admitted.wait()  # events come in order; the record exists once admitted
         if kind == "processing":
             with self._lock:
-                if record.status == "starting":
-                    record.status, record.started_at = "processing", utc_now()
+                if record.status == Status.STARTING:
+                    record.status, record.started_at = Status.PROCESSING, utc_now()
                     self._save(live)
         elif kind == "log":
             with self._lock:
@@ -158,7 +159,7 @@ class PredictionService:
             self._webhook(live, "output")
         elif kind == "done":
             with self._lock:
-                status = payload["status"]
+                status = Status(payload["status"])
                 record.status = status
                 record.error = payload.get("error")
                 record.metrics.update(payload.get("metrics") or {})

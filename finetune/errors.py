@@ -132,3 +132,15 @@ class TrainingCanceled(FinetuneError):
 
     exit_code = 130
     http_status = 409  # the training was stopped on request
+
+
+class AuthenticationError(FinetuneError):
+    """A request to the service carries no token, or one that is unknown or revoked."""
+
+    http_status = 401
+
+
+class TooLargeError(UsageError):
+    """An upload or a request body is over the size limit the server was started with."""
+
+    http_status = 413

@@ -5,7 +5,7 @@ This module owns the on-disk layout, drawn here once; no other module builds a p
 
     ROOT/
       models/OWNER/NAME/
-        model.json             description, visibility, hardware, created_at
+        model.json             description, visibility, hardware, created_at, readme and links
         next_version           the next number to hand out (numbers are never reused)
         aliases.json           {"prod": 3, ...}
         .lock                  allocation lock (filelock)
@@ -18,6 +18,8 @@ This module owns the on-disk layout, drawn here once; no other module builds a p
         output/                the adapter folder that gets published
         cancel                 present when `finetune trainings cancel` asked the run to stop
       predictions/ID/          prediction records, same store (registry.jobs.RecordStore)
+      accounts/                the service's accounts and token hashes (registry.accounts)
+      files/                   files uploaded to the service (registry.files)
       cache/KIND/...           derived data that can be rebuilt (tokenized datasets)
       .staging/                publishes and temp files in progress; `gc` removes abandoned ones
       .trash/                  deletions in progress
@@ -69,6 +71,9 @@ VISIBILITIES = ("private", "public")
 HARDWARE = ("cpu", "gpu", "auto")
 RECORD = "record.json"  # a job record's file in its folder
 JOB_KINDS = ("trainings", "predictions")  # the folders of job records under the root (see the layout above)
+# Optional text fields of a model besides its description (Replicate's model object has the same names).
+MODEL_LINKS = ("github_url", "paper_url", "license_url", "cover_image_url")
+EDITABLE = ("description", "readme", *MODEL_LINKS)
 LOCK_TIMEOUT_S = 120
 _LATEST_WALK = 256  # numbers `latest` probes one by one before it lists the versions folder instead
 
@@ -102,6 +107,8 @@ class Model:
         self.visibility: str = info.get("visibility", "private")
         self.hardware: str = info.get("hardware", "auto")
         self.created_at: str = info.get("created_at", "")
+        self.readme: str = info.get("readme", "")
+        self.links: dict[str, str | None] = {key: info.get(key) for key in MODEL_LINKS}
 
     @property
     def full_name(self) -> str:
@@ -115,6 +122,8 @@ class Model:
             "visibility": self.visibility,
             "hardware": self.hardware,
             "created_at": self.created_at,
+            "readme": self.readme,
+            **self.links,
         }
 
     def __repr__(self) -> str:
@@ -166,6 +175,14 @@ class Registry:
         """The files of one training run."""
         return TrainingPaths.under(self.job_dir("trainings", training_id))
 
+    def accounts_dir(self) -> Path:
+        """The folder of the service's accounts and token hashes (registry.accounts)."""
+        return self.root / "accounts"
+
+    def files_dir(self) -> Path:
+        """The folder of files uploaded to the service (registry.files)."""
+        return self.root / "files"
+
     def cache_dir(self, kind: str) -> Path:
         """A folder for rebuildable derived data of one kind (e.g. ``tokenized``)."""
         return self.root / "cache" / check_name(kind, "cache kind")
@@ -212,8 +229,12 @@ class Registry:
         visibility: str = "private",
         hardware: str = "auto",
         exist_ok: bool = False,
+        **fields: str | None,
     ) -> Model:
-        """Create the destination model ``owner/name``; an existing one is an error unless ``exist_ok``."""
+        """Create the destination model ``owner/name``; an existing one is an error unless ``exist_ok``.
+
+        ``fields`` may set ``readme`` and the links of :data:`MODEL_LINKS`."""
+        _check_fields(fields)
         owner, short = parse_model_name(name)
         if visibility not in VISIBILITIES:
             raise UsageError(f"invalid visibility {visibility!r}", f"use one of: {', '.join(VISIBILITIES)}")
@@ -239,6 +260,7 @@ class Registry:
             "visibility": visibility,
             "hardware": hardware,
             "created_at": utc_now(),
+            **{k: v for k, v in fields.items() if v is not None},
         }
         stage = self.staging_dir("model")
         atomic.write_bytes_durable(stage / "model.json", atomic.pretty_json(info))
@@ -289,6 +311,20 @@ class Registry:
                     out.append(self.get_model(f"{owner.name}/{entry.name}"))
         return out
 
+    def update_model(self, name: str, **changes: str | None) -> Model:
+        """Change a model's editable fields (:data:`EDITABLE`); ``None`` clears a link. Atomic under its lock."""
+        _check_fields(changes, allowed=EDITABLE)
+        model = self.get_model(name)
+        with self._lock(model.path):
+            info = json.loads((model.path / "model.json").read_bytes())
+            for key, value in changes.items():
+                if value is None and key in MODEL_LINKS:
+                    info.pop(key, None)
+                else:
+                    info[key] = value or ""
+            atomic.replace_file(model.path / "model.json", atomic.pretty_json(info), self._staging)
+        return Model(model.path, info)
+
     def delete_model(self, name: str) -> None:
         """Delete an empty model; refused while it has versions."""
         model = self.get_model(name)
@@ -320,6 +356,10 @@ class Registry:
     def _version(self, model: Model, number: int) -> Version | None:
         path = self._versions_dir(model.path) / str(number)
         return Version(model.full_name, number, path) if path.is_dir() else None
+
+    def version(self, model: str, number: int) -> Version | None:
+        """Version ``number`` of ``model``, or ``None`` if it does not exist (one ``stat``, no manifest read)."""
+        return self._version(self.get_model(model), number)
 
     def list_versions(self, model: str) -> list[Version]:
         """All versions of ``model``, newest first. Manifests are read lazily."""
@@ -598,6 +638,14 @@ class Registry:
         """Hold the model's allocation lock (for callers that must read-modify-write model files)."""
         with self._lock(self.get_model(model).path):
             yield
+
+
+def _check_fields(fields: dict[str, Any], allowed: tuple[str, ...] = ("readme", *MODEL_LINKS)) -> None:
+    for key, value in fields.items():
+        if key not in allowed:
+            raise UsageError(f"unknown model field {key!r}", f"use one of: {', '.join(allowed)}")
+        if value is not None and not isinstance(value, str):
+            raise UsageError(f"model field {key!r} must be text, not {type(value).__name__}")
 
 
 def _work_name(purpose: str) -> str:

@@ -1,0 +1,59 @@
+"""The ASGI application of ``finetune serve``: a thin HTTP adapter over the registry (and, later, the queue).
+
+``create_app(registry, settings)`` builds a FastAPI app whose state holds the registry, the settings, the
+accounts and a version-id index; routers come from :mod:`finetune.server.routes`. Long-lived services (the
+training queue, inference workers) join ``app.state.services``: each has ``start()`` and ``stop()``, called
+when the server starts and stops.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from .. import __version__
+from ..registry import Registry
+from ..registry.accounts import Accounts
+from ..registry.index import VersionIndex
+from . import problems
+from .routes import account, models, versions
+from .settings import ServerSettings
+
+__all__ = ["ServerSettings", "create_app"]
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    started = []
+    try:
+        for service in app.state.services:
+            service.start()
+            started.append(service)
+        yield
+    finally:
+        for service in reversed(started):
+            service.stop()
+
+
+def create_app(registry: Registry | None = None, settings: ServerSettings | None = None) -> FastAPI:
+    """The app serving ``registry`` (default: ``$FINETUNE_HOME``) with ``settings`` (default: localhost)."""
+    registry = registry if registry is not None else Registry()
+    settings = settings or ServerSettings()
+    app = FastAPI(title="finetune", version=__version__, lifespan=_lifespan,
+                  openapi_url="/v1/openapi.json", docs_url="/v1/docs", redoc_url=None)
+    app.state.registry = registry
+    app.state.settings = settings
+    app.state.accounts = Accounts(registry)
+    app.state.version_index = VersionIndex(registry)
+    app.state.services = []  # objects with start()/stop(), e.g. the training queue
+    problems.install(app)
+
+    app.include_router(account.router)
+    app.include_router(models.router)
+    app.include_router(versions.router)
+    # trainings (h3-queue): app.include_router(trainings.router); app.state.services.append(queue)
+    # predictions (h4-predict): app.include_router(predictions.router)
+    # web pages (h6-web), last so that /v1 wins: app.include_router(web.router)  # mounted at /
+    return app

@@ -1,0 +1,115 @@
+"""Wire objects: registry objects as the JSON that Replicate's API returns (and its client parses).
+
+Every field Replicate's model and version objects have is present; ours are added beside them (a version's
+``number``, ``model``, ``kind``, ``parent``, ``metrics``, ``base``). The API and the web app build their views
+from these functions, so both say the same thing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .. import __version__
+from ..registry import Model, Version
+from ..registry.accounts import Account
+
+# The defaults of finetune.inference.GenerationSettings (not imported: it imports torch); a test compares them.
+GENERATION_DEFAULTS = {"max_new_tokens": 128, "temperature": 0.0, "top_p": 1.0}
+COG_VERSION = f"finetune-{__version__}"  # not a Cog version: we do not use Cog; the client accepts any string
+
+
+def account_object(account: Account) -> dict[str, Any]:
+    """``GET /v1/account``."""
+    return {"type": "user", "username": account.username, "name": account.username, "github_url": None}
+
+
+def model_object(model: Model, latest: Version | None, base_url: str) -> dict[str, Any]:
+    """A model as ``GET /v1/models/{owner}/{name}`` returns it, ``latest_version`` embedded."""
+    return {
+        "url": f"{base_url}/{model.owner}/{model.name}",
+        "owner": model.owner,
+        "name": model.name,
+        "description": model.description or None,
+        "visibility": model.visibility,
+        **model.links,
+        "run_count": 0,
+        "default_example": None,
+        "latest_version": version_object(latest) if latest is not None else None,
+        # ours
+        "hardware": model.hardware,
+        "created_at": model.created_at,
+        "readme": model.readme or None,
+    }
+
+
+def is_chat(version: Version) -> bool:
+    """Whether a version was trained on chat messages (it then takes ``messages`` and ``system_prompt``)."""
+    fmt = version.metadata.get("prompt_format")
+    return isinstance(fmt, dict) and fmt.get("name") == "messages"
+
+
+def version_object(version: Version) -> dict[str, Any]:
+    """A version as ``GET /v1/models/{o}/{n}/versions/{id}`` returns it."""
+    meta = version.metadata
+    base = meta.get("base")
+    if base is None and version.kind == "base":
+        base = {"ref": version.ref, "id": version.id}
+    return {
+        "id": version.id,
+        "created_at": version.created_at,
+        "cog_version": COG_VERSION,
+        "openapi_schema": openapi_schema(chat=is_chat(version)),
+        # ours
+        "model": version.model,
+        "number": version.number,
+        "kind": version.kind,
+        "parent": version.parent,
+        "metrics": meta.get("metrics", {}),
+        "base": base,
+        "training_id": meta.get("training_id"),
+    }
+
+
+def openapi_schema(chat: bool) -> dict[str, Any]:
+    """The schema of a language model's predictions, as Cog declares it: ``Input`` lists the inputs;
+    ``Output`` is an array of strings with ``x-cog-array-type: iterator``, which the client streams and
+    concatenates."""
+    props: dict[str, dict[str, Any]] = {
+        "prompt": {"type": "string", "title": "Prompt", "description": "The text to continue (or the user turn)."},
+    }
+    if chat:
+        props["system_prompt"] = {"type": "string", "title": "System Prompt",
+                                  "description": "A system message placed before the prompt."}
+        props["messages"] = {"type": "array", "title": "Messages", "items": {"type": "object"},
+                             "description": "A whole conversation, [{role, content}, ...], instead of prompt."}
+    props.update({
+        "max_new_tokens": {"type": "integer", "title": "Max New Tokens", "minimum": 1,
+                           "default": GENERATION_DEFAULTS["max_new_tokens"],
+                           "description": "The most tokens to generate."},
+        "temperature": {"type": "number", "title": "Temperature", "minimum": 0,
+                        "default": GENERATION_DEFAULTS["temperature"],
+                        "description": "0 is greedy decoding; higher samples more freely."},
+        "top_p": {"type": "number", "title": "Top P", "exclusiveMinimum": 0, "maximum": 1,
+                  "default": GENERATION_DEFAULTS["top_p"],
+                  "description": "Sample from the smallest set of tokens whose probabilities add up to top_p."},
+        "top_k": {"type": "integer", "title": "Top K", "minimum": 0, "default": 0,
+                  "description": "Sample from the k most likely tokens only (0: no limit)."},
+        "seed": {"type": "integer", "title": "Seed", "description": "Makes sampling repeatable."},
+        "stop_sequences": {"type": "string", "title": "Stop Sequences",
+                           "description": "Comma-separated texts that end the output when generated."},
+    })
+    for order, prop in enumerate(props.values()):
+        prop["x-order"] = order
+    return {
+        "openapi": "3.0.2",
+        "info": {"title": "finetune", "version": __version__},
+        "paths": {},
+        "components": {
+            "schemas": {
+                "Input": {"type": "object", "title": "Input", "properties": props,
+                          "required": [] if chat else ["prompt"]},
+                "Output": {"type": "array", "title": "Output", "items": {"type": "string"},
+                           "x-cog-array-type": "iterator", "x-cog-array-display": "concatenate"},
+            }
+        },
+    }

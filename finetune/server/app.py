@@ -18,7 +18,7 @@ from ..registry import Registry
 from ..registry.accounts import Accounts
 from ..registry.index import VersionIndex
 from . import problems
-from .routes import account, models, versions
+from .routes import account, models, predictions, versions
 from .settings import ServerSettings
 
 __all__ = ["ServerSettings", "create_app"]
@@ -35,6 +35,17 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         for service in reversed(started):
             service.stop()
+
+
+def _prediction_service(registry: Registry, settings: ServerSettings, app: FastAPI):
+    """Inference workers and prediction records (no torch in this process: the workers load the models)."""
+    from ..serving.service import PredictionService
+    from ..serving.worker import WorkerConfig
+
+    config = WorkerConfig(str(registry.root), device=settings.predict_device,
+                          memory_budget_mb=settings.predict_memory_mb, max_batch=settings.predict_max_batch)
+    return PredictionService(registry, config, workers=settings.predict_workers, prestart=settings.predict_prestart,
+                             to_object=predictions.prediction_object)
 
 
 def create_app(registry: Registry | None = None, settings: ServerSettings | None = None) -> FastAPI:
@@ -54,6 +65,8 @@ def create_app(registry: Registry | None = None, settings: ServerSettings | None
     app.include_router(models.router)
     app.include_router(versions.router)
     # trainings (h3-queue): app.include_router(trainings.router); app.state.services.append(queue)
-    # predictions (h4-predict): app.include_router(predictions.router)
+    app.state.predictions = _prediction_service(registry, settings, app)
+    app.state.services.append(app.state.predictions)
+    app.include_router(predictions.router)
     # web pages (h6-web), last so that /v1 wins: app.include_router(web.router)  # mounted at /
     return app

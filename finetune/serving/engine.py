@@ -172,7 +172,7 @@ class Engine:
     @torch.no_grad()
     def _run_batch(self, jobs: list[Job]) -> None:
         rows = self._admit(jobs)
-        admitted = list(rows)  # every row this batch ever held, to unpin their versions at the end
+        admitted = list(rows)  # every row this batch ever held: all end through _finish, even on errors
         if not rows:
             return
         base = rows[0].servable.base  # pinned versions keep their base in memory: one object all batch long
@@ -196,9 +196,6 @@ class Engine:
             for row in admitted:
                 if not row.done:
                     self._finish(row, "failed", f"generation failed: {one_line(err)}")
-        finally:
-            for row in admitted:
-                self.cache.release(row.servable)
 
     def _forward(self, base: Any, rows: list[_Row], input_ids: torch.Tensor, mask: torch.Tensor,
                  positions: torch.Tensor, cache: Any) -> torch.Tensor:
@@ -294,6 +291,7 @@ class Engine:
         if row.done:
             return
         row.done = True
+        self.cache.release(row.servable)  # now, not when the batch ends: the cache may evict it from here on
         if status == "succeeded" and not row.stop.stopped:
             self._emit_text(row, row.stop.feed(row.detok.flush()))
             self._emit_text(row, row.stop.finish())
@@ -351,7 +349,7 @@ def _cache_argument(base: Any) -> str:
     return _cache_argument_of(type(model))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cache_argument_of(cls: type) -> str:
     return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
 

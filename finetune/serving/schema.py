@@ -15,58 +15,75 @@ from typing import Any
 
 from ..errors import UsageError
 
-DEFAULT_MAX_NEW_TOKENS = 128
+# The defaults of finetune.inference.GenerationSettings (not imported: it imports torch); a test compares them.
+GENERATION_DEFAULTS = {"max_new_tokens": 128, "temperature": 0.0, "top_p": 1.0}
+DEFAULT_MAX_NEW_TOKENS = GENERATION_DEFAULTS["max_new_tokens"]
 MAX_STOP_SEQUENCES = 16
 
 # name -> JSON schema of the property; "x-order" keeps the display order Replicate's pages use.
 _COMMON: dict[str, dict[str, Any]] = {
-    "max_new_tokens": {"type": "integer", "minimum": 1, "default": DEFAULT_MAX_NEW_TOKENS,
-                       "description": "At most this many tokens are generated (capped by the model's context)."},
-    "temperature": {"type": "number", "minimum": 0, "default": 0.0,
-                    "description": "0 is greedy decoding; higher values sample more freely."},
-    "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1, "default": 1.0,
+    "max_new_tokens": {"type": "integer", "title": "Max New Tokens", "minimum": 1,
+                       "default": GENERATION_DEFAULTS["max_new_tokens"],
+                       "description": "The most tokens to generate (capped by the model's context)."},
+    "temperature": {"type": "number", "title": "Temperature", "minimum": 0,
+                    "default": GENERATION_DEFAULTS["temperature"],
+                    "description": "0 is greedy decoding; higher samples more freely."},
+    "top_p": {"type": "number", "title": "Top P", "exclusiveMinimum": 0, "maximum": 1,
+              "default": GENERATION_DEFAULTS["top_p"],
               "description": "Sample from the smallest set of tokens whose probabilities add up to top_p."},
-    "top_k": {"type": "integer", "minimum": 0, "default": 0,
-              "description": "Sample from the k most likely tokens (0: no limit)."},
-    "seed": {"type": "integer", "description": "Makes sampling repeatable."},
-    "stop_sequences": {"type": "string", "default": "",
-                       "description": "Comma-separated sequences that end the output (not included in it); "
+    "top_k": {"type": "integer", "title": "Top K", "minimum": 0, "default": 0,
+              "description": "Sample from the k most likely tokens only (0: no limit)."},
+    "seed": {"type": "integer", "title": "Seed", "description": "Makes sampling repeatable."},
+    "stop_sequences": {"type": "string", "title": "Stop Sequences",
+                       "description": "Comma-separated texts that end the output when generated (not included); "
                                       "a JSON list of strings is accepted too."},
 }
 
 
-def input_properties(prompt_format: str) -> dict[str, dict[str, Any]]:
-    """The inputs of a version trained with ``prompt_format`` (a base version: ``text``)."""
+def input_properties(chat: bool) -> dict[str, dict[str, Any]]:
+    """The inputs of a version; ``chat``: trained on messages (it also takes ``messages`` and ``system_prompt``)."""
     props: dict[str, dict[str, Any]] = {
-        "prompt": {"type": "string", "description": "The text to complete, formatted as the version was trained."},
+        "prompt": {"type": "string", "title": "Prompt",
+                   "description": "The text to continue (or the user turn), formatted as the version was trained."},
     }
-    if prompt_format == "messages":
-        props["system_prompt"] = {"type": "string", "description": "A system message put before the conversation."}
+    if chat:
+        props["system_prompt"] = {"type": "string", "title": "System Prompt",
+                                  "description": "A system message placed before the prompt."}
         props["messages"] = {
-            "type": "array", "description": "A conversation ({role, content} objects) to answer instead of prompt.",
+            "type": "array", "title": "Messages",
+            "description": "A whole conversation, [{role, content}, ...], instead of prompt.",
             "items": {"type": "object", "properties": {"role": {"type": "string"}, "content": {"type": "string"}},
                       "required": ["role", "content"]},
         }
-    props.update(_COMMON)
+    props.update({name: dict(prop) for name, prop in _COMMON.items()})
     for order, prop in enumerate(props.values()):
         prop["x-order"] = order
     return props
 
 
-def openapi_schema(prompt_format: str) -> dict[str, Any]:
-    """The version's ``openapi_schema``: Input and Output under ``components.schemas``, as Cog writes them."""
-    props = input_properties(prompt_format)
-    required = [] if prompt_format == "messages" else ["prompt"]
+def openapi_schema(chat: bool) -> dict[str, Any]:
+    """The schema of a language model's predictions, as Cog declares it: ``Input`` lists the inputs;
+    ``Output`` is an array of strings with ``x-cog-array-type: iterator``, which the client streams and
+    concatenates."""
+    from .. import __version__
+
     return {
         "openapi": "3.0.2",
-        "info": {"title": "finetune", "version": "0.1.0"},
+        "info": {"title": "finetune", "version": __version__},
         "paths": {},
         "components": {"schemas": {
-            "Input": {"type": "object", "title": "Input", "properties": props, "required": required},
+            "Input": {"type": "object", "title": "Input", "properties": input_properties(chat),
+                      "required": [] if chat else ["prompt"]},
             "Output": {"type": "array", "title": "Output", "items": {"type": "string"},
                        "x-cog-array-type": "iterator", "x-cog-array-display": "concatenate"},
         }},
     }
+
+
+def prompt_format(metadata: dict[str, Any]) -> str:
+    """The prompt format a version (its manifest ``metadata``) was trained with; a base version takes raw text.
+    The same rule as :func:`finetune.inference.prompt_format_of`, without importing torch."""
+    return (metadata.get("prompt_format") or {}).get("name") or "text"
 
 
 def _bad(field: str, problem: str) -> UsageError:
@@ -96,7 +113,7 @@ def check_input(prompt_format: str, data: Any) -> dict[str, Any]:
     """
     if not isinstance(data, dict):
         raise UsageError("input must be an object", 'e.g. {"prompt": "Name a color."}')
-    props = input_properties(prompt_format)
+    props = input_properties(prompt_format == "messages")
     unknown = sorted(set(data) - set(props))
     if unknown:
         raise _bad(unknown[0], f"unknown input (this version accepts: {', '.join(props)})")

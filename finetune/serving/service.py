@@ -25,20 +25,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ConflictError, FinetuneError, UsageError
-from ..inference import prompt_format_of
 from ..registry import Registry, Version
-from ..registry.manifest import utc_now
 from ..registry.jobs import FINAL, Status
+from ..registry.manifest import utc_now
 from ..registry.predictions import PredictionRecord, Predictions, new_prediction_id
-from .schema import check_input
+from .schema import check_input, prompt_format
 from .worker import LocalWorker, WorkerConfig, WorkerProcess
 
 SAVE_EVERY_S = 1.0
 WEBHOOK_EVERY_S = 0.5  # output and logs webhooks, like Replicate's, at most this often
 WEBHOOK_EVENTS = ("start", "output", "logs", "completed")
 
-# A webhook sender: (url, the prediction object as JSON, the event) -> None, delivered in the background.
-WebhookSender = Callable[[str, dict[str, Any], str], None]
+# A webhook sender: (the record, the prediction object as JSON, the event) -> None; it delivers in the
+# background (to record.webhook, signed with record.owner's secret).
+WebhookSender = Callable[[PredictionRecord, dict[str, Any], str], None]
 
 
 @dataclass
@@ -50,6 +50,7 @@ class _Live:
     rejection: dict[str, Any] | None = None
     finished: threading.Event = field(default_factory=threading.Event)
     subscribers: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = field(default_factory=list)
+    base_url: str = ""  # the server's URL as the creating client saw it, for the links in webhooks
     saved_at: float = 0.0
     webhook_at: float = 0.0
     webhook_pending: bool = False
@@ -60,7 +61,7 @@ class PredictionService:
 
     def __init__(self, registry: Registry, config: WorkerConfig | None = None, workers: int = 1,
                  in_process: bool = False, webhook_sender: WebhookSender | None = None,
-                 to_object: Callable[[PredictionRecord], dict[str, Any]] | None = None):
+                 to_object: Callable[[PredictionRecord, str], dict[str, Any]] | None = None, prestart: bool = False):
         self.registry = registry
         self.records = Predictions(registry)
         self.config = config or WorkerConfig(str(registry.root))
@@ -69,8 +70,20 @@ class PredictionService:
         self._live: dict[str, _Live] = {}
         self._lock = threading.RLock()
         self.webhook_sender = webhook_sender
-        self.to_object = to_object or (lambda record: record.to_dict())
+        self.prestart = prestart
+        self.to_object = to_object or (lambda record, base_url: record.to_dict())
         self.interrupted = self.records.settle_interrupted()
+        self._owners = {record_id: self.records.get(record_id).owner for record_id in self.records.ids()}
+
+    def start(self) -> None:
+        """With ``prestart``, start the worker processes now (in the background), so the first prediction does
+        not wait for them; otherwise the first prediction starts them."""
+        for worker in self._workers if self.prestart else ():
+            if hasattr(worker, "_ensure"):
+                threading.Thread(target=_quietly(worker._ensure), name="finetune-worker-start", daemon=True).start()
+
+    def stop(self) -> None:
+        self.close()
 
     def close(self) -> None:
         for worker in self._workers:
@@ -92,20 +105,20 @@ class PredictionService:
 
     def create(self, version: Version, data: Any, owner: str = "", stream: bool = False,
                webhook: str | None = None, webhook_events_filter: list[str] | None = None,
-               admit_timeout: float = 300.0) -> PredictionRecord:
+               base_url: str = "", admit_timeout: float = 300.0) -> PredictionRecord:
         """Start a prediction; returns its record once a worker admitted it. Blocks (call it from a thread).
 
         Raises :class:`UsageError` (422) for input the version cannot take, naming the field, and whatever the
         worker's check raised (a prompt longer than the context, a template that rejects the messages).
         """
-        checked = check_input(prompt_format_of(version), data)  # 422 before any worker is bothered
+        checked = check_input(prompt_format(version.metadata), data)  # 422 before any worker is bothered
         events = _check_events_filter(webhook_events_filter)
         record = PredictionRecord(
             id=new_prediction_id(), model=version.model, version=version.id, version_ref=version.ref, owner=owner,
             input=dict(data), output=None, stream=bool(stream), webhook=webhook, webhook_events_filter=events,
             created_at=utc_now(),
         )
-        live = _Live(record)
+        live = _Live(record, base_url=base_url)
         with self._lock:
             self._live[record.id] = live
         self._worker_for(version).submit(record.id, version.ref, checked)
@@ -135,6 +148,7 @@ class PredictionService:
             with self._lock:
                 record.metrics["input_token_count"] = payload["input_token_count"]
                 self.records.create(record)
+                self._owners[record.id] = record.owner
                 live.saved_at = time.monotonic()
             live.admitted.set()
             self._webhook(live, "start")
@@ -148,14 +162,16 @@ class PredictionService:
         elif kind == "log":
             with self._lock:
                 record.logs += payload["text"] + "\n"
-            self._publish(live, "logs", payload["text"])
+                targets = list(live.subscribers)
+            self._publish(targets, "logs", payload["text"])
             self._webhook(live, "logs")
         elif kind == "output":
-            with self._lock:
+            with self._lock:  # appended and announced under one lock: a new subscriber sees it exactly once
                 record.output = (record.output or []) + [payload["text"]]
                 if time.monotonic() - live.saved_at >= SAVE_EVERY_S:
                     self._save(live)
-            self._publish(live, "output", payload["text"])
+                targets = list(live.subscribers)
+            self._publish(targets, "output", payload["text"])
             self._webhook(live, "output")
         elif kind == "done":
             with self._lock:
@@ -170,19 +186,18 @@ class PredictionService:
                 record.metrics["total_time"] = round(_seconds_between(record.created_at, record.completed_at), 6)
                 self._save(live)
                 self._live.pop(prediction_id, None)
+                targets = list(live.subscribers)
             live.finished.set()
-            if status == "failed":
-                self._publish(live, "error", record.error or "the prediction failed")
-            else:
-                self._publish(live, "done", "{}" if status == "succeeded" else '{"reason": "canceled"}')
+            self._publish(targets, *_final_event(record))
             self._webhook(live, "completed")
 
     def _save(self, live: _Live) -> None:
         self.records.save(live.record)
         live.saved_at = time.monotonic()
 
-    def _publish(self, live: _Live, event: str, data: str) -> None:
-        for loop, q in list(live.subscribers):
+    @staticmethod
+    def _publish(targets: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue]], event: str, data: str) -> None:
+        for loop, q in targets:
             try:
                 loop.call_soon_threadsafe(q.put_nowait, (event, data))
             except RuntimeError:  # that client's event loop is closed
@@ -198,9 +213,9 @@ class PredictionService:
             return
         live.webhook_at = time.monotonic()
         with self._lock:
-            body = self.to_object(record)
+            body = self.to_object(_copy(record), live.base_url)
         try:
-            self.webhook_sender(record.webhook, body, event)
+            self.webhook_sender(record, body, event)
         except Exception:  # a webhook problem never fails the prediction
             pass
 
@@ -212,9 +227,10 @@ class PredictionService:
                 return _copy(live.record)
         return self.records.get(prediction_id)
 
-    def list_ids(self) -> list[str]:
-        """Every prediction's id, newest first."""
-        return self.records.ids()
+    def list_ids(self, owner: str | None = None) -> list[str]:
+        """The ids of every prediction (of ``owner``, when given), newest first."""
+        ids = self.records.ids()
+        return ids if owner is None else [i for i in ids if self._owners.get(i) == owner]
 
     def wait(self, prediction_id: str, timeout: float) -> PredictionRecord:
         """The prediction once it ended, or as it stands after ``timeout`` seconds. Blocks."""
@@ -275,6 +291,15 @@ class PredictionService:
                     alone = not live.subscribers
                 if not finished and cancel_on_disconnect and alone and not live.finished.is_set():
                     threading.Thread(target=self.cancel, args=(prediction_id,), daemon=True).start()
+
+
+def _quietly(fn: Callable[[], Any]) -> Callable[[], None]:
+    def run() -> None:
+        try:
+            fn()
+        except Exception:  # reported again, with its reason, by the first prediction that needs the worker
+            pass
+    return run
 
 
 def _final_event(record: PredictionRecord) -> tuple[str, str]:

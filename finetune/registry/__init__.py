@@ -3,8 +3,9 @@
 Nothing here imports torch. The on-disk layout is drawn once, in :mod:`finetune.registry.store`.
 """
 
+from .gc import process_alive
 from .manifest import FORMAT_VERSION, MANIFEST, Version, check_version_dir, manifest_id, read_manifest
-from .store import HARDWARE, VISIBILITIES, Model, Registry, TrainingPaths, process_alive
+from .store import HARDWARE, VISIBILITIES, Model, Registry, TrainingPaths
 
 __all__ = ["FORMAT_VERSION", "HARDWARE", "MANIFEST", "VISIBILITIES", "Model", "Registry", "TrainingPaths", "Version",
            "check_version_dir", "manifest_id", "process_alive", "read_manifest"]

@@ -22,8 +22,9 @@ from typing import Any, Generic, TypeVar
 
 from .. import atomic
 from ..errors import ConflictError, NotFoundError, TrainingNotFoundError, UsageError
+from .gc import process_alive
 from .manifest import utc_now
-from .store import RECORD, Registry, TrainingPaths, process_alive
+from .store import RECORD, Registry, TrainingPaths
 
 
 class Status(str, Enum):

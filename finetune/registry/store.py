@@ -24,9 +24,9 @@ This module owns the on-disk layout, drawn here once; no other module builds a p
       .staging/                publishes and temp files in progress; `gc` removes abandoned ones
       .trash/                  deletions in progress
 
-Publishing stages every file under ``.staging`` (same filesystem), fsyncs, allocates a number under a lock,
-writes ``manifest.json`` last, and renames the folder into ``versions/`` with a rename that refuses to
-overwrite. A version folder therefore appears whole or not at all. Job records (``record.json``) are replaced
+A version folder appears whole or not at all (publishing stages and commits it: :mod:`finetune.registry.publish`);
+``.staging`` and ``.trash`` entries are named after their process so `gc` can tell abandoned ones
+(:mod:`finetune.registry.gc`). Job records (``record.json``) are replaced
 atomically on every change, so a reader never sees half a record.
 """
 
@@ -34,8 +34,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -57,15 +55,9 @@ from ..errors import (
     VersionNotFoundError,
 )
 from ..names import check_alias, check_name, parse_model_name, parse_ref
-from .manifest import (
-    FORMAT_VERSION,
-    MANIFEST,
-    Version,
-    check_version_dir,
-    manifest_id,
-    software_versions,
-    utc_now,
-)
+from .gc import collect_leftovers, work_name
+from .manifest import FORMAT_VERSION, Version, check_version_dir, utc_now
+from .publish import publish_version
 
 VISIBILITIES = ("private", "public")
 HARDWARE = ("cpu", "gpu", "auto")
@@ -190,7 +182,7 @@ class Registry:
     def staging_dir(self, purpose: str) -> Path:
         """A new empty folder on the registry's filesystem for work in progress; `gc` removes it if abandoned."""
         self._ensure_writable()
-        path = self._staging / _work_name(purpose)
+        path = self._staging / work_name(purpose)
         try:
             path.mkdir(parents=True)
         except OSError as err:
@@ -219,7 +211,9 @@ class Registry:
         except FileNotFoundError:
             return []
         except (PermissionError, NotADirectoryError) as err:
-            raise RegistryAccessError(f"cannot read {path}: {err.strerror}", "check FINETUNE_HOME and permissions") from None
+            raise RegistryAccessError(
+                f"cannot read {path}: {err.strerror}", "check FINETUNE_HOME and permissions"
+            ) from None
 
     # ---------------------------------------------------------------- models
     def create_model(
@@ -334,7 +328,7 @@ class Registry:
                     f"model {name} still has versions", "delete them first with `finetune versions delete`"
                 )
             self._ensure_writable()
-            target = self._trash / _work_name("model")
+            target = self._trash / work_name("model")
             os.rename(model.path, target)
         atomic.fsync_dir(model.path.parent)
         atomic.remove_tree(target)
@@ -438,91 +432,9 @@ class Registry:
         ``parent`` is the version this one derives from (a :class:`Version` or a ref, stored as exact ref and
         id), or a dict describing an outside origin (``{"hub_id": ..., "revision": ...}``). ``kind`` defaults
         to ``adapter`` when ``src_dir`` holds ``adapter_config.json``, ``base`` when it holds ``config.json``.
+        How: :mod:`finetune.registry.publish`.
         """
-        m = self.get_model(model)
-        src = Path(src_dir)
-        if not src.exists():
-            raise NotFoundError(f"source folder {src} does not exist")
-        if not src.is_dir():
-            raise NotFoundError(f"source {src} is not a folder", "publish takes a folder of files")
-        if (src / MANIFEST).exists():
-            raise UsageError(f"{src / MANIFEST} exists", "the manifest is written by the registry; remove it")
-        parent_info = self._parent_info(parent)
-        if kind is None:
-            kind = "adapter" if (src / "adapter_config.json").exists() else "base" if (src / "config.json").exists() else "files"
-        stage = self.staging_dir("publish")
-        try:
-            files = self._stage_files(src, stage)
-            body = {
-                "format": FORMAT_VERSION,
-                "model": m.full_name,
-                "kind": kind,
-                "parent": parent_info,
-                "metadata": metadata or {},
-                "software": software_versions(),
-                "files": files,
-            }
-            version = self._commit(m, stage, body)
-        except BaseException:
-            atomic.remove_tree(stage)
-            raise
-        return version
-
-    def _parent_info(self, parent: Version | str | dict[str, Any] | None) -> dict[str, Any] | None:
-        if parent is None or isinstance(parent, dict):
-            return parent
-        if isinstance(parent, str):
-            parent = self.resolve(parent)
-        return {"ref": parent.ref, "id": parent.id}
-
-    def _stage_files(self, src: Path, stage: Path) -> dict[str, dict[str, Any]]:
-        files: dict[str, dict[str, Any]] = {}
-        for dirpath, dirnames, filenames in os.walk(src):
-            dirnames.sort()
-            rel_dir = Path(dirpath).relative_to(src)
-            # os.walk lists a link to a folder but does not enter it: without this check its files would be
-            # left out of the version without a word.
-            for name in dirnames:
-                if os.path.islink(os.path.join(dirpath, name)):
-                    raise UsageError(
-                        f"{Path(dirpath) / name} is a link to a folder", "publish copies files; copy the folder in"
-                    )
-            (stage / rel_dir).mkdir(exist_ok=True)
-            for name in sorted(filenames):
-                if not os.path.isfile(os.path.join(dirpath, name)):
-                    raise UsageError(f"{Path(dirpath) / name} is not a regular file (a broken link, a pipe?)")
-                rel = (rel_dir / name).as_posix()
-                size, digest = atomic.copy_and_hash(Path(dirpath) / name, stage / rel)
-                files[rel] = {"size": size, "sha256": digest}
-            atomic.fsync_dir(stage / rel_dir)
-        return files
-
-    def _commit(self, model: Model, stage: Path, body: dict[str, Any]) -> Version:
-        vdir = self._versions_dir(model.path)
-        vdir.mkdir(exist_ok=True)
-        with self._lock(model.path):
-            while True:
-                number = self._next_number(model.path)
-                # A counter update lost to a crash (or a lock that silently failed elsewhere) must not make
-                # us reuse a number: step over anything that exists.
-                while (vdir / str(number)).exists():
-                    number += 1
-                atomic.replace_file(model.path / "next_version", f"{number + 1}\n".encode(), self._staging)
-                manifest = dict(body, number=number, created_at=utc_now())
-                manifest["id"] = manifest_id(manifest)
-                manifest_path = stage / MANIFEST
-                if manifest_path.exists():
-                    manifest_path.unlink()
-                atomic.write_bytes_durable(manifest_path, atomic.pretty_json(manifest))
-                atomic.make_read_only(stage)
-                atomic.fsync_dir(stage)
-                try:
-                    atomic.rename_noreplace(stage, vdir / str(number))
-                except FileExistsError:
-                    os.chmod(stage, 0o755)
-                    continue
-                atomic.fsync_dir(vdir)
-                return Version(model.full_name, number, vdir / str(number), manifest)
+        return publish_version(self, model, Path(src_dir), parent, metadata, kind)
 
     # ---------------------------------------------------------------- aliases, deletion
     def aliases(self, model: str) -> dict[str, int]:
@@ -589,7 +501,7 @@ class Registry:
                     f"{version.ref} is the parent of {', '.join(k.ref for k in kids)}", "delete those versions first"
                 )
             self._ensure_writable()
-            target = self._trash / _work_name("version")
+            target = self._trash / work_name("version")
             os.chmod(version.path, 0o755)
             os.rename(version.path, target)
             atomic.fsync_dir(version.path.parent)
@@ -605,8 +517,9 @@ class Registry:
         """The cheap check done on every load: manifest hash and file sizes. Raises :class:`IntegrityError`."""
         problems = check_version_dir(version.path, full=False)
         if problems:
+            more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
             raise IntegrityError(
-                f"{version.ref} is damaged: {problems[0]}" + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""),
+                f"{version.ref} is damaged: {problems[0]}{more}",
                 f"run `finetune versions verify {version.ref}`",
             )
 
@@ -616,22 +529,7 @@ class Registry:
 
         A staging folder whose creating process is still alive on this host is kept whatever its age.
         """
-        cutoff = time.time() - older_than_hours * 3600
-        host = socket.gethostname()
-        removed = []
-        for area in (self._staging, self._trash):
-            for entry in self._listdir(area):
-                try:
-                    if entry.stat(follow_symlinks=False).st_mtime > cutoff:
-                        continue
-                except FileNotFoundError:
-                    continue
-                if _owner_alive(entry.name, host):
-                    continue
-                removed.append(Path(entry.path))
-                if not dry_run:
-                    atomic.remove_tree(Path(entry.path))
-        return removed
+        return collect_leftovers(self, [self._staging, self._trash], older_than_hours, dry_run)
 
     @contextmanager
     def model_lock(self, model: str) -> Iterator[None]:
@@ -647,26 +545,3 @@ def _check_fields(fields: dict[str, Any], allowed: tuple[str, ...] = ("readme", 
         if value is not None and not isinstance(value, str):
             raise UsageError(f"model field {key!r} must be text, not {type(value).__name__}")
 
-
-def _work_name(purpose: str) -> str:
-    # PURPOSE-PID-RAND@HOST lets `gc` tell a live process's folder from an abandoned one.
-    return f"{check_name(purpose, 'purpose')}-{os.getpid()}-{os.urandom(4).hex()}@{socket.gethostname()}"
-
-
-def _owner_alive(entry_name: str, host: str) -> bool:
-    """Staging names are PURPOSE-PID-RAND@HOST; true when that process still runs on this host."""
-    head, _, entry_host = entry_name.rpartition("@")
-    # PURPOSE may itself contain '-' (any valid name does), so split from the right.
-    parts = head.rsplit("-", 2)
-    return entry_host == host and len(parts) == 3 and parts[1].isdigit() and process_alive(int(parts[1]))
-
-
-def process_alive(pid: int) -> bool:
-    """Whether process ``pid`` runs on this host (one owned by another user counts as running)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

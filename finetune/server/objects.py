@@ -12,6 +12,7 @@ from typing import Any
 from .. import __version__
 from ..registry import Model, Version
 from ..registry.accounts import Account
+from ..registry.files import StoredFile
 from ..serving import schema as _schema
 
 GENERATION_DEFAULTS = _schema.GENERATION_DEFAULTS
@@ -74,3 +75,21 @@ def openapi_schema(chat: bool) -> dict[str, Any]:
     """The version's ``openapi_schema``; defined once, beside the input check that applies it
     (:mod:`finetune.serving.schema`)."""
     return _schema.openapi_schema(chat)
+
+
+def file_object(stored: StoredFile, base_url: str) -> dict[str, Any]:
+    """An uploaded file as ``POST /v1/files`` and ``GET /v1/files/{id}`` return it (Replicate's fields).
+    ``urls.get`` is what a training input names as data; ``urls.download`` serves the bytes (owner only)."""
+    url = f"{base_url}/v1/files/{stored.id}"
+    return {
+        "id": stored.id,
+        "name": stored.name,
+        "content_type": stored.content_type,
+        "size": stored.size,
+        "etag": stored.sha256,
+        "checksums": {"sha256": stored.sha256},
+        "metadata": stored.metadata,
+        "created_at": stored.created_at,
+        "expires_at": None,
+        "urls": {"get": url, "download": f"{url}/download"},
+    }

@@ -21,7 +21,7 @@ from ..web.app import router as web_router
 from . import problems
 from .limits import FRAMING_BYTES, BodyLimit
 from .objects import training_object
-from .routes import account, files, models, trainings, versions
+from .routes import account, files, models, predictions, trainings, versions
 from .settings import ServerSettings
 from .training_service import TrainingService
 from .wire_cache import VersionJSON
@@ -40,6 +40,17 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         for service in reversed(started):
             service.stop()
+
+
+def _prediction_service(registry: Registry, settings: ServerSettings, app: FastAPI):
+    """Inference workers and prediction records (no torch in this process: the workers load the models)."""
+    from ..serving.service import PredictionService
+    from ..serving.worker import WorkerConfig
+
+    config = WorkerConfig(str(registry.root), device=settings.predict_device,
+                          memory_budget_mb=settings.predict_memory_mb, max_batch=settings.predict_max_batch)
+    return PredictionService(registry, config, workers=settings.predict_workers, prestart=settings.predict_prestart,
+                             to_object=predictions.prediction_object)
 
 
 def create_app(registry: Registry | None = None, settings: ServerSettings | None = None) -> FastAPI:
@@ -66,6 +77,8 @@ def create_app(registry: Registry | None = None, settings: ServerSettings | None
     app.state.trainings = TrainingService(registry, settings, app.state.accounts,
                                           lambda record, url: training_object(registry, record, url))
     app.state.services.append(app.state.trainings)
-    # predictions (h4-predict): app.include_router(predictions.router)
+    app.state.predictions = _prediction_service(registry, settings, app)
+    app.state.services.append(app.state.predictions)
+    app.include_router(predictions.router)
     app.include_router(web_router)  # the web app's pages at / (last, so that /v1 wins)
     return app

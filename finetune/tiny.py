@@ -227,7 +227,8 @@ def build_tiny_model(
 
 
 def _check_sizes(
-    hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int, max_pos: int, initializer_range: float | None
+    hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int, max_pos: int,
+    initializer_range: float | None
 ) -> None:
     for name, value in (
         ("hidden_size", hidden),

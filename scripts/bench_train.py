@@ -114,7 +114,8 @@ def run_ours(paths: dict, steps: int, work: Path) -> dict:
     rows = MetricsLog(trainings.paths(version.metadata["training_id"]).metrics).read()
     summary = trainings.get(version.metadata["training_id"]).metrics
     return {**result, "steps": [(r["time_s"], r["tokens"]) for r in rows], "losses": [r["loss"] for r in rows],
-            "adapter": str(version.path), "gpu_peak_mb": summary["peak_memory_mb"] if summary["device"] == "cuda" else None}
+            "adapter": str(version.path),
+            "gpu_peak_mb": summary["peak_memory_mb"] if summary["device"] == "cuda" else None}
 
 
 def peer_main(args: argparse.Namespace) -> None:
@@ -275,7 +276,8 @@ def main() -> None:
     tokenized(paths, work / "cache")  # encode once up front; every contender then reads the same cache
     rates = matmul_rates()
     # On a GPU what limits a run is the device's memory (allocated peak); on a CPU, the process's resident peak.
-    memory, memory_name = ("gpu_peak_mb", "peak GPU MB") if torch.cuda.is_available() else ("peak_rss_mb", "peak RSS MB")
+    on_gpu = torch.cuda.is_available()
+    memory, memory_name = ("gpu_peak_mb", "peak GPU MB") if on_gpu else ("peak_rss_mb", "peak RSS MB")
     results = {}
     # Interleaved rounds, medians: on a shared machine one run of a contender can be 10-20% off.
     rounds: dict[str, list[dict]] = {role: [] for role in args.only}

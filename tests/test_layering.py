@@ -32,6 +32,7 @@ def _imports(package: str, banned: tuple[str, ...]) -> dict:
 @pytest.mark.parametrize("package, banned", [
     ("finetune.registry", ("torch", "transformers", "peft", "accelerate", "datasets")),
     ("finetune.data.formats", ("datasets", "torch")),
+    ("finetune.server", ("torch", "transformers", "peft", "accelerate", "datasets")),  # serve starts in < 2 s
 ])
 def test_package_does_not_import(package: str, banned: tuple[str, ...]):
     result = _imports(package, banned)

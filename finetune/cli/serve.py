@@ -54,6 +54,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     reg = open_registry(args)
     app = create_app(reg, settings)
     print(f"finetune: serving {reg.root} on http://{settings.host}:{settings.port} (Ctrl-C stops)", flush=True)
+    if args.open_browser:
+        _open_browser(app, settings, args.web_user)
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal to the handlers it found: make
     # those note it, so that a requested stop ends with "stopped" and status 0, not a KeyboardInterrupt.
     stopped_by: list[int] = []
@@ -70,6 +72,34 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def local_user() -> str:
+    """The account a local sign-in link is for: the OS user name when it is a valid owner name, else ``local``."""
+    import getpass
+
+    from ..errors import InvalidNameError
+    from ..names import check_name
+
+    try:
+        return check_name(getpass.getuser().lower(), "owner")
+    except (InvalidNameError, OSError, KeyError):
+        return "local"
+
+
+def _open_browser(app, settings: ServerSettings, user: str | None) -> None:
+    """Print a one-time sign-in link for the web app (and open it in a browser, if this machine has one)."""
+    import threading
+    import webbrowser
+
+    from ..names import check_name
+    from ..web.app import signin_link_path
+
+    owner = check_name(user, "owner") if user else local_user()
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+    url = f"http://{host}:{settings.port}{signin_link_path(app, owner)}"
+    print(f"finetune: sign in to the web app as {owner} (one use, 15 minutes): {url}", flush=True)
+    threading.Timer(1.0, lambda: webbrowser.open(url)).start()
+
+
 def add_commands(groups: argparse._SubParsersAction) -> None:
     p = add_command(groups, "serve", cmd_serve, "serve the registry over HTTP (Replicate-compatible API)")
     p.add_argument("--host", default="127.0.0.1",
@@ -84,6 +114,10 @@ def add_commands(groups: argparse._SubParsersAction) -> None:
                    help="largest file upload (default %(default)s)")
     p.add_argument("--public-url", default=None, metavar="URL",
                    help="the URL clients reach the server at, for links in responses (default: from each request)")
+    p.add_argument("--open-browser", action="store_true",
+                   help="print a one-time sign-in link for the web app (and open it in a browser)")
+    p.add_argument("--web-user", default=None, metavar="OWNER",
+                   help="the account --open-browser signs in (default: your OS user name, else 'local')")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
                    help="log one line per request")

@@ -17,8 +17,10 @@ from .. import __version__
 from ..registry import Registry
 from ..registry.accounts import Accounts
 from ..registry.index import VersionIndex
+from ..web.app import router as web_router
 from . import problems
-from .routes import account, models, versions
+from .limits import FRAMING_BYTES, BodyLimit
+from .routes import account, files, models, versions
 from .settings import ServerSettings
 
 __all__ = ["ServerSettings", "create_app"]
@@ -49,11 +51,13 @@ def create_app(registry: Registry | None = None, settings: ServerSettings | None
     app.state.version_index = VersionIndex(registry)
     app.state.services = []  # objects with start()/stop(), e.g. the training queue
     problems.install(app)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_upload_bytes + FRAMING_BYTES)
 
     app.include_router(account.router)
     app.include_router(models.router)
     app.include_router(versions.router)
+    app.include_router(files.router)
     # trainings (h3-queue): app.include_router(trainings.router); app.state.services.append(queue)
     # predictions (h4-predict): app.include_router(predictions.router)
-    # web pages (h6-web), last so that /v1 wins: app.include_router(web.router)  # mounted at /
+    app.include_router(web_router)  # the web app's pages at / (last, so that /v1 wins)
     return app

@@ -12,6 +12,7 @@ from typing import Any
 from .. import __version__
 from ..registry import Model, Version
 from ..registry.accounts import Account
+from ..registry.files import StoredFile
 
 # The defaults of finetune.inference.GenerationSettings (not imported: it imports torch); a test compares them.
 GENERATION_DEFAULTS = {"max_new_tokens": 128, "temperature": 0.0, "top_p": 1.0}
@@ -112,4 +113,22 @@ def openapi_schema(chat: bool) -> dict[str, Any]:
                            "x-cog-array-type": "iterator", "x-cog-array-display": "concatenate"},
             }
         },
+    }
+
+
+def file_object(stored: StoredFile, base_url: str) -> dict[str, Any]:
+    """An uploaded file as ``POST /v1/files`` and ``GET /v1/files/{id}`` return it (Replicate's fields).
+    ``urls.get`` is what a training input names as data; ``urls.download`` serves the bytes (owner only)."""
+    url = f"{base_url}/v1/files/{stored.id}"
+    return {
+        "id": stored.id,
+        "name": stored.name,
+        "content_type": stored.content_type,
+        "size": stored.size,
+        "etag": stored.sha256,
+        "checksums": {"sha256": stored.sha256},
+        "metadata": stored.metadata,
+        "created_at": stored.created_at,
+        "expires_at": None,
+        "urls": {"get": url, "download": f"{url}/download"},
     }

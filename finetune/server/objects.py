@@ -27,7 +27,7 @@ def account_object(account: Account) -> dict[str, Any]:
 def model_object(model: Model, latest: Version | None, base_url: str) -> dict[str, Any]:
     """A model as ``GET /v1/models/{owner}/{name}`` returns it, ``latest_version`` embedded."""
     return {
-        "url": f"{base_url}/{model.owner}/{model.name}",
+        "url": f"{base_url}/models/{model.owner}/{model.name}",  # its page in the web app
         "owner": model.owner,
         "name": model.name,
         "description": model.description or None,

@@ -42,10 +42,6 @@ class Status(str, Enum):
     def __format__(self, spec: str) -> str:
         return format(self.value, spec)
 
-    @property
-    def final(self) -> bool:
-        return self in FINAL
-
 
 # Tuples, not sets: a plain string compares equal to its member but does not hash like it.
 STATUSES = tuple(Status)

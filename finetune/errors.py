@@ -3,7 +3,9 @@
 Every error a user can cause is a :class:`FinetuneError`. Each class also subclasses the built-in that fits,
 so callers may catch ``LookupError`` or ``ValueError`` without knowing our names. The CLI prints ``str(err)``
 on one line and exits with ``err.exit_code``: 2 for usage errors (the command line, a name, a ref or a config
-is malformed), 1 for everything else.
+is malformed), 1 for everything else. The HTTP API answers with ``err.http_status``: 422 for input it cannot
+use (with :class:`ConfigError`'s list of problems), 404 not found, 409 conflicts with the registry's state, 500
+for damage or failures on the server's side.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ class FinetuneError(Exception):
     """Base class: a message that says what was wrong, and optionally a hint that says how to fix it."""
 
     exit_code = 1
+    http_status = 500
 
     def __init__(self, message: str, hint: str | None = None):
         self.message = message
@@ -34,6 +37,7 @@ class UsageError(FinetuneError, ValueError):
     """The user typed something malformed: a name, a ref, an option, a config value."""
 
     exit_code = 2
+    http_status = 422
 
 
 class InvalidNameError(UsageError):
@@ -65,6 +69,8 @@ class ConfigError(UsageError):
 class NotFoundError(FinetuneError, LookupError):
     """Something named does not exist."""
 
+    http_status = 404
+
 
 class ModelNotFoundError(NotFoundError):
     """No destination model of that name in the registry."""
@@ -81,28 +87,60 @@ class TrainingNotFoundError(NotFoundError):
 class AlreadyExistsError(FinetuneError, FileExistsError):
     """Creating something that exists already."""
 
+    http_status = 409
+
 
 class ConflictError(FinetuneError, RuntimeError):
     """The operation is refused because of the registry's state (a version still in use, a model with versions)."""
+
+    http_status = 409
 
 
 class IntegrityError(FinetuneError, ValueError):
     """Stored bytes do not match their manifest: a damaged or tampered version."""
 
+    http_status = 500
+
 
 class RegistryAccessError(FinetuneError, PermissionError):
     """The registry root cannot be read or written."""
+
+    # The server's own storage, not the caller's rights: 403 would tell a client to sign in as someone else.
+    http_status = 500
+
+
+class AccessDeniedError(FinetuneError, PermissionError):
+    """The caller may not see or change this object (the service's access rules)."""
+
+    http_status = 403
 
 
 class DataError(FinetuneError, ValueError):
     """A dataset file is missing, malformed, empty, or does not fit the chosen format."""
 
+    http_status = 422
+
 
 class ModelLoadError(FinetuneError, RuntimeError):
     """A base model or adapter cannot be found or loaded."""
+
+    http_status = 422  # the request names a base that cannot be used
 
 
 class TrainingCanceled(FinetuneError):
     """A run was stopped by Ctrl-C, SIGTERM or ``finetune trainings cancel``."""
 
     exit_code = 130
+    http_status = 409  # the training was stopped on request
+
+
+class AuthenticationError(FinetuneError):
+    """A request to the service carries no token, or one that is unknown or revoked."""
+
+    http_status = 401
+
+
+class TooLargeError(UsageError):
+    """An upload or a request body is over the size limit the server was started with."""
+
+    http_status = 413

@@ -64,3 +64,13 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def registry(tmp_path: Path) -> finetune.Registry:
     """An empty registry in this test's own temporary folder."""
     return finetune.Registry(tmp_path / "registry")
+
+
+@pytest.fixture
+def live_server(tmp_path: Path):
+    """A real server on 127.0.0.1 (free port) over an empty registry in ``tmp_path``, with accounts alice and
+    bob (one token each). See tests/service.py for its methods (``http(owner)``, ``replicate(owner)``)."""
+    from service import running_server
+
+    with running_server(finetune.Registry(tmp_path / "registry")) as server:
+        yield server

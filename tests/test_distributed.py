@@ -68,10 +68,10 @@ def test_two_processes_publish_exactly_one_version(launched: dict):
     record = records[0]
     assert record.status == "succeeded" and record.output["version"] == "dist/two:1"
     assert record.metrics["processes"] == 2 and record.metrics["steps"] == STEPS
-    log = Trainings(reg).log_path(record.id).read_text()
+    log = Trainings(reg).paths(record.id).log.read_text()
     assert "(2 processes, cpu, fp32)" in log
     # Every process saved its own RNG state in the checkpoint (step 2; the last step writes none).
-    assert {p.name for p in (Trainings(reg).checkpoints_dir(record.id) / "step-00000002").glob("rng-*.pt")} == \
+    assert {p.name for p in (Trainings(reg).paths(record.id).checkpoints / "step-00000002").glob("rng-*.pt")} == \
         {"rng-0.pt", "rng-1.pt"}
 
 

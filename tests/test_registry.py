@@ -302,7 +302,7 @@ def test_hostile_names_escape_nowhere(reg: Registry, v1: Version, tmp_path: Path
     ]
     other_calls = [
         lambda: reg.set_alias("o/m:1", bad),
-        lambda: reg.training_dir(bad),
+        lambda: reg.training_paths(bad),
         lambda: reg.cache_dir(bad),
         lambda: reg.staging_dir(bad),
     ]

@@ -141,7 +141,7 @@ def test_record_goes_starting_processing_succeeded_with_its_fields(runs: dict):
 
 def test_metrics_file_has_a_row_per_step_and_eval_loss_at_eval_steps(runs: dict):
     record = Trainings(runs["reg"]).get(_id_from_stderr(runs["second"][2]))
-    rows = MetricsLog(Trainings(runs["reg"]).metrics_path(record.id)).read()
+    rows = MetricsLog(Trainings(runs["reg"]).paths(record.id).metrics).read()
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     for r in rows:
         assert {"step", "loss", "lr", "tokens", "tokens_per_s"} <= r.keys()
@@ -218,6 +218,8 @@ def test_trainings_list_show_and_logs(runs: dict):
     rc, out, _ = cli(root, "trainings", "logs", newest.id)
     assert rc == 0
     assert f"training {newest.id} -> {DEST}" in out and f"published {newest.output['version']}" in out
+    # Which rewritten paths trained (tiny Llama, 2 layers, LoRA on all 7 linears of each): all of ours apply.
+    assert "fused paths: lora 14/14 layers, rmsnorm 5, gated-mlp 2, loss fused, attention varlen-math" in out
     rc, out, err = cli(root, "trainings", "show", "20000101-000000-abcdef")
     assert rc == 1 and out == "" and len(err.strip().splitlines()) == 1 and "finetune trainings list" in err
 
@@ -247,7 +249,7 @@ def stopped(runs: dict) -> dict:
             assert first.startswith("training "), first + proc.stderr.read()
             ids[how] = first.split()[1]
         for how, proc in procs.items():
-            metrics = MetricsLog(trainings.metrics_path(ids[how]))
+            metrics = MetricsLog(trainings.paths(ids[how]).metrics)
             deadline = time.monotonic() + 120
             while not metrics.read():  # stop it inside the loop, not while it loads
                 assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
@@ -288,7 +290,7 @@ def test_stopped_run_ends_canceled_without_publishing(runs: dict, stopped: dict,
 
 
 def record_steps(runs: dict, training_id: str) -> int:
-    return len(MetricsLog(Trainings(runs["reg"]).metrics_path(training_id)).read())
+    return len(MetricsLog(Trainings(runs["reg"]).paths(training_id).metrics).read())
 
 
 def _in_process(runs: dict, destination: str, **train: object):
@@ -311,7 +313,7 @@ def test_cancel_marker_alone_stops_the_run(runs: dict, monkeypatch: pytest.Monke
     def append_then_cancel(self, row):
         append(self, row)
         if row["step"] == 2:
-            trainings._cancel_marker(self.path.parent.name).touch()
+            trainings.paths(self.path.parent.name).cancel.touch()
 
     monkeypatch.setattr(MetricsLog, "append", append_then_cancel)
     with pytest.raises(TrainingCanceled, match="canceled; no version published"):

@@ -154,7 +154,7 @@ def _train(reg: Registry, destination: str, **train: object):
     from finetune.registry.jobs import Trainings
 
     return load_file(str(result.version.path / "adapter_model.safetensors")), \
-        Trainings(reg).metrics_path(result.record.id)
+        Trainings(reg).paths(result.record.id).metrics
 
 
 @pytest.mark.parametrize("packing", [True, False])

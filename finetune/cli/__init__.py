@@ -1,8 +1,8 @@
 """The ``finetune`` command line. Each sub-command is a thin wrapper over the Python API.
 
 One module per command group (``models``, ``versions``, ``train`` with ``trainings``, ``use`` for predict, chat
-and export, ``housekeeping`` for ``registry gc``). Errors the user can cause print one line
-(``finetune: error: ...``) and exit 2 for usage errors, 1 otherwise.
+and export, ``housekeeping`` for ``registry gc``, ``serve`` and ``tokens`` for the HTTP service). Errors the
+user can cause print one line (``finetune: error: ...``) and exit 2 for usage errors, 1 otherwise.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from collections.abc import Sequence
 
 from .. import __version__
 from ..errors import FinetuneError
-from . import housekeeping, models, train, use, versions
+from . import housekeeping, models, serve, tokens, train, use, versions
 
-_GROUPS = (models, versions, train, housekeeping, use)
+_GROUPS = (models, versions, train, housekeeping, use, serve, tokens)
 
 
 class _Parser(argparse.ArgumentParser):

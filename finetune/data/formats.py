@@ -231,3 +231,17 @@ def encode_record(record: dict, fmt: str, tokenizer: Any, train_on_inputs: bool,
     return _encode_many([record], fmt, tokenizer, train_on_inputs, lambda _: where)[0]
 
 
+
+
+def record_segments(record: dict, fmt: str, tokenizer: Any = None) -> list[tuple[str, bool]]:
+    """The record's text exactly as training renders it, as ``(piece, learned)`` pairs in order.
+
+    ``learned`` marks the pieces that take loss (the completion, the assistant turns). ``fmt`` may be ``auto``;
+    a ``tokenizer`` is needed only for ``messages`` data (its chat template renders the conversation). Used to
+    preview data before training; raises :class:`DataError` naming what is wrong with the record.
+    """
+    fmt = detect_format(list(record)) if fmt == "auto" else fmt
+    try:
+        return _segments(record, fmt, tokenizer)
+    except _Bad as bad:
+        raise DataError(bad.message, bad.hint) from None

@@ -1,10 +1,11 @@
 """Storage: the registry of destination models, their immutable versions, and the records of jobs (trainings).
 
-Nothing here imports torch. See :mod:`finetune.registry.store` for the on-disk layout.
+Nothing here imports torch. The on-disk layout is drawn once, in :mod:`finetune.registry.store`.
 """
 
+from .gc import process_alive
 from .manifest import FORMAT_VERSION, MANIFEST, Version, check_version_dir, manifest_id, read_manifest
-from .store import HARDWARE, VISIBILITIES, Model, Registry, process_alive
+from .store import HARDWARE, VISIBILITIES, Model, Registry, TrainingPaths
 
-__all__ = ["FORMAT_VERSION", "HARDWARE", "MANIFEST", "VISIBILITIES", "Model", "Registry", "Version",
+__all__ = ["FORMAT_VERSION", "HARDWARE", "MANIFEST", "VISIBILITIES", "Model", "Registry", "TrainingPaths", "Version",
            "check_version_dir", "manifest_id", "process_alive", "read_manifest"]

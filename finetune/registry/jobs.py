@@ -1,20 +1,14 @@
-"""Training records: one per run, like a hosted service's training object.
+"""Job records: one per run of a job (a training, a prediction), like a hosted service's objects.
 
-A record lives in the registry's trainings folder (``Registry.training_dir(id)``) beside its log, its per-step
-metrics and its checkpoints::
-
-    record.json      id, status, model, destination, input, output, metrics, error, timestamps, pid
-    train.log        what the run printed
-    metrics.jsonl    one JSON object per logged step
-    checkpoints/     step-N/ folders for --resume
-    output/          the adapter folder that gets published
-    cancel           present when `finetune trainings cancel` asked the run to stop
-
-``record.json`` is replaced atomically on every change, so a reader never sees half a record.
+:class:`RecordStore` keeps the records of one kind of job, each in its own folder under the registry root (the
+layout is drawn in :mod:`finetune.registry.store`): ``record.json`` replaced atomically on every change, listing
+newest first (ids sort by creation time). :class:`Trainings` adds what a training needs: its files
+(:class:`~finetune.registry.store.TrainingPaths`), cancellation, staleness and the log.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
 import os
@@ -22,16 +16,108 @@ import signal
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from .. import atomic
-from ..errors import ConflictError, TrainingNotFoundError, UsageError
+from ..errors import ConflictError, NotFoundError, TrainingNotFoundError, UsageError
+from .gc import process_alive
 from .manifest import utc_now
-from .store import Registry, process_alive
+from .store import RECORD, Registry, TrainingPaths
 
-STATUSES = ("starting", "processing", "succeeded", "failed", "canceled")
-FINAL = ("succeeded", "failed", "canceled")
+
+class Status(str, Enum):
+    """Where a job stands: starting -> processing -> succeeded | failed | canceled. Stored as the plain value."""
+
+    STARTING = "starting"
+    PROCESSING = "processing"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+# Tuples, not sets: a plain string compares equal to its member but does not hash like it.
+STATUSES = tuple(Status)
+FINAL = (Status.SUCCEEDED, Status.FAILED, Status.CANCELED)
+
+
+def new_record_id() -> str:
+    """Sortable by creation time and unique: ``YYYYMMDD-HHMMSS-xxxxxx``."""
+    now = _dt.datetime.now(_dt.timezone.utc)
+    return f"{now:%Y%m%d-%H%M%S}-{os.urandom(3).hex()}"
+
+
+R = TypeVar("R")
+
+
+class RecordStore(Generic[R]):
+    """Read and write the records (dataclasses with ``id`` and ``created_at``) of one kind of job.
+
+    Subclasses name the ``kind`` (a folder in :data:`~finetune.registry.store.JOB_KINDS`), the ``record_type``,
+    and the error raised for an unknown id.
+    """
+
+    kind: str = ""
+    record_type: type[R]
+    not_found: type[NotFoundError] = NotFoundError
+    not_found_hint: str | None = None
+
+    def __init__(self, registry: Registry):
+        self.registry = registry
+
+    def dir(self, record_id: str) -> Path:
+        return self.registry.job_dir(self.kind, record_id)
+
+    def create(self, record: R) -> R:
+        """Store a new record (its folder must not exist yet)."""
+        self.dir(record.id).mkdir(parents=True, exist_ok=False)
+        record.created_at = record.created_at or utc_now()
+        self.save(record)
+        return record
+
+    def save(self, record: R) -> None:
+        folder = self.dir(record.id)
+        atomic.replace_file(folder / RECORD, atomic.pretty_json(asdict(record)), folder)
+
+    def get(self, record_id: str) -> R:
+        try:
+            data = json.loads((self.dir(record_id) / RECORD).read_bytes())
+        except FileNotFoundError:
+            raise self.not_found(
+                f"no {self.kind.removesuffix('s')} {record_id!r} in {self.registry.root}", self.not_found_hint
+            ) from None
+        # Fields this version does not know (written by a newer one) are left out on reading, never on writing.
+        known = {f.name for f in dataclasses.fields(self.record_type)}
+        return self.record_type(**{k: v for k, v in data.items() if k in known})
+
+    def update(self, record: R, **changes: Any) -> R:
+        """Change fields of ``record`` and store it; ``record`` itself is updated too (callers hold it).
+
+        An unknown field is an error (a typo would otherwise be written nowhere without a word).
+        """
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(record)})
+        if unknown:
+            raise TypeError(f"{type(record).__name__} has no field {', '.join(unknown)}")
+        updated = dataclasses.replace(record, **changes)  # runs the record's own checks (__post_init__)
+        self.save(updated)
+        record.__dict__.update(updated.__dict__)
+        return record
+
+    def list(self) -> list[R]:
+        """Every record, newest first."""
+        root = self.registry.jobs_dir(self.kind)
+        try:
+            entries = sorted(os.listdir(root), reverse=True)
+        except FileNotFoundError:
+            return []
+        return [self.get(entry) for entry in entries if (root / entry / RECORD).is_file()]
 
 
 @dataclass
@@ -39,7 +125,7 @@ class TrainingRecord:
     """The state of one training run. ``status`` moves starting -> processing -> succeeded|failed|canceled."""
 
     id: str
-    status: str = "starting"
+    status: Status = Status.STARTING
     model: str = ""  # the base model as resolved (a registry ref, hub id@revision, or a folder)
     destination: str = ""
     input: dict[str, Any] = field(default_factory=dict)  # the resolved config
@@ -52,80 +138,31 @@ class TrainingRecord:
     pid: int | None = None
     resumed_from_step: int | None = None
     source: str = "cli"  # who submitted it: cli (or Python) | api
+    webhook: str | None = None  # the URL that hears about this training (API trainings; see server/webhooks.py)
+    webhook_events_filter: list[str] | None = None  # which events it hears (None: all)
+
+    def __post_init__(self) -> None:
+        self.status = Status(self.status)  # ValueError for a status that does not exist
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def new_training_id() -> str:
-    """Sortable by creation time and unique: ``YYYYMMDD-HHMMSS-xxxxxx``."""
-    now = _dt.datetime.now(_dt.timezone.utc)
-    return f"{now:%Y%m%d-%H%M%S}-{os.urandom(3).hex()}"
-
-
-class Trainings:
+class Trainings(RecordStore[TrainingRecord]):
     """Read and write training records in a registry."""
 
-    def __init__(self, registry: Registry):
-        self.registry = registry
+    kind = "trainings"
+    record_type = TrainingRecord
+    not_found = TrainingNotFoundError
+    not_found_hint = "see `finetune trainings list`"
 
-    def dir(self, training_id: str) -> Path:
-        return self.registry.training_dir(training_id)
-
-    def log_path(self, training_id: str) -> Path:
-        return self.dir(training_id) / "train.log"
-
-    def metrics_path(self, training_id: str) -> Path:
-        return self.dir(training_id) / "metrics.jsonl"
-
-    def checkpoints_dir(self, training_id: str) -> Path:
-        return self.dir(training_id) / "checkpoints"
-
-    def output_dir(self, training_id: str) -> Path:
-        return self.dir(training_id) / "output"
-
-    def _cancel_marker(self, training_id: str) -> Path:
-        return self.dir(training_id) / "cancel"
-
-    def create(self, record: TrainingRecord) -> TrainingRecord:
-        path = self.dir(record.id)
-        path.mkdir(parents=True, exist_ok=False)
-        record.created_at = record.created_at or utc_now()
-        self.save(record)
-        return record
-
-    def save(self, record: TrainingRecord) -> None:
-        atomic.replace_file(self.dir(record.id) / "record.json", atomic.pretty_json(record.to_dict()), self.dir(record.id))
-
-    def get(self, training_id: str) -> TrainingRecord:
-        path = self.dir(training_id) / "record.json"
-        try:
-            data = json.loads(path.read_bytes())
-        except FileNotFoundError:
-            raise TrainingNotFoundError(
-                f"no training {training_id!r} in {self.registry.root}", "see `finetune trainings list`"
-            ) from None
-        known = TrainingRecord.__dataclass_fields__
-        return TrainingRecord(**{k: v for k, v in data.items() if k in known})
+    def paths(self, training_id: str) -> TrainingPaths:
+        return self.registry.training_paths(training_id)
 
     def update(self, record: TrainingRecord, **changes: Any) -> TrainingRecord:
-        for key, value in changes.items():
-            setattr(record, key, value)
-        if changes.get("status") in FINAL and not record.completed_at:
-            record.completed_at = utc_now()
-        self.save(record)
-        return record
-
-    def list(self) -> list[TrainingRecord]:
-        """Every record, newest first."""
-        root = self.registry.trainings_dir()
-        if not root.is_dir():
-            return []
-        out = []
-        for entry in sorted(os.listdir(root), reverse=True):
-            if (root / entry / "record.json").is_file():
-                out.append(self.get(entry))
-        return out
+        if changes.get("status") in FINAL and not record.completed_at and "completed_at" not in changes:
+            changes["completed_at"] = utc_now()
+        return super().update(record, **changes)
 
     # ---------------------------------------------------------------- cancellation
     def request_cancel(self, training_id: str) -> TrainingRecord:
@@ -133,23 +170,23 @@ class Trainings:
         record = self.get(training_id)
         if record.status in FINAL:
             raise ConflictError(f"training {training_id} already {record.status}")
-        self._cancel_marker(training_id).touch()
+        self.paths(training_id).cancel.touch()
         if record.pid and process_alive(record.pid):
             # The marker is the contract (works across hosts and for all ranks); the signal wakes the run up.
             try:
                 os.kill(record.pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
-        elif record.status in ("starting", "processing"):
+        elif record.status in (Status.STARTING, Status.PROCESSING):
             # Nobody is running it any more (killed, machine rebooted): settle the record now.
-            self.update(record, status="canceled", error="canceled (the training process was not running)")
+            self.update(record, status=Status.CANCELED, error="canceled (the training process was not running)")
         return record
 
     def cancel_requested(self, training_id: str) -> bool:
-        return self._cancel_marker(training_id).exists()
+        return self.paths(training_id).cancel.exists()
 
     def clear_cancel(self, training_id: str) -> None:
-        self._cancel_marker(training_id).unlink(missing_ok=True)
+        self.paths(training_id).cancel.unlink(missing_ok=True)
 
     def is_stale(self, record: TrainingRecord) -> bool:
         """A record that says it runs, whose process is gone (killed -9, crashed machine)."""
@@ -158,7 +195,7 @@ class Trainings:
     # ---------------------------------------------------------------- logs
     def follow_log(self, training_id: str, follow: bool, poll_s: float = 0.5) -> Iterator[str]:
         """Yield the log's lines; with ``follow``, keep yielding until the training ends."""
-        path = self.log_path(training_id)
+        path = self.paths(training_id).log
         self.get(training_id)  # a clear error for an unknown id
         while not path.exists():
             if not follow:
@@ -182,7 +219,8 @@ class Trainings:
 
 def check_resumable(trainings: Trainings, record: TrainingRecord) -> None:
     """Only a run that did not finish, and is not running now, can be resumed."""
-    if record.status == "succeeded":
-        raise UsageError(f"training {record.id} already succeeded (published {record.output and record.output.get('version')})")
+    if record.status == Status.SUCCEEDED:
+        published = record.output and record.output.get("version")
+        raise UsageError(f"training {record.id} already succeeded (published {published})")
     if record.status not in FINAL and not trainings.is_stale(record):
         raise ConflictError(f"training {record.id} is still running (pid {record.pid})", "cancel it first or wait")

@@ -64,8 +64,9 @@ def resolve_hub_revision(repo_id: str, revision: str | None = None) -> str:
     try:
         info = HfApi().model_info(repo_id, revision=revision)
     except Exception as err:  # the hub client raises many types; all mean "cannot resolve"
+        first_line = str(err).splitlines()[0] if str(err) else ""
         raise ModelLoadError(
-            f"cannot resolve hub model {repo_id!r}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}",
+            f"cannot resolve hub model {repo_id!r}: {type(err).__name__}: {first_line}",
             "check the id and your network, or import a local folder with --from PATH",
         ) from None
     if not info.sha:
@@ -154,9 +155,12 @@ def base_source_of(reg: Registry, version: Version) -> BaseSource:
     """The base a *base* version stands for; a base whose files are gone is a clear error."""
     source = version.metadata.get("source", {})
     if source.get("type") == "hub":
-        return BaseSource(source["repo_id"], source.get("revision"), version, f"{version.ref} (hub {source['repo_id']})")
+        repo_id = source["repo_id"]
+        return BaseSource(repo_id, source.get("revision"), version, f"{version.ref} (hub {repo_id})")
     if not (version.path / "config.json").is_file():
-        raise ModelLoadError(f"base version {version.ref} holds no model files", "re-import it with `finetune models import`")
+        raise ModelLoadError(
+            f"base version {version.ref} holds no model files", "re-import it with `finetune models import`"
+        )
     return BaseSource(str(version.path), None, version, version.ref)
 
 
@@ -169,7 +173,7 @@ def resolve_model(reg: Registry, spec: str) -> ResolvedModel:
         ref = parse_ref(spec)
     except UsageError:
         ref = None
-    if ref is not None and (reg.root / "models").exists():
+    if ref is not None and reg.has_models():
         try:
             reg.get_model(ref.model)
         except NotFoundError:

@@ -1,32 +1,41 @@
 """The registry: destination models and their immutable, numbered versions, on the local filesystem.
 
-This module owns the on-disk layout; no other module builds a path inside the registry root::
+This module owns the on-disk layout, drawn here once; no other module builds a path inside the registry root
+(they ask :class:`Registry` for the folder or the :class:`TrainingPaths` they need)::
 
     ROOT/
       models/OWNER/NAME/
-        model.json             description, visibility, hardware, created_at
+        model.json             description, visibility, hardware, created_at, readme and links
         next_version           the next number to hand out (numbers are never reused)
         aliases.json           {"prod": 3, ...}
         .lock                  allocation lock (filelock)
         versions/N/            one published version: its files + manifest.json, all read-only
-      trainings/ID/            training records (see trainings.py), checkpoints, logs
+      trainings/ID/            one training run (registry.jobs.Trainings); ID = YYYYMMDD-HHMMSS-xxxxxx
+        record.json            id, status, model, destination, input, output, metrics, error, timestamps, pid
+        train.log              what the run printed
+        metrics.jsonl          one JSON object per logged step
+        checkpoints/step-N/    what --resume needs (training.checkpoint)
+        output/                the adapter folder that gets published
+        cancel                 present when `finetune trainings cancel` asked the run to stop
+      predictions/ID/          prediction records, same store (registry.jobs.RecordStore)
+      accounts/                the service's accounts and token hashes (registry.accounts)
+      files/                   files uploaded to the service (registry.files)
       cache/KIND/...           derived data that can be rebuilt (tokenized datasets)
       .staging/                publishes and temp files in progress; `gc` removes abandoned ones
       .trash/                  deletions in progress
 
-Publishing stages every file under ``.staging`` (same filesystem), fsyncs, allocates a number under a lock,
-writes ``manifest.json`` last, and renames the folder into ``versions/`` with a rename that refuses to
-overwrite. A version folder therefore appears whole or not at all.
+A version folder appears whole or not at all (publishing stages and commits it: :mod:`finetune.registry.publish`);
+``.staging`` and ``.trash`` entries are named after their process so `gc` can tell abandoned ones
+(:mod:`finetune.registry.gc`). Job records (``record.json``) are replaced
+atomically on every change, so a reader never sees half a record.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import socket
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,20 +54,38 @@ from ..errors import (
     VersionNotFoundError,
 )
 from ..names import check_alias, check_name, check_text, parse_model_name, parse_ref
-from .manifest import (
-    FORMAT_VERSION,
-    MANIFEST,
-    Version,
-    check_version_dir,
-    manifest_id,
-    software_versions,
-    utc_now,
-)
+from .gc import collect_leftovers, work_name
+from .manifest import FORMAT_VERSION, Version, check_version_dir, utc_now
+from .publish import publish_version
 
 VISIBILITIES = ("private", "public")
 HARDWARE = ("cpu", "gpu", "auto")
+RECORD = "record.json"  # a job record's file in its folder
+JOB_KINDS = ("trainings", "predictions")  # the folders of job records under the root (see the layout above)
+# Optional text fields of a model besides its description (Replicate's model object has the same names).
+MODEL_LINKS = ("github_url", "paper_url", "license_url", "cover_image_url")
+EDITABLE = ("description", "readme", *MODEL_LINKS)
 LOCK_TIMEOUT_S = 120
+_STILL_NS = 3_000_000_000  # a versions folder unchanged this long may have its listing remembered
 _LATEST_WALK = 256  # numbers `latest` probes one by one before it lists the versions folder instead
+
+
+@dataclass(frozen=True)
+class TrainingPaths:
+    """Where one training run keeps its files (see the layout above); handed out by :meth:`Registry.training_paths`."""
+
+    folder: Path
+    record: Path
+    log: Path
+    metrics: Path
+    checkpoints: Path
+    output: Path
+    cancel: Path  # the marker `finetune trainings cancel` leaves
+
+    @classmethod
+    def under(cls, folder: Path) -> TrainingPaths:
+        return cls(folder, folder / RECORD, folder / "train.log", folder / "metrics.jsonl",
+                   folder / "checkpoints", folder / "output", folder / "cancel")
 
 
 class Model:
@@ -72,6 +99,8 @@ class Model:
         self.visibility: str = info.get("visibility", "private")
         self.hardware: str = info.get("hardware", "auto")
         self.created_at: str = info.get("created_at", "")
+        self.readme: str = info.get("readme", "")
+        self.links: dict[str, str | None] = {key: info.get(key) for key in MODEL_LINKS}
 
     @property
     def full_name(self) -> str:
@@ -85,6 +114,8 @@ class Model:
             "visibility": self.visibility,
             "hardware": self.hardware,
             "created_at": self.created_at,
+            "readme": self.readme,
+            **self.links,
         }
 
     def __repr__(self) -> str:
@@ -100,6 +131,7 @@ class Registry:
         elif not str(root).strip():  # Path("") is the current folder: never what an empty --registry meant
             raise UsageError("the registry path is empty", "give --registry PATH, or set FINETUNE_HOME")
         self.root = Path(root).expanduser().absolute()
+        self._numbers_cache: dict[Path, tuple[tuple[int, int], tuple[int, ...]]] = {}  # see version_numbers
         if self.root.exists() and not self.root.is_dir():
             raise RegistryAccessError(
                 f"registry root {self.root} is not a folder", "point FINETUNE_HOME at a folder, or remove the file"
@@ -120,12 +152,31 @@ class Registry:
     def _trash(self) -> Path:
         return self.root / ".trash"
 
-    def trainings_dir(self) -> Path:
-        """The folder that holds one sub-folder per training record."""
-        return self.root / "trainings"
+    def has_models(self) -> bool:
+        """Whether anything was ever created here (the models folder exists)."""
+        return (self.root / "models").exists()
 
-    def training_dir(self, training_id: str) -> Path:
-        return self.trainings_dir() / check_name(training_id, "training id")
+    def jobs_dir(self, kind: str) -> Path:
+        """The folder that holds one sub-folder per record of a kind of job (``trainings``, ``predictions``)."""
+        if kind not in JOB_KINDS:
+            raise UsageError(f"unknown kind of job {kind!r}", f"use one of: {', '.join(JOB_KINDS)}")
+        return self.root / kind
+
+    def job_dir(self, kind: str, job_id: str) -> Path:
+        """The folder of one job record; its ``record.json`` holds the record."""
+        return self.jobs_dir(kind) / check_name(job_id, f"{kind.removesuffix('s')} id")
+
+    def training_paths(self, training_id: str) -> TrainingPaths:
+        """The files of one training run."""
+        return TrainingPaths.under(self.job_dir("trainings", training_id))
+
+    def accounts_dir(self) -> Path:
+        """The folder of the service's accounts and token hashes (registry.accounts)."""
+        return self.root / "accounts"
+
+    def files_dir(self) -> Path:
+        """The folder of files uploaded to the service (registry.files)."""
+        return self.root / "files"
 
     def cache_dir(self, kind: str) -> Path:
         """A folder for rebuildable derived data of one kind (e.g. ``tokenized``)."""
@@ -134,7 +185,7 @@ class Registry:
     def staging_dir(self, purpose: str) -> Path:
         """A new empty folder on the registry's filesystem for work in progress; `gc` removes it if abandoned."""
         self._ensure_writable()
-        path = self._staging / _work_name(purpose)
+        path = self._staging / work_name(purpose)
         try:
             path.mkdir(parents=True)
         except OSError as err:
@@ -163,7 +214,9 @@ class Registry:
         except FileNotFoundError:
             return []
         except (PermissionError, NotADirectoryError) as err:
-            raise RegistryAccessError(f"cannot read {path}: {err.strerror}", "check FINETUNE_HOME and permissions") from None
+            raise RegistryAccessError(
+                f"cannot read {path}: {err.strerror}", "check FINETUNE_HOME and permissions"
+            ) from None
 
     # ---------------------------------------------------------------- models
     def create_model(
@@ -173,8 +226,12 @@ class Registry:
         visibility: str = "private",
         hardware: str = "auto",
         exist_ok: bool = False,
+        **fields: str | None,
     ) -> Model:
-        """Create the destination model ``owner/name``; an existing one is an error unless ``exist_ok``."""
+        """Create the destination model ``owner/name``; an existing one is an error unless ``exist_ok``.
+
+        ``fields`` may set ``readme`` and the links of :data:`MODEL_LINKS`."""
+        _check_fields(fields)
         owner, short = parse_model_name(name)
         check_text(description, "description")
         if visibility not in VISIBILITIES:
@@ -201,6 +258,7 @@ class Registry:
             "visibility": visibility,
             "hardware": hardware,
             "created_at": utc_now(),
+            **{k: v for k, v in fields.items() if v is not None},
         }
         stage = self.staging_dir("model")
         atomic.write_bytes_durable(stage / "model.json", atomic.pretty_json(info))
@@ -251,6 +309,20 @@ class Registry:
                     out.append(self.get_model(f"{owner.name}/{entry.name}"))
         return out
 
+    def update_model(self, name: str, **changes: str | None) -> Model:
+        """Change a model's editable fields (:data:`EDITABLE`); ``None`` clears a link. Atomic under its lock."""
+        _check_fields(changes, allowed=EDITABLE)
+        model = self.get_model(name)
+        with self._lock(model.path):
+            info = json.loads((model.path / "model.json").read_bytes())
+            for key, value in changes.items():
+                if value is None and key in MODEL_LINKS:
+                    info.pop(key, None)
+                else:
+                    info[key] = value or ""
+            atomic.replace_file(model.path / "model.json", atomic.pretty_json(info), self._staging)
+        return Model(model.path, info)
+
     def delete_model(self, name: str) -> None:
         """Delete an empty model; refused while it has versions."""
         try:
@@ -263,7 +335,7 @@ class Registry:
                     f"model {name} still has versions", "delete them first with `finetune versions delete`"
                 )
             self._ensure_writable()
-            target = self._trash / _work_name("model")
+            target = self._trash / work_name("model")
             os.rename(model.path, target)
         atomic.fsync_dir(model.path.parent)
         atomic.remove_tree(target)
@@ -285,6 +357,31 @@ class Registry:
     def _version(self, model: Model, number: int) -> Version | None:
         path = self._versions_dir(model.path) / str(number)
         return Version(model.full_name, number, path) if path.is_dir() else None
+
+    def version(self, model: str, number: int) -> Version | None:
+        """Version ``number`` of ``model``, or ``None`` if it does not exist (one ``stat``, no manifest read)."""
+        return self._version(self.get_model(model), number)
+
+    def version_numbers(self, model: str) -> list[int]:
+        """The numbers of ``model``'s versions, newest first, without building :class:`Version` objects.
+
+        For listings served again and again (the HTTP API): the answer is remembered with the versions folder's
+        modification time and inode, and reused while they are unchanged. Timestamps are coarse (a clock tick),
+        so a listing is remembered only once its folder has been still for a few seconds: a version published
+        in the same tick as a listing is never missed."""
+        vdir = self._versions_dir(self.get_model(model).path)
+        try:
+            st = os.stat(vdir)
+        except FileNotFoundError:
+            return []
+        stamp = (st.st_ino, st.st_mtime_ns)
+        cached = self._numbers_cache.get(vdir)
+        if cached is not None and cached[0] == stamp:
+            return list(cached[1])
+        numbers = sorted(self._version_numbers(vdir.parent), reverse=True)
+        if time.time_ns() - st.st_mtime_ns > _STILL_NS:
+            self._numbers_cache[vdir] = (stamp, tuple(numbers))
+        return numbers
 
     def list_versions(self, model: str) -> list[Version]:
         """All versions of ``model``, newest first. Manifests are read lazily."""
@@ -363,91 +460,9 @@ class Registry:
         ``parent`` is the version this one derives from (a :class:`Version` or a ref, stored as exact ref and
         id), or a dict describing an outside origin (``{"hub_id": ..., "revision": ...}``). ``kind`` defaults
         to ``adapter`` when ``src_dir`` holds ``adapter_config.json``, ``base`` when it holds ``config.json``.
+        How: :mod:`finetune.registry.publish`.
         """
-        m = self.get_model(model)
-        src = Path(src_dir)
-        if not src.exists():
-            raise NotFoundError(f"source folder {src} does not exist")
-        if not src.is_dir():
-            raise NotFoundError(f"source {src} is not a folder", "publish takes a folder of files")
-        if (src / MANIFEST).exists():
-            raise UsageError(f"{src / MANIFEST} exists", "the manifest is written by the registry; remove it")
-        parent_info = self._parent_info(parent)
-        if kind is None:
-            kind = "adapter" if (src / "adapter_config.json").exists() else "base" if (src / "config.json").exists() else "files"
-        stage = self.staging_dir("publish")
-        try:
-            files = self._stage_files(src, stage)
-            body = {
-                "format": FORMAT_VERSION,
-                "model": m.full_name,
-                "kind": kind,
-                "parent": parent_info,
-                "metadata": metadata or {},
-                "software": software_versions(),
-                "files": files,
-            }
-            version = self._commit(m, stage, body)
-        except BaseException:
-            atomic.remove_tree(stage)
-            raise
-        return version
-
-    def _parent_info(self, parent: Version | str | dict[str, Any] | None) -> dict[str, Any] | None:
-        if parent is None or isinstance(parent, dict):
-            return parent
-        if isinstance(parent, str):
-            parent = self.resolve(parent)
-        return {"ref": parent.ref, "id": parent.id}
-
-    def _stage_files(self, src: Path, stage: Path) -> dict[str, dict[str, Any]]:
-        files: dict[str, dict[str, Any]] = {}
-        for dirpath, dirnames, filenames in os.walk(src):
-            dirnames.sort()
-            rel_dir = Path(dirpath).relative_to(src)
-            # os.walk lists a link to a folder but does not enter it: without this check its files would be
-            # left out of the version without a word.
-            for name in dirnames:
-                if os.path.islink(os.path.join(dirpath, name)):
-                    raise UsageError(
-                        f"{Path(dirpath) / name} is a link to a folder", "publish copies files; copy the folder in"
-                    )
-            (stage / rel_dir).mkdir(exist_ok=True)
-            for name in sorted(filenames):
-                if not os.path.isfile(os.path.join(dirpath, name)):
-                    raise UsageError(f"{Path(dirpath) / name} is not a regular file (a broken link, a pipe?)")
-                rel = (rel_dir / name).as_posix()
-                size, digest = atomic.copy_and_hash(Path(dirpath) / name, stage / rel)
-                files[rel] = {"size": size, "sha256": digest}
-            atomic.fsync_dir(stage / rel_dir)
-        return files
-
-    def _commit(self, model: Model, stage: Path, body: dict[str, Any]) -> Version:
-        vdir = self._versions_dir(model.path)
-        vdir.mkdir(exist_ok=True)
-        with self._lock(model.path):
-            while True:
-                number = self._next_number(model.path)
-                # A counter update lost to a crash (or a lock that silently failed elsewhere) must not make
-                # us reuse a number: step over anything that exists.
-                while (vdir / str(number)).exists():
-                    number += 1
-                atomic.replace_file(model.path / "next_version", f"{number + 1}\n".encode(), self._staging)
-                manifest = dict(body, number=number, created_at=utc_now())
-                manifest["id"] = manifest_id(manifest)
-                manifest_path = stage / MANIFEST
-                if manifest_path.exists():
-                    manifest_path.unlink()
-                atomic.write_bytes_durable(manifest_path, atomic.pretty_json(manifest))
-                atomic.make_read_only(stage)
-                atomic.fsync_dir(stage)
-                try:
-                    atomic.rename_noreplace(stage, vdir / str(number))
-                except FileExistsError:
-                    os.chmod(stage, 0o755)
-                    continue
-                atomic.fsync_dir(vdir)
-                return Version(model.full_name, number, vdir / str(number), manifest)
+        return publish_version(self, model, Path(src_dir), parent, metadata, kind)
 
     # ---------------------------------------------------------------- aliases, deletion
     def aliases(self, model: str) -> dict[str, int]:
@@ -514,7 +529,7 @@ class Registry:
                     f"{version.ref} is the parent of {', '.join(k.ref for k in kids)}", "delete those versions first"
                 )
             self._ensure_writable()
-            target = self._trash / _work_name("version")
+            target = self._trash / work_name("version")
             os.chmod(version.path, 0o755)
             os.rename(version.path, target)
             atomic.fsync_dir(version.path.parent)
@@ -530,8 +545,9 @@ class Registry:
         """The cheap check done on every load: manifest hash and file sizes. Raises :class:`IntegrityError`."""
         problems = check_version_dir(version.path, full=False)
         if problems:
+            more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
             raise IntegrityError(
-                f"{version.ref} is damaged: {problems[0]}" + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""),
+                f"{version.ref} is damaged: {problems[0]}{more}",
                 f"run `finetune versions verify {version.ref}`",
             )
 
@@ -541,49 +557,15 @@ class Registry:
 
         A staging folder whose creating process is still alive on this host is kept whatever its age.
         """
-        cutoff = time.time() - older_than_hours * 3600
-        host = socket.gethostname()
-        removed = []
-        for area in (self._staging, self._trash):
-            for entry in self._listdir(area):
-                try:
-                    if entry.stat(follow_symlinks=False).st_mtime > cutoff:
-                        continue
-                except FileNotFoundError:
-                    continue
-                if _owner_alive(entry.name, host):
-                    continue
-                removed.append(Path(entry.path))
-                if not dry_run:
-                    atomic.remove_tree(Path(entry.path))
-        return removed
-
-    @contextmanager
-    def model_lock(self, model: str) -> Iterator[None]:
-        """Hold the model's allocation lock (for callers that must read-modify-write model files)."""
-        with self._lock(self.get_model(model).path):
-            yield
+        return collect_leftovers(self, [self._staging, self._trash], older_than_hours, dry_run)
 
 
-def _work_name(purpose: str) -> str:
-    # PURPOSE-PID-RAND@HOST lets `gc` tell a live process's folder from an abandoned one.
-    return f"{check_name(purpose, 'purpose')}-{os.getpid()}-{os.urandom(4).hex()}@{socket.gethostname()}"
+def _check_fields(fields: dict[str, Any], allowed: tuple[str, ...] = ("readme", *MODEL_LINKS)) -> None:
+    for key, value in fields.items():
+        if key not in allowed:
+            raise UsageError(f"unknown model field {key!r}", f"use one of: {', '.join(allowed)}")
+        if value is not None and not isinstance(value, str):
+            raise UsageError(f"model field {key!r} must be text, not {type(value).__name__}")
+        if value is not None:
+            check_text(value, key)
 
-
-def _owner_alive(entry_name: str, host: str) -> bool:
-    """Staging names are PURPOSE-PID-RAND@HOST; true when that process still runs on this host."""
-    head, _, entry_host = entry_name.rpartition("@")
-    # PURPOSE may itself contain '-' (any valid name does), so split from the right.
-    parts = head.rsplit("-", 2)
-    return entry_host == host and len(parts) == 3 and parts[1].isdigit() and process_alive(int(parts[1]))
-
-
-def process_alive(pid: int) -> bool:
-    """Whether process ``pid`` runs on this host (one owned by another user counts as running)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -5,6 +5,7 @@ One function per fact, so that every front end says the same thing the same way.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from .manifest import Version
@@ -38,3 +39,22 @@ def model_summary(reg: Registry, m: Model) -> dict[str, Any]:
     return {**m.to_dict(), "model": m.full_name, "versions": len(versions),
             "latest": versions[0].ref if versions else None}
 
+
+
+def training_progress(record: Any, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Where a training stands, from its record and its ``metrics.jsonl`` rows: the last step, the total when
+    known (``train.max_steps``, or epochs times the steps per epoch that the rows imply), tokens/s, and the time
+    left at the pace so far (None when it cannot be told)."""
+    last = next((r for r in reversed(rows) if isinstance(r.get("step"), int)), None)
+    step = last["step"] if last else 0
+    train_cfg = ((record.input or {}).get("train") or {}) if hasattr(record, "input") else {}
+    total = train_cfg.get("max_steps")
+    if not total and last and isinstance(last.get("epoch"), (int, float)) and last["epoch"] > 0:
+        epochs = train_cfg.get("epochs") or 1.0
+        total = math.ceil(epochs * round(step / last["epoch"]))
+    elapsed = last.get("time_s") if last else None
+    eta = None
+    if total and step and isinstance(elapsed, (int, float)) and elapsed > 0 and step < total:
+        eta = elapsed / step * (total - step)
+    return {"step": step, "total_steps": total or None, "tokens_per_s": last.get("tokens_per_s") if last else None,
+            "eta_s": eta}

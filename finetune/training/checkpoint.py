@@ -8,10 +8,12 @@ at any moment leaves either the previous checkpoint or the new one, never half o
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,22 @@ from .. import atomic
 from ..errors import IntegrityError
 
 KEEP = 2  # older checkpoints are removed; two survive a crash during the newest one's pruning
+
+
+@dataclass
+class Progress:
+    """Where a run stands: what a checkpoint saves (as ``state.json``) and a resumed run continues from."""
+
+    step: int = 0  # optimizer steps done
+    tokens: int = 0  # real (non-padding) tokens trained on, all processes
+    best_eval: float | None = None  # the lowest eval loss so far
+    bad_evals: int = 0  # evaluations since the best one (early stopping counts these)
+    seconds: float = 0.0  # wall time of the run so far, earlier processes included
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Progress:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -46,18 +64,17 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 def save_checkpoint(
     root: Path,
-    step: int,
+    progress: Progress,
     model: torch.nn.Module,
     optimizer: Any,
     scheduler: Any,
     rank: int,
     is_main: bool,
     barrier: Callable[[], None],
-    extra: dict[str, Any],
 ) -> Path:
-    """Write checkpoint ``step`` under ``root`` (collective: every process calls it)."""
-    tmp = root / f".tmp-step-{step:08d}"
-    final = root / f"step-{step:08d}"
+    """Write the checkpoint of ``progress.step`` under ``root`` (collective: every process calls it)."""
+    tmp = root / f".tmp-step-{progress.step:08d}"
+    final = root / f"step-{progress.step:08d}"
     if is_main:
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -69,7 +86,7 @@ def save_checkpoint(
     torch.save(_rng_state(), tmp / f"rng-{rank}.pt")
     barrier()
     if is_main:
-        atomic.write_bytes_durable(tmp / "state.json", atomic.pretty_json({"step": step, **extra}))
+        atomic.write_bytes_durable(tmp / "state.json", atomic.pretty_json(dataclasses.asdict(progress)))
         for f in tmp.iterdir():
             atomic.fsync_file(f)
         atomic.fsync_dir(tmp)
@@ -87,8 +104,8 @@ def latest_checkpoint(root: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: Any, scheduler: Any, rank: int) -> dict[str, Any]:
-    """Restore weights, optimizer, scheduler and this process's RNG; return the saved position and figures."""
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: Any, scheduler: Any, rank: int) -> Progress:
+    """Restore weights, optimizer, scheduler and this process's RNG; return the saved progress."""
     weights = load_file(str(path / "adapter.safetensors"))
     params = dict(model.named_parameters())
     missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
@@ -102,4 +119,4 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: Any, schedule
     rng = path / f"rng-{rank}.pt"
     if rng.exists():
         _set_rng_state(torch.load(rng, weights_only=False))
-    return json.loads((path / "state.json").read_text())
+    return Progress.from_dict(json.loads((path / "state.json").read_text()))

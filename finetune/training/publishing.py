@@ -32,7 +32,7 @@ def publish_adapter(
     metrics: MetricsLog,
 ) -> Version:
     """Save the adapter in PEFT's own format with a model card and loss curve, and publish it."""
-    out = trainings.output_dir(record.id)
+    out = trainings.paths(record.id).output
     if out.exists():
         shutil.rmtree(out)
     peft_model.save_pretrained(str(out), safe_serialization=True)

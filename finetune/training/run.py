@@ -1,10 +1,12 @@
 """The training run: LoRA on a frozen base, driven by accelerate, publishing a new version when it succeeds.
 
 ``submit_training`` writes a durable training record; ``run_training`` runs one (``train`` does both, as the CLI
-does). The run reads top to bottom: read the record's config, load model and data, loop
-over optimizer steps (each a window of micro-batches; see :mod:`finetune.batching`), checkpoint and evaluate as
-configured, and publish the adapter to the destination. Every process of an ``accelerate launch`` runs this
-function; only the main process writes the record, the metrics and the version.
+does). A run is a few stages over typed state (:class:`_Run`, then :class:`_Loaded`, :class:`_Schedule` and the
+checkpointed :class:`~finetune.training.checkpoint.Progress`), read top to bottom in :func:`_train`: load model
+and data, plan the optimizer steps (each a window of micro-batches; see :mod:`finetune.data.batching`), resume
+from a checkpoint, loop (evaluating and checkpointing as configured), publish the adapter to the destination.
+Every process of an ``accelerate launch`` runs this; only the main process writes the record, the metrics and
+the version.
 """
 
 from __future__ import annotations
@@ -35,52 +37,27 @@ from ..data.batching import (
     plan_epoch,
     real_tokens,
 )
-from ..data.prepare import format_summary, prepare
+from ..data.prepare import Prepared, format_summary, prepare
 from ..errors import FinetuneError, ModelNotFoundError, TrainingCanceled, UsageError
 from ..modeling.load import attach_lora, load_base_model, load_tokenizer
+from ..modeling.ops import rewrite_for_training
 from ..modeling.ops.attention import VARLEN_ATTENTION
-from ..modeling.ops.lora import fuse_lora_updates, keep_activations_in_compute_dtype
 from ..modeling.ops.loss import CausalLMLoss, normalize_loss
-from ..modeling.ops.mlp import fuse_gated_mlps
-from ..modeling.ops.norms import fuse_rms_norms
 from ..modeling.precision import choose_precision, torch_dtype
-from ..names import parse_model_name
-from ..registry import Registry, Version
-from ..registry.jobs import TrainingRecord, Trainings, check_resumable, new_training_id
+from ..registry import Registry, TrainingPaths, Version
+from ..registry.jobs import Status, TrainingRecord, Trainings, check_resumable
 from ..registry.manifest import utc_now
-from ..registry.sources import resolve_model
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from ..registry.sources import ResolvedModel, resolve_model
+from .checkpoint import Progress, latest_checkpoint, load_checkpoint, save_checkpoint
 from .metrics import MetricsLog, Throughput, peak_memory_mb
 from .runlog import RunLog, quiet_libraries
+from .submit import submit_training
 
 
 @dataclass
 class TrainResult:
     record: TrainingRecord
     version: Version | None  # None on processes other than the main one
-
-
-def submit_training(
-    config: Config,
-    *,
-    registry: Registry | None = None,
-    destination: str | None = None,
-    create_destination: bool = False,
-    source: str = "cli",
-) -> TrainingRecord:
-    """Check the destination and write a durable training record (status ``starting``) for ``config``.
-
-    Nothing is trained: :func:`run_training` runs the record (the CLI at once, the server's queue when a worker
-    claims it). Raises :class:`FinetuneError` subclasses for a bad destination.
-    """
-    reg = registry or Registry()
-    destination = destination or config.destination
-    if not destination:
-        raise UsageError("no destination model", "pass --destination OWNER/NAME or set `destination:` in the config")
-    parse_model_name(destination)
-    _ensure_destination(reg, destination, create_destination)
-    return Trainings(reg).create(TrainingRecord(id=new_training_id(), destination=destination,
-                                                input=config.to_dict(), source=source))
 
 
 def train(
@@ -145,19 +122,20 @@ def run_training(training_id: str, *, registry: Registry | None = None, progress
     accelerator = Accelerator(mixed_precision="no" if precision == "fp32" else precision,
                               cpu=state.device.type == "cpu")
 
-    log = RunLog(trainings.log_path(training_id) if state.is_main_process else None, echo=progress)
+    paths = trainings.paths(training_id)
+    log = RunLog(paths.log if state.is_main_process else None, echo=progress)
     stop = _StopFlag(trainings, training_id)
     try:
-        version = _train(config, reg, trainings, record, training_id, destination, accelerator, precision, log,
-                         stop, progress)
+        version = _train(_Run(training_id, destination, config, reg, trainings, paths, record, accelerator,
+                              precision, log, stop, show_progress=progress))
     except (KeyboardInterrupt, TrainingCanceled) as err:
-        _finish(trainings, record, "canceled", error=f"canceled: {err}" if str(err) else "canceled", log=log)
+        _finish(trainings, record, Status.CANCELED, error=f"canceled: {err}" if str(err) else "canceled", log=log)
         raise TrainingCanceled(f"training {training_id} canceled; no version published") from None
     except FinetuneError as err:
-        _finish(trainings, record, "failed", error=str(err), log=log)
+        _finish(trainings, record, Status.FAILED, error=str(err), log=log)
         raise
     except Exception as err:
-        _finish(trainings, record, "failed", error=f"{type(err).__name__}: {err}", log=log)
+        _finish(trainings, record, Status.FAILED, error=f"{type(err).__name__}: {err}", log=log)
         raise
     finally:
         stop.restore()
@@ -176,154 +154,258 @@ def _claim(reg: Registry, trainings: Trainings, training_id: str) -> FinetuneErr
         return err
     published = _published_by(reg, record.destination, record.id)
     if published is not None:  # killed after publishing, before the record said so: settle, never republish
-        trainings.update(record, status="succeeded", output={"version": published.ref, "weights": str(published.path)})
+        trainings.update(record, status=Status.SUCCEEDED,
+                         output={"version": published.ref, "weights": str(published.path)})
         return published
-    trainings.update(record, status="starting", pid=os.getpid(), error=None, completed_at=None)
+    trainings.update(record, status=Status.STARTING, pid=os.getpid(), error=None, completed_at=None)
     trainings.clear_cancel(training_id)
     return None
 
 
-def _train(config, reg, trainings, record, training_id, destination, accelerator, precision, log, stop,
-           progress) -> Version | None:
-    main = accelerator.is_main_process
-    world, rank = accelerator.num_processes, accelerator.process_index
-    tcfg = config.train
-    log.info(f"training {training_id} -> {destination} ({world} process{'es' if world > 1 else ''}, "
-             f"{accelerator.device.type}, {precision})")
+@dataclass
+class _Run:
+    """What every stage of one run needs: set up once by :func:`run_training`, then read by the stages."""
 
-    # ---- the base model, the tokenizer, the data
-    resolved = resolve_model(reg, config.base_model)
-    if main:
-        trainings.update(record, model=resolved.chain[0].ref if resolved.chain else resolved.base.description)
+    training_id: str
+    destination: str
+    config: Config
+    registry: Registry
+    trainings: Trainings
+    paths: TrainingPaths
+    record: TrainingRecord | None  # the main process's; the others never write it
+    accelerator: Accelerator
+    precision: str
+    log: RunLog
+    stop: _StopFlag
+    show_progress: bool
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    def update_record(self, **changes: Any) -> None:
+        if self.record is not None:
+            self.trainings.update(self.record, **changes)
+
+
+@dataclass
+class _Loaded:
+    """The model and the data of a run, loaded."""
+
+    resolved: ResolvedModel
+    tokenizer: Any
+    prepared: Prepared
+    label_counts: list[int]  # label tokens per training row: windows are planned from these
+    model: Any  # the PEFT model: the trainable adapter on the frozen base
+    trainable: list[torch.nn.Parameter]
+
+
+@dataclass
+class _Schedule:
+    """The optimizer steps to take, and what takes them."""
+
+    steps_per_epoch: int
+    total_steps: int
+    loss_model: Any  # CausalLMLoss around the model, prepared by accelerate
+    model: Any  # the PEFT model inside it (what checkpoints save and the run publishes)
+    optimizer: Any
+    scheduler: Any
+    collate: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]
+
+    def windows(self, run: _Run, labels: list[int], epoch: int) -> list[Window]:
+        tcfg = run.config.train
+        return plan_epoch(labels, tcfg.batch_size, tcfg.grad_accum, run.world, tcfg.seed, epoch)
+
+
+@dataclass
+class _Outcome:
+    """What the loop leaves for the summary."""
+
+    last_loss: float | None = None
+    last_eval: float | None = None
+    tokens_per_s: float = 0.0
+
+
+def _train(run: _Run) -> Version | None:
+    run.log.info(f"training {run.training_id} -> {run.destination} ({run.world} "
+                 f"process{'es' if run.world > 1 else ''}, {run.accelerator.device.type}, {run.precision})")
+    loaded = _load(run)
+    schedule = _schedule(run, loaded)
+    metrics = MetricsLog(run.paths.metrics)
+    progress = _resume(run, loaded, schedule, metrics)
+    run.stop.check(run.accelerator)  # a cancel that arrived while loading ends the run before its first step
+    run.update_record(status=Status.PROCESSING, started_at=(run.record and run.record.started_at) or utc_now())
+    outcome = _loop(run, loaded, schedule, progress, metrics)
+    return _publish(run, loaded, schedule, progress, outcome, metrics)
+
+
+def _load(run: _Run) -> _Loaded:
+    """The base model (with its adapter, when continuing a fine-tune), the tokenizer, the tokenized data."""
+    config, tcfg = run.config, run.config.train
+    resolved = resolve_model(run.registry, config.base_model)
+    run.update_record(model=resolved.chain[0].ref if resolved.chain else resolved.base.description)
     tokenizer = load_tokenizer(resolved.base)
-    with accelerator.main_process_first():  # one process tokenizes, the others read its cache
+    with run.accelerator.main_process_first():  # one process tokenizes, the others read its cache
         prepared = prepare(
             config.data.path, config.data.format, tokenizer, max_seq_len=config.data.max_seq_len,
             train_on_inputs=tcfg.train_on_inputs, overlong=config.data.overlong, eval=config.data.eval,
-            seed=tcfg.seed, cache_dir=str(reg.cache_dir("tokenized")),
+            seed=tcfg.seed, cache_dir=str(run.registry.cache_dir("tokenized")),
         )
-    log.info(format_summary(prepared.info))
-    train_set, eval_set = prepared.train, prepared.eval
-    label_counts = [label_count(labels) for labels in train_set["labels"]]
+    run.log.info(format_summary(prepared.info))
+    label_counts = [label_count(labels) for labels in prepared.train["labels"]]
 
     set_seed(tcfg.seed)  # LoRA init and dropout draw from the global generators
     attn = VARLEN_ATTENTION if tcfg.packing else None
-    base = load_base_model(resolved.base, torch_dtype(precision), attn_implementation=attn)
+    base = load_base_model(resolved.base, torch_dtype(run.precision), attn_implementation=attn)
     model = attach_lora(base, config.lora, adapter_dir=str(resolved.adapter.path) if resolved.adapter else None)
-    if precision != "fp32":
-        keep_activations_in_compute_dtype(model)
-    fuse_lora_updates(model)
-    fuse_rms_norms(model)
-    fuse_gated_mlps(model)
+    run.log.info(str(rewrite_for_training(model, run.precision, run.accelerator.device)))  # the fused paths on
     trainable = [p for p in model.parameters() if p.requires_grad]
-    log.info(f"trainable parameters: {sum(p.numel() for p in trainable):,} "
-             f"of {sum(p.numel() for p in model.parameters()):,}")
+    run.log.info(f"trainable parameters: {sum(p.numel() for p in trainable):,} "
+                 f"of {sum(p.numel() for p in model.parameters()):,}")
+    return _Loaded(resolved, tokenizer, prepared, label_counts, model, trainable)
 
-    # ---- the schedule: optimizer steps over epochs of windows
-    steps_per_epoch = len(plan_epoch(label_counts, tcfg.batch_size, tcfg.grad_accum, world, tcfg.seed, 0))
+
+def _schedule(run: _Run, loaded: _Loaded) -> _Schedule:
+    """Optimizer steps over epochs of windows; the optimizer, the LR schedule, the collate function."""
+    tcfg = run.config.train
+    steps_per_epoch = len(plan_epoch(loaded.label_counts, tcfg.batch_size, tcfg.grad_accum, run.world, tcfg.seed, 0))
     if steps_per_epoch == 0:
-        raise UsageError(f"the training set ({len(train_set)} rows) is too small for {world} processes")
+        raise UsageError(f"the training set ({len(loaded.prepared.train)} rows) is too small for {run.world} processes")
     total_steps = tcfg.max_steps or max(1, math.ceil(tcfg.epochs * steps_per_epoch))
     # fused: one kernel for all adapter tensors instead of a dozen small ops per tensor (CPU and CUDA alike).
-    optimizer = torch.optim.AdamW(trainable, lr=tcfg.lr, weight_decay=tcfg.weight_decay, fused=True)
+    optimizer = torch.optim.AdamW(loaded.trainable, lr=tcfg.lr, weight_decay=tcfg.weight_decay, fused=True)
     scheduler = get_scheduler(tcfg.scheduler if tcfg.scheduler != "constant" else "constant_with_warmup",
                               optimizer, num_warmup_steps=tcfg.warmup_steps, num_training_steps=total_steps)
-    loss_model, optimizer = accelerator.prepare(CausalLMLoss(model), optimizer)
-
-    # ---- resume: adapter, optimizer, scheduler, RNG and position from the newest checkpoint
-    start = {"step": 0, "tokens": 0, "best_eval": None, "bad_evals": 0, "seconds": 0.0}
-    ckpt = latest_checkpoint(trainings.checkpoints_dir(training_id))
-    metrics = MetricsLog(trainings.metrics_path(training_id))
-    if ckpt is not None:
-        start = load_checkpoint(ckpt, accelerator.unwrap_model(loss_model).model, optimizer, scheduler, rank)
-        log.info(f"resumed from {ckpt.name} (step {start['step']})")
-        if main:
-            metrics.truncate_after(start["step"])
-            trainings.update(record, resumed_from_step=start["step"])
-    elif main and metrics.path.exists():
-        metrics.path.unlink()
-
-    stop.check(accelerator)  # a cancel that arrived while loading ends the run before its first step
-    if main:
-        trainings.update(record, status="processing", started_at=record.started_at or utc_now())
-    pad = pad_id(tokenizer)
+    loss_model, optimizer = run.accelerator.prepare(CausalLMLoss(loaded.model), optimizer)
+    pad = pad_id(loaded.tokenizer)
     collate = ((lambda exs: collate_packed(exs, pad, PACK_MULTIPLE)) if tcfg.packing
                else (lambda exs: collate_padded(exs, pad)))
-    speed = Throughput(warmup_steps=1 if start["step"] == 0 else 0)
-    step, tokens_seen, best_eval, bad_evals = start["step"], start["tokens"], start["best_eval"], start["bad_evals"]
-    last_loss = last_eval = None
-    wall = time.perf_counter() - start["seconds"]
-    bar = _ProgressBar(total_steps, step, enabled=progress and main)
-    loss_model.train()
+    model = run.accelerator.unwrap_model(loss_model).model
+    return _Schedule(steps_per_epoch, total_steps, loss_model, model, optimizer, scheduler, collate)
+
+
+def _resume(run: _Run, loaded: _Loaded, schedule: _Schedule, metrics: MetricsLog) -> Progress:
+    """Adapter, optimizer, scheduler, RNG and position from the newest checkpoint; a fresh start without one."""
+    ckpt = latest_checkpoint(run.paths.checkpoints)
+    if ckpt is None:
+        if run.main and metrics.path.exists():
+            metrics.path.unlink()
+        return Progress()
+    progress = load_checkpoint(ckpt, schedule.model, schedule.optimizer, schedule.scheduler, run.rank)
+    run.log.info(f"resumed from {ckpt.name} (step {progress.step})")
+    if run.main:
+        metrics.truncate_after(progress.step)
+    run.update_record(resumed_from_step=progress.step)
+    return progress
+
+
+def _loop(run: _Run, loaded: _Loaded, schedule: _Schedule, progress: Progress, metrics: MetricsLog) -> _Outcome:
+    """One iteration per optimizer step, until the last step, early stopping, or a stop request."""
+    tcfg, accelerator, eval_set = run.config.train, run.accelerator, loaded.prepared.eval
+    outcome = _Outcome()
+    speed = Throughput(warmup_steps=1 if progress.step == 0 else 0)
+    wall = time.perf_counter() - progress.seconds
+    bar = _ProgressBar(schedule.total_steps, progress.step, enabled=run.show_progress and run.main)
+    schedule.loss_model.train()
     speed.start()
-
-    # ---- the loop: one iteration per optimizer step
     plan: tuple[int, list[Window]] = (-1, [])
-    while step < total_steps:
-        epoch, index = divmod(step, steps_per_epoch)
+    while progress.step < schedule.total_steps:
+        epoch, index = divmod(progress.step, schedule.steps_per_epoch)
         if plan[0] != epoch:
-            plan = (epoch, plan_epoch(label_counts, tcfg.batch_size, tcfg.grad_accum, world, tcfg.seed, epoch))
+            plan = (epoch, schedule.windows(run, loaded.label_counts, epoch))
         window = plan[1][index]
-        loss_sum, step_tokens = _train_step(window, train_set, collate, loss_model, accelerator, world, rank)
-        if tcfg.max_grad_norm:
-            accelerator.clip_grad_norm_(trainable, tcfg.max_grad_norm)
-        step_lr = scheduler.get_last_lr()[0]  # the rate this step used; after scheduler.step() it is the next one's
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        step_tokens = int(accelerator.reduce(torch.tensor(step_tokens, device=accelerator.device), "sum"))
-        tokens_seen += step_tokens
-        last_loss = float(accelerator.reduce(loss_sum.detach(), "sum")) / max(window.label_tokens, 1)
+        step_lr = schedule.scheduler.get_last_lr()[0]  # this step's rate; after scheduler.step() it is the next's
+        loss_sum, step_tokens = _optimizer_step(run, schedule, loaded, window)
+        progress.step += 1
+        progress.tokens += step_tokens
+        outcome.last_loss = float(accelerator.reduce(loss_sum.detach(), "sum")) / max(window.label_tokens, 1)
+        # (a stop on a non-finite loss goes here: before the step is logged, evaluated or checkpointed)
         speed.step(step_tokens)
-        row = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": round(last_loss, 6),
-               "lr": step_lr, "tokens": tokens_seen,
+        row = {"step": progress.step, "epoch": round(progress.step / schedule.steps_per_epoch, 4),
+               "loss": round(outcome.last_loss, 6), "lr": step_lr, "tokens": progress.tokens,
                "tokens_per_s": round(speed.tokens_per_second(), 1), "time_s": round(time.perf_counter() - wall, 3)}
-
-        if eval_set is not None and (step == total_steps or (tcfg.eval_every and step % tcfg.eval_every == 0)):
+        last = progress.step == schedule.total_steps
+        if eval_set is not None and (last or (tcfg.eval_every and progress.step % tcfg.eval_every == 0)):
             speed.pause()
-            last_eval = evaluate(loss_model, eval_set, collate, tcfg.batch_size, accelerator)
-            row["eval_loss"] = round(last_eval, 6)
-            if best_eval is None or last_eval < best_eval:
-                best_eval, bad_evals = last_eval, 0
-            else:
-                bad_evals += 1
+            outcome.last_eval = _evaluate(run, schedule, eval_set, progress)
+            row["eval_loss"] = round(outcome.last_eval, 6)
             speed.resume()
-        if main and (step % tcfg.log_every == 0 or step == total_steps or "eval_loss" in row):
+        if run.main and (progress.step % tcfg.log_every == 0 or last or "eval_loss" in row):
             metrics.append(row)
         bar.update(row)
-        stop_early = bool(tcfg.early_stopping_patience and bad_evals >= tcfg.early_stopping_patience)
-        if tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0 and step < total_steps and not stop_early:
+        stop_early = bool(tcfg.early_stopping_patience and progress.bad_evals >= tcfg.early_stopping_patience)
+        if tcfg.checkpoint_every and progress.step % tcfg.checkpoint_every == 0 and not last and not stop_early:
             speed.pause()
-            save_checkpoint(trainings.checkpoints_dir(training_id), step, accelerator.unwrap_model(loss_model).model,
-                            optimizer, scheduler, rank, main, accelerator.wait_for_everyone,
-                            {"tokens": tokens_seen, "best_eval": best_eval, "bad_evals": bad_evals,
-                             "seconds": time.perf_counter() - wall})
+            progress.seconds = time.perf_counter() - wall
+            save_checkpoint(run.paths.checkpoints, progress, schedule.model, schedule.optimizer, schedule.scheduler,
+                            run.rank, run.main, accelerator.wait_for_everyone)
             speed.resume()
-        stop.check(accelerator)
+        run.stop.check(accelerator)
         if stop_early:
-            log.info(f"early stopping at step {step}: eval loss has not improved for {bad_evals} evaluations")
+            run.log.info(f"early stopping at step {progress.step}: eval loss has not improved for "
+                         f"{progress.bad_evals} evaluations")
             break
     bar.close()
     speed.pause()
+    progress.seconds = time.perf_counter() - wall
+    outcome.tokens_per_s = speed.tokens_per_second()
+    return outcome
 
-    # ---- publish (main process only)
-    summary = {"train_loss": last_loss, "eval_loss": last_eval, "best_eval_loss": best_eval, "steps": step,
-               "trained_tokens": tokens_seen, "tokens_per_s": round(speed.tokens_per_second(), 1),
-               "total_time_s": round(time.perf_counter() - wall, 2), "precision": precision, "processes": world,
-               "device": accelerator.device.type, "peak_memory_mb": round(peak_memory_mb(accelerator.device), 1)}
+
+def _optimizer_step(run: _Run, schedule: _Schedule, loaded: _Loaded, window: Window) -> tuple[torch.Tensor, int]:
+    """Forward and backward over one window, then the update; returns (this process's loss sum, all tokens)."""
+    accelerator, tcfg = run.accelerator, run.config.train
+    loss_sum, step_tokens = _train_step(window, loaded.prepared.train, schedule.collate, schedule.loss_model,
+                                        accelerator, run.world, run.rank)
+    if tcfg.max_grad_norm:
+        accelerator.clip_grad_norm_(loaded.trainable, tcfg.max_grad_norm)
+    schedule.optimizer.step()
+    schedule.scheduler.step()
+    schedule.optimizer.zero_grad(set_to_none=True)
+    step_tokens = int(accelerator.reduce(torch.tensor(step_tokens, device=accelerator.device), "sum"))
+    return loss_sum, step_tokens
+
+
+def _evaluate(run: _Run, schedule: _Schedule, eval_set: Any, progress: Progress) -> float:
+    """The eval loss now, counted toward early stopping."""
+    loss = evaluate(schedule.loss_model, eval_set, schedule.collate, run.config.train.batch_size, run.accelerator)
+    if progress.best_eval is None or loss < progress.best_eval:
+        progress.best_eval, progress.bad_evals = loss, 0
+    else:
+        progress.bad_evals += 1
+    return loss
+
+
+def _publish(run: _Run, loaded: _Loaded, schedule: _Schedule, progress: Progress, outcome: _Outcome,
+             metrics: MetricsLog) -> Version | None:
+    """The adapter as the destination's next version (main process only), and the record marked succeeded."""
+    accelerator = run.accelerator
+    summary = {"train_loss": outcome.last_loss, "eval_loss": outcome.last_eval, "best_eval_loss": progress.best_eval,
+               "steps": progress.step, "trained_tokens": progress.tokens,
+               "tokens_per_s": round(outcome.tokens_per_s, 1), "total_time_s": round(progress.seconds, 2),
+               "precision": run.precision, "processes": run.world, "device": accelerator.device.type,
+               "peak_memory_mb": round(peak_memory_mb(accelerator.device), 1)}
     accelerator.wait_for_everyone()
-    if not main:
+    if not run.main:
         return None
     from .publishing import publish_adapter
 
+    assert run.record is not None
     version = publish_adapter(
-        reg, trainings, record, destination, accelerator.unwrap_model(loss_model).model, tokenizer, config,
-        resolved, prepared.info, summary, metrics,
+        run.registry, run.trainings, run.record, run.destination, schedule.model, loaded.tokenizer, run.config,
+        loaded.resolved, loaded.prepared.info, summary, metrics,
     )
-    trainings.update(record, status="succeeded", metrics=summary,
-                     output={"version": version.ref, "weights": str(version.path)})
-    log.info(f"published {version.ref} ({version.id[:12]})")
+    run.update_record(status=Status.SUCCEEDED, metrics=summary,
+                      output={"version": version.ref, "weights": str(version.path)})
+    run.log.info(f"published {version.ref} ({version.id[:12]})")
     return version
 
 
@@ -379,19 +461,7 @@ def _published_by(reg: Registry, destination: str, training_id: str) -> Version 
     return next((v for v in versions if v.metadata.get("training_id") == training_id), None)
 
 
-def _ensure_destination(reg: Registry, destination: str, create: bool) -> None:
-    try:
-        reg.get_model(destination)
-    except ModelNotFoundError:
-        if not create:
-            raise ModelNotFoundError(
-                f"destination model {destination} does not exist",
-                f"create it with `finetune models create {destination}` or pass --create-destination",
-            ) from None
-        reg.create_model(destination, exist_ok=True)
-
-
-def _finish(trainings: Trainings, record: TrainingRecord | None, status: str, error: str, log: RunLog) -> None:
+def _finish(trainings: Trainings, record: TrainingRecord | None, status: Status, error: str, log: RunLog) -> None:
     log.info(f"{status}: {error}")
     if record is not None:
         trainings.update(record, status=status, error=error)

@@ -17,11 +17,10 @@ from torch import nn
 from ...data.formats import IGNORE_INDEX
 from ..precision import compute_dtype
 
-# Rows of logits handled at a time by the loss. On CPUs small chunks stay in cache: 128 rows ran ~8% faster
-# than 1024 for the benchmark model (vocabulary 8192; 32 and 64 rows were slower again), and the step's peak
-# fell by ~70 MB, since the loss runs when every activation of the forward pass is alive. GPUs want large
-# matmuls, so there the chunk is sized by its logits: 16M floats (64 MB per fp32 buffer, a few buffers alive at
-# once) is 512 rows at a 32K vocabulary and 128 at 128K.
+# Rows of logits handled at a time by the loss. On CPUs small chunks stay in cache, so 128 rows beat both larger
+# and smaller chunks (BENCHMARKS.md), and the step's peak falls, since the loss runs when every activation of the
+# forward pass is alive. GPUs want large matmuls, so there the chunk is sized by its logits: 16M floats (64 MB
+# per fp32 buffer, a few buffers alive at once) is 512 rows at a 32K vocabulary and 128 at 128K.
 _CPU_CHUNK_ROWS = 128
 _GPU_CHUNK_LOGITS = 16 * 1024 * 1024
 
@@ -70,7 +69,7 @@ class CausalLMLoss(nn.Module):
         """Summed cross-entropy of the output layer's logits at ``hidden`` rows against ``targets``."""
         head = self._head
         rows = _chunk_rows(head.weight.shape[0], hidden.device)
-        if type(head) is nn.Linear and head.bias is None and not head.weight.requires_grad:
+        if fuses_head(head):
             want_grad = torch.is_grad_enabled() and hidden.requires_grad
             return _HeadCrossEntropy.apply(hidden, head.weight, targets, self._softcap, rows, want_grad)
         # A trained or wrapped output layer (LoRA on lm_head, modules_to_save): plain autograd, whole logits.
@@ -78,6 +77,12 @@ class CausalLMLoss(nn.Module):
         if self._softcap:
             logits = torch.tanh(logits / self._softcap) * self._softcap
         return F.cross_entropy(logits, targets, reduction="sum")
+
+
+def fuses_head(head: nn.Module) -> bool:
+    """Whether the loss runs fused with this output layer (a frozen ``nn.Linear`` without bias); any other
+    (trained, LoRA-wrapped, biased) takes plain autograd over whole logits."""
+    return type(head) is nn.Linear and head.bias is None and not head.weight.requires_grad
 
 
 class _HeadCrossEntropy(torch.autograd.Function):

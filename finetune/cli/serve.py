@@ -1,0 +1,139 @@
+"""``finetune serve``: the HTTP API (and, as they land, the queue and web app) on uvicorn.
+
+Localhost by default: binding another address is the user's explicit choice. Nothing here imports torch, so
+the server answers within about a second of starting; training and inference load it in their own processes.
+uvicorn handles Ctrl-C and SIGTERM: it stops accepting, finishes requests in flight, then stops the services.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+from pathlib import Path
+
+from ..errors import UsageError
+from ..server.settings import DEFAULT_MAX_UPLOAD_BYTES, ServerSettings
+from .common import add_command, open_registry
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "m": 1 << 20, "mb": 1 << 20, "g": 1 << 30, "gb": 1 << 30}
+
+
+def parse_size(text: str) -> int:
+    """``100M``, ``2GB``, ``512k`` or a plain number of bytes."""
+    value = text.strip().lower()
+    digits = value.rstrip("kmgb")
+    unit = value[len(digits):]
+    if not digits.isdigit() or unit not in _UNITS:
+        raise UsageError(f"invalid size {text!r}", "use a number of bytes, or one with K, M or G (e.g. 100M)")
+    return int(digits) * _UNITS[unit]
+
+
+def settings_from_args(args: argparse.Namespace) -> ServerSettings:
+    """The server settings the command line asks for; each allowed data folder must exist."""
+    dirs = []
+    for folder in args.allow_data_dir or []:
+        path = Path(folder).expanduser().resolve()
+        if not path.is_dir():
+            raise UsageError(f"--allow-data-dir {folder}: not a folder")
+        dirs.append(path)
+    if args.workers is not None and args.workers < 1:
+        raise UsageError(f"--workers must be 1 or more, not {args.workers}")
+    if not 0 < args.port < 65536:
+        raise UsageError(f"--port must be between 1 and 65535, not {args.port}")
+    if args.predict_workers < 1:
+        raise UsageError(f"--predict-workers must be 1 or more, not {args.predict_workers}")
+    if args.predict_max_batch < 1:
+        raise UsageError(f"--predict-max-batch must be 1 or more, not {args.predict_max_batch}")
+    memory = parse_size(args.predict_memory) / 2**20 if args.predict_memory else None
+    return ServerSettings(host=args.host, port=args.port, workers=args.workers,
+                          max_upload_bytes=parse_size(args.max_upload_size), allowed_data_dirs=tuple(dirs),
+                          public_base_url=args.public_url.rstrip("/") if args.public_url else None,
+                          predict_workers=args.predict_workers, predict_memory_mb=memory,
+                          predict_device=args.predict_device, predict_max_batch=args.predict_max_batch,
+                          predict_prestart=True)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from ..server.app import create_app
+
+    settings = settings_from_args(args)
+    reg = open_registry(args)
+    app = create_app(reg, settings)
+    print(f"finetune: serving {reg.root} on http://{settings.host}:{settings.port} (Ctrl-C stops)", flush=True)
+    if args.open_browser:
+        _open_browser(app, settings, args.web_user)
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal to the handlers it found: make
+    # those note it, so that a requested stop ends with "stopped" and status 0, not a KeyboardInterrupt.
+    stopped_by: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: stopped_by.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level,
+                    access_log=args.access_log, timeout_graceful_shutdown=10)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if stopped_by:
+        print(f"finetune: server stopped ({signal.Signals(stopped_by[0]).name})", flush=True)
+    return 0
+
+
+def local_user() -> str:
+    """The account a local sign-in link is for: the OS user name when it is a valid owner name, else ``local``."""
+    import getpass
+
+    from ..errors import InvalidNameError
+    from ..names import check_name
+
+    try:
+        return check_name(getpass.getuser().lower(), "owner")
+    except (InvalidNameError, OSError, KeyError):
+        return "local"
+
+
+def _open_browser(app, settings: ServerSettings, user: str | None) -> None:
+    """Print a one-time sign-in link for the web app (and open it in a browser, if this machine has one)."""
+    import threading
+    import webbrowser
+
+    from ..names import check_name
+    from ..web.app import signin_link_path
+
+    owner = check_name(user, "owner") if user else local_user()
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+    url = f"http://{host}:{settings.port}{signin_link_path(app, owner)}"
+    print(f"finetune: sign in to the web app as {owner} (one use, 15 minutes): {url}", flush=True)
+    threading.Timer(1.0, lambda: webbrowser.open(url)).start()
+
+
+def add_commands(groups: argparse._SubParsersAction) -> None:
+    p = add_command(groups, "serve", cmd_serve, "serve the registry over HTTP (Replicate-compatible API)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1; 0.0.0.0 exposes the server to the network)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--workers", type=int, default=None,
+                   help="training worker processes (default: one per GPU, one on a CPU-only machine)")
+    p.add_argument("--allow-data-dir", action="append", metavar="DIR",
+                   help="a server folder that training inputs may name as data (repeatable; default: none, "
+                        "remote users upload files)")
+    p.add_argument("--max-upload-size", default=f"{DEFAULT_MAX_UPLOAD_BYTES >> 20}M", metavar="SIZE",
+                   help="largest file upload (default %(default)s)")
+    p.add_argument("--public-url", default=None, metavar="URL",
+                   help="the URL clients reach the server at, for links in responses (default: from each request)")
+    p.add_argument("--open-browser", action="store_true",
+                   help="print a one-time sign-in link for the web app (and open it in a browser)")
+    p.add_argument("--web-user", default=None, metavar="OWNER",
+                   help="the account --open-browser signs in (default: your OS user name, else 'local')")
+    p.add_argument("--predict-workers", type=int, default=1, metavar="N",
+                   help="inference worker processes (default 1; versions of one base always share one)")
+    p.add_argument("--predict-memory", default=None, metavar="SIZE",
+                   help="each inference worker's budget for loaded model weights, e.g. 8G (default: no limit); "
+                        "the least recently used versions are unloaded beyond it")
+    p.add_argument("--predict-device", default="auto", help="auto (a GPU when present), cpu, gpu or cuda:N")
+    p.add_argument("--predict-max-batch", type=int, default=32, metavar="N",
+                   help="the most requests one inference worker decodes together (default 32)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
+                   help="log one line per request")

@@ -1,0 +1,125 @@
+"""Publishing a version: stage, then commit.
+
+:func:`publish_version` (``Registry.publish``) copies every file of the source folder under ``.staging`` (same
+filesystem) while hashing it, fsyncs, then :func:`commit` allocates the next number under the model's lock,
+writes ``manifest.json`` last, makes the folder read-only and renames it into ``versions/`` with a rename that
+refuses to overwrite. A version folder therefore appears whole or not at all; numbers are never reused.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .. import atomic
+from ..errors import NotFoundError, UsageError
+from .manifest import FORMAT_VERSION, MANIFEST, Version, manifest_id, software_versions, utc_now
+
+if TYPE_CHECKING:
+    from .store import Model, Registry
+
+
+def publish_version(
+    reg: Registry,
+    model: str,
+    src: Path,
+    parent: Version | str | dict[str, Any] | None,
+    metadata: dict[str, Any] | None,
+    kind: str | None,
+) -> Version:
+    """Publish the files of ``src`` as the next version of ``model`` (see :meth:`Registry.publish`)."""
+    m = reg.get_model(model)
+    if not src.exists():
+        raise NotFoundError(f"source folder {src} does not exist")
+    if not src.is_dir():
+        raise NotFoundError(f"source {src} is not a folder", "publish takes a folder of files")
+    if (src / MANIFEST).exists():
+        raise UsageError(f"{src / MANIFEST} exists", "the manifest is written by the registry; remove it")
+    parent_info = _parent_info(reg, parent)
+    if kind is None:
+        kind = _guess_kind(src)
+    stage = reg.staging_dir("publish")
+    try:
+        files = stage_files(src, stage)
+        body = {
+            "format": FORMAT_VERSION,
+            "model": m.full_name,
+            "kind": kind,
+            "parent": parent_info,
+            "metadata": metadata or {},
+            "software": software_versions(),
+            "files": files,
+        }
+        version = commit(reg, m, stage, body)
+    except BaseException:
+        atomic.remove_tree(stage)
+        raise
+    return version
+
+
+def _guess_kind(src: Path) -> str:
+    if (src / "adapter_config.json").exists():
+        return "adapter"
+    return "base" if (src / "config.json").exists() else "files"
+
+
+def _parent_info(reg: Registry, parent: Version | str | dict[str, Any] | None) -> dict[str, Any] | None:
+    if parent is None or isinstance(parent, dict):
+        return parent
+    if isinstance(parent, str):
+        parent = reg.resolve(parent)
+    return {"ref": parent.ref, "id": parent.id}
+
+
+def stage_files(src: Path, stage: Path) -> dict[str, dict[str, Any]]:
+    """Copy every file of ``src`` into ``stage``, fsynced; returns ``{relative path: {size, sha256}}``."""
+    files: dict[str, dict[str, Any]] = {}
+    for dirpath, dirnames, filenames in os.walk(src):
+        dirnames.sort()
+        rel_dir = Path(dirpath).relative_to(src)
+        # os.walk lists a link to a folder but does not enter it: without this check its files would be
+        # left out of the version without a word.
+        for name in dirnames:
+            if os.path.islink(os.path.join(dirpath, name)):
+                raise UsageError(
+                    f"{Path(dirpath) / name} is a link to a folder", "publish copies files; copy the folder in"
+                )
+        (stage / rel_dir).mkdir(exist_ok=True)
+        for name in sorted(filenames):
+            if not os.path.isfile(os.path.join(dirpath, name)):
+                raise UsageError(f"{Path(dirpath) / name} is not a regular file (a broken link, a pipe?)")
+            rel = (rel_dir / name).as_posix()
+            size, digest = atomic.copy_and_hash(Path(dirpath) / name, stage / rel)
+            files[rel] = {"size": size, "sha256": digest}
+        atomic.fsync_dir(stage / rel_dir)
+    return files
+
+
+def commit(reg: Registry, model: Model, stage: Path, body: dict[str, Any]) -> Version:
+    """Number the staged folder, write its manifest last, and rename it into the model's versions."""
+    vdir = reg._versions_dir(model.path)
+    vdir.mkdir(exist_ok=True)
+    with reg._lock(model.path):
+        while True:
+            number = reg._next_number(model.path)
+            # A counter update lost to a crash (or a lock that silently failed elsewhere) must not make
+            # us reuse a number: step over anything that exists.
+            while (vdir / str(number)).exists():
+                number += 1
+            atomic.replace_file(model.path / "next_version", f"{number + 1}\n".encode(), reg._staging)
+            manifest = dict(body, number=number, created_at=utc_now())
+            manifest["id"] = manifest_id(manifest)
+            manifest_path = stage / MANIFEST
+            if manifest_path.exists():
+                manifest_path.unlink()
+            atomic.write_bytes_durable(manifest_path, atomic.pretty_json(manifest))
+            atomic.make_read_only(stage)
+            atomic.fsync_dir(stage)
+            try:
+                atomic.rename_noreplace(stage, vdir / str(number))
+            except FileExistsError:
+                os.chmod(stage, 0o755)
+                continue
+            atomic.fsync_dir(vdir)
+            return Version(model.full_name, number, vdir / str(number), manifest)

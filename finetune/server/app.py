@@ -1,0 +1,84 @@
+"""The ASGI application of ``finetune serve``: a thin HTTP adapter over the registry (and, later, the queue).
+
+``create_app(registry, settings)`` builds a FastAPI app whose state holds the registry, the settings, the
+accounts, a version-id index and a cache of version JSON; routers come from :mod:`finetune.server.routes`.
+Long-lived services (the training queue, inference workers) join ``app.state.services``: each has ``start()``
+and ``stop()``, called when the server starts and stops.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from .. import __version__
+from ..registry import Registry
+from ..registry.accounts import Accounts
+from ..registry.index import VersionIndex
+from ..web.app import router as web_router
+from . import problems
+from .limits import FRAMING_BYTES, BodyLimit
+from .objects import training_object
+from .routes import account, files, models, predictions, trainings, versions
+from .settings import ServerSettings
+from .training_service import TrainingService
+from .wire_cache import VersionJSON
+
+__all__ = ["ServerSettings", "create_app"]
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    started = []
+    try:
+        for service in app.state.services:
+            service.start()
+            started.append(service)
+        yield
+    finally:
+        for service in reversed(started):
+            service.stop()
+
+
+def _prediction_service(registry: Registry, settings: ServerSettings, app: FastAPI):
+    """Inference workers and prediction records (no torch in this process: the workers load the models)."""
+    from ..serving.service import PredictionService
+    from ..serving.worker import WorkerConfig
+
+    config = WorkerConfig(str(registry.root), device=settings.predict_device,
+                          memory_budget_mb=settings.predict_memory_mb, max_batch=settings.predict_max_batch)
+    return PredictionService(registry, config, workers=settings.predict_workers, prestart=settings.predict_prestart,
+                             to_object=predictions.prediction_object)
+
+
+def create_app(registry: Registry | None = None, settings: ServerSettings | None = None) -> FastAPI:
+    """The app serving ``registry`` (default: ``$FINETUNE_HOME``) with ``settings`` (default: localhost)."""
+    registry = registry if registry is not None else Registry()
+    settings = settings or ServerSettings()
+    app = FastAPI(title="finetune", version=__version__, lifespan=_lifespan,
+                  openapi_url="/v1/openapi.json", docs_url="/v1/docs", redoc_url=None)
+    app.state.registry = registry
+    app.state.settings = settings
+    app.state.accounts = Accounts(registry)
+    app.state.version_index = VersionIndex(registry)
+    app.state.version_json = VersionJSON()
+    app.state.services = []  # objects with start()/stop(), e.g. the training queue
+    problems.install(app)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_upload_bytes + FRAMING_BYTES)
+
+    app.include_router(account.router)
+    app.include_router(models.router)
+    app.include_router(versions.router)
+    app.include_router(files.router)
+    app.include_router(trainings.router)
+    # The queue and the webhooks: started with the server (recovering waiting trainings), stopped with it.
+    app.state.trainings = TrainingService(registry, settings, app.state.accounts,
+                                          lambda record, url: training_object(registry, record, url))
+    app.state.services.append(app.state.trainings)
+    app.state.predictions = _prediction_service(registry, settings, app)
+    app.state.services.append(app.state.predictions)
+    app.include_router(predictions.router)
+    app.include_router(web_router)  # the web app's pages at / (last, so that /v1 wins)
+    return app

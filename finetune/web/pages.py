@@ -1,0 +1,314 @@
+"""The pages: models, a model's tabs (Versions, Trainings, Compare), a version, and version deletion.
+
+Every page reads through the API's access rules (:mod:`finetune.server.access`) and the registry's fact
+functions; the Train tab lives in :mod:`.train`, the training page and the playground in :mod:`.live`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from typing import Annotated, Any
+
+from fastapi import Depends, Query, Request
+from fastapi.responses import RedirectResponse, Response, StreamingResponse
+from markupsafe import Markup
+
+from ..errors import AlreadyExistsError, FinetuneError, InvalidNameError, ModelLoadError, NotFoundError
+from ..names import check_name
+from ..registry import HARDWARE, VISIBILITIES, Registry
+from ..registry.jobs import Trainings
+from ..registry.lineage import lineage
+from ..registry.summary import model_summary, parent_summary
+from ..server import access
+from .charts import loss_chart_svg
+from .core import WebUser, check_csrf, render, router, signed_in
+from .markdown import render_markdown
+from .views import number as fmt_number
+from .views import size, training_view, version_row, when
+
+TABS = (("versions", "Versions"), ("train", "Train"), ("trainings", "Trainings"), ("playground", "Playground"),
+        ("compare", "Compare"))
+User = Annotated[WebUser, Depends(signed_in)]
+Form = Annotated[dict, Depends(check_csrf)]
+
+
+def registry(request: Request) -> Registry:
+    return request.app.state.registry
+
+
+def model_trainings(reg: Registry, model: str) -> list:
+    """Training records whose destination is ``model``, newest first."""
+    return [r for r in Trainings(reg).list() if r.destination == model]
+
+
+def model_context(request: Request, user: WebUser, name: str, tab: str) -> dict[str, Any]:
+    """What every tab shows in its header; 404 for a model the user may not see (the access rule)."""
+    reg = registry(request)
+    model = access.visible_model(reg, user.account, name)
+    summary = model_summary(reg, model)
+    return {"model": summary, "tabs": TABS, "tab": tab, "title": f"{model.full_name} · {dict(TABS)[tab]}",
+            "can_write": model.owner == user.account, "model_obj": model}
+
+
+# ---------------------------------------------------------------- models
+def _models_page(request: Request, user: WebUser, form: dict[str, str] | None = None,
+                 errors: dict[str, list[str]] | None = None, status_code: int = 200) -> Response:
+    reg = registry(request)
+    trainings = Trainings(reg).list()
+    last: dict[str, str] = {}
+    for record in trainings:  # newest first: the first seen per destination is its last training
+        last.setdefault(record.destination, str(record.status))
+    models = []
+    for m in access.visible_models(reg, user.account):
+        row = model_summary(reg, m)
+        row["latest_number"] = int(row["latest"].rsplit(":", 1)[1]) if row["latest"] else None
+        row["last_training"] = last.get(m.full_name)
+        models.append(row)
+    models.sort(key=lambda r: (r["owner"] != user.account, r["model"]))
+    form = form or {"owner": user.account, "name": "", "description": "", "visibility": "private",
+                    "hardware": "auto"}
+    return render(request, "models.html", {"title": "Models", "nav": "models", "models": models, "form": form,
+                                           "errors": errors or {}, "visibilities": VISIBILITIES,
+                                           "hardware": HARDWARE}, status_code=status_code, user=user)
+
+
+@router.get("/")
+def models_page(request: Request, user: User) -> Response:
+    return _models_page(request, user)
+
+
+@router.post("/models")
+def create_model(request: Request, user: User, form: Form) -> Response:
+    """Create a model with the API's checks, in the API's order; each problem goes next to its field."""
+    from ..server.hardware import normalize_hardware
+
+    values = {k: str(form.get(k) or "").strip() for k in ("owner", "name", "description", "visibility", "hardware")}
+    errors: dict[str, list[str]] = {}
+    for key, what in (("owner", "owner"), ("name", "model name")):
+        try:
+            check_name(values[key], what)
+        except InvalidNameError as err:
+            errors[key] = [str(err)]
+    if "owner" not in errors:
+        try:
+            access.check_create(user.account, values["owner"])
+        except FinetuneError as err:
+            errors["owner"] = [str(err)]
+    if values["visibility"] not in VISIBILITIES:
+        errors["visibility"] = [f"invalid visibility {values['visibility']!r} — use one of: {', '.join(VISIBILITIES)}"]
+    hardware = values["hardware"]
+    hardware = normalize_hardware(values["hardware"])
+    if hardware not in HARDWARE:  # the registry's list; its own check would stop at the first bad field
+        errors["hardware"] = [f"invalid hardware {values['hardware']!r} — use one of: {', '.join(HARDWARE)}"]
+    if not errors:
+        name = f"{values['owner']}/{values['name']}"
+        try:
+            registry(request).create_model(name, description=values["description"], visibility=values["visibility"],
+                                           hardware=hardware)
+        except AlreadyExistsError:
+            errors["name"] = [f"model {name} already exists"]
+        except FinetuneError as err:
+            errors["_form"] = [str(err)]
+        else:
+            return RedirectResponse(f"/models/{name}/train", status_code=303)
+    return _models_page(request, user, values, errors, status_code=422)
+
+
+# ---------------------------------------------------------------- a model's tabs
+@router.get("/models/{owner}/{name}")
+def versions_tab(request: Request, user: User, owner: str, name: str) -> Response:
+    ctx = model_context(request, user, f"{owner}/{name}", "versions")
+    ctx["versions"] = [version_row(v) for v in registry(request).list_versions(ctx["model"]["model"])]
+    return render(request, "tab_versions.html", ctx, user=user)
+
+
+@router.get("/models/{owner}/{name}/trainings")
+def trainings_tab(request: Request, user: User, owner: str, name: str) -> Response:
+    ctx = model_context(request, user, f"{owner}/{name}", "trainings")
+    records = model_trainings(registry(request), ctx["model"]["model"])
+    ctx["trainings"] = [training_view(r) for r in records if access.owner_of(r) == user.account]
+    return render(request, "tab_trainings.html", ctx, user=user)
+
+
+@router.get("/models/{owner}/{name}/compare")
+def compare_tab(request: Request, user: User, owner: str, name: str, v: Annotated[list[int], Query()] = [],  # noqa: B006
+                prompts: str = "") -> Response:
+    """Config differences and losses of the chosen versions (from their manifests), and with prompts, every
+    version's answers (``finetune.compare``, which loads one version at a time)."""
+    from ..compare import compare_versions
+
+    reg = registry(request)
+    ctx = model_context(request, user, f"{owner}/{name}", "compare")
+    versions = reg.list_versions(ctx["model"]["model"])
+    ctx.update(versions=versions, selected=v or [x.number for x in versions[:2]], prompts_text=prompts,
+               errors={}, comparison=None)
+    if len(v) == 1:
+        ctx["errors"]["_form"] = ["choose two or more versions"]
+    elif len(v) >= 2:
+        refs = [access.visible_version(reg, user.account, ctx["model"]["model"], str(n)).ref for n in v]
+        lines = [line.strip() for line in prompts.splitlines() if line.strip()]
+        prompts_file = None
+        if lines:
+            prompts_file = reg.staging_dir("compare-prompts") / "prompts.jsonl"
+            prompts_file.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in lines[:5]), encoding="utf-8")
+        try:
+            result = compare_versions(reg, refs, prompts_file=str(prompts_file) if prompts_file else None)
+        except FinetuneError as err:
+            ctx["errors"]["prompts" if lines else "_form"] = [str(err)]
+        else:
+            ctx["comparison"] = _comparison_view(result)
+        finally:
+            if prompts_file is not None:
+                import shutil
+
+                shutil.rmtree(prompts_file.parent, ignore_errors=True)
+    return render(request, "tab_compare.html", ctx, user=user)
+
+
+def _show(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else value
+    return text if len(text) <= 80 else text[:79] + "…"
+
+
+def _comparison_view(result: Any) -> dict[str, Any]:
+    rows = []
+    for r in result.reports:
+        metrics = r.version.metadata.get("metrics") or {}
+        data = r.version.metadata.get("dataset") or {}
+        rows.append({
+            "ref": r.version.ref, "number": r.version.number, "parent": parent_summary(r.version),
+            "data": f"{data.get('rows')} rows, {str(data.get('sha256'))[:8]}" if data else "–",
+            "train_loss": fmt_number(metrics.get("train_loss")),
+            "eval_loss": fmt_number(r.eval_loss if r.eval_loss is not None else metrics.get("eval_loss")),
+            "reference": r.version.ref == result.reference,
+            "changes": None if r.config_changes is None else
+            [(k, _show(a), _show(b)) for k, (a, b) in r.config_changes.items()],
+        })
+    prompts = [{"prompt": p, "answers": [(r.version.ref, r.answers[i]) for r in result.reports]}
+               for i, p in enumerate(result.prompts)]
+    return {"reference": result.reference, "rows": rows, "prompts": prompts}
+
+
+# ---------------------------------------------------------------- a version
+def _version_base(owner: str, name: str, number: int) -> str:
+    return f"/models/{owner}/{name}/versions/{number}"
+
+
+@router.get("/models/{owner}/{name}/versions/{number}")
+def version_page(request: Request, user: User, owner: str, name: str, number: int) -> Response:
+    reg = registry(request)
+    model = access.visible_model(reg, user.account, f"{owner}/{name}")
+    v = access.visible_version(reg, user.account, model.full_name, str(number))
+    meta = v.metadata
+    metrics = meta.get("metrics") or {}
+    data = meta.get("dataset") or {}
+    files = v.manifest.get("files") or {}
+    base = _version_base(owner, name, v.number)
+    hops, lineage_error = [], None
+    try:
+        chain = lineage(reg, v)
+    except (ModelLoadError, NotFoundError, FinetuneError) as err:
+        chain, lineage_error = [v], str(err)
+    for hop in chain:
+        readable = access.can_read(user.account, reg.get_model(hop.model))
+        hops.append({"ref": hop.ref, "id": hop.id, "kind": hop.kind,
+                     "url": _version_base(*hop.model.split("/"), hop.number) if readable else None,
+                     "origin": parent_summary(hop) if hop.kind == "base" else ""})
+    rows = []
+    training_id = meta.get("training_id")
+    if training_id:
+        try:
+            from ..training.metrics import MetricsLog
+
+            rows = MetricsLog(reg.training_paths(training_id).metrics).read()
+        except FinetuneError:
+            rows = []
+    card = None
+    if "README.md" in files:
+        text = (v.path / "README.md").read_text(encoding="utf-8", errors="replace")
+        card = render_markdown(text, lambda rel: f"{base}/files/{rel}" if rel in files else "#")
+    host = str(request.base_url).rstrip("/")
+    view = {
+        "ref": v.ref, "id": v.id, "kind": v.kind, "created": when(v.created_at), "parent": parent_summary(v),
+        "training_id": training_id if training_id and _owns_training(reg, user, training_id) else None,
+        "format": (meta.get("prompt_format") or {}).get("name"),
+        "data": f"{str(data.get('path', '?')).rsplit('/', 1)[-1]} · {data.get('rows')} rows · sha256 "
+                f"{str(data.get('sha256'))[:12]}" if data else None,
+        "train_loss": fmt_number(metrics.get("train_loss")), "eval_loss": fmt_number(metrics.get("eval_loss")),
+        "tokens_per_s": fmt_number(metrics.get("tokens_per_s"), 0) if metrics.get("tokens_per_s") else "–",
+        "files": len(files), "size": size(sum(int(f.get("size", 0)) for f in files.values())),
+        "aliases": sorted(a for a, n in reg.aliases(model.full_name).items() if n == v.number),
+    }
+    ctx = {"title": v.ref, "model": model_summary(reg, model), "v": view, "lineage": hops,
+           "lineage_error": lineage_error, "chart": Markup(loss_chart_svg(rows)) if rows else None, "card": card,
+           "snippets": snippets(v.ref, v.id, host, model.full_name), "download_url": f"{base}/adapter.zip"}
+    return render(request, "version.html", ctx, user=user)
+
+
+def _owns_training(reg: Registry, user: WebUser, training_id: str) -> bool:
+    try:
+        return access.owner_of(Trainings(reg).get(training_id)) == user.account
+    except FinetuneError:
+        return False
+
+
+def snippets(ref: str, version_id: str, host: str, model: str) -> list[tuple[str, str, str]]:
+    """Copy-paste ways to use a version: CLI, Python, the replicate client, curl."""
+    prompt = "What is the capital of France?"
+    return [
+        ("Command line", "bash", f'finetune predict {ref} "{prompt}"'),
+        ("Python", "python", f'import finetune\n\nmodel, tokenizer = finetune.load("{ref}")'),
+        ("replicate client", "python",
+         f'import replicate\n\nclient = replicate.Client(api_token="YOUR_TOKEN", base_url="{host}")\n'
+         f'output = client.run("{model}:{version_id}", input={{"prompt": "{prompt}"}})\nprint("".join(output))'),
+        ("curl", "bash",
+         f'curl -s -X POST {host}/v1/predictions \\\n  -H "Authorization: Bearer $FINETUNE_API_TOKEN" \\\n'
+         f'  -H "Content-Type: application/json" -H "Prefer: wait" \\\n'
+         f'  -d \'{{"version": "{version_id}", "input": {{"prompt": "{prompt}"}}}}\''),
+    ]
+
+
+@router.get("/models/{owner}/{name}/versions/{number}/files/{path:path}")
+def version_file(request: Request, user: User, owner: str, name: str, number: int, path: str) -> Response:
+    """One file of a version, by its manifest entry (nothing outside the manifest is served)."""
+    reg = registry(request)
+    v = access.visible_version(reg, user.account, f"{owner}/{name}", str(number))
+    if path not in (v.manifest.get("files") or {}):
+        raise NotFoundError(f"{v.ref} has no file {path}")
+    media = {"png": "image/png", "md": "text/plain; charset=utf-8", "json": "application/json"}
+    kind = media.get(path.rsplit(".", 1)[-1], "application/octet-stream")
+    filename = path.rsplit("/", 1)[-1]
+    headers = {} if kind == "image/png" else {"Content-Disposition": f'attachment; filename="{filename}"'}
+    return Response((v.path / path).read_bytes(), media_type=kind, headers=headers)
+
+
+@router.get("/models/{owner}/{name}/versions/{number}/adapter.zip")
+def adapter_zip(request: Request, user: User, owner: str, name: str, number: int) -> Response:
+    """The version's files (the PEFT adapter folder with its manifest) as one zip."""
+    reg = registry(request)
+    v = access.visible_version(reg, user.account, f"{owner}/{name}", str(number))
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for rel in sorted(v.manifest.get("files") or {}):
+            archive.write(v.path / rel, rel)
+        archive.write(v.path / "manifest.json", "manifest.json")
+    buffer.seek(0)
+    filename = f"{owner}-{name}-{v.number}.zip"
+    return StreamingResponse(buffer, media_type="application/zip",
+                             headers={"Content-Disposition": f'attachment; filename="{filename}"'})
+
+
+@router.post("/models/{owner}/{name}/versions/{number}/delete")
+def delete_version(request: Request, user: User, form: Form, owner: str, name: str, number: int) -> Response:
+    """Delete a version as the CLI does (``Registry.delete_version``: refused while aliased or a parent)."""
+    reg = registry(request)
+    v = access.owned_version(reg, user.account, f"{owner}/{name}", str(number), action="delete versions of")
+    try:
+        reg.delete_version(v.ref)
+    except FinetuneError as err:
+        user.session.flash = {"kind": "bad", "text": f"Not deleted: {err}"}
+    else:
+        user.session.flash = {"kind": "ok", "text": f"Deleted {v.ref}."}
+    return RedirectResponse(f"/models/{owner}/{name}", status_code=303)

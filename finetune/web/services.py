@@ -1,0 +1,109 @@
+"""The web app's calls into the service: uploads, trainings, predictions.
+
+Each function hands over to what the HTTP API uses for the same action, so that a file uploaded, a training
+started or a prediction run from a page is the same object, checked by the same rules, as one made with the API.
+This module only adapts arguments; it holds no rule of its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from fastapi import Request
+
+from ..config import Config
+from ..errors import NotFoundError, UsageError
+from ..registry import Registry, Version
+
+
+def _registry(request: Request) -> Registry:
+    return request.app.state.registry
+
+
+# ---------------------------------------------------------------- files (the API's file store)
+def _files(request: Request) -> Any:
+    try:
+        from ..registry.files import Files
+    except ImportError:  # the file store lands with the API's /v1/files
+        raise UsageError("this server does not store uploaded files yet") from None
+    return Files(_registry(request))
+
+
+def list_files(request: Request, account: str) -> list[Any]:
+    """The account's uploaded files, newest first."""
+    return _files(request).list(account)
+
+
+async def store(request: Request, account: str, upload: Any) -> Any:
+    """Store an uploaded file for ``account`` with the server's upload limit, as ``POST /v1/files`` does."""
+    from starlette.concurrency import run_in_threadpool
+
+    limit = request.app.state.settings.max_upload_bytes
+    return await run_in_threadpool(_files(request).create, account, upload.file, upload.filename,
+                                   upload.content_type or "application/octet-stream", None, limit)
+
+
+def path_of(request: Request, account: str, file_id: str) -> Path:
+    """Where an uploaded file of ``account`` lies (404 for someone else's, by the access rule)."""
+    from ..server import access
+
+    stored = _files(request).get(file_id)
+    access.check_owns(account, stored, "file", file_id, NotFoundError)
+    return stored.path
+
+
+# ---------------------------------------------------------------- trainings (the API's training service)
+def training_config(request: Request, account: str, raw: dict[str, Any], trainer_ref: str) -> Config:
+    """The checked config of a training of ``trainer_ref`` with ``raw`` as its input, exactly as
+    ``POST .../trainings`` checks it (data files resolved to the account's uploads); :class:`ConfigError`."""
+    from ..registry.accounts import Account
+    from ..server.routes.trainings import training_config as api_training_config
+
+    return api_training_config(raw, trainer_ref, request, Account(account), request.app.state.settings)
+
+
+def start_training(request: Request, account: str, config: Config, destination: str) -> Any:
+    """Queue a checked config into ``destination`` through the training service; the record."""
+    from ..server.context import base_url
+
+    return request.app.state.trainings.submit(config, destination, webhook=None, webhook_events_filter=None,
+                                              base_url=base_url(request))
+
+
+def cancel_training(request: Request, account: str, training_id: str) -> None:
+    request.app.state.trainings.cancel(training_id)
+
+
+# ---------------------------------------------------------------- predictions (the inference service)
+def _predictions(request: Request) -> Any:
+    service = getattr(request.app.state, "predictions", None)
+    if service is None:
+        raise UsageError("this server runs no inference workers", "start it with `finetune serve`")
+    return service
+
+
+def create_prediction(request: Request, account: str, version: Version, inputs: dict[str, Any]) -> str:
+    """Create a streaming prediction of ``version`` as ``POST /v1/predictions`` does; its id. Blocks until a
+    worker admitted it (call from a thread)."""
+    from ..server.context import base_url
+
+    record = _predictions(request).create(version, inputs, owner=account, stream=True, base_url=base_url(request))
+    return record.id
+
+
+async def stream_prediction(request: Request, account: str, prediction_id: str) -> AsyncIterator[tuple[str, str]]:
+    """The prediction's events as the API streams them: ``("output", piece)``..., then ``("done", json)`` or
+    ``("error", text)``; 404 for another account's prediction (the access rule)."""
+    from ..registry.predictions import PredictionNotFoundError
+    from ..server import access
+
+    service = _predictions(request)
+    try:
+        record = service.get(prediction_id)
+    except (PredictionNotFoundError, UsageError):
+        raise PredictionNotFoundError(f"prediction {prediction_id} not found") from None
+    access.check_owns(account, record, "prediction", prediction_id, error=PredictionNotFoundError)
+    async for event, data in service.subscribe(prediction_id):
+        yield event, data

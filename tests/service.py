@@ -1,0 +1,102 @@
+"""A real HTTP server for tests: uvicorn on 127.0.0.1, a free port, over a temporary registry.
+
+Use the ``live_server`` fixture (tests/conftest.py) in a test::
+
+    def test_something(live_server):
+        r = live_server.http("alice").get("/v1/models")          # httpx, alice's token, base URL set
+        assert r.status_code == 200
+        client = live_server.replicate("bob")                     # the official client, bob's token
+        client.models.create("bob", "m", visibility="private", hardware="cpu")
+        live_server.registry.list_models()                        # the registry behind it, for set-up and checks
+
+Accounts ``alice`` and ``bob`` exist with one token each (``live_server.tokens[owner]``). For other settings
+(a small page size, an upload limit, allowed data folders) or a restart over the same registry, use
+:func:`running_server` directly::
+
+    with running_server(registry, ServerSettings(page_size=2)) as server:
+        ...
+
+The server runs in a thread of the test process, so the app's services (``app.state.services``) start and
+stop with it; leaving the ``with`` block stops it (a graceful uvicorn shutdown).
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import httpx
+
+from finetune.registry import Registry
+from finetune.registry.accounts import Accounts
+from finetune.server.app import create_app
+from finetune.server.settings import ServerSettings
+
+ACCOUNTS = ("alice", "bob")
+_START_TIMEOUT_S = 20.0
+
+
+@dataclass
+class LiveServer:
+    """A running server: its URL, registry, app, and a token per account."""
+
+    url: str
+    registry: Registry
+    app: Any
+    tokens: dict[str, str] = field(default_factory=dict)
+
+    def headers(self, owner: str = "alice") -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.tokens[owner]}"}
+
+    def http(self, owner: str | None = "alice", **kwargs: Any) -> httpx.Client:
+        """An httpx client on the server's URL, with ``owner``'s token (``None``: no token)."""
+        headers = {**(self.headers(owner) if owner else {}), **kwargs.pop("headers", {})}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=kwargs.pop("timeout", 30.0), **kwargs)
+
+    def replicate(self, owner: str = "alice") -> Any:
+        """The official ``replicate`` client, pointed at this server with ``owner``'s token."""
+        import replicate
+
+        return replicate.Client(api_token=self.tokens[owner], base_url=self.url)
+
+
+def _free_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))  # the kernel picks a free port; we keep the socket, so nobody takes it
+    return sock
+
+
+@contextmanager
+def running_server(registry: Registry, settings: ServerSettings | None = None,
+                   accounts: tuple[str, ...] = ACCOUNTS) -> Iterator[LiveServer]:
+    """Run a server over ``registry`` until the block ends; tokens are created for ``accounts``."""
+    import uvicorn
+
+    sock = _free_socket()
+    port = sock.getsockname()[1]
+    settings = replace(settings or ServerSettings(), host="127.0.0.1", port=port)
+    store = Accounts(registry)
+    tokens = {owner: store.create_token(owner, label="tests") for owner in accounts}
+    app = create_app(registry, settings)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="live-server", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + _START_TIMEOUT_S
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            sock.close()
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.01)
+    try:
+        yield LiveServer(url=f"http://127.0.0.1:{port}", registry=registry, app=app, tokens=tokens)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()

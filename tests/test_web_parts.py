@@ -1,0 +1,135 @@
+"""The web app's parts that need no server: the loss chart, the data preview, the Train form's checks, model
+cards, and the session store."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from finetune.web.charts import loss_chart_svg, loss_points, nice_ticks
+from finetune.web.markdown import render_markdown
+from finetune.web.preview import preview_data
+from finetune.web.session import Sessions
+from finetune.web.train_form import build_config, default_form, default_of
+
+
+def test_chart_draws_train_and_eval_points_and_survives_bad_rows():
+    rows = [{"step": s, "loss": 4.0 / s} for s in range(1, 11)] + [{"step": 10, "eval_loss": 0.9},
+                                                                   {"step": 11, "loss": float("nan")}, {"x": 1}]
+    train, evals = loss_points(rows)
+    assert len(train) == 10 and evals == [(10.0, 0.9)]
+    svg = loss_chart_svg(rows)
+    points = re.search(r'class="chart-train" points="([^"]+)"', svg).group(1).split()
+    assert len(points) == 10
+    ys = [float(p.split(",")[1]) for p in points]
+    assert ys == sorted(ys)  # falling loss is drawn going down the screen: y grows
+    assert 'class="chart-eval-dot"' in svg and "<desc>10 training points, 1 eval points" in svg
+    assert "No loss logged yet" in loss_chart_svg([])
+    assert "<polyline" in loss_chart_svg([{"step": 1, "loss": 2.0}])  # one point: no division by zero
+
+
+def test_nice_ticks_are_round_and_cover_the_range():
+    assert nice_ticks(0.0, 1.0) == [0.0, 0.5, 1.0]
+    assert nice_ticks(0.0, 1.0, 5) == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
+    ticks = nice_ticks(1.37, 4.21)
+    assert ticks[0] >= 1.37 and ticks[-1] <= 4.21 and len(ticks) >= 3
+
+
+def test_preview_renders_prompts_and_marks_the_learned_part(tmp_path):
+    from finetune.data.formats import ALPACA_NO_INPUT
+
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"instruction": f"q{i}", "input": "", "output": f"a{i}"}) + "\n"
+                            for i in range(5)))
+    p = preview_data(str(path))
+    assert (p.format, p.rows, p.error) == ("alpaca", 5, None)
+    assert p.examples[0] == [(ALPACA_NO_INPUT.format(instruction="q0"), False), ("a0", True)]
+    assert len(p.examples) == 3
+
+    pc = tmp_path / "pc.jsonl"
+    pc.write_text(json.dumps({"prompt": "p", "completion": "c"}) + "\n")
+    assert preview_data(str(pc)).examples == [[("p", False), ("c", True)]]
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "x"}) + "\n")
+    assert "cannot tell the data format" in preview_data(str(bad)).error
+    wrong = preview_data(str(path), "prompt_completion")
+    assert "format prompt_completion needs" in wrong.error or "field 'prompt' is missing" in wrong.error
+
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                             {"role": "assistant", "content": "hello"}]}) + "\n")
+    p = preview_data(str(chat))
+    assert p.format == "messages" and p.examples[0][-1] == ("assistant: hello\n", True) and p.note
+
+
+def test_train_form_defaults_come_from_the_config_dataclasses():
+    from finetune.config import DataConfig, LoraConfig, TrainConfig
+
+    form = default_form()
+    assert default_of("train.lr") == TrainConfig().lr and float(form["train.lr"]) == TrainConfig().lr
+    assert int(form["train.batch_size"]) == TrainConfig().batch_size
+    assert int(form["lora.r"]) == LoraConfig().r
+    assert int(form["data.max_seq_len"]) == DataConfig(path="x").max_seq_len
+    assert form["train.max_steps"] == "" and form["data.eval"] == ""
+
+
+def test_train_form_reports_the_loaders_messages_next_to_their_fields(tmp_path):
+    form = {**default_form(), "train.lr": "-1", "train.batch_size": "abc", "data.eval": "often",
+            "advanced": "train:\n  warmupp: 3\nlora:\n  alpha: 0\n"}
+    config, errors = build_config(form, base_model="a/base:1", data_path=None, destination="a/b")
+    assert config is None
+    assert errors["train.lr"] == ["train.lr: must be > 0, got -1.0"]
+    assert errors["train.batch_size"] == ["train.batch_size: expected an integer, got 'abc'"]
+    assert errors["data.eval"][0].startswith("data.eval: expected a fraction in (0, 1)")
+    assert "unknown key 'train.warmupp' (did you mean 'train.warmup_steps'?)" in errors["advanced"]
+    assert "lora.alpha: must be > 0, got 0.0" in errors["advanced"]
+    assert errors["data.path"] == ["choose a data file: upload one or pick an uploaded one"]
+
+    _, errors = build_config({**default_form(), "advanced": "train: [1"}, base_model="a/base:1",
+                             data_path="/x.jsonl", destination="a/b")
+    assert errors["advanced"][0].startswith("line 1: invalid YAML")
+
+    good = {**default_form(), "train.max_steps": "5", "train.lr": "1e-3", "data.eval": "0.1",
+            "advanced": "train:\n  warmup_steps: 2\n  lr: 5e-4\n"}
+    config, errors = build_config(good, base_model="a/base:1", data_path=str(tmp_path / "d.jsonl"),
+                                  destination="a/b")
+    assert not errors
+    assert (config.train.max_steps, config.train.lr, config.train.warmup_steps, config.data.eval) == (5, 5e-4, 2, 0.1)
+    assert (config.base_model, config.destination) == ("a/base:1", "a/b")
+
+
+def test_model_cards_render_without_raw_html_or_script_links():
+    html = render_markdown("# T\n\n<script>alert(1)</script>\n\n![loss](loss.png) [x](javascript:alert(1)) "
+                           "[y](https://example.org)\n\n|a|b|\n|-|-|\n|1|2|", lambda rel: f"/files/{rel}")
+    assert "<script>" not in html and "&lt;script&gt;" in html
+    assert 'src="/files/loss.png"' in html
+    assert 'href="javascript' not in html
+    assert 'rel="noopener noreferrer nofollow"' in html and "<table>" in html
+
+
+def test_sessions_csrf_links_and_rotation():
+    store = Sessions(max_sessions=3)
+    anon = store.new()
+    assert anon.csrf_ok(anon.csrf) and not anon.csrf_ok(None) and not anon.csrf_ok("x")
+    signed = store.sign_in(anon, "alice", "tok")
+    assert signed.id != anon.id and store.get(anon.id) is None and store.get(signed.id).account == "alice"
+    nonce = store.issue_link("alice", "tok2")
+    assert store.redeem_link(nonce) == ("alice", "tok2") and store.redeem_link(nonce) is None
+    store.drop_token("tok")
+    assert store.get(signed.id) is None
+    for _ in range(5):
+        store.new()
+    assert len(store._sessions) == 3  # bounded
+
+
+@pytest.mark.parametrize("ttl", [0.0])
+def test_sessions_expire_when_idle(ttl):
+    store = Sessions(ttl_s=ttl)
+    s = store.new()
+    import time
+
+    time.sleep(0.01)
+    assert store.get(s.id) is None

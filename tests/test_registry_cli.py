@@ -43,6 +43,7 @@ def hf_folder(tmp_path: Path) -> Path:
     (d / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
     (d / "config.json").write_text('{"model_type": "llama", "hidden_size": 8}')
     (d / "model.safetensors").write_bytes(os.urandom(4096))
+    (d / "tokenizer.json").write_text('{"version": "1.0"}')  # an import without a tokenizer is refused
     (d / "tokenizer").mkdir()
     (d / "tokenizer" / "tokenizer.json").write_text('{"version": "1.0"}')
     return d
@@ -140,7 +141,7 @@ def test_import_local_folder_copies_it_with_checksums(capsys, root: Path, hf_fol
     v = reg.resolve("o/base")
     assert v.kind == "base" and v.parent == {"local_path": str(hf_folder)}
     expected = {}
-    for rel in ("config.json", "model.safetensors", "tokenizer/tokenizer.json"):
+    for rel in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer/tokenizer.json"):
         data = (hf_folder / rel).read_bytes()
         expected[rel] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     assert v.manifest["files"] == expected  # .git is not part of the model

@@ -75,12 +75,14 @@ def _stdin_lines():
     while True:
         if interactive:
             print("> ", end="", file=sys.stderr, flush=True)
-        raw = sys.stdin.buffer.readline()  # bytes: decoded here, so non-UTF-8 input is one clear error
+        # bytes, decoded here, so non-UTF-8 input is one clear error (a text stream without bytes: as it is)
+        buffer = getattr(sys.stdin, "buffer", None)
+        raw = buffer.readline() if buffer is not None else sys.stdin.readline()
         if not raw:
             return
         number += 1
         try:
-            yield raw.decode("utf-8")
+            yield raw.decode("utf-8") if isinstance(raw, bytes) else raw
         except UnicodeDecodeError:
             raise UsageError(f"stdin line {number} is not UTF-8 text",
                              "use a UTF-8 terminal or file (e.g. `export LANG=C.UTF-8`)") from None

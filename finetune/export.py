@@ -41,6 +41,8 @@ def export(
     if dtype not in _SAVE_DTYPES:
         raise UsageError(f"unknown dtype {dtype!r}", f"use one of: {', '.join(_SAVE_DTYPES)}")
     out = Path(out_dir).expanduser().absolute()
+    if reg.contains(out):  # a folder there would pass for a version (or a model) without a manifest
+        raise UsageError(f"{out} is inside the registry at {reg.root}", "export to a folder outside the registry")
     _check_target(out)
     if format == "adapter":
         from .inference import verify_adapter

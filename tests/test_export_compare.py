@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_one_line_error
+from helpers import assert_one_line_error, snapshot
 
 import finetune
 import finetune.data.prepare as preparing
@@ -102,6 +102,19 @@ def test_export_refuses_a_non_empty_folder_and_accepts_an_empty_one(built: dict,
     empty = tmp_path / "empty"
     empty.mkdir()
     assert export(built["reg"], "alice/m:1", empty) == empty and (empty / "adapter_config.json").is_file()
+
+
+def test_export_into_the_registry_is_refused(built: dict, tmp_path: Path, capsys):
+    reg = built["reg"]
+    link = tmp_path / "link-to-registry"
+    link.symlink_to(reg.root)
+    before = snapshot(reg.root)
+    for target in (reg.root / "models/alice/m/versions/99", reg.root / "exports", reg.root, link / "x"):
+        rc, _, err = cli(capsys, reg, "export", "alice/m:1", str(target), "--format", "adapter")
+        assert_one_line_error(rc, err, "is inside the registry", "outside the registry")
+        assert rc == 2
+    assert snapshot(reg.root) == before
+    assert [v.number for v in reg.list_versions("alice/m")] == [2, 1]
 
 
 def test_export_adapter_of_a_base_version_is_refused(built: dict, tmp_path: Path):

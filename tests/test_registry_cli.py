@@ -119,7 +119,10 @@ def test_versions_commands(capsys, root: Path, populated: Registry) -> None:
     assert cli(capsys, root, "versions", "alias", "o/m", "prod", "--remove")[:2] == (0, "removed alias prod\n")
     assert populated.aliases("o/m") == {}
 
-    assert cli(capsys, root, "versions", "delete", "o/m")[:2] == (0, "deleted o/m:2\n")
+    rc, _, err = cli(capsys, root, "versions", "delete", "o/m")  # "the newest one" must be asked for as such
+    assert_one_line_error(rc, err, "o/m names no version explicitly", "--latest")
+    assert rc == 2 and populated.resolve("o/m").number == 2
+    assert cli(capsys, root, "versions", "delete", "o/m", "--latest")[:2] == (0, "deleted o/m:2\n")
     assert cli(capsys, root, "versions", "delete", "o/m:1")[:2] == (0, "deleted o/m:1\n")
     rc, out, _ = cli(capsys, root, "versions", "list", "o/m")
     assert (rc, out) == (0, "o/m has no versions yet\n")
@@ -260,10 +263,12 @@ def test_corrupt_manifest(capsys, tmp_path: Path, root: Path, populated: Registr
     os.chmod(manifest, 0o644)
     manifest.write_text('{"id": ')
     before = snapshot(tmp_path)
-    for argv in (["versions", "show", "o/m:1"], ["versions", "list", "o/m"], ["versions", "show", "o/m:1", "--json"]):
+    for argv in (["versions", "show", "o/m:1"], ["versions", "show", "o/m:1", "--json"]):
         rc, _, err = cli(capsys, root, *argv)
         assert rc == 1, argv
-        assert_one_line_error(None, err, "manifest.json is not valid JSON")
+        assert_one_line_error(None, err, "manifest.json is not valid JSON", "versions delete o/m:1")
+    rc, out, err = cli(capsys, root, "versions", "list", "o/m")  # listed, marked, beside the healthy one
+    assert rc == 0 and "DAMAGED" in out.splitlines()[2] and "o/m:1" in err
     rc, out, err = cli(capsys, root, "versions", "verify", "o/m:1")
     assert rc == 1 and "not valid JSON" in out
     assert err == "o/m:1: DAMAGED (1 problem)\n"

@@ -9,7 +9,7 @@ from typing import Any
 
 from ..errors import UsageError
 from ..names import parse_ref
-from ..registry.summary import metrics_summary, parent_summary
+from ..registry.summary import damage, metrics_summary, parent_summary
 from .common import add_command, open_registry, print_json, table
 from .use import add_generation_options, generation_settings, quiet
 
@@ -21,15 +21,22 @@ def cmd_versions_list(args: argparse.Namespace) -> None:
     versions = reg.list_versions(args.model)
     if args.limit:
         versions = versions[: args.limit]
+    damaged = {v.number: problem for v in versions if (problem := damage(v)) is not None}
     if args.json:
-        return print_json([{"ref": v.ref, "number": v.number, "id": v.id, "created_at": v.created_at,
-                             "kind": v.kind, "parent": v.parent, "metrics": v.metadata.get("metrics", {})}
-                            for v in versions])
+        return print_json([{"ref": v.ref, "number": v.number, "damaged": damaged[v.number]} if v.number in damaged
+                           else {"ref": v.ref, "number": v.number, "id": v.id, "created_at": v.created_at,
+                                 "kind": v.kind, "parent": v.parent, "metrics": v.metadata.get("metrics", {})}
+                           for v in versions])
     if not versions:
         print(f"{args.model} has no versions yet")
         return
-    table([[str(v.number), v.id[:12], v.created_at[:19].replace("T", " "), v.kind, parent_summary(v),
-             metrics_summary(v)] for v in versions], ["N", "ID", "CREATED", "KIND", "PARENT", "METRICS"])
+    table([[str(v.number), "-", "-", "DAMAGED", "-", damaged[v.number]] if v.number in damaged else
+           [str(v.number), v.id[:12], v.created_at[:19].replace("T", " "), v.kind, parent_summary(v),
+            metrics_summary(v)] for v in versions], ["N", "ID", "CREATED", "KIND", "PARENT", "METRICS"])
+    if damaged:
+        first = f"{args.model}:{min(damaged)}"
+        print(f"{len(damaged)} damaged version{'s' if len(damaged) > 1 else ''}: `finetune versions verify {first}` "
+              f"lists what is wrong, `finetune versions delete {first}` removes it", file=sys.stderr)
 
 
 def cmd_versions_show(args: argparse.Namespace) -> None:
@@ -57,6 +64,8 @@ def cmd_versions_verify(args: argparse.Namespace) -> int:
 
 def cmd_versions_delete(args: argparse.Namespace) -> None:
     reg = open_registry(args)
+    if parse_ref(args.ref).kind == "latest" and not args.latest:  # before resolving: the same refusal, earlier
+        reg.delete_version(args.ref)
     v = reg.resolve(args.ref)
     reg.delete_version(v.ref)
     print(f"deleted {v.ref}")
@@ -127,8 +136,10 @@ def add_commands(groups: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print the whole manifest")
     p = add_command(versions, "verify", cmd_versions_verify, "re-hash every file of a version against its manifest")
     p.add_argument("ref", metavar="REF")
-    p = add_command(versions, "delete", cmd_versions_delete, "delete a version (numbers are never reused)")
+    p = add_command(versions, "delete", cmd_versions_delete,
+                    "delete a version, named explicitly (OWNER/NAME:N); numbers are never reused")
     p.add_argument("ref", metavar="REF")
+    p.add_argument("--latest", action="store_true", help="allow REF to be OWNER/NAME (its newest version)")
     p = add_command(versions, "alias", cmd_versions_alias,
                     "point ALIAS at a version (OWNER/NAME:ALIAS then resolves to it)")
     p.add_argument("ref", metavar="REF")

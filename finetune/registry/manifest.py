@@ -110,17 +110,24 @@ def read_manifest(version_dir: Path) -> dict[str, Any]:
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
-        raise IntegrityError(f"{path} is missing", "the version is damaged; run `finetune versions verify`") from None
+        raise IntegrityError(f"{path} is missing", damaged_hint(version_dir)) from None
     try:
         manifest = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise IntegrityError(
-            f"{path} is not valid JSON (line {getattr(err, 'lineno', '?')})",
-            "the version is damaged; run `finetune versions verify`",
+            f"{path} is not valid JSON (line {getattr(err, 'lineno', '?')})", damaged_hint(version_dir)
         ) from None
     if not isinstance(manifest, dict) or not {"id", "number", "model", "files"} <= manifest.keys():
-        raise IntegrityError(f"{path} lacks required fields", "the version is damaged; run `finetune versions verify`")
+        raise IntegrityError(f"{path} lacks required fields", damaged_hint(version_dir))
     return manifest
+
+
+def damaged_hint(version_dir: Path) -> str:
+    """What to do about a damaged version folder ``ROOT/models/OWNER/NAME/versions/N``: commands that work on it."""
+    parts = version_dir.parts
+    ref = f"{parts[-4]}/{parts[-3]}:{parts[-1]}" if len(parts) >= 4 else "REF"
+    return (f"the version is damaged: `finetune versions verify {ref}` lists what is wrong, "
+            f"`finetune versions delete {ref}` removes it")
 
 
 def check_version_dir(path: Path, full: bool) -> list[str]:

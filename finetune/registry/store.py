@@ -152,6 +152,11 @@ class Registry:
     def _trash(self) -> Path:
         return self.root / ".trash"
 
+    def contains(self, path: str | os.PathLike[str]) -> bool:
+        """Whether ``path`` lies inside the registry root (links resolved): a place only the registry may write."""
+        target = Path(path).expanduser().absolute().resolve()
+        return target == self.root.resolve() or self.root.resolve() in target.parents
+
     def has_models(self) -> bool:
         """Whether anything was ever created here (the models folder exists)."""
         return (self.root / "models").exists()
@@ -500,7 +505,11 @@ class Registry:
             atomic.replace_file(m.path / "aliases.json", atomic.pretty_json(aliases), self._staging)
 
     def children(self, version: Version) -> list[Version]:
-        """Versions anywhere in the registry whose parent is ``version``."""
+        """Versions anywhere in the registry whose parent is ``version`` (by id; by ref when it is damaged)."""
+        try:
+            key, value = "id", version.id
+        except IntegrityError:
+            key, value = "ref", version.ref
         out = []
         for m in self.list_models():
             for v in self.list_versions(m.full_name):
@@ -508,12 +517,19 @@ class Registry:
                     parent = v.parent
                 except IntegrityError:
                     continue
-                if isinstance(parent, dict) and parent.get("id") == version.id:
+                if isinstance(parent, dict) and parent.get(key) == value:
                     out.append(v)
         return out
 
-    def delete_version(self, ref: str) -> None:
-        """Delete a version; refused while an alias points at it or another version names it as parent."""
+    def delete_version(self, ref: str, *, latest: bool = False) -> None:
+        """Delete a version; refused while an alias points at it or another version names it as parent.
+
+        ``ref`` must name one version explicitly (a number, an id prefix or an alias): ``owner/name`` alone, or
+        ``:latest``, is refused unless ``latest`` is true, because "the newest one" changes under your feet.
+        A damaged version (unreadable manifest) can be deleted: that is the way out its error message gives."""
+        if parse_ref(ref).kind == "latest" and not latest:
+            raise UsageError(f"{ref} names no version explicitly",
+                             "give OWNER/NAME:N (`finetune versions list` shows them), or add --latest")
         version = self.resolve(ref)
         m = self.get_model(version.model)
         with self._lock(m.path):

@@ -8,8 +8,18 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from ..errors import IntegrityError
 from .manifest import Version
 from .store import Model, Registry
+
+
+def damage(version: Version) -> str | None:
+    """Why a version's manifest cannot be read (it is listed, marked, instead of hiding the others), else None."""
+    try:
+        version.manifest
+    except IntegrityError as err:
+        return err.message
+    return None
 
 
 def metrics_summary(version: Version) -> str:

@@ -127,6 +127,12 @@ class ModelLoadError(FinetuneError, RuntimeError):
     http_status = 422  # the request names a base that cannot be used
 
 
+class NonFiniteError(FinetuneError, ArithmeticError):
+    """Numbers that must be finite are not: a training loss that diverged, an adapter holding inf or NaN weights."""
+
+    http_status = 422  # the input (a learning rate, an uploaded adapter) produced it
+
+
 class TrainingCanceled(FinetuneError):
     """A run was stopped by Ctrl-C, SIGTERM or ``finetune trainings cancel``."""
 

@@ -320,6 +320,8 @@ def test_cancel_marker_alone_stops_the_run(runs: dict, monkeypatch: pytest.Monke
         _in_process(runs, "alice/marker", max_steps=20, checkpoint_every=0, eval_every=0)
     record = next(r for r in trainings.list() if r.destination == "alice/marker")
     assert record.status == "canceled" and record.error == "canceled: cancel requested"
+    log = trainings.paths(record.id).log.read_text()
+    assert "canceled: cancel requested" in log and "canceled: canceled" not in log
     assert record_steps(runs, record.id) == 2
     assert runs["reg"].list_versions("alice/marker") == []
 

@@ -8,6 +8,7 @@ user can cause print one line (``finetune: error: ...``) and exit 2 for usage er
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -61,6 +62,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("finetune: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `finetune ... | head`: the reader left; not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return 1
 
 
 if __name__ == "__main__":

@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import atomic
-from ..errors import NotFoundError, UsageError
+from ..errors import IntegrityError, NonFiniteError, NotFoundError, UsageError
 from .manifest import FORMAT_VERSION, MANIFEST, Version, manifest_id, software_versions, utc_now
+from .weights import non_finite_tensors
 
 if TYPE_CHECKING:
     from .store import Model, Registry
@@ -42,6 +43,8 @@ def publish_version(
     stage = reg.staging_dir("publish")
     try:
         files = stage_files(src, stage)
+        if kind == "adapter":
+            _check_finite(m.full_name, stage)
         body = {
             "format": FORMAT_VERSION,
             "model": m.full_name,
@@ -56,6 +59,20 @@ def publish_version(
         atomic.remove_tree(stage)
         raise
     return version
+
+
+def _check_finite(model: str, stage: Path) -> None:
+    """Refuse an adapter with an infinite or NaN weight, whoever publishes it (training, import, the API)."""
+    for path in sorted(stage.rglob("*.safetensors")):
+        try:
+            bad = non_finite_tensors(path)
+        except ValueError as err:
+            raise IntegrityError(f"cannot publish to {model}: {err}", "publish intact safetensors files") from None
+        if bad:
+            more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+            raise NonFiniteError(
+                f"cannot publish to {model}: {path.name} holds inf/NaN weights ({bad[0]}{more}); nothing published",
+                "the training diverged: lower train.lr, or train with train.precision: fp32")
 
 
 def _guess_kind(src: Path) -> str:

@@ -120,7 +120,8 @@ def model_card(destination: str, meta: dict[str, Any], resolved: ResolvedModel, 
         "",
         "## Metrics",
         "",
-        f"- train loss: {fmt(m.get('train_loss'))}; eval loss: {fmt(m.get('eval_loss'))}",
+        f"- train loss: {fmt(m.get('train_loss'))} (mean of the last {m.get('train_loss_steps', 1)} steps; "
+        f"last step {fmt(m.get('last_step_loss'))}); eval loss: {fmt(m.get('eval_loss'))}",
         f"- steps: {m.get('steps')}; trained tokens: {m.get('trained_tokens')}; "
         f"tokens/s: {m.get('tokens_per_s')}; total time: {m.get('total_time_s')} s; "
         f"peak memory: {m.get('peak_memory_mb')} MiB ({m.get('device')}, main process)",

@@ -15,9 +15,10 @@ import math
 import os
 import signal
 import time
+from collections import deque
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -38,7 +39,7 @@ from ..data.batching import (
     real_tokens,
 )
 from ..data.prepare import Prepared, format_summary, prepare
-from ..errors import FinetuneError, ModelNotFoundError, TrainingCanceled, UsageError
+from ..errors import FinetuneError, ModelNotFoundError, NonFiniteError, TrainingCanceled, UsageError
 from ..modeling.load import attach_lora, load_base_model, load_tokenizer
 from ..modeling.ops import rewrite_for_training
 from ..modeling.ops.attention import VARLEN_ATTENTION
@@ -225,6 +226,10 @@ class _Schedule:
         return plan_epoch(labels, tcfg.batch_size, tcfg.grad_accum, run.world, tcfg.seed, epoch)
 
 
+# The version's train_loss is the mean over this many last steps: one step's loss is one (often partial) batch's.
+TRAIN_LOSS_STEPS = 20
+
+
 @dataclass
 class _Outcome:
     """What the loop leaves for the summary."""
@@ -232,6 +237,11 @@ class _Outcome:
     last_loss: float | None = None
     last_eval: float | None = None
     tokens_per_s: float = 0.0
+    recent: deque[float] = field(default_factory=lambda: deque(maxlen=TRAIN_LOSS_STEPS))  # last steps' losses
+
+    @property
+    def mean_loss(self) -> float | None:
+        return sum(self.recent) / len(self.recent) if self.recent else self.last_loss
 
 
 def _train(run: _Run) -> Version | None:
@@ -311,49 +321,58 @@ def _loop(run: _Run, loaded: _Loaded, schedule: _Schedule, progress: Progress, m
     """One iteration per optimizer step, until the last step, early stopping, or a stop request."""
     tcfg, accelerator, eval_set = run.config.train, run.accelerator, loaded.prepared.eval
     outcome = _Outcome()
+    if progress.step:  # resumed: the steps before come back from the metrics log (those it kept)
+        outcome.recent.extend(r["loss"] for r in metrics.read() if isinstance(r.get("loss"), (int, float)))
     speed = Throughput(warmup_steps=1 if progress.step == 0 else 0)
     wall = time.perf_counter() - progress.seconds
     bar = _ProgressBar(schedule.total_steps, progress.step, enabled=run.show_progress and run.main)
     schedule.loss_model.train()
     speed.start()
     plan: tuple[int, list[Window]] = (-1, [])
-    while progress.step < schedule.total_steps:
-        epoch, index = divmod(progress.step, schedule.steps_per_epoch)
-        if plan[0] != epoch:
-            plan = (epoch, schedule.windows(run, loaded.label_counts, epoch))
-        window = plan[1][index]
-        step_lr = schedule.scheduler.get_last_lr()[0]  # this step's rate; after scheduler.step() it is the next's
-        loss_sum, step_tokens = _optimizer_step(run, schedule, loaded, window)
-        progress.step += 1
-        progress.tokens += step_tokens
-        outcome.last_loss = float(accelerator.reduce(loss_sum.detach(), "sum")) / max(window.label_tokens, 1)
-        # (a stop on a non-finite loss goes here: before the step is logged, evaluated or checkpointed)
-        speed.step(step_tokens)
-        row = {"step": progress.step, "epoch": round(progress.step / schedule.steps_per_epoch, 4),
-               "loss": round(outcome.last_loss, 6), "lr": step_lr, "tokens": progress.tokens,
-               "tokens_per_s": round(speed.tokens_per_second(), 1), "time_s": round(time.perf_counter() - wall, 3)}
-        last = progress.step == schedule.total_steps
-        if eval_set is not None and (last or (tcfg.eval_every and progress.step % tcfg.eval_every == 0)):
-            speed.pause()
-            outcome.last_eval = _evaluate(run, schedule, eval_set, progress)
-            row["eval_loss"] = round(outcome.last_eval, 6)
-            speed.resume()
-        if run.main and (progress.step % tcfg.log_every == 0 or last or "eval_loss" in row):
-            metrics.append(row)
-        bar.update(row)
-        stop_early = bool(tcfg.early_stopping_patience and progress.bad_evals >= tcfg.early_stopping_patience)
-        if tcfg.checkpoint_every and progress.step % tcfg.checkpoint_every == 0 and not last and not stop_early:
-            speed.pause()
-            progress.seconds = time.perf_counter() - wall
-            save_checkpoint(run.paths.checkpoints, progress, schedule.model, schedule.optimizer, schedule.scheduler,
-                            run.rank, run.main, accelerator.wait_for_everyone)
-            speed.resume()
-        run.stop.check(accelerator)
-        if stop_early:
-            run.log.info(f"early stopping at step {progress.step}: eval loss has not improved for "
-                         f"{progress.bad_evals} evaluations")
-            break
-    bar.close()
+    try:  # the bar ends its line before any error is printed below it
+        while progress.step < schedule.total_steps:
+            epoch, index = divmod(progress.step, schedule.steps_per_epoch)
+            if plan[0] != epoch:
+                plan = (epoch, schedule.windows(run, loaded.label_counts, epoch))
+            window = plan[1][index]
+            step_lr = schedule.scheduler.get_last_lr()[0]  # this step's rate; after scheduler.step() it is the next's
+            loss_sum, step_tokens = _optimizer_step(run, schedule, loaded, window)
+            progress.step += 1
+            progress.tokens += step_tokens
+            outcome.last_loss = float(accelerator.reduce(loss_sum.detach(), "sum")) / max(window.label_tokens, 1)
+            if not math.isfinite(outcome.last_loss):  # every process holds the same reduced loss: all stop here
+                raise NonFiniteError(
+                    f"the loss became {outcome.last_loss} at step {progress.step} (lr {step_lr:.3g}, {run.precision}): "
+                    "the run diverged and publishes nothing",
+                    f"lower train.lr (now {tcfg.lr:g}), or use train.precision: fp32 if it ran in bf16 or fp16")
+            outcome.recent.append(outcome.last_loss)
+            speed.step(step_tokens)
+            row = {"step": progress.step, "epoch": round(progress.step / schedule.steps_per_epoch, 4),
+                   "loss": round(outcome.last_loss, 6), "lr": step_lr, "tokens": progress.tokens,
+                   "tokens_per_s": round(speed.tokens_per_second(), 1), "time_s": round(time.perf_counter() - wall, 3)}
+            last = progress.step == schedule.total_steps
+            if eval_set is not None and (last or (tcfg.eval_every and progress.step % tcfg.eval_every == 0)):
+                speed.pause()
+                outcome.last_eval = _evaluate(run, schedule, eval_set, progress)
+                row["eval_loss"] = round(outcome.last_eval, 6)
+                speed.resume()
+            if run.main and (progress.step % tcfg.log_every == 0 or last or "eval_loss" in row):
+                metrics.append(row)
+            bar.update(row)
+            stop_early = bool(tcfg.early_stopping_patience and progress.bad_evals >= tcfg.early_stopping_patience)
+            if tcfg.checkpoint_every and progress.step % tcfg.checkpoint_every == 0 and not last and not stop_early:
+                speed.pause()
+                progress.seconds = time.perf_counter() - wall
+                save_checkpoint(run.paths.checkpoints, progress, schedule.model, schedule.optimizer, schedule.scheduler,
+                                run.rank, run.main, accelerator.wait_for_everyone)
+                speed.resume()
+            run.stop.check(accelerator)
+            if stop_early:
+                run.log.info(f"early stopping at step {progress.step}: eval loss has not improved for "
+                             f"{progress.bad_evals} evaluations")
+                break
+    finally:
+        bar.close()
     speed.pause()
     progress.seconds = time.perf_counter() - wall
     outcome.tokens_per_s = speed.tokens_per_second()
@@ -388,7 +407,9 @@ def _publish(run: _Run, loaded: _Loaded, schedule: _Schedule, progress: Progress
              metrics: MetricsLog) -> Version | None:
     """The adapter as the destination's next version (main process only), and the record marked succeeded."""
     accelerator = run.accelerator
-    summary = {"train_loss": outcome.last_loss, "eval_loss": outcome.last_eval, "best_eval_loss": progress.best_eval,
+    summary = {"train_loss": outcome.mean_loss, "train_loss_steps": len(outcome.recent) or 1,
+               "last_step_loss": outcome.last_loss,
+               "eval_loss": outcome.last_eval, "best_eval_loss": progress.best_eval,
                "steps": progress.step, "trained_tokens": progress.tokens,
                "tokens_per_s": round(outcome.tokens_per_s, 1), "total_time_s": round(progress.seconds, 2),
                "precision": run.precision, "processes": run.world, "device": accelerator.device.type,
@@ -462,7 +483,8 @@ def _published_by(reg: Registry, destination: str, training_id: str) -> Version 
 
 
 def _finish(trainings: Trainings, record: TrainingRecord | None, status: Status, error: str, log: RunLog) -> None:
-    log.info(f"{status}: {error}")
+    # To the log file only: the error propagates, and the command line prints it once, as its error line.
+    log.info(error if error.startswith(f"{status}:") else f"{status}: {error}", echo=False)
     if record is not None:
         trainings.update(record, status=status, error=error)
 

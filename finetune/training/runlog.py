@@ -14,10 +14,11 @@ class RunLog:
         self._file = open(path, "a", encoding="utf-8", buffering=1) if path is not None else None
         self._echo = echo and path is not None
 
-    def info(self, message: str) -> None:
+    def info(self, message: str, echo: bool = True) -> None:
+        """Log a line; ``echo=False`` keeps it out of the terminal (where the caller prints it its own way)."""
         if self._file is not None:
             self._file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
-        if self._echo:
+        if self._echo and echo:
             from tqdm.auto import tqdm
 
             tqdm.write(message, file=sys.stderr)  # keeps the progress bar intact

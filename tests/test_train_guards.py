@@ -1,0 +1,102 @@
+"""What a training run may publish: never a diverged adapter, never twice the same error, and a train_loss that
+means something. Runs in-process on the tiny model (a handful of steps each)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from helpers import assert_one_line_error
+from safetensors.torch import save_file
+
+from finetune import atomic
+from finetune.cli import main
+from finetune.errors import NonFiniteError
+from finetune.registry import Registry
+from finetune.registry.jobs import Trainings
+from finetune.registry.sources import import_base
+from finetune.tiny import sample_data_path
+
+DEST = "guard/dest"
+
+
+@pytest.fixture(autouse=True)
+def _no_fsync(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(atomic, "_FSYNC", False)
+
+
+@pytest.fixture(scope="module")
+def root(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("train-guards")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(atomic, "_FSYNC", False)
+        reg = Registry(tmp / "registry")
+        import_base(reg, "local/tiny", str(tiny_model_dir))
+        reg.create_model(DEST)
+    return reg.root
+
+
+def write_config(path: Path, **train: object) -> Path:
+    cfg = {"base_model": "local/tiny:1", "data": {"path": str(sample_data_path()), "max_seq_len": 128},
+           "lora": {"r": 4, "alpha": 8},
+           "train": {"max_steps": 3, "batch_size": 4, "precision": "fp32", "seed": 0, **train}}
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_a_diverging_run_stops_at_the_step_and_publishes_nothing(root: Path, tmp_path: Path, capsys):
+    reg = Registry(root)
+    cfg = write_config(tmp_path / "c.yaml", lr=1e30, max_steps=6)
+    rc = main(["--registry", str(root), "train", str(cfg), "--destination", DEST])  # not --quiet: the log echoes
+    out, err = capsys.readouterr()
+    assert rc == 1 and out == ""
+    errors = [line for line in err.splitlines() if "the loss became" in line]
+    assert len(errors) == 1, err  # printed once, as the error line (the log line stays in the log file)
+    assert_one_line_error(None, errors[0], "at step 2", "train.lr", "train.precision")
+    assert reg.list_versions(DEST) == []
+    record = next(r for r in Trainings(reg).list() if r.destination == DEST)
+    assert record.status == "failed" and "at step 2" in record.error and record.output is None
+    assert "the loss became" in Trainings(reg).paths(record.id).log.read_text()
+
+
+def test_no_adapter_with_a_non_finite_weight_is_published(root: Path, tmp_path: Path):
+    reg = Registry(root)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            folder = tmp_path / f"adapter-{dtype}-{bad}"
+            folder.mkdir()
+            (folder / "adapter_config.json").write_text("{}")
+            weights = {"a": torch.zeros(4, 4, dtype=dtype), "b": torch.ones(300, dtype=dtype)}
+            weights["b"][123] = bad
+            save_file(weights, str(folder / "adapter_model.safetensors"))
+            with pytest.raises(NonFiniteError, match=r"inf/NaN weights \(b\); nothing published"):
+                reg.publish(DEST, folder)
+    assert reg.list_versions(DEST) == []
+    assert list((root / ".staging").iterdir()) == []
+    finite = tmp_path / "finite"
+    finite.mkdir()
+    (finite / "adapter_config.json").write_text("{}")
+    save_file({"a": torch.full((4,), 6.5e4, dtype=torch.float16)}, str(finite / "adapter_model.safetensors"))
+    v = reg.publish(DEST, finite)  # large but finite: published
+    reg.delete_version(v.ref)
+
+
+def test_train_loss_is_the_mean_of_the_last_steps_beside_the_last_one(root: Path, tmp_path: Path, capsys):
+    reg = Registry(root)
+    cfg = write_config(tmp_path / "c.yaml", max_steps=25, lr=2e-3)
+    assert main(["--registry", str(root), "train", str(cfg), "--destination", DEST, "--quiet"]) == 0
+    version = reg.resolve(capsys.readouterr().out.strip())
+    rows = Trainings(reg).paths(version.metadata["training_id"]).metrics.read_text().splitlines()
+    import json
+
+    losses = [json.loads(r)["loss"] for r in rows]
+    assert len(losses) == 25
+    m = version.metadata["metrics"]
+    assert m["train_loss_steps"] == 20
+    assert m["train_loss"] == pytest.approx(sum(losses[-20:]) / 20, rel=1e-5)
+    assert m["last_step_loss"] == pytest.approx(losses[-1], rel=1e-5)
+    assert m["train_loss"] != pytest.approx(m["last_step_loss"])
+    assert "mean of the last 20 steps" in (version.path / "README.md").read_text()
+    reg.delete_version(version.ref)

@@ -1,9 +1,10 @@
-"""Tiny local base models: a tokenizer trained here, a randomly initialised Llama, and the shipped sample data.
+"""Tiny local base models: a tokenizer trained here, randomly initialised models, and the shipped sample data.
 
 Tests, the quickstart and the benchmark must never download from a hub, yet they should exercise the real
 ``AutoModelForCausalLM.from_pretrained`` / ``AutoTokenizer.from_pretrained`` path. So this module trains a
-byte-level BPE tokenizer with the ``tokenizers`` library, builds a ``LlamaForCausalLM`` from a config with a
-seeded random init, and saves both as an ordinary Hugging Face folder.
+byte-level BPE tokenizer with the ``tokenizers`` library, builds a causal LM of one of several architectures
+(:data:`ARCHITECTURES`: Llama, Qwen2, GPT-2) from a config with a seeded random init, and saves both as an
+ordinary Hugging Face folder. Every architecture shares the same tokenizer conventions.
 
 The tokenizer's conventions, which the rest of the engine relies on:
 
@@ -29,11 +30,22 @@ from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    LlamaConfig,
+    PretrainedConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
 
 from .errors import AlreadyExistsError, DataError, UsageError
 
 UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"
+# What each tiny architecture stands for: Llama (RMSNorm, gated SiLU MLP, rotary positions, tied head); Qwen2
+# (Llama's layout plus biases on q/k/v, grouped-query attention and an untied head by default); GPT-2 (Conv1D
+# projections with fused q/k/v and biases everywhere, LayerNorm, GELU MLP, learned positions, tied head).
+ARCHITECTURES = ("llama", "qwen2", "gpt2")
 IM_START = "<|im_start|>"
 SPECIAL_TOKENS = (UNK, BOS, EOS, PAD, IM_START)
 
@@ -151,6 +163,7 @@ def build_tiny_model(
     out_dir: str | os.PathLike[str],
     tokenizer: PreTrainedTokenizerFast | None = None,
     *,
+    arch: str = "llama",
     hidden_size: int = 64,
     num_layers: int = 2,
     num_heads: int = 4,
@@ -161,22 +174,30 @@ def build_tiny_model(
     seed: int = 0,
     texts: Iterable[str] | None = None,
     vocab_size: int = 1024,
+    tie_embeddings: bool | None = None,
 ) -> Path:
-    """Save a randomly initialised ``LlamaForCausalLM`` and its tokenizer as a Hugging Face folder in ``out_dir``.
+    """Save a randomly initialised causal LM and its tokenizer as a Hugging Face folder in ``out_dir``.
 
+    ``arch`` is one of :data:`ARCHITECTURES`.
     Without ``tokenizer``, one is trained on ``texts`` (default: the sample data rendered by
     :func:`alpaca_texts`) with ``vocab_size``. Weights depend only on ``seed`` and the sizes, and the global
-    torch RNG is left untouched. ``intermediate_size`` defaults to Llama's ~8/3 x hidden, rounded up to a
-    multiple of 32; ``num_kv_heads`` defaults to ``num_heads``; ``initializer_range`` (the std of the normal
-    init) defaults to ``hidden_size ** -0.5``. Input and output embeddings are tied, as in small Llama
-    releases. ``out_dir`` may exist but must be empty. Returns ``out_dir`` as a path.
+    torch RNG is left untouched. ``intermediate_size`` defaults to ~8/3 x hidden rounded up to a
+    multiple of 32 for the gated MLPs (Llama, Qwen2) and 4 x hidden for GPT-2; ``num_kv_heads`` defaults to
+    ``num_heads`` (GPT-2 has no grouped-query attention); ``initializer_range`` (the std of the normal init)
+    defaults to ``hidden_size ** -0.5``. ``tie_embeddings`` defaults to tied input and output embeddings for
+    Llama and GPT-2 (as in their small releases) and untied for Qwen2. ``out_dir`` may exist but must be
+    empty. Returns ``out_dir`` as a path.
     """
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise AlreadyExistsError(f"{out} already exists and is not an empty folder", "choose a new or empty folder")
+    if arch not in ARCHITECTURES:
+        raise UsageError(f"unknown architecture {arch!r}", f"use one of {', '.join(ARCHITECTURES)}")
     num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+    if arch == "gpt2" and num_kv_heads != num_heads:
+        raise UsageError("GPT-2 has no grouped-query attention", "leave num_kv_heads unset for arch gpt2")
     if intermediate_size is None:
-        intermediate_size = -(-hidden_size * 8 // 3 // 32) * 32
+        intermediate_size = 4 * hidden_size if arch == "gpt2" else -(-hidden_size * 8 // 3 // 32) * 32
     _check_sizes(
         hidden_size, num_layers, num_heads, num_kv_heads, intermediate_size, max_position_embeddings, initializer_range
     )
@@ -196,29 +217,22 @@ def build_tiny_model(
         raise UsageError("the tokenizer's pad token is its eos token", "give it a distinct pad token")
     tokenizer.model_max_length = max_position_embeddings
 
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_kv_heads,
-        max_position_embeddings=max_position_embeddings,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
+    config = _config(
+        arch, vocab_size=len(tokenizer), hidden=hidden_size, intermediate=intermediate_size, layers=num_layers,
+        heads=num_heads, kv_heads=num_kv_heads, max_pos=max_position_embeddings,
+        tie=arch != "qwen2" if tie_embeddings is None else tie_embeddings,
         # Llama's 0.02 suits hidden sizes in the thousands. At hidden 64-512 it caps every logit near
         # 0.02 * hidden (the frozen tied embedding times a unit-RMS state), so the loss cannot fall below
         # ~ln(vocab) - 0.02 * hidden: LoRA then picks the right argmax but reports a loss stuck near 4-5.
         # 1/sqrt(hidden) gives logits of a realistic scale (measured: 70/70 sample prompts exact after
         # 100 LoRA steps at loss 0.35, versus 10/70 at loss 5.3 with 0.02; hidden 128, 4 layers, r=16, lr 2e-3).
-        initializer_range=hidden_size**-0.5 if initializer_range is None else initializer_range,
+        init=hidden_size**-0.5 if initializer_range is None else initializer_range,
+        special={name: getattr(tokenizer, name) for name in ("bos_token_id", "eos_token_id", "pad_token_id")},
     )
     # fork_rng: seeding must not disturb the caller's random stream (tests and training seed their own).
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
+        model = AutoModelForCausalLM.from_config(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
@@ -226,8 +240,24 @@ def build_tiny_model(
     return out
 
 
+def _config(arch: str, *, vocab_size: int, hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int,
+            max_pos: int, tie: bool, init: float, special: dict[str, int]) -> PretrainedConfig:
+    if arch == "gpt2":
+        # Dropout off: the tiny models are for exact tests and benchmarks (peft and finetune default to none).
+        return GPT2Config(vocab_size=vocab_size, n_embd=hidden, n_inner=intermediate, n_layer=layers, n_head=heads,
+                          n_positions=max_pos, tie_word_embeddings=tie, initializer_range=init, resid_pdrop=0.0,
+                          embd_pdrop=0.0, attn_pdrop=0.0, **special)
+    common = dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate,
+                  num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                  max_position_embeddings=max_pos, tie_word_embeddings=tie, initializer_range=init, **special)
+    if arch == "qwen2":
+        return Qwen2Config(**common)  # q/k/v biases are part of Qwen2's layout
+    return LlamaConfig(**common)
+
+
 def _check_sizes(
-    hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int, max_pos: int, initializer_range: float | None
+    hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int, max_pos: int,
+    initializer_range: float | None,
 ) -> None:
     for name, value in (
         ("hidden_size", hidden),

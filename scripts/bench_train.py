@@ -2,13 +2,22 @@
 """Training throughput and memory: finetune against the Hugging Face Trainer + PEFT, side by side, in one run.
 
     python scripts/bench_train.py [--data ../shared/data/alpaca_5000.json] [--steps 30] [--warmup 3]
+                                  [--arch llama|qwen2|gpt2] [--precision auto|fp32|bf16]
 
 Runs, one after the other, each in its own process (so peak memory is each contender's own):
-  1. ours         the real `finetune train` command, with its defaults;
-  2. peer-default Trainer + get_peft_model: random sampling, padding to the longest in the batch, fp32;
-  3. peer-tuned   the same with train_sampling_strategy="group_by_length" and bf16=True.
-Same model (a Llama built locally with random weights: hidden 512, 8 layers, 8 heads, intermediate 1376,
-vocabulary 8192 from a BPE tokenizer trained on the data), same tokenized data and prompt masking (finetune's
+  1. ours         the real `finetune train` command, with its defaults but for the precision;
+  2. peer-default Trainer + get_peft_model with the Trainer's defaults: random sampling, padding to the longest
+                  in the batch, fp32 (whatever --precision says: that is what a user who sets nothing gets);
+  3. peer-tuned   the same with train_sampling_strategy="group_by_length" and the precision a sensible user
+                  picks: with --precision auto, bf16 only where the device does it natively (a GPU, a CPU with
+                  AVX512-BF16 or AMX), else fp32, where emulated bf16 would be many times slower.
+--precision sets ours and the tuned peer alike (auto: finetune's own choice, which is the rule above); on a
+bf16 machine `--precision fp32` reproduces the fp32-only case. The machine's capability (CPU model, native
+bf16 or not, measured bf16 and fp32 matmul rates) is printed with the results, and each contender's speed as a
+share of the matmul peak of the precision it ran in.
+Same model (one of the tiny architectures of finetune.tiny, built locally with random weights, ~30M
+parameters, see ARCH_MODELS; vocabulary 8192 from one BPE tokenizer trained on the data and shared by every
+architecture), same tokenized data and prompt masking (finetune's
 data layer encodes it once for everybody), LoRA r 16 / alpha 32 on all linear layers, batch 8, max length 512,
 lr 2e-4, the same number of steps. It prints real (non-padding) tokens/s over the timed steps (after the
 warm-up), peak memory (resident on a CPU; allocated GPU memory on CUDA), wall time of the whole process, three
@@ -33,24 +42,69 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "alpaca_5000.json"
-MODEL = dict(hidden_size=512, num_layers=8, num_heads=8, intermediate_size=1376, vocab_size=8192)
+# ~30M parameters each. Qwen2: grouped-query attention (2 key/value heads), q/k/v biases, untied head; GPT-2:
+# Conv1D projections, LayerNorm, GELU MLP of 4 x hidden, learned positions, tied head.
+ARCH_MODELS = {
+    "llama": dict(hidden_size=512, num_layers=8, num_heads=8, intermediate_size=1376),
+    "qwen2": dict(hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=2, intermediate_size=1376),
+    "gpt2": dict(hidden_size=512, num_layers=8, num_heads=8, intermediate_size=2048),
+}
+VOCAB = 8192
 LORA = dict(r=16, alpha=32)  # dropout: each side's default (0 in peft and in finetune)
 BATCH, MAX_LEN, LR, EVAL_ROWS, SEED = 8, 512, 2e-4, 200, 42
 
 
 # ---------------------------------------------------------------- set-up shared by all contenders
-def build_inputs(data: Path, work: Path) -> dict:
-    """The base model folder, the train/eval split files, in ``work`` (reused when already there)."""
-    from finetune.tiny import alpaca_texts, build_tiny_model
+def build_inputs(data: Path, work: Path, arch: str) -> dict:
+    """The base model folder, the train/eval split files, in ``work`` (reused when already there). Every
+    architecture's model shares one tokenizer, trained once on the data, so the tokenized data are the same."""
+    from transformers import AutoTokenizer
+
+    from finetune.tiny import alpaca_texts, build_tiny_model, train_tokenizer
 
     records = json.loads(data.read_text())
     train, held_out = records[EVAL_ROWS:], records[:EVAL_ROWS]
-    paths = {"model": work / "base", "train": work / "train.jsonl", "eval": work / "eval.jsonl"}
-    if not (paths["model"] / "config.json").exists():
-        build_tiny_model(paths["model"], texts=alpaca_texts(records), seed=SEED, max_position_embeddings=1024, **MODEL)
+    paths = {"model": work / f"base-{arch}", "train": work / "train.jsonl", "eval": work / "eval.jsonl",
+             "tokenizer": work / "tokenizer"}
+    if not (paths["tokenizer"] / "tokenizer.json").exists():
+        train_tokenizer(alpaca_texts(records), vocab_size=VOCAB).save_pretrained(paths["tokenizer"])
         for key, rows in (("train", train), ("eval", held_out)):
             paths[key].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if not (paths["model"] / "config.json").exists():
+        build_tiny_model(paths["model"], AutoTokenizer.from_pretrained(paths["tokenizer"]), arch=arch, seed=SEED,
+                         max_position_embeddings=1024, **ARCH_MODELS[arch])
     return {k: str(v) for k, v in paths.items()}
+
+
+def capability() -> dict:
+    """What the machine does natively: the CPU's model and bf16 support, or the GPU's name."""
+    import platform
+
+    import torch
+
+    from finetune.modeling.precision import choose_precision
+
+    if torch.cuda.is_available():
+        return {"device": torch.cuda.get_device_name(), "native_bf16": torch.cuda.is_bf16_supported(),
+                "kind": "GPU", "auto": choose_precision("auto", torch.device("cuda"))}
+    flags, model = set(), platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "flags" and not flags:
+                flags = set(value.split())
+            elif key.strip() == "model name":
+                model = value.strip()
+    except OSError:
+        pass
+    native = choose_precision("auto", torch.device("cpu")) == "bf16"
+    isa = [f for f in ("avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
+    kind = ("native bf16 (" + ", ".join(isa or ["oneDNN says so"]) + ")" if native else
+            "no native bf16 (" + ("AVX512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2")
+            + " only: bf16 is emulated)")
+    return {"device": f"{model}, {os.cpu_count()} cores, torch {torch.__version__}, "
+                      f"{torch.backends.cpu.get_cpu_capability()} kernels", "native_bf16": native, "kind": kind,
+            "auto": choose_precision("auto", torch.device("cpu"))}
 
 
 def tokenized(paths: dict, cache: Path):
@@ -90,7 +144,7 @@ def matmul_rates() -> dict:
 
 
 # ---------------------------------------------------------------- contenders (each in its own process)
-def run_ours(paths: dict, steps: int, work: Path) -> dict:
+def run_ours(paths: dict, steps: int, work: Path, precision: str) -> dict:
     """The real `finetune train` CLI with default settings (bar the shared benchmark parameters)."""
     home = work / "registry-ours"
     env = dict(os.environ, FINETUNE_HOME=str(home), HF_HUB_OFFLINE="1")
@@ -99,7 +153,7 @@ def run_ours(paths: dict, steps: int, work: Path) -> dict:
         "base_model": paths["model"], "destination": "bench/ours",
         "data": {"path": paths["train"], "format": "alpaca", "max_seq_len": MAX_LEN},
         "lora": {**LORA, "target_modules": "all-linear"},  # everything else: our defaults
-        "train": {"max_steps": steps, "batch_size": BATCH, "lr": LR, "seed": SEED},
+        "train": {"max_steps": steps, "batch_size": BATCH, "lr": LR, "seed": SEED, "precision": precision},
     }))
     cmd = [sys.executable, "-m", "finetune", "train", str(cfg), "--create-destination", "--quiet"]
     result = _timed_child(cmd, env)
@@ -114,7 +168,8 @@ def run_ours(paths: dict, steps: int, work: Path) -> dict:
     rows = MetricsLog(trainings.paths(version.metadata["training_id"]).metrics).read()
     summary = trainings.get(version.metadata["training_id"]).metrics
     return {**result, "steps": [(r["time_s"], r["tokens"]) for r in rows], "losses": [r["loss"] for r in rows],
-            "adapter": str(version.path), "gpu_peak_mb": summary["peak_memory_mb"] if summary["device"] == "cuda" else None}
+            "adapter": str(version.path),
+            "gpu_peak_mb": summary["peak_memory_mb"] if summary["device"] == "cuda" else None}
 
 
 def peer_main(args: argparse.Namespace) -> None:
@@ -132,6 +187,7 @@ def peer_main(args: argparse.Namespace) -> None:
     tok, train, _ = tokenized(paths, Path(args.work) / "cache")
     train = train.remove_columns([c for c in train.column_names if c not in ("input_ids", "labels")])
     tuned = args.role == "peer-tuned"
+    bf16 = tuned and args.precision == "bf16"  # the default peer keeps the Trainer's default, fp32
     counted = []
 
     def collate(rows):
@@ -167,7 +223,7 @@ def peer_main(args: argparse.Namespace) -> None:
     targs = TrainingArguments(
         output_dir=str(Path(args.work) / args.role), per_device_train_batch_size=BATCH, learning_rate=LR,
         max_steps=args.steps, lr_scheduler_type="cosine", logging_steps=1, save_strategy="no", report_to=[],
-        seed=SEED, bf16=tuned, use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
+        seed=SEED, bf16=bf16, use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
         remove_unused_columns=False, train_sampling_strategy="group_by_length" if tuned else "random",
         max_grad_norm=1.0, disable_tqdm=True,
     )
@@ -185,9 +241,9 @@ def peer_main(args: argparse.Namespace) -> None:
                       "at_budget": at_budget, "gpu_peak_mb": gpu_peak}), flush=True)
 
 
-def run_peer(role: str, paths: dict, steps: int, work: Path, budget: int | None) -> dict:
+def run_peer(role: str, paths: dict, steps: int, work: Path, budget: int | None, precision: str) -> dict:
     cmd = [sys.executable, __file__, "--role", role, "--paths", json.dumps(paths), "--steps", str(steps),
-           "--work", str(work), "--budget", str(budget or 0)]
+           "--work", str(work), "--budget", str(budget or 0), "--precision", precision]
     result = _timed_child(cmd, dict(os.environ, HF_HUB_OFFLINE="1"))
     if result["returncode"] != 0:
         raise SystemExit(f"{role} failed:\n{result['stderr'][-3000:]}")
@@ -254,6 +310,10 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--arch", choices=tuple(ARCH_MODELS), default="llama",
+                        help="the tiny base model's architecture")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                        help="ours and the tuned peer alike; auto: bf16 only where the device does it natively")
     parser.add_argument("--steps", type=int, default=30, help="timed steps (after the warm-up)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp folder)")
@@ -271,11 +331,15 @@ def main() -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="ft-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     total_steps = args.steps + args.warmup
-    paths = build_inputs(args.data, work)
+    paths = build_inputs(args.data, work, args.arch)
     tokenized(paths, work / "cache")  # encode once up front; every contender then reads the same cache
+    cap = capability()
+    precision = cap["auto"] if args.precision == "auto" else args.precision
+    precisions = {"ours": precision, "peer-default": "fp32", "peer-tuned": precision}
     rates = matmul_rates()
     # On a GPU what limits a run is the device's memory (allocated peak); on a CPU, the process's resident peak.
-    memory, memory_name = ("gpu_peak_mb", "peak GPU MB") if torch.cuda.is_available() else ("peak_rss_mb", "peak RSS MB")
+    memory, memory_name = (("gpu_peak_mb", "peak GPU MB") if torch.cuda.is_available()
+                           else ("peak_rss_mb", "peak RSS MB"))
     results = {}
     # Interleaved rounds, medians: on a shared machine one run of a contender can be 10-20% off.
     rounds: dict[str, list[dict]] = {role: [] for role in args.only}
@@ -285,8 +349,8 @@ def main() -> None:
     for i in range(args.repeat):
         for role in args.only:
             print(f"round {i + 1}/{args.repeat}: {role} ...", flush=True)
-            run = run_ours(paths, total_steps, work) if role == "ours" else run_peer(role, paths, total_steps, work,
-                                                                                      ours_tokens)
+            run = (run_ours(paths, total_steps, work, precision) if role == "ours" else
+                   run_peer(role, paths, total_steps, work, ours_tokens, precisions[role]))
             run["rate"], run["trained"] = timed_rate(run["steps"], args.warmup)
             if role == "ours":
                 ours_tokens = run["trained"]
@@ -313,19 +377,22 @@ def main() -> None:
     for r in results.values():
         r["train_loss_at_budget"] = train_loss_at(r["steps"], r["losses"], budget)
     flop_per_token = 4 * _matmul_params(paths["model"])
-    print(f"\nmachine: bf16 matmul {rates['bf16']:.0f} GFLOP/s, fp32 {rates['fp32']:.0f} GFLOP/s; "
-          f"model ~{flop_per_token / 1e6:.0f} MFLOP per trained token (frozen base: forward + input gradients)")
+    print(f"\nmachine: {cap['device']}; {cap['kind']}; --precision {args.precision} -> {precision}")
+    print(f"matmul peaks (2048^2, measured now): bf16 {rates['bf16']:.0f} GFLOP/s, fp32 {rates['fp32']:.0f} "
+          f"GFLOP/s; model: {args.arch}, ~{flop_per_token / 1e6:.0f} MFLOP per trained token (frozen base: forward "
+          "+ input gradients)")
     print(f"{args.steps} timed steps after {args.warmup} warm-up, batch {BATCH}, max length {MAX_LEN}; "
           f"medians of {args.repeat} interleaved rounds")
     print("loss columns: mean training loss over the first N trained tokens (N = the fewest any contender trained);"
           " held-out loss after the same steps; held-out loss at equal tokens (@ours: each peer's adapter from the"
           " first step at which it had trained as many tokens as ours did in all its steps)\n")
-    print(f"{'':13}{'tokens/s':>10}{'of bf16 peak':>14}{memory_name:>13}{'wall s':>9}{'trained tokens':>16}"
+    print(f"{'':13}{'precision':>10}{'tokens/s':>10}{'of peak':>9}{memory_name:>13}{'wall s':>9}{'trained tokens':>16}"
           f"{'train loss @N':>15}{'held-out':>10}{'held-out @ours':>16}")
     for role, r in results.items():
-        frac = r["rate"] * flop_per_token / (rates["bf16"] * 1e9)
+        frac = r["rate"] * flop_per_token / (rates[precisions[role]] * 1e9)  # of the peak of its own precision
         at_n = f"{r['loss_at_budget']:.4f}" if "loss_at_budget" in r else "n/a"
-        print(f"{role:13}{r['rate']:>10.0f}{frac:>13.0%} {r['memory_mb']:>12.0f}{r['wall_s']:>9.1f}{r['trained']:>16}"
+        print(f"{role:13}{precisions[role]:>10}{r['rate']:>10.0f}{frac:>8.0%} {r['memory_mb']:>12.0f}"
+              f"{r['wall_s']:>9.1f}{r['trained']:>16}"
               f"{r['train_loss_at_budget']:>15.4f}{r['loss']:>10.4f}{at_n:>16}   rounds: "
               + " ".join(f"{x:.0f}" for x in r["rates"]) + " tok/s, "
               + " ".join(f"{x:.0f}" for x in r["memory_rounds"]) + " MB")
@@ -343,7 +410,9 @@ def main() -> None:
                 line += f", held-out at equal tokens {_pct(ours['loss_at_budget'], peer['loss_at_budget'])}"
             print(line)
     (work / "results.json").write_text(json.dumps({k: {kk: vv for kk, vv in v.items() if kk not in ("stdout", "stderr")}
-                                                   for k, v in results.items()} | {"matmul": rates}, indent=2))
+                                                   for k, v in results.items()}
+                                                | {"matmul": rates, "capability": cap, "arch": args.arch,
+                                                   "precisions": {k: precisions[k] for k in results}}, indent=2))
     print(f"\ndetails: {work / 'results.json'}")
 
 
@@ -352,7 +421,11 @@ def _pct(ours: float, peer: float) -> str:
 
 
 def _matmul_params(model_dir: str) -> int:
+    """Weights that take part in a matmul per token: the decoder's projections and the output layer."""
     cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    if cfg["model_type"] == "gpt2":  # fused q/k/v, output projection; a two-matrix MLP
+        h, layers = cfg["n_embd"], cfg["n_layer"]
+        return layers * (4 * h * h + 2 * h * (cfg.get("n_inner") or 4 * h)) + h * cfg["vocab_size"]
     h, i, layers, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
     kv = h * cfg.get("num_key_value_heads", cfg["num_attention_heads"]) // cfg["num_attention_heads"]
     return layers * (2 * h * h + 2 * h * kv + 3 * h * i) + h * v

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -67,6 +68,7 @@ JOB_KINDS = ("trainings", "predictions")  # the folders of job records under the
 MODEL_LINKS = ("github_url", "paper_url", "license_url", "cover_image_url")
 EDITABLE = ("description", "readme", *MODEL_LINKS)
 LOCK_TIMEOUT_S = 120
+_STILL_NS = 3_000_000_000  # a versions folder unchanged this long may have its listing remembered
 _LATEST_WALK = 256  # numbers `latest` probes one by one before it lists the versions folder instead
 
 
@@ -129,6 +131,7 @@ class Registry:
         if root is None:
             root = os.environ.get("FINETUNE_HOME") or "registry"
         self.root = Path(root).expanduser().absolute()
+        self._numbers_cache: dict[Path, tuple[tuple[int, int], tuple[int, ...]]] = {}  # see version_numbers
         if self.root.exists() and not self.root.is_dir():
             raise RegistryAccessError(
                 f"registry root {self.root} is not a folder", "point FINETUNE_HOME at a folder, or remove the file"
@@ -354,6 +357,27 @@ class Registry:
     def version(self, model: str, number: int) -> Version | None:
         """Version ``number`` of ``model``, or ``None`` if it does not exist (one ``stat``, no manifest read)."""
         return self._version(self.get_model(model), number)
+
+    def version_numbers(self, model: str) -> list[int]:
+        """The numbers of ``model``'s versions, newest first, without building :class:`Version` objects.
+
+        For listings served again and again (the HTTP API): the answer is remembered with the versions folder's
+        modification time and inode, and reused while they are unchanged. Timestamps are coarse (a clock tick),
+        so a listing is remembered only once its folder has been still for a few seconds: a version published
+        in the same tick as a listing is never missed."""
+        vdir = self._versions_dir(self.get_model(model).path)
+        try:
+            st = os.stat(vdir)
+        except FileNotFoundError:
+            return []
+        stamp = (st.st_ino, st.st_mtime_ns)
+        cached = self._numbers_cache.get(vdir)
+        if cached is not None and cached[0] == stamp:
+            return list(cached[1])
+        numbers = sorted(self._version_numbers(vdir.parent), reverse=True)
+        if time.time_ns() - st.st_mtime_ns > _STILL_NS:
+            self._numbers_cache[vdir] = (stamp, tuple(numbers))
+        return numbers
 
     def list_versions(self, model: str) -> list[Version]:
         """All versions of ``model``, newest first. Manifests are read lazily."""

@@ -1,9 +1,9 @@
 """The ASGI application of ``finetune serve``: a thin HTTP adapter over the registry (and, later, the queue).
 
 ``create_app(registry, settings)`` builds a FastAPI app whose state holds the registry, the settings, the
-accounts and a version-id index; routers come from :mod:`finetune.server.routes`. Long-lived services (the
-training queue, inference workers) join ``app.state.services``: each has ``start()`` and ``stop()``, called
-when the server starts and stops.
+accounts, a version-id index and a cache of version JSON; routers come from :mod:`finetune.server.routes`.
+Long-lived services (the training queue, inference workers) join ``app.state.services``: each has ``start()``
+and ``stop()``, called when the server starts and stops.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from . import problems
 from .limits import FRAMING_BYTES, BodyLimit
 from .routes import account, files, models, versions
 from .settings import ServerSettings
+from .wire_cache import VersionJSON
 
 __all__ = ["ServerSettings", "create_app"]
 
@@ -49,6 +50,7 @@ def create_app(registry: Registry | None = None, settings: ServerSettings | None
     app.state.settings = settings
     app.state.accounts = Accounts(registry)
     app.state.version_index = VersionIndex(registry)
+    app.state.version_json = VersionJSON()
     app.state.services = []  # objects with start()/stop(), e.g. the training queue
     problems.install(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_upload_bytes + FRAMING_BYTES)

@@ -14,6 +14,7 @@ from ..registry import Registry
 from ..registry.accounts import Accounts
 from ..registry.index import VersionIndex
 from .settings import ServerSettings
+from .wire_cache import VersionJSON
 
 
 def get_registry(request: Request) -> Registry:
@@ -44,3 +45,10 @@ def get_version_index(request: Request) -> VersionIndex:
 
 
 VersionIndexDep = Annotated[VersionIndex, Depends(get_version_index)]
+
+
+def get_version_json(request: Request) -> VersionJSON:
+    return request.app.state.version_json
+
+
+VersionJSONDep = Annotated[VersionJSON, Depends(get_version_json)]

@@ -40,11 +40,9 @@ from ..data.batching import (
 from ..data.prepare import Prepared, format_summary, prepare
 from ..errors import FinetuneError, ModelNotFoundError, TrainingCanceled, UsageError
 from ..modeling.load import attach_lora, load_base_model, load_tokenizer
+from ..modeling.ops import rewrite_for_training
 from ..modeling.ops.attention import VARLEN_ATTENTION
-from ..modeling.ops.lora import fuse_lora_updates, keep_activations_in_compute_dtype
 from ..modeling.ops.loss import CausalLMLoss, normalize_loss
-from ..modeling.ops.mlp import fuse_gated_mlps
-from ..modeling.ops.norms import fuse_rms_norms
 from ..modeling.precision import choose_precision, torch_dtype
 from ..names import parse_model_name
 from ..registry import Registry, TrainingPaths, Version
@@ -291,11 +289,7 @@ def _load(run: _Run) -> _Loaded:
     attn = VARLEN_ATTENTION if tcfg.packing else None
     base = load_base_model(resolved.base, torch_dtype(run.precision), attn_implementation=attn)
     model = attach_lora(base, config.lora, adapter_dir=str(resolved.adapter.path) if resolved.adapter else None)
-    if run.precision != "fp32":
-        keep_activations_in_compute_dtype(model)
-    fuse_lora_updates(model)
-    fuse_rms_norms(model)
-    fuse_gated_mlps(model)
+    run.log.info(str(rewrite_for_training(model, run.precision, run.accelerator.device)))  # the fused paths on
     trainable = [p for p in model.parameters() if p.requires_grad]
     run.log.info(f"trainable parameters: {sum(p.numel() for p in trainable):,} "
                  f"of {sum(p.numel() for p in model.parameters()):,}")

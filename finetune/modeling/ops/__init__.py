@@ -1,14 +1,19 @@
 """Exact rewrites of a model's training arithmetic: fewer passes over activations, fewer copies kept.
 
 Each rewrite computes what peft and transformers compute (tests compare logits and gradients with the
-unrewritten model) and applies only where it recognises the module; anything else keeps its own code.
-``lora`` (fused LoRA linear), ``norms`` (RMSNorm), ``mlp`` (gated MLP), ``attention`` (packed causal
-attention), ``loss`` (output layer fused with the cross-entropy).
+unrewritten model, for every architecture the benchmark uses) and applies only where it recognises the module;
+anything else keeps its own code, and :func:`rewrite_for_training` says which paths are on, so a fallback is
+visible in the training log. ``lora`` (fused LoRA linear), ``norms`` (RMSNorm), ``mlp`` (gated MLP),
+``attention`` (packed causal attention), ``loss`` (output layer fused with the cross-entropy).
 """
 
 from __future__ import annotations
 
+from collections import Counter
+from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 
 def same_code(function: Any, reference: Any) -> bool:
@@ -18,3 +23,62 @@ def same_code(function: Any, reference: Any) -> bool:
             and code.co_names == ref.co_names)
 
 
+@dataclass(frozen=True)
+class FusedPaths:
+    """Which rewritten paths a model trains through, and what kept its own code (class names)."""
+
+    lora: Counter  # path name (see ops.lora.lora_path) -> adapted layers taking it
+    rms_norms: int
+    other_norms: tuple[str, ...]
+    gated_mlps: int
+    other_mlps: tuple[str, ...]
+    loss: str
+    attention: str
+
+    def __str__(self) -> str:
+        total = sum(self.lora.values())
+        lora = f"lora {self.lora['fused']}/{total} layers"
+        if total != self.lora["fused"]:
+            lora += " (" + ", ".join(f"{n} {k}" for k, n in sorted(self.lora.items()) if k != "fused") + ")"
+        norms, mlps = f"rmsnorm {self.rms_norms}", f"gated-mlp {self.gated_mlps}"
+        if self.other_norms:
+            norms += f" ({', '.join(self.other_norms)} unchanged)"
+        if self.other_mlps:
+            mlps += f" ({', '.join(self.other_mlps)} unchanged)"
+        return f"fused paths: {lora}, {norms}, {mlps}, loss {self.loss}, attention {self.attention}"
+
+
+def rewrite_for_training(model, precision: str, device: torch.device) -> FusedPaths:
+    """Apply every rewrite that recognises its module to a (PEFT) model about to train; say what is on."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from .attention import attention_path
+    from .lora import fuse_lora_updates, keep_activations_in_compute_dtype, lora_path
+    from .loss import fuses_head
+    from .mlp import fuse_gated_mlps
+    from .norms import fuse_rms_norms
+
+    if precision != "fp32":
+        keep_activations_in_compute_dtype(model)
+    fuse_lora_updates(model)
+    rms = fuse_rms_norms(model)
+    mlps = fuse_gated_mlps(model)
+    lora = Counter(lora_path(m) for m in model.modules() if isinstance(m, BaseTunerLayer))
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = inner.get_output_embeddings()
+    return FusedPaths(
+        lora=lora,
+        rms_norms=rms,
+        other_norms=_unchanged(model, ("Norm",)),
+        gated_mlps=mlps,
+        other_mlps=_unchanged(model, ("MLP",)),
+        loss="fused" if fuses_head(head) else f"autograd ({type(head).__name__} head)",
+        attention=attention_path(inner.config, device),
+    )
+
+
+def _unchanged(model, suffixes: tuple[str, ...]) -> tuple[str, ...]:
+    """Class names (with counts) of modules named like ``suffixes`` whose forward was not rewritten."""
+    names = Counter(type(m).__name__ for m in model.modules()
+                    if type(m).__name__.endswith(suffixes) and "forward" not in vars(m))
+    return tuple(f"{n} {name}" for name, n in sorted(names.items()))

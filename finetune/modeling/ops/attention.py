@@ -53,15 +53,14 @@ def _varlen_attention(
     cu_seq_lens_q: torch.Tensor | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """Causal attention within each packed sequence. Shapes: (batch, heads, tokens, head_dim), batch == 1."""
-    groups = getattr(module, "num_key_value_groups", 1)
-    if groups > 1:
-        key = key.repeat_interleave(groups, dim=1)
-        value = value.repeat_interleave(groups, dim=1)
+    """Causal attention within each packed sequence. Shapes: (batch, heads, tokens, head_dim), batch == 1; keys
+    and values may have fewer heads than queries (grouped-query attention), and are never repeated to match."""
+    gqa = key.shape[1] != query.shape[1]
     if cu_seq_lens_q is None:  # an unpacked call (e.g. generation): plain causal or masked attention
         causal = attention_mask is None and query.shape[2] > 1
         out = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=attention_mask, dropout_p=dropout, is_causal=causal, scale=scaling
+            query, key, value, attn_mask=attention_mask, dropout_p=dropout, is_causal=causal, scale=scaling,
+            enable_gqa=gqa,
         )
         return out.transpose(1, 2).contiguous(), None
     assert query.shape[0] == 1, "packed micro-batches are a single row"
@@ -77,20 +76,24 @@ def _varlen_attention(
 
 
 def _causal_attention_sdpa(q, k, v, dropout: float, scaling: float | None) -> torch.Tensor:
-    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling)
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling,
+                                          enable_gqa=k.shape[1] != q.shape[1])
 
 
 @functools.lru_cache(maxsize=64)
-def _future_bias(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """-inf above the diagonal (what each query must not see), 0 elsewhere. Few sizes occur (``_LEN_QUANTUM``)."""
-    return torch.full((n, n), float("-inf"), dtype=dtype, device=device).triu_(1)
+def _future_bias(n: int, groups: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """-inf above the diagonal (what each query must not see), 0 elsewhere, stacked ``groups`` times (one per
+    query head sharing a key/value head). Few sizes occur (``_LEN_QUANTUM``)."""
+    return torch.full((n, n), float("-inf"), dtype=dtype, device=device).triu_(1).repeat(groups, 1)
 
 
 def _causal_attention_math(q, k, v, dropout: float, scaling: float | None) -> torch.Tensor:
     """Causal attention as two batched matmuls and a softmax accumulated in fp32.
 
     For short sequences this beats SDPA's CPU flash kernel, whose fixed costs dominate there (see
-    ``_MATH_MAX_LEN``); longer ones go to the flash kernel.
+    ``_MATH_MAX_LEN``); longer ones go to the flash kernel. With grouped-query attention the query heads that
+    share a key/value head are stacked along the query axis (``[kv_heads, groups * tokens, dim]``), so each
+    key/value head is used as it is: no repeated copies, and their gradients come out of the matmuls summed.
     """
     n = q.shape[2]
     if n > _MATH_MAX_LEN or dropout > 0:
@@ -100,12 +103,22 @@ def _causal_attention_math(q, k, v, dropout: float, scaling: float | None) -> to
     if pad:
         q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
     batch, heads, m, dim = q.shape
+    kv_heads = k.shape[1]
+    groups = heads // kv_heads  # transformers' order: query head h uses key/value head h // groups
     # One kernel scales the scores and adds the causal mask (baddbmm), where a multiply and a masked fill would
     # each make a pass over the scores, forward and backward.
-    scores = torch.baddbmm(_future_bias(m, q.dtype, q.device), q.reshape(batch * heads, m, dim),
-                           k.reshape(batch * heads, m, dim).transpose(1, 2), alpha=scale)
+    scores = torch.baddbmm(_future_bias(m, groups, q.dtype, q.device), q.reshape(batch * kv_heads, groups * m, dim),
+                           k.reshape(batch * kv_heads, m, dim).transpose(1, 2), alpha=scale)
     # Softmax in the activations' dtype: the kernel accumulates in fp32 either way, and its output is the one
     # tensor that both backward passes (softmax's and the matmul's) keep, so no fp32 copy is saved.
     probs = torch.softmax(scores, dim=-1)
-    out = torch.bmm(probs, v.reshape(batch * heads, m, dim)).view(batch, heads, m, dim)
+    out = torch.bmm(probs, v.reshape(batch * kv_heads, m, dim)).view(batch, heads, m, dim)
     return out[:, :, :n] if pad else out
+
+
+def attention_path(config, device: torch.device) -> str:
+    """A short name for the attention a model trains with, for the training log."""
+    implementation = getattr(config, "_attn_implementation", None) or "default"
+    if implementation != VARLEN_ATTENTION:
+        return implementation
+    return f"varlen-math (<= {_MATH_MAX_LEN} tokens, SDPA above)" if device.type == "cpu" else "varlen-sdpa"

@@ -17,9 +17,10 @@ def fuse_lora_updates(model) -> int:
 
     peft computes ``base(x) + lora_B(lora_A(x)) * scaling``: besides the two small matmuls, that is a full-size
     multiply and a full-size add per adapted layer, forward and backward. Here the update is accumulated into
-    the base output by the B matmul itself (``addmm``), and with a frozen ``nn.Linear`` base the backward is
-    written out too (see ``_LoraLinear``). Anything but the plain case (dropout, DoRA and other variants,
-    several adapters, merged weights, extra arguments) keeps peft's own forward.
+    the base output by the B matmul itself (``addmm``), and with a frozen ``nn.Linear`` or GPT-2 ``Conv1D``
+    base the backward is written out too (see ``_LoraLinear``). Anything but the plain case (dropout, DoRA and
+    other variants, several adapters, merged weights, extra arguments) keeps peft's own forward; see
+    :func:`lora_path` for which path a layer takes.
     """
     from peft.tuners.lora.layer import Linear as LoraLinear
 
@@ -31,22 +32,55 @@ def fuse_lora_updates(model) -> int:
     return count
 
 
-def _fused_lora_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+def lora_path(module: nn.Module) -> str:
+    """The path a routed LoRA layer takes in training: ``"fused"`` (one autograd function, frozen ``nn.Linear``
+    or ``Conv1D`` base), ``"addmm"`` (autograd, the update folded into the B matmul: a trained or other base
+    layer) or ``"peft"`` (peft's own forward: dropout, variants, several adapters, merged weights, or a layer
+    :func:`fuse_lora_updates` did not route). Inputs of another dtype than the adapter's outside autocast also
+    fall back to peft's forward at run time."""
+    if vars(module).get("forward") is None or getattr(module.forward, "__func__", None) is not _fused_lora_forward:
+        return "peft"
+    name = _plain_adapter(module)
+    if name is None:
+        return "peft"
+    return "fused" if _frozen_base(module.base_layer) is not None else "addmm"
+
+
+def _plain_adapter(self) -> str | None:
+    """The one active adapter's name when the layer is the plain LoRA case, else None."""
     names = self.active_adapters
     name = names[0] if len(names) == 1 else None
     plain = (
-        not args and not kwargs and name is not None and not self.disable_adapters and not self.merged
+        name is not None and not self.disable_adapters and not self.merged
         and name in self.lora_A and name not in self.lora_variant
         and isinstance(self.lora_dropout[name], nn.Identity) and self.lora_B[name].bias is None
-        and (x.dtype == self.lora_A[name].weight.dtype or torch.is_autocast_enabled(x.device.type))
     )
-    if not plain:
+    return name if plain else None
+
+
+def _frozen_base(base: nn.Module) -> bool | None:
+    """For a frozen base layer the fused function can run: whether its weight is stored transposed (GPT-2's
+    ``Conv1D`` keeps ``[in, out]``, ``nn.Linear`` ``[out, in]``). None for anything else."""
+    from transformers.pytorch_utils import Conv1D
+
+    kind = type(base)
+    if kind is not nn.Linear and kind is not Conv1D:
+        return None
+    if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
+        return None
+    return kind is Conv1D
+
+
+def _fused_lora_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    name = None if args or kwargs else _plain_adapter(self)
+    if name is None or not (x.dtype == self.lora_A[name].weight.dtype or torch.is_autocast_enabled(x.device.type)):
         return type(self).forward(self, x, *args, **kwargs)
     base, a, b = self.base_layer, self.lora_A[name].weight, self.lora_B[name].weight
-    if (type(base) is nn.Linear and not base.weight.requires_grad
-            and (base.bias is None or not base.bias.requires_grad)):
-        return _LoraLinear.apply(x, base.weight, base.bias, a, b, self.scaling[name], compute_dtype(x))
-    # A trained or non-Linear base layer (GPT-2's Conv1D): autograd, with the update folded into the B matmul.
+    transposed = _frozen_base(base)
+    if transposed is not None:
+        weight_in_out = base.weight if transposed else base.weight.t()  # a view either way, no copy
+        return _LoraLinear.apply(x, weight_in_out, base.bias, a, b, self.scaling[name], compute_dtype(x))
+    # A trained or another kind of base layer: autograd, with the update folded into the B matmul.
     result = base(x)
     h = F.linear(x, a)
     fused = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), b.t(),
@@ -55,20 +89,22 @@ def _fused_lora_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> tor
 
 
 class _LoraLinear(torch.autograd.Function):
-    """``x @ W.T + bias + scaling * (x @ A.T) @ B.T`` for a frozen ``W`` (and bias), computed in ``dtype``.
+    """``x @ W_io + bias + scaling * (x @ A.T) @ B.T`` for a frozen ``W_io`` (and bias), computed in ``dtype``.
 
-    One autograd node instead of a dozen, and the input gradient accumulated in place: ``g @ W`` is written
-    once and the LoRA term ``(g @ B) @ A`` is added into it by the same GEMM (``addmm_``), where autograd would
-    write two full-size gradients and add them. Saves ``x`` and the rank-r ``x @ A.T``, as autograd does.
+    ``W_io`` is the weight as an ``[in, out]`` matrix: ``nn.Linear``'s weight transposed (a view), GPT-2's
+    ``Conv1D`` weight as it is stored, so neither is copied. One autograd node instead of a dozen, and the
+    input gradient accumulated in place: ``g @ W_io.T`` is written once and the LoRA term ``(g @ B) @ A`` is
+    added into it by the same GEMM (``addmm_``), where autograd would write two full-size gradients and add
+    them. Saves ``x`` and the rank-r ``x @ A.T``, as autograd does.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float, dtype: torch.dtype):
+    def forward(ctx, x, weight_in_out, bias, lora_a, lora_b, scaling: float, dtype: torch.dtype):
         x2 = x.reshape(-1, x.shape[-1]).to(dtype)
         a, b = lora_a.to(dtype), lora_b.to(dtype)
         h = x2 @ a.t()
-        w = weight.to(dtype)
-        out = torch.addmm(bias.to(dtype), x2, w.t()) if bias is not None else x2 @ w.t()
+        w = weight_in_out.to(dtype)
+        out = torch.addmm(bias.to(dtype), x2, w) if bias is not None else x2 @ w
         out.addmm_(h, b.t(), alpha=scaling)
         ctx.save_for_backward(x2, h, w, a, b)
         ctx.scaling, ctx.x_dtype = scaling, x.dtype
@@ -84,7 +120,7 @@ class _LoraLinear(torch.autograd.Function):
         grad_a = (gh.t() @ x2).to(ctx.a_dtype) if ctx.needs_input_grad[3] else None
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = (g @ w).addmm_(gh, a).view(*grad.shape[:-1], x2.shape[-1]).to(ctx.x_dtype)
+            grad_x = (g @ w.t()).addmm_(gh, a).view(*grad.shape[:-1], x2.shape[-1]).to(ctx.x_dtype)
         return grad_x, None, None, grad_a, grad_b, None, None
 
 

@@ -70,7 +70,7 @@ class CausalLMLoss(nn.Module):
         """Summed cross-entropy of the output layer's logits at ``hidden`` rows against ``targets``."""
         head = self._head
         rows = _chunk_rows(head.weight.shape[0], hidden.device)
-        if type(head) is nn.Linear and head.bias is None and not head.weight.requires_grad:
+        if fuses_head(head):
             want_grad = torch.is_grad_enabled() and hidden.requires_grad
             return _HeadCrossEntropy.apply(hidden, head.weight, targets, self._softcap, rows, want_grad)
         # A trained or wrapped output layer (LoRA on lm_head, modules_to_save): plain autograd, whole logits.
@@ -78,6 +78,12 @@ class CausalLMLoss(nn.Module):
         if self._softcap:
             logits = torch.tanh(logits / self._softcap) * self._softcap
         return F.cross_entropy(logits, targets, reduction="sum")
+
+
+def fuses_head(head: nn.Module) -> bool:
+    """Whether the loss runs fused with this output layer (a frozen ``nn.Linear`` without bias); any other
+    (trained, LoRA-wrapped, biased) takes plain autograd over whole logits."""
+    return type(head) is nn.Linear and head.bias is None and not head.weight.requires_grad
 
 
 class _HeadCrossEntropy(torch.autograd.Function):

@@ -8,12 +8,15 @@ from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel, ConfigDict
 
 from ...errors import AlreadyExistsError
+from ...registry import Model, Registry
 from .. import access
 from ..auth import AccountDep, current_account
-from ..context import RegistryDep, SettingsDep, base_url
+from ..context import RegistryDep, SettingsDep, VersionJSONDep, base_url
 from ..hardware import normalize_hardware
 from ..objects import model_object
 from ..pagination import page
+from ..responses import Raw, json_response
+from ..wire_cache import VersionJSON
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(current_account)], tags=["models"])
 
@@ -45,8 +48,17 @@ class ModelUpdate(BaseModel):
     cover_image_url: str | None = None
 
 
+def _model_json(reg: Registry, cache: VersionJSON, model: Model, base: str) -> dict[str, Any]:
+    """The model object with its latest version (serialized once, from the cache) embedded."""
+    obj = model_object(model, None, base)
+    latest = reg.latest(model.full_name)
+    data = cache.get(reg, model, latest.number) if latest is not None else None
+    obj["latest_version"] = Raw(data) if data is not None else None
+    return obj
+
+
 @router.post("/models", status_code=201)
-def create_model(body: ModelCreate, account: AccountDep, reg: RegistryDep, request: Request) -> dict[str, Any]:
+def create_model(body: ModelCreate, account: AccountDep, reg: RegistryDep, request: Request) -> Response:
     """Create a model under the token's own owner name; 409 if it exists."""
     access.check_create(account, body.owner)
     name = f"{body.owner}/{body.name}"
@@ -56,34 +68,36 @@ def create_model(body: ModelCreate, account: AccountDep, reg: RegistryDep, reque
                                  hardware=normalize_hardware(body.hardware), **links)
     except AlreadyExistsError:
         raise AlreadyExistsError(f"model {name} already exists") from None
-    return model_object(model, None, base_url(request))
+    return json_response(model_object(model, None, base_url(request)), status_code=201)
 
 
 @router.get("/models")
-def list_models(account: AccountDep, reg: RegistryDep, settings: SettingsDep, request: Request) -> dict[str, Any]:
+def list_models(account: AccountDep, reg: RegistryDep, settings: SettingsDep, cache: VersionJSONDep,
+                request: Request) -> Response:
     """The models the account may see (its own and public ones), by name, paginated."""
     models = {m.full_name: m for m in access.visible_models(reg, account)}
     base = base_url(request)
-    return page(request, list(models), lambda name: model_object(models[name], reg.latest(name), base),
-                descending=False, page_size=settings.page_size)
+    return json_response(page(request, list(models), lambda name: _model_json(reg, cache, models[name], base),
+                              descending=False, page_size=settings.page_size))
 
 
 @router.get("/models/{owner}/{name}")
-def get_model(owner: str, name: str, account: AccountDep, reg: RegistryDep, request: Request) -> dict[str, Any]:
+def get_model(owner: str, name: str, account: AccountDep, reg: RegistryDep, cache: VersionJSONDep,
+              request: Request) -> Response:
     """One model, its latest version embedded."""
     model = access.visible_model(reg, account, f"{owner}/{name}")
-    return model_object(model, reg.latest(model.full_name), base_url(request))
+    return json_response(_model_json(reg, cache, model, base_url(request)))
 
 
 @router.patch("/models/{owner}/{name}")
 def update_model(owner: str, name: str, body: ModelUpdate, account: AccountDep, reg: RegistryDep,
-                 request: Request) -> dict[str, Any]:
+                 cache: VersionJSONDep, request: Request) -> Response:
     """Change description, readme or links (owner only)."""
     model = access.owned_model(reg, account, f"{owner}/{name}", "edit")
     changes = {k: getattr(body, k) for k in body.model_fields_set}
     if changes:
         model = reg.update_model(model.full_name, **changes)
-    return model_object(model, reg.latest(model.full_name), base_url(request))
+    return json_response(_model_json(reg, cache, model, base_url(request)))
 
 
 @router.delete("/models/{owner}/{name}", status_code=204)

@@ -1,0 +1,193 @@
+"""Every rewritten training path equals the unrewritten model on every architecture the benchmark uses (Llama,
+Qwen2 with grouped-query attention, q/k/v biases and an untied head, GPT-2 with Conv1D, LayerNorm and learned
+positions), or stays off and says so.
+
+The reference is what peft and transformers compute without us: eager attention over each sequence alone, peft's
+LoRA forward, the model's own norms and MLPs, cross-entropy over whole logits. The rewritten model is what
+training runs: one packed row through ``finetune_varlen`` attention, every rewrite ``rewrite_for_training``
+applies, the fused loss of :class:`CausalLMLoss`. Both start from the same weights and the same non-zero adapter.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from finetune.data.batching import collate_packed
+from finetune.modeling.ops import rewrite_for_training
+from finetune.modeling.ops.attention import VARLEN_ATTENTION, register_varlen_attention
+from finetune.modeling.ops.loss import CausalLMLoss
+from finetune.tiny import ARCHITECTURES, build_tiny_model
+
+CPU = torch.device("cpu")
+SIZES = {"llama": {}, "qwen2": {"num_kv_heads": 2}, "gpt2": {}}  # Qwen2: 4 query heads share 2 key/value heads
+LENGTHS = (5, 37, 70)  # under, over and across the attention's length quantum (32)
+
+
+@pytest.fixture(scope="module", params=ARCHITECTURES)
+def arch_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    out = tmp_path_factory.mktemp(request.param) / "model"
+    build_tiny_model(out, tok, arch=request.param, hidden_size=64, num_layers=2, num_heads=4, **SIZES[request.param])
+    return request.param, out
+
+
+def adapted(model_dir: Path, attn: str, dropout: float = 0.0):
+    """The base, frozen, with a LoRA adapter on all linear layers whose weights are seeded and non-zero."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    register_varlen_attention()
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=attn)
+    base.requires_grad_(False)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear",
+                                            task_type="CAUSAL_LM"))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _, p in sorted(model.named_parameters()):
+            if p.requires_grad:  # B starts at zero in peft: give the adapter something to add
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.1)
+    return model
+
+
+def sequences(vocab: int) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(1)
+    return [torch.randint(5, vocab, (n,), generator=generator).tolist() for n in LENGTHS]
+
+
+def reference_run(model, seqs: list[list[int]]):
+    """Each sequence alone, everything as peft and transformers do it: logits, summed loss, adapter gradients."""
+    total, logits = 0.0, []
+    for seq in seqs:
+        ids = torch.tensor([seq])
+        out = model(input_ids=ids, use_cache=False).logits[0]
+        total = total + F.cross_entropy(out[:-1], ids[0, 1:], reduction="sum")
+        logits.append(out.detach())
+    total.backward()
+    return total.detach(), torch.cat(logits), _adapter_grads(model)
+
+
+def rewritten_run(model, seqs: list[list[int]]):
+    """One packed row, as training runs it."""
+    batch = collate_packed([{"input_ids": s, "labels": s} for s in seqs])
+    loss_sum, count = CausalLMLoss(model)(**batch)
+    loss_sum.backward()
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                       cu_seq_lens_q=batch["cu_seq_lens"], use_cache=False).logits[0]
+    return loss_sum.detach(), int(count), logits[: sum(map(len, seqs))], _adapter_grads(model)
+
+
+def _adapter_grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_rewritten_training_equals_the_reference(arch_dir):
+    arch, model_dir = arch_dir
+    reference = adapted(model_dir, "eager")
+    changed = adapted(model_dir, VARLEN_ATTENTION)
+    paths = rewrite_for_training(changed, "fp32", CPU)
+    seqs = sequences(reference.config.vocab_size)
+
+    ref_loss, ref_logits, ref_grads = reference_run(reference, seqs)
+    loss, count, logits, grads = rewritten_run(changed, seqs)
+
+    assert count == sum(n - 1 for n in LENGTHS)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-4)
+    assert grads.keys() == ref_grads.keys() and len(grads) == 2 * sum(paths.lora.values())
+    for name, grad in ref_grads.items():
+        assert grad.abs().max() > 0, name  # every adapter weight is reached by the loss
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_the_active_paths_are_reported_per_architecture(arch_dir):
+    arch, model_dir = arch_dir
+    model = adapted(model_dir, VARLEN_ATTENTION)
+    paths = rewrite_for_training(model, "fp32", CPU)
+    layers = model.config.num_hidden_layers
+    adapted_layers = {"llama": 7, "qwen2": 7, "gpt2": 4}[arch] * layers  # GPT-2: c_attn, c_proj, c_fc, c_proj
+    assert dict(paths.lora) == {"fused": adapted_layers}
+    assert paths.loss == "fused" and paths.attention.startswith("varlen-math")
+    text = str(paths)
+    assert f"lora {adapted_layers}/{adapted_layers} layers" in text
+    if arch == "gpt2":  # LayerNorm and a GELU MLP: nothing of ours applies, and the log says so
+        assert (paths.rms_norms, paths.gated_mlps) == (0, 0)
+        assert f"rmsnorm 0 ({2 * layers + 1} LayerNorm unchanged)" in text
+        assert "gated-mlp 0 (2 GPT2MLP unchanged)" in text
+    else:
+        assert (paths.rms_norms, paths.gated_mlps) == (2 * layers + 1, layers)
+        assert paths.other_norms == paths.other_mlps == ()
+
+
+def test_fallbacks_are_reported(arch_dir):
+    """LoRA dropout keeps peft's forward (each layer says so); without packing the attention is named as is."""
+    _, model_dir = arch_dir
+    model = adapted(model_dir, "sdpa", dropout=0.1)
+    paths = rewrite_for_training(model, "fp32", CPU)
+    assert set(paths.lora) == {"peft"} and paths.attention == "sdpa"
+    assert str(paths).startswith(f"fused paths: lora 0/{paths.lora['peft']} layers ({paths.lora['peft']} peft)")
+
+
+def test_unpacked_calls_equal_the_reference(arch_dir):
+    """Generation calls the varlen attention without boundaries (grouped heads go to SDPA as they are)."""
+    _, model_dir = arch_dir
+    reference, changed = adapted(model_dir, "eager"), adapted(model_dir, VARLEN_ATTENTION)
+    rewrite_for_training(changed, "fp32", CPU)
+    ids = torch.tensor([sequences(reference.config.vocab_size)[1]])
+    with torch.no_grad():
+        torch.testing.assert_close(changed(input_ids=ids).logits, reference(input_ids=ids).logits,
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_conv1d_lora_under_bf16_autocast_matches_peft():
+    """GPT-2's Conv1D stores its weight [in, out]; the fused path uses it as it is, in bf16 under autocast."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+    from torch import nn
+    from transformers.pytorch_utils import Conv1D
+
+    from finetune.modeling.ops.lora import fuse_lora_updates, lora_path
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c_fc, self.c_proj = Conv1D(40, 24), Conv1D(24, 40)
+
+        def forward(self, x):
+            return self.c_proj(torch.relu(self.c_fc(x)))
+
+    torch.manual_seed(0)
+    reference = get_peft_model(Block(), LoraConfig(r=4, lora_alpha=8, target_modules=["c_fc", "c_proj"],
+                                                   fan_in_fan_out=True))
+    for p in reference.parameters():
+        if p.requires_grad:
+            nn.init.normal_(p, std=0.1)
+    reference.base_model.model.c_fc.base_layer.to(torch.bfloat16)
+    reference.base_model.model.c_proj.base_layer.to(torch.bfloat16)
+    fused = copy.deepcopy(reference)
+    assert fuse_lora_updates(fused) == 2
+    assert [lora_path(m) for m in (fused.base_model.model.c_fc, fused.base_model.model.c_proj)] == ["fused"] * 2
+    x = torch.randn(3, 7, 24, dtype=torch.bfloat16)
+    upstream = torch.randn(3, 7, 24, dtype=torch.bfloat16)
+    results = []
+    for model in (reference, fused):
+        xi = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(xi)
+        out.backward(upstream)
+        results.append((out.detach(), xi.grad, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    (out_ref, gx_ref, g_ref), (out, gx, g) = results
+    assert out.dtype == torch.bfloat16 and gx.dtype == torch.bfloat16
+    torch.testing.assert_close(out, out_ref, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(gx, gx_ref, rtol=2e-2, atol=2e-2)
+    assert g.keys() == g_ref.keys() and len(g) == 4
+    for name in g_ref:
+        assert g[name].dtype == torch.float32
+        torch.testing.assert_close(g[name], g_ref[name], rtol=2e-2, atol=2e-2, msg=name)

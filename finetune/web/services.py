@@ -62,7 +62,7 @@ def training_config(request: Request, account: str, raw: dict[str, Any], trainer
     from ..registry.accounts import Account
     from ..server.routes.trainings import training_config as api_training_config
 
-    return api_training_config(raw, trainer_ref, _registry(request), Account(account), request.app.state.settings)
+    return api_training_config(raw, trainer_ref, request, Account(account), request.app.state.settings)
 
 
 def start_training(request: Request, account: str, config: Config, destination: str) -> Any:

@@ -137,6 +137,20 @@ def test_malformed_json_from_the_docs_is_400_naming_line_and_column(live_server)
     assert live_server.registry.list_models() == []
 
 
+def test_an_unexpected_failure_is_a_500_problem_without_a_traceback(live_server, monkeypatch):
+    def broken(name):
+        raise RuntimeError("disk on fire at /secret/path")
+
+    monkeypatch.setattr(live_server.registry, "get_model", broken)
+    body = assert_problem(live_server.http("alice").get("/v1/models/alice/m"), 500, "RuntimeError")
+    assert "/secret/path" not in body["detail"]
+
+
+def test_a_form_body_is_422_asking_for_json(live_server):
+    r = live_server.http("alice").post("/v1/models", data={"owner": "alice", "name": "m"})
+    assert_problem(r, 422, "Content-Type: application/json")
+
+
 def test_unknown_route_404_wrong_method_405_bad_field_422(live_server):
     alice = live_server.http("alice")
     assert_problem(alice.get("/v1/nothing-here"), 404, "/v1/nothing-here")

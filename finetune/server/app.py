@@ -20,7 +20,7 @@ from ..registry.index import VersionIndex
 from ..web.app import router as web_router
 from . import problems
 from .limits import FRAMING_BYTES, BodyLimit
-from .routes import account, files, models, versions
+from .routes import account, files, models, predictions, versions
 from .settings import ServerSettings
 from .wire_cache import VersionJSON
 
@@ -38,6 +38,17 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         for service in reversed(started):
             service.stop()
+
+
+def _prediction_service(registry: Registry, settings: ServerSettings, app: FastAPI):
+    """Inference workers and prediction records (no torch in this process: the workers load the models)."""
+    from ..serving.service import PredictionService
+    from ..serving.worker import WorkerConfig
+
+    config = WorkerConfig(str(registry.root), device=settings.predict_device,
+                          memory_budget_mb=settings.predict_memory_mb, max_batch=settings.predict_max_batch)
+    return PredictionService(registry, config, workers=settings.predict_workers, prestart=settings.predict_prestart,
+                             to_object=predictions.prediction_object)
 
 
 def create_app(registry: Registry | None = None, settings: ServerSettings | None = None) -> FastAPI:
@@ -60,6 +71,8 @@ def create_app(registry: Registry | None = None, settings: ServerSettings | None
     app.include_router(versions.router)
     app.include_router(files.router)
     # trainings (h3-queue): app.include_router(trainings.router); app.state.services.append(queue)
-    # predictions (h4-predict): app.include_router(predictions.router)
+    app.state.predictions = _prediction_service(registry, settings, app)
+    app.state.services.append(app.state.predictions)
+    app.include_router(predictions.router)
     app.include_router(web_router)  # the web app's pages at / (last, so that /v1 wins)
     return app

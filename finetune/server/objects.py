@@ -13,9 +13,9 @@ from .. import __version__
 from ..registry import Model, Version
 from ..registry.accounts import Account
 from ..registry.files import StoredFile
+from ..serving import schema as _schema
 
-# The defaults of finetune.inference.GenerationSettings (not imported: it imports torch); a test compares them.
-GENERATION_DEFAULTS = {"max_new_tokens": 128, "temperature": 0.0, "top_p": 1.0}
+GENERATION_DEFAULTS = _schema.GENERATION_DEFAULTS
 COG_VERSION = f"finetune-{__version__}"  # not a Cog version: we do not use Cog; the client accepts any string
 
 
@@ -27,7 +27,7 @@ def account_object(account: Account) -> dict[str, Any]:
 def model_object(model: Model, latest: Version | None, base_url: str) -> dict[str, Any]:
     """A model as ``GET /v1/models/{owner}/{name}`` returns it, ``latest_version`` embedded."""
     return {
-        "url": f"{base_url}/{model.owner}/{model.name}",
+        "url": f"{base_url}/models/{model.owner}/{model.name}",  # its page in the web app
         "owner": model.owner,
         "name": model.name,
         "description": model.description or None,
@@ -72,48 +72,9 @@ def version_object(version: Version) -> dict[str, Any]:
 
 
 def openapi_schema(chat: bool) -> dict[str, Any]:
-    """The schema of a language model's predictions, as Cog declares it: ``Input`` lists the inputs;
-    ``Output`` is an array of strings with ``x-cog-array-type: iterator``, which the client streams and
-    concatenates."""
-    props: dict[str, dict[str, Any]] = {
-        "prompt": {"type": "string", "title": "Prompt", "description": "The text to continue (or the user turn)."},
-    }
-    if chat:
-        props["system_prompt"] = {"type": "string", "title": "System Prompt",
-                                  "description": "A system message placed before the prompt."}
-        props["messages"] = {"type": "array", "title": "Messages", "items": {"type": "object"},
-                             "description": "A whole conversation, [{role, content}, ...], instead of prompt."}
-    props.update({
-        "max_new_tokens": {"type": "integer", "title": "Max New Tokens", "minimum": 1,
-                           "default": GENERATION_DEFAULTS["max_new_tokens"],
-                           "description": "The most tokens to generate."},
-        "temperature": {"type": "number", "title": "Temperature", "minimum": 0,
-                        "default": GENERATION_DEFAULTS["temperature"],
-                        "description": "0 is greedy decoding; higher samples more freely."},
-        "top_p": {"type": "number", "title": "Top P", "exclusiveMinimum": 0, "maximum": 1,
-                  "default": GENERATION_DEFAULTS["top_p"],
-                  "description": "Sample from the smallest set of tokens whose probabilities add up to top_p."},
-        "top_k": {"type": "integer", "title": "Top K", "minimum": 0, "default": 0,
-                  "description": "Sample from the k most likely tokens only (0: no limit)."},
-        "seed": {"type": "integer", "title": "Seed", "description": "Makes sampling repeatable."},
-        "stop_sequences": {"type": "string", "title": "Stop Sequences",
-                           "description": "Comma-separated texts that end the output when generated."},
-    })
-    for order, prop in enumerate(props.values()):
-        prop["x-order"] = order
-    return {
-        "openapi": "3.0.2",
-        "info": {"title": "finetune", "version": __version__},
-        "paths": {},
-        "components": {
-            "schemas": {
-                "Input": {"type": "object", "title": "Input", "properties": props,
-                          "required": [] if chat else ["prompt"]},
-                "Output": {"type": "array", "title": "Output", "items": {"type": "string"},
-                           "x-cog-array-type": "iterator", "x-cog-array-display": "concatenate"},
-            }
-        },
-    }
+    """The version's ``openapi_schema``; defined once, beside the input check that applies it
+    (:mod:`finetune.serving.schema`)."""
+    return _schema.openapi_schema(chat)
 
 
 def file_object(stored: StoredFile, base_url: str) -> dict[str, Any]:

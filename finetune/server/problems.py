@@ -58,6 +58,8 @@ def _validation_detail(exc: RequestValidationError) -> tuple[int, str]:
             pos = e["loc"][1] if len(e.get("loc", ())) > 1 and isinstance(e["loc"][1], int) else 0
             return 400, json_error_detail(exc.body or "", pos, e.get("ctx", {}).get("error", "malformed JSON"))
         loc = ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body"
+        if loc == "body" and e.get("type") in ("model_attributes_type", "dict_type"):
+            return 422, "the request body must be a JSON object (send it with Content-Type: application/json)"
         problems.append(f"{loc}: {e.get('msg', 'invalid')}")
     return 422, "; ".join(problems) or "invalid request"
 

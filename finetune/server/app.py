@@ -20,8 +20,10 @@ from ..registry.index import VersionIndex
 from ..web.app import router as web_router
 from . import problems
 from .limits import FRAMING_BYTES, BodyLimit
-from .routes import account, files, models, predictions, versions
+from .objects import training_object
+from .routes import account, files, models, predictions, trainings, versions
 from .settings import ServerSettings
+from .training_service import TrainingService
 from .wire_cache import VersionJSON
 
 __all__ = ["ServerSettings", "create_app"]
@@ -70,7 +72,11 @@ def create_app(registry: Registry | None = None, settings: ServerSettings | None
     app.include_router(models.router)
     app.include_router(versions.router)
     app.include_router(files.router)
-    # trainings (h3-queue): app.include_router(trainings.router); app.state.services.append(queue)
+    app.include_router(trainings.router)
+    # The queue and the webhooks: started with the server (recovering waiting trainings), stopped with it.
+    app.state.trainings = TrainingService(registry, settings, app.state.accounts,
+                                          lambda record, url: training_object(registry, record, url))
+    app.state.services.append(app.state.trainings)
     app.state.predictions = _prediction_service(registry, settings, app)
     app.state.services.append(app.state.predictions)
     app.include_router(predictions.router)

@@ -30,6 +30,7 @@ from typing import Any, Union
 
 import yaml
 
+from .data.formats import FORMATS, OVERLONG
 from .errors import ConfigError, UsageError
 from .names import parse_model_name
 
@@ -57,11 +58,11 @@ class DataConfig:
     """Where the training rows come from and how they are cut."""
 
     path: str = _opt(path="data", check=_non_empty, aliases=("train_file", "dataset", "file"))
-    format: str = _opt("auto", choices=("auto", "alpaca", "prompt_completion", "messages", "text"))
+    format: str = _opt("auto", choices=FORMATS)
     eval: float | str | None = _opt(None, gt=0, lt=1, path="data", check=_non_empty,
                                     aliases=("eval_file", "validation", "val", "eval_split"))
     max_seq_len: int = _opt(512, gt=0, aliases=("max_length", "max_seq_length", "seq_len", "cutoff_len"))
-    overlong: str = _opt("truncate", choices=("truncate", "error"))
+    overlong: str = _opt("truncate", choices=OVERLONG)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -70,8 +71,8 @@ class LoraConfig:
 
     r: int = _opt(16, gt=0, aliases=("rank", "lora_r"))
     alpha: float = _opt(32.0, gt=0, aliases=("lora_alpha",))
-    # 0 like peft's default: dropout on every adapted layer's input costs ~10% of a CPU step for little gain in
-    # short fine-tunes; set it when overfitting shows.
+    # 0 like peft's default: dropout masks on every adapted layer's input cost a noticeable share of a CPU step
+    # (BENCHMARKS.md) for little gain in short fine-tunes; set it when overfitting shows.
     dropout: float = _opt(0.0, ge=0, lt=1, aliases=("lora_dropout",))
     target_modules: str | list[str] = _opt("all-linear", check=_non_empty, aliases=("modules", "targets"))
 

@@ -197,7 +197,8 @@ BAD_INPUT = [
 ]
 
 
-@pytest.mark.parametrize("argv, code, fragment", BAD_INPUT, ids=lambda x: " ".join(x)[:60] if isinstance(x, list) else None)
+@pytest.mark.parametrize("argv, code, fragment", BAD_INPUT,
+                         ids=lambda x: " ".join(x)[:60] if isinstance(x, list) else None)
 def test_bad_input_is_one_line_and_changes_nothing(
     capsys, tmp_path: Path, root: Path, populated: Registry, hf_folder: Path, argv, code, fragment
 ) -> None:

@@ -116,7 +116,8 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_adapter(root: Path, tmp_path
         first = proc.stderr.readline()  # `training ID`, printed as soon as the record exists
         assert first.startswith("training "), first + proc.stderr.read()
         training_id = first.split()[1]
-        checkpoints, metrics = trainings.paths(training_id).checkpoints, MetricsLog(trainings.paths(training_id).metrics)
+        paths = trainings.paths(training_id)
+        checkpoints, metrics = paths.checkpoints, MetricsLog(paths.metrics)
         wait_for(lambda: (checkpoints / "step-00000004" / "state.json").is_file(), 120, "checkpoint 4", proc)
         wait_for(lambda: any(r["step"] == HANG_AFTER for r in metrics.read()), 60, f"step {HANG_AFTER}", proc)
         proc.send_signal(signal.SIGKILL)
@@ -130,7 +131,8 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_adapter(root: Path, tmp_path
     assert record.status == "processing" and trainings.is_stale(record)  # what kill -9 leaves behind
     assert reg.list_versions(killed_dest) == []
     rc, out, _ = cli(root, "trainings", "list")
-    assert rc == 0 and "processing (process gone)" in next(l for l in out.splitlines() if l.startswith(training_id))
+    listed = next(line for line in out.splitlines() if line.startswith(training_id))
+    assert rc == 0 and "processing (process gone)" in listed
 
     rc, out, err = cli(root, "train", "--resume", training_id, "--quiet")
     assert rc == 0, err

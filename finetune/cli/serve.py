@@ -40,9 +40,17 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         raise UsageError(f"--workers must be 1 or more, not {args.workers}")
     if not 0 < args.port < 65536:
         raise UsageError(f"--port must be between 1 and 65535, not {args.port}")
+    if args.predict_workers < 1:
+        raise UsageError(f"--predict-workers must be 1 or more, not {args.predict_workers}")
+    if args.predict_max_batch < 1:
+        raise UsageError(f"--predict-max-batch must be 1 or more, not {args.predict_max_batch}")
+    memory = parse_size(args.predict_memory) / 2**20 if args.predict_memory else None
     return ServerSettings(host=args.host, port=args.port, workers=args.workers,
                           max_upload_bytes=parse_size(args.max_upload_size), allowed_data_dirs=tuple(dirs),
-                          public_base_url=args.public_url.rstrip("/") if args.public_url else None)
+                          public_base_url=args.public_url.rstrip("/") if args.public_url else None,
+                          predict_workers=args.predict_workers, predict_memory_mb=memory,
+                          predict_device=args.predict_device, predict_max_batch=args.predict_max_batch,
+                          predict_prestart=True)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -118,6 +126,14 @@ def add_commands(groups: argparse._SubParsersAction) -> None:
                    help="print a one-time sign-in link for the web app (and open it in a browser)")
     p.add_argument("--web-user", default=None, metavar="OWNER",
                    help="the account --open-browser signs in (default: your OS user name, else 'local')")
+    p.add_argument("--predict-workers", type=int, default=1, metavar="N",
+                   help="inference worker processes (default 1; versions of one base always share one)")
+    p.add_argument("--predict-memory", default=None, metavar="SIZE",
+                   help="each inference worker's budget for loaded model weights, e.g. 8G (default: no limit); "
+                        "the least recently used versions are unloaded beyond it")
+    p.add_argument("--predict-device", default="auto", help="auto (a GPU when present), cpu, gpu or cuda:N")
+    p.add_argument("--predict-max-batch", type=int, default=32, metavar="N",
+                   help="the most requests one inference worker decodes together (default 32)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
                    help="log one line per request")

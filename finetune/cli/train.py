@@ -77,7 +77,8 @@ def cmd_trainings_cancel(args: argparse.Namespace) -> None:
 
 
 def add_commands(groups: argparse._SubParsersAction) -> None:
-    p = add_command(groups, "train", cmd_train, "train a LoRA adapter and publish it as a new version of the destination")
+    p = add_command(groups, "train", cmd_train,
+                    "train a LoRA adapter and publish it as a new version of the destination")
     p.add_argument("config", nargs="?", metavar="CONFIG.yaml")
     p.add_argument("--destination", metavar="OWNER/NAME", help="the model that receives the version")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

@@ -107,7 +107,8 @@ def add_commands(groups: argparse._SubParsersAction) -> None:
     p.add_argument("ref", metavar="REF")
     p.add_argument("--system", default=None, help="system prompt")
     add_generation_options(p)
-    p = add_command(groups, "export", cmd_export, "write a version to a folder: its PEFT adapter, or merged into its base")
+    p = add_command(groups, "export", cmd_export,
+                    "write a version to a folder: its PEFT adapter, or merged into its base")
     p.add_argument("ref", metavar="REF")
     p.add_argument("out_dir", metavar="OUT_DIR", help="a new or empty folder")
     p.add_argument("--format", choices=("adapter", "merged"), default="adapter")

@@ -129,7 +129,8 @@ def add_commands(groups: argparse._SubParsersAction) -> None:
     p.add_argument("ref", metavar="REF")
     p = add_command(versions, "delete", cmd_versions_delete, "delete a version (numbers are never reused)")
     p.add_argument("ref", metavar="REF")
-    p = add_command(versions, "alias", cmd_versions_alias, "point ALIAS at a version (OWNER/NAME:ALIAS then resolves to it)")
+    p = add_command(versions, "alias", cmd_versions_alias,
+                    "point ALIAS at a version (OWNER/NAME:ALIAS then resolves to it)")
     p.add_argument("ref", metavar="REF")
     p.add_argument("alias", metavar="ALIAS")
     p.add_argument("--remove", action="store_true", help="remove the alias instead")

@@ -84,8 +84,8 @@ def _map_batch(batch: dict[str, list], indices: list[int], *, fmt: str, tokenize
 def _encode_dataset(records: datasets.Dataset, path: str, fmt: str, tokenizer: Any, train_on_inputs: bool,
                     max_seq_len: int, overlong: str, fingerprint: str) -> datasets.Dataset:
     where = RowLocator(path)
-    # No num_proc: on 2 busy cores, 5,000 Alpaca rows took 1.4-2.0 s in one process and 1.3-2.7 s with num_proc=2
-    # (the Rust tokenizer already spreads a batch over threads; forking and pickling eat the rest). Re-measure first.
+    # No num_proc: it showed no gain (BENCHMARKS.md): the Rust tokenizer already spreads a batch over threads, and
+    # forking and pickling eat the rest. Re-measure before adding it.
     encoded = records.map(
         _map_batch, batched=True, batch_size=1000, with_indices=True, remove_columns=records.column_names,
         features=_FEATURES, keep_in_memory=True, new_fingerprint=fingerprint, desc="tokenizing",

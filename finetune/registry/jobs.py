@@ -42,10 +42,6 @@ class Status(str, Enum):
     def __format__(self, spec: str) -> str:
         return format(self.value, spec)
 
-    @property
-    def final(self) -> bool:
-        return self in FINAL
-
 
 # Tuples, not sets: a plain string compares equal to its member but does not hash like it.
 STATUSES = tuple(Status)
@@ -142,6 +138,8 @@ class TrainingRecord:
     pid: int | None = None
     resumed_from_step: int | None = None
     source: str = "cli"  # who submitted it: cli (or Python) | api
+    webhook: str | None = None  # the URL that hears about this training (API trainings; see server/webhooks.py)
+    webhook_events_filter: list[str] | None = None  # which events it hears (None: all)
 
     def __post_init__(self) -> None:
         self.status = Status(self.status)  # ValueError for a status that does not exist

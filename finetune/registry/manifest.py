@@ -38,7 +38,7 @@ def software_versions() -> dict[str, str]:
 
 @functools.lru_cache(maxsize=1)
 def _software_versions() -> dict[str, str]:
-    # Reading package metadata costs ~2 ms a package, most of a small publish; it cannot change under a
+    # Reading package metadata is most of a small publish's time (BENCHMARKS.md); it cannot change under a
     # running process in any way that matters (the imported modules stay what they were).
     out = {"python": sys.version.split()[0]}
     for pkg in _SOFTWARE:

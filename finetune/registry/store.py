@@ -35,8 +35,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -554,12 +552,6 @@ class Registry:
         A staging folder whose creating process is still alive on this host is kept whatever its age.
         """
         return collect_leftovers(self, [self._staging, self._trash], older_than_hours, dry_run)
-
-    @contextmanager
-    def model_lock(self, model: str) -> Iterator[None]:
-        """Hold the model's allocation lock (for callers that must read-modify-write model files)."""
-        with self._lock(self.get_model(model).path):
-            yield
 
 
 def _check_fields(fields: dict[str, Any], allowed: tuple[str, ...] = ("readme", *MODEL_LINKS)) -> None:

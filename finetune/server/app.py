@@ -20,8 +20,10 @@ from ..registry.index import VersionIndex
 from ..web.app import router as web_router
 from . import problems
 from .limits import FRAMING_BYTES, BodyLimit
-from .routes import account, files, models, versions
+from .objects import training_object
+from .routes import account, files, models, predictions, trainings, versions
 from .settings import ServerSettings
+from .training_service import TrainingService
 from .wire_cache import VersionJSON
 
 __all__ = ["ServerSettings", "create_app"]
@@ -38,6 +40,17 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         for service in reversed(started):
             service.stop()
+
+
+def _prediction_service(registry: Registry, settings: ServerSettings, app: FastAPI):
+    """Inference workers and prediction records (no torch in this process: the workers load the models)."""
+    from ..serving.service import PredictionService
+    from ..serving.worker import WorkerConfig
+
+    config = WorkerConfig(str(registry.root), device=settings.predict_device,
+                          memory_budget_mb=settings.predict_memory_mb, max_batch=settings.predict_max_batch)
+    return PredictionService(registry, config, workers=settings.predict_workers, prestart=settings.predict_prestart,
+                             to_object=predictions.prediction_object)
 
 
 def create_app(registry: Registry | None = None, settings: ServerSettings | None = None) -> FastAPI:
@@ -59,7 +72,13 @@ def create_app(registry: Registry | None = None, settings: ServerSettings | None
     app.include_router(models.router)
     app.include_router(versions.router)
     app.include_router(files.router)
-    # trainings (h3-queue): app.include_router(trainings.router); app.state.services.append(queue)
-    # predictions (h4-predict): app.include_router(predictions.router)
+    app.include_router(trainings.router)
+    # The queue and the webhooks: started with the server (recovering waiting trainings), stopped with it.
+    app.state.trainings = TrainingService(registry, settings, app.state.accounts,
+                                          lambda record, url: training_object(registry, record, url))
+    app.state.services.append(app.state.trainings)
+    app.state.predictions = _prediction_service(registry, settings, app)
+    app.state.services.append(app.state.predictions)
+    app.include_router(predictions.router)
     app.include_router(web_router)  # the web app's pages at / (last, so that /v1 wins)
     return app

@@ -1,21 +1,24 @@
 """Wire objects: registry objects as the JSON that Replicate's API returns (and its client parses).
 
-Every field Replicate's model and version objects have is present; ours are added beside them (a version's
+Every field Replicate's model, version and training objects have is present; ours are added beside them (a version's
 ``number``, ``model``, ``kind``, ``parent``, ``metrics``, ``base``). The API and the web app build their views
 from these functions, so both say the same thing.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from .. import __version__
-from ..registry import Model, Version
+from ..errors import FinetuneError
+from ..registry import Model, Registry, Version
 from ..registry.accounts import Account
 from ..registry.files import StoredFile
+from ..registry.jobs import TrainingRecord
+from ..serving import schema as _schema
 
-# The defaults of finetune.inference.GenerationSettings (not imported: it imports torch); a test compares them.
-GENERATION_DEFAULTS = {"max_new_tokens": 128, "temperature": 0.0, "top_p": 1.0}
+GENERATION_DEFAULTS = _schema.GENERATION_DEFAULTS
 COG_VERSION = f"finetune-{__version__}"  # not a Cog version: we do not use Cog; the client accepts any string
 
 
@@ -72,48 +75,9 @@ def version_object(version: Version) -> dict[str, Any]:
 
 
 def openapi_schema(chat: bool) -> dict[str, Any]:
-    """The schema of a language model's predictions, as Cog declares it: ``Input`` lists the inputs;
-    ``Output`` is an array of strings with ``x-cog-array-type: iterator``, which the client streams and
-    concatenates."""
-    props: dict[str, dict[str, Any]] = {
-        "prompt": {"type": "string", "title": "Prompt", "description": "The text to continue (or the user turn)."},
-    }
-    if chat:
-        props["system_prompt"] = {"type": "string", "title": "System Prompt",
-                                  "description": "A system message placed before the prompt."}
-        props["messages"] = {"type": "array", "title": "Messages", "items": {"type": "object"},
-                             "description": "A whole conversation, [{role, content}, ...], instead of prompt."}
-    props.update({
-        "max_new_tokens": {"type": "integer", "title": "Max New Tokens", "minimum": 1,
-                           "default": GENERATION_DEFAULTS["max_new_tokens"],
-                           "description": "The most tokens to generate."},
-        "temperature": {"type": "number", "title": "Temperature", "minimum": 0,
-                        "default": GENERATION_DEFAULTS["temperature"],
-                        "description": "0 is greedy decoding; higher samples more freely."},
-        "top_p": {"type": "number", "title": "Top P", "exclusiveMinimum": 0, "maximum": 1,
-                  "default": GENERATION_DEFAULTS["top_p"],
-                  "description": "Sample from the smallest set of tokens whose probabilities add up to top_p."},
-        "top_k": {"type": "integer", "title": "Top K", "minimum": 0, "default": 0,
-                  "description": "Sample from the k most likely tokens only (0: no limit)."},
-        "seed": {"type": "integer", "title": "Seed", "description": "Makes sampling repeatable."},
-        "stop_sequences": {"type": "string", "title": "Stop Sequences",
-                           "description": "Comma-separated texts that end the output when generated."},
-    })
-    for order, prop in enumerate(props.values()):
-        prop["x-order"] = order
-    return {
-        "openapi": "3.0.2",
-        "info": {"title": "finetune", "version": __version__},
-        "paths": {},
-        "components": {
-            "schemas": {
-                "Input": {"type": "object", "title": "Input", "properties": props,
-                          "required": [] if chat else ["prompt"]},
-                "Output": {"type": "array", "title": "Output", "items": {"type": "string"},
-                           "x-cog-array-type": "iterator", "x-cog-array-display": "concatenate"},
-            }
-        },
-    }
+    """The version's ``openapi_schema``; defined once, beside the input check that applies it
+    (:mod:`finetune.serving.schema`)."""
+    return _schema.openapi_schema(chat)
 
 
 def file_object(stored: StoredFile, base_url: str) -> dict[str, Any]:
@@ -131,4 +95,72 @@ def file_object(stored: StoredFile, base_url: str) -> dict[str, Any]:
         "created_at": stored.created_at,
         "expires_at": None,
         "urls": {"get": url, "download": f"{url}/download"},
+    }
+
+
+# ---------------------------------------------------------------------------------------------- trainings
+_LOG_LIMIT = 1 << 20  # a training object carries at most the last MiB of its log
+
+
+def weights_url(version: Version, base_url: str) -> str:
+    """Where a version's files download as one tar archive (``GET .../versions/{id}/weights``)."""
+    owner, name = version.model.split("/", 1)
+    return f"{base_url}/v1/models/{owner}/{name}/versions/{version.id}/weights"
+
+
+def _trainer(reg: Registry, record: TrainingRecord) -> tuple[str, str]:
+    """``(owner/name, version id)`` of the version a training started from, when it is in the registry
+    (``base_model`` may also be a hub id or a folder: then that, and no id)."""
+    base = str(record.input.get("base_model") or "")
+    for ref in (record.model, base):
+        if ref and ":" in ref and not ref.startswith(("/", ".")):
+            try:
+                version = reg.resolve(ref)
+            except (FinetuneError, OSError, ValueError):
+                continue
+            return version.model, version.id
+    return record.model or base, ""
+
+
+def _logs(reg: Registry, training_id: str) -> str:
+    path = reg.training_paths(training_id).log
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(0, size - _LOG_LIMIT))
+            return f.read().decode("utf-8", "replace")
+    except FileNotFoundError:
+        return ""
+
+
+def training_object(reg: Registry, record: TrainingRecord, base_url: str) -> dict[str, Any]:
+    """A training as ``GET /v1/trainings/{id}`` returns it (and webhooks send it)."""
+    model, version_id = _trainer(reg, record)
+    output = None
+    if record.output and record.output.get("version"):
+        try:
+            published = reg.resolve(record.output["version"])
+            output = {"version": f"{published.model}:{published.id}", "weights": weights_url(published, base_url)}
+        except (FinetuneError, OSError, ValueError):  # deleted since
+            output = {"version": record.output["version"], "weights": None}
+    url = f"{base_url}/v1/trainings/{record.id}"
+    return {
+        "id": record.id,
+        "model": model,
+        "version": version_id,
+        "destination": record.destination,
+        "status": str(record.status),
+        "input": record.input,
+        "output": output,
+        "logs": _logs(reg, record.id),
+        "error": record.error,
+        "metrics": record.metrics,
+        "created_at": record.created_at,
+        "started_at": record.started_at,
+        "completed_at": record.completed_at,
+        "urls": {"get": url, "cancel": f"{url}/cancel", "web": f"{base_url}/trainings/{record.id}"},
+        # ours
+        "source": record.source,
+        "webhook": record.webhook,
+        "webhook_events_filter": record.webhook_events_filter,
     }

@@ -25,3 +25,10 @@ class ServerSettings:
     allowed_data_dirs: tuple[Path, ...] = field(default_factory=tuple)
     public_base_url: str | None = None
     page_size: int = 50
+    # predictions (finetune.serving): inference worker processes, each one's cache budget for model weights
+    # (None: no limit), the device they run on, and whether they start with the server or at the first call
+    predict_workers: int = 1
+    predict_memory_mb: float | None = None
+    predict_device: str = "auto"
+    predict_max_batch: int = 32
+    predict_prestart: bool = False

@@ -44,43 +44,20 @@ from ..modeling.ops import rewrite_for_training
 from ..modeling.ops.attention import VARLEN_ATTENTION
 from ..modeling.ops.loss import CausalLMLoss, normalize_loss
 from ..modeling.precision import choose_precision, torch_dtype
-from ..names import parse_model_name
 from ..registry import Registry, TrainingPaths, Version
-from ..registry.jobs import Status, TrainingRecord, Trainings, check_resumable, new_record_id
+from ..registry.jobs import Status, TrainingRecord, Trainings, check_resumable
 from ..registry.manifest import utc_now
 from ..registry.sources import ResolvedModel, resolve_model
 from .checkpoint import Progress, latest_checkpoint, load_checkpoint, save_checkpoint
 from .metrics import MetricsLog, Throughput, peak_memory_mb
 from .runlog import RunLog, quiet_libraries
+from .submit import submit_training
 
 
 @dataclass
 class TrainResult:
     record: TrainingRecord
     version: Version | None  # None on processes other than the main one
-
-
-def submit_training(
-    config: Config,
-    *,
-    registry: Registry | None = None,
-    destination: str | None = None,
-    create_destination: bool = False,
-    source: str = "cli",
-) -> TrainingRecord:
-    """Check the destination and write a durable training record (status ``starting``) for ``config``.
-
-    Nothing is trained: :func:`run_training` runs the record (the CLI at once, the server's queue when a worker
-    claims it). Raises :class:`FinetuneError` subclasses for a bad destination.
-    """
-    reg = registry or Registry()
-    destination = destination or config.destination
-    if not destination:
-        raise UsageError("no destination model", "pass --destination OWNER/NAME or set `destination:` in the config")
-    parse_model_name(destination)
-    _ensure_destination(reg, destination, create_destination)
-    return Trainings(reg).create(TrainingRecord(id=new_record_id(), destination=destination,
-                                                input=config.to_dict(), source=source))
 
 
 def train(
@@ -482,18 +459,6 @@ def _published_by(reg: Registry, destination: str, training_id: str) -> Version 
     except ModelNotFoundError:
         return None
     return next((v for v in versions if v.metadata.get("training_id") == training_id), None)
-
-
-def _ensure_destination(reg: Registry, destination: str, create: bool) -> None:
-    try:
-        reg.get_model(destination)
-    except ModelNotFoundError:
-        if not create:
-            raise ModelNotFoundError(
-                f"destination model {destination} does not exist",
-                f"create it with `finetune models create {destination}` or pass --create-destination",
-            ) from None
-        reg.create_model(destination, exist_ok=True)
 
 
 def _finish(trainings: Trainings, record: TrainingRecord | None, status: Status, error: str, log: RunLog) -> None:

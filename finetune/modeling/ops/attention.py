@@ -17,10 +17,9 @@ from torch import nn
 
 VARLEN_ATTENTION = "finetune_varlen"
 
-# Measured on a 2-core AVX512-BF16 CPU, in whole training steps of the benchmark model (hidden 512, 8 heads):
-# per-sequence math attention for all sequences up to 512 tokens ran ~15% faster than SDPA's CPU flash kernel,
-# and the process peaked ~17% lower. (In isolation the flash kernel wins from ~200 tokens up; inside a step it
-# does not.) Score matrices grow with the square of the length, so long sequences still take the flash kernel.
+# Inside whole training steps on CPUs, per-sequence math attention beat SDPA's CPU flash kernel in speed and peak
+# memory for every length tried (BENCHMARKS.md), though in isolation the flash kernel wins on longer sequences.
+# Score matrices grow with the square of the length, so long sequences still take the flash kernel.
 _MATH_MAX_LEN = 1024
 
 # Sequences are padded at their end to a multiple of this inside attention. Causal attention never lets a real

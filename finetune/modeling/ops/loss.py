@@ -17,11 +17,10 @@ from torch import nn
 from ...data.formats import IGNORE_INDEX
 from ..precision import compute_dtype
 
-# Rows of logits handled at a time by the loss. On CPUs small chunks stay in cache: 128 rows ran ~8% faster
-# than 1024 for the benchmark model (vocabulary 8192; 32 and 64 rows were slower again), and the step's peak
-# fell by ~70 MB, since the loss runs when every activation of the forward pass is alive. GPUs want large
-# matmuls, so there the chunk is sized by its logits: 16M floats (64 MB per fp32 buffer, a few buffers alive at
-# once) is 512 rows at a 32K vocabulary and 128 at 128K.
+# Rows of logits handled at a time by the loss. On CPUs small chunks stay in cache, so 128 rows beat both larger
+# and smaller chunks (BENCHMARKS.md), and the step's peak falls, since the loss runs when every activation of the
+# forward pass is alive. GPUs want large matmuls, so there the chunk is sized by its logits: 16M floats (64 MB
+# per fp32 buffer, a few buffers alive at once) is 512 rows at a 32K vocabulary and 128 at 128K.
 _CPU_CHUNK_ROWS = 128
 _GPU_CHUNK_LOGITS = 16 * 1024 * 1024
 

@@ -1,0 +1,218 @@
+"""Where queued trainings run: the :class:`Executor` seam and the local one, worker processes on this machine.
+
+An executor has a fixed number of slots (``capacity``) and turns a training id into a running :class:`Job`. The
+queue decides what runs and when, and settles records whose job died; the job itself is an ordinary
+``run_training(id)`` that writes its own record, log and version. A cluster executor (Ray, Slurm) would submit
+the same call as a remote task and implement the same few methods.
+
+:class:`LocalExecutor` gives each slot its own devices: with 4 GPUs and 4 slots one GPU each, with 4 GPUs and 1
+slot all four, run through ``scripts/launch.py`` (accelerate's launcher, as the CLI uses it). A single-device
+slot keeps one spare worker process started ahead of need (imports done, no device touched), so a training
+starts loading in well under a second, also when it waited behind another.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Protocol
+
+from ..errors import UsageError
+
+LAUNCHER = Path(__file__).resolve().parents[2] / "scripts" / "launch.py"
+
+
+class Job(Protocol):
+    """One training running somewhere."""
+
+    training_id: str
+
+    def poll(self) -> int | None:
+        """None while it runs; its exit status once it ended (negative: killed by that signal)."""
+
+    def stop(self) -> None:
+        """Ask it to stop soon (the run ends ``canceled`` at its next step)."""
+
+    def kill(self) -> None:
+        """End it now."""
+
+
+class Executor(Protocol):
+    """Runs trainings: at most ``capacity`` at once."""
+
+    capacity: int
+
+    def start(self, training_id: str) -> Job:
+        """Start ``run_training(training_id)``; called only while fewer than ``capacity`` jobs run."""
+
+    def close(self) -> None:
+        """Release idle resources (running jobs are the queue's to stop first)."""
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs a child process may use, without importing torch (the server starts in well under 2 s)."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [d.strip() for d in listed.split(",") if d.strip() and d.strip() != "-1"]
+    if shutil.which("nvidia-smi") is None:
+        return []
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [str(i) for i, line in enumerate(line for line in out.splitlines() if line.startswith("GPU "))]
+
+
+def describe_exit(code: int) -> str:
+    """``exited with code 3`` or ``was killed by SIGKILL``."""
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+class _ProcessJob:
+    def __init__(self, training_id: str, proc: subprocess.Popen):
+        self.training_id = training_id
+        self.proc = proc
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+    def stop(self) -> None:
+        self._signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self._signal(signal.SIGKILL)
+
+    def _signal(self, sig: int) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.send_signal(sig)
+            except ProcessLookupError:
+                pass
+
+
+class _Slot:
+    def __init__(self, index: int, gpus: list[str]):
+        self.index = index
+        self.gpus = gpus
+        self.spare: subprocess.Popen | None = None  # a worker with its imports done, waiting for an id
+        self.job: _ProcessJob | None = None
+
+
+class LocalExecutor:
+    """Worker processes on this machine: ``workers`` slots (default: one per GPU, else one), GPUs split evenly."""
+
+    def __init__(self, registry_root: str | os.PathLike[str], workers: int | None = None,
+                 gpus: list[str] | None = None, prestart: bool = True):
+        self.root = str(registry_root)
+        gpus = visible_gpus() if gpus is None else gpus
+        if workers is None:
+            workers = max(1, len(gpus))
+        if workers < 1:
+            raise UsageError(f"--workers must be 1 or more, not {workers}")
+        if gpus and workers > len(gpus):
+            raise UsageError(f"--workers {workers} is more than the {len(gpus)} GPUs here",
+                             "run at most one training per GPU")
+        per = len(gpus) // workers if gpus else 0
+        self.slots = [_Slot(i, gpus[i * per:(i + 1) * per]) for i in range(workers)]
+        self.capacity = workers
+        self.prestart = prestart
+        self._lock = threading.Lock()
+        self._closed = False
+        if prestart:
+            for slot in self.slots:
+                self._prepare(slot)
+
+    # ---------------------------------------------------------------- processes
+    def _env(self, slot: _Slot) -> dict[str, str]:
+        env = dict(os.environ)
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(slot.gpus)  # "" hides every GPU from a CPU slot
+        if "OMP_NUM_THREADS" not in env:
+            # Slots share the cores; without this each worker would start one thread per core.
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // self.capacity))
+        env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        return env
+
+    def _spawn_worker(self, slot: _Slot) -> subprocess.Popen:
+        # A session of its own: Ctrl-C in the server's terminal reaches the server, which stops its workers in
+        # order (see TrainingQueue.stop), instead of every worker at once.
+        return subprocess.Popen(
+            [sys.executable, "-m", "finetune.queue.worker", "--registry", self.root],
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, env=self._env(slot), start_new_session=True,
+            text=True,
+        )
+
+    def _prepare(self, slot: _Slot) -> None:
+        if len(slot.gpus) <= 1 and (slot.spare is None or slot.spare.poll() is not None):
+            slot.spare = self._spawn_worker(slot)
+
+    def start(self, training_id: str) -> _ProcessJob:
+        with self._lock:
+            slot = next((s for s in self.slots if s.job is None or s.job.poll() is not None), None)
+            if slot is None:
+                raise RuntimeError("no free worker slot")  # the queue never asks beyond capacity
+            if len(slot.gpus) > 1:
+                proc = self._launch(slot, training_id)
+            else:
+                proc = slot.spare if slot.spare is not None and slot.spare.poll() is None else self._spawn_worker(slot)
+                slot.spare = None
+                try:
+                    proc.stdin.write(training_id + "\n")
+                    proc.stdin.close()
+                except (BrokenPipeError, OSError):
+                    pass  # it died while waiting: the job ends at once and the queue reports how
+                if self.prestart and not self._closed:
+                    # The next training in this slot starts warm too, even straight after this one.
+                    self._prepare(slot)
+            slot.job = _ProcessJob(training_id, proc)
+            return slot.job
+
+    def _launch(self, slot: _Slot, training_id: str) -> subprocess.Popen:
+        if not LAUNCHER.is_file():
+            raise UsageError(f"multi-GPU workers need {LAUNCHER}", "run from a source checkout, or one GPU per worker")
+        return subprocess.Popen(
+            [sys.executable, str(LAUNCHER), "--num-processes", str(len(slot.gpus)), "--registry", self.root,
+             "--", "--resume", training_id, "--quiet"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, env=self._env(slot), start_new_session=True,
+        )
+
+    def refill(self) -> None:
+        """Forget ended jobs; start a spare worker where one is missing or died (called after a job ends)."""
+        with self._lock:
+            if self._closed or not self.prestart:
+                return
+            for slot in self.slots:
+                if slot.job is not None and slot.job.poll() is not None:
+                    slot.job = None
+                self._prepare(slot)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            spares = [s.spare for s in self.slots if s.spare is not None]
+            for slot in self.slots:
+                slot.spare = None
+        for proc in spares:  # end of input: an idle worker exits by itself
+            try:
+                proc.stdin.close()
+            except OSError:
+                pass
+        for proc in spares:
+            try:
+                proc.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

@@ -1,0 +1,218 @@
+"""``/v1/predictions``: run a version on an input, as Replicate's API does (create, get, list, cancel, stream).
+
+The work happens in :class:`finetune.serving.service.PredictionService` (``app.state.predictions``); these
+handlers parse, check access (:mod:`..access`) and shape the answer (:func:`prediction_object`).
+
+``Prefer: wait`` (60 s) or ``Prefer: wait=N`` holds the create request until the prediction ends or N seconds
+pass. A prediction still running then is answered with status ``starting``, as Replicate does: its client
+treats any other status in a blocking answer as final, and polls only after ``starting``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict
+
+from ...errors import UsageError, VersionNotFoundError
+from ...names import ID_LENGTH
+from ...registry import Version
+from ...registry.jobs import FINAL
+from ...registry.predictions import PredictionNotFoundError, PredictionRecord
+from .. import access
+from ..auth import AccountDep, current_account
+from ..context import RegistryDep, SettingsDep, VersionIndexDep, base_url
+from ..pagination import page
+
+router = APIRouter(prefix="/v1", dependencies=[Depends(current_account)], tags=["predictions"])
+
+MAX_WAIT_S = 60
+_PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait(?:\s*=\s*(\d+))?(?:$|[,;\s])")
+_HEX = frozenset("0123456789abcdef")
+
+
+class PredictionCreate(BaseModel):
+    """The body of ``POST /v1/predictions`` (Replicate's fields)."""
+
+    model_config = ConfigDict(extra="forbid")
+    version: str
+    input: dict[str, Any]
+    stream: bool | None = None
+    webhook: str | None = None
+    webhook_completed: str | None = None
+    webhook_events_filter: list[str] | None = None
+
+
+class ModelPredictionCreate(BaseModel):
+    """The body of ``POST /v1/models/{owner}/{name}/predictions``: as above, without a version."""
+
+    model_config = ConfigDict(extra="forbid")
+    input: dict[str, Any]
+    stream: bool | None = None
+    webhook: str | None = None
+    webhook_completed: str | None = None
+    webhook_events_filter: list[str] | None = None
+
+
+def prediction_object(record: PredictionRecord, url: str) -> dict[str, Any]:
+    """A prediction as ``GET /v1/predictions/{id}`` returns it (Replicate's fields, ``version_ref`` ours)."""
+    links = f"{url}/v1/predictions/{record.id}"
+    return {
+        "id": record.id,
+        "model": record.model,
+        "version": record.version,
+        "input": record.input,
+        "output": record.output,
+        "logs": record.logs,
+        "error": record.error,
+        "status": str(record.status),
+        "created_at": record.created_at,
+        "started_at": record.started_at,
+        "completed_at": record.completed_at,
+        "urls": {"get": links, "cancel": f"{links}/cancel", "stream": f"{links}/stream"},
+        "metrics": record.metrics,
+        "data_removed": False,
+        "source": record.source,
+        # ours
+        "version_ref": record.version_ref,
+    }
+
+
+def _service(request: Request) -> Any:
+    service = getattr(request.app.state, "predictions", None)
+    if service is None:
+        raise UsageError("this server runs no inference workers", "start it with `finetune serve`")
+    return service
+
+
+def _wait_seconds(request: Request) -> float | None:
+    """Seconds ``Prefer: wait[=N]`` asks to hold the request (at most 60), or None."""
+    prefer = request.headers.get("prefer")
+    if not prefer:
+        return None
+    match = _PREFER_WAIT.search(prefer.strip().lower())
+    if match is None:
+        return None
+    seconds = int(match.group(1)) if match.group(1) else MAX_WAIT_S
+    return float(max(1, min(MAX_WAIT_S, seconds)))
+
+
+def find_version(reg: Any, account: Any, index: Any, ref: str) -> Version:
+    """The version a prediction names: a 64-hex id (any model the caller may see) or ``owner/name:SELECTOR``."""
+    if not isinstance(ref, str) or not ref:
+        raise UsageError("version: expected a version id or owner/name:ID")
+    if "/" in ref:
+        model, sep, selector = ref.partition(":")
+        if not sep or not selector:
+            raise UsageError(f"version {ref!r}: expected owner/name:ID",
+                             "or POST /v1/models/{owner}/{name}/predictions for the latest version")
+        return access.visible_version(reg, account, model, selector, index)
+    lowered = ref.lower()
+    version = index.find(lowered) if len(lowered) == ID_LENGTH and set(lowered) <= _HEX else None
+    if version is None:
+        raise VersionNotFoundError(f"version {ref} not found",
+                                   "give its 64-hex id or owner/name:ID (GET /v1/models/{owner}/{name}/versions)")
+    access.visible_version(reg, account, version.model, version.id, index)  # another's private version: 404
+    return version
+
+
+async def _create(request: Request, account: Any, version: Version, body: Any) -> JSONResponse:
+    service = _service(request)
+    url = base_url(request)
+    webhook = body.webhook or body.webhook_completed
+    events = body.webhook_events_filter
+    if body.webhook_completed and not body.webhook:
+        events = ["completed"]
+    if webhook is not None and not webhook.startswith(("http://", "https://")):
+        raise UsageError(f"webhook: expected an http:// or https:// URL, got {webhook[:80]!r}")
+    record = await run_in_threadpool(
+        service.create, version, body.input, owner=access.username(account), stream=bool(body.stream),
+        webhook=webhook, webhook_events_filter=events, base_url=url)
+    wait = _wait_seconds(request)
+    if wait is not None:
+        record = await run_in_threadpool(service.wait, record.id, wait)
+        if record.status not in FINAL:
+            record.status = "starting"  # see the module docstring: the client polls after this one
+    headers = {"Location": f"{url}/v1/predictions/{record.id}"}
+    return JSONResponse(prediction_object(record, url), status_code=201, headers=headers)
+
+
+@router.post("/predictions", status_code=201)
+async def create_prediction(body: PredictionCreate, request: Request, account: AccountDep, reg: RegistryDep,
+                            index: VersionIndexDep) -> JSONResponse:
+    """Run a version (``version``: its 64-hex id or ``owner/name:ID``) on ``input``."""
+    version = await run_in_threadpool(find_version, reg, account, index, body.version)
+    return await _create(request, account, version, body)
+
+
+@router.post("/models/{owner}/{name}/predictions", status_code=201)
+async def create_model_prediction(owner: str, name: str, body: ModelPredictionCreate, request: Request,
+                                  account: AccountDep, reg: RegistryDep) -> JSONResponse:
+    """Run a model's latest version on ``input``."""
+    model = access.visible_model(reg, account, f"{owner}/{name}")
+    version = reg.latest(model.full_name)
+    if version is None:
+        raise VersionNotFoundError(f"model {model.full_name} has no versions yet", "train one into it first")
+    return await _create(request, account, version, body)
+
+
+def _owned(request: Request, account: Any, prediction_id: str) -> PredictionRecord:
+    try:
+        record = _service(request).get(prediction_id)
+    except (PredictionNotFoundError, UsageError):  # UsageError: an id that cannot name a record
+        raise PredictionNotFoundError(f"prediction {prediction_id} not found") from None
+    access.check_owns(account, record, "prediction", prediction_id, error=PredictionNotFoundError)
+    return record
+
+
+@router.get("/predictions")
+def list_predictions(request: Request, account: AccountDep, settings: SettingsDep) -> dict[str, Any]:
+    """The caller's predictions, newest first, paginated."""
+    service = _service(request)
+    url = base_url(request)
+
+    def load(prediction_id: str) -> dict[str, Any] | None:
+        try:
+            return prediction_object(service.get(prediction_id), url)
+        except PredictionNotFoundError:
+            return None
+
+    return page(request, service.list_ids(owner=access.username(account)), load, descending=True,
+                page_size=settings.page_size)
+
+
+@router.get("/predictions/{prediction_id}")
+def get_prediction(prediction_id: str, request: Request, account: AccountDep) -> dict[str, Any]:
+    return prediction_object(_owned(request, account, prediction_id), base_url(request))
+
+
+@router.post("/predictions/{prediction_id}/cancel")
+async def cancel_prediction(prediction_id: str, request: Request, account: AccountDep) -> dict[str, Any]:
+    """Stop a prediction (within a decoding step); an ended one is returned as it is."""
+    _owned(request, account, prediction_id)
+    record = await run_in_threadpool(_service(request).cancel, prediction_id)
+    return prediction_object(record, base_url(request))
+
+
+@router.get("/predictions/{prediction_id}/stream")
+async def stream_prediction(prediction_id: str, request: Request, account: AccountDep) -> StreamingResponse:
+    """Server-Sent Events as Replicate sends them: ``output`` events with text pieces, then ``done`` (or
+    ``error``). A client that disconnects before the end cancels the prediction."""
+    _owned(request, account, prediction_id)
+    events = _service(request).subscribe(prediction_id)
+
+    async def body() -> Any:
+        n = 0
+        async for event, data in events:
+            if event == "logs":
+                continue  # Replicate sends logs events only when asked; the client ignores them anyway
+            n += 1
+            lines = "".join(f"data: {line}\n" for line in data.split("\n"))
+            yield f"event: {event}\nid: {n}\n{lines}\n"
+
+    return StreamingResponse(body(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})

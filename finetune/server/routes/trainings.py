@@ -1,0 +1,171 @@
+"""Trainings: ``POST /v1/models/{o}/{n}/versions/{id}/trainings``, ``GET /v1/trainings[/{id}]``,
+``POST /v1/trainings/{id}/cancel``, and a version's weights as one archive.
+
+The trainer is the version in the path (a base, or a fine-tune to continue); ``input`` holds the training
+config's own keys (``data``, ``lora``, ``train``, or dotted keys such as ``"train.max_steps"``), checked exactly
+as a YAML config is. The record is written (durably) before the 201 goes out; the queue runs it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict
+
+from ...config import Config, config_from_dict
+from ...errors import ConfigError, FinetuneError, ModelNotFoundError, TrainingNotFoundError, UsageError
+from ...registry import Registry
+from ...registry.jobs import TrainingRecord, Trainings
+from .. import access
+from ..archive import tar_stream
+from ..auth import AccountDep, current_account
+from ..context import RegistryDep, SettingsDep, VersionIndexDep, base_url
+from ..data_sources import resolve_data_input
+from ..objects import training_object
+from ..pagination import page
+from ..settings import ServerSettings
+from ..training_service import TrainingService
+from ..webhooks import check_webhook
+
+router = APIRouter(prefix="/v1", dependencies=[Depends(current_account)], tags=["trainings"])
+
+MISSING_DESTINATION = "The specified training destination does not exist"  # Replicate's own words
+
+
+class TrainingCreate(BaseModel):
+    """The body of ``POST .../trainings``, as the ``replicate`` client sends it."""
+
+    model_config = ConfigDict(extra="forbid")
+    destination: str
+    input: dict[str, Any] = {}
+    webhook: str | None = None
+    webhook_completed: str | None = None  # Replicate's older spelling of "webhook, completed only"
+    webhook_events_filter: list[str] | None = None
+
+
+def _service(request: Request) -> TrainingService:
+    return request.app.state.trainings
+
+
+# ---------------------------------------------------------------------------------------------- input
+def _nest(raw: dict[str, Any]) -> dict[str, Any]:
+    """``{"train.lr": 1e-4, "data": {...}}`` -> nested sections; problems name the input key."""
+    problems: list[str] = []
+    nested: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key == "base_model":
+            problems.append("input.base_model: the base is the version in the URL; train another version by "
+                            "POSTing to its /trainings")
+            continue
+        if key == "destination":
+            problems.append("input.destination: give `destination` beside `input`, not inside it")
+            continue
+        parts = key.split(".")
+        node = nested
+        for depth, part in enumerate(parts[:-1]):
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                problems.append(f"{'.'.join(parts[:depth + 1])}: set both as a value and as a section")
+                break
+        else:
+            leaf = parts[-1]
+            if isinstance(node.get(leaf), dict) and isinstance(value, dict):
+                node[leaf] = {**node[leaf], **value}
+            elif leaf in node:
+                problems.append(f"{key}: set twice")
+            else:
+                node[leaf] = value
+    if problems:
+        raise ConfigError(problems, source="input")
+    return nested
+
+
+def _data_source(value: Any, key: str, reg: Registry, account: Any, settings: ServerSettings) -> Any:
+    """What the trainer reads for ``data.path`` / ``data.eval`` (see :mod:`..data_sources`); an error keeps its
+    status (a foreign file 404, a server path outside the allow-list 403, another URL 422) and names ``key``."""
+    if not isinstance(value, str) or not value:
+        return value  # a fraction for data.eval, or a wrong type the config check reports
+    try:
+        return resolve_data_input(value, account=account, registry=reg, settings=settings)
+    except FinetuneError as err:
+        raise type(err)(f"input: {key}: {err.message}", err.hint) from None
+
+
+def training_config(raw_input: dict[str, Any], trainer_ref: str, request: Request, account: Any,
+                    settings: ServerSettings) -> Config:
+    """The checked config of a training of ``trainer_ref`` (its ``base_model``) with ``raw_input`` as the
+    config's sections or dotted keys, data resolved for ``account``; the API and the web app both use it."""
+    reg: Registry = request.app.state.registry
+    nested = _nest(raw_input)
+    data = nested.get("data")
+    if isinstance(data, dict):
+        for key in ("path", "eval"):
+            if key in data:
+                data[key] = _data_source(data[key], f"data.{key}", reg, account, settings)
+    return config_from_dict({"base_model": trainer_ref, **nested}, source="input")
+
+
+# ---------------------------------------------------------------------------------------------- routes
+def _visible_training(reg: Registry, account: Any, training_id: str) -> TrainingRecord:
+    try:
+        record = Trainings(reg).get(training_id)
+    except (TrainingNotFoundError, UsageError):  # a malformed id names nothing, like an unknown one
+        raise TrainingNotFoundError(f"training {training_id} not found") from None
+    access.check_owns(account, record, "training", training_id)
+    return record
+
+
+@router.post("/models/{owner}/{name}/versions/{version_id}/trainings", status_code=201)
+def create_training(owner: str, name: str, version_id: str, body: TrainingCreate, account: AccountDep,
+                    reg: RegistryDep, settings: SettingsDep, index: VersionIndexDep,
+                    request: Request) -> dict[str, Any]:
+    """Train the version in the path into ``destination``: 201 with the training (status ``starting``)."""
+    trainer = access.visible_version(reg, account, f"{owner}/{name}", version_id, index)
+    try:
+        destination = access.owned_model(reg, account, body.destination, "train into").full_name
+    except ModelNotFoundError:
+        raise ModelNotFoundError(MISSING_DESTINATION) from None
+    webhook, events = body.webhook, body.webhook_events_filter
+    if webhook is None and body.webhook_completed:
+        webhook, events = body.webhook_completed, ["completed"]
+    check_webhook(webhook, events)
+    config = training_config(body.input, trainer.ref, request, account, settings)
+    url = base_url(request)
+    record = _service(request).submit(config, destination, webhook=webhook, webhook_events_filter=events,
+                                      base_url=url)
+    return training_object(reg, record, url)
+
+
+@router.get("/trainings")
+def list_trainings(account: AccountDep, reg: RegistryDep, settings: SettingsDep, request: Request) -> dict[str, Any]:
+    """The account's trainings, newest first (CLI and API alike), paginated."""
+    mine = {r.id: r for r in Trainings(reg).list() if access.owner_of(r) == account.username}
+    url = base_url(request)
+    return page(request, list(mine), lambda training_id: training_object(reg, mine[training_id], url),
+                descending=True, page_size=settings.page_size)
+
+
+@router.get("/trainings/{training_id}")
+def get_training(training_id: str, account: AccountDep, reg: RegistryDep, request: Request) -> dict[str, Any]:
+    return training_object(reg, _visible_training(reg, account, training_id), base_url(request))
+
+
+@router.post("/trainings/{training_id}/cancel")
+def cancel_training(training_id: str, account: AccountDep, reg: RegistryDep, request: Request) -> dict[str, Any]:
+    """Cancel a queued or running training (it publishes nothing); an ended one is returned unchanged."""
+    _visible_training(reg, account, training_id)
+    record = _service(request).cancel(training_id)
+    return training_object(reg, record, base_url(request))
+
+
+@router.get("/models/{owner}/{name}/versions/{version_id}/weights")
+def download_weights(owner: str, name: str, version_id: str, account: AccountDep, reg: RegistryDep,
+                     index: VersionIndexDep) -> StreamingResponse:
+    """The version's files (for an adapter: its PEFT folder) as one tar archive, streamed."""
+    version = access.visible_version(reg, account, f"{owner}/{name}", version_id, index)
+    stem = f"{owner}-{name}-{version.number}"
+    size, chunks = tar_stream(version.path, prefix=stem)
+    return StreamingResponse(chunks, media_type="application/x-tar", headers={
+        "Content-Length": str(size), "Content-Disposition": f'attachment; filename="{stem}.tar"'})

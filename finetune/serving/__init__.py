@@ -1,0 +1,11 @@
+"""Serving predictions: inference workers that keep versions loaded and decode requests in batches.
+
+- :mod:`.schema` — a version's inputs and outputs (its ``openapi_schema``) and the input check (no torch);
+- :mod:`.text` — streamed text pieces from token ids, stop sequences;
+- :mod:`.cache` — loaded versions: one base model per base, adapters beside it, LRU within a memory budget;
+- :mod:`.engine` — the batched decoding loop (KV cache, joining, cancel);
+- :mod:`.worker` — the worker process and the handle the server talks to it through;
+- :mod:`.service` — prediction records, waiting, streaming, webhooks: what the HTTP routes call.
+
+Importing this package imports no torch; only the worker's modules do.
+"""

@@ -1,0 +1,390 @@
+"""The generation loop of an inference worker: batched decoding with a KV cache, streaming, cancel.
+
+Requests for versions of one base are decoded together, one token per row per step, in one forward pass
+(each row with its own adapter; see :mod:`finetune.serving.cache`). A request that arrives while a batch runs
+joins it at the next step: its prompt is prefilled on its own, then its KV cache is left-padded to the
+batch's length and stacked onto it (rows keep their own attention masks and positions). Finished and
+canceled rows leave the batch at once, so a cancel stops generation within a step. A request for another
+base waits until the running batch drains (which it does: nothing joins once another base is waiting).
+
+Each request reports through its ``emit(kind, payload)`` callback: ``processing`` (it entered a batch),
+``log`` (loading notes), ``output`` (a text piece), and finally ``done`` with its status (succeeded, failed,
+canceled), error and metrics.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..errors import FinetuneError, one_line
+from .cache import BASE_ADAPTER, ModelCache, Servable
+from .text import Detokenizer, StopMatcher
+
+Emit = Callable[[str, dict[str, Any]], None]
+
+
+@dataclass
+class Job:
+    """One prediction to run: its version, its prompt ids (already rendered and checked) and how to sample."""
+
+    id: str
+    ref: str  # the exact version ref (owner/name:N)
+    base: str  # the base key (cache.base_key): jobs with one base share a batch
+    ids: list[int]
+    max_new_tokens: int
+    emit: Emit
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop_sequences: list[str] = field(default_factory=list)
+    canceled: threading.Event = field(default_factory=threading.Event)
+    submitted: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class _Row:
+    job: Job
+    servable: Servable
+    detok: Detokenizer
+    stop: StopMatcher
+    generator: torch.Generator | None
+    started: float
+    first_token: float | None = None
+    generated: int = 0
+    done: bool = False
+
+
+class Engine:
+    """Runs jobs on a :class:`ModelCache` in one background thread (``start``/``stop``)."""
+
+    def __init__(self, cache: ModelCache, max_batch: int = 32):
+        self.cache = cache
+        self.max_batch = max_batch
+        self._pending: list[Job] = []
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.steps = 0  # forward passes run (a test and the benchmark read how well requests were batched)
+        self.max_rows = 0
+
+    # ------------------------------------------------------------------ control
+    def start(self) -> Engine:
+        self._thread = threading.Thread(target=self._loop, name="finetune-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._stopping = True
+            for job in self._pending:
+                job.canceled.set()
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def submit(self, job: Job) -> None:
+        with self._cond:
+            self._pending.append(job)
+            self._cond.notify_all()
+
+    def cancel(self, job_id: str) -> bool:
+        """Ask a job to stop; a queued job ends before it starts, a running one within a step."""
+        with self._cond:
+            for job in self._pending:
+                if job.id == job_id:
+                    job.canceled.set()
+                    self._cond.notify_all()
+                    return True
+        return False  # the caller also sets the job's own event (it holds the job)
+
+    # ------------------------------------------------------------------ scheduling
+    def _take(self, base: str | None, room: int) -> list[Job]:
+        """Queued jobs of ``base`` (None: the oldest job's base), up to ``room``, oldest first."""
+        with self._cond:
+            if base is None:
+                if not self._pending:
+                    return []
+                base = self._pending[0].base
+            elif any(job.base != base for job in self._pending):
+                return []  # another base waits: let this batch drain
+            taken = [job for job in self._pending if job.base == base][:room]
+            for job in taken:
+                self._pending.remove(job)
+            return taken
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._stopping:
+                    self._cond.wait()
+                if self._stopping:
+                    for job in self._pending:
+                        _finish_unstarted(job, "canceled", "the inference worker stopped")
+                    self._pending.clear()
+                    return
+            jobs = self._take(None, self.max_batch)
+            if jobs:
+                try:
+                    self._run_batch(jobs)
+                except Exception as err:  # a bug must not kill the worker; the jobs say what happened
+                    traceback.print_exc()
+                    for job in jobs:
+                        _finish_unstarted(job, "failed", f"internal error: {one_line(err)}")
+
+    # ------------------------------------------------------------------ one batch
+    def _admit(self, jobs: list[Job]) -> list[_Row]:
+        """Servables for jobs (loading what is missing); failed or canceled jobs are settled here."""
+        rows = []
+        for job in jobs:
+            if job.canceled.is_set():
+                _finish_unstarted(job, "canceled", None)
+                continue
+            started = time.perf_counter()
+            job.emit("processing", {})
+            try:
+                servable, loaded = self.cache.acquire(job.ref, log=lambda text, j=job: j.emit("log", {"text": text}))
+            except FinetuneError as err:
+                _finish_unstarted(job, "failed", str(err))
+                continue
+            except Exception as err:
+                _finish_unstarted(job, "failed", f"cannot load {job.ref}: {one_line(err)}")
+                continue
+            if not loaded:
+                job.emit("log", {"text": f"{job.ref} was already loaded in this worker (no reload)"})
+            generator = None
+            if job.temperature > 0:
+                generator = torch.Generator(device=servable.base.device)
+                generator.manual_seed(job.seed if job.seed is not None else int.from_bytes(_random_bytes(), "little"))
+            rows.append(_Row(job, servable, Detokenizer(servable.loaded.tokenizer), StopMatcher(job.stop_sequences),
+                             generator, started))
+        return rows
+
+    @torch.no_grad()
+    def _run_batch(self, jobs: list[Job]) -> None:
+        rows = self._admit(jobs)
+        admitted = list(rows)  # every row this batch ever held: all end through _finish, even on errors
+        if not rows:
+            return
+        base = rows[0].servable.base  # pinned versions keep their base in memory: one object all batch long
+        batch = None
+        try:
+            batch = self._prefill(base, rows)
+            while True:
+                batch = self._drop_finished(batch)
+                room = self.max_batch - (len(batch.rows) if batch is not None else 0)
+                newcomers = self._admit(self._take(base.key, room)) if room > 0 else []
+                admitted += newcomers
+                if newcomers:
+                    fresh = self._prefill(base, newcomers)
+                    batch = fresh if batch is None else batch.join(fresh)
+                    continue  # the newcomers' first tokens are in: check for finished rows again
+                if batch is None:
+                    return
+                self._step(base, batch)
+        except Exception as err:
+            traceback.print_exc()
+            for row in admitted:
+                if not row.done:
+                    self._finish(row, "failed", f"generation failed: {one_line(err)}")
+
+    def _forward(self, base: Any, rows: list[_Row], input_ids: torch.Tensor, mask: torch.Tensor,
+                 positions: torch.Tensor, cache: Any) -> torch.Tensor:
+        model = base.model
+        kwargs = dict(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                      logits_to_keep=1)
+        kwargs[_cache_argument(base)] = cache
+        names = [row.servable.adapter for row in rows]
+        self.steps += 1
+        self.max_rows = max(self.max_rows, len(rows))
+        if not base.peft:
+            return model(**kwargs).logits[:, -1, :]
+        if len(set(names)) == 1:
+            if names[0] == BASE_ADAPTER:
+                with model.disable_adapter():
+                    return model(**kwargs).logits[:, -1, :]
+            if model.active_adapter != names[0]:
+                model.set_adapter(names[0])
+            return model(**kwargs).logits[:, -1, :]
+        return model(**kwargs, adapter_names=names).logits[:, -1, :]  # PEFT routes each row to its adapter
+
+    def _prefill(self, base: Any, rows: list[_Row]) -> _Batch:
+        from transformers import DynamicCache
+
+        device = base.device
+        width = max(len(row.job.ids) for row in rows)
+        pad = base.tokenizer.pad_token_id if base.tokenizer.pad_token_id is not None else 0
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):  # left padding: every row's next token goes in the last column
+            n = len(row.job.ids)
+            ids[i, width - n:] = torch.tensor(row.job.ids, dtype=torch.long)
+            mask[i, width - n:] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        logits = self._forward(base, rows, ids, mask, positions, cache)
+        batch = _Batch(rows, cache, mask, positions[:, -1] + 1)
+        self._consume(batch, logits)
+        return batch
+
+    def _step(self, base: Any, batch: _Batch) -> None:
+        ones = torch.ones((len(batch.rows), 1), dtype=batch.mask.dtype, device=batch.mask.device)
+        batch.mask = torch.cat([batch.mask, ones], dim=1)
+        logits = self._forward(base, batch.rows, batch.last[:, None], batch.mask, batch.next_pos[:, None],
+                               batch.cache)
+        batch.next_pos = batch.next_pos + 1
+        self._consume(batch, logits)
+
+    def _consume(self, batch: _Batch, logits: torch.Tensor) -> None:
+        """Pick each row's next token, stream its text, and mark rows that are done."""
+        tokens = logits.argmax(dim=-1)
+        for i, row in enumerate(batch.rows):
+            if row.job.temperature > 0:
+                tokens[i] = _sample(logits[i].float(), row.job, row.generator)
+        batch.last = tokens
+        now = time.perf_counter()
+        for row, token in zip(batch.rows, tokens.tolist()):
+            if row.done:
+                continue
+            if row.job.canceled.is_set():
+                self._finish(row, "canceled", None)
+                continue
+            if row.first_token is None:
+                row.first_token = now
+            if token in row.servable.eos:
+                self._finish(row, "succeeded", None)
+                continue
+            row.generated += 1
+            self._emit_text(row, row.stop.feed(row.detok.add(token)))
+            if row.stop.stopped:
+                self._finish(row, "succeeded", None)
+            elif row.generated >= row.job.max_new_tokens:
+                self._finish(row, "succeeded", None)
+
+    def _drop_finished(self, batch: _Batch) -> _Batch | None:
+        for row in batch.rows:  # canceled while waiting on the step: stop before computing another token
+            if not row.done and row.job.canceled.is_set():
+                self._finish(row, "canceled", None)
+        keep = [i for i, row in enumerate(batch.rows) if not row.done]
+        if not keep:
+            return None
+        if len(keep) < len(batch.rows):
+            batch.select(keep)
+        return batch
+
+    @staticmethod
+    def _emit_text(row: _Row, text: str) -> None:
+        if text:
+            row.job.emit("output", {"text": text})
+
+    def _finish(self, row: _Row, status: str, error: str | None) -> None:
+        if row.done:
+            return
+        row.done = True
+        self.cache.release(row.servable)  # now, not when the batch ends: the cache may evict it from here on
+        if status == "succeeded" and not row.stop.stopped:
+            self._emit_text(row, row.stop.feed(row.detok.flush()))
+            self._emit_text(row, row.stop.finish())
+        end = time.perf_counter()
+        predict = end - row.started
+        metrics: dict[str, Any] = {
+            "predict_time": round(predict, 6),
+            "input_token_count": len(row.job.ids),
+            "output_token_count": row.generated,
+        }
+        if row.first_token is not None:
+            ttft = row.first_token - row.started
+            metrics["time_to_first_token"] = round(ttft, 6)
+            # Decoding speed: tokens after the first over the time after it (the first also pays the prefill).
+            decoding = end - row.first_token
+            metrics["tokens_per_second"] = round((row.generated - 1) / decoding, 3) if row.generated > 1 and \
+                decoding > 0 else round(row.generated / predict, 3) if predict > 0 else 0.0
+        row.job.emit("done", {"status": status, "error": error, "metrics": metrics})
+
+
+class _Batch:
+    """The rows decoding together and their KV cache, attention masks, next positions and last tokens."""
+
+    def __init__(self, rows: list[_Row], cache: Any, mask: torch.Tensor, next_pos: torch.Tensor):
+        self.rows, self.cache, self.mask, self.next_pos = rows, cache, mask, next_pos
+        self.last = torch.zeros(len(rows), dtype=torch.long, device=mask.device)
+
+    def select(self, keep: list[int]) -> None:
+        index = torch.tensor(keep, dtype=torch.long, device=self.mask.device)
+        self.rows = [self.rows[i] for i in keep]
+        self.cache.batch_select_indices(index)
+        self.mask, self.next_pos, self.last = self.mask[index], self.next_pos[index], self.last[index]
+        unused = int((self.mask.sum(0) == 0).long().cumprod(0).sum())  # leading columns that are all padding
+        if unused:
+            self.mask = self.mask[:, unused:]
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[..., unused:, :], layer.values[..., unused:, :]
+
+    def join(self, other: _Batch) -> _Batch:
+        """Stack ``other``'s rows under these: the shorter caches and masks are left-padded to one length."""
+        width = max(self.mask.shape[1], other.mask.shape[1])
+        for mine, theirs in zip(self.cache.layers, other.cache.layers):
+            mine.keys = torch.cat([_pad_left(mine.keys, width), _pad_left(theirs.keys, width)], dim=0)
+            mine.values = torch.cat([_pad_left(mine.values, width), _pad_left(theirs.values, width)], dim=0)
+        self.mask = torch.cat([_pad_left(self.mask, width), _pad_left(other.mask, width)], dim=0)
+        self.next_pos = torch.cat([self.next_pos, other.next_pos])
+        self.last = torch.cat([self.last, other.last])
+        self.rows = self.rows + other.rows
+        return self
+
+
+def _cache_argument(base: Any) -> str:
+    """The name the model's forward takes its KV cache by: ``cache`` in newer transformers, else the old one."""
+    model = base.model.get_base_model() if hasattr(base.model, "get_base_model") else base.model
+    return _cache_argument_of(type(model))
+
+
+@functools.cache
+def _cache_argument_of(cls: type) -> str:
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+
+
+def _pad_left(t: torch.Tensor, width: int) -> torch.Tensor:
+    """Left-pad the sequence axis (the last for a mask, the one before it for cached keys and values)."""
+    axis = 1 if t.dim() == 2 else t.dim() - 2
+    missing = width - t.shape[axis]
+    if missing <= 0:
+        return t
+    shape = list(t.shape)
+    shape[axis] = missing
+    return torch.cat([torch.zeros(shape, dtype=t.dtype, device=t.device), t], dim=axis)
+
+
+def _sample(logits: torch.Tensor, job: Job, generator: torch.Generator | None) -> torch.Tensor:
+    logits = logits / job.temperature
+    if job.top_k and job.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, job.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if job.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative - sorted_logits.softmax(-1) > job.top_p  # keep the smallest set reaching top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator)[0]
+
+
+def _random_bytes() -> bytes:
+    import os
+
+    return os.urandom(7)
+
+
+def _finish_unstarted(job: Job, status: str, error: str | None) -> None:
+    job.emit("done", {"status": status, "error": error, "metrics": {"input_token_count": len(job.ids),
+                                                                    "output_token_count": 0}})

@@ -1,0 +1,347 @@
+"""Predictions as a service: durable records, inference workers, waiting, streaming, cancel, webhooks.
+
+The HTTP routes (server/routes/predictions.py) are a thin layer over :class:`PredictionService`:
+
+* :meth:`~PredictionService.create` checks the input against the version's schema, hands the prediction to a
+  worker and waits for the worker to admit it (the prompt rendered, tokenized and within the context) — a
+  rejection is raised as the :class:`~finetune.errors.FinetuneError` it is (a 4xx), and no record is kept;
+* the worker's events update the record in memory (output pieces appended as they come) and on disk (on every
+  status change, and at most every :data:`SAVE_EVERY_S` while output streams);
+* :meth:`~PredictionService.wait` blocks until a prediction ends or a timeout passes (``Prefer: wait``);
+  :meth:`~PredictionService.subscribe` yields its output pieces and end as they happen (Server-Sent Events);
+* :meth:`~PredictionService.cancel` stops it within a decoding step.
+
+Versions map to workers by their base, so the versions of one base share that worker's memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import ConflictError, FinetuneError, UsageError
+from ..registry import Registry, Version
+from ..registry.jobs import FINAL, Status
+from ..registry.manifest import utc_now
+from ..registry.predictions import PredictionRecord, Predictions, new_prediction_id
+from .schema import check_input, prompt_format
+from .worker import LocalWorker, WorkerConfig, WorkerProcess
+
+SAVE_EVERY_S = 1.0
+WEBHOOK_EVERY_S = 0.5  # output and logs webhooks, like Replicate's, at most this often
+WEBHOOK_EVENTS = ("start", "output", "logs", "completed")
+
+# A webhook sender: (the record, the prediction object as JSON, the event) -> None; it delivers in the
+# background (to record.webhook, signed with record.owner's secret).
+WebhookSender = Callable[[PredictionRecord, dict[str, Any], str], None]
+
+
+@dataclass
+class _Live:
+    """A prediction the service is running: its record and who waits for it."""
+
+    record: PredictionRecord
+    admitted: threading.Event = field(default_factory=threading.Event)
+    rejection: dict[str, Any] | None = None
+    finished: threading.Event = field(default_factory=threading.Event)
+    subscribers: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = field(default_factory=list)
+    base_url: str = ""  # the server's URL as the creating client saw it, for the links in webhooks
+    saved_at: float = 0.0
+    webhook_at: float = 0.0
+    webhook_pending: bool = False
+
+
+class PredictionService:
+    """Creates, runs, records and streams predictions for one registry."""
+
+    def __init__(self, registry: Registry, config: WorkerConfig | None = None, workers: int = 1,
+                 in_process: bool = False, webhook_sender: WebhookSender | None = None,
+                 to_object: Callable[[PredictionRecord, str], dict[str, Any]] | None = None, prestart: bool = False):
+        self.registry = registry
+        self.records = Predictions(registry)
+        self.config = config or WorkerConfig(str(registry.root))
+        kind = LocalWorker if in_process else WorkerProcess
+        self._workers = [kind(self.config, self._on_event) for _ in range(max(1, workers))]
+        self._live: dict[str, _Live] = {}
+        self._lock = threading.RLock()
+        self.webhook_sender = webhook_sender
+        self.prestart = prestart
+        self.to_object = to_object or (lambda record, base_url: record.to_dict())
+        self.interrupted = self.records.settle_interrupted()
+        self._owners = {record_id: self.records.get(record_id).owner for record_id in self.records.ids()}
+
+    def start(self) -> None:
+        """With ``prestart``, start the worker processes now (in the background), so the first prediction does
+        not wait for them; otherwise the first prediction starts them."""
+        for worker in self._workers if self.prestart else ():
+            if hasattr(worker, "_ensure"):
+                threading.Thread(target=_quietly(worker._ensure), name="finetune-worker-start", daemon=True).start()
+
+    def stop(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for worker in self._workers:
+            worker.close()
+
+    def worker_stats(self) -> list[dict[str, Any]]:
+        """Each worker's cache accounting (loaded bases and versions, bytes) and batching counters."""
+        return [worker.stats() for worker in self._workers]
+
+    # ------------------------------------------------------------------ create
+    def _worker_for(self, version: Version) -> Any:
+        if len(self._workers) == 1:
+            return self._workers[0]
+        from ..registry.lineage import lineage
+
+        root = lineage(self.registry, version)[-1]  # the versions of one base share one worker's memory
+        digest = hashlib.sha256(root.id.encode()).digest()
+        return self._workers[int.from_bytes(digest[:4], "big") % len(self._workers)]
+
+    def create(self, version: Version, data: Any, owner: str = "", stream: bool = False,
+               webhook: str | None = None, webhook_events_filter: list[str] | None = None,
+               base_url: str = "", admit_timeout: float = 300.0) -> PredictionRecord:
+        """Start a prediction; returns its record once a worker admitted it. Blocks (call it from a thread).
+
+        Raises :class:`UsageError` (422) for input the version cannot take, naming the field, and whatever the
+        worker's check raised (a prompt longer than the context, a template that rejects the messages).
+        """
+        checked = check_input(prompt_format(version.metadata), data)  # 422 before any worker is bothered
+        events = _check_events_filter(webhook_events_filter)
+        record = PredictionRecord(
+            id=new_prediction_id(), model=version.model, version=version.id, version_ref=version.ref, owner=owner,
+            input=dict(data), output=None, stream=bool(stream), webhook=webhook, webhook_events_filter=events,
+            created_at=utc_now(),
+        )
+        live = _Live(record, base_url=base_url)
+        with self._lock:
+            self._live[record.id] = live
+        self._worker_for(version).submit(record.id, version.ref, checked)
+        if not live.admitted.wait(admit_timeout):
+            self._worker_for(version).cancel(record.id)
+            with self._lock:
+                self._live.pop(record.id, None)
+            raise ConflictError("the inference worker did not take the prediction in time", "retry in a moment")
+        if live.rejection is not None:
+            with self._lock:
+                self._live.pop(record.id, None)
+            raise _rejection_error(live.rejection)
+        return self.get(record.id)
+
+    # ------------------------------------------------------------------ events from workers
+    def _on_event(self, prediction_id: str, kind: str, payload: dict[str, Any]) -> None:
+        with self._lock:
+            live = self._live.get(prediction_id)
+        if live is None:
+            return
+        record = live.record
+        if kind == "rejected":
+            live.rejection = payload
+            live.admitted.set()
+            return
+        if kind == "admitted":
+            with self._lock:
+                record.metrics["input_token_count"] = payload["input_token_count"]
+                self.records.create(record)
+                self._owners[record.id] = record.owner
+                live.saved_at = time.monotonic()
+            live.admitted.set()
+            self._webhook(live, "start")
+            return
+        live.admitted.wait()  # events come in order; the record exists once admitted
+        if kind == "processing":
+            with self._lock:
+                if record.status == Status.STARTING:
+                    record.status, record.started_at = Status.PROCESSING, utc_now()
+                    self._save(live)
+        elif kind == "log":
+            with self._lock:
+                record.logs += payload["text"] + "\n"
+                targets = list(live.subscribers)
+            self._publish(targets, "logs", payload["text"])
+            self._webhook(live, "logs")
+        elif kind == "output":
+            with self._lock:  # appended and announced under one lock: a new subscriber sees it exactly once
+                record.output = (record.output or []) + [payload["text"]]
+                if time.monotonic() - live.saved_at >= SAVE_EVERY_S:
+                    self._save(live)
+                targets = list(live.subscribers)
+            self._publish(targets, "output", payload["text"])
+            self._webhook(live, "output")
+        elif kind == "done":
+            with self._lock:
+                status = Status(payload["status"])
+                record.status = status
+                record.error = payload.get("error")
+                record.metrics.update(payload.get("metrics") or {})
+                if record.output is None:
+                    record.output = []
+                record.completed_at = utc_now()
+                record.started_at = record.started_at or record.completed_at
+                record.metrics["total_time"] = round(_seconds_between(record.created_at, record.completed_at), 6)
+                self._save(live)
+                self._live.pop(prediction_id, None)
+                targets = list(live.subscribers)
+            live.finished.set()
+            self._publish(targets, *_final_event(record))
+            self._webhook(live, "completed")
+
+    def _save(self, live: _Live) -> None:
+        self.records.save(live.record)
+        live.saved_at = time.monotonic()
+
+    @staticmethod
+    def _publish(targets: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue]], event: str, data: str) -> None:
+        for loop, q in targets:
+            try:
+                loop.call_soon_threadsafe(q.put_nowait, (event, data))
+            except RuntimeError:  # that client's event loop is closed
+                pass
+
+    def _webhook(self, live: _Live, event: str) -> None:
+        record = live.record
+        if not record.webhook or self.webhook_sender is None:
+            return
+        if record.webhook_events_filter is not None and event not in record.webhook_events_filter:
+            return
+        if event in ("output", "logs") and time.monotonic() - live.webhook_at < WEBHOOK_EVERY_S:
+            return
+        live.webhook_at = time.monotonic()
+        with self._lock:
+            body = self.to_object(_copy(record), live.base_url)
+        try:
+            self.webhook_sender(record, body, event)
+        except Exception:  # a webhook problem never fails the prediction
+            pass
+
+    # ------------------------------------------------------------------ read
+    def get(self, prediction_id: str) -> PredictionRecord:
+        with self._lock:
+            live = self._live.get(prediction_id)
+            if live is not None and live.admitted.is_set() and live.rejection is None:
+                return _copy(live.record)
+        return self.records.get(prediction_id)
+
+    def list_ids(self, owner: str | None = None) -> list[str]:
+        """The ids of every prediction (of ``owner``, when given), newest first."""
+        ids = self.records.ids()
+        return ids if owner is None else [i for i in ids if self._owners.get(i) == owner]
+
+    def wait(self, prediction_id: str, timeout: float) -> PredictionRecord:
+        """The prediction once it ended, or as it stands after ``timeout`` seconds. Blocks."""
+        with self._lock:
+            live = self._live.get(prediction_id)
+        if live is not None:
+            live.finished.wait(max(0.0, timeout))
+        return self.get(prediction_id)
+
+    # ------------------------------------------------------------------ cancel
+    def cancel(self, prediction_id: str) -> PredictionRecord:
+        """Stop a prediction; an ended one is returned as it is (canceling it again changes nothing)."""
+        with self._lock:
+            live = self._live.get(prediction_id)
+        if live is None:
+            return self.records.get(prediction_id)
+        version = self.registry.resolve(live.record.version_ref)
+        self._worker_for(version).cancel(prediction_id)
+        live.finished.wait(5.0)  # a step or two; the worker answers with the final record
+        return self.get(prediction_id)
+
+    # ------------------------------------------------------------------ stream
+    async def subscribe(self, prediction_id: str, cancel_on_disconnect: bool = True) -> AsyncIterator[tuple[str, str]]:
+        """``(event, data)`` pairs: the output so far, then each new piece, then ``done`` or ``error``.
+
+        When the consumer goes away before the end (a client disconnected) and ``cancel_on_disconnect``, the
+        prediction is canceled, so no worker keeps generating for nobody.
+        """
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        with self._lock:
+            live = self._live.get(prediction_id)
+            record = _copy(live.record) if live is not None else None
+            if live is not None:
+                live.subscribers.append((loop, q))
+        if record is None:
+            record = self.records.get(prediction_id)
+        finished = False
+        try:
+            for piece in record.output or []:
+                yield "output", piece
+            if live is None or record.status in FINAL:
+                finished = True
+                yield _final_event(record)
+                return
+            while True:
+                event, data = await q.get()
+                if event in ("done", "error"):
+                    finished = True
+                    yield event, data
+                    return
+                yield event, data
+        finally:
+            if live is not None:
+                with self._lock:
+                    if (loop, q) in live.subscribers:
+                        live.subscribers.remove((loop, q))
+                    alone = not live.subscribers
+                if not finished and cancel_on_disconnect and alone and not live.finished.is_set():
+                    threading.Thread(target=self.cancel, args=(prediction_id,), daemon=True).start()
+
+
+def _quietly(fn: Callable[[], Any]) -> Callable[[], None]:
+    def run() -> None:
+        try:
+            fn()
+        except Exception:  # reported again, with its reason, by the first prediction that needs the worker
+            pass
+    return run
+
+
+def _final_event(record: PredictionRecord) -> tuple[str, str]:
+    if record.status == "failed":
+        return "error", record.error or "the prediction failed"
+    return "done", "{}" if record.status == "succeeded" else '{"reason": "canceled"}'
+
+
+def _copy(record: PredictionRecord) -> PredictionRecord:
+    data = record.to_dict()
+    return PredictionRecord(**data)
+
+
+def _check_events_filter(events: Any) -> list[str] | None:
+    if events is None:
+        return None
+    if not isinstance(events, list) or not all(isinstance(e, str) for e in events):
+        raise UsageError("webhook_events_filter must be a list of event names", f"events: {', '.join(WEBHOOK_EVENTS)}")
+    unknown = [e for e in events if e not in WEBHOOK_EVENTS]
+    if unknown:
+        raise UsageError(f"webhook_events_filter: unknown event {unknown[0]!r}", f"events: {', '.join(WEBHOOK_EVENTS)}")
+    return list(events)
+
+
+class PredictionRejected(FinetuneError):
+    """A worker refused a prediction's input (e.g. a prompt longer than the model's context)."""
+
+    http_status = 422
+
+
+def _rejection_error(payload: dict[str, Any]) -> FinetuneError:
+    err = PredictionRejected(payload.get("detail") or "the input was rejected")
+    err.http_status = int(payload.get("status") or 422)
+    return err
+
+
+def _seconds_between(start: str, end: str) -> float:
+    import datetime as dt
+
+    try:
+        a = dt.datetime.fromisoformat(start.replace("Z", "+00:00"))
+        b = dt.datetime.fromisoformat(end.replace("Z", "+00:00"))
+    except (ValueError, AttributeError):
+        return 0.0
+    return max(0.0, (b - a).total_seconds())

@@ -1,0 +1,248 @@
+"""Predictions over HTTP with the official clients against a real server (127.0.0.1, a free port).
+
+One server per module over one registry: alice's tiny base (alice/tiny:1, random weights: it rarely stops, so
+it serves the long generations that cancel tests need), four short fine-tunes of it (alice/m:1..4), and bob's
+private base (bob/secret:1). The server's inference worker is a real child process.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from replicate.exceptions import ReplicateError
+from service import running_server
+
+from finetune import atomic, training
+from finetune.cli import main
+from finetune.config import config_from_dict
+from finetune.registry import Registry
+from finetune.registry.predictions import PredictionRecord, Predictions
+from finetune.registry.sources import import_base
+from finetune.tiny import sample_data_path
+
+PROMPT = "Give three tips for staying healthy."
+LONG = {"prompt": "Once upon a time", "max_new_tokens": 1000}
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(atomic, "_FSYNC", False)
+        reg = Registry(tmp_path_factory.mktemp("predictions") / "registry")
+        import_base(reg, "alice/tiny", str(tiny_model_dir))
+        import_base(reg, "bob/secret", str(tiny_model_dir))
+        for seed in range(4):
+            cfg = config_from_dict({
+                "base_model": "alice/tiny:1",
+                "data": {"path": str(sample_data_path()), "format": "auto", "max_seq_len": 256},
+                "train": {"max_steps": 3, "batch_size": 8, "lr": 5e-3, "seed": seed},
+            })
+            training.train(cfg, registry=reg, destination="alice/m", create_destination=True, progress=False)
+        with running_server(reg) as live:
+            yield live
+
+
+def _expected(reg: Registry, capsys: pytest.CaptureFixture[str], ref: str, max_new_tokens: int) -> str:
+    """What `finetune predict` prints for PROMPT (greedy), without its final newline."""
+    capsys.readouterr()
+    rc = main(["--registry", str(reg.root), "predict", ref, PROMPT, "--max-new-tokens", str(max_new_tokens),
+               "--device", "cpu"])
+    out, _ = capsys.readouterr()
+    assert rc in (0, None)
+    return out[:-1]
+
+
+def _until(condition, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+# ------------------------------------------------------------------------------------------- running
+def test_run_sync_polled_and_stream_equal_finetune_predict(server, capsys):
+    reg, client = server.registry, server.replicate("alice")
+    v1 = reg.resolve("alice/m:1")
+    expected = _expected(reg, capsys, "alice/m:1", 20)
+    assert expected  # the fine-tune says something
+    data = {"prompt": PROMPT, "max_new_tokens": 20, "temperature": 0, "seed": 1}
+    assert "".join(client.run(f"alice/m:{v1.id}", input=data)) == expected  # Prefer: wait
+    assert "".join(client.run(f"alice/m:{v1.id}", input=data, wait=False)) == expected  # polled
+    events = list(client.stream(f"alice/m:{v1.id}", input=data))
+    assert [e.event.value for e in events][-1] == "done"
+    assert "".join(str(e) for e in events) == expected and sum(e.event.value == "output" for e in events) > 1
+
+
+def test_create_wait_metrics_logs_and_no_reload(server):
+    client = server.replicate("alice")
+    v2 = server.registry.resolve("alice/m:2")
+    first = client.predictions.create(version=v2.id, input={"prompt": PROMPT, "max_new_tokens": 8})
+    assert first.status in ("starting", "processing") and first.urls["stream"].endswith("/stream")
+    first.wait()
+    assert first.status == "succeeded" and isinstance(first.output, list) and first.error is None
+    assert first.model == "alice/m" and first.version == v2.id
+    assert {"predict_time", "input_token_count", "output_token_count", "time_to_first_token",
+            "tokens_per_second"} <= set(first.metrics)
+    assert "loading alice/m:2" in first.logs
+    second = client.predictions.create(version=f"alice/m:{v2.id}", input={"prompt": PROMPT, "max_new_tokens": 8},
+                                       wait=30)
+    assert second.status == "succeeded" and second.output == first.output  # answered within the wait
+    assert "loading" not in second.logs and "no reload" in second.logs
+
+
+def test_model_predictions_use_the_latest_version(server):
+    client = server.replicate("alice")
+    prediction = client.models.predictions.create(model="alice/m", input={"prompt": PROMPT, "max_new_tokens": 4},
+                                                  wait=30)
+    assert prediction.status == "succeeded"
+    assert prediction.version == server.registry.resolve("alice/m").id
+
+
+def test_four_versions_share_one_base_model_in_the_worker(server):
+    client = server.replicate("alice")
+    for n in (1, 2, 3, 4):
+        client.run(f"alice/m:{server.registry.resolve(f'alice/m:{n}').id}", input={"prompt": PROMPT,
+                                                                                    "max_new_tokens": 2})
+    stats = server.app.state.predictions.worker_stats()[0]
+    assert stats["base_objects"] == 1 and stats["bases"] == 1 and stats["base_loads"] == 1
+    assert stats["versions"] == 4
+
+
+# ------------------------------------------------------------------------------------------- cancel
+def test_cancel_and_a_wait_that_runs_out(server):
+    client = server.replicate("alice")
+    base = server.registry.resolve("alice/tiny:1")
+    prediction = client.predictions.create(version=base.id, input=LONG, wait=1)
+    assert prediction.status == "starting"  # still running after the wait: the client polls from here
+    _until(lambda: client.predictions.get(prediction.id).output, 60, "output")
+    prediction.cancel()
+    assert prediction.status == "canceled"
+    final = client.predictions.get(prediction.id)
+    assert final.status == "canceled" and 0 < final.metrics["output_token_count"] < 1000
+    assert client.predictions.cancel(prediction.id).status == "canceled"  # again: unchanged
+
+
+def test_a_stream_client_that_disconnects_cancels_the_prediction(server):
+    client = server.replicate("alice")
+    prediction = client.predictions.create(version=server.registry.resolve("alice/tiny:1").id, input=LONG,
+                                           stream=True)
+    with server.http("alice") as http, http.stream("GET", prediction.urls["stream"],
+                                                   headers={"Accept": "text/event-stream"}) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        for line in response.iter_lines():
+            if line.startswith("data:"):
+                break  # one piece, then hang up
+    final = _until(lambda: (p := client.predictions.get(prediction.id)).status in ("canceled", "succeeded") and p,
+                   30, "the prediction to end")
+    assert final.status == "canceled" and final.metrics["output_token_count"] < 1000
+
+
+# ------------------------------------------------------------------------------------------- errors
+def test_errors_are_problems_with_the_right_status(server):
+    alice, bob = server.replicate("alice"), server.replicate("bob")
+    v1, secret = server.registry.resolve("alice/m:1"), server.registry.resolve("bob/secret:1")
+    cases = [
+        (lambda: alice.predictions.create(version="0" * 64, input={"prompt": "x"}), 404, "not found"),
+        (lambda: alice.predictions.create(version=secret.id, input={"prompt": "x"}), 404, "not found"),
+        (lambda: alice.predictions.create(version=f"bob/secret:{secret.id}", input={"prompt": "x"}), 404, "not found"),
+        (lambda: alice.models.predictions.create(model="bob/secret", input={"prompt": "x"}), 404, "not found"),
+        (lambda: alice.predictions.create(version=v1.id, input={"prompt": "x", "colour": 1}), 422, "input.colour"),
+        (lambda: alice.predictions.create(version=v1.id, input={"prompt": "x", "top_p": 2}), 422, "input.top_p"),
+        (lambda: alice.predictions.create(version=v1.id, input={"prompt": "word " * 3000}), 422, "context"),
+        (lambda: alice.predictions.get("no-such-prediction"), 404, "not found"),
+        (lambda: alice.predictions.cancel("no-such-prediction"), 404, "not found"),
+    ]
+    for call, status, needle in cases:
+        with pytest.raises(ReplicateError) as info:
+            call()
+        assert info.value.status == status and needle in info.value.detail, (status, info.value)
+    mine = alice.predictions.create(version=v1.id, input={"prompt": PROMPT, "max_new_tokens": 2}, wait=30)
+    with pytest.raises(ReplicateError) as info:
+        bob.predictions.get(mine.id)  # another account's prediction does not exist for bob
+    assert info.value.status == 404
+    assert mine.id not in [p.id for p in bob.predictions.list().results]
+    with server.http(None) as anonymous:
+        assert anonymous.post("/v1/predictions", json={"version": v1.id, "input": {}}).status_code == 401
+    with server.http("alice") as http:
+        r = http.post("/v1/predictions", content=b'{"version": ', headers={"Content-Type": "application/json"})
+        assert r.status_code == 400 and r.headers["content-type"].startswith("application/problem+json")
+        assert http.post("/v1/predictions", json={"input": {}}).status_code == 422  # no version
+
+
+# ------------------------------------------------------------------------------------------- records
+def test_list_newest_first_and_records_survive_a_restart(server):
+    client = server.replicate("alice")
+    v1 = server.registry.resolve("alice/m:1")
+    made = [client.predictions.create(version=v1.id, input={"prompt": PROMPT, "max_new_tokens": 2}, wait=30)
+            for _ in range(2)]
+    listed = client.predictions.list().results
+    ids = [p.id for p in listed]
+    assert ids == sorted(ids, reverse=True) and ids.index(made[1].id) < ids.index(made[0].id)
+    with running_server(server.registry) as again:  # a second server over the same registry
+        restored = again.replicate("alice").predictions.get(made[0].id)
+    assert restored.status == "succeeded" and restored.output == made[0].output
+    assert restored.metrics["output_token_count"] == made[0].metrics["output_token_count"]
+
+
+def test_predictions_left_running_by_a_stopped_server_are_settled(tmp_path: Path):
+    from finetune.serving.service import PredictionService
+
+    reg = Registry(tmp_path / "registry")
+    Predictions(reg).create(PredictionRecord(id="20260101-000000-000000-abcdef", owner="alice", status="processing"))
+    service = PredictionService(reg)  # starts no worker until a prediction comes
+    try:
+        record = Predictions(reg).get("20260101-000000-000000-abcdef")
+        assert record.status == "failed" and "server stopped" in record.error and record.completed_at
+        assert service.interrupted == ["20260101-000000-000000-abcdef"]
+    finally:
+        service.close()
+
+
+# ------------------------------------------------------------------------------------------- JavaScript
+JS = """
+const Replicate = require("replicate");
+const replicate = new Replicate({auth: process.env.TOKEN, baseUrl: process.env.BASE_URL});
+replicate.run(process.env.REF, {input: {prompt: process.env.PROMPT, max_new_tokens: 8}})
+  .then((out) => { console.log(JSON.stringify(out)); })
+  .catch((err) => { console.error(String(err)); process.exit(1); });
+"""
+
+
+@pytest.mark.slow
+def test_the_javascript_client_runs_a_version(server, tmp_path: Path):
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if not node or not npm:
+        pytest.skip("node and npm are not installed")
+    install = subprocess.run([npm, "install", "--no-audit", "--no-fund", "--silent", "replicate@1"], cwd=tmp_path,
+                             capture_output=True, text=True, timeout=300)
+    if install.returncode != 0:
+        pytest.skip(f"cannot install the replicate npm package here: {install.stderr.strip()[-300:]}")
+    (tmp_path / "run.js").write_text(JS)
+    v1 = server.registry.resolve("alice/m:1")
+    env = {"PATH": "/usr/bin:/bin", "TOKEN": server.tokens["alice"], "BASE_URL": server.url + "/v1",
+           "REF": f"alice/m:{v1.id}", "PROMPT": PROMPT}
+    done = subprocess.run([node, "run.js"], cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    python = server.replicate("alice").run(f"alice/m:{v1.id}", input={"prompt": PROMPT, "max_new_tokens": 8})
+    assert "".join(json.loads(done.stdout)) == "".join(python)
+
+
+def test_prediction_stream_events_are_well_formed(server):
+    """The raw SSE body: every event has an id and a type; pieces with newlines survive as multi-line data."""
+    client = server.replicate("alice")
+    prediction = client.predictions.create(version=server.registry.resolve("alice/m:1").id,
+                                           input={"prompt": PROMPT, "max_new_tokens": 6}, stream=True, wait=30)
+    with server.http("alice") as http:
+        body = http.get(prediction.urls["stream"], headers={"Accept": "text/event-stream"}).text
+    blocks = [b.split("\n") for b in body.split("\n\n") if b.strip()]
+    assert blocks[-1][0] == "event: done" and all(any(line.startswith("id: ") for line in b) for b in blocks)
+    pieces = ["\n".join(line[6:] for line in b if line.startswith("data: ")) for b in blocks if b[0] == "event: output"]
+    assert "".join(pieces) == "".join(prediction.output) and len(pieces) == len(prediction.output)

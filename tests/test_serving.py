@@ -1,0 +1,200 @@
+"""Inference workers without HTTP: streamed text pieces, stop sequences, the input schema, the cache (shared base,
+no reload, eviction) and the batched engine (same greedy output alone or batched, cancel, context limits).
+
+One registry per module: a tiny base (alice/tiny:1) and four short fine-tunes of it (alice/m:1..4).
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from finetune import atomic, training
+from finetune.config import config_from_dict
+from finetune.errors import UsageError
+from finetune.registry import Registry
+from finetune.registry.sources import import_base
+from finetune.serving import schema
+from finetune.serving.text import Detokenizer, StopMatcher
+from finetune.serving.worker import LocalWorker, WorkerConfig
+from finetune.tiny import sample_data_path
+
+PROMPT = "Give three tips for staying healthy."
+
+
+def _train(reg: Registry, base: str, destination: str, seed: int):
+    cfg = config_from_dict({
+        "base_model": base,
+        "data": {"path": str(sample_data_path()), "format": "auto", "max_seq_len": 256},
+        "train": {"max_steps": 3, "batch_size": 8, "lr": 5e-3, "seed": seed},
+    })
+    return training.train(cfg, registry=reg, destination=destination, create_destination=True,
+                          progress=False).version
+
+
+@pytest.fixture(scope="module")
+def reg(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Registry:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(atomic, "_FSYNC", False)
+        reg = Registry(tmp_path_factory.mktemp("serving") / "registry")
+        import_base(reg, "alice/tiny", str(tiny_model_dir))
+        for seed in range(4):
+            _train(reg, "alice/tiny:1", "alice/m", seed)
+        yield reg
+
+
+class Events:
+    """Collects what a worker reports, per prediction id; waits for ends."""
+
+    def __init__(self):
+        self.by_id: dict[str, list] = {}
+        self.cond = threading.Condition()
+
+    def __call__(self, job_id: str, kind: str, payload: dict) -> None:
+        with self.cond:
+            self.by_id.setdefault(job_id, []).append((kind, payload))
+            self.cond.notify_all()
+
+    def end(self, job_id: str, timeout: float = 60.0) -> dict:
+        with self.cond:
+            assert self.cond.wait_for(lambda: any(k in ("done", "rejected") for k, _ in self.by_id.get(job_id, [])),
+                                      timeout), f"{job_id} did not end"
+            return next(p for k, p in self.by_id[job_id] if k in ("done", "rejected"))
+
+    def text(self, job_id: str) -> str:
+        return "".join(p["text"] for k, p in self.by_id[job_id] if k == "output")
+
+    def logs(self, job_id: str) -> str:
+        return "\n".join(p["text"] for k, p in self.by_id[job_id] if k == "log")
+
+
+@pytest.fixture
+def worker(reg: Registry):
+    events = Events()
+    w = LocalWorker(WorkerConfig(str(reg.root), device="cpu"), events)
+    w.events = events
+    yield w
+    w.close()
+
+
+# ------------------------------------------------------------------------------------------- text pieces
+def test_pieces_join_to_the_full_decode_across_multibyte_characters(tiny_model_dir: Path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    text = "Größe: 42 € — naïve 😀 café 日本語 done."
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) > len(text) / 3  # byte-level pieces: several tokens per non-ASCII character
+    detok = Detokenizer(tok)
+    pieces = [detok.add(i) for i in ids]
+    pieces.append(detok.flush())
+    assert "".join(pieces) == tok.decode(ids, skip_special_tokens=True) == text
+    assert all("\ufffd" not in p for p in pieces)  # no half characters were ever emitted
+    assert sum(1 for p in pieces if p) > 5  # and it did stream, not emit everything at the end
+
+
+def test_stop_sequences_hold_back_partial_matches_and_cut_before_the_stop():
+    stop = StopMatcher(["###", "END"])
+    out = [stop.feed(t) for t in ["Hello #", "# there", " E", "N", "D and more"]]
+    assert out == ["Hello ", "## there", " ", "", ""] and stop.stopped  # "#" and "EN" were held back a while
+    assert stop.finish() == "" and stop.feed("more") == ""
+    tail = StopMatcher(["STOP"])
+    assert tail.feed("abc ST") == "abc " and tail.finish() == "ST"  # a partial match at the end is text
+    assert StopMatcher([]).feed("anything") == "anything"
+
+
+# ------------------------------------------------------------------------------------------- schema
+def test_input_schema_checks_each_field_by_name():
+    ok = schema.check_input("alpaca", {"prompt": "Hi", "stop_sequences": "a,b", "seed": 3})
+    assert ok["stop_sequences"] == ["a", "b"] and ok["max_new_tokens"] == 128 and ok["temperature"] == 0.0
+    bad = [
+        ({"prompt": "Hi", "colour": 1}, "input.colour"),
+        ({"prompt": 3}, "input.prompt"),
+        ({}, "input.prompt"),
+        ({"prompt": "Hi", "max_new_tokens": 0}, "input.max_new_tokens"),
+        ({"prompt": "Hi", "max_new_tokens": True}, "input.max_new_tokens"),
+        ({"prompt": "Hi", "temperature": -1}, "input.temperature"),
+        ({"prompt": "Hi", "top_p": 0}, "input.top_p"),
+        ({"prompt": "Hi", "messages": [{"role": "user", "content": "x"}]}, "input.messages"),  # not a chat version
+        ({"prompt": "Hi", "stop_sequences": [1]}, "input.stop_sequences"),
+    ]
+    for data, field in bad:
+        with pytest.raises(UsageError, match=field.replace(".", r"\.")):
+            schema.check_input("alpaca", data)
+    chat = schema.check_input("messages", {"messages": [{"role": "user", "content": "x"}], "system_prompt": "s"})
+    assert chat["messages"][0]["content"] == "x"
+    props = schema.openapi_schema(chat=True)["components"]["schemas"]["Input"]["properties"]
+    assert {"prompt", "messages", "system_prompt", "stop_sequences", "seed", "top_k"} <= set(props)
+
+
+# ------------------------------------------------------------------------------------------- worker
+def test_greedy_output_equals_finetune_predict_and_second_call_does_not_reload(reg: Registry, worker):
+    from finetune.inference import GenerationSettings, generate, load_version
+
+    expected = generate(load_version(reg, "alice/m:1", device="cpu"), PROMPT, GenerationSettings(max_new_tokens=24))
+    ev = worker.events
+    worker.submit("a", "alice/m:1", {"prompt": PROMPT, "max_new_tokens": 24})
+    first = ev.end("a")
+    worker.submit("b", "alice/m:1", {"prompt": PROMPT, "max_new_tokens": 24})
+    second = ev.end("b")
+    assert first["status"] == second["status"] == "succeeded"
+    assert ev.text("a") == ev.text("b") == expected
+    assert "loading alice/m:1" in ev.logs("a") and "verifying" in ev.logs("a")
+    assert "loading" not in ev.logs("b") and "no reload" in ev.logs("b")
+    metrics = first["metrics"]
+    assert metrics["input_token_count"] > 5 and metrics["output_token_count"] >= 1
+    assert {"predict_time", "time_to_first_token", "tokens_per_second"} <= set(metrics)
+    assert worker.stats()["loads"] == 1
+
+
+def test_four_versions_share_one_base_and_batch_to_the_same_greedy_outputs(reg: Registry, worker):
+    ev = worker.events
+    refs = [f"alice/m:{n}" for n in (1, 2, 3, 4)]
+    for n, ref in enumerate(refs):  # one at a time: the reference outputs
+        worker.submit(f"alone{n}", ref, {"prompt": PROMPT, "max_new_tokens": 16})
+        ev.end(f"alone{n}")
+    steps = worker.stats()["steps"]
+    for n, ref in enumerate(refs * 2):  # eight at once, mixed adapters in one batch
+        worker.submit(f"mixed{n}", ref, {"prompt": PROMPT if n < 4 else "Name a color.", "max_new_tokens": 16})
+    for n in range(8):
+        assert ev.end(f"mixed{n}")["status"] == "succeeded"
+    for n in range(4):
+        assert ev.text(f"mixed{n}") == ev.text(f"alone{n}")
+    stats = worker.stats()
+    assert stats["bases"] == 1 and stats["base_objects"] == 1 and stats["base_loads"] == 1
+    assert stats["versions"] == 4 and stats["adapter_bytes"] < stats["base_bytes"]
+    assert stats["max_rows"] > 1  # requests were batched
+    assert stats["steps"] - steps < 8 * 16  # fewer forward passes than one per request per token
+
+
+def test_memory_budget_evicts_least_recently_used_versions(reg: Registry):
+    events = Events()
+    w = LocalWorker(WorkerConfig(str(reg.root), device="cpu", memory_budget_mb=0.001), events)
+    try:
+        for n in (1, 2):
+            w.submit(f"e{n}", f"alice/m:{n}", {"prompt": PROMPT, "max_new_tokens": 2})
+            assert events.end(f"e{n}")["status"] == "succeeded"
+        stats = w.stats()
+        assert stats["versions"] == 1 and stats["evictions"] >= 1
+        assert "evicted alice/m:1" in events.logs("e2")
+    finally:
+        w.close()
+
+
+def test_cancel_stops_within_a_step_and_context_limits(reg: Registry, worker):
+    ev = worker.events
+    worker.submit("long", "alice/tiny:1", {"prompt": "Once upon a time", "max_new_tokens": 900})
+    with ev.cond:
+        ev.cond.wait_for(lambda: sum(k == "output" for k, _ in ev.by_id.get("long", [])) >= 3, 60)
+    worker.cancel("long")
+    done = ev.end("long")
+    assert done["status"] == "canceled" and done["metrics"]["output_token_count"] < 900
+    worker.submit("big", "alice/tiny:1", {"prompt": "word " * 2000})
+    rejected = ev.end("big")
+    assert rejected["status"] == 422 and "context" in rejected["detail"]
+    worker.submit("near", "alice/tiny:1", {"prompt": "word " * 1015, "max_new_tokens": 500})
+    near = ev.end("near")  # max_new_tokens is capped by what the context leaves
+    assert near["status"] == "succeeded"
+    assert near["metrics"]["input_token_count"] + near["metrics"]["output_token_count"] <= 1024

@@ -35,6 +35,7 @@ from ..inference import (
 from ..modeling.precision import torch_dtype
 from ..registry import Registry, Version
 from ..registry.sources import ResolvedModel
+from .lora import ActiveAdapter, install
 
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 
@@ -61,6 +62,7 @@ class LoadedBase:
     context: int  # the model's maximum sequence length (prompt + generated)
     nbytes: int
     adapters: set[str] = field(default_factory=set)
+    active: ActiveAdapter = field(default_factory=ActiveAdapter)  # the adapter a uniform batch uses (lora.py)
 
     @property
     def peft(self) -> bool:
@@ -207,6 +209,7 @@ class ModelCache:
         base.model.to(base.device)
         base.model.eval()
         base.model.requires_grad_(False)
+        install(base.model, base.active)  # the new adapter's layers too (layers patched before are kept)
         base.adapters.add(name)
         marker = f".{name}."
         return _nbytes(p for n, p in base.model.named_parameters() if marker in n)

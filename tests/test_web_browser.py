@@ -209,10 +209,12 @@ def test_a_new_user_trains_and_uses_versions_in_the_browser(web, browser):
     # ---- compare the two versions, with a prompt answered by both
     page.goto(f"{url}/models/alice/web-bot/compare")
     page.fill("#prompts", "What is the capital of Japan?")
+    page.select_option("#eval", page.locator("#eval option", has_text="quickstart.jsonl").first.get_attribute("value"))
     page.click("button:has-text('Compare')")
     page.wait_for_selector("table")
     table = page.inner_text("table")
     assert "alice/web-bot:1" in table and "alice/web-bot:2" in table and "train.max_steps" in table
+    assert "(FILE, 70 ROWS)" in table.upper()  # both scored on the same file
     assert page.locator(".cols pre").count() == 2
     shoot(page, "compare")
 

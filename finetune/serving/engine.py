@@ -208,6 +208,10 @@ class Engine:
         self.max_rows = max(self.max_rows, len(rows))
         if not base.peft:
             return model(**kwargs).logits[:, -1, :]
+        if base.merged is not None:  # the base's only version, merged in place: a plain forward
+            if any(name != base.merged for name in names):
+                raise RuntimeError(f"rows for {sorted(set(names))} on a base merged with {base.merged}")
+            return model.get_base_model()(**kwargs).logits[:, -1, :]
         if len(set(names)) == 1:
             if names[0] == BASE_ADAPTER:
                 base.active.name = None

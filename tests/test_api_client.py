@@ -66,3 +66,11 @@ def test_models_list_paginates_through_the_client(live_server):
     names = [m.name for page in paginate(client.models.list) for m in page]
     assert names == ["m0", "m1", "m2"]
     assert client.models.delete("alice/m0") is True
+
+
+def test_the_client_finds_the_server_through_its_environment_variables(live_server, monkeypatch):
+    import replicate
+
+    monkeypatch.setenv("REPLICATE_BASE_URL", live_server.url)
+    monkeypatch.setenv("REPLICATE_API_TOKEN", live_server.tokens["bob"])
+    assert replicate.Client().accounts.current().username == "bob"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -143,6 +144,51 @@ def test_a_stream_client_that_disconnects_cancels_the_prediction(server):
     final = _until(lambda: (p := client.predictions.get(prediction.id)).status in ("canceled", "succeeded") and p,
                    30, "the prediction to end")
     assert final.status == "canceled" and final.metrics["output_token_count"] < 1000
+
+
+# ------------------------------------------------------------------------------------------- webhooks
+def test_webhooks_are_signed_and_filtered(server):
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from finetune.server.webhooks import verify
+
+    secret = server.http("alice").get("/v1/webhooks/default/secret").json()["key"]
+    received: list[dict] = []
+    bad: list[bytes] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 (the stdlib's name)
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            (received.append(json.loads(body)) if verify(secret, dict(self.headers), body) else bad.append(body))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}/hook"
+    try:
+        client = server.replicate("alice")
+        v1 = server.registry.resolve("alice/m:1")
+        everything = client.predictions.create(version=v1.id, input={"prompt": PROMPT, "max_new_tokens": 6},
+                                               webhook=url, wait=30)
+        only_end = client.predictions.create(version=v1.id, input={"prompt": PROMPT, "max_new_tokens": 6},
+                                             webhook=url, webhook_events_filter=["completed"], wait=30)
+        _until(lambda: sum(m["id"] == only_end.id for m in received) >= 1
+               and any(m["id"] == everything.id and m["status"] == "succeeded" for m in received), 30, "webhooks")
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert not bad
+    mine = [m for m in received if m["id"] == everything.id]
+    assert mine[0]["status"] in ("starting", "processing") and mine[-1]["status"] == "succeeded"
+    assert mine[-1]["output"] == everything.output and mine[-1]["urls"]["get"].endswith(everything.id)
+    assert [m["status"] for m in received if m["id"] == only_end.id] == ["succeeded"]
+    with pytest.raises(ReplicateError) as info:
+        client.predictions.create(version=v1.id, input={"prompt": PROMPT}, webhook="ftp://x")
+    assert info.value.status == 422 and "webhook" in info.value.detail
 
 
 # ------------------------------------------------------------------------------------------- errors

@@ -177,3 +177,46 @@ def test_stop_puts_running_trainings_back(reg: Registry) -> None:
         assert queue.pending() == [other.id]
     finally:
         queue.stop()
+
+
+@pytest.mark.parametrize("gpus, workers, expected", [
+    ([], None, [[]]),
+    ([], 2, [[], []]),
+    (["0", "1", "2", "3"], None, [["0"], ["1"], ["2"], ["3"]]),
+    (["0", "1", "2", "3"], 1, [["0", "1", "2", "3"]]),
+    (["0", "1", "2", "3"], 2, [["0", "1"], ["2", "3"]]),
+    (["0"], 2, [["0"], ["0"]]),
+])
+def test_slots_split_the_gpus(tmp_path, gpus, workers, expected) -> None:
+    from finetune.queue import LocalExecutor
+
+    executor = LocalExecutor(tmp_path, workers=workers, gpus=gpus, prestart=False)
+    assert [slot.gpus for slot in executor.slots] == expected and executor.capacity == len(expected)
+
+
+@pytest.mark.slow
+def test_a_slot_with_two_devices_trains_through_the_launcher(tiny_model_dir, registry: Registry) -> None:
+    """The multi-GPU path (scripts/launch.py, accelerate's launcher) run on the CPU: this machine's two "GPUs"
+    are names only, so torch sees none and the two processes train with gloo. One version is published."""
+    from finetune.config import config_from_dict
+    from finetune.queue import LocalExecutor
+    from finetune.registry.sources import import_base
+    from finetune.tiny import sample_data_path
+    from finetune.training import submit_training
+
+    base = import_base(registry, "local/tiny", str(tiny_model_dir))
+    registry.create_model("alice/y")
+    config = config_from_dict({"base_model": base.ref, "data": {"path": str(sample_data_path()), "max_seq_len": 128},
+                               "train": {"max_steps": 2, "batch_size": 4}})
+    record = submit_training(config, registry=registry, destination="alice/y", source="api")
+    executor = LocalExecutor(registry.root, workers=1, gpus=["0", "1"])
+    assert executor.slots[0].spare is None  # launched cold: torchrun starts the processes
+    queue = TrainingQueue(registry, executor).start()
+    try:
+        queue.submit(record.id)
+        assert queue.wait_idle(300)
+    finally:
+        queue.stop()
+    done = Trainings(registry).get(record.id)
+    assert done.status == "succeeded", done.error
+    assert done.metrics["processes"] == 2 and [v.ref for v in registry.list_versions("alice/y")] == ["alice/y:1"]

@@ -198,3 +198,29 @@ def test_cancel_stops_within_a_step_and_context_limits(reg: Registry, worker):
     near = ev.end("near")  # max_new_tokens is capped by what the context leaves
     assert near["status"] == "succeeded"
     assert near["metrics"]["input_token_count"] + near["metrics"]["output_token_count"] <= 1024
+
+
+def test_a_single_version_is_merged_in_place_and_the_base_restored_exactly(reg: Registry, tiny_model_dir: Path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from finetune.serving.cache import ModelCache
+
+    cache = ModelCache(reg, device="cpu")
+    logs: list[str] = []
+    first, _ = cache.acquire("alice/m:1", log=logs.append)
+    assert first.base.merged == first.adapter and any("merged into the base weights" in line for line in logs)
+    second, _ = cache.acquire("alice/m:2", log=logs.append)  # a second version: back to exact base weights
+    assert second.base is first.base and first.base.merged is None
+    assert any("restored exactly" in line for line in logs)
+    original = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).state_dict()
+    model = first.base.model.get_base_model()
+    compared = 0
+    for key, value in model.state_dict().items():
+        plain = key.replace(".base_layer.", ".")
+        if "lora_" not in key and plain in original:
+            assert torch.equal(value, original[plain]), key
+            compared += 1
+    assert compared >= len(original) - 1  # every base weight (a tied head may appear once)
+    cache.release(first)
+    cache.release(second)

@@ -214,3 +214,44 @@ def test_serve_open_browser_prints_a_link_that_signs_in(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_a_training_started_from_the_form_can_be_followed_and_canceled(live_server, tiny_model_dir):
+    """The Train form's submit creates the API's training (same record, same queue); its live view is the
+    owner's only; Cancel stops it."""
+    import time
+    from pathlib import Path
+
+    from finetune.registry.sources import import_base
+
+    import_base(live_server.registry, "alice/tiny", str(tiny_model_dir))
+    client, csrf = sign_in(live_server)
+    client.post("/models", data={"csrf_token": csrf, "owner": "alice", "name": "long", "visibility": "private",
+                                 "hardware": "cpu"})
+    data = Path(__file__).resolve().parent.parent / "finetune" / "assets" / "quickstart.jsonl"
+    with open(data, "rb") as f:
+        r = client.post("/uploads", files={"file": ("quickstart.jsonl", f, "application/jsonl")},
+                        headers={"X-CSRF-Token": csrf, "Accept": "application/json"})
+    assert r.status_code == 201
+    file_id = r.json()["id"]
+    form = {"csrf_token": csrf, "base_model": "alice/tiny:1", "data_upload": file_id, "data.format": "auto",
+            "train.max_steps": "100000", "train.epochs": "1", "train.lr": "1e-3", "train.batch_size": "4",
+            "lora.r": "4", "data.max_seq_len": "64", "data.eval": "", "advanced": ""}
+    r = client.post("/models/alice/long/train", data=form)
+    assert r.status_code == 303, _errors(r.text)
+    training_id = r.headers["location"].rsplit("/", 1)[1]
+    api = live_server.http("alice").get(f"/v1/trainings/{training_id}")  # the same object through the API
+    assert api.status_code == 200 and api.json()["status"] in ("starting", "processing")
+    bob, _ = sign_in(live_server, "bob")
+    assert bob.get(f"/trainings/{training_id}").status_code == 404
+    assert bob.get(f"/trainings/{training_id}/live").status_code == 404
+    assert client.post(f"/trainings/{training_id}/cancel", data={"csrf_token": csrf}).status_code == 303
+    deadline = time.monotonic() + 120
+    while True:
+        live = client.get(f"/trainings/{training_id}/live", params={"log_offset": 0}).json()
+        if live["final"] or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert live["status"] == "canceled"
+    assert live_server.registry.list_versions("alice/long") == []

@@ -113,7 +113,8 @@ class _Slot:
 
 
 class LocalExecutor:
-    """Worker processes on this machine: ``workers`` slots (default: one per GPU, else one), GPUs split evenly."""
+    """Worker processes on this machine: ``workers`` slots (default: one per GPU, else one). GPUs are split
+    evenly among the slots; with more slots than GPUs, slots share GPUs in turn."""
 
     def __init__(self, registry_root: str | os.PathLike[str], workers: int | None = None,
                  gpus: list[str] | None = None, prestart: bool = True):
@@ -123,11 +124,11 @@ class LocalExecutor:
             workers = max(1, len(gpus))
         if workers < 1:
             raise UsageError(f"--workers must be 1 or more, not {workers}")
-        if gpus and workers > len(gpus):
-            raise UsageError(f"--workers {workers} is more than the {len(gpus)} GPUs here",
-                             "run at most one training per GPU")
-        per = len(gpus) // workers if gpus else 0
-        self.slots = [_Slot(i, gpus[i * per:(i + 1) * per]) for i in range(workers)]
+        if len(gpus) >= workers:  # each slot its own GPUs (a leftover GPU stays unused rather than unequal)
+            per = len(gpus) // workers
+            self.slots = [_Slot(i, gpus[i * per:(i + 1) * per]) for i in range(workers)]
+        else:  # more slots than GPUs: slots share them in turn (none on a CPU-only machine)
+            self.slots = [_Slot(i, [gpus[i % len(gpus)]] if gpus else []) for i in range(workers)]
         self.capacity = workers
         self.prestart = prestart
         self._lock = threading.Lock()

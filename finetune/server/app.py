@@ -43,14 +43,20 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 def _prediction_service(registry: Registry, settings: ServerSettings, app: FastAPI):
-    """Inference workers and prediction records (no torch in this process: the workers load the models)."""
+    """Inference workers and prediction records (no torch in this process: the workers load the models).
+    Webhooks go out through the trainings' sender (signed with the owner's secret, retried)."""
     from ..serving.service import PredictionService
     from ..serving.worker import WorkerConfig
+
+    sender, accounts = app.state.trainings.webhooks.sender, app.state.accounts
+
+    def send(record, body, event) -> None:
+        sender.send(record.id, record.webhook, body, accounts.webhook_secret(record.owner))
 
     config = WorkerConfig(str(registry.root), device=settings.predict_device,
                           memory_budget_mb=settings.predict_memory_mb, max_batch=settings.predict_max_batch)
     return PredictionService(registry, config, workers=settings.predict_workers, prestart=settings.predict_prestart,
-                             to_object=predictions.prediction_object)
+                             to_object=predictions.prediction_object, webhook_sender=send)
 
 
 def create_app(registry: Registry | None = None, settings: ServerSettings | None = None) -> FastAPI:

@@ -35,6 +35,7 @@ from ..inference import (
 from ..modeling.precision import torch_dtype
 from ..registry import Registry, Version
 from ..registry.sources import ResolvedModel
+from .lora import ActiveAdapter, can_restore, install, merge_in_place, restore_base_weights
 
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 
@@ -60,7 +61,11 @@ class LoadedBase:
     precision: str
     context: int  # the model's maximum sequence length (prompt + generated)
     nbytes: int
+    source: str = ""  # where the base loads from (a folder: its files restore merged weights exactly)
     adapters: set[str] = field(default_factory=set)
+    active: ActiveAdapter = field(default_factory=ActiveAdapter)  # the adapter a uniform batch uses (lora.py)
+    merged: str | None = None  # the one adapter merged into the weights in place, while it is the only version
+    shared: bool = False  # a second version came: adapters stay unmerged from then on (no merge/restore churn)
 
     @property
     def peft(self) -> bool:
@@ -162,11 +167,19 @@ class ModelCache:
             self._bases[key] = base
         else:
             say(f"base {resolved.base.description} already in memory (shared)")
+            base.shared = True
+            if base.merged is not None:
+                self._unmerge(base, say)
         if resolved.adapter is None:
             name, nbytes = BASE_ADAPTER, 0
         else:
             name = adapter_name(version)
             nbytes = self._attach(base, name, version, resolved)
+            if not base.shared and len(base.adapters) == 1 and can_restore(base.model, base.source):
+                merge_in_place(base.model, name)
+                base.merged = name
+                say(f"{version.ref} is the only version of its base here: its adapter is merged into the base "
+                    "weights in place (restored exactly when another version comes)")
         tokenizer = base.tokenizer
         trained_template = (version.metadata.get("prompt_format") or {}).get("chat_template")
         if trained_template and trained_template != getattr(tokenizer, "chat_template", None):
@@ -190,7 +203,21 @@ class ModelCache:
         context = (getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
                    or getattr(tokenizer, "model_max_length", None) or 2048)
         nbytes = _nbytes(model.parameters()) + _nbytes(model.buffers())
-        return LoadedBase(base_key(resolved), model, tokenizer, target, precision, int(context), nbytes)
+        return LoadedBase(base_key(resolved), model, tokenizer, target, precision, int(context), nbytes,
+                          source=resolved.base.load_path)
+
+    def _unmerge(self, base: LoadedBase, say: Any) -> None:
+        """Back to unmerged adapters on the exact base weights (a second version of this base is coming)."""
+        name = base.merged
+        try:
+            restored = restore_base_weights(base.model, base.source)
+            say(f"unmerged the adapter merged into base weights: {restored} weights restored exactly from the files")
+        except (OSError, RuntimeError, KeyError) as err:  # the files changed or cannot be read: subtract the delta
+            base.model.base_model.unmerge_adapter()
+            say(f"unmerged by subtraction ({one_line(err)}): base weights are within rounding of the originals")
+        base.merged = None
+        if name is not None and base.model.active_adapter != name:
+            base.model.set_adapter(name)
 
     def _attach(self, base: LoadedBase, name: str, version: Version, resolved: ResolvedModel) -> int:
         from peft import PeftModel
@@ -207,6 +234,7 @@ class ModelCache:
         base.model.to(base.device)
         base.model.eval()
         base.model.requires_grad_(False)
+        install(base.model, base.active)  # the new adapter's layers too (layers patched before are kept)
         base.adapters.add(name)
         marker = f".{name}."
         return _nbytes(p for n, p in base.model.named_parameters() if marker in n)
@@ -228,13 +256,13 @@ class ModelCache:
         del self._versions[vid]
         self.evictions += 1
         base = servable.base
-        if servable.adapter != BASE_ADAPTER:
-            base.model.delete_adapter(servable.adapter)
-            base.adapters.discard(servable.adapter)
-        if not any(s.base is base for s in self._versions.values()):
+        if not any(s.base is base for s in self._versions.values()):  # its last version: the base goes too
             del self._bases[base.key]
             if base.device.type == "cuda":
                 torch.cuda.empty_cache()
+        elif servable.adapter != BASE_ADAPTER:
+            base.model.delete_adapter(servable.adapter)  # never the merged one: merged means the only version
+            base.adapters.discard(servable.adapter)
 
     def clear(self) -> None:
         with self._lock:

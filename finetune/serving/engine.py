@@ -169,7 +169,7 @@ class Engine:
                              generator, started))
         return rows
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def _run_batch(self, jobs: list[Job]) -> None:
         rows = self._admit(jobs)
         admitted = list(rows)  # every row this batch ever held: all end through _finish, even on errors
@@ -208,13 +208,21 @@ class Engine:
         self.max_rows = max(self.max_rows, len(rows))
         if not base.peft:
             return model(**kwargs).logits[:, -1, :]
+        if base.merged is not None:  # the base's only version, merged in place: a plain forward
+            if any(name != base.merged for name in names):
+                raise RuntimeError(f"rows for {sorted(set(names))} on a base merged with {base.merged}")
+            return model.get_base_model()(**kwargs).logits[:, -1, :]
         if len(set(names)) == 1:
             if names[0] == BASE_ADAPTER:
+                base.active.name = None
                 with model.disable_adapter():
                     return model(**kwargs).logits[:, -1, :]
             if model.active_adapter != names[0]:
-                model.set_adapter(names[0])
-            return model(**kwargs).logits[:, -1, :]
+                model.set_adapter(names[0])  # for layers the lean forward leaves to PEFT
+            base.active.name = names[0]
+            # The adapter layers live inside the base model (PEFT injects them): calling it directly skips the
+            # PeftModel wrapper's per-call work, which only mixed batches need.
+            return model.get_base_model()(**kwargs).logits[:, -1, :]
         return model(**kwargs, adapter_names=names).logits[:, -1, :]  # PEFT routes each row to its adapter
 
     def _prefill(self, base: Any, rows: list[_Row]) -> _Batch:

@@ -134,16 +134,19 @@ def trainings_tab(request: Request, user: User, owner: str, name: str) -> Respon
 
 @router.get("/models/{owner}/{name}/compare")
 def compare_tab(request: Request, user: User, owner: str, name: str, v: Annotated[list[int], Query()] = [],  # noqa: B006
-                prompts: str = "") -> Response:
-    """Config differences and losses of the chosen versions (from their manifests), and with prompts, every
-    version's answers (``finetune.compare``, which loads one version at a time)."""
+                prompts: str = "", eval: str = "") -> Response:
+    """Config differences and losses of the chosen versions (from their manifests); with prompts, every
+    version's answers; with an uploaded eval file, every version's loss on it, encoded once
+    (``finetune.compare``, which loads one version at a time)."""
     from ..compare import compare_versions
+    from . import services
 
     reg = registry(request)
     ctx = model_context(request, user, f"{owner}/{name}", "compare")
     versions = reg.list_versions(ctx["model"]["model"])
+    uploads = [{"id": f.id, "name": f.name} for f in services.list_files(request, user.account)]
     ctx.update(versions=versions, selected=v or [x.number for x in versions[:2]], prompts_text=prompts,
-               errors={}, comparison=None)
+               errors={}, comparison=None, uploads=uploads, eval_id=eval)
     if len(v) == 1:
         ctx["errors"]["_form"] = ["choose two or more versions"]
     elif len(v) >= 2:
@@ -154,9 +157,11 @@ def compare_tab(request: Request, user: User, owner: str, name: str, v: Annotate
             prompts_file = reg.staging_dir("compare-prompts") / "prompts.jsonl"
             prompts_file.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in lines[:5]), encoding="utf-8")
         try:
-            result = compare_versions(reg, refs, prompts_file=str(prompts_file) if prompts_file else None)
+            eval_file = str(services.path_of(request, user.account, eval)) if eval else None
+            result = compare_versions(reg, refs, prompts_file=str(prompts_file) if prompts_file else None,
+                                      eval_file=eval_file)
         except FinetuneError as err:
-            ctx["errors"]["prompts" if lines else "_form"] = [str(err)]
+            ctx["errors"]["eval" if eval else "prompts" if lines else "_form"] = [str(err)]
         else:
             ctx["comparison"] = _comparison_view(result)
         finally:
@@ -188,7 +193,8 @@ def _comparison_view(result: Any) -> dict[str, Any]:
         })
     prompts = [{"prompt": p, "answers": [(r.version.ref, r.answers[i]) for r in result.reports]}
                for i, p in enumerate(result.prompts)]
-    return {"reference": result.reference, "rows": rows, "prompts": prompts}
+    return {"reference": result.reference, "rows": rows, "prompts": prompts, "eval_rows": result.eval_rows,
+            "eval_file": bool(result.eval_file)}
 
 
 # ---------------------------------------------------------------- a version

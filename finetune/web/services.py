@@ -57,7 +57,8 @@ def path_of(request: Request, account: str, file_id: str) -> Path:
 # ---------------------------------------------------------------- trainings (the API's training service)
 def training_config(request: Request, account: str, raw: dict[str, Any], trainer_ref: str) -> Config:
     """The checked config of a training of ``trainer_ref`` with ``raw`` as its input, exactly as
-    ``POST .../trainings`` checks it (data files resolved to the account's uploads); :class:`ConfigError`."""
+    ``POST .../trainings`` checks it (data files resolved to the account's uploads): :class:`ConfigError`
+    for the config, other errors for the data (a foreign file is 404, a server path 403)."""
     from ..registry.accounts import Account
     from ..server.routes.trainings import training_config as api_training_config
 

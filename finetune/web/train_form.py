@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from ..config import Config, DataConfig, LoraConfig, TrainConfig, config_from_dict
-from ..errors import ConfigError
+from ..errors import ConfigError, FinetuneError
 
 # (dotted key, label, hint): the settings shown as fields; everything else goes in the advanced YAML box.
 SETTINGS = (
@@ -140,6 +140,9 @@ def check_input(raw: dict[str, Any], errors: FormErrors, check: Callable[[dict[s
             if "data.path" in errors and problem == "missing required key 'data.path'":
                 continue  # already said, in the form's words
             place_problem(errors, problem)
+        return None
+    except FinetuneError as err:  # the data file cannot be used (not found, not the user's)
+        errors.add("data.eval" if "data.eval" in err.message else "data.path", str(err))
         return None
     return None if errors else config
 

@@ -109,6 +109,9 @@ def training_view(record: TrainingRecord, rows: list[dict[str, Any]] | None = No
     return view
 
 
+TRAINER_CHOICES = 20  # the newest versions offered per model; older ones are trained from with the API or CLI
+
+
 def trainer_choices(reg: Registry, models: list, this_model: str) -> tuple[list[tuple[str, list[str]]], str | None]:
     """The Train tab's "start from" choices, grouped by model (this model first), and the default: this
     model's latest version, else the first base version offered."""
@@ -120,7 +123,7 @@ def trainer_choices(reg: Registry, models: list, this_model: str) -> tuple[list[
         versions = reg.list_versions(m.full_name)
         if not versions:
             continue
-        refs = [v.ref for v in versions]
+        refs = [v.ref for v in versions[:TRAINER_CHOICES]]
         groups.append((m.full_name, refs))
         if m.full_name == this_model:
             default = refs[0]

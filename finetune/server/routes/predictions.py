@@ -27,6 +27,7 @@ from .. import access
 from ..auth import AccountDep, current_account
 from ..context import RegistryDep, SettingsDep, VersionIndexDep, base_url
 from ..pagination import page
+from ..webhooks import check_webhook
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(current_account)], tags=["predictions"])
 
@@ -127,8 +128,7 @@ async def _create(request: Request, account: Any, version: Version, body: Any) -
     events = body.webhook_events_filter
     if body.webhook_completed and not body.webhook:
         events = ["completed"]
-    if webhook is not None and not webhook.startswith(("http://", "https://")):
-        raise UsageError(f"webhook: expected an http:// or https:// URL, got {webhook[:80]!r}")
+    check_webhook(webhook, events)
     record = await run_in_threadpool(
         service.create, version, body.input, owner=access.username(account), stream=bool(body.stream),
         webhook=webhook, webhook_events_filter=events, base_url=url)

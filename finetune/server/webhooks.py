@@ -24,13 +24,13 @@ import base64
 import hashlib
 import heapq
 import hmac
+import http.client
 import json
 import logging
 import os
 import threading
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -159,21 +159,20 @@ class WebhookSender:
 
     def attempt(self, lane: _Lane, d: _Delivery) -> None:
         timestamp = int(time.time())
-        request = urllib.request.Request(d.url, data=d.body, method="POST", headers={
-            "Content-Type": "application/json",
-            "User-Agent": "finetune-webhooks",
+        headers = {  # lower-case names, as Replicate sends them (urllib would capitalise them)
+            "content-type": "application/json",
+            "user-agent": "finetune-webhooks",
             "webhook-id": d.msg_id,
             "webhook-timestamp": str(timestamp),
             "webhook-signature": sign(d.secret, d.msg_id, timestamp, d.body),
-        })
+        }
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                response.read()
-            self.delivered += 1
-            return
-        except urllib.error.HTTPError as err:
-            problem = f"HTTP {err.code}"
-        except (OSError, ValueError) as err:  # refused, timed out, unreachable, bad URL
+            status = _post(d.url, d.body, headers, self.timeout_s)
+            if 200 <= status < 300:
+                self.delivered += 1
+                return
+            problem = f"HTTP {status}"
+        except (OSError, ValueError, http.client.HTTPException) as err:  # refused, timed out, unreachable, bad URL
             problem = f"{type(err).__name__}: {err}"
         d.attempt += 1
         if d.attempt >= self.attempts or self.stopped:
@@ -182,6 +181,21 @@ class WebhookSender:
             return
         d.due = time.monotonic() + self.backoff_s * 2 ** (d.attempt - 1)
         lane.put(d)
+
+
+def _post(url: str, body: bytes, headers: dict[str, str], timeout_s: float) -> int:
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"not an http(s) URL: {url[:100]}")
+    conn_type = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    conn = conn_type(parts.hostname, parts.port, timeout=timeout_s)
+    try:
+        conn.request("POST", (parts.path or "/") + (f"?{parts.query}" if parts.query else ""), body, headers)
+        response = conn.getresponse()
+        response.read()
+        return response.status
+    finally:
+        conn.close()
 
 
 # ---------------------------------------------------------------------------------------------- events

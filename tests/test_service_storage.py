@@ -97,3 +97,18 @@ def test_version_index_finds_ids_across_models_and_forgets_deleted_ones(registry
     assert index.find(b1.id, "o/b") == b1
     registry.delete_version(a1.ref)
     assert index.find(a1.id) is None and index.find("f" * 64) is None
+
+
+def test_version_index_is_not_fooled_by_a_model_created_again(registry: Registry, tmp_path: Path):
+    registry.create_model("o/a")
+    old = publish(registry, tmp_path, "o/a", 1)
+    index = VersionIndex(registry)
+    assert index.find(old.id, "o/a") == old
+    registry.delete_version(old.ref)
+    registry.delete_model("o/a")
+    time.sleep(0.001)  # a new created_at
+    registry.create_model("o/a")
+    new = publish(registry, tmp_path, "o/a", 2)  # number 1 again
+    assert new.number == old.number and new.id != old.id
+    assert index.find(old.id, "o/a") is None
+    assert index.find(new.id, "o/a") == new

@@ -2,8 +2,9 @@
 
 The registry stores versions by number; an id is only in the manifest. :class:`VersionIndex` remembers, per
 model, which numbers it has read and the id of each, so a lookup reads only manifests of versions published
-since the last miss. Ids and numbers never change and numbers are never reused, so a remembered entry can
-only go stale by deletion, which a lookup checks (one ``stat``). Thread-safe; one per server process.
+since the last miss. A remembered entry goes stale when its version is deleted, or when its model is deleted and
+created again (numbers then restart): a lookup checks that the version still exists and still has that id
+(one ``stat`` and a manifest read), and a model is known by its name and ``created_at``. Thread-safe.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ class VersionIndex:
     def __init__(self, registry: Registry):
         self.registry = registry
         self._ids: dict[str, tuple[str, int]] = {}
-        self._seen: dict[str, set[int]] = {}
+        self._seen: dict[tuple[str, str], set[int]] = {}  # (model, created_at) -> numbers read
         self._lock = threading.Lock()
 
     def find(self, version_id: str, model: str | None = None) -> Version | None:
@@ -41,7 +42,9 @@ class VersionIndex:
         name, number = entry
         try:
             version = self.registry.version(name, number)
-        except ModelNotFoundError:
+            if version is not None and version.id != version_id:
+                version = None  # the model was created again and the number now names another version
+        except (ModelNotFoundError, IntegrityError):
             version = None
         if version is None:
             with self._lock:
@@ -50,11 +53,12 @@ class VersionIndex:
 
     def _scan(self, model: str) -> None:
         try:
+            created_at = self.registry.get_model(model).created_at
             versions = self.registry.list_versions(model)
         except ModelNotFoundError:
             return
         with self._lock:
-            seen = self._seen.setdefault(model, set())
+            seen = self._seen.setdefault((model, created_at), set())
             new = [v for v in versions if v.number not in seen]
         found = {}
         for v in new:

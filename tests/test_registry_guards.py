@@ -99,3 +99,24 @@ def test_deleting_needs_an_explicit_version(reg: Registry, capsys):
     assert [v.number for v in reg.list_versions("o/m")] == [3, 2, 1]
     rc, out, _ = cli(capsys, reg, "versions", "delete", "o/m", "--latest")
     assert (rc, out) == (0, "deleted o/m:3\n")
+
+
+def test_one_damaged_training_record_does_not_hide_the_others(reg: Registry, capsys):
+    from finetune.registry.jobs import TrainingRecord, Trainings
+
+    trainings = Trainings(reg)
+    for n in range(3):
+        trainings.create(TrainingRecord(id=f"20260101-00000{n}-abcdef", destination="o/m", status="failed"))
+    bad = trainings.paths("20260101-000001-abcdef").record
+    for damage in ('{"id": ', '["not", "an", "object"]', '{"id": "x", "status": "exploded"}', "caf\xe9"):
+        bad.write_bytes(damage.encode("latin-1"))
+        rc, out, err = cli(capsys, reg, "trainings", "list")
+        assert rc == 0, err
+        assert [line.split()[0] for line in out.splitlines()[1:]] == ["20260101-000002-abcdef",
+                                                                    "20260101-000000-abcdef"]
+        assert "20260101-000001-abcdef" in err and "is damaged" in err and "remove its folder" in err
+        rc, out, _ = cli(capsys, reg, "trainings", "list", "--json")
+        assert rc == 0 and len(json.loads(out)) == 2
+        rc, _, err = cli(capsys, reg, "trainings", "show", "20260101-000001-abcdef")
+        assert_one_line_error(rc, err, "record.json is damaged", "remove its folder")
+        assert rc == 1

@@ -100,3 +100,45 @@ def test_train_loss_is_the_mean_of_the_last_steps_beside_the_last_one(root: Path
     assert m["train_loss"] != pytest.approx(m["last_step_loss"])
     assert "mean of the last 20 steps" in (version.path / "README.md").read_text()
     reg.delete_version(version.ref)
+
+
+def test_resume_skips_a_torn_checkpoint_and_names_the_one_it_falls_back_to(root: Path, tmp_path: Path, capsys,
+                                                                           monkeypatch: pytest.MonkeyPatch):
+    import finetune.training.run as run_module
+    from finetune.errors import TrainingCanceled
+
+    reg = Registry(root)
+    cfg = write_config(tmp_path / "c.yaml", max_steps=5, checkpoint_every=1)
+    check, calls = run_module._StopFlag.check, []
+
+    def stop_after_step_3(self, accelerator):
+        calls.append(1)
+        if len(calls) == 4:  # one check before the first step, then one after each step
+            raise TrainingCanceled("test stop")
+        return check(self, accelerator)
+
+    monkeypatch.setattr(run_module._StopFlag, "check", stop_after_step_3)
+    assert main(["--registry", str(root), "train", str(cfg), "--destination", DEST, "--quiet"]) == 130
+    monkeypatch.setattr(run_module._StopFlag, "check", check)
+    record = next(r for r in Trainings(reg).list() if r.destination == DEST and r.status == "canceled")
+    paths = Trainings(reg).paths(record.id)
+    assert sorted(p.name for p in paths.checkpoints.glob("step-*")) == ["step-00000002", "step-00000003"]
+    newest = paths.checkpoints / "step-00000003" / "adapter.safetensors"
+    newest.write_bytes(newest.read_bytes()[:20])  # torn: a few header bytes survived
+    capsys.readouterr()
+
+    rc = main(["--registry", str(root), "train", "--resume", record.id, "--quiet"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    log = paths.log.read_text()
+    assert "checkpoint step-00000003 is damaged" in log and "resumed from step-00000002 (step 2)" in log
+    version = reg.resolve(out.strip())
+    assert version.metadata["metrics"]["steps"] == 5
+    assert [r["step"] for r in (json_rows(paths.metrics))] == [1, 2, 3, 4, 5]
+    reg.delete_version(version.ref)
+
+
+def json_rows(path: Path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

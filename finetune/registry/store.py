@@ -32,6 +32,7 @@ atomically on every change, so a reader never sees half a record.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import time
@@ -200,14 +201,22 @@ class Registry:
         return path
 
     def _ensure_writable(self) -> None:
+        """Refuse, in one clear line, to start a write the registry's filesystem would refuse half-way.
+
+        Creating folders that exist succeeds even on a read-only mount, so a probe file is created and removed."""
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             for sub in ("models", ".staging", ".trash"):
                 (self.root / sub).mkdir(exist_ok=True)
+            probe = self._staging / f".probe-{os.getpid()}-{os.urandom(4).hex()}"
+            os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+            os.unlink(probe)
         except OSError as err:
-            raise RegistryAccessError(
-                f"cannot write to registry root {self.root}: {err.strerror}", "check FINETUNE_HOME and permissions"
-            ) from None
+            raise not_writable(self.root, err) from None
+
+    def ensure_writable(self) -> None:
+        """Raise :class:`RegistryAccessError` (naming the root and the way out) unless the registry can be written."""
+        self._ensure_writable()
 
     def _lock(self, model_dir: Path) -> FileLock:
         return FileLock(str(model_dir / ".lock"), timeout=LOCK_TIMEOUT_S)
@@ -318,6 +327,7 @@ class Registry:
         """Change a model's editable fields (:data:`EDITABLE`); ``None`` clears a link. Atomic under its lock."""
         _check_fields(changes, allowed=EDITABLE)
         model = self.get_model(name)
+        self._ensure_writable()
         with self._lock(model.path):
             info = json.loads((model.path / "model.json").read_bytes())
             for key, value in changes.items():
@@ -334,6 +344,7 @@ class Registry:
             model = self.get_model(name)
         except ModelNotFoundError as err:
             raise ModelNotFoundError(err.message, "`finetune models list` shows the models there are") from None
+        self._ensure_writable()
         with self._lock(model.path):
             if self._version_numbers(model.path):
                 raise ConflictError(
@@ -485,6 +496,7 @@ class Registry:
         check_alias(alias)
         version = self.resolve(ref)
         m = self.get_model(version.model)
+        self._ensure_writable()
         with self._lock(m.path):
             # delete_version checks aliases under this lock, so check here, under it too, that the version was not
             # deleted since resolve(): otherwise the alias could end up pointing at nothing.
@@ -497,6 +509,7 @@ class Registry:
 
     def remove_alias(self, model: str, alias: str) -> None:
         m = self.get_model(model)
+        self._ensure_writable()
         with self._lock(m.path):
             aliases = self.aliases(model)
             if alias not in aliases:
@@ -532,6 +545,7 @@ class Registry:
                              "give OWNER/NAME:N (`finetune versions list` shows them), or add --latest")
         version = self.resolve(ref)
         m = self.get_model(version.model)
+        self._ensure_writable()  # before the lock: taking it writes its file
         with self._lock(m.path):
             pointing = sorted(a for a, n in self.aliases(version.model).items() if n == version.number)
             if pointing:
@@ -573,7 +587,19 @@ class Registry:
 
         A staging folder whose creating process is still alive on this host is kept whatever its age.
         """
+        if not dry_run:
+            self._ensure_writable()
         return collect_leftovers(self, [self._staging, self._trash], older_than_hours, dry_run)
+
+
+def not_writable(root: Path, err: OSError) -> RegistryAccessError:
+    """The one error for a registry that cannot be written (read-only mount, permissions, full disk)."""
+    why = err.strerror or type(err).__name__
+    if err.errno == errno.ENOSPC:
+        return RegistryAccessError(f"the registry at {root} is out of space ({why})",
+                                   "free space on its disk, or point FINETUNE_HOME (or --registry) at another disk")
+    return RegistryAccessError(f"the registry at {root} is not writable ({why})",
+                               "point FINETUNE_HOME (or --registry) at a writable folder, or make this one writable")
 
 
 def _check_fields(fields: dict[str, Any], allowed: tuple[str, ...] = ("readme", *MODEL_LINKS)) -> None:

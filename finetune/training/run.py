@@ -39,7 +39,14 @@ from ..data.batching import (
     real_tokens,
 )
 from ..data.prepare import Prepared, format_summary, prepare
-from ..errors import FinetuneError, ModelNotFoundError, NonFiniteError, TrainingCanceled, UsageError
+from ..errors import (
+    FinetuneError,
+    IntegrityError,
+    ModelNotFoundError,
+    NonFiniteError,
+    TrainingCanceled,
+    UsageError,
+)
 from ..modeling.load import attach_lora, load_base_model, load_tokenizer
 from ..modeling.ops import rewrite_for_training
 from ..modeling.ops.attention import VARLEN_ATTENTION
@@ -49,7 +56,7 @@ from ..registry import Registry, TrainingPaths, Version
 from ..registry.jobs import Status, TrainingRecord, Trainings, check_resumable
 from ..registry.manifest import utc_now
 from ..registry.sources import ResolvedModel, resolve_model
-from .checkpoint import Progress, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import Progress, checkpoints, load_checkpoint, save_checkpoint
 from .metrics import MetricsLog, Throughput, peak_memory_mb
 from .runlog import RunLog, quiet_libraries
 from .submit import submit_training
@@ -303,14 +310,24 @@ def _schedule(run: _Run, loaded: _Loaded) -> _Schedule:
 
 
 def _resume(run: _Run, loaded: _Loaded, schedule: _Schedule, metrics: MetricsLog) -> Progress:
-    """Adapter, optimizer, scheduler, RNG and position from the newest checkpoint; a fresh start without one."""
-    ckpt = latest_checkpoint(run.paths.checkpoints)
-    if ckpt is None:
+    """Adapter, optimizer, scheduler, RNG and position from the newest intact checkpoint; a fresh start without
+    one. A damaged checkpoint is skipped, saying so and naming the one the run falls back to."""
+    progress, skipped = None, []
+    for ckpt in checkpoints(run.paths.checkpoints):
+        try:
+            progress = load_checkpoint(ckpt, schedule.model, schedule.optimizer, schedule.scheduler, run.rank)
+        except IntegrityError as err:
+            skipped.append(err.message)
+            continue
+        fallback = f" ({'; '.join(skipped)}: skipped)" if skipped else ""
+        run.log.info(f"resumed from {ckpt.name} (step {progress.step}){fallback}")
+        break
+    if progress is None:
+        if skipped:
+            run.log.info(f"{'; '.join(skipped)}: no intact checkpoint left, starting again from step 0")
         if run.main and metrics.path.exists():
             metrics.path.unlink()
         return Progress()
-    progress = load_checkpoint(ckpt, schedule.model, schedule.optimizer, schedule.scheduler, run.rank)
-    run.log.info(f"resumed from {ckpt.name} (step {progress.step})")
     if run.main:
         metrics.truncate_after(progress.step)
     run.update_record(resumed_from_step=progress.step)

@@ -47,6 +47,7 @@ from ..errors import (
     AlreadyExistsError,
     AmbiguousRefError,
     ConflictError,
+    FinetuneError,
     IntegrityError,
     ModelNotFoundError,
     NotFoundError,
@@ -367,8 +368,46 @@ class Registry:
             return int((model_dir / "next_version").read_text().strip())
         except FileNotFoundError:
             return 1
-        except ValueError:
-            raise IntegrityError(f"{model_dir / 'next_version'} is damaged", "run `finetune registry gc`") from None
+        except (ValueError, UnicodeDecodeError):
+            raise IntegrityError(f"{model_dir / 'next_version'} is damaged",
+                                 "run `finetune registry gc` (it rebuilds the counter from the versions)") from None
+
+    def check_destination(self, model: str) -> None:
+        """Raise now what publishing a training's version into ``model`` would raise at its end: the model is
+        missing, its version counter is damaged, or it holds a base model (a training would make an adapter its
+        latest version, under the name people load the base by)."""
+        m = self.get_model(model)
+        self._next_number(m.path)
+        latest = self._latest(m)
+        try:
+            kind = latest.kind if latest is not None else None
+        except IntegrityError:
+            kind = None  # a damaged newest version says nothing about the model; listing shows it
+        if kind == "base":
+            raise ConflictError(f"{model} holds base model {latest.ref}: a training would make an adapter its latest",
+                                f"train into a model of its own, e.g. --destination {model}-ft --create-destination")
+
+    def repair_counters(self, dry_run: bool = False) -> list[Path]:
+        """Rewrite damaged ``next_version`` counters from the versions on disk (and the numbers aliases keep)."""
+        repaired = []
+        for m in self.list_models():
+            try:
+                self._next_number(m.path)
+                continue
+            except IntegrityError:
+                pass
+            repaired.append(m.path / "next_version")
+            if dry_run:
+                continue
+            self._ensure_writable()
+            with self._lock(m.path):
+                try:
+                    kept = [n for n in self.aliases(m.full_name).values() if isinstance(n, int)]
+                except IntegrityError:
+                    kept = []
+                highest = max([0, *self._version_numbers(m.path), *kept])
+                atomic.replace_file(m.path / "next_version", f"{highest + 1}\n".encode(), self._staging)
+        return repaired
 
     def _version(self, model: Model, number: int) -> Version | None:
         path = self._versions_dir(model.path) / str(number)
@@ -470,15 +509,17 @@ class Registry:
         parent: Version | str | dict[str, Any] | None = None,
         metadata: dict[str, Any] | None = None,
         kind: str | None = None,
+        first: bool = False,
     ) -> Version:
         """Publish the files of ``src_dir`` as the next version of ``model``; atomic and safe across processes.
 
         ``parent`` is the version this one derives from (a :class:`Version` or a ref, stored as exact ref and
         id), or a dict describing an outside origin (``{"hub_id": ..., "revision": ...}``). ``kind`` defaults
         to ``adapter`` when ``src_dir`` holds ``adapter_config.json``, ``base`` when it holds ``config.json``.
+        With ``first``, the version must be the model's first (checked under the model's lock: imports of a base).
         How: :mod:`finetune.registry.publish`.
         """
-        return publish_version(self, model, Path(src_dir), parent, metadata, kind)
+        return publish_version(self, model, Path(src_dir), parent, metadata, kind, first=first)
 
     # ---------------------------------------------------------------- aliases, deletion
     def aliases(self, model: str) -> dict[str, int]:
@@ -558,12 +599,40 @@ class Registry:
                 raise ConflictError(
                     f"{version.ref} is the parent of {', '.join(k.ref for k in kids)}", "delete those versions first"
                 )
+            users = self._live_trainings_from(version)
+            if users:
+                raise ConflictError(f"{version.ref} is the base of training {users[0]}, which is still running",
+                                    f"wait for it or cancel it (`finetune trainings cancel {users[0]}`) first")
             self._ensure_writable()
             target = self._trash / work_name("version")
             os.chmod(version.path, 0o755)
             os.rename(version.path, target)
             atomic.fsync_dir(version.path.parent)
         atomic.remove_tree(target)
+
+    def _live_trainings_from(self, version: Version) -> list[str]:
+        """Ids of trainings that run now (their process is alive) and continue from ``version``."""
+        from .jobs import FINAL, Trainings  # jobs builds on this module
+
+        trainings = Trainings(self)
+        users = []
+        for record in trainings.list():
+            if record.status in FINAL or trainings.is_stale(record):
+                continue
+            spec = record.model or str((record.input or {}).get("base_model") or "")
+            try:
+                ref = parse_ref(spec)
+            except UsageError:
+                continue  # a hub id or a folder: not a registry version
+            if ref.model != version.model:
+                continue
+            try:
+                uses = self.resolve(spec) == version
+            except FinetuneError:
+                uses = False
+            if uses:
+                users.append(record.id)
+        return users
 
     # ---------------------------------------------------------------- integrity
     def verify(self, ref: str | Version) -> list[str]:

@@ -39,6 +39,7 @@ class Progress:
     best_eval: float | None = None  # the lowest eval loss so far
     bad_evals: int = 0  # evaluations since the best one (early stopping counts these)
     seconds: float = 0.0  # wall time of the run so far, earlier processes included
+    done: bool = False  # training finished (last step or early stop): a resume only publishes
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Progress:

@@ -229,3 +229,11 @@ def test_a_local_folder_base_is_pinned_by_its_content(root: Path, tmp_path: Path
     rc = main(["--registry", str(root), "versions", "verify", ref])
     out = capsys.readouterr().out
     assert rc == 1 and "is not the model it was trained on" in out
+
+
+def test_a_last_step_that_diverges_publishes_nothing(root: Path, tmp_path: Path, capsys):
+    cfg = write_config(tmp_path / "c.yaml", lr=1e30, max_steps=1)
+    rc = main(["--registry", str(root), "train", str(cfg), "--destination", DEST, "--quiet"])
+    err = "\n".join(line for line in capsys.readouterr().err.splitlines() if not line.startswith("training "))
+    assert_one_line_error(rc, err, "after the last step (1", "train.lr")
+    assert Registry(root).list_versions(DEST) == []

@@ -264,6 +264,8 @@ def _train(run: _Run) -> Version | None:
     run.stop.check(run.accelerator)  # a cancel that arrived while loading ends the run before its first step
     run.update_record(status=Status.PROCESSING, started_at=(run.record and run.record.started_at) or utc_now())
     outcome = _loop(run, loaded, schedule, progress, metrics)
+    if outcome.trained:
+        _check_final_loss(run, loaded, schedule, progress)
     progress.done = True
     if outcome.trained:  # the finished state, so a resume after a failed publish publishes it without retraining
         save_checkpoint(run.paths.checkpoints, progress, schedule.model, schedule.optimizer, schedule.scheduler,
@@ -408,6 +410,21 @@ def _loop(run: _Run, loaded: _Loaded, schedule: _Schedule, progress: Progress, m
     if outcome.last_loss is None and outcome.recent:  # resumed at its end: the figures of the run that trained
         outcome.last_loss = outcome.recent[-1]
     return outcome
+
+
+def _check_final_loss(run: _Run, loaded: _Loaded, schedule: _Schedule, progress: Progress) -> None:
+    """The last update is never followed by a step that would show its loss: one forward over the first batch
+    tells whether it left the adapter finite (an update with a huge learning rate can overflow it)."""
+    train_set, accelerator = loaded.prepared.train, run.accelerator
+    examples = [train_set[j] for j in range(min(run.config.train.batch_size, len(train_set)))]
+    with torch.no_grad(), accelerator.autocast():
+        loss_sum, count = schedule.loss_model(**_to_device(schedule.collate(examples), accelerator.device))
+    loss = float(loss_sum) / max(float(count), 1.0)
+    if not math.isfinite(loss):
+        raise NonFiniteError(
+            f"the loss became {loss} after the last step ({progress.step}, lr {run.config.train.lr:g}, "
+            f"{run.precision}): the run diverged and publishes nothing",
+            f"lower train.lr (now {run.config.train.lr:g}), or use train.precision: fp32 if it ran in bf16 or fp16")
 
 
 def _optimizer_step(run: _Run, schedule: _Schedule, loaded: _Loaded, window: Window) -> tuple[torch.Tensor, int]:

@@ -209,9 +209,9 @@ class Registry:
             self.root.mkdir(parents=True, exist_ok=True)
             for sub in ("models", ".staging", ".trash"):
                 (self.root / sub).mkdir(exist_ok=True)
-            probe = self._staging / f".probe-{os.getpid()}-{os.urandom(4).hex()}"
+            probe = self._staging / work_name("probe")  # named by its process, so `gc` leaves it alone
             os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
-            os.unlink(probe)
+            probe.unlink(missing_ok=True)
         except OSError as err:
             raise not_writable(self.root, err) from None
 

@@ -28,7 +28,7 @@ from finetune.errors import IntegrityError, ModelLoadError, UsageError
 from finetune.inference import GenerationSettings, Prompt, generate, load_version, resolve_device
 from finetune.registry import Registry
 from finetune.registry.lineage import lineage
-from finetune.registry.sources import import_base
+from finetune.registry.sources import folder_sha256, import_base
 from finetune.tiny import load_sample_records, sample_data_path
 
 BASE = "local/tiny:1"
@@ -310,7 +310,7 @@ def test_a_version_trained_from_a_local_folder_loads_until_the_folder_moves(
     shutil.copytree(tiny_model_dir, folder)
     reg = Registry(tmp_path / "registry")
     version = train(reg, str(folder), "alice/outside", max_steps=1)
-    assert version.parent == {"local_path": str(folder)}
+    assert version.parent == {"local_path": str(folder), "sha256": folder_sha256(folder)}  # pinned by content
     assert cli(capsys, reg, "predict", version.ref, "hi", "--max-new-tokens", "2")[0] == 0
     folder.rename(tmp_path / "moved")
     rc, _, err = cli(capsys, reg, "predict", version.ref, "hi")

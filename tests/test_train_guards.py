@@ -100,3 +100,132 @@ def test_train_loss_is_the_mean_of_the_last_steps_beside_the_last_one(root: Path
     assert m["train_loss"] != pytest.approx(m["last_step_loss"])
     assert "mean of the last 20 steps" in (version.path / "README.md").read_text()
     reg.delete_version(version.ref)
+
+
+def test_resume_skips_a_torn_checkpoint_and_names_the_one_it_falls_back_to(root: Path, tmp_path: Path, capsys,
+                                                                           monkeypatch: pytest.MonkeyPatch):
+    import finetune.training.run as run_module
+    from finetune.errors import TrainingCanceled
+
+    reg = Registry(root)
+    cfg = write_config(tmp_path / "c.yaml", max_steps=5, checkpoint_every=1)
+    check, calls = run_module._StopFlag.check, []
+
+    def stop_after_step_3(self, accelerator):
+        calls.append(1)
+        if len(calls) == 4:  # one check before the first step, then one after each step
+            raise TrainingCanceled("test stop")
+        return check(self, accelerator)
+
+    monkeypatch.setattr(run_module._StopFlag, "check", stop_after_step_3)
+    assert main(["--registry", str(root), "train", str(cfg), "--destination", DEST, "--quiet"]) == 130
+    monkeypatch.setattr(run_module._StopFlag, "check", check)
+    record = next(r for r in Trainings(reg).list() if r.destination == DEST and r.status == "canceled")
+    paths = Trainings(reg).paths(record.id)
+    assert sorted(p.name for p in paths.checkpoints.glob("step-*")) == ["step-00000002", "step-00000003"]
+    newest = paths.checkpoints / "step-00000003" / "adapter.safetensors"
+    newest.write_bytes(newest.read_bytes()[:20])  # torn: a few header bytes survived
+    capsys.readouterr()
+
+    rc = main(["--registry", str(root), "train", "--resume", record.id, "--quiet"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    log = paths.log.read_text()
+    assert "checkpoint step-00000003 is damaged" in log and "resumed from step-00000002 (step 2)" in log
+    version = reg.resolve(out.strip())
+    assert version.metadata["metrics"]["steps"] == 5
+    assert [r["step"] for r in (json_rows(paths.metrics))] == [1, 2, 3, 4, 5]
+    reg.delete_version(version.ref)
+
+
+def json_rows(path: Path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_max_seq_len_past_the_models_positions_is_refused(root: Path, tmp_path: Path, capsys):
+    cfg = write_config(tmp_path / "c.yaml")
+    rc = main(["--registry", str(root), "train", str(cfg), "--destination", DEST, "--quiet",
+               "--set", "data.max_seq_len=5000"])
+    err = "\n".join(line for line in capsys.readouterr().err.splitlines() if not line.startswith("training "))
+    assert_one_line_error(rc, err, "data.max_seq_len: 5000 is more than the 1024 positions", "1024 or less")
+    assert rc == 2 and Registry(root).list_versions(DEST) == []
+
+
+def test_a_damaged_version_counter_is_found_before_training_and_gc_rebuilds_it(root: Path, tmp_path: Path, capsys):
+    reg = Registry(root)
+    reg.create_model("guard/counter")
+    cfg = write_config(tmp_path / "c.yaml", max_steps=1)
+    argv = ["--registry", str(root), "train", str(cfg), "--destination", "guard/counter", "--quiet"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    counter = reg.get_model("guard/counter").path / "next_version"
+    counter.write_text("garbage\n")
+    before = len(Trainings(reg).list())
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert_one_line_error(rc, err, "next_version is damaged", "finetune registry gc")
+    assert len(Trainings(reg).list()) == before  # refused before a record was even opened: nothing ran
+    rc = main(["--registry", str(root), "registry", "gc"])
+    out = capsys.readouterr().out
+    assert rc == 0 and f"rebuilt {counter}" in out
+    assert counter.read_text() == "2\n"
+    assert main(argv) == 0 and capsys.readouterr().out.strip() == "guard/counter:2"
+
+
+def test_resume_after_a_failed_publish_publishes_the_finished_adapter(root: Path, tmp_path: Path, capsys,
+                                                                     monkeypatch: pytest.MonkeyPatch):
+    import finetune.training.publishing as publishing
+    from finetune.errors import IntegrityError
+
+    reg = Registry(root)
+    reg.create_model("guard/publish")
+    cfg = write_config(tmp_path / "c.yaml", max_steps=3)
+    real = publishing.publish_adapter
+
+    def fail(*args, **kwargs):
+        raise IntegrityError("the disk hiccuped")
+
+    monkeypatch.setattr(publishing, "publish_adapter", fail)
+    assert main(["--registry", str(root), "train", str(cfg), "--destination", "guard/publish", "--quiet"]) == 1
+    monkeypatch.setattr(publishing, "publish_adapter", real)
+    record = next(r for r in Trainings(reg).list() if r.destination == "guard/publish")
+    assert record.status == "failed" and "hiccuped" in record.error
+    paths = Trainings(reg).paths(record.id)
+    rows_before = paths.metrics.read_text()
+    capsys.readouterr()
+    assert main(["--registry", str(root), "train", "--resume", record.id, "--quiet"]) == 0
+    version = reg.resolve(capsys.readouterr().out.strip())
+    assert version.ref == "guard/publish:1"
+    assert paths.metrics.read_text() == rows_before  # not one step trained again
+    assert "resumed from step-00000003 (step 3)" in paths.log.read_text()
+    m = version.metadata["metrics"]
+    assert m["steps"] == 3 and m["train_loss_steps"] == 3 and m["last_step_loss"] is not None
+
+
+def test_a_local_folder_base_is_pinned_by_its_content(root: Path, tmp_path: Path, capsys, tiny_model_dir: Path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    reg = Registry(root)
+    base = tmp_path / "my-base"
+    shutil.copytree(tiny_model_dir, base)
+    reg.create_model("guard/local")
+    cfg = write_config(tmp_path / "c.yaml", max_steps=1)
+    assert main(["--registry", str(root), "train", str(cfg), "--destination", "guard/local", "--quiet",
+                 "--set", f"base_model={base}"]) == 0
+    ref = capsys.readouterr().out.strip()
+    assert reg.resolve(ref).parent["sha256"]
+    assert main(["--registry", str(root), "predict", ref, "hi", "--max-new-tokens", "2"]) == 0
+    assert main(["--registry", str(root), "versions", "verify", ref]) == 0
+    capsys.readouterr()
+
+    weights = load_file(str(base / "model.safetensors"))  # another model of the same shape in its place
+    save_file({k: v * 1.5 for k, v in weights.items()}, str(base / "model.safetensors"))
+    rc = main(["--registry", str(root), "predict", ref, "hi", "--max-new-tokens", "2"])
+    assert_one_line_error(rc, capsys.readouterr().err, "is not the model it was trained on", "original files")
+    rc = main(["--registry", str(root), "versions", "verify", ref])
+    out = capsys.readouterr().out
+    assert rc == 1 and "is not the model it was trained on" in out

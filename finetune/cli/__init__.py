@@ -8,6 +8,7 @@ user can cause print one line (``finetune: error: ...``) and exit 2 for usage er
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from collections.abc import Sequence
@@ -50,6 +51,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC)
+
+
+def _registry_root(args: argparse.Namespace):
+    from ..registry import Registry
+
+    try:
+        return Registry(args.registry)
+    except Exception:
+        return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``finetune`` console script."""
     parser = build_parser()
@@ -62,9 +75,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("finetune: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # `finetune ... | head`: the reader left; not an error of ours
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
-        return 1
+    except OSError as err:  # a write the registry's own checks did not foresee: still one line, naming the way out
+        reg_root = _registry_root(args)
+        if err.errno in _NOT_WRITABLE and err.filename and reg_root is not None and reg_root.contains(err.filename):
+            from ..registry.store import not_writable
+
+            print(f"finetune: error: {not_writable(reg_root.root, err)}", file=sys.stderr)
+            return 1
+        if isinstance(err, BrokenPipeError):  # `finetune ... | head`: the reader left; not an error of ours
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+            return 1
+        raise
 
 
 if __name__ == "__main__":

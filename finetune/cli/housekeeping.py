@@ -11,6 +11,8 @@ def cmd_registry_gc(args: argparse.Namespace) -> None:
     reg = open_registry(args)
     removed = reg.gc(older_than_hours=args.older_than, dry_run=args.dry_run)
     verb = "would remove" if args.dry_run else "removed"
+    for p in reg.repair_counters(dry_run=args.dry_run):
+        print(f"{'would rebuild' if args.dry_run else 'rebuilt'} {p} from the versions on disk")
     for p in removed:
         print(f"{verb} {p}")
     print(f"{verb} {len(removed)} leftover{'s' if len(removed) != 1 else ''} in {reg.root}")

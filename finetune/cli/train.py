@@ -42,6 +42,8 @@ def _trainings(args: argparse.Namespace):
 def cmd_trainings_list(args: argparse.Namespace) -> None:
     trainings = _trainings(args)
     records = trainings.list()
+    for err in trainings.damaged():  # listed apart, so one bad record never hides the others
+        print(f"finetune: warning: {err}", file=sys.stderr)
     if args.json:
         return print_json([r.to_dict() for r in records])
     if not records:

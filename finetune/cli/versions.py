@@ -53,6 +53,11 @@ def cmd_versions_verify(args: argparse.Namespace) -> int:
     reg = open_registry(args)
     v = reg.resolve(args.ref)
     problems = reg.verify(v)
+    if not problems and v.kind == "adapter":  # its own files are intact: is its base still the one it was built on?
+        from ..registry.sources import local_base_problem
+
+        problem = local_base_problem(reg, v)
+        problems = [f"base: {problem}"] if problem else []
     for p in problems:
         print(f"{v.ref}: {p}")
     if problems:

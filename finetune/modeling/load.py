@@ -49,6 +49,18 @@ def _raise_if_offline(source: BaseSource, err: BaseException) -> None:
         "or import a local folder with `finetune models import OWNER/NAME --from PATH`") from None
 
 
+def base_context(source: BaseSource) -> int | None:
+    """The most positions the base model was built for (its config's ``max_position_embeddings``), if it says."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(source.load_path, revision=source.revision)
+    except (OSError, ValueError):
+        return None  # loading the model itself reports this properly
+    value = getattr(config, "max_position_embeddings", None)
+    return value if isinstance(value, int) and value > 0 else None
+
+
 def load_base_model(source: BaseSource, dtype: torch.dtype, attn_implementation: str | None = None):
     """The frozen base model, in ``dtype``, with the requested attention implementation."""
     from transformers import AutoModelForCausalLM

@@ -32,6 +32,13 @@ def owner_alive(entry_name: str, host: str) -> bool:
     return entry_host == host and len(parts) == 3 and parts[1].isdigit() and process_alive(int(parts[1]))
 
 
+def owner_known(entry_name: str, host: str) -> bool:
+    """Whether a work name names a process of this host (so its being alive or not can be told)."""
+    head, _, entry_host = entry_name.rpartition("@")
+    parts = head.rsplit("-", 2)
+    return entry_host == host and len(parts) == 3 and parts[1].isdigit()
+
+
 def process_alive(pid: int) -> bool:
     """Whether process ``pid`` runs on this host (one owned by another user counts as running)."""
     try:
@@ -44,19 +51,22 @@ def process_alive(pid: int) -> bool:
 
 
 def collect_leftovers(reg: Registry, areas: list[Path], older_than_hours: float, dry_run: bool) -> list[Path]:
-    """Remove (or with ``dry_run`` only list) entries of ``areas`` older than the cutoff whose owner is gone."""
+    """Remove (or with ``dry_run`` only list) entries of ``areas`` whose owner is gone: at once when the entry
+    names a process of this host that no longer runs, after ``older_than_hours`` when its owner cannot be told
+    (another host, an unknown name)."""
     cutoff = time.time() - older_than_hours * 3600
     host = socket.gethostname()
     removed = []
     for area in areas:
         for entry in reg._listdir(area):
-            try:
-                if entry.stat(follow_symlinks=False).st_mtime > cutoff:
-                    continue
-            except FileNotFoundError:
-                continue
             if owner_alive(entry.name, host):
                 continue
+            if not owner_known(entry.name, host):
+                try:
+                    if entry.stat(follow_symlinks=False).st_mtime > cutoff:
+                        continue
+                except FileNotFoundError:
+                    continue
             removed.append(Path(entry.path))
             if not dry_run:
                 atomic.remove_tree(Path(entry.path))

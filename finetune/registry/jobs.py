@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from .. import atomic
-from ..errors import ConflictError, NotFoundError, TrainingNotFoundError, UsageError
+from ..errors import ConflictError, IntegrityError, NotFoundError, TrainingNotFoundError, UsageError
 from .gc import process_alive
 from .manifest import utc_now
 from .store import RECORD, Registry, TrainingPaths
@@ -87,15 +87,25 @@ class RecordStore(Generic[R]):
         atomic.replace_file(folder / RECORD, atomic.pretty_json(asdict(record)), folder)
 
     def get(self, record_id: str) -> R:
+        path = self.dir(record_id) / RECORD
         try:
-            data = json.loads((self.dir(record_id) / RECORD).read_bytes())
+            data = json.loads(path.read_bytes())
         except FileNotFoundError:
             raise self.not_found(
                 f"no {self.kind.removesuffix('s')} {record_id!r} in {self.registry.root}", self.not_found_hint
             ) from None
+        except (ValueError, OSError) as err:  # JSON or UTF-8 errors, an unreadable file
+            raise self._damaged(path, f"{type(err).__name__}: {err}") from None
         # Fields this version does not know (written by a newer one) are left out on reading, never on writing.
         known = {f.name for f in dataclasses.fields(self.record_type)}
-        return self.record_type(**{k: v for k, v in data.items() if k in known})
+        try:
+            return self.record_type(**{k: v for k, v in data.items() if k in known})
+        except (TypeError, ValueError, AttributeError) as err:  # not an object, a field missing or out of range
+            raise self._damaged(path, f"{type(err).__name__}: {err}") from None
+
+    def _damaged(self, path: Path, why: str) -> IntegrityError:
+        return IntegrityError(f"{path} is damaged ({why[:200]})",
+                              f"restore it, or remove its folder {path.parent} (it holds only this record's files)")
 
     def update(self, record: R, **changes: Any) -> R:
         """Change fields of ``record`` and store it; ``record`` itself is updated too (callers hold it).
@@ -111,13 +121,32 @@ class RecordStore(Generic[R]):
         return record
 
     def list(self) -> list[R]:
-        """Every record, newest first."""
+        """Every readable record, newest first (a damaged one is left out: :meth:`damaged` names those)."""
+        out = []
+        for entry in self._entries():
+            try:
+                out.append(self.get(entry))
+            except IntegrityError:
+                continue
+        return out
+
+    def damaged(self) -> list[IntegrityError]:
+        """The errors of records that cannot be read, newest first (what :meth:`list` left out)."""
+        out = []
+        for entry in self._entries():
+            try:
+                self.get(entry)
+            except IntegrityError as err:
+                out.append(err)
+        return out
+
+    def _entries(self) -> list[str]:
         root = self.registry.jobs_dir(self.kind)
         try:
             entries = sorted(os.listdir(root), reverse=True)
         except FileNotFoundError:
             return []
-        return [self.get(entry) for entry in entries if (root / entry / RECORD).is_file()]
+        return [entry for entry in entries if (root / entry / RECORD).is_file()]
 
 
 @dataclass

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import atomic
-from ..errors import IntegrityError, NonFiniteError, NotFoundError, UsageError
+from ..errors import ConflictError, FinetuneError, IntegrityError, NonFiniteError, NotFoundError, UsageError
 from .manifest import FORMAT_VERSION, MANIFEST, Version, manifest_id, software_versions, utc_now
 from .weights import non_finite_tensors
 
@@ -28,6 +28,7 @@ def publish_version(
     parent: Version | str | dict[str, Any] | None,
     metadata: dict[str, Any] | None,
     kind: str | None,
+    first: bool = False,
 ) -> Version:
     """Publish the files of ``src`` as the next version of ``model`` (see :meth:`Registry.publish`)."""
     m = reg.get_model(model)
@@ -54,7 +55,7 @@ def publish_version(
             "software": software_versions(),
             "files": files,
         }
-        version = commit(reg, m, stage, body)
+        version = commit(reg, m, stage, body, first=first)
     except BaseException:
         atomic.remove_tree(stage)
         raise
@@ -82,6 +83,16 @@ def _guess_kind(src: Path) -> str:
 
 
 def _parent_info(reg: Registry, parent: Version | str | dict[str, Any] | None) -> dict[str, Any] | None:
+    if isinstance(parent, dict) and "ref" in parent and "id" in parent:
+        # A registry parent named by a training that started from it: it must still be there (a deletion while
+        # the training ran would leave the new version, and whatever loads it, without its lineage).
+        try:
+            alive = reg.resolve(str(parent["ref"])).id == parent["id"]
+        except FinetuneError:
+            alive = False
+        if not alive:
+            raise ConflictError(f"the parent {parent['ref']} is gone (deleted while this was trained); "
+                                "nothing published", "train again from a version that exists")
     if parent is None or isinstance(parent, dict):
         return parent
     if isinstance(parent, str):
@@ -113,11 +124,14 @@ def stage_files(src: Path, stage: Path) -> dict[str, dict[str, Any]]:
     return files
 
 
-def commit(reg: Registry, model: Model, stage: Path, body: dict[str, Any]) -> Version:
+def commit(reg: Registry, model: Model, stage: Path, body: dict[str, Any], first: bool = False) -> Version:
     """Number the staged folder, write its manifest last, and rename it into the model's versions."""
     vdir = reg._versions_dir(model.path)
     vdir.mkdir(exist_ok=True)
     with reg._lock(model.path):
+        if first and reg._version_numbers(model.path):
+            raise ConflictError(f"model {model.full_name} already has versions",
+                                "import a base into a new model name, e.g. OWNER/NAME-base")
         while True:
             number = reg._next_number(model.path)
             # A counter update lost to a crash (or a lock that silently failed elsewhere) must not make

@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from .. import atomic
-from ..errors import ConflictError, ModelLoadError, ModelNotFoundError, NotFoundError, UsageError
+from ..errors import ConflictError, FinetuneError, ModelLoadError, ModelNotFoundError, NotFoundError, UsageError
 from ..names import parse_model_name, parse_ref
 from .lineage import lineage
-from .store import Registry, Version
+from .store import Registry, Version, not_writable
 
 _HUB_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
 
@@ -31,13 +31,29 @@ class BaseSource:
     revision: str | None = None
     version: Version | None = None  # the registry base version, when the base lives in the registry
     description: str = ""
+    sha256: str | None = None  # a local folder's content (folder_sha256): pins a base that lives outside
 
     def to_dict(self) -> dict[str, Any]:
         if self.version is not None:
             return {"ref": self.version.ref, "id": self.version.id}
         if self.revision is not None:
             return {"hub_id": self.load_path, "revision": self.revision}
-        return {"local_path": self.load_path}
+        return {"local_path": self.load_path, **({"sha256": self.sha256} if self.sha256 else {})}
+
+
+def folder_sha256(path: Path) -> str:
+    """sha256 over every file of a model folder (names and contents; dot-files left out, as imports do):
+    the pin of a local-folder base, so a folder replaced by another model is noticed, not silently used."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for dirpath, dirnames, filenames in os.walk(path):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(f for f in filenames if not f.startswith(".")):
+            file = Path(dirpath) / name
+            digest.update(file.relative_to(path).as_posix().encode() + b"\0")
+            digest.update(atomic.sha256_file(file).encode() + b"\n")
+    return digest.hexdigest()
 
 
 @dataclass
@@ -120,7 +136,8 @@ def import_base(
                 f"{path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)})",
                 "save the tokenizer into the same folder (tokenizer.save_pretrained(folder)) and import again",
             )
-        reg.create_model(model, description=description, visibility=visibility, hardware=hardware, exist_ok=True)
+        # The copy goes to staging first (a kill leaves only staging, which `registry gc` collects); the model
+        # is created just before the publish, and removed again if the publish fails.
         stage = reg.staging_dir("import")
         try:
             for item in path.iterdir():
@@ -131,19 +148,43 @@ def import_base(
                 else:
                     shutil.copy2(item, stage / item.name)
             meta = {"source": {"type": "local", "path": str(path.absolute())}}
-            return reg.publish(model, stage, parent={"local_path": str(path.absolute())}, metadata=meta, kind="base")
+            return _publish_base(reg, model, stage, {"local_path": str(path.absolute())}, meta,
+                                 dict(description=description, visibility=visibility, hardware=hardware))
+        except OSError as err:
+            raise not_writable(reg.root, err) from None
         finally:
             _remove(stage)
     if not _HUB_ID_RE.fullmatch(source):
         raise NotFoundError(f"{source!r} is neither an existing folder nor a hub model id", "check the path")
     sha = resolve_hub_revision(source, revision)
-    reg.create_model(model, description=description, visibility=visibility, hardware=hardware, exist_ok=True)
     stage = reg.staging_dir("import")
     try:
         meta = {"source": {"type": "hub", "repo_id": source, "revision": sha}}
-        return reg.publish(model, stage, parent={"hub_id": source, "revision": sha}, metadata=meta, kind="base")
+        return _publish_base(reg, model, stage, {"hub_id": source, "revision": sha}, meta,
+                             dict(description=description, visibility=visibility, hardware=hardware))
     finally:
         _remove(stage)
+
+
+def _publish_base(reg: Registry, model: str, stage: Path, parent: dict[str, Any], meta: dict[str, Any],
+                  fields: dict[str, str]) -> Version:
+    """Publish a staged base as ``model``'s first and only version (two imports racing for one new name: the
+    first wins, the second is refused); a model this call created is removed again if the publish fails."""
+    try:
+        reg.get_model(model)
+        created = False
+    except ModelNotFoundError:
+        reg.create_model(model, exist_ok=True, **fields)
+        created = True
+    try:
+        return reg.publish(model, stage, parent=parent, metadata=meta, kind="base", first=True)
+    except BaseException:
+        if created:
+            try:
+                reg.delete_model(model)  # refused (and kept) if another import published into it meanwhile
+            except FinetuneError:
+                pass
+        raise
 
 
 def _remove(path: Path) -> None:
@@ -190,7 +231,8 @@ def resolve_model(reg: Registry, spec: str) -> ResolvedModel:
     if path.exists():
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"{path} is not a Hugging Face model folder (no config.json)")
-        return ResolvedModel(spec, BaseSource(str(path.absolute()), None, None, str(path.absolute())))
+        local = str(path.absolute())
+        return ResolvedModel(spec, BaseSource(local, None, None, local, sha256=folder_sha256(path)))
     if _HUB_ID_RE.fullmatch(spec):
         # Pin the commit when the hub answers; offline, the Hugging Face cache decides, as in transformers.
         revision = None if os.environ.get("HF_HUB_OFFLINE") == "1" else _try_revision(spec)
@@ -199,6 +241,23 @@ def resolve_model(reg: Registry, spec: str) -> ResolvedModel:
         f"base model {spec!r} not found: not a registry model, a local folder, or a hub id",
         "see `finetune models list`, or import it with `finetune models import`",
     )
+
+
+def local_base_problem(reg: Registry, version: Version) -> str | None:
+    """For a version whose lineage starts from a local folder outside the registry: what is wrong with that
+    folder now (gone, or not the content it was trained on), else None. Other lineages are not looked at."""
+    try:
+        root = lineage(reg, version)[-1]
+        parent = root.parent if isinstance(root.parent, dict) else {}
+    except FinetuneError:
+        return None  # a damaged lineage has its own errors, from loading
+    if root.kind == "base" or not parent.get("local_path"):
+        return None
+    try:
+        _outside_base(root)
+    except ModelLoadError as err:
+        return str(err)
+    return None
 
 
 def _outside_base(version: Version) -> BaseSource:
@@ -213,7 +272,13 @@ def _outside_base(version: Version) -> BaseSource:
                 f"the base of {version.ref}, local folder {path}, is gone (no config.json there)",
                 "put the base model back at that path to use this version",
             )
-        return BaseSource(str(path), None, None, str(path))
+        pinned = parent.get("sha256")  # versions trained before bases were pinned have none
+        if pinned and folder_sha256(path) != pinned:
+            raise ModelLoadError(
+                f"the base of {version.ref}, local folder {path}, is not the model it was trained on (its files "
+                f"changed: content sha256 {pinned[:12]} then)",
+                "put the original files back at that path; `finetune models import` a base to keep it in the registry")
+        return BaseSource(str(path), None, None, str(path), sha256=pinned)
     raise ModelLoadError(
         f"the lineage of {version.ref} ends at {version.ref}, which is not a base model",
         "import the base with `finetune models import`",

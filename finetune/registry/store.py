@@ -32,6 +32,7 @@ atomically on every change, so a reader never sees half a record.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import time
@@ -46,6 +47,7 @@ from ..errors import (
     AlreadyExistsError,
     AmbiguousRefError,
     ConflictError,
+    FinetuneError,
     IntegrityError,
     ModelNotFoundError,
     NotFoundError,
@@ -200,14 +202,22 @@ class Registry:
         return path
 
     def _ensure_writable(self) -> None:
+        """Refuse, in one clear line, to start a write the registry's filesystem would refuse half-way.
+
+        Creating folders that exist succeeds even on a read-only mount, so a probe file is created and removed."""
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             for sub in ("models", ".staging", ".trash"):
                 (self.root / sub).mkdir(exist_ok=True)
+            probe = self._staging / f".probe-{os.getpid()}-{os.urandom(4).hex()}"
+            os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+            os.unlink(probe)
         except OSError as err:
-            raise RegistryAccessError(
-                f"cannot write to registry root {self.root}: {err.strerror}", "check FINETUNE_HOME and permissions"
-            ) from None
+            raise not_writable(self.root, err) from None
+
+    def ensure_writable(self) -> None:
+        """Raise :class:`RegistryAccessError` (naming the root and the way out) unless the registry can be written."""
+        self._ensure_writable()
 
     def _lock(self, model_dir: Path) -> FileLock:
         return FileLock(str(model_dir / ".lock"), timeout=LOCK_TIMEOUT_S)
@@ -318,6 +328,7 @@ class Registry:
         """Change a model's editable fields (:data:`EDITABLE`); ``None`` clears a link. Atomic under its lock."""
         _check_fields(changes, allowed=EDITABLE)
         model = self.get_model(name)
+        self._ensure_writable()
         with self._lock(model.path):
             info = json.loads((model.path / "model.json").read_bytes())
             for key, value in changes.items():
@@ -334,6 +345,7 @@ class Registry:
             model = self.get_model(name)
         except ModelNotFoundError as err:
             raise ModelNotFoundError(err.message, "`finetune models list` shows the models there are") from None
+        self._ensure_writable()
         with self._lock(model.path):
             if self._version_numbers(model.path):
                 raise ConflictError(
@@ -356,8 +368,46 @@ class Registry:
             return int((model_dir / "next_version").read_text().strip())
         except FileNotFoundError:
             return 1
-        except ValueError:
-            raise IntegrityError(f"{model_dir / 'next_version'} is damaged", "run `finetune registry gc`") from None
+        except (ValueError, UnicodeDecodeError):
+            raise IntegrityError(f"{model_dir / 'next_version'} is damaged",
+                                 "run `finetune registry gc` (it rebuilds the counter from the versions)") from None
+
+    def check_destination(self, model: str) -> None:
+        """Raise now what publishing a training's version into ``model`` would raise at its end: the model is
+        missing, its version counter is damaged, or it holds a base model (a training would make an adapter its
+        latest version, under the name people load the base by)."""
+        m = self.get_model(model)
+        self._next_number(m.path)
+        latest = self._latest(m)
+        try:
+            kind = latest.kind if latest is not None else None
+        except IntegrityError:
+            kind = None  # a damaged newest version says nothing about the model; listing shows it
+        if kind == "base":
+            raise ConflictError(f"{model} holds base model {latest.ref}: a training would make an adapter its latest",
+                                f"train into a model of its own, e.g. --destination {model}-ft --create-destination")
+
+    def repair_counters(self, dry_run: bool = False) -> list[Path]:
+        """Rewrite damaged ``next_version`` counters from the versions on disk (and the numbers aliases keep)."""
+        repaired = []
+        for m in self.list_models():
+            try:
+                self._next_number(m.path)
+                continue
+            except IntegrityError:
+                pass
+            repaired.append(m.path / "next_version")
+            if dry_run:
+                continue
+            self._ensure_writable()
+            with self._lock(m.path):
+                try:
+                    kept = [n for n in self.aliases(m.full_name).values() if isinstance(n, int)]
+                except IntegrityError:
+                    kept = []
+                highest = max([0, *self._version_numbers(m.path), *kept])
+                atomic.replace_file(m.path / "next_version", f"{highest + 1}\n".encode(), self._staging)
+        return repaired
 
     def _version(self, model: Model, number: int) -> Version | None:
         path = self._versions_dir(model.path) / str(number)
@@ -459,15 +509,17 @@ class Registry:
         parent: Version | str | dict[str, Any] | None = None,
         metadata: dict[str, Any] | None = None,
         kind: str | None = None,
+        first: bool = False,
     ) -> Version:
         """Publish the files of ``src_dir`` as the next version of ``model``; atomic and safe across processes.
 
         ``parent`` is the version this one derives from (a :class:`Version` or a ref, stored as exact ref and
         id), or a dict describing an outside origin (``{"hub_id": ..., "revision": ...}``). ``kind`` defaults
         to ``adapter`` when ``src_dir`` holds ``adapter_config.json``, ``base`` when it holds ``config.json``.
+        With ``first``, the version must be the model's first (checked under the model's lock: imports of a base).
         How: :mod:`finetune.registry.publish`.
         """
-        return publish_version(self, model, Path(src_dir), parent, metadata, kind)
+        return publish_version(self, model, Path(src_dir), parent, metadata, kind, first=first)
 
     # ---------------------------------------------------------------- aliases, deletion
     def aliases(self, model: str) -> dict[str, int]:
@@ -485,6 +537,7 @@ class Registry:
         check_alias(alias)
         version = self.resolve(ref)
         m = self.get_model(version.model)
+        self._ensure_writable()
         with self._lock(m.path):
             # delete_version checks aliases under this lock, so check here, under it too, that the version was not
             # deleted since resolve(): otherwise the alias could end up pointing at nothing.
@@ -497,6 +550,7 @@ class Registry:
 
     def remove_alias(self, model: str, alias: str) -> None:
         m = self.get_model(model)
+        self._ensure_writable()
         with self._lock(m.path):
             aliases = self.aliases(model)
             if alias not in aliases:
@@ -532,6 +586,7 @@ class Registry:
                              "give OWNER/NAME:N (`finetune versions list` shows them), or add --latest")
         version = self.resolve(ref)
         m = self.get_model(version.model)
+        self._ensure_writable()  # before the lock: taking it writes its file
         with self._lock(m.path):
             pointing = sorted(a for a, n in self.aliases(version.model).items() if n == version.number)
             if pointing:
@@ -544,12 +599,40 @@ class Registry:
                 raise ConflictError(
                     f"{version.ref} is the parent of {', '.join(k.ref for k in kids)}", "delete those versions first"
                 )
+            users = self._live_trainings_from(version)
+            if users:
+                raise ConflictError(f"{version.ref} is the base of training {users[0]}, which is still running",
+                                    f"wait for it or cancel it (`finetune trainings cancel {users[0]}`) first")
             self._ensure_writable()
             target = self._trash / work_name("version")
             os.chmod(version.path, 0o755)
             os.rename(version.path, target)
             atomic.fsync_dir(version.path.parent)
         atomic.remove_tree(target)
+
+    def _live_trainings_from(self, version: Version) -> list[str]:
+        """Ids of trainings that run now (their process is alive) and continue from ``version``."""
+        from .jobs import FINAL, Trainings  # jobs builds on this module
+
+        trainings = Trainings(self)
+        users = []
+        for record in trainings.list():
+            if record.status in FINAL or trainings.is_stale(record):
+                continue
+            spec = record.model or str((record.input or {}).get("base_model") or "")
+            try:
+                ref = parse_ref(spec)
+            except UsageError:
+                continue  # a hub id or a folder: not a registry version
+            if ref.model != version.model:
+                continue
+            try:
+                uses = self.resolve(spec) == version
+            except FinetuneError:
+                uses = False
+            if uses:
+                users.append(record.id)
+        return users
 
     # ---------------------------------------------------------------- integrity
     def verify(self, ref: str | Version) -> list[str]:
@@ -573,7 +656,19 @@ class Registry:
 
         A staging folder whose creating process is still alive on this host is kept whatever its age.
         """
+        if not dry_run:
+            self._ensure_writable()
         return collect_leftovers(self, [self._staging, self._trash], older_than_hours, dry_run)
+
+
+def not_writable(root: Path, err: OSError) -> RegistryAccessError:
+    """The one error for a registry that cannot be written (read-only mount, permissions, full disk)."""
+    why = err.strerror or type(err).__name__
+    if err.errno == errno.ENOSPC:
+        return RegistryAccessError(f"the registry at {root} is out of space ({why})",
+                                   "free space on its disk, or point FINETUNE_HOME (or --registry) at another disk")
+    return RegistryAccessError(f"the registry at {root} is not writable ({why})",
+                               "point FINETUNE_HOME (or --registry) at a writable folder, or make this one writable")
 
 
 def _check_fields(fields: dict[str, Any], allowed: tuple[str, ...] = ("readme", *MODEL_LINKS)) -> None:

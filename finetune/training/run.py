@@ -39,8 +39,16 @@ from ..data.batching import (
     real_tokens,
 )
 from ..data.prepare import Prepared, format_summary, prepare
-from ..errors import FinetuneError, ModelNotFoundError, NonFiniteError, TrainingCanceled, UsageError
-from ..modeling.load import attach_lora, load_base_model, load_tokenizer
+from ..errors import (
+    ConfigError,
+    FinetuneError,
+    IntegrityError,
+    ModelNotFoundError,
+    NonFiniteError,
+    TrainingCanceled,
+    UsageError,
+)
+from ..modeling.load import attach_lora, base_context, load_base_model, load_tokenizer
 from ..modeling.ops import rewrite_for_training
 from ..modeling.ops.attention import VARLEN_ATTENTION
 from ..modeling.ops.loss import CausalLMLoss, normalize_loss
@@ -49,7 +57,7 @@ from ..registry import Registry, TrainingPaths, Version
 from ..registry.jobs import Status, TrainingRecord, Trainings, check_resumable
 from ..registry.manifest import utc_now
 from ..registry.sources import ResolvedModel, resolve_model
-from .checkpoint import Progress, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import Progress, checkpoints, load_checkpoint, save_checkpoint
 from .metrics import MetricsLog, Throughput, peak_memory_mb
 from .runlog import RunLog, quiet_libraries
 from .submit import submit_training
@@ -151,6 +159,7 @@ def _claim(reg: Registry, trainings: Trainings, training_id: str) -> FinetuneErr
         record = trainings.get(training_id)
         check_resumable(trainings, record)
         config_from_dict(record.input, source=f"training {training_id}")
+        reg.check_destination(record.destination)  # the publish at the end must not be the first to find out
     except FinetuneError as err:
         return err
     published = _published_by(reg, record.destination, record.id)
@@ -238,6 +247,7 @@ class _Outcome:
     last_eval: float | None = None
     tokens_per_s: float = 0.0
     recent: deque[float] = field(default_factory=lambda: deque(maxlen=TRAIN_LOSS_STEPS))  # last steps' losses
+    trained: bool = False  # whether this process took any step (a resumed finished run takes none)
 
     @property
     def mean_loss(self) -> float | None:
@@ -254,6 +264,10 @@ def _train(run: _Run) -> Version | None:
     run.stop.check(run.accelerator)  # a cancel that arrived while loading ends the run before its first step
     run.update_record(status=Status.PROCESSING, started_at=(run.record and run.record.started_at) or utc_now())
     outcome = _loop(run, loaded, schedule, progress, metrics)
+    progress.done = True
+    if outcome.trained:  # the finished state, so a resume after a failed publish publishes it without retraining
+        save_checkpoint(run.paths.checkpoints, progress, schedule.model, schedule.optimizer, schedule.scheduler,
+                        run.rank, run.main, run.accelerator.wait_for_everyone)
     return _publish(run, loaded, schedule, progress, outcome, metrics)
 
 
@@ -263,6 +277,10 @@ def _load(run: _Run) -> _Loaded:
     resolved = resolve_model(run.registry, config.base_model)
     run.update_record(model=resolved.chain[0].ref if resolved.chain else resolved.base.description)
     tokenizer = load_tokenizer(resolved.base)
+    context = base_context(resolved.base)
+    if context is not None and config.data.max_seq_len > context:
+        raise ConfigError([f"data.max_seq_len: {config.data.max_seq_len} is more than the {context} positions of "
+                           f"base model {resolved.base.description}; set it to {context} or less"])
     with run.accelerator.main_process_first():  # one process tokenizes, the others read its cache
         prepared = prepare(
             config.data.path, config.data.format, tokenizer, max_seq_len=config.data.max_seq_len,
@@ -303,14 +321,24 @@ def _schedule(run: _Run, loaded: _Loaded) -> _Schedule:
 
 
 def _resume(run: _Run, loaded: _Loaded, schedule: _Schedule, metrics: MetricsLog) -> Progress:
-    """Adapter, optimizer, scheduler, RNG and position from the newest checkpoint; a fresh start without one."""
-    ckpt = latest_checkpoint(run.paths.checkpoints)
-    if ckpt is None:
+    """Adapter, optimizer, scheduler, RNG and position from the newest intact checkpoint; a fresh start without
+    one. A damaged checkpoint is skipped, saying so and naming the one the run falls back to."""
+    progress, skipped = None, []
+    for ckpt in checkpoints(run.paths.checkpoints):
+        try:
+            progress = load_checkpoint(ckpt, schedule.model, schedule.optimizer, schedule.scheduler, run.rank)
+        except IntegrityError as err:
+            skipped.append(err.message)
+            continue
+        fallback = f" ({'; '.join(skipped)}: skipped)" if skipped else ""
+        run.log.info(f"resumed from {ckpt.name} (step {progress.step}){fallback}")
+        break
+    if progress is None:
+        if skipped:
+            run.log.info(f"{'; '.join(skipped)}: no intact checkpoint left, starting again from step 0")
         if run.main and metrics.path.exists():
             metrics.path.unlink()
         return Progress()
-    progress = load_checkpoint(ckpt, schedule.model, schedule.optimizer, schedule.scheduler, run.rank)
-    run.log.info(f"resumed from {ckpt.name} (step {progress.step})")
     if run.main:
         metrics.truncate_after(progress.step)
     run.update_record(resumed_from_step=progress.step)
@@ -330,7 +358,7 @@ def _loop(run: _Run, loaded: _Loaded, schedule: _Schedule, progress: Progress, m
     speed.start()
     plan: tuple[int, list[Window]] = (-1, [])
     try:  # the bar ends its line before any error is printed below it
-        while progress.step < schedule.total_steps:
+        while progress.step < schedule.total_steps and not progress.done:
             epoch, index = divmod(progress.step, schedule.steps_per_epoch)
             if plan[0] != epoch:
                 plan = (epoch, schedule.windows(run, loaded.label_counts, epoch))
@@ -346,6 +374,7 @@ def _loop(run: _Run, loaded: _Loaded, schedule: _Schedule, progress: Progress, m
                     "the run diverged and publishes nothing",
                     f"lower train.lr (now {tcfg.lr:g}), or use train.precision: fp32 if it ran in bf16 or fp16")
             outcome.recent.append(outcome.last_loss)
+            outcome.trained = True
             speed.step(step_tokens)
             row = {"step": progress.step, "epoch": round(progress.step / schedule.steps_per_epoch, 4),
                    "loss": round(outcome.last_loss, 6), "lr": step_lr, "tokens": progress.tokens,
@@ -376,6 +405,8 @@ def _loop(run: _Run, loaded: _Loaded, schedule: _Schedule, progress: Progress, m
     speed.pause()
     progress.seconds = time.perf_counter() - wall
     outcome.tokens_per_s = speed.tokens_per_second()
+    if outcome.last_loss is None and outcome.recent:  # resumed at its end: the figures of the run that trained
+        outcome.last_loss = outcome.recent[-1]
     return outcome
 
 

@@ -38,7 +38,7 @@ def submit_training(
 
 def _ensure_destination(reg: Registry, destination: str, create: bool) -> None:
     try:
-        reg.get_model(destination)
+        reg.check_destination(destination)  # what would fail the publish at the end fails now, before training
     except ModelNotFoundError:
         if not create:
             raise ModelNotFoundError(

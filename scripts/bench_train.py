@@ -219,7 +219,7 @@ def peer_main(args: argparse.Namespace) -> None:
 
     model = AutoModelForCausalLM.from_pretrained(paths["model"], dtype=torch.float32, attn_implementation="sdpa")
     model = get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], target_modules="all-linear",
-                                             task_type="CAUSAL_LM"))
+                                             task_type="CAUSAL_LM", fan_in_fan_out=model.config.model_type == "gpt2"))
     targs = TrainingArguments(
         output_dir=str(Path(args.work) / args.role), per_device_train_batch_size=BATCH, learning_rate=LR,
         max_steps=args.steps, lr_scheduler_type="cosine", logging_steps=1, save_strategy="no", report_to=[],

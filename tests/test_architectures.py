@@ -46,7 +46,7 @@ def adapted(model_dir: Path, attn: str, dropout: float = 0.0):
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=attn)
     base.requires_grad_(False)
     model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear",
-                                            task_type="CAUSAL_LM"))
+                                            task_type="CAUSAL_LM", fan_in_fan_out=base.config.model_type == "gpt2"))
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for _, p in sorted(model.named_parameters()):

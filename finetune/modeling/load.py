@@ -98,6 +98,9 @@ def attach_lora(model, lora: Any, adapter_dir: str | None = None, trainable: boo
         lora_dropout=lora.dropout,
         target_modules=lora.target_modules,
         task_type="CAUSAL_LM",
+        # GPT-2-style models store their projections as Conv1D ([in, out] weights); peft needs to be told, and
+        # otherwise warns and flips the flag itself.
+        fan_in_fan_out=any(_is_conv1d(m) for m in model.modules()),
     )
     # peft keeps adapter weights in fp32 even when the base is bf16 (autocast_adapter_dtype), which is what we
     # want: low-precision frozen weights, full-precision trainable ones.
@@ -115,6 +118,12 @@ def linear_names(model) -> list[str]:
     """The distinct short names of a model's linear layers (what ``target_modules`` may list), but the output head."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                   if isinstance(module, torch.nn.Linear) and module is not head})
+                   if (isinstance(module, torch.nn.Linear) or _is_conv1d(module)) and module is not head})
+
+
+def _is_conv1d(module) -> bool:
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, Conv1D)
 
 

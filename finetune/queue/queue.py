@@ -25,8 +25,8 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from ..errors import ConflictError, ModelNotFoundError
-from ..registry import Registry, Version, process_alive
+from ..errors import ConflictError
+from ..registry import Registry, process_alive
 from ..registry.jobs import FINAL, TrainingRecord, Trainings
 from .executor import Executor, Job, describe_exit
 
@@ -231,7 +231,7 @@ class TrainingQueue:
             return
         if record.status == "succeeded" or (record.status in FINAL and not requeue):
             return
-        published = _published_by(self.registry, record.destination, training_id)
+        published = self.registry.published_by(record.destination, training_id)
         if published is not None:  # it published, then died before saying so: settle, never republish
             self.trainings.update(record, status="succeeded", error=None,
                                   output={"version": published.ref, "weights": str(published.path)})
@@ -268,12 +268,4 @@ class TrainingQueue:
         except Exception:  # a listener's bug must not stop the queue
             log.exception("queue listener failed on %s %s", event, training_id)
 
-
-def _published_by(reg: Registry, destination: str, training_id: str) -> Version | None:
-    """The version a training published, if it got that far (the destination's manifests say)."""
-    try:
-        versions = reg.list_versions(destination)
-    except ModelNotFoundError:
-        return None
-    return next((v for v in versions if v.metadata.get("training_id") == training_id), None)
 

@@ -444,6 +444,14 @@ class Registry:
         vdir = self._versions_dir(m.path)
         return [Version(m.full_name, n, vdir / str(n)) for n in sorted(self._version_numbers(m.path), reverse=True)]
 
+    def published_by(self, model: str, training_id: str) -> Version | None:
+        """The version of ``model`` that training ``training_id`` published, if any (its manifest says)."""
+        try:
+            versions = self.list_versions(model)
+        except ModelNotFoundError:
+            return None
+        return next((v for v in versions if v.metadata.get("training_id") == training_id), None)
+
     def latest(self, model: str) -> Version | None:
         """The newest version without listing the folder: walk down from the allocation counter."""
         return self._latest(self.get_model(model))

@@ -43,7 +43,6 @@ from ..errors import (
     ConfigError,
     FinetuneError,
     IntegrityError,
-    ModelNotFoundError,
     NonFiniteError,
     TrainingCanceled,
     UsageError,
@@ -162,7 +161,7 @@ def _claim(reg: Registry, trainings: Trainings, training_id: str) -> FinetuneErr
         reg.check_destination(record.destination)  # the publish at the end must not be the first to find out
     except FinetuneError as err:
         return err
-    published = _published_by(reg, record.destination, record.id)
+    published = reg.published_by(record.destination, record.id)
     if published is not None:  # killed after publishing, before the record said so: settle, never republish
         trainings.update(record, status=Status.SUCCEEDED,
                          output={"version": published.ref, "weights": str(published.path)})
@@ -520,14 +519,6 @@ def evaluate(loss_model, eval_set, collate: Callable, batch_size: int, accelerat
     model.train(was_training)
     return float(total[0] / total[1].clamp(min=1))
 
-
-def _published_by(reg: Registry, destination: str, training_id: str) -> Version | None:
-    """The version a training published, if it got that far (looked up in the destination's manifests)."""
-    try:
-        versions = reg.list_versions(destination)
-    except ModelNotFoundError:
-        return None
-    return next((v for v in versions if v.metadata.get("training_id") == training_id), None)
 
 
 def _finish(trainings: Trainings, record: TrainingRecord | None, status: Status, error: str, log: RunLog) -> None:

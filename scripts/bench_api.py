@@ -118,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import httpx
     import replicate
+    import torch
+    from safetensors.torch import save_file
 
     from finetune.registry import Registry
     from finetune.registry.accounts import Accounts
@@ -138,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         (src / "adapter_config.json").write_text('{"r": 8, "lora_alpha": 16}')
         t0 = time.perf_counter()
         for i in range(args.versions):
-            (src / "adapter_model.safetensors").write_bytes(i.to_bytes(8, "little") * 128)
+            # A real (tiny) safetensors file: the registry refuses anything else.
+            save_file({"w": torch.full((16, 16), float(i))}, str(src / "adapter_model.safetensors"))
             reg.publish(model, src, metadata={"metrics": {"train_loss": 1.0 / (i + 1)}})
         print(f"registry: {root}; {args.versions:,} versions of {model} published in "
               f"{time.perf_counter() - t0:.1f} s (fsync off)")

@@ -116,12 +116,11 @@ class Ours:
 class Peer:
     """What a user would write: transformers base + PeftModel, ``generate`` per request."""
 
-    def __init__(self, base_dir: str, adapter_dir: str, device, merge: bool):
-        import torch
+    def __init__(self, base_dir: str, adapter_dir: str, device, merge: bool, dtype):
         from peft import PeftModel
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
         model = PeftModel.from_pretrained(model, adapter_dir)
         if merge:
             model = model.merge_and_unload()
@@ -162,7 +161,8 @@ def main() -> None:
 
     import torch
 
-    from finetune.inference import Prompt, load_version, prompt_ids
+    from finetune.inference import Prompt, inference_precision, load_version, prompt_ids
+    from finetune.modeling.precision import torch_dtype
     from finetune.training.runlog import quiet_libraries
 
     quiet_libraries()
@@ -180,13 +180,18 @@ def main() -> None:
     eos, pad = [tok.eos_token_id], tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     del loaded
     adapter = str(reg.resolve(refs[0]).path)
+    from bench_train import capability
+
+    cap = capability()
+    precision = inference_precision("auto", device)  # what ours picks; a sensible user loads the peers so too
+    print(f"machine: {cap['device']}; {cap['kind']}; every contender decodes in {precision}", flush=True)
     print(f"device {device}, torch threads {torch.get_num_threads()}, {args.rounds} rounds; "
           f"1 base x {len(refs)} versions; prompts {len(ids)} "
           f"(input tokens {min(map(len, ids))}-{max(map(len, ids))}), {args.new_tokens} new tokens, greedy", flush=True)
 
     ours = Ours(reg, device.type)
-    peers = {"peer-merged": Peer(paths["model"], adapter, device, merge=True),
-             "peer-peft": Peer(paths["model"], adapter, device, merge=False)}
+    peers = {"peer-merged": Peer(paths["model"], adapter, device, merge=True, dtype=torch_dtype(precision)),
+             "peer-peft": Peer(paths["model"], adapter, device, merge=False, dtype=torch_dtype(precision))}
     ours.run(refs[0], prompts[:1], 4)  # load + warm up every contender once
     for peer in peers.values():
         peer.run(ids[:1], 4, eos, pad)
@@ -272,8 +277,9 @@ def main() -> None:
           f"({rss_four / max(rss_one, 1e-9):.2f}x); 4 merged copies would be ~4x")
     figures["ratios"] = {"single_vs_merged": ratio_single, "concurrent_vs_peft_loop": ratio_batch,
                          "concurrent_vs_merged_loop": ratio_batch_merged}
-    figures["setup"] = {"device": str(device), "threads": torch.get_num_threads(), "rounds": args.rounds,
-                        "concurrent": len(prompts), "new_tokens": args.new_tokens}
+    figures["setup"] = {"machine": cap, "precision": precision, "device": str(device),
+                        "threads": torch.get_num_threads(), "rounds": args.rounds, "concurrent": len(prompts),
+                        "new_tokens": args.new_tokens}
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
 

@@ -27,8 +27,10 @@ def token_from_header(value: str | None) -> str:
     return token.strip()
 
 
-def current_account(request: Request) -> Account:
-    """The account of the request's token; 401 when the token is missing, unknown or revoked."""
+async def current_account(request: Request) -> Account:
+    """The account of the request's token; 401 when the token is missing, unknown or revoked.
+
+    Run on the event loop (one small file read) rather than in the thread pool: see :mod:`.context`."""
     token = token_from_header(request.headers.get("authorization"))
     account = request.app.state.accounts.resolve(token)
     if account is None:

@@ -15,7 +15,7 @@ router = APIRouter(prefix="/v1", dependencies=[Depends(current_account)], tags=[
 
 
 @router.get("/account")
-def get_account(account: AccountDep) -> dict[str, Any]:
+async def get_account(account: AccountDep) -> dict[str, Any]:
     """The account of the request's token."""
     return account_object(account)
 

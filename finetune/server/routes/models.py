@@ -82,7 +82,7 @@ def list_models(account: AccountDep, reg: RegistryDep, settings: SettingsDep, ca
 
 
 @router.get("/models/{owner}/{name}")
-def get_model(owner: str, name: str, account: AccountDep, reg: RegistryDep, cache: VersionJSONDep,
+async def get_model(owner: str, name: str, account: AccountDep, reg: RegistryDep, cache: VersionJSONDep,
               request: Request) -> Response:
     """One model, its latest version embedded."""
     model = access.visible_model(reg, account, f"{owner}/{name}")

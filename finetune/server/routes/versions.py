@@ -15,7 +15,7 @@ router = APIRouter(prefix="/v1", dependencies=[Depends(current_account)], tags=[
 
 
 @router.get("/models/{owner}/{name}/versions")
-def list_versions(owner: str, name: str, account: AccountDep, reg: RegistryDep, settings: SettingsDep,
+async def list_versions(owner: str, name: str, account: AccountDep, reg: RegistryDep, settings: SettingsDep,
                   cache: VersionJSONDep, request: Request) -> Response:
     """The model's versions, newest first, paginated; only the page's manifests are read, once."""
     model = access.visible_model(reg, account, f"{owner}/{name}")
@@ -29,7 +29,7 @@ def list_versions(owner: str, name: str, account: AccountDep, reg: RegistryDep, 
 
 
 @router.get("/models/{owner}/{name}/versions/{version_id}")
-def get_version(owner: str, name: str, version_id: str, account: AccountDep, reg: RegistryDep,
+async def get_version(owner: str, name: str, version_id: str, account: AccountDep, reg: RegistryDep,
                 index: VersionIndexDep, cache: VersionJSONDep) -> Response:
     """One version by its id (or any ref selector: number, alias, id prefix)."""
     model = access.visible_model(reg, account, f"{owner}/{name}")

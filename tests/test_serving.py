@@ -210,8 +210,13 @@ def test_a_single_version_is_merged_in_place_and_the_base_restored_exactly(reg: 
     logs: list[str] = []
     first, _ = cache.acquire("alice/m:1", log=logs.append)
     assert first.base.merged == first.adapter and any("merged into the base weights" in line for line in logs)
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    layers = [m for m in first.base.model.modules() if isinstance(m, LoraLinear)]
+    assert layers and all(m.forward == m.base_layer.forward for m in layers)  # merged: straight to the base layer
     second, _ = cache.acquire("alice/m:2", log=logs.append)  # a second version: back to exact base weights
     assert second.base is first.base and first.base.merged is None
+    assert all(m.forward != m.base_layer.forward for m in layers)  # and to the adapters' lean forward
     assert any("restored exactly" in line for line in logs)
     original = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).state_dict()
     model = first.base.model.get_base_model()

@@ -35,7 +35,7 @@ from ..inference import (
 from ..modeling.precision import torch_dtype
 from ..registry import Registry, Version
 from ..registry.sources import ResolvedModel
-from .lora import ActiveAdapter, can_restore, install, merge_in_place, restore_base_weights
+from .lora import ActiveAdapter, can_restore, install, merge_in_place, restore_base_weights, route_to_base_layers
 
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 
@@ -177,6 +177,7 @@ class ModelCache:
             nbytes = self._attach(base, name, version, resolved)
             if not base.shared and len(base.adapters) == 1 and can_restore(base.model, base.source):
                 merge_in_place(base.model, name)
+                route_to_base_layers(base.model, merged=True)
                 base.merged = name
                 say(f"{version.ref} is the only version of its base here: its adapter is merged into the base "
                     "weights in place (restored exactly when another version comes)")
@@ -209,6 +210,7 @@ class ModelCache:
     def _unmerge(self, base: LoadedBase, say: Any) -> None:
         """Back to unmerged adapters on the exact base weights (a second version of this base is coming)."""
         name = base.merged
+        route_to_base_layers(base.model, merged=False)
         try:
             restored = restore_base_weights(base.model, base.source)
             say(f"unmerged the adapter merged into base weights: {restored} weights restored exactly from the files")

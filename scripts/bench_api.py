@@ -13,7 +13,7 @@ one worker, and measures from this process:
   then through the official ``replicate`` client (``models.get``, ``versions.list``); p50/p99/max latency,
   throughput and the server process's CPU time per request. The clients are separate processes by default, as
   separate users would be; ``--clients threads`` runs them as threads of one process instead, where the
-  client's own work (the replicate client decodes and validates a 50-version page in ~2 ms) queues on that
+  client's own work (the replicate client decodes and validates a 50-version page in ~1.7 ms) queues on that
   process's GIL and dominates the tail. Beside them, the same registry work done in-process without HTTP.
 - pick-up: ``--trainings`` trainings of 2 steps, one at a time on an idle queue: the time from ``POST
   .../trainings`` until a worker holds the record (its pid is in it) and until the training is ``processing``
@@ -26,6 +26,7 @@ machine as the server, so on a small machine the two compete for the cores: say 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import shutil
 import signal
@@ -69,14 +70,21 @@ def _percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))]
 
 
-def _summary(latencies: list[float], wall: float) -> dict[str, float]:
+def _summary(latencies: list[float], wall: float, cpu: float) -> dict[str, float]:
+    """Latency percentiles (ms), throughput, and ``cpu`` seconds (the server's) as ms per request."""
     latencies = sorted(latencies)
     return {"p50": _percentile(latencies, 0.50), "p99": _percentile(latencies, 0.99), "max": latencies[-1],
-            "rps": len(latencies) / wall, "n": len(latencies)}
+            "rps": len(latencies) / wall, "n": len(latencies), "server_ms": cpu * 1e3 / len(latencies)}
 
 
-def _load(calls: list[Callable[[], object]], requests: int) -> dict[str, float]:
-    """Run ``requests`` calls from one thread per entry of ``calls`` (each its own client); latencies in ms."""
+def _no_clock() -> float:
+    return 0.0
+
+
+def _load(calls: list[Callable[[], object]], requests: int,
+          cpu_clock: Callable[[], float] = _no_clock) -> dict[str, float]:
+    """Run ``requests`` calls from one thread per entry of ``calls`` (each its own client); latencies in ms.
+    ``cpu_clock`` is read before and after (the server's CPU seconds)."""
     latencies: list[float] = []
     lock = threading.Lock()
     left = [requests]
@@ -101,7 +109,7 @@ def _load(calls: list[Callable[[], object]], requests: int) -> dict[str, float]:
             latencies.extend(mine)
 
     threads = [threading.Thread(target=worker, args=(call,)) for call in calls]
-    t0 = time.perf_counter()
+    cpu0, t0 = cpu_clock(), time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
@@ -109,7 +117,7 @@ def _load(calls: list[Callable[[], object]], requests: int) -> dict[str, float]:
     wall = time.perf_counter() - t0
     if errors:
         raise errors[0]
-    return _summary(latencies, wall)
+    return _summary(latencies, wall, cpu_clock() - cpu0)
 
 
 def _client_process(make: Callable[[], Callable[[], object]], warmup: int, requests: int, barrier, results) -> None:
@@ -130,9 +138,10 @@ def _client_process(make: Callable[[], Callable[[], object]], warmup: int, reque
 
 
 def _load_processes(make: Callable[[], Callable[[], object]], clients: int, requests: int, warmup: int,
-                    on_start: Callable[[], None]) -> dict[str, float]:
+                    cpu_clock: Callable[[], float] = _no_clock) -> dict[str, float]:
     """``requests`` calls from ``clients`` processes (one client each, as separate users would be), all
-    started together after ``warmup`` calls of their own; ``on_start`` runs as the timed calls begin."""
+    started together after ``warmup`` calls of their own; ``cpu_clock`` is read as the timed calls begin and
+    after they end."""
     import multiprocessing as mp
 
     ctx = mp.get_context("fork")
@@ -146,8 +155,7 @@ def _load_processes(make: Callable[[], Callable[[], object]], clients: int, requ
         barrier.wait(timeout=120)
     except threading.BrokenBarrierError:
         raise SystemExit(f"a client process failed: {results.get(timeout=10)}") from None
-    on_start()
-    t0 = time.perf_counter()
+    cpu0, t0 = cpu_clock(), time.perf_counter()
     latencies: list[float] = []
     for _ in procs:
         got = results.get(timeout=600)
@@ -155,9 +163,10 @@ def _load_processes(make: Callable[[], Callable[[], object]], clients: int, requ
             raise SystemExit(f"a client process failed: {got}")
         latencies.extend(got)
     wall = time.perf_counter() - t0
+    cpu = cpu_clock() - cpu0
     for proc in procs:
         proc.join()
-    return _summary(latencies, wall)
+    return _summary(latencies, wall, cpu)
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -275,23 +284,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'':42} {'via':10} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'req/s':>8} {'server CPU':>10}  "
               f"p99 / target   alone: p50 ms (one client, {min(200, args.requests)} requests)")
         warmup = min(200, args.requests)
+        server_cpu = functools.partial(_cpu_seconds, server.pid)
         for label, via, make in cases:
-            cpu0 = [0.0]
             if args.clients == "processes":
-                r = _load_processes(make, args.concurrency, args.requests, warmup,
-                                    on_start=lambda: cpu0.__setitem__(0, _cpu_seconds(server.pid)))
+                r = _load_processes(make, args.concurrency, args.requests, warmup, server_cpu)
             else:
                 calls = [make() for _ in range(args.concurrency)]  # one client (keep-alive connection) per thread
                 _load(calls, warmup)
-                cpu0[0] = _cpu_seconds(server.pid)
-                r = _load(calls, args.requests)
-            server_ms = (_cpu_seconds(server.pid) - cpu0[0]) * 1e3 / r["n"]
+                r = _load(calls, args.requests, server_cpu)
             one = make()
             _load([one], 20)
             alone = _load([one], warmup)  # one request at a time: the service time
             verdict = "ok" if r["p99"] < TARGET_READ_P99_MS else "OVER"
             print(f"{label:42} {via:10} {r['p50']:8.1f} {r['p99']:8.1f} {r['max']:8.1f} {r['rps']:8.0f} "
-                  f"{server_ms:7.2f} ms  "
+                  f"{r['server_ms']:7.2f} ms  "
                   f"x{r['p99'] / TARGET_READ_P99_MS:.2f} of {TARGET_READ_P99_MS:.0f} ms ({verdict})"
                   f"   {alone['p50']:.1f}")
         m = reg.get_model(model)

@@ -202,6 +202,7 @@ def test_cancel_stops_within_a_step_and_context_limits(reg: Registry, worker):
 
 def test_a_single_version_is_merged_in_place_and_the_base_restored_exactly(reg: Registry, tiny_model_dir: Path):
     import torch
+    from peft.tuners.lora.layer import Linear as LoraLinear
     from transformers import AutoModelForCausalLM
 
     from finetune.serving.cache import ModelCache
@@ -210,8 +211,6 @@ def test_a_single_version_is_merged_in_place_and_the_base_restored_exactly(reg: 
     logs: list[str] = []
     first, _ = cache.acquire("alice/m:1", log=logs.append)
     assert first.base.merged == first.adapter and any("merged into the base weights" in line for line in logs)
-    from peft.tuners.lora.layer import Linear as LoraLinear
-
     layers = [m for m in first.base.model.modules() if isinstance(m, LoraLinear)]
     assert layers and all(m.forward == m.base_layer.forward for m in layers)  # merged: straight to the base layer
     second, _ = cache.acquire("alice/m:2", log=logs.append)  # a second version: back to exact base weights

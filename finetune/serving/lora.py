@@ -62,7 +62,7 @@ def install(model: nn.Module, active: ActiveAdapter) -> int:
 
 def route_to_base_layers(model: nn.Module, merged: bool) -> int:
     """While an adapter is merged in place (``merged=True``), each patched layer calls its base layer's forward
-    directly: exactly what the merged weights compute, without the LoRA layer's own Python, which costs ~3-6%
+    directly: exactly what the merged weights compute, without the LoRA layer's own Python, which cost 3-7%
     of a decoding step of a small model (BENCHMARKS.md). ``merged=False`` puts the lean forward back. Returns
     how many layers were switched."""
     switched = 0
@@ -86,7 +86,7 @@ def _make_forward(active: ActiveAdapter):
             return getattr(self, _ORIGINAL)(x, *args, **kwargs)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        # F.linear, not ``x2 @ weight.t()``: for one decoding row it is 5-15% faster on CPUs (BENCHMARKS.md)
+        # F.linear, not ``x2 @ weight.t()``: for one decoding row it was as fast or faster, up to 22% (BENCHMARKS.md)
         out = F.linear(x2, base.weight, base.bias)
         if name is not None:
             a, b = self.lora_A[name].weight, self.lora_B[name].weight

@@ -116,13 +116,14 @@ def test_the_active_paths_are_reported_per_architecture(arch_dir):
     assert paths.loss == "fused" and paths.attention.startswith("varlen-math")
     text = str(paths)
     assert f"lora {adapted_layers}/{adapted_layers} layers" in text
-    if arch == "gpt2":  # LayerNorm and a GELU MLP: nothing of ours applies, and the log says so
-        assert (paths.rms_norms, paths.gated_mlps) == (0, 0)
+    if arch == "gpt2":  # LayerNorm and a GELU MLP: only the GELU is ours, and the log says so
+        assert (paths.rms_norms, paths.gated_mlps, paths.tanh_gelus) == (0, 0, layers)
         assert f"rmsnorm 0 ({2 * layers + 1} LayerNorm unchanged)" in text
-        assert "gated-mlp 0 (2 GPT2MLP unchanged)" in text
+        assert f"gated-mlp 0 (2 GPT2MLP unchanged), tanh-gelu {layers}" in text
     else:
-        assert (paths.rms_norms, paths.gated_mlps) == (2 * layers + 1, layers)
+        assert (paths.rms_norms, paths.gated_mlps, paths.tanh_gelus) == (2 * layers + 1, layers, 0)
         assert paths.other_norms == paths.other_mlps == ()
+        assert "tanh-gelu" not in text
 
 
 def test_fallbacks_are_reported(arch_dir):

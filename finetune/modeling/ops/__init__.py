@@ -3,7 +3,7 @@
 Each rewrite computes what peft and transformers compute (tests compare logits and gradients with the
 unrewritten model, for every architecture the benchmark uses) and applies only where it recognises the module;
 anything else keeps its own code, and :func:`rewrite_for_training` says which paths are on, so a fallback is
-visible in the training log. ``lora`` (fused LoRA linear), ``norms`` (RMSNorm), ``mlp`` (gated MLP),
+visible in the training log. ``lora`` (fused LoRA linear), ``norms`` (RMSNorm), ``mlp`` (gated MLP, tanh GELU),
 ``attention`` (packed causal attention), ``loss`` (output layer fused with the cross-entropy).
 """
 
@@ -32,6 +32,7 @@ class FusedPaths:
     other_norms: tuple[str, ...]
     gated_mlps: int
     other_mlps: tuple[str, ...]
+    tanh_gelus: int
     loss: str
     attention: str
 
@@ -45,6 +46,8 @@ class FusedPaths:
             norms += f" ({', '.join(self.other_norms)} unchanged)"
         if self.other_mlps:
             mlps += f" ({', '.join(self.other_mlps)} unchanged)"
+        if self.tanh_gelus:
+            mlps += f", tanh-gelu {self.tanh_gelus}"
         return f"fused paths: {lora}, {norms}, {mlps}, loss {self.loss}, attention {self.attention}"
 
 
@@ -55,7 +58,7 @@ def rewrite_for_training(model, precision: str, device: torch.device) -> FusedPa
     from .attention import attention_path
     from .lora import fuse_lora_updates, keep_activations_in_compute_dtype, lora_path
     from .loss import fuses_head
-    from .mlp import fuse_gated_mlps
+    from .mlp import fuse_gated_mlps, fuse_tanh_gelus
     from .norms import fuse_rms_norms
 
     if precision != "fp32":
@@ -63,6 +66,7 @@ def rewrite_for_training(model, precision: str, device: torch.device) -> FusedPa
     fuse_lora_updates(model)
     rms = fuse_rms_norms(model)
     mlps = fuse_gated_mlps(model)
+    gelus = fuse_tanh_gelus(model)
     lora = Counter(lora_path(m) for m in model.modules() if isinstance(m, BaseTunerLayer))
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     head = inner.get_output_embeddings()
@@ -72,6 +76,7 @@ def rewrite_for_training(model, precision: str, device: torch.device) -> FusedPa
         other_norms=_unchanged(model, ("Norm",)),
         gated_mlps=mlps,
         other_mlps=_unchanged(model, ("MLP",)),
+        tanh_gelus=gelus,
         loss="fused" if fuses_head(head) else f"autograd ({type(head).__name__} head)",
         attention=attention_path(inner.config, device),
     )

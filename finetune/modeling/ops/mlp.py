@@ -1,4 +1,5 @@
-"""Llama-style gated SiLU MLPs that keep one activation less for the backward pass."""
+"""MLP activations: Llama-style gated SiLU MLPs that keep one activation less for the backward pass, and
+GPT-2's tanh-approximated GELU as one kernel."""
 
 from __future__ import annotations
 
@@ -51,3 +52,25 @@ def fuse_gated_mlps(model) -> int:
     return count
 
 
+
+
+def _tanh_gelu_forward(self, x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+def fuse_tanh_gelus(model) -> int:
+    """Compute GPT-2's GELU (``gelu_new``) with PyTorch's one-kernel tanh GELU; returns how many modules.
+
+    transformers writes it out as eight elementwise operations, each a full pass over the MLP's widest tensor
+    and most of them saving their input for the backward pass; ``F.gelu(x, approximate="tanh")`` is the same
+    formula in one pass that saves only ``x``. Only modules whose ``forward`` is byte for byte transformers'
+    ``NewGELUActivation`` are changed.
+    """
+    from transformers.activations import NewGELUActivation
+
+    count = 0
+    for module in model.modules():
+        if same_code(type(module).forward, NewGELUActivation.forward):
+            module.forward = types.MethodType(_tanh_gelu_forward, module)
+            count += 1
+    return count

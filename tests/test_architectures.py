@@ -24,7 +24,7 @@ from finetune.tiny import ARCHITECTURES, build_tiny_model
 
 CPU = torch.device("cpu")
 SIZES = {"llama": {}, "qwen2": {"num_kv_heads": 2}, "gpt2": {}}  # Qwen2: 4 query heads share 2 key/value heads
-LENGTHS = (5, 37, 70)  # under, over and across the attention's length quantum (32)
+LENGTHS = (5, 37, 70)  # under, over and across the attention's length quantum (32, in bf16)
 
 
 @pytest.fixture(scope="module", params=ARCHITECTURES)

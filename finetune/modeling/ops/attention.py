@@ -22,10 +22,16 @@ VARLEN_ATTENTION = "finetune_varlen"
 # Score matrices grow with the square of the length, so long sequences still take the flash kernel.
 _MATH_MAX_LEN = 1024
 
-# Sequences are padded at their end to a multiple of this inside attention. Causal attention never lets a real
-# token see the padding (it lies in its future), so results are exact; but the matmul shapes take a few dozen
-# values instead of hundreds, and oneDNN, which caches kernels and buffers per shape, stays small.
+# In bf16 and fp16, sequences are padded at their end to a multiple of this inside attention. Causal attention
+# never lets a real token see the padding (it lies in its future), so results are exact; but the matmul shapes
+# take a few dozen values instead of hundreds, and oneDNN, which runs those matmuls and caches kernels and
+# buffers per shape, stays small. fp32 matmuls go to MKL, which keeps no such cache: there the padding only
+# cost score FLOPs and copies (unpadded was 4-5% faster per step, BENCHMARKS.md), so fp32 is not padded.
 _LEN_QUANTUM = 32
+
+
+def _len_quantum(dtype: torch.dtype) -> int:
+    return 1 if dtype == torch.float32 else _LEN_QUANTUM
 
 
 def register_varlen_attention() -> None:
@@ -82,7 +88,8 @@ def _causal_attention_sdpa(q, k, v, dropout: float, scaling: float | None) -> to
 @functools.lru_cache(maxsize=64)
 def _future_bias(n: int, groups: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """-inf above the diagonal (what each query must not see), 0 elsewhere, stacked ``groups`` times (one per
-    query head sharing a key/value head). Few sizes occur (``_LEN_QUANTUM``)."""
+    query head sharing a key/value head). Few sizes occur in bf16 (``_LEN_QUANTUM``); in fp32 the sizes are the
+    sequences' own, and the cache keeps the most recent."""
     return torch.full((n, n), float("-inf"), dtype=dtype, device=device).triu_(1).repeat(groups, 1)
 
 
@@ -98,7 +105,7 @@ def _causal_attention_math(q, k, v, dropout: float, scaling: float | None) -> to
     if n > _MATH_MAX_LEN or dropout > 0:
         return _causal_attention_sdpa(q, k, v, dropout, scaling)
     scale = scaling if scaling is not None else q.shape[-1] ** -0.5
-    pad = (-n) % _LEN_QUANTUM
+    pad = (-n) % _len_quantum(q.dtype)
     if pad:
         q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
     batch, heads, m, dim = q.shape

@@ -122,13 +122,20 @@ def test_cancel_and_a_wait_that_runs_out(server):
     client = server.replicate("alice")
     base = server.registry.resolve("alice/tiny:1")
     prediction = client.predictions.create(version=base.id, input=LONG, wait=1)
-    assert prediction.status == "starting"  # still running after the wait: the client polls from here
+    # Still running after the wait: the client polls from here. No output in this answer even if some exists:
+    # the client's poller would count it as seen and never yield it.
+    assert prediction.status == "starting" and prediction.output is None
     _until(lambda: client.predictions.get(prediction.id).output, 60, "output")
     prediction.cancel()
     assert prediction.status == "canceled"
     final = client.predictions.get(prediction.id)
     assert final.status == "canceled" and 0 < final.metrics["output_token_count"] < 1000
     assert client.predictions.cancel(prediction.id).status == "canceled"  # again: unchanged
+    # Created without waiting: starting, no output yet; the client's poller then yields every piece.
+    data = {**LONG, "max_new_tokens": 40, "temperature": 0}
+    polled = client.predictions.create(version=base.id, input=data)
+    assert polled.status == "starting" and polled.output is None
+    assert "".join(polled.output_iterator()) == "".join(client.run(f"alice/tiny:{base.id}", input=data))
 
 
 def test_a_stream_client_that_disconnects_cancels_the_prediction(server):

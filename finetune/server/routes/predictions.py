@@ -4,8 +4,9 @@ The work happens in :class:`finetune.serving.service.PredictionService` (``app.s
 handlers parse, check access (:mod:`..access`) and shape the answer (:func:`prediction_object`).
 
 ``Prefer: wait`` (60 s) or ``Prefer: wait=N`` holds the create request until the prediction ends or N seconds
-pass. A prediction still running then is answered with status ``starting``, as Replicate does: its client
-treats any other status in a blocking answer as final, and polls only after ``starting``.
+pass. A prediction still running then (or any prediction created without ``Prefer: wait``) is answered with
+status ``starting`` and no output yet, as Replicate does: its client treats any other status in a blocking answer
+as final, polls only after ``starting``, and its poller never yields output that was in that first answer.
 """
 
 from __future__ import annotations
@@ -135,8 +136,11 @@ async def _create(request: Request, account: Any, version: Version, body: Any) -
     wait = _wait_seconds(request)
     if wait is not None:
         record = await run_in_threadpool(service.wait, record.id, wait)
-        if record.status not in FINAL:
-            record.status = "starting"  # see the module docstring: the client polls after this one
+    if record.status not in FINAL:
+        # Answered as Replicate answers a new prediction (see the module docstring): starting, no output yet.
+        # The client's poller treats output in this answer as already seen and yields only what comes after,
+        # so pieces generated before the answer went out would be lost to it. The record is a copy.
+        record.status, record.output = "starting", None
     headers = {"Location": f"{url}/v1/predictions/{record.id}"}
     return JSONResponse(prediction_object(record, url), status_code=201, headers=headers)
 

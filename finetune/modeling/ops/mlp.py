@@ -52,8 +52,6 @@ def fuse_gated_mlps(model) -> int:
     return count
 
 
-
-
 def _tanh_gelu_forward(self, x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 

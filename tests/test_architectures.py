@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from finetune.data.batching import collate_packed
-from finetune.modeling.ops import rewrite_for_training
+from finetune.modeling.ops import gemm, rewrite_for_training
 from finetune.modeling.ops.attention import VARLEN_ATTENTION, register_varlen_attention
 from finetune.modeling.ops.loss import CausalLMLoss
 from finetune.tiny import ARCHITECTURES, build_tiny_model
@@ -87,11 +87,15 @@ def _adapter_grads(model) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def test_rewritten_training_equals_the_reference(arch_dir):
+@pytest.mark.parametrize("onednn", [False, True], ids=["torch-matmuls", "onednn-matmuls"])
+def test_rewritten_training_equals_the_reference(arch_dir, onednn: bool, monkeypatch: pytest.MonkeyPatch):
     arch, model_dir = arch_dir
     reference = adapted(model_dir, "eager")
     changed = adapted(model_dir, VARLEN_ATTENTION)
     paths = rewrite_for_training(changed, "fp32", CPU)
+    if onednn and not gemm.onednn_available():
+        pytest.skip("this torch build has no oneDNN linear")
+    monkeypatch.setattr(gemm, "_onednn", onednn)  # whichever this machine takes, check both libraries
     seqs = sequences(reference.config.vocab_size)
 
     ref_loss, ref_logits, ref_grads = reference_run(reference, seqs)
@@ -114,7 +118,9 @@ def test_the_active_paths_are_reported_per_architecture(arch_dir):
     adapted_layers = {"llama": 7, "qwen2": 7, "gpt2": 4}[arch] * layers  # GPT-2: c_attn, c_proj, c_fc, c_proj
     assert dict(paths.lora) == {"fused": adapted_layers}
     assert paths.loss == "fused" and paths.attention.startswith("varlen-math")
+    assert paths.gemm in ("onednn", "torch")
     text = str(paths)
+    assert text.endswith(f"fp32 matmuls {paths.gemm}")
     assert f"lora {adapted_layers}/{adapted_layers} layers" in text
     if arch == "gpt2":  # LayerNorm and a GELU MLP: only the GELU is ours, and the log says so
         assert (paths.rms_norms, paths.gated_mlps, paths.tanh_gelus) == (0, 0, layers)

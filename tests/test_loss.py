@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from finetune.modeling.ops import gemm
 from finetune.modeling.ops import loss as loss_mod
 from finetune.modeling.ops.loss import CausalLMLoss
 
@@ -33,11 +34,15 @@ def _reference(hidden, weight, targets, softcap):
     return F.cross_entropy(logits, targets, reduction="sum")
 
 
+@pytest.mark.parametrize("onednn", [False, True], ids=["torch-matmuls", "onednn-matmuls"])
 @pytest.mark.parametrize("softcap", [None, 3.0])
 @pytest.mark.parametrize("rows_per_chunk", [1000, 7])  # one chunk, and many (with a ragged last one)
-def test_fused_loss_and_gradient_match_autograd_fp32(softcap, rows_per_chunk, monkeypatch):
+def test_fused_loss_and_gradient_match_autograd_fp32(softcap, rows_per_chunk, onednn, monkeypatch):
     vocab = 97
     monkeypatch.setattr(loss_mod, "_CPU_CHUNK_ROWS", rows_per_chunk)
+    if onednn and not gemm.onednn_available():
+        pytest.skip("this torch build has no oneDNN linear")
+    monkeypatch.setattr(gemm, "_onednn", onednn)
     torch.manual_seed(0)
     model = _Head(16, vocab, softcap).requires_grad_(False)
     hidden = torch.randn(45, 16) * 3

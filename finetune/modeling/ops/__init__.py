@@ -4,7 +4,8 @@ Each rewrite computes what peft and transformers compute (tests compare logits a
 unrewritten model, for every architecture the benchmark uses) and applies only where it recognises the module;
 anything else keeps its own code, and :func:`rewrite_for_training` says which paths are on, so a fallback is
 visible in the training log. ``lora`` (fused LoRA linear), ``norms`` (RMSNorm), ``mlp`` (gated MLP, tanh GELU),
-``attention`` (packed causal attention), ``loss`` (output layer fused with the cross-entropy).
+``attention`` (packed causal attention), ``loss`` (output layer fused with the cross-entropy); ``gemm`` picks
+the library for the fp32 CPU products those paths own.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class FusedPaths:
     tanh_gelus: int
     loss: str
     attention: str
+    gemm: str  # which library runs the fp32 CPU products of the rewritten paths
 
     def __str__(self) -> str:
         total = sum(self.lora.values())
@@ -48,7 +50,8 @@ class FusedPaths:
             mlps += f" ({', '.join(self.other_mlps)} unchanged)"
         if self.tanh_gelus:
             mlps += f", tanh-gelu {self.tanh_gelus}"
-        return f"fused paths: {lora}, {norms}, {mlps}, loss {self.loss}, attention {self.attention}"
+        return (f"fused paths: {lora}, {norms}, {mlps}, loss {self.loss}, attention {self.attention}, "
+                f"fp32 matmuls {self.gemm}")
 
 
 def rewrite_for_training(model, precision: str, device: torch.device) -> FusedPaths:
@@ -56,6 +59,7 @@ def rewrite_for_training(model, precision: str, device: torch.device) -> FusedPa
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     from .attention import attention_path
+    from .gemm import choose_fp32_cpu_linear, use_onednn
     from .lora import fuse_lora_updates, keep_activations_in_compute_dtype, lora_path
     from .loss import fuses_head
     from .mlp import fuse_gated_mlps, fuse_tanh_gelus
@@ -63,6 +67,11 @@ def rewrite_for_training(model, precision: str, device: torch.device) -> FusedPa
 
     if precision != "fp32":
         keep_activations_in_compute_dtype(model)
+    if precision == "fp32" and device.type == "cpu":
+        gemm = choose_fp32_cpu_linear()
+    else:
+        use_onednn(False)
+        gemm = "torch"
     fuse_lora_updates(model)
     rms = fuse_rms_norms(model)
     mlps = fuse_gated_mlps(model)
@@ -79,6 +88,7 @@ def rewrite_for_training(model, precision: str, device: torch.device) -> FusedPa
         tanh_gelus=gelus,
         loss="fused" if fuses_head(head) else f"autograd ({type(head).__name__} head)",
         attention=attention_path(inner.config, device),
+        gemm=gemm,
     )
 
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from ...data.formats import IGNORE_INDEX
 from ..precision import compute_dtype
+from . import gemm
 
 # Rows of logits handled at a time by the loss. On CPUs small chunks stay in cache, so 128 rows beat both larger
 # and smaller chunks (BENCHMARKS.md), and the step's peak falls, since the loss runs when every activation of the
@@ -103,7 +104,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
         w = weight.to(dtype)  # once, not per chunk
         for start in range(0, hidden.shape[0], rows):
             h, t = hidden[start : start + rows].to(dtype), targets[start : start + rows]
-            logits = F.linear(h, w).float()
+            logits = gemm.linear(h, w).float()
             if softcap:
                 capped = torch.tanh(logits / softcap)
                 logits = capped * softcap
@@ -115,7 +116,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
                 d_logits.scatter_add_(1, t.unsqueeze(1), torch.full_like(picked, -1.0))
                 if softcap:
                     d_logits *= 1 - capped.square()
-                grad[start : start + rows] = d_logits.to(dtype) @ w
+                grad[start : start + rows] = gemm.linear(d_logits.to(dtype), w.t())
         ctx.save_for_backward(grad)
         return total
 

@@ -13,8 +13,9 @@ Runs, one after the other, each in its own process (so peak memory is each conte
                   AVX512-BF16 or AMX), else fp32, where emulated bf16 would be many times slower.
 --precision sets ours and the tuned peer alike (auto: finetune's own choice, which is the rule above); on a
 bf16 machine `--precision fp32` reproduces the fp32-only case. The machine's capability (CPU model, native
-bf16 or not, measured bf16 and fp32 matmul rates) is printed with the results, and each contender's speed as a
-share of the matmul peak of the precision it ran in.
+bf16 or not, measured bf16 and fp32 matmul rates; fp32 on a CPU through torch's default library and through
+oneDNN, which finetune's fp32 products take on x86) is printed with the results, and each contender's speed as
+a share of the matmul peak of the precision it ran in (for fp32 the better library's).
 Same model (one of the tiny architectures of finetune.tiny, built locally with random weights, ~30M
 parameters, see ARCH_MODELS; vocabulary 8192 from one BPE tokenizer trained on the data and shared by every
 architecture), same tokenized data and prompt masking (finetune's
@@ -122,24 +123,36 @@ def tokenized(paths: dict, cache: Path):
 
 
 def matmul_rates() -> dict:
-    """Measured GFLOP/s of a square matmul in bf16 and fp32, on the GPU when there is one (what trains there)."""
+    """Measured GFLOP/s of a square matmul in bf16 and fp32, on the GPU when there is one (what trains there).
+
+    On a CPU fp32 is measured twice, through torch's default library (MKL on x86) and through oneDNN, which
+    finetune uses for its own fp32 products there; the fp32 peak is the better of the two."""
     import torch
 
     cuda = torch.cuda.is_available()
     size, n = (8192, 20) if cuda else (2048, 6)
     out = {}
-    for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+    runs = [("bf16", torch.bfloat16, torch.matmul), ("fp32", torch.float32, torch.matmul)]
+    if not cuda:
+        from finetune.modeling.ops import gemm
+
+        if gemm.onednn_available():
+            runs.append(("fp32-onednn", torch.float32,
+                         lambda a, b: torch.ops.mkldnn._linear_pointwise(a, b.t(), None, "none", [], "")))
+    for name, dtype, mm in runs:
         a, b = (torch.randn(size, size, dtype=dtype, device="cuda" if cuda else "cpu") for _ in range(2))
         for _ in range(2):
-            a @ b
+            mm(a, b)
         if cuda:
             torch.cuda.synchronize()
         t = time.perf_counter()
         for _ in range(n):
-            a @ b
+            mm(a, b)
         if cuda:
             torch.cuda.synchronize()
         out[name] = 2 * size**3 * n / (time.perf_counter() - t) / 1e9
+    out["fp32-default"] = out["fp32"]
+    out["fp32"] = max(out["fp32"], out.get("fp32-onednn", 0.0))
     return out
 
 
@@ -378,9 +391,11 @@ def main() -> None:
         r["train_loss_at_budget"] = train_loss_at(r["steps"], r["losses"], budget)
     flop_per_token = 4 * _matmul_params(paths["model"])
     print(f"\nmachine: {cap['device']}; {cap['kind']}; --precision {args.precision} -> {precision}")
-    print(f"matmul peaks (2048^2, measured now): bf16 {rates['bf16']:.0f} GFLOP/s, fp32 {rates['fp32']:.0f} "
-          f"GFLOP/s; model: {args.arch}, ~{flop_per_token / 1e6:.0f} MFLOP per trained token (frozen base: forward "
-          "+ input gradients)")
+    fp32 = (f"fp32 {rates['fp32-default']:.0f} GFLOP/s (torch's default), {rates['fp32-onednn']:.0f} (oneDNN)"
+            if "fp32-onednn" in rates else f"fp32 {rates['fp32']:.0f} GFLOP/s")
+    print(f"matmul peaks (2048^2, measured now): bf16 {rates['bf16']:.0f} GFLOP/s, {fp32}; 'of peak' is of the "
+          f"better of its precision; model: {args.arch}, ~{flop_per_token / 1e6:.0f} MFLOP per trained token (frozen "
+          "base: forward + input gradients)")
     print(f"{args.steps} timed steps after {args.warmup} warm-up, batch {BATCH}, max length {MAX_LEN}; "
           f"medians of {args.repeat} interleaved rounds")
     print("loss columns: mean training loss over the first N trained tokens (N = the fewest any contender trained);"

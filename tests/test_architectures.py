@@ -110,6 +110,39 @@ def test_rewritten_training_equals_the_reference(arch_dir, onednn: bool, monkeyp
         torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_prompt_masked_training_equals_the_reference(arch_dir):
+    """Instruction data: only completions are labelled, so the last MLP runs on those rows alone
+    (ops.loss_rows); loss and gradients still equal the reference's over the same labels."""
+    _, model_dir = arch_dir
+    reference = adapted(model_dir, "eager")
+    changed = adapted(model_dir, VARLEN_ATTENTION)
+    assert rewrite_for_training(changed, "fp32", CPU).last_mlp_loss_rows
+    seqs = sequences(reference.config.vocab_size)
+    prompts = [2, 20, 41]  # tokens of each sequence that are prompt, unlabelled
+    examples = [{"input_ids": s, "labels": [-100] * p + s[p:]} for s, p in zip(seqs, prompts)]
+
+    total = 0.0
+    for ex in examples:
+        ids, labels = torch.tensor([ex["input_ids"]]), torch.tensor(ex["labels"])
+        logits = reference(input_ids=ids, use_cache=False).logits[0]
+        total = total + F.cross_entropy(logits[:-1], labels[1:], reduction="sum", ignore_index=-100)
+    total.backward()
+    batch = collate_packed(examples)
+    loss, count = CausalLMLoss(changed)(**batch)
+    loss.backward()
+
+    assert int(count) == sum(len(s) - p for s, p in zip(seqs, prompts))
+    torch.testing.assert_close(loss.detach(), total.detach(), rtol=1e-5, atol=1e-4)
+    ref_grads, grads = _adapter_grads(reference), _adapter_grads(changed)
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+    with torch.no_grad():  # outside the loss the last MLP sees every row again
+        logits = changed(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                         cu_seq_lens_q=batch["cu_seq_lens"], use_cache=False).logits[0]
+        ref_logits = torch.cat([reference(input_ids=torch.tensor([s])).logits[0] for s in seqs])
+    torch.testing.assert_close(logits[: len(ref_logits)], ref_logits, rtol=1e-5, atol=1e-5)
+
+
 def test_the_active_paths_are_reported_per_architecture(arch_dir):
     arch, model_dir = arch_dir
     model = adapted(model_dir, VARLEN_ATTENTION)
@@ -118,7 +151,8 @@ def test_the_active_paths_are_reported_per_architecture(arch_dir):
     adapted_layers = {"llama": 7, "qwen2": 7, "gpt2": 4}[arch] * layers  # GPT-2: c_attn, c_proj, c_fc, c_proj
     assert dict(paths.lora) == {"fused": adapted_layers}
     assert paths.loss == "fused" and paths.attention.startswith("varlen-math")
-    assert paths.gemm in ("onednn", "torch")
+    assert paths.gemm in ("onednn", "torch") and paths.last_mlp_loss_rows
+    assert "last mlp on loss rows" in str(paths)
     text = str(paths)
     assert text.endswith(f"fp32 matmuls {paths.gemm}")
     assert f"lora {adapted_layers}/{adapted_layers} layers" in text
@@ -139,6 +173,32 @@ def test_fallbacks_are_reported(arch_dir):
     paths = rewrite_for_training(model, "fp32", CPU)
     assert set(paths.lora) == {"peft"} and paths.attention == "sdpa"
     assert str(paths).startswith(f"fused paths: lora 0/{paths.lora['peft']} layers ({paths.lora['peft']} peft)")
+
+
+def test_an_unknown_decoder_layer_keeps_its_mlp_on_all_rows():
+    from torch import nn
+
+    from finetune.modeling.ops.loss_rows import last_mlp_on_loss_rows
+
+    class Layer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mlp = nn.Linear(4, 4)
+
+        def forward(self, x):  # a layer whose MLP output might go elsewhere: not recognised
+            return self.mlp(x) * x
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList([Layer()])
+
+        def get_decoder(self):
+            return self
+
+    model = Model()
+    assert last_mlp_on_loss_rows(model) is False
+    assert not model.layers[0].mlp._forward_pre_hooks and not model.layers[0].mlp._forward_hooks
 
 
 def test_unpacked_calls_equal_the_reference(arch_dir):

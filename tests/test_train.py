@@ -219,7 +219,8 @@ def test_trainings_list_show_and_logs(runs: dict):
     assert rc == 0
     assert f"training {newest.id} -> {DEST}" in out and f"published {newest.output['version']}" in out
     # Which rewritten paths trained (tiny Llama, 2 layers, LoRA on all 7 linears of each): all of ours apply.
-    assert "fused paths: lora 14/14 layers, rmsnorm 5, gated-mlp 2, loss fused, attention varlen-math" in out
+    assert ("fused paths: lora 14/14 layers, rmsnorm 5, gated-mlp 2, loss fused, last mlp on loss rows, "
+            "attention varlen-math") in out
     rc, out, err = cli(root, "trainings", "show", "20000101-000000-abcdef")
     assert rc == 1 and out == "" and len(err.strip().splitlines()) == 1 and "finetune trainings list" in err
 

@@ -4,8 +4,8 @@ Each rewrite computes what peft and transformers compute (tests compare logits a
 unrewritten model, for every architecture the benchmark uses) and applies only where it recognises the module;
 anything else keeps its own code, and :func:`rewrite_for_training` says which paths are on, so a fallback is
 visible in the training log. ``lora`` (fused LoRA linear), ``norms`` (RMSNorm), ``mlp`` (gated MLP, tanh GELU),
-``attention`` (packed causal attention), ``loss`` (output layer fused with the cross-entropy); ``gemm`` picks
-the library for the fp32 CPU products those paths own.
+``attention`` (packed causal attention), ``loss`` (output layer fused with the cross-entropy), ``loss_rows``
+(the last MLP only where the loss looks); ``gemm`` picks the library for the fp32 CPU products those paths own.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ class FusedPaths:
     other_mlps: tuple[str, ...]
     tanh_gelus: int
     loss: str
+    last_mlp_loss_rows: bool
     attention: str
     gemm: str  # which library runs the fp32 CPU products of the rewritten paths
 
@@ -50,8 +51,9 @@ class FusedPaths:
             mlps += f" ({', '.join(self.other_mlps)} unchanged)"
         if self.tanh_gelus:
             mlps += f", tanh-gelu {self.tanh_gelus}"
-        return (f"fused paths: {lora}, {norms}, {mlps}, loss {self.loss}, attention {self.attention}, "
-                f"fp32 matmuls {self.gemm}")
+        last = "loss rows" if self.last_mlp_loss_rows else "all rows"
+        return (f"fused paths: {lora}, {norms}, {mlps}, loss {self.loss}, last mlp on {last}, "
+                f"attention {self.attention}, fp32 matmuls {self.gemm}")
 
 
 def rewrite_for_training(model, precision: str, device: torch.device) -> FusedPaths:
@@ -62,6 +64,7 @@ def rewrite_for_training(model, precision: str, device: torch.device) -> FusedPa
     from .gemm import choose_fp32_cpu_linear, use_onednn
     from .lora import fuse_lora_updates, keep_activations_in_compute_dtype, lora_path
     from .loss import fuses_head
+    from .loss_rows import last_mlp_on_loss_rows
     from .mlp import fuse_gated_mlps, fuse_tanh_gelus
     from .norms import fuse_rms_norms
 
@@ -76,6 +79,7 @@ def rewrite_for_training(model, precision: str, device: torch.device) -> FusedPa
     rms = fuse_rms_norms(model)
     mlps = fuse_gated_mlps(model)
     gelus = fuse_tanh_gelus(model)
+    last_mlp = last_mlp_on_loss_rows(model)
     lora = Counter(lora_path(m) for m in model.modules() if isinstance(m, BaseTunerLayer))
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     head = inner.get_output_embeddings()
@@ -87,6 +91,7 @@ def rewrite_for_training(model, precision: str, device: torch.device) -> FusedPa
         other_mlps=_unchanged(model, ("MLP",)),
         tanh_gelus=gelus,
         loss="fused" if fuses_head(head) else f"autograd ({type(head).__name__} head)",
+        last_mlp_loss_rows=last_mlp,
         attention=attention_path(inner.config, device),
         gemm=gemm,
     )

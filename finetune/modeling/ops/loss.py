@@ -17,6 +17,7 @@ from torch import nn
 from ...data.formats import IGNORE_INDEX
 from ..precision import compute_dtype
 from . import gemm
+from .loss_rows import loss_rows
 
 # Rows of logits handled at a time by the loss. On CPUs small chunks stay in cache, so 128 rows beat both larger
 # and smaller chunks (BENCHMARKS.md), and the step's peak falls, since the loss runs when every activation of the
@@ -56,15 +57,15 @@ class CausalLMLoss(nn.Module):
         kwargs: dict[str, Any] = {}
         if cu_seq_lens is not None:
             kwargs["cu_seq_lens_q"] = cu_seq_lens
-        hidden = self._decoder(
-            input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False, **kwargs
-        ).last_hidden_state
         # Position t predicts token t+1. Packed rows mark the first token of each sequence IGNORE_INDEX in
         # `labels`, so no sequence is asked to predict its neighbour's first token.
-        targets = labels[:, 1:].reshape(-1)
-        keep = targets != IGNORE_INDEX
-        selected = hidden[:, :-1].reshape(-1, hidden.shape[-1])[keep]
-        return self.token_loss(selected, targets[keep]), keep.sum()
+        targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
+        rows = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+        with loss_rows(self.model, rows):  # the last MLP needs no other rows (ops.loss_rows)
+            hidden = self._decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                                   use_cache=False, **kwargs).last_hidden_state
+        selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
+        return self.token_loss(selected, targets.index_select(0, rows)), rows.new_tensor(rows.numel())
 
     def token_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Summed cross-entropy of the output layer's logits at ``hidden`` rows against ``targets``."""

@@ -1,0 +1,87 @@
+"""The last decoder layer's MLP only at the rows whose final hidden state the loss reads.
+
+The loss looks at the final hidden state of labelled positions only (completions: often half the tokens of
+instruction data or fewer). Every earlier layer is needed at every position, since later positions attend to
+it; but in the last layer the MLP works on each position alone and its output goes nowhere but into that
+position's final hidden state. So while :class:`~finetune.modeling.ops.loss.CausalLMLoss` runs, the last MLP
+takes only the labelled rows, and its output is scattered back into zeros at full size: the other rows' final
+hidden states are then wrong, and nothing reads them. Losses and gradients are unchanged (tests compare them
+with the unchanged model). Outside the loss (generation, logits) the MLP sees every row as usual.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from . import same_code
+
+_ATTR = "_finetune_loss_rows"
+
+
+class _RowSelection:
+    """The rows (flat indices into ``batch x tokens``) the current loss reads; None outside the loss."""
+
+    def __init__(self) -> None:
+        self.rows: torch.Tensor | None = None
+        self.shape: torch.Size | None = None
+
+    def take(self, module: nn.Module, args: tuple) -> tuple | None:
+        if self.rows is None:
+            return None
+        (x,) = args
+        self.shape = x.shape
+        return (x.reshape(-1, x.shape[-1]).index_select(0, self.rows),)
+
+    def put_back(self, module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
+        if self.rows is None:
+            return None
+        full = out.new_zeros(self.shape[:-1].numel(), out.shape[-1]).index_copy(0, self.rows, out)
+        return full.view(*self.shape[:-1], out.shape[-1])
+
+
+def last_mlp_on_loss_rows(model) -> bool:
+    """Let the last decoder layer's MLP run on the loss's rows only (see the module's docstring); returns
+    whether it applies: only to decoder layers whose ``forward`` is byte for byte Llama's (Mistral and Qwen2
+    copy it) or GPT-2's, where the MLP's output only joins the residual stream."""
+    from transformers.models.gpt2.modeling_gpt2 import GPT2Block
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    layer = _last_layer(model)
+    known = layer is not None and (same_code(type(layer).forward, LlamaDecoderLayer.forward)
+                                   or same_code(type(layer).forward, GPT2Block.forward))
+    mlp = getattr(layer, "mlp", None) if known else None
+    if not isinstance(mlp, nn.Module):
+        return False
+    if not hasattr(mlp, _ATTR):
+        selection = _RowSelection()
+        mlp.register_forward_pre_hook(selection.take)
+        mlp.register_forward_hook(selection.put_back)
+        setattr(mlp, _ATTR, selection)
+    return True
+
+
+@contextmanager
+def loss_rows(model, rows: torch.Tensor) -> Iterator[None]:
+    """While inside, the last MLP (where :func:`last_mlp_on_loss_rows` applied) takes only ``rows``: flat
+    indices into ``batch x tokens`` of the positions whose final hidden state the loss reads."""
+    layer = _last_layer(model)
+    selection = getattr(getattr(layer, "mlp", None), _ATTR, None)
+    if selection is None:
+        yield
+        return
+    selection.rows = rows
+    try:
+        yield
+    finally:
+        selection.rows = selection.shape = None
+
+
+def _last_layer(model) -> nn.Module | None:
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = inner.get_decoder() if hasattr(inner, "get_decoder") else None
+    layers = getattr(decoder, "layers", None) or getattr(decoder, "h", None)  # Llama-style, GPT-2
+    return layers[-1] if isinstance(layers, nn.ModuleList) and len(layers) else None

@@ -57,3 +57,39 @@ def test_the_choice_follows_the_machine_not_a_timing(monkeypatch: pytest.MonkeyP
     assert gemm.choose_fp32_cpu_linear() == "torch" and gemm._onednn is False
     gemm.use_onednn(True)
     assert gemm._onednn is False  # cannot be forced on without the operator
+
+
+@needs_onednn
+def test_frozen_weights_are_packed_once_and_follow_changes(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(gemm, "_onednn", True)
+    monkeypatch.setattr(gemm, "_packed_bytes", 0)
+    packs = []
+    real = torch.ops.mkldnn._reorder_linear_weight
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", lambda *a: packs.append(1) or real(*a),
+                        raising=False)
+    torch.manual_seed(0)
+    weight = torch.randn(96, 48)  # [out, in]; the input gradient uses its transpose
+    x, g = torch.randn(70, 48), torch.randn(70, 96)
+    for _ in range(3):
+        torch.testing.assert_close(gemm.linear(x, weight, frozen=True), F.linear(x, weight), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(gemm.linear(g, weight.t(), frozen=True), g @ weight, rtol=1e-5, atol=1e-5)
+    assert len(packs) == 2  # one packed copy per use of the weight, made once
+    assert gemm._packed_bytes == 2 * weight.numel() * 4
+    with torch.no_grad():
+        weight.mul_(2)  # a changed weight is packed again, not served stale
+    torch.testing.assert_close(gemm.linear(x, weight, frozen=True), F.linear(x, weight), rtol=1e-5, atol=1e-5)
+    assert len(packs) == 3 and gemm._packed_bytes == 2 * weight.numel() * 4
+    del weight
+    import gc
+
+    gc.collect()
+    assert gemm._packed_bytes == 0  # the copies went with the weight
+
+
+@needs_onednn
+def test_past_the_budget_weights_are_used_as_they_are(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(gemm, "_onednn", True)
+    monkeypatch.setattr(gemm, "_pack_budget", lambda: 100)  # bytes: less than any weight here
+    weight, x = torch.randn(96, 48), torch.randn(70, 48)
+    torch.testing.assert_close(gemm.linear(x, weight, frozen=True), F.linear(x, weight), rtol=1e-5, atol=1e-5)
+    assert not getattr(weight, gemm._PACKED_ATTR)

@@ -105,7 +105,7 @@ class _LoraLinear(torch.autograd.Function):
         a, b = lora_a.to(dtype), lora_b.to(dtype)
         h = x2 @ a.t()
         w = weight_in_out.to(dtype)
-        out = gemm.linear(x2, w.t(), bias.to(dtype) if bias is not None else None)
+        out = gemm.linear(x2, w.t(), bias.to(dtype) if bias is not None else None, frozen=True)
         out.addmm_(h, b.t(), alpha=scaling)
         ctx.save_for_backward(x2, h, w, a, b)
         ctx.scaling, ctx.x_dtype = scaling, x.dtype
@@ -121,7 +121,7 @@ class _LoraLinear(torch.autograd.Function):
         grad_a = (gh.t() @ x2).to(ctx.a_dtype) if ctx.needs_input_grad[3] else None
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = gemm.linear(g, w).addmm_(gh, a).view(*grad.shape[:-1], x2.shape[-1]).to(ctx.x_dtype)
+            grad_x = gemm.linear(g, w, frozen=True).addmm_(gh, a).view(*grad.shape[:-1], x2.shape[-1]).to(ctx.x_dtype)
         return grad_x, None, None, grad_a, grad_b, None, None
 
 

@@ -105,7 +105,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
         w = weight.to(dtype)  # once, not per chunk
         for start in range(0, hidden.shape[0], rows):
             h, t = hidden[start : start + rows].to(dtype), targets[start : start + rows]
-            logits = gemm.linear(h, w).float()
+            logits = gemm.linear(h, w, frozen=True).float()
             if softcap:
                 capped = torch.tanh(logits / softcap)
                 logits = capped * softcap
@@ -117,7 +117,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
                 d_logits.scatter_add_(1, t.unsqueeze(1), torch.full_like(picked, -1.0))
                 if softcap:
                     d_logits *= 1 - capped.square()
-                grad[start : start + rows] = gemm.linear(d_logits.to(dtype), w.t())
+                grad[start : start + rows] = gemm.linear(d_logits.to(dtype), w.t(), frozen=True)
         ctx.save_for_backward(grad)
         return total
 

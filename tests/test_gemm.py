@@ -93,3 +93,11 @@ def test_past_the_budget_weights_are_used_as_they_are(monkeypatch: pytest.Monkey
     weight, x = torch.randn(96, 48), torch.randn(70, 48)
     torch.testing.assert_close(gemm.linear(x, weight, frozen=True), F.linear(x, weight), rtol=1e-5, atol=1e-5)
     assert not getattr(weight, gemm._PACKED_ATTR)
+
+
+def test_choosing_leaves_the_random_generator_alone():
+    """Training chooses after seeding; a resumed run restores the generator and must draw the same dropout."""
+    gemm.onednn_available.cache_clear()
+    state = torch.get_rng_state()
+    gemm.choose_fp32_cpu_linear()
+    assert torch.equal(torch.get_rng_state(), state)

@@ -106,7 +106,9 @@ def use_onednn(enabled: bool) -> None:
 def onednn_available() -> bool:
     """Whether this build has oneDNN's linear operator and it computes ``F.linear`` on a small fp32 case."""
     try:
-        x, w, b = torch.randn(5, 7), torch.randn(3, 7), torch.randn(3)
+        # fixed values, not torch.randn: a check must not move the global generator (dropout, seeds)
+        x, w, b = (torch.arange(n, dtype=torch.float32).reshape(shape).sin()
+                   for n, shape in ((35, (5, 7)), (21, (3, 7)), (3, (3,))))
         got = torch.ops.mkldnn._linear_pointwise(x, w.t().contiguous().t(), b, "none", [], "")
         return bool(torch.allclose(got, F.linear(x, w, b), rtol=1e-5, atol=1e-5))
     except (AttributeError, RuntimeError, NotImplementedError):

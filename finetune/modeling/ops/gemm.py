@@ -29,8 +29,10 @@ _packed_bytes = 0
 _ROWS_HINT = 1024  # the product's row count oneDNN picks the packed layout for; any count works with it
 
 
+@functools.cache
 def _pack_budget() -> int:
-    """Bytes of packed copies allowed: an eighth of the machine's memory."""
+    """Bytes of packed copies allowed: an eighth of the machine's memory (read once: it is asked per product
+    once the budget is spent)."""
     try:
         return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 8
     except (ValueError, OSError, AttributeError):
@@ -65,7 +67,7 @@ def _packed_copy(weight: torch.Tensor) -> torch.Tensor:
     if cached is not None and cached[0] == (owner._version, owner.data_ptr()):
         return cached[1]
     size = weight.numel() * weight.element_size()
-    if _packed_bytes + size > _pack_budget():
+    if cached is None and _packed_bytes + size > _pack_budget():  # a re-pack replaces a copy already counted
         return weight
     packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), _ROWS_HINT)
     if cached is None:

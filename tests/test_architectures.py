@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from finetune.data.batching import collate_packed
-from finetune.modeling.ops import gemm, rewrite_for_training
+from finetune.modeling.ops import gemm, loss_rows, rewrite_for_training
 from finetune.modeling.ops.attention import VARLEN_ATTENTION, register_varlen_attention
 from finetune.modeling.ops.loss import CausalLMLoss
 from finetune.tiny import ARCHITECTURES, build_tiny_model
@@ -110,16 +110,23 @@ def test_rewritten_training_equals_the_reference(arch_dir, onednn: bool, monkeyp
         torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_prompt_masked_training_equals_the_reference(arch_dir):
-    """Instruction data: only completions are labelled, so the last MLP runs on those rows alone
-    (ops.loss_rows); loss and gradients still equal the reference's over the same labels."""
+@pytest.mark.parametrize("multiple", [1, 16])
+def test_prompt_masked_training_equals_the_reference(arch_dir, multiple, monkeypatch):
+    """Instruction data: only completions are labelled, so the last MLP runs on those rows alone, or on those and
+    a few others to round the count (ops.loss_rows); loss and gradients still equal the reference's over the
+    same labels."""
     _, model_dir = arch_dir
+    monkeypatch.setattr(loss_rows, "ROW_MULTIPLE", multiple)  # the real one (256) exceeds these tiny batches
     reference = adapted(model_dir, "eager")
     changed = adapted(model_dir, VARLEN_ATTENTION)
     assert rewrite_for_training(changed, "fp32", CPU).last_mlp_loss_rows
     seqs = sequences(reference.config.vocab_size)
     prompts = [2, 20, 41]  # tokens of each sequence that are prompt, unlabelled
     examples = [{"input_ids": s, "labels": [-100] * p + s[p:]} for s, p in zip(seqs, prompts)]
+    mlp_inputs = []
+    decoder = changed.get_base_model().get_decoder()
+    last_mlp = (decoder.layers if hasattr(decoder, "layers") else decoder.h)[-1].mlp
+    last_mlp.register_forward_hook(lambda module, args, out: mlp_inputs.append(args[0].shape[-2]))
 
     total = 0.0
     for ex in examples:
@@ -132,6 +139,7 @@ def test_prompt_masked_training_equals_the_reference(arch_dir):
     loss.backward()
 
     assert int(count) == sum(len(s) - p for s, p in zip(seqs, prompts))
+    assert mlp_inputs == [int(count) + (-int(count)) % multiple]  # the rows the loss reads, rounded up
     torch.testing.assert_close(loss.detach(), total.detach(), rtol=1e-5, atol=1e-4)
     ref_grads, grads = _adapter_grads(reference), _adapter_grads(changed)
     for name, grad in ref_grads.items():

@@ -60,8 +60,9 @@ class CausalLMLoss(nn.Module):
         # Position t predicts token t+1. Packed rows mark the first token of each sequence IGNORE_INDEX in
         # `labels`, so no sequence is asked to predict its neighbour's first token.
         targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
-        rows = (targets != IGNORE_INDEX).nonzero().squeeze(1)
-        with loss_rows(self.model, rows):  # the last MLP needs no other rows (ops.loss_rows)
+        read = targets != IGNORE_INDEX
+        rows = read.nonzero().squeeze(1)
+        with loss_rows(self.model, read):  # the last MLP needs no other rows (ops.loss_rows)
             hidden = self._decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
                                    use_cache=False, **kwargs).last_hidden_state
         selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)

@@ -7,6 +7,11 @@ position's final hidden state. So while :class:`~finetune.modeling.ops.loss.Caus
 takes only the labelled rows, and its output is scattered back into zeros at full size: the other rows' final
 hidden states are then wrong, and nothing reads them. Losses and gradients are unchanged (tests compare them
 with the unchanged model). Outside the loss (generation, logits) the MLP sees every row as usual.
+
+The row count is rounded up to a multiple of ``ROW_MULTIPLE`` with rows the loss does not read: oneDNN, which
+runs bf16 products on CPUs (and fp32 ones through :mod:`~finetune.modeling.ops.gemm`), builds and caches a
+kernel per product shape, and an exact count, different at every step, grew the process by ~330 MB over 33
+bf16 steps (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -20,6 +25,9 @@ from torch import nn
 from . import same_code
 
 _ATTR = "_finetune_loss_rows"
+# Coarser than the packed rows' filler (data.batching.PACK_MULTIPLE, 64): with 64 the CLI's peak on the benchmark
+# still grew by ~80 MB in bf16, with 256 it is where it was without this path; at most 255 extra rows in one MLP.
+ROW_MULTIPLE = 256
 
 
 class _RowSelection:
@@ -65,19 +73,30 @@ def last_mlp_on_loss_rows(model) -> bool:
 
 
 @contextmanager
-def loss_rows(model, rows: torch.Tensor) -> Iterator[None]:
-    """While inside, the last MLP (where :func:`last_mlp_on_loss_rows` applied) takes only ``rows``: flat
-    indices into ``batch x tokens`` of the positions whose final hidden state the loss reads."""
+def loss_rows(model, read: torch.Tensor) -> Iterator[None]:
+    """While inside, the last MLP (where :func:`last_mlp_on_loss_rows` applied) takes only the rows the loss
+    reads (``read``: a flat boolean mask over ``batch x tokens``), and as few others as make the count a multiple
+    of ``ROW_MULTIPLE``."""
     layer = _last_layer(model)
     selection = getattr(getattr(layer, "mlp", None), _ATTR, None)
     if selection is None:
         yield
         return
-    selection.rows = rows
+    selection.rows = mlp_rows(read)
     try:
         yield
     finally:
         selection.rows = selection.shape = None
+
+
+def mlp_rows(read: torch.Tensor) -> torch.Tensor:
+    """Sorted flat indices of the rows marked in ``read`` and of the first unmarked ones, as many as round the
+    count up to a multiple of ``ROW_MULTIPLE`` (or to every row)."""
+    extra = (-int(read.sum())) % ROW_MULTIPLE
+    if extra:
+        unread = ~read
+        read = read | (unread & (unread.cumsum(0) <= extra))
+    return read.nonzero().squeeze(1)
 
 
 def _last_layer(model) -> nn.Module | None:

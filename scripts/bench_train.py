@@ -12,7 +12,9 @@ Runs, one after the other, each in its own process (so peak memory is each conte
                   picks: with --precision auto, bf16 only where the device does it natively (a GPU, a CPU with
                   AVX512-BF16 or AMX), else fp32, where emulated bf16 would be many times slower.
 --precision sets ours and the tuned peer alike (auto: finetune's own choice, which is the rule above); on a
-bf16 machine `--precision fp32` reproduces the fp32-only case. The machine's capability (CPU model, native
+bf16 machine `--precision fp32` reproduces the fp32-only case. `--isa avx2` caps every library at AVX2 in every
+process (ATen's kernels, oneDNN, MKL), as on a CPU without AVX-512 (a laptop, an older server), where fp32 is
+what `auto` picks. The machine's capability (CPU model, native
 bf16 or not, measured bf16 and fp32 matmul rates; fp32 on a CPU through torch's default library and through
 oneDNN, which finetune's fp32 products take on x86) is printed with the results, and each contender's speed as
 a share of the matmul peak of the precision it ran in (for fp32 the better library's).
@@ -53,6 +55,9 @@ ARCH_MODELS = {
 VOCAB = 8192
 LORA = dict(r=16, alpha=32)  # dropout: each side's default (0 in peft and in finetune)
 BATCH, MAX_LEN, LR, EVAL_ROWS, SEED = 8, 512, 2e-4, 200, 42
+# What a CPU without AVX-512 can run, for every library torch calls; read when torch loads, so set before that and
+# inherited by every contender's process.
+AVX2_ONLY = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 
 
 # ---------------------------------------------------------------- set-up shared by all contenders
@@ -100,9 +105,11 @@ def capability() -> dict:
         pass
     native = choose_precision("auto", torch.device("cpu")) == "bf16"
     isa = [f for f in ("avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
+    capped = all(os.environ.get(k) == v for k, v in AVX2_ONLY.items())
     kind = ("native bf16 (" + ", ".join(isa or ["oneDNN says so"]) + ")" if native else
-            "no native bf16 (" + ("AVX512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2")
-            + " only: bf16 is emulated)")
+            "no native bf16 (" + ("AVX2 only, capped by --isa avx2" if capped else "AVX512 only" if "avx512f" in flags
+                                  else "AVX2 only" if "avx2" in flags else "no AVX2")
+            + ": bf16 is emulated)")
     return {"device": f"{model}, {os.cpu_count()} cores, torch {torch.__version__}, "
                       f"{torch.backends.cpu.get_cpu_capability()} kernels", "native_bf16": native, "kind": kind,
             "auto": choose_precision("auto", torch.device("cpu"))}
@@ -122,25 +129,27 @@ def tokenized(paths: dict, cache: Path):
     return tok, train, held_out
 
 
-def matmul_rates() -> dict:
+def matmul_rates(native_bf16: bool) -> dict:
     """Measured GFLOP/s of a square matmul in bf16 and fp32, on the GPU when there is one (what trains there).
 
     On a CPU fp32 is measured twice, through torch's default library (MKL on x86) and through oneDNN, which
-    finetune uses for its own fp32 products there; the fp32 peak is the better of the two."""
+    finetune uses for its own fp32 products there; the fp32 peak is the better of the two. Emulated bf16 is
+    measured on a 512^2 matrix: at 2048^2 it takes minutes."""
     import torch
 
     cuda = torch.cuda.is_available()
     size, n = (8192, 20) if cuda else (2048, 6)
     out = {}
-    runs = [("bf16", torch.bfloat16, torch.matmul), ("fp32", torch.float32, torch.matmul)]
+    runs = [("bf16", torch.bfloat16, torch.matmul, size if native_bf16 or cuda else 512),
+            ("fp32", torch.float32, torch.matmul, size)]
     if not cuda:
         from finetune.modeling.ops import gemm
 
         if gemm.onednn_available():
             runs.append(("fp32-onednn", torch.float32,
-                         lambda a, b: torch.ops.mkldnn._linear_pointwise(a, b.t(), None, "none", [], "")))
-    for name, dtype, mm in runs:
-        a, b = (torch.randn(size, size, dtype=dtype, device="cuda" if cuda else "cpu") for _ in range(2))
+                         lambda a, b: torch.ops.mkldnn._linear_pointwise(a, b.t(), None, "none", [], ""), size))
+    for name, dtype, mm, side in runs:
+        a, b = (torch.randn(side, side, dtype=dtype, device="cuda" if cuda else "cpu") for _ in range(2))
         for _ in range(2):
             mm(a, b)
         if cuda:
@@ -150,7 +159,7 @@ def matmul_rates() -> dict:
             mm(a, b)
         if cuda:
             torch.cuda.synchronize()
-        out[name] = 2 * size**3 * n / (time.perf_counter() - t) / 1e9
+        out[name] = 2 * side**3 * n / (time.perf_counter() - t) / 1e9
     out["fp32-default"] = out["fp32"]
     out["fp32"] = max(out["fp32"], out.get("fp32-onednn", 0.0))
     return out
@@ -319,14 +328,14 @@ def held_out_loss(paths: dict, adapter: str, work: Path) -> float:
 
 
 def main() -> None:
-    import torch
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--arch", choices=tuple(ARCH_MODELS), default="llama",
                         help="the tiny base model's architecture")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                         help="ours and the tuned peer alike; auto: bf16 only where the device does it natively")
+    parser.add_argument("--isa", choices=("native", "avx2"), default="native",
+                        help="avx2: every process runs as on a CPU without AVX-512 (no native bf16 either)")
     parser.add_argument("--steps", type=int, default=30, help="timed steps (after the warm-up)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp folder)")
@@ -337,6 +346,10 @@ def main() -> None:
     parser.add_argument("--paths", help=argparse.SUPPRESS)
     parser.add_argument("--budget", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.isa == "avx2":
+        os.environ.update(AVX2_ONLY)
+    import torch  # after the ISA cap: the libraries read it when they load
+
     if args.role:
         return peer_main(args)
     if not args.data.exists():
@@ -349,7 +362,7 @@ def main() -> None:
     cap = capability()
     precision = cap["auto"] if args.precision == "auto" else args.precision
     precisions = {"ours": precision, "peer-default": "fp32", "peer-tuned": precision}
-    rates = matmul_rates()
+    rates = matmul_rates(cap["native_bf16"])
     # On a GPU what limits a run is the device's memory (allocated peak); on a CPU, the process's resident peak.
     memory, memory_name = (("gpu_peak_mb", "peak GPU MB") if torch.cuda.is_available()
                            else ("peak_rss_mb", "peak RSS MB"))
@@ -390,7 +403,9 @@ def main() -> None:
     for r in results.values():
         r["train_loss_at_budget"] = train_loss_at(r["steps"], r["losses"], budget)
     flop_per_token = 4 * _matmul_params(paths["model"])
-    print(f"\nmachine: {cap['device']}; {cap['kind']}; --precision {args.precision} -> {precision}")
+    capped = " (--isa avx2: " + ", ".join(f"{k}={v}" for k, v in AVX2_ONLY.items()) + ")"
+    print(f"\nmachine: {cap['device']}; {cap['kind']}; --precision {args.precision} -> {precision}"
+          + (capped if args.isa == "avx2" else ""))
     fp32 = (f"fp32 {rates['fp32-default']:.0f} GFLOP/s (torch's default), {rates['fp32-onednn']:.0f} (oneDNN)"
             if "fp32-onednn" in rates else f"fp32 {rates['fp32']:.0f} GFLOP/s")
     print(f"matmul peaks (2048^2, measured now): bf16 {rates['bf16']:.0f} GFLOP/s, {fp32}; 'of peak' is of the "

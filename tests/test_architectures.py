@@ -183,16 +183,23 @@ def test_fallbacks_are_reported(arch_dir):
     assert str(paths).startswith(f"fused paths: lora 0/{paths.lora['peft']} layers ({paths.lora['peft']} peft)")
 
 
-def test_an_unknown_decoder_layer_keeps_its_mlp_on_all_rows():
+@pytest.mark.parametrize("decorated", [False, True])
+def test_an_unknown_decoder_layer_keeps_its_mlp_on_all_rows(decorated: bool):
     from torch import nn
+    from transformers.modeling_layers import GradientCheckpointingLayer
+    from transformers.utils.deprecation import deprecate_kwarg
 
     from finetune.modeling.ops.loss_rows import last_mlp_on_loss_rows
 
-    class Layer(nn.Module):
+    # Decorated as transformers decorates its decoder layers' forward: the wrappers' code is every model's.
+    wrap = deprecate_kwarg("past_key_values", "9.0.0", new_name="cache") if decorated else (lambda f: f)
+
+    class Layer(GradientCheckpointingLayer if decorated else nn.Module):
         def __init__(self):
             super().__init__()
             self.mlp = nn.Linear(4, 4)
 
+        @wrap
         def forward(self, x):  # a layer whose MLP output might go elsewhere: not recognised
             return self.mlp(x) * x
 

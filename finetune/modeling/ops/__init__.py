@@ -10,6 +10,7 @@ visible in the training log. ``lora`` (fused LoRA linear), ``norms`` (RMSNorm), 
 
 from __future__ import annotations
 
+import inspect
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -18,8 +19,11 @@ import torch
 
 
 def same_code(function: Any, reference: Any) -> bool:
-    """Whether ``function`` is ``reference``'s code (a copy in another model family counts), by its bytecode."""
-    code, ref = getattr(function, "__code__", None), reference.__code__
+    """Whether ``function`` is ``reference``'s code (a copy in another model family counts), by its bytecode.
+
+    Decorated functions are compared by what they wrap: transformers wraps many ``forward`` methods in the same
+    generic decorators (argument deprecations, gradient checkpointing), whose code is alike for every model."""
+    code, ref = getattr(inspect.unwrap(function), "__code__", None), inspect.unwrap(reference).__code__
     return (code is not None and code.co_code == ref.co_code and code.co_consts == ref.co_consts
             and code.co_names == ref.co_names)
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Training throughput and memory: finetune against the Hugging Face Trainer + PEFT, side by side, in one run.
 
-    python scripts/bench_train.py [--data ../shared/data/alpaca_5000.json] [--steps 30] [--warmup 3]
-                                  [--arch llama|qwen2|gpt2] [--precision auto|fp32|bf16]
+    python scripts/bench_train.py [--data ../shared/data/alpaca_5000.json] [--steps 30] [--warmup 3] [--rows N]
+                                  [--arch llama|qwen2|gpt2] [--precision auto|fp32|bf16] [--isa native|avx2]
 
 Runs, one after the other, each in its own process (so peak memory is each contender's own):
   1. ours         the real `finetune train` command, with its defaults but for the precision;
@@ -22,8 +22,11 @@ Same model (one of the tiny architectures of finetune.tiny, built locally with r
 parameters, see ARCH_MODELS; vocabulary 8192 from one BPE tokenizer trained on the data and shared by every
 architecture), same tokenized data and prompt masking (finetune's
 data layer encodes it once for everybody), LoRA r 16 / alpha 32 on all linear layers, batch 8, max length 512,
-lr 2e-4, the same number of steps. It prints real (non-padding) tokens/s over the timed steps (after the
-warm-up), peak memory (resident on a CPU; allocated GPU memory on CUDA), wall time of the whole process, three
+lr 2e-4, the same number of steps over the same rows: by default one epoch of (warmup + steps) x 8 rows, which
+each contender orders its own way, so the speed is taken over the whole epoch (with `--rows 0`, all 4,800 rows,
+each sampler picks which rows its steps see, and the tuned peer's length grouping picks its longest first:
+its timed steps then saw ~20% more tokens per step than ours). It prints real (non-padding) tokens/s over the
+timed steps, peak memory (resident on a CPU; allocated GPU memory on CUDA), wall time of the whole process, three
 losses (the training loss at equal trained tokens: token-weighted mean over the first N tokens, N = the fewest
 any contender trained; the held-out loss of each final adapter, every contender having trained the same number
 of steps of 8 examples; and the held-out loss at equal trained tokens: each peer's adapter saved at the first
@@ -228,11 +231,15 @@ def peer_main(args: argparse.Namespace) -> None:
     paused = [0.0]
 
     class Clock(TrainerCallback):
+        def on_train_begin(self, targs, state, control, **kwargs):
+            paused[0] = time.perf_counter() - start  # the clock starts with the loop, as ours does
+            marks.clear()
+
         def on_step_end(self, targs, state, control, **kwargs):
             # The data loader collates one batch ahead: the tokens trained are those of the first global_step
             # batches, not all batches collated so far.
             trained = sum(counted[: state.global_step])
-            marks.append((time.perf_counter() - paused[0], trained))
+            marks.append((time.perf_counter() - start - paused[0], trained))
             if args.budget and trained >= args.budget and not at_budget:
                 t = time.perf_counter()  # saving is not training: kept off the clock
                 at_budget.update(adapter=str(Path(args.work) / f"{args.role}-adapter-at-budget"), tokens=trained)
@@ -259,7 +266,7 @@ def peer_main(args: argparse.Namespace) -> None:
     model.save_pretrained(adapter)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     gpu_peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
-    print(json.dumps({"steps": [(t - start, n) for t, n in marks], "losses": losses, "adapter": str(adapter),
+    print(json.dumps({"steps": marks, "losses": losses, "adapter": str(adapter),
                       "at_budget": at_budget, "gpu_peak_mb": gpu_peak}), flush=True)
 
 
@@ -286,8 +293,9 @@ def _timed_child(cmd: list[str], env: dict) -> dict:
 
 # ---------------------------------------------------------------- judging
 def timed_rate(steps: list, warmup: int) -> tuple[float, int]:
-    """Real tokens per second over the steps after the warm-up, and all tokens trained."""
-    (t0, n0), (t1, n1) = steps[warmup - 1], steps[-1]
+    """Real tokens per second over the steps after the warm-up (over every step, from the loop's start, when
+    ``warmup`` is 0), and all tokens trained."""
+    (t0, n0), (t1, n1) = steps[warmup - 1] if warmup else (0.0, 0), steps[-1]
     return (n1 - n0) / (t1 - t0), n1
 
 
@@ -338,6 +346,9 @@ def main() -> None:
                         help="avx2: every process runs as on a CPU without AVX-512 (no native bf16 either)")
     parser.add_argument("--steps", type=int, default=30, help="timed steps (after the warm-up)")
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--rows", type=int, default=None,
+                        help="train on the first ROWS rows of the training split (default: one epoch of the run, "
+                             "(warmup + steps) x batch, the same rows for every contender; 0: all rows)")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp folder)")
     parser.add_argument("--only", nargs="*", default=["ours", "peer-default", "peer-tuned"])
     parser.add_argument("--repeat", type=int, default=3,
@@ -358,6 +369,15 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     total_steps = args.steps + args.warmup
     paths = build_inputs(args.data, work, args.arch)
+    rows = total_steps * BATCH if args.rows is None else args.rows
+    if rows:
+        subset = work / f"train-{rows}.jsonl"
+        subset.write_text("".join(Path(paths["train"]).read_text().splitlines(keepends=True)[:rows]))
+        paths["train"] = str(subset)
+    # Over one epoch every contender trains the same rows, but each orders them its own way (the tuned peer's
+    # length grouping runs them longest first), so a window short of the whole epoch would compare different
+    # rows: the speed is then taken over every step, from the start of the training loop.
+    warmup = 0 if rows == total_steps * BATCH else args.warmup
     tokenized(paths, work / "cache")  # encode once up front; every contender then reads the same cache
     cap = capability()
     precision = cap["auto"] if args.precision == "auto" else args.precision
@@ -377,7 +397,7 @@ def main() -> None:
             print(f"round {i + 1}/{args.repeat}: {role} ...", flush=True)
             run = (run_ours(paths, total_steps, work, precision) if role == "ours" else
                    run_peer(role, paths, total_steps, work, ours_tokens, precisions[role]))
-            run["rate"], run["trained"] = timed_rate(run["steps"], args.warmup)
+            run["rate"], run["trained"] = timed_rate(run["steps"], warmup)
             if role == "ours":
                 ours_tokens = run["trained"]
             rounds[role].append(run)
@@ -411,8 +431,10 @@ def main() -> None:
     print(f"matmul peaks (2048^2, measured now): bf16 {rates['bf16']:.0f} GFLOP/s, {fp32}; 'of peak' is of the "
           f"better of its precision; model: {args.arch}, ~{flop_per_token / 1e6:.0f} MFLOP per trained token (frozen "
           "base: forward + input gradients)")
-    print(f"{args.steps} timed steps after {args.warmup} warm-up, batch {BATCH}, max length {MAX_LEN}; "
-          f"medians of {args.repeat} interleaved rounds")
+    timed = (f"{total_steps} steps, one epoch over the same {rows} rows for everyone, timed from the loop's start"
+             if not warmup else f"{args.steps} timed steps after {warmup} warm-up over "
+             + (f"{rows} rows" if rows else "all rows"))
+    print(f"{timed}, batch {BATCH}, max length {MAX_LEN}; medians of {args.repeat} interleaved rounds")
     print("loss columns: mean training loss over the first N trained tokens (N = the fewest any contender trained);"
           " held-out loss after the same steps; held-out loss at equal tokens (@ours: each peer's adapter from the"
           " first step at which it had trained as many tokens as ours did in all its steps)\n")

@@ -228,23 +228,23 @@ def peer_main(args: argparse.Namespace) -> None:
 
     marks = []
     at_budget: dict = {}
-    paused = [0.0]
+    clock = {"start": 0.0, "paused": 0.0}
 
     class Clock(TrainerCallback):
         def on_train_begin(self, targs, state, control, **kwargs):
-            paused[0] = time.perf_counter() - start  # the clock starts with the loop, as ours does
-            marks.clear()
+            clock["start"] = time.perf_counter()  # the clock starts with the loop, as ours does
+
 
         def on_step_end(self, targs, state, control, **kwargs):
             # The data loader collates one batch ahead: the tokens trained are those of the first global_step
             # batches, not all batches collated so far.
             trained = sum(counted[: state.global_step])
-            marks.append((time.perf_counter() - start - paused[0], trained))
+            marks.append((time.perf_counter() - clock["start"] - clock["paused"], trained))
             if args.budget and trained >= args.budget and not at_budget:
                 t = time.perf_counter()  # saving is not training: kept off the clock
                 at_budget.update(adapter=str(Path(args.work) / f"{args.role}-adapter-at-budget"), tokens=trained)
                 model.save_pretrained(at_budget["adapter"])
-                paused[0] += time.perf_counter() - t
+                clock["paused"] += time.perf_counter() - t
 
     model = AutoModelForCausalLM.from_pretrained(paths["model"], dtype=torch.float32, attn_implementation="sdpa")
     model = get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], target_modules="all-linear",
@@ -260,7 +260,6 @@ def peer_main(args: argparse.Namespace) -> None:
         train = train.add_column("length", [len(x) for x in train["input_ids"]])
         targs.length_column_name = "length"
     trainer = Trainer(model=model, args=targs, train_dataset=train, data_collator=collate, callbacks=[Clock()])
-    start = time.perf_counter()
     trainer.train()
     adapter = Path(args.work) / f"{args.role}-adapter"
     model.save_pretrained(adapter)
@@ -428,9 +427,10 @@ def main() -> None:
           + (capped if args.isa == "avx2" else ""))
     fp32 = (f"fp32 {rates['fp32-default']:.0f} GFLOP/s (torch's default), {rates['fp32-onednn']:.0f} (oneDNN)"
             if "fp32-onednn" in rates else f"fp32 {rates['fp32']:.0f} GFLOP/s")
-    print(f"matmul peaks (2048^2, measured now): bf16 {rates['bf16']:.0f} GFLOP/s, {fp32}; 'of peak' is of the "
-          f"better of its precision; model: {args.arch}, ~{flop_per_token / 1e6:.0f} MFLOP per trained token (frozen "
-          "base: forward + input gradients)")
+    bf16_side = "" if cap["native_bf16"] or torch.cuda.is_available() else " (emulated, at 512^2)"
+    print(f"matmul peaks (2048^2, measured now): bf16 {rates['bf16']:.0f} GFLOP/s{bf16_side}, {fp32}; 'of peak' is "
+          f"of the better of its precision; model: {args.arch}, ~{flop_per_token / 1e6:.0f} MFLOP per trained token "
+          "(frozen base: forward + input gradients)")
     timed = (f"{total_steps} steps, one epoch over the same {rows} rows for everyone, timed from the loop's start"
              if not warmup else f"{args.steps} timed steps after {warmup} warm-up over "
              + (f"{rows} rows" if rows else "all rows"))

@@ -18,20 +18,19 @@ what `auto` picks. The machine's capability (CPU model, native
 bf16 or not, measured bf16 and fp32 matmul rates; fp32 on a CPU through torch's default library and through
 oneDNN, which finetune's fp32 products take on x86) is printed with the results, and each contender's speed as
 a share of the matmul peak of the precision it ran in (for fp32 the better library's).
-Same model (one of the tiny architectures of finetune.tiny, built locally with random weights, ~30M
-parameters, see ARCH_MODELS; vocabulary 8192 from one BPE tokenizer trained on the data and shared by every
-architecture), same tokenized data and prompt masking (finetune's
-data layer encodes it once for everybody), LoRA r 16 / alpha 32 on all linear layers, batch 8, max length 512,
-lr 2e-4, the same number of steps over the same rows: by default one epoch of (warmup + steps) x 8 rows, which
-each contender orders its own way, so the speed is taken over the whole epoch (with `--rows 0`, all 4,800 rows,
-each sampler picks which rows its steps see, and the tuned peer's length grouping picks its longest first:
-its timed steps then saw ~20% more tokens per step than ours). It prints real (non-padding) tokens/s over the
-timed steps, peak memory (resident on a CPU; allocated GPU memory on CUDA), wall time of the whole process, three
-losses (the training loss at equal trained tokens: token-weighted mean over the first N tokens, N = the fewest
-any contender trained; the held-out loss of each final adapter, every contender having trained the same number
-of steps of 8 examples; and the held-out loss at equal trained tokens: each peer's adapter saved at the first
-step at which it has trained as many tokens as ours did in all its steps), our ratios, and the machine's
-measured bf16/fp32 matmul rates (on the GPU when there is one).
+Same model (one of the tiny architectures of finetune.tiny, built locally with random weights, ~30M parameters, see
+ARCH_MODELS; vocabulary 8192 from one BPE tokenizer trained on the data and shared by every architecture), same
+tokenized data and prompt masking (finetune's data layer encodes it once for everybody), LoRA r 16 / alpha 32 on
+all linear layers, batch 8, max length 512, lr 2e-4, the same number of steps over the same rows: by default one
+epoch of (warmup + steps) x 8 rows, which each contender orders its own way, so the speed is taken over the epoch
+but for its first step (with `--rows 0`, all 4,800 rows, each sampler picks which rows its steps see, and the tuned
+peer's length grouping picks its longest first: its timed steps then saw ~20% more tokens per step than ours). It
+prints real (non-padding) tokens/s over the timed steps, peak memory (resident on a CPU; allocated GPU memory on
+CUDA), wall time of the whole process, three losses (the training loss at equal trained tokens: token-weighted mean
+over the first N tokens, N = the fewest any contender trained; the held-out loss of each final adapter, every
+contender having trained the same number of steps of 8 examples; and the held-out loss at equal trained tokens:
+each peer's adapter saved at the first step at which it has trained as many tokens as ours did in all its steps),
+our ratios, and the machine's measured bf16/fp32 matmul rates (on the GPU when there is one).
 """
 
 from __future__ import annotations
@@ -374,9 +373,11 @@ def main() -> None:
         subset.write_text("".join(Path(paths["train"]).read_text().splitlines(keepends=True)[:rows]))
         paths["train"] = str(subset)
     # Over one epoch every contender trains the same rows, but each orders them its own way (the tuned peer's
-    # length grouping runs them longest first), so a window short of the whole epoch would compare different
-    # rows: the speed is then taken over every step, from the start of the training loop.
-    warmup = 0 if rows == total_steps * BATCH else args.warmup
+    # length grouping runs them longest first), so a window short of the epoch compares different rows. Only the
+    # first step is left out: it holds one-time costs (the peer's first step took ~7 s against ~1 s for ours on
+    # Llama), which a real epoch of hundreds of steps amortises. It is the peer's longest batch, so this leans
+    # slightly against the peer.
+    warmup = 1 if rows == total_steps * BATCH else args.warmup
     tokenized(paths, work / "cache")  # encode once up front; every contender then reads the same cache
     cap = capability()
     precision = cap["auto"] if args.precision == "auto" else args.precision
@@ -431,8 +432,8 @@ def main() -> None:
     print(f"matmul peaks (2048^2, measured now): bf16 {rates['bf16']:.0f} GFLOP/s{bf16_side}, {fp32}; 'of peak' is "
           f"of the better of its precision; model: {args.arch}, ~{flop_per_token / 1e6:.0f} MFLOP per trained token "
           "(frozen base: forward + input gradients)")
-    timed = (f"{total_steps} steps, one epoch over the same {rows} rows for everyone, timed from the loop's start"
-             if not warmup else f"{args.steps} timed steps after {warmup} warm-up over "
+    timed = (f"{total_steps} steps, one epoch over the same {rows} rows for everyone, timed after each one's first"
+             f" step" if rows == total_steps * BATCH else f"{args.steps} timed steps after {warmup} warm-up over "
              + (f"{rows} rows" if rows else "all rows"))
     print(f"{timed}, batch {BATCH}, max length {MAX_LEN}; medians of {args.repeat} interleaved rounds")
     print("loss columns: mean training loss over the first N trained tokens (N = the fewest any contender trained);"

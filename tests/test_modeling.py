@@ -216,3 +216,115 @@ def test_only_silu_llama_mlps_are_changed():
                            LlamaMLP(LlamaConfig(hidden_size=8, intermediate_size=16, num_attention_heads=2))])
     assert fuse_gated_mlps(model) == 1
     assert "forward" in vars(model[2]) and "forward" not in vars(model[0]) and "forward" not in vars(model[1])
+
+
+class NormThenMLP(nn.Module):
+    """A Llama block's second half: RMSNorm, then a gated MLP (gate and up both read the norm's output)."""
+
+    def __init__(self):
+        from transformers import LlamaConfig
+        from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
+
+        super().__init__()
+        self.norm = LlamaRMSNorm(16)
+        self.mlp = LlamaMLP(LlamaConfig(hidden_size=16, intermediate_size=40, num_attention_heads=2,
+                                        hidden_act="silu"))
+
+    def forward(self, x):
+        return self.mlp(self.norm(x))
+
+
+def lean_block_pair() -> tuple[nn.Module, nn.Module]:
+    """(peft's model, the same with the fused LoRA, lean norm and lean gated MLP), adapters on every linear."""
+    from finetune.modeling.ops.mlp import fuse_gated_mlps
+    from finetune.modeling.ops.norms import fuse_rms_norms
+
+    torch.manual_seed(0)
+    base = NormThenMLP()
+    nn.init.normal_(base.norm.weight, mean=1.0, std=0.2)
+    reference = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["gate_proj", "up_proj",
+                                                                                   "down_proj"]))
+    for p in reference.parameters():
+        if p.requires_grad:
+            nn.init.normal_(p, std=0.1)
+    lean = copy.deepcopy(reference)
+    assert fuse_lora_updates(lean) == 3 and fuse_rms_norms(lean) == 1 and fuse_gated_mlps(lean) == 1
+    return reference, lean
+
+
+def test_lean_block_keeps_neither_the_norm_output_nor_the_down_input_and_matches_peft():
+    """With the fused LoRA path on every projection, gate and up rebuild the norm's output instead of keeping
+    it, and the down projection rebuilds its input from gate and up: of the block's activations only the
+    norm's input (and its per-token scale) and gate and up are kept."""
+    reference, lean = lean_block_pair()
+    x, upstream = torch.randn(3, 7, 16), torch.randn(3, 7, 16)
+
+    def kept(model) -> list[tuple[int, ...]]:
+        storages: dict[int, tuple[int, ...]] = {}  # one entry per memory kept, however many keep it
+        inp = x.clone().requires_grad_(True)
+        with torch.autograd.graph.saved_tensors_hooks(
+                lambda t: storages.setdefault(t.untyped_storage().data_ptr(), tuple(t.shape)) and t, lambda t: t):
+            model(inp)
+        return [s for s in storages.values() if s[0] in (3, 21)]  # activations: [3, 7, ...] or flattened [21, ...]
+
+    lean_kept = kept(lean)
+    assert sorted(s[-1] for s in lean_kept if s[-1] in (16, 40)) == [16, 40, 40], lean_kept
+    assert len([s for s in kept(reference) if s[-1] in (16, 40)]) > 5  # peft keeps the rest: the test can fail
+    out_ref, gx_ref, g_ref = run(reference, x, upstream)
+    out, gx, g = run(lean, x, upstream)
+    torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-5, atol=1e-6)
+    assert g.keys() == g_ref.keys() and len(g) == 6
+    for name in g:
+        torch.testing.assert_close(g[name], g_ref[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_a_norm_output_is_rebuilt_once_for_all_its_readers(monkeypatch: pytest.MonkeyPatch):
+    from finetune.modeling.ops import norms
+
+    calls = []
+    original = norms._scaled
+    monkeypatch.setattr(norms, "_scaled", lambda *a: calls.append(1) or original(*a))
+    _, lean = lean_block_pair()
+    run(lean, torch.randn(3, 7, 16), torch.randn(3, 7, 16))
+    assert len(calls) == 1  # gate's and up's backward share one rebuild; the forward computes it inline
+
+
+def test_a_norm_output_read_by_another_layer_too_is_kept_and_still_right():
+    """A reader that does not know how to rebuild (here a plain frozen linear beside the fused ones) keeps the
+    output; the fused readers still rebuild theirs, and every gradient is right."""
+    reference, lean = lean_block_pair()
+    extra = nn.Linear(16, 16).requires_grad_(False)
+    for model in (reference, lean):
+        inner = model.base_model.model
+        inner.extra = copy.deepcopy(extra)
+        inner.forward = lambda x, m=inner: (lambda h: m.mlp(h) + m.extra(h))(m.norm(x))
+    x, upstream = torch.randn(3, 7, 16), torch.randn(3, 7, 16)
+    out_ref, gx_ref, g_ref = run(reference, x, upstream)
+    out, gx, g = run(lean, x, upstream)
+    torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-5, atol=1e-6)
+    assert g.keys() == g_ref.keys() and len(g) == 6
+    for name in g:
+        torch.testing.assert_close(g[name], g_ref[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_lean_block_under_bf16_autocast_matches_peft():
+    reference, lean = lean_block_pair()
+    for model in (reference, lean):
+        model.to(torch.bfloat16)
+        for module in model.modules():  # adapters stay fp32 on a bf16 base, as in training
+            if isinstance(module, LoraLinear):
+                module.lora_A.float(), module.lora_B.float()
+    x, upstream = torch.randn(3, 7, 16, dtype=torch.bfloat16), torch.randn(3, 7, 16, dtype=torch.bfloat16)
+    results = []
+    for model in (reference, lean):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            results.append(run(model, x, upstream))
+    (out_ref, gx_ref, g_ref), (out, gx, g) = results
+    assert out.dtype == torch.bfloat16 and gx.dtype == torch.bfloat16
+    torch.testing.assert_close(out, out_ref, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(gx, gx_ref, rtol=2e-2, atol=2e-2)
+    for name in g_ref:
+        assert g[name].dtype == torch.float32
+        torch.testing.assert_close(g[name], g_ref[name], rtol=3e-2, atol=3e-2, msg=name)

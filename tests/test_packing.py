@@ -288,3 +288,18 @@ def test_math_attention_equals_causal_sdpa(dtype: torch.dtype, groups: int):
         torch.testing.assert_close(ours.float(), ref, **tol)
         for a, b in zip(ours_in, ref_in):
             torch.testing.assert_close(a.grad.float(), b.grad, **tol)
+
+
+def test_long_fp32_sequences_take_the_flash_kernel(monkeypatch: pytest.MonkeyPatch):
+    """In fp32 the math path keeps a score matrix per head (the square of the length): from 257 tokens on, SDPA's
+    flash kernel takes the sequence; in bf16 the math path keeps it up to 1,024."""
+    from finetune.modeling.ops import attention
+
+    taken = []
+    sdpa = attention._causal_attention_sdpa
+    monkeypatch.setattr(attention, "_causal_attention_sdpa", lambda *a: taken.append(a[0].shape[2]) or sdpa(*a))
+    for dtype in (torch.float32, torch.bfloat16):
+        for n in (256, 257):
+            q = k = v = torch.zeros(1, 2, n, 8, dtype=dtype)
+            attention._causal_attention_math(q, k, v, 0.0, None)
+    assert taken == [257]

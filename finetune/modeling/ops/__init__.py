@@ -64,6 +64,7 @@ def rewrite_for_training(model, precision: str, device: torch.device) -> FusedPa
     """Apply every rewrite that recognises its module to a (PEFT) model about to train; say what is on."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
+    from ..precision import torch_dtype
     from .attention import attention_path
     from .gemm import choose_fp32_cpu_linear, use_onednn
     from .lora import fuse_lora_updates, keep_activations_in_compute_dtype, lora_path
@@ -96,7 +97,7 @@ def rewrite_for_training(model, precision: str, device: torch.device) -> FusedPa
         tanh_gelus=gelus,
         loss="fused" if fuses_head(head) else f"autograd ({type(head).__name__} head)",
         last_mlp_loss_rows=last_mlp,
-        attention=attention_path(inner.config, device),
+        attention=attention_path(inner.config, device, torch_dtype(precision)),
         gemm=gemm,
     )
 

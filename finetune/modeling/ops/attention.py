@@ -3,7 +3,7 @@
 Packed rows hold several sequences end to end (see :mod:`finetune.batching`); position ids restart at every
 sequence and ``cu_seq_lens`` marks the boundaries. Each sequence attends only to itself: no padding, and no dense
 block-diagonal mask to build or to multiply by zero. On GPUs every sequence goes to SDPA's flash kernel; on CPUs
-short sequences take a plain two-matmul path that is faster there (see ``_MATH_MAX_LEN``).
+short sequences take a plain two-matmul path that is faster there (see ``_math_max_len``).
 """
 
 from __future__ import annotations
@@ -17,10 +17,17 @@ from torch import nn
 
 VARLEN_ATTENTION = "finetune_varlen"
 
-# Inside whole training steps on CPUs, per-sequence math attention beat SDPA's CPU flash kernel in speed and peak
-# memory for every length tried (BENCHMARKS.md), though in isolation the flash kernel wins on longer sequences.
-# Score matrices grow with the square of the length, so long sequences still take the flash kernel.
+# Inside whole bf16 training steps on CPUs, per-sequence math attention beat SDPA's CPU flash kernel in speed and
+# peak memory for every length tried (BENCHMARKS.md), though in isolation the flash kernel wins on longer
+# sequences. In fp32 the two run alike from ~256 tokens up (alone and in whole steps), and the math path keeps an
+# fp32 score matrix per head for the backward pass, the square of the length: from there the flash kernel, which
+# keeps one number per query, takes them (Qwen2 on the benchmark: peak RSS -80 MB at equal speed).
 _MATH_MAX_LEN = 1024
+_MATH_MAX_LEN_FP32 = 256
+
+
+def _math_max_len(dtype: torch.dtype) -> int:
+    return _MATH_MAX_LEN_FP32 if dtype == torch.float32 else _MATH_MAX_LEN
 
 # In bf16 and fp16, sequences are padded at their end to a multiple of this inside attention. Causal attention
 # never lets a real token see the padding (it lies in its future), so results are exact; but the matmul shapes
@@ -97,12 +104,12 @@ def _causal_attention_math(q, k, v, dropout: float, scaling: float | None) -> to
     """Causal attention as two batched matmuls and a softmax accumulated in fp32.
 
     For short sequences this beats SDPA's CPU flash kernel, whose fixed costs dominate there (see
-    ``_MATH_MAX_LEN``); longer ones go to the flash kernel. With grouped-query attention the query heads that
+    ``_math_max_len``); longer ones go to the flash kernel. With grouped-query attention the query heads that
     share a key/value head are stacked along the query axis (``[kv_heads, groups * tokens, dim]``), so each
     key/value head is used as it is: no repeated copies, and their gradients come out of the matmuls summed.
     """
     n = q.shape[2]
-    if n > _MATH_MAX_LEN or dropout > 0:
+    if n > _math_max_len(q.dtype) or dropout > 0:
         return _causal_attention_sdpa(q, k, v, dropout, scaling)
     scale = scaling if scaling is not None else q.shape[-1] ** -0.5
     pad = (-n) % _len_quantum(q.dtype)
@@ -122,9 +129,9 @@ def _causal_attention_math(q, k, v, dropout: float, scaling: float | None) -> to
     return out[:, :, :n] if pad else out
 
 
-def attention_path(config, device: torch.device) -> str:
+def attention_path(config, device: torch.device, dtype: torch.dtype) -> str:
     """A short name for the attention a model trains with, for the training log."""
     implementation = getattr(config, "_attn_implementation", None) or "default"
     if implementation != VARLEN_ATTENTION:
         return implementation
-    return f"varlen-math (<= {_MATH_MAX_LEN} tokens, SDPA above)" if device.type == "cpu" else "varlen-sdpa"
+    return f"varlen-math (<= {_math_max_len(dtype)} tokens, SDPA above)" if device.type == "cpu" else "varlen-sdpa"

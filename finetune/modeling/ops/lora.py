@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..precision import compute_dtype
-from . import gemm
+from . import gemm, rebuild
 
 
 def fuse_lora_updates(model) -> int:
@@ -72,21 +72,72 @@ def _frozen_base(base: nn.Module) -> bool | None:
     return kind is Conv1D
 
 
-def _fused_lora_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    name = None if args or kwargs else _plain_adapter(self)
-    if name is None or not (x.dtype == self.lora_A[name].weight.dtype or torch.is_autocast_enabled(x.device.type)):
-        return type(self).forward(self, x, *args, **kwargs)
-    base, a, b = self.base_layer, self.lora_A[name].weight, self.lora_B[name].weight
+def fused_args(module: nn.Module, x: torch.Tensor) -> tuple | None:
+    """What :class:`_LoraLinear` takes after its input when ``module`` runs ``x`` through it (a routed plain
+    LoRA layer over a frozen ``nn.Linear`` or ``Conv1D``, ``x`` in the adapter's dtype or under autocast): the
+    base weight as ``[in, out]``, the bias, A, B, the scaling and the compute dtype. None otherwise."""
+    if getattr(vars(module).get("forward"), "__func__", None) is not _fused_lora_forward:
+        return None
+    name = _runnable_adapter(module, x)
+    return None if name is None else _fused_args(module, name, x)
+
+
+def _runnable_adapter(self, x: torch.Tensor) -> str | None:
+    """The plain adapter's name when this layer may take a routed path for ``x``: peft casts inputs of another
+    dtype than the adapter's, so those take peft's forward, except under autocast."""
+    name = _plain_adapter(self)
+    ok = name is not None and (x.dtype == self.lora_A[name].weight.dtype or torch.is_autocast_enabled(x.device.type))
+    return name if ok else None
+
+
+def _fused_args(self, name: str, x: torch.Tensor) -> tuple | None:
+    base = self.base_layer
     transposed = _frozen_base(base)
-    if transposed is not None:
-        weight_in_out = base.weight if transposed else base.weight.t()  # a view either way, no copy
-        return _LoraLinear.apply(x, weight_in_out, base.bias, a, b, self.scaling[name], compute_dtype(x))
+    if transposed is None:
+        return None
+    weight_in_out = base.weight if transposed else base.weight.t()  # a view either way, no copy
+    return (weight_in_out, base.bias, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name],
+            compute_dtype(x))
+
+
+def _fused_lora_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    name = None if args or kwargs else _runnable_adapter(self, x)
+    if name is None:
+        return type(self).forward(self, x, *args, **kwargs)
+    fused = _fused_args(self, name, x)
+    if fused is not None:
+        return _LoraLinear.apply(x, *fused)
     # A trained or another kind of base layer: autograd, with the update folded into the B matmul.
+    base, a, b = self.base_layer, self.lora_A[name].weight, self.lora_B[name].weight
     result = base(x)
     h = F.linear(x, a)
     fused = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), b.t(),
                         alpha=self.scaling[name])
     return fused.view(result.shape)
+
+
+def linear_forward(x2, weight_in_out, bias, lora_a, lora_b, scaling: float, dtype: torch.dtype):
+    """The forward arithmetic of :class:`_LoraLinear` on a 2-d input: returns the output and what the backward
+    needs besides the input (the rank-r ``x @ A.T`` and the weights in ``dtype``)."""
+    x2 = x2.to(dtype)
+    a, b = lora_a.to(dtype), lora_b.to(dtype)
+    h = x2 @ a.t()
+    w = weight_in_out.to(dtype)
+    out = gemm.linear(x2, w.t(), bias.to(dtype) if bias is not None else None, frozen=True)
+    out.addmm_(h, b.t(), alpha=scaling)
+    return out, (h, w, a, b)
+
+
+def linear_backward(grad2, x2, h, w, a, b, scaling: float, needs: tuple[bool, bool, bool]):
+    """The backward arithmetic of :class:`_LoraLinear` on 2-d tensors: gradients at the input (in the compute
+    dtype), A and B (in the compute dtype: the caller casts them to the adapter's), each None unless ``needs``
+    (input, A, B) asks for it."""
+    g = grad2.to(x2.dtype)
+    gh = (g @ b).mul_(scaling)  # gradient at x @ A.T, [tokens, r]
+    grad_b = (g.t() @ h).mul_(scaling) if needs[2] else None
+    grad_a = gh.t() @ x2 if needs[1] else None
+    grad_x = gemm.linear(g, w, frozen=True).addmm_(gh, a) if needs[0] else None
+    return grad_x, grad_a, grad_b
 
 
 class _LoraLinear(torch.autograd.Function):
@@ -96,35 +147,35 @@ class _LoraLinear(torch.autograd.Function):
     ``Conv1D`` weight as it is stored, so neither is copied. One autograd node instead of a dozen, and the
     input gradient accumulated in place: ``g @ W_io.T`` is written once and the LoRA term ``(g @ B) @ A`` is
     added into it by the same GEMM (``addmm_``), where autograd would write two full-size gradients and add
-    them. Saves ``x`` and the rank-r ``x @ A.T``, as autograd does.
+    them. Saves ``x`` and the rank-r ``x @ A.T``, as autograd does; or, where ``x`` is a norm's output that
+    says how to rebuild it (:mod:`.rebuild`), what rebuilds it.
     """
 
     @staticmethod
     def forward(ctx, x, weight_in_out, bias, lora_a, lora_b, scaling: float, dtype: torch.dtype):
         x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-        a, b = lora_a.to(dtype), lora_b.to(dtype)
-        h = x2 @ a.t()
-        w = weight_in_out.to(dtype)
-        out = gemm.linear(x2, w.t(), bias.to(dtype) if bias is not None else None, frozen=True)
-        out.addmm_(h, b.t(), alpha=scaling)
-        ctx.save_for_backward(x2, h, w, a, b)
-        ctx.scaling, ctx.x_dtype = scaling, x.dtype
+        out, kept = linear_forward(x2, weight_in_out, bias, lora_a, lora_b, scaling, dtype)
+        ctx.recipe = rebuild.recipe(x)  # a norm's output: keep what rebuilds it rather than the output itself
+        ctx.save_for_backward(*(ctx.recipe.take() if ctx.recipe else (x2,)), *kept)
+        ctx.scaling, ctx.x_dtype, ctx.dtype = scaling, x.dtype, dtype
         ctx.a_dtype, ctx.b_dtype = lora_a.dtype, lora_b.dtype
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad):
-        x2, h, w, a, b = ctx.saved_tensors
-        g = grad.reshape(-1, grad.shape[-1]).to(x2.dtype)
-        gh = (g @ b).mul_(ctx.scaling)  # gradient at x @ A.T, [tokens, r]
-        grad_b = (g.t() @ h).mul_(ctx.scaling).to(ctx.b_dtype) if ctx.needs_input_grad[4] else None
-        grad_a = (gh.t() @ x2).to(ctx.a_dtype) if ctx.needs_input_grad[3] else None
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = gemm.linear(g, w, frozen=True).addmm_(gh, a).view(*grad.shape[:-1], x2.shape[-1]).to(ctx.x_dtype)
-        return grad_x, None, None, grad_a, grad_b, None, None
-
-
+        *inputs, h, w, a, b = ctx.saved_tensors
+        if ctx.recipe:
+            x2 = ctx.recipe.value(tuple(inputs))
+            x2 = x2.reshape(-1, x2.shape[-1]).to(ctx.dtype)
+        else:
+            (x2,) = inputs
+        needs = ctx.needs_input_grad
+        grad_x, grad_a, grad_b = linear_backward(grad.reshape(-1, grad.shape[-1]), x2, h, w, a, b, ctx.scaling,
+                                                 (needs[0], needs[3], needs[4]))
+        if grad_x is not None:
+            grad_x = grad_x.view(*grad.shape[:-1], x2.shape[-1]).to(ctx.x_dtype)
+        return (grad_x, None, None, grad_a if grad_a is None else grad_a.to(ctx.a_dtype),
+                grad_b if grad_b is None else grad_b.to(ctx.b_dtype), None, None)
 
 
 def keep_activations_in_compute_dtype(model) -> None:

@@ -1,5 +1,5 @@
-"""MLP activations: Llama-style gated SiLU MLPs that keep one activation less for the backward pass, and
-GPT-2's tanh-approximated GELU as one kernel."""
+"""MLP activations: Llama-style gated SiLU MLPs that keep fewer activations for the backward pass, and GPT-2's
+tanh-approximated GELU as one kernel."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import same_code
+from . import lora, same_code
 
 
 class _SiluMul(torch.autograd.Function):
@@ -29,15 +29,54 @@ class _SiluMul(torch.autograd.Function):
         return grad_gate, grad_up
 
 
+class _SiluMulLora(torch.autograd.Function):
+    """``down(silu(gate) * up)`` for a down projection that takes the fused LoRA path (:mod:`.lora`), keeping
+    only ``gate`` and ``up``: the down projection's input, which it would keep as a third tensor of the MLP's
+    width, is recomputed in the backward pass from the two (one multiply, next to the ``silu(gate)`` that
+    :class:`_SiluMul` recomputes there anyway). The arithmetic is the two functions', operation for operation."""
+
+    @staticmethod
+    def forward(ctx, gate, up, weight_in_out, bias, lora_a, lora_b, scaling: float, dtype: torch.dtype):
+        act = (F.silu(gate) * up).reshape(-1, gate.shape[-1])
+        out, kept = lora.linear_forward(act, weight_in_out, bias, lora_a, lora_b, scaling, dtype)
+        ctx.save_for_backward(gate, up, *kept)
+        ctx.scaling, ctx.dtype = scaling, dtype
+        ctx.a_dtype, ctx.b_dtype = lora_a.dtype, lora_b.dtype
+        return out.view(*gate.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        gate, up, h, w, a, b = ctx.saved_tensors
+        silu = F.silu(gate)
+        act = (silu * up).reshape(-1, gate.shape[-1]).to(ctx.dtype)
+        needs = ctx.needs_input_grad
+        grad_act, grad_a, grad_b = lora.linear_backward(grad.reshape(-1, grad.shape[-1]), act, h, w, a, b,
+                                                        ctx.scaling, (needs[0] or needs[1], needs[4], needs[5]))
+        del act
+        grad_gate = grad_up = None
+        if grad_act is not None:
+            grad_act = grad_act.view(gate.shape).to(gate.dtype)
+            grad_gate = torch.ops.aten.silu_backward(grad_act * up, gate) if needs[0] else None
+            grad_up = grad_act * silu if needs[1] else None
+        return (grad_gate, grad_up, None, None, grad_a if grad_a is None else grad_a.to(ctx.a_dtype),
+                grad_b if grad_b is None else grad_b.to(ctx.b_dtype), None, None)
+
+
 def _gated_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
-    return self.down_proj(_SiluMul.apply(self.gate_proj(x), self.up_proj(x)))
+    gate, up = self.gate_proj(x), self.up_proj(x)
+    fused = lora.fused_args(self.down_proj, gate)
+    if fused is None:
+        return self.down_proj(_SiluMul.apply(gate, up))
+    return _SiluMulLora.apply(gate, up, *fused)
 
 
 def fuse_gated_mlps(model) -> int:
-    """Keep one activation less per token for the backward pass in Llama-style SiLU MLPs; returns how many.
+    """Keep fewer activations per token for the backward pass in Llama-style SiLU MLPs; returns how many.
 
-    ``down(silu(gate(x)) * up(x))`` saves ``gate(x)``, ``silu(gate(x))`` and ``up(x)``, three tensors of the
-    MLP's width per token and layer (the largest activations of a decoder); this keeps two. Only modules whose
+    ``down(silu(gate(x)) * up(x))`` saves ``gate(x)``, ``silu(gate(x))``, ``up(x)`` and, for the down
+    projection, ``silu(gate(x)) * up(x)``: four tensors of the MLP's width per token and layer (the largest
+    activations of a decoder). This keeps two when the down projection takes the fused LoRA path, else three.
+    Only modules whose
     ``forward`` is byte for byte Llama's (Mistral and Qwen2/3 copy it) with a SiLU activation are changed.
     """
     from transformers.activations import SiLUActivation

@@ -6,23 +6,30 @@ import types
 
 import torch
 
-from . import same_code
+from . import rebuild, same_code
+
+
+def _scaled(x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
+    """The norm's output from its input and inverse RMS, as the forward pass computes it (normalised in fp32,
+    cast back, then scaled): what a consumer rebuilds (:mod:`.rebuild`)."""
+    return weight * (x.float() * rstd).to(x.dtype)
 
 
 class _RMSNorm(torch.autograd.Function):
     """Llama's RMSNorm (fp32 statistics, output cast back, then scaled), keeping only the input and one
-    scalar per token for the backward pass instead of fp32 copies of the whole activation."""
+    scalar per token for the backward pass instead of fp32 copies of the whole activation. Returns the inverse
+    RMS too (no gradient), which a consumer needs to rebuild the output."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
         x32 = x.float()
         rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-        normed = (x32 * rstd).to(x.dtype)
         ctx.save_for_backward(x, weight, rstd)
-        return weight * normed
+        ctx.mark_non_differentiable(rstd)
+        return weight * (x32 * rstd).to(x.dtype), rstd  # _scaled's arithmetic, with the fp32 copy made once
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
+    def backward(ctx, grad: torch.Tensor, _grad_rstd: None):
         x, weight, rstd = ctx.saved_tensors
         xhat = x.float() * rstd
         g = (grad * weight).float()
@@ -34,7 +41,9 @@ class _RMSNorm(torch.autograd.Function):
 
 
 def _rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-    return _RMSNorm.apply(hidden_states, self.weight, self.variance_epsilon)
+    out, rstd = _RMSNorm.apply(hidden_states, self.weight, self.variance_epsilon)
+    # the projections that read the output may rebuild it in their backward pass rather than keep it
+    return rebuild.attach(out, _scaled, hidden_states, self.weight, rstd)
 
 
 def fuse_rms_norms(model) -> int:
@@ -42,7 +51,8 @@ def fuse_rms_norms(model) -> int:
 
     Only modules whose ``forward`` is byte for byte Llama's (Mistral, Qwen2/3, Phi-3 and others copy it) are
     changed; any other normalisation keeps its own code. Saves two fp32 copies of the hidden state per norm
-    per token and a few elementwise passes.
+    per token and a few elementwise passes, and the output itself where every layer that reads it rebuilds it
+    (:mod:`.rebuild`).
     """
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 

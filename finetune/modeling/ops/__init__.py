@@ -5,7 +5,8 @@ unrewritten model, for every architecture the benchmark uses) and applies only w
 anything else keeps its own code, and :func:`rewrite_for_training` says which paths are on, so a fallback is
 visible in the training log. ``lora`` (fused LoRA linear), ``norms`` (RMSNorm), ``mlp`` (gated MLP, tanh GELU),
 ``attention`` (packed causal attention), ``loss`` (output layer fused with the cross-entropy), ``loss_rows``
-(the last MLP only where the loss looks); ``gemm`` picks the library for the fp32 CPU products those paths own.
+(the last MLP only where the loss looks), ``rebuild`` (norm outputs rebuilt in the backward pass by the layers
+that read them, rather than kept); ``gemm`` picks the library for the fp32 CPU products those paths own.
 """
 
 from __future__ import annotations

@@ -40,18 +40,24 @@ def run(model: nn.Module, x: torch.Tensor, upstream: torch.Tensor):
     return out.detach(), x.grad, grads
 
 
+def assert_runs_match(reference: nn.Module, changed: nn.Module, x: torch.Tensor, upstream: torch.Tensor, *,
+                      grads: int) -> None:
+    """Same output, input gradient and adapter gradients (``grads`` of them) from both models, in fp32."""
+    out_ref, gx_ref, g_ref = run(reference, x, upstream)
+    out, gx, g = run(changed, x, upstream)
+    torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-5, atol=1e-6)
+    assert g.keys() == g_ref.keys() and len(g) == grads
+    for name in g:
+        torch.testing.assert_close(g[name], g_ref[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_fused_update_matches_peft_forward_and_gradients():
     reference = adapted()
     fused = copy.deepcopy(reference)
     assert fuse_lora_updates(fused) == 2
     x, upstream = torch.randn(3, 7, 24), torch.randn(3, 7, 24)
-    out_ref, gx_ref, g_ref = run(reference, x, upstream)
-    out, gx, g = run(fused, x, upstream)
-    torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(gx, gx_ref, rtol=1e-5, atol=1e-6)
-    assert g.keys() == g_ref.keys() and len(g) == 4
-    for name in g:
-        torch.testing.assert_close(g[name], g_ref[name], rtol=1e-5, atol=1e-6)
+    assert_runs_match(reference, fused, x, upstream, grads=4)
 
 
 def test_fused_update_under_bf16_autocast_matches_peft_forward():
@@ -270,13 +276,7 @@ def test_lean_block_keeps_neither_the_norm_output_nor_the_down_input_and_matches
     lean_kept = kept(lean)
     assert sorted(s[-1] for s in lean_kept if s[-1] in (16, 40)) == [16, 40, 40], lean_kept
     assert len([s for s in kept(reference) if s[-1] in (16, 40)]) > 5  # peft keeps the rest: the test can fail
-    out_ref, gx_ref, g_ref = run(reference, x, upstream)
-    out, gx, g = run(lean, x, upstream)
-    torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(gx, gx_ref, rtol=1e-5, atol=1e-6)
-    assert g.keys() == g_ref.keys() and len(g) == 6
-    for name in g:
-        torch.testing.assert_close(g[name], g_ref[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert_runs_match(reference, lean, x, upstream, grads=6)
 
 
 def test_a_norm_output_is_rebuilt_once_for_all_its_readers(monkeypatch: pytest.MonkeyPatch):
@@ -300,13 +300,7 @@ def test_a_norm_output_read_by_another_layer_too_is_kept_and_still_right():
         inner.extra = copy.deepcopy(extra)
         inner.forward = lambda x, m=inner: (lambda h: m.mlp(h) + m.extra(h))(m.norm(x))
     x, upstream = torch.randn(3, 7, 16), torch.randn(3, 7, 16)
-    out_ref, gx_ref, g_ref = run(reference, x, upstream)
-    out, gx, g = run(lean, x, upstream)
-    torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(gx, gx_ref, rtol=1e-5, atol=1e-6)
-    assert g.keys() == g_ref.keys() and len(g) == 6
-    for name in g:
-        torch.testing.assert_close(g[name], g_ref[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert_runs_match(reference, lean, x, upstream, grads=6)
 
 
 def test_lean_block_under_bf16_autocast_matches_peft():

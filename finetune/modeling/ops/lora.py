@@ -39,12 +39,17 @@ def lora_path(module: nn.Module) -> str:
     layer) or ``"peft"`` (peft's own forward: dropout, variants, several adapters, merged weights, or a layer
     :func:`fuse_lora_updates` did not route). Inputs of another dtype than the adapter's outside autocast also
     fall back to peft's forward at run time."""
-    if vars(module).get("forward") is None or getattr(module.forward, "__func__", None) is not _fused_lora_forward:
+    if not _routed(module):
         return "peft"
     name = _plain_adapter(module)
     if name is None:
         return "peft"
     return "fused" if _frozen_base(module.base_layer) is not None else "addmm"
+
+
+def _routed(module: nn.Module) -> bool:
+    """Whether :func:`fuse_lora_updates` routed this layer (its own ``forward`` is the fused one)."""
+    return getattr(vars(module).get("forward"), "__func__", None) is _fused_lora_forward
 
 
 def _plain_adapter(self) -> str | None:
@@ -76,7 +81,7 @@ def fused_args(module: nn.Module, x: torch.Tensor) -> tuple | None:
     """What :class:`_LoraLinear` takes after its input when ``module`` runs ``x`` through it (a routed plain
     LoRA layer over a frozen ``nn.Linear`` or ``Conv1D``, ``x`` in the adapter's dtype or under autocast): the
     base weight as ``[in, out]``, the bias, A, B, the scaling and the compute dtype. None otherwise."""
-    if getattr(vars(module).get("forward"), "__func__", None) is not _fused_lora_forward:
+    if not _routed(module):
         return None
     name = _runnable_adapter(module, x)
     return None if name is None else _fused_args(module, name, x)
@@ -128,14 +133,14 @@ def linear_forward(x2, weight_in_out, bias, lora_a, lora_b, scaling: float, dtyp
     return out, (h, w, a, b)
 
 
-def linear_backward(grad2, x2, h, w, a, b, scaling: float, needs: tuple[bool, bool, bool]):
+def linear_backward(grad2, x2, h, w, a, b, scaling: float, needs: tuple[bool, bool, bool],
+                    param_dtypes: tuple[torch.dtype, torch.dtype]):
     """The backward arithmetic of :class:`_LoraLinear` on 2-d tensors: gradients at the input (in the compute
-    dtype), A and B (in the compute dtype: the caller casts them to the adapter's), each None unless ``needs``
-    (input, A, B) asks for it."""
+    dtype), A and B (in ``param_dtypes``, the adapter's), each None unless ``needs`` (input, A, B) asks for it."""
     g = grad2.to(x2.dtype)
     gh = (g @ b).mul_(scaling)  # gradient at x @ A.T, [tokens, r]
-    grad_b = (g.t() @ h).mul_(scaling) if needs[2] else None
-    grad_a = gh.t() @ x2 if needs[1] else None
+    grad_b = (g.t() @ h).mul_(scaling).to(param_dtypes[1]) if needs[2] else None
+    grad_a = (gh.t() @ x2).to(param_dtypes[0]) if needs[1] else None
     grad_x = gemm.linear(g, w, frozen=True).addmm_(gh, a) if needs[0] else None
     return grad_x, grad_a, grad_b
 
@@ -158,7 +163,7 @@ class _LoraLinear(torch.autograd.Function):
         ctx.recipe = rebuild.recipe(x)  # a norm's output: keep what rebuilds it rather than the output itself
         ctx.save_for_backward(*(ctx.recipe.take() if ctx.recipe else (x2,)), *kept)
         ctx.scaling, ctx.x_dtype, ctx.dtype = scaling, x.dtype, dtype
-        ctx.a_dtype, ctx.b_dtype = lora_a.dtype, lora_b.dtype
+        ctx.param_dtypes = lora_a.dtype, lora_b.dtype
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
@@ -171,11 +176,10 @@ class _LoraLinear(torch.autograd.Function):
             (x2,) = inputs
         needs = ctx.needs_input_grad
         grad_x, grad_a, grad_b = linear_backward(grad.reshape(-1, grad.shape[-1]), x2, h, w, a, b, ctx.scaling,
-                                                 (needs[0], needs[3], needs[4]))
+                                                 (needs[0], needs[3], needs[4]), ctx.param_dtypes)
         if grad_x is not None:
             grad_x = grad_x.view(*grad.shape[:-1], x2.shape[-1]).to(ctx.x_dtype)
-        return (grad_x, None, None, grad_a if grad_a is None else grad_a.to(ctx.a_dtype),
-                grad_b if grad_b is None else grad_b.to(ctx.b_dtype), None, None)
+        return grad_x, None, None, grad_a, grad_b, None, None
 
 
 def keep_activations_in_compute_dtype(model) -> None:

@@ -46,7 +46,6 @@ def _silu_mul_backward(grad, gate, up, silu, needs):
     return grad_gate, grad_up
 
 
-
 class _SiluMulLora(torch.autograd.Function):
     """``down(silu(gate) * up)`` for a down projection that takes the fused LoRA path (:mod:`.lora`), keeping
     only ``gate`` and ``up``: the down projection's input, which it would keep as a third tensor of the MLP's
@@ -58,8 +57,7 @@ class _SiluMulLora(torch.autograd.Function):
         act = _silu_mul(gate, up).reshape(-1, gate.shape[-1])
         out, kept = lora.linear_forward(act, weight_in_out, bias, lora_a, lora_b, scaling, dtype)
         ctx.save_for_backward(gate, up, *kept)
-        ctx.scaling, ctx.dtype = scaling, dtype
-        ctx.a_dtype, ctx.b_dtype = lora_a.dtype, lora_b.dtype
+        ctx.scaling, ctx.dtype, ctx.param_dtypes = scaling, dtype, (lora_a.dtype, lora_b.dtype)
         return out.view(*gate.shape[:-1], out.shape[-1])
 
     @staticmethod
@@ -69,14 +67,14 @@ class _SiluMulLora(torch.autograd.Function):
         act = (silu * up).reshape(-1, gate.shape[-1]).to(ctx.dtype)
         needs = ctx.needs_input_grad
         grad_act, grad_a, grad_b = lora.linear_backward(grad.reshape(-1, grad.shape[-1]), act, h, w, a, b,
-                                                        ctx.scaling, (needs[0] or needs[1], needs[4], needs[5]))
+                                                        ctx.scaling, (needs[0] or needs[1], needs[4], needs[5]),
+                                                        ctx.param_dtypes)
         del act
         grad_gate = grad_up = None
         if grad_act is not None:
             grad_act = grad_act.view(gate.shape).to(gate.dtype)
             grad_gate, grad_up = _silu_mul_backward(grad_act, gate, up, silu, needs[:2])
-        return (grad_gate, grad_up, None, None, grad_a if grad_a is None else grad_a.to(ctx.a_dtype),
-                grad_b if grad_b is None else grad_b.to(ctx.b_dtype), None, None)
+        return grad_gate, grad_up, None, None, grad_a, grad_b, None, None
 
 
 def _gated_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -93,8 +91,8 @@ def fuse_gated_mlps(model) -> int:
     ``down(silu(gate(x)) * up(x))`` saves ``gate(x)``, ``silu(gate(x))``, ``up(x)`` and, for the down
     projection, ``silu(gate(x)) * up(x)``: four tensors of the MLP's width per token and layer (the largest
     activations of a decoder). This keeps two when the down projection takes the fused LoRA path, else three.
-    Only modules whose
-    ``forward`` is byte for byte Llama's (Mistral and Qwen2/3 copy it) with a SiLU activation are changed.
+    Only modules whose ``forward`` is byte for byte Llama's (Mistral and Qwen2/3 copy it) with a SiLU activation
+    are changed.
     """
     from transformers.activations import SiLUActivation
     from transformers.models.llama.modeling_llama import LlamaMLP

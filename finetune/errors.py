@@ -122,7 +122,7 @@ class DataError(FinetuneError, ValueError):
 
 
 class ModelLoadError(FinetuneError, RuntimeError):
-    """A base model or adapter cannot be found or loaded."""
+    """A base model or adapter cannot be found, loaded, or trained the way the config asks."""
 
     http_status = 422  # the request names a base that cannot be used
 

@@ -303,3 +303,71 @@ def test_long_fp32_sequences_take_the_flash_kernel(monkeypatch: pytest.MonkeyPat
             q = k = v = torch.zeros(1, 2, n, 8, dtype=dtype)
             attention._causal_attention_math(q, k, v, 0.0, None)
     assert taken == [257]
+
+
+def _band(n: int, window: int) -> torch.Tensor:
+    """Where each query may look with a sliding window, by transformers' rule (``q - window < k <= q``)."""
+    i = torch.arange(n)
+    return (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < window)
+
+
+@pytest.mark.parametrize("n", [40, 300])  # the math path, and SDPA's from 257 fp32 tokens on
+def test_sliding_window_attention_equals_a_banded_mask(n: int):
+    import torch.nn.functional as F
+
+    from finetune.modeling.ops.attention import _causal_attention_math
+
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, n, 8, generator=generator)
+    k, v = (torch.randn(1, 2, n, 8, generator=generator) for _ in range(2))
+    ours_in = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref_in = [t.clone().requires_grad_() for t in (q, k, v)]
+    ours = _causal_attention_math(*ours_in, 0.0, None, 7)
+    ref = F.scaled_dot_product_attention(*ref_in, attn_mask=_band(n, 7), enable_gqa=True)
+    grad = torch.randn(ours.shape, generator=generator)
+    ours.backward(grad)
+    ref.backward(grad)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(ours_in, ref_in):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-5)
+    causal = _causal_attention_math(q, k, v, 0.0, None)
+    assert (causal - ours).abs().max() > 1e-3  # the window changed what the queries see
+
+
+def test_sliding_window_model_packed_equals_transformers_alone():
+    """A Qwen2 with a 4-token sliding window on every layer: packed rows through our attention give what
+    transformers' own SDPA attention (which builds the banded mask) gives each sequence alone."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    register_varlen_attention()
+    config = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True, sliding_window=4,
+                         max_window_layers=0)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+    sequences = [torch.randint(4, 64, (n,)) for n in (9, 3, 12)]
+    with torch.no_grad():
+        alone = _alone(model, sequences)
+        model.set_attn_implementation(VARLEN_ATTENTION)
+        packed = _packed_inputs(sequences)
+        out = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"],
+                    cu_seq_lens_q=packed["cu_seq_lens"], use_cache=False).logits[0]
+        unpacked = model(input_ids=sequences[2][None], use_cache=False).logits[0]
+    torch.testing.assert_close(out, alone, atol=ATOL, rtol=0)
+    torch.testing.assert_close(unpacked, alone[-12:], atol=ATOL, rtol=0)
+
+
+def test_attention_the_packed_path_cannot_compute_is_refused():
+    from finetune.errors import ModelLoadError
+    from finetune.modeling.ops.attention import _varlen_attention
+
+    q = k = v = torch.zeros(1, 2, 6, 8)
+    cu = torch.tensor([0, 2, 6], dtype=torch.int32)
+    module = torch.nn.Module()
+    with pytest.raises(ModelLoadError, match="soft-capping.*training.packing: false"):
+        _varlen_attention(module, q, k, v, None, cu_seq_lens_q=cu, softcap=50.0)
+    module.is_causal = False
+    with pytest.raises(ModelLoadError, match="bidirectional"):
+        _varlen_attention(module, q, k, v, None, cu_seq_lens_q=cu)
+    module.is_causal = True
+    assert _varlen_attention(module, q, k, v, None, cu_seq_lens_q=cu, softcap=None)[0].shape == (1, 6, 2, 8)

@@ -3,7 +3,9 @@
 Packed rows hold several sequences end to end (see :mod:`finetune.batching`); position ids restart at every
 sequence and ``cu_seq_lens`` marks the boundaries. Each sequence attends only to itself: no padding, and no dense
 block-diagonal mask to build or to multiply by zero. On GPUs every sequence goes to SDPA's flash kernel; on CPUs
-short sequences take a plain two-matmul path that is faster there (see ``_math_max_len``).
+short sequences take a plain two-matmul path that is faster there (see ``_math_max_len``). Sliding windows are
+honoured; what this path cannot compute (soft-capped logits, attention sinks, bidirectional attention) stops
+training with an error rather than training on something else.
 """
 
 from __future__ import annotations
@@ -63,13 +65,20 @@ def _varlen_attention(
     dropout: float = 0.0,
     scaling: float | None = None,
     cu_seq_lens_q: torch.Tensor | None = None,
+    sliding_window: int | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """Causal attention within each packed sequence. Shapes: (batch, heads, tokens, head_dim), batch == 1; keys
-    and values may have fewer heads than queries (grouped-query attention), and are never repeated to match."""
+    and values may have fewer heads than queries (grouped-query attention), and are never repeated to match.
+    ``sliding_window`` (Mistral, Qwen2 and others pass it): a query sees only the last that many keys, itself
+    included, as transformers' own attention does."""
+    _refuse_unsupported(module, kwargs)
     gqa = key.shape[1] != query.shape[1]
     if cu_seq_lens_q is None:  # an unpacked call (e.g. generation): plain causal or masked attention
         causal = attention_mask is None and query.shape[2] > 1
+        if attention_mask is None and sliding_window is not None and key.shape[2] > sliding_window:
+            attention_mask, causal = _causal_bias(query.shape[2], key.shape[2], sliding_window, query.dtype,
+                                                  query.device), False
         out = F.scaled_dot_product_attention(
             query, key, value, attn_mask=attention_mask, dropout_p=dropout, is_causal=causal, scale=scaling,
             enable_gqa=gqa,
@@ -81,26 +90,60 @@ def _varlen_attention(
     lengths = (cu_seq_lens_q[1:] - cu_seq_lens_q[:-1]).tolist()
     attend = _causal_attention_math if query.device.type == "cpu" else _causal_attention_sdpa
     parts = [
-        attend(q, k, v, dropout, scaling)
+        attend(q, k, v, dropout, scaling, sliding_window)
         for q, k, v in zip(query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2))
     ]
     return torch.cat(parts, dim=2).transpose(1, 2).contiguous(), None
 
 
-def _causal_attention_sdpa(q, k, v, dropout: float, scaling: float | None) -> torch.Tensor:
-    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling,
-                                          enable_gqa=k.shape[1] != q.shape[1])
+# What the packed path cannot compute exactly. Rather than ignore them (silently wrong), training stops at the
+# first step and says so: transformers' SDPA refuses ``softcap`` the same way.
+_UNSUPPORTED = {"softcap": "attention logit soft-capping", "s_aux": "attention sinks",
+                "position_bias": "a position bias"}
+
+
+def _refuse_unsupported(module: nn.Module, kwargs: dict[str, Any]) -> None:
+    from ...errors import ModelLoadError
+
+    found = [what for key, what in _UNSUPPORTED.items() if kwargs.get(key) is not None]
+    if not kwargs.get("is_causal", getattr(module, "is_causal", True)):
+        found.append("bidirectional attention")
+    if found:
+        raise ModelLoadError(f"packed attention ({VARLEN_ATTENTION}) cannot train {type(module).__name__}: it uses "
+                             f"{' and '.join(found)}", "set training.packing: false to train it on padded batches")
+
+
+def _causal_attention_sdpa(q, k, v, dropout: float, scaling: float | None,
+                           window: int | None = None) -> torch.Tensor:
+    n = q.shape[2]
+    mask = _causal_bias(n, n, window, q.dtype, q.device) if window is not None and window < n else None
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None,
+                                          scale=scaling, enable_gqa=k.shape[1] != q.shape[1])
 
 
 @functools.lru_cache(maxsize=64)
-def _future_bias(n: int, groups: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """-inf above the diagonal (what each query must not see), 0 elsewhere, stacked ``groups`` times (one per
-    query head sharing a key/value head). Few sizes occur in bf16 (``_LEN_QUANTUM``); in fp32 the sizes are the
-    sequences' own, and the cache keeps the most recent."""
-    return torch.full((n, n), float("-inf"), dtype=dtype, device=device).triu_(1).repeat(groups, 1)
+def _causal_bias(queries: int, keys: int, window: int | None, dtype: torch.dtype,
+                 device: torch.device) -> torch.Tensor:
+    """0 where a query may look, -inf elsewhere: at keys after it, and with a ``window``, at keys that many
+    places or more before it (the queries are the last ``queries`` of the ``keys`` positions)."""
+    offset = keys - queries
+    bias = torch.full((queries, keys), float("-inf"), dtype=dtype, device=device).triu_(offset + 1)
+    if window is not None and window < keys:
+        past = torch.ones(queries, keys, dtype=torch.bool, device=device).tril_(offset - window)
+        bias.masked_fill_(past, float("-inf"))
+    return bias
 
 
-def _causal_attention_math(q, k, v, dropout: float, scaling: float | None) -> torch.Tensor:
+@functools.lru_cache(maxsize=64)
+def _future_bias(n: int, groups: int, window: int | None, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """:func:`_causal_bias` of a sequence with itself, stacked ``groups`` times (one per query head sharing a
+    key/value head). Few sizes occur in bf16 (``_LEN_QUANTUM``); in fp32 the sizes are the sequences' own, and
+    the cache keeps the most recent."""
+    return _causal_bias(n, n, window, dtype, device).repeat(groups, 1)
+
+
+def _causal_attention_math(q, k, v, dropout: float, scaling: float | None,
+                           window: int | None = None) -> torch.Tensor:
     """Causal attention as two batched matmuls and a softmax accumulated in fp32.
 
     For short sequences this beats SDPA's CPU flash kernel, whose fixed costs dominate there (see
@@ -110,7 +153,7 @@ def _causal_attention_math(q, k, v, dropout: float, scaling: float | None) -> to
     """
     n = q.shape[2]
     if n > _math_max_len(q.dtype) or dropout > 0:
-        return _causal_attention_sdpa(q, k, v, dropout, scaling)
+        return _causal_attention_sdpa(q, k, v, dropout, scaling, window)
     scale = scaling if scaling is not None else q.shape[-1] ** -0.5
     pad = (-n) % _len_quantum(q.dtype)
     if pad:
@@ -120,7 +163,8 @@ def _causal_attention_math(q, k, v, dropout: float, scaling: float | None) -> to
     groups = heads // kv_heads  # transformers' order: query head h uses key/value head h // groups
     # One kernel scales the scores and adds the causal mask (baddbmm), where a multiply and a masked fill would
     # each make a pass over the scores, forward and backward.
-    scores = torch.baddbmm(_future_bias(m, groups, q.dtype, q.device), q.reshape(batch * kv_heads, groups * m, dim),
+    scores = torch.baddbmm(_future_bias(m, groups, window if window is not None and window < n else None,
+                                        q.dtype, q.device), q.reshape(batch * kv_heads, groups * m, dim),
                            k.reshape(batch * kv_heads, m, dim).transpose(1, 2), alpha=scale)
     # Softmax in the activations' dtype: the kernel accumulates in fp32 either way, and its output is the one
     # tensor that both backward passes (softmax's and the matmul's) keep, so no fp32 copy is saved.

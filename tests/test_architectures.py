@@ -164,14 +164,16 @@ def test_the_active_paths_are_reported_per_architecture(arch_dir):
     text = str(paths)
     assert text.endswith(f"fp32 matmuls {paths.gemm}")
     assert f"lora {adapted_layers}/{adapted_layers} layers" in text
-    if arch == "gpt2":  # LayerNorm and a GELU MLP: only the GELU is ours, and the log says so
-        assert (paths.rms_norms, paths.gated_mlps, paths.tanh_gelus) == (0, 0, layers)
+    if arch == "gpt2":  # LayerNorm, a GELU MLP, learned positions: only the GELU is ours, and the log says so
+        assert (paths.rms_norms, paths.gated_mlps, paths.tanh_gelus, paths.rotary) == (0, 0, layers, 0)
         assert f"rmsnorm 0 ({2 * layers + 1} LayerNorm unchanged)" in text
         assert f"gated-mlp 0 (2 GPT2MLP unchanged), tanh-gelu {layers}" in text
+        assert f"rope 0 ({layers} GPT2Attention unchanged)" in text
     else:
         assert (paths.rms_norms, paths.gated_mlps, paths.tanh_gelus) == (2 * layers + 1, layers, 0)
-        assert paths.other_norms == paths.other_mlps == ()
-        assert "tanh-gelu" not in text
+        assert paths.rotary == layers
+        assert paths.other_norms == paths.other_mlps == paths.other_attention == ()
+        assert "tanh-gelu" not in text and f", rope {layers}, " in text
 
 
 def test_fallbacks_are_reported(arch_dir):

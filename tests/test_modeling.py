@@ -2,6 +2,7 @@
 replace, and anything they do not recognise keeps its own path."""
 
 import copy
+import inspect
 
 import pytest
 import torch
@@ -322,3 +323,79 @@ def test_lean_block_under_bf16_autocast_matches_peft():
     for name in g_ref:
         assert g[name].dtype == torch.float32
         torch.testing.assert_close(g[name], g_ref[name], rtol=3e-2, atol=3e-2, msg=name)
+
+
+@pytest.mark.parametrize("case", ["fp32", "bf16-queries-fp32-angles", "heads-last"])
+def test_rotary_function_equals_transformers(case: str):
+    """Outputs, dtypes and input gradients of transformers' RoPE, with grouped heads (4 query, 2 key), the dtype
+    mix autocast produces (bf16 projections, fp32 angles: an fp32 result), and the other layout transformers
+    allows (``unsqueeze_dim=2``)."""
+    from transformers.models.llama.modeling_llama import LlamaConfig, LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+    from finetune.modeling.ops.rotary import apply_rotary_pos_emb as ours
+
+    generator = torch.Generator().manual_seed(0)
+    dtype = torch.bfloat16 if case.startswith("bf16") else torch.float32
+    heads_axis = 2 if case == "heads-last" else 1
+
+    def shape(heads: int) -> list[int]:
+        return [2, 11, heads, 16] if heads_axis == 2 else [2, heads, 11, 16]
+
+    rotary = LlamaRotaryEmbedding(LlamaConfig(hidden_size=64, num_attention_heads=4, head_dim=16))
+    positions = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5], list(range(11))])
+    cos, sin = rotary(torch.zeros(1, dtype=torch.float32), positions)
+    q, k = torch.randn(shape(4), generator=generator), torch.randn(shape(2), generator=generator)
+    grads = [torch.randn(shape(h), generator=generator) for h in (4, 2)]
+    results = []
+    for function in (apply_rotary_pos_emb, ours):
+        inputs = [t.to(dtype).requires_grad_() for t in (q, k)]
+        outs = function(*inputs, cos, sin, unsqueeze_dim=heads_axis)
+        torch.autograd.backward(outs, grads)
+        results.append([*outs, *(t.grad for t in inputs)])
+    # bf16 gradients: transformers rounds each term to bf16 before adding, we round the sum once
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    for got, want in zip(results[1], results[0]):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        torch.testing.assert_close(got, want, **tol)
+    assert results[0][2].dtype == dtype
+
+
+def test_rotary_rewrite_keeps_cached_generation_and_the_renamed_argument(tiny_model_dir):
+    """The rewritten layers run their own forward code: with a key/value cache (generation), and with the old
+    ``past_key_values`` argument name, which transformers' decorator still translates."""
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    from finetune.modeling.ops.rotary import fuse_rotary
+
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    changed = copy.deepcopy(reference)
+    assert fuse_rotary(changed) == reference.config.num_hidden_layers
+    ids = torch.randint(5, reference.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        outs = [m.generate(ids, max_new_tokens=6, do_sample=False) for m in (reference, changed)]
+        assert torch.equal(outs[0], outs[1])
+        attention = changed.model.layers[0].self_attn
+        hidden = torch.randn(1, 9, reference.config.hidden_size, generator=torch.Generator().manual_seed(1))
+        angles = changed.model.rotary_emb(hidden, torch.arange(9)[None])
+        cache = DynamicCache(config=reference.config)
+        with pytest.warns(FutureWarning, match="past_key_values"):
+            attention(hidden, angles, None, past_key_values=cache)
+        assert cache.get_seq_length() == 9  # the cache was used, under its new name
+
+
+def test_rotary_rewrite_leaves_other_forwards_alone():
+    from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
+    from transformers.models.llama.modeling_llama import LlamaAttention
+
+    from finetune.modeling.ops.rotary import _with_our_rotary
+
+    assert _with_our_rotary(LlamaAttention.forward) is not None
+    assert _with_our_rotary(GPT2Attention.forward) is None  # learned positions, no RoPE
+
+    def logged(function):  # a decorator other than transformers' argument renaming: its effect is unknown
+        def wrapper(*args, **kwargs):
+            return function(*args, **kwargs)
+        wrapper.__wrapped__ = function
+        return wrapper
+
+    assert _with_our_rotary(logged(inspect.unwrap(LlamaAttention.forward))) is None

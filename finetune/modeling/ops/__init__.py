@@ -4,9 +4,10 @@ Each rewrite computes what peft and transformers compute (tests compare logits a
 unrewritten model, for every architecture the benchmark uses) and applies only where it recognises the module;
 anything else keeps its own code, and :func:`rewrite_for_training` says which paths are on, so a fallback is
 visible in the training log. ``lora`` (fused LoRA linear), ``norms`` (RMSNorm), ``mlp`` (gated MLP, tanh GELU),
-``attention`` (packed causal attention), ``loss`` (output layer fused with the cross-entropy), ``loss_rows``
-(the last MLP only where the loss looks), ``rebuild`` (norm outputs rebuilt in the backward pass by the layers
-that read them, rather than kept); ``gemm`` picks the library for the fp32 CPU products those paths own.
+``attention`` (packed causal attention), ``rotary`` (RoPE in one function), ``loss`` (output layer fused with
+the cross-entropy), ``loss_rows`` (the last MLP only where the loss looks), ``rebuild`` (norm outputs rebuilt in
+the backward pass by the layers that read them, rather than kept); ``gemm`` picks the library for the fp32 CPU
+products those paths own.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ class FusedPaths:
     loss: str
     last_mlp_loss_rows: bool
     attention: str
+    rotary: int
+    other_attention: tuple[str, ...]
     gemm: str  # which library runs the fp32 CPU products of the rewritten paths
 
     def __str__(self) -> str:
@@ -57,8 +60,11 @@ class FusedPaths:
         if self.tanh_gelus:
             mlps += f", tanh-gelu {self.tanh_gelus}"
         last = "loss rows" if self.last_mlp_loss_rows else "all rows"
+        rope = f"rope {self.rotary}"
+        if self.other_attention:
+            rope += f" ({', '.join(self.other_attention)} unchanged)"
         return (f"fused paths: {lora}, {norms}, {mlps}, loss {self.loss}, last mlp on {last}, "
-                f"attention {self.attention}, fp32 matmuls {self.gemm}")
+                f"attention {self.attention}, {rope}, fp32 matmuls {self.gemm}")
 
 
 def rewrite_for_training(model, precision: str, device: torch.device) -> FusedPaths:
@@ -73,6 +79,7 @@ def rewrite_for_training(model, precision: str, device: torch.device) -> FusedPa
     from .loss_rows import last_mlp_on_loss_rows
     from .mlp import fuse_gated_mlps, fuse_tanh_gelus
     from .norms import fuse_rms_norms
+    from .rotary import fuse_rotary
 
     if precision != "fp32":
         keep_activations_in_compute_dtype(model)
@@ -86,6 +93,7 @@ def rewrite_for_training(model, precision: str, device: torch.device) -> FusedPa
     mlps = fuse_gated_mlps(model)
     gelus = fuse_tanh_gelus(model)
     last_mlp = last_mlp_on_loss_rows(model)
+    rotary = fuse_rotary(model)
     lora = Counter(lora_path(m) for m in model.modules() if isinstance(m, BaseTunerLayer))
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     head = inner.get_output_embeddings()
@@ -99,6 +107,8 @@ def rewrite_for_training(model, precision: str, device: torch.device) -> FusedPa
         loss="fused" if fuses_head(head) else f"autograd ({type(head).__name__} head)",
         last_mlp_loss_rows=last_mlp,
         attention=attention_path(inner.config, device, torch_dtype(precision)),
+        rotary=rotary,
+        other_attention=_unchanged(model, ("Attention",)),
         gemm=gemm,
     )
 

@@ -1,0 +1,136 @@
+"""Rotary position embeddings (RoPE) as one autograd function, in the attention layers that use transformers'
+rotate-half RoPE (Llama, Qwen2, Mistral and the others that copy it).
+
+transformers computes ``q * cos + rotate_half(q) * sin``, where ``rotate_half`` slices ``q`` in two halves,
+negates one and concatenates them: six passes over ``q`` forward and as many backward (the slices' gradients are
+zero-filled full-size tensors), for the queries and again for the keys of every layer. Written per half, it is
+``q1 * cos1 - q2 * sin1`` and ``q2 * cos2 + q1 * sin2``: two multiply-adds into one output buffer, and the
+backward pass is the same shape. Results equal transformers' up to rounding (each multiply-add rounds once where
+transformers rounds the product and the sum). In a 2-core fp32 Llama step: ~1% (BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import types
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from . import same_code
+
+
+class _Rotary(torch.autograd.Function):
+    """RoPE of one tensor (queries or keys): ``x * cos + rotate_half(x) * sin``, with ``cos`` and ``sin``
+    broadcast to ``x``; only they are kept for the backward pass (the output does not depend on ``x`` beyond
+    them linearly)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(cos, sin)
+        ctx.x_dtype = x.dtype
+        # the dtype transformers' arithmetic gives: fp32 when bf16 queries meet fp32 cos/sin under autocast
+        out = torch.empty_like(x, dtype=torch.promote_types(x.dtype, cos.dtype))
+        _rotate(x, cos, sin, out, sign=1)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        cos, sin = ctx.saved_tensors
+        grad_x = torch.empty_like(grad)
+        _rotate(grad, cos, sin, grad_x, sign=-1)  # the rotation's transpose: by -angle
+        return grad_x.to(ctx.x_dtype), None, None
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor, sign: int) -> None:
+    """``out = x * cos + sign * rotate_half(x) * sin``, per half: ``out1 = x1 cos1 - sign x2 sin1`` and
+    ``out2 = x2 cos2 + sign x1 sin2`` (with ``sign`` -1, the gradient's: ``sin1`` and ``sin2`` trade places)."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    cos1, cos2 = cos[..., :half], cos[..., half:]
+    sin1, sin2 = (sin[..., :half], sin[..., half:]) if sign > 0 else (sin[..., half:], sin[..., :half])
+    torch.mul(x1, cos1, out=out[..., :half]).addcmul_(x2, sin1, value=-sign)
+    torch.mul(x2, cos2, out=out[..., half:]).addcmul_(x1, sin2, value=sign)
+
+
+def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                         unsqueeze_dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' ``apply_rotary_pos_emb`` (same arguments, same results up to rounding) through
+    :class:`_Rotary`; learned (trainable) ``cos``/``sin`` or odd sizes take transformers' arithmetic."""
+    cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+    if cos.requires_grad or sin.requires_grad or q.shape[-1] % 2 or q.shape[-1] != cos.shape[-1]:
+        return _reference(q, cos, sin), _reference(k, cos, sin)
+    return _Rotary.apply(q, cos, sin), _Rotary.apply(k, cos, sin)
+
+
+def _reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+def fuse_rotary(model) -> int:
+    """Run the RoPE of every attention layer that applies transformers' rotate-half RoPE through
+    :func:`apply_rotary_pos_emb`; returns how many layers.
+
+    A layer qualifies when its class's ``forward`` calls a module-level ``apply_rotary_pos_emb`` whose code is
+    Llama's (and whose ``rotate_half`` is too). Nothing global changes: the layer runs its class's own forward
+    code, with that one name looked up in a copy of its module's namespace where it means ours.
+    """
+    count = 0
+    for module in model.modules():
+        if "forward" in vars(module):  # already rewritten
+            continue
+        forward = _with_our_rotary(type(module).forward)
+        if forward is not None:
+            module.forward = types.MethodType(forward, module)
+            count += 1
+    return count
+
+
+@functools.cache
+def _with_our_rotary(forward: Callable) -> Callable | None:
+    """``forward`` with its ``apply_rotary_pos_emb`` bound to ours; None if it does not call Llama's, or if it is
+    wrapped in anything but transformers' argument-renaming decorator (whose old names then take ``forward``
+    itself, so the renaming still happens)."""
+    from transformers.models.llama import modeling_llama as llama
+
+    function, old_names = forward, set()
+    while hasattr(function, "__wrapped__"):
+        names = _renamed_argument(function)
+        if names is None:
+            return None
+        old_names.add(names)
+        function = function.__wrapped__
+    code, namespace = getattr(function, "__code__", None), getattr(function, "__globals__", {})
+    theirs = namespace.get("apply_rotary_pos_emb")
+    if code is None or "apply_rotary_pos_emb" not in code.co_names or theirs is None:
+        return None
+    theirs = inspect.unwrap(theirs)
+    if not (same_code(theirs, llama.apply_rotary_pos_emb)
+            and same_code(theirs.__globals__.get("rotate_half", _reference), llama.rotate_half)):
+        return None
+    swapped = types.FunctionType(code, {**namespace, "apply_rotary_pos_emb": apply_rotary_pos_emb},
+                                 function.__name__, function.__defaults__, function.__closure__)
+    swapped.__kwdefaults__ = function.__kwdefaults__
+
+    def run(self, *args: Any, **kwargs: Any):
+        if old_names.intersection(kwargs):
+            return forward(self, *args, **kwargs)
+        return swapped(self, *args, **kwargs)
+
+    return run
+
+
+def _renamed_argument(wrapper: Callable) -> str | None:
+    """The old argument name if ``wrapper`` is transformers' ``deprecate_kwarg`` wrapper, else None."""
+    from transformers.utils.deprecation import deprecate_kwarg
+
+    reference = deprecate_kwarg("old", "0.0.0", new_name="new")(lambda: None)
+    code, ref = getattr(wrapper, "__code__", None), reference.__code__  # the wrapper's own code, not unwrapped
+    if code is None or (code.co_code, code.co_names) != (ref.co_code, ref.co_names) or wrapper.__closure__ is None:
+        return None
+    cells = dict(zip(wrapper.__code__.co_freevars, (cell.cell_contents for cell in wrapper.__closure__)))
+    old = cells.get("old_name")
+    return old if isinstance(old, str) else None

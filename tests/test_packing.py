@@ -364,7 +364,7 @@ def test_attention_the_packed_path_cannot_compute_is_refused():
     q = k = v = torch.zeros(1, 2, 6, 8)
     cu = torch.tensor([0, 2, 6], dtype=torch.int32)
     module = torch.nn.Module()
-    with pytest.raises(ModelLoadError, match="soft-capping.*training.packing: false"):
+    with pytest.raises(ModelLoadError, match="soft-capping.*train.packing: false"):
         _varlen_attention(module, q, k, v, None, cu_seq_lens_q=cu, softcap=50.0)
     module.is_causal = False
     with pytest.raises(ModelLoadError, match="bidirectional"):

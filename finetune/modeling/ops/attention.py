@@ -110,7 +110,7 @@ def _refuse_unsupported(module: nn.Module, kwargs: dict[str, Any]) -> None:
         found.append("bidirectional attention")
     if found:
         raise ModelLoadError(f"packed attention ({VARLEN_ATTENTION}) cannot train {type(module).__name__}: it uses "
-                             f"{' and '.join(found)}", "set training.packing: false to train it on padded batches")
+                             f"{' and '.join(found)}", "set train.packing: false to train it on padded batches")
 
 
 def _causal_attention_sdpa(q, k, v, dropout: float, scaling: float | None,

@@ -370,4 +370,5 @@ def test_attention_the_packed_path_cannot_compute_is_refused():
     with pytest.raises(ModelLoadError, match="bidirectional"):
         _varlen_attention(module, q, k, v, None, cu_seq_lens_q=cu)
     module.is_causal = True
-    assert _varlen_attention(module, q, k, v, None, cu_seq_lens_q=cu, softcap=None)[0].shape == (1, 6, 2, 8)
+    assert _varlen_attention(module, q, k, v, None, cu_seq_lens_q=cu, softcap=None, is_causal=None)[0].shape == (
+        1, 6, 2, 8)

@@ -106,7 +106,8 @@ def _refuse_unsupported(module: nn.Module, kwargs: dict[str, Any]) -> None:
     from ...errors import ModelLoadError
 
     found = [what for key, what in _UNSUPPORTED.items() if kwargs.get(key) is not None]
-    if not kwargs.get("is_causal", getattr(module, "is_causal", True)):
+    causal = kwargs.get("is_causal")  # None: the module's own setting, as transformers' attention reads it
+    if not (getattr(module, "is_causal", True) if causal is None else causal):
         found.append("bidirectional attention")
     if found:
         raise ModelLoadError(f"packed attention ({VARLEN_ATTENTION}) cannot train {type(module).__name__}: it uses "

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...errors import ModelLoadError
+
 VARLEN_ATTENTION = "finetune_varlen"
 
 # Inside whole bf16 training steps on CPUs, per-sequence math attention beat SDPA's CPU flash kernel in speed and
@@ -103,8 +105,6 @@ _UNSUPPORTED = {"softcap": "attention logit soft-capping", "s_aux": "attention s
 
 
 def _refuse_unsupported(module: nn.Module, kwargs: dict[str, Any]) -> None:
-    from ...errors import ModelLoadError
-
     found = [what for key, what in _UNSUPPORTED.items() if kwargs.get(key) is not None]
     causal = kwargs.get("is_causal")  # None: the module's own setting, as transformers' attention reads it
     if not (getattr(module, "is_causal", True) if causal is None else causal):

@@ -59,16 +59,13 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Te
 def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                          unsqueeze_dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """transformers' ``apply_rotary_pos_emb`` (same arguments, same results up to rounding) through
-    :class:`_Rotary`; learned (trainable) ``cos``/``sin`` or odd sizes take transformers' arithmetic."""
-    cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+    :class:`_Rotary`; learned (trainable) ``cos``/``sin`` or odd sizes take transformers' function itself."""
     if cos.requires_grad or sin.requires_grad or q.shape[-1] % 2 or q.shape[-1] != cos.shape[-1]:
-        return _reference(q, cos, sin), _reference(k, cos, sin)
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as theirs
+
+        return theirs(q, k, cos, sin, unsqueeze_dim)
+    cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
     return _Rotary.apply(q, cos, sin), _Rotary.apply(k, cos, sin)
-
-
-def _reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
 def fuse_rotary(model) -> int:
@@ -110,7 +107,7 @@ def _with_our_rotary(forward: Callable) -> Callable | None:
         return None
     theirs = inspect.unwrap(theirs)
     if not (same_code(theirs, llama.apply_rotary_pos_emb)
-            and same_code(theirs.__globals__.get("rotate_half", _reference), llama.rotate_half)):
+            and same_code(theirs.__globals__.get("rotate_half"), llama.rotate_half)):
         return None
     swapped = types.FunctionType(code, {**namespace, "apply_rotary_pos_emb": apply_rotary_pos_emb},
                                  function.__name__, function.__defaults__, function.__closure__)
@@ -132,6 +129,6 @@ def _renamed_argument(wrapper: Callable) -> str | None:
     code, ref = getattr(wrapper, "__code__", None), reference.__code__  # the wrapper's own code, not unwrapped
     if code is None or (code.co_code, code.co_names) != (ref.co_code, ref.co_names) or wrapper.__closure__ is None:
         return None
-    cells = dict(zip(wrapper.__code__.co_freevars, (cell.cell_contents for cell in wrapper.__closure__)))
+    cells = dict(zip(code.co_freevars, (cell.cell_contents for cell in wrapper.__closure__)))
     old = cells.get("old_name")
     return old if isinstance(old, str) else None

@@ -30,7 +30,9 @@ CUDA), wall time of the whole process, three losses (the training loss at equal 
 over the first N tokens, N = the fewest any contender trained; the held-out loss of each final adapter, every
 contender having trained the same number of steps of 8 examples; and the held-out loss at equal trained tokens:
 each peer's adapter saved at the first step at which it has trained as many tokens as ours did in all its steps),
-our ratios, and the machine's measured bf16/fp32 matmul rates (on the GPU when there is one).
+our ratios, and the machine's measured bf16/fp32 matmul rates (on the GPU when there is one). On Linux it also
+prints, per round, how many cores other processes and the hypervisor took meanwhile: a round beside other work is
+not comparable (PyTorch's threads spin while they wait for each other, and a shared core stalls them).
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ ARCH_MODELS = {
 VOCAB = 8192
 LORA = dict(r=16, alpha=32)  # dropout: each side's default (0 in peft and in finetune)
 BATCH, MAX_LEN, LR, EVAL_ROWS, SEED = 8, 512, 2e-4, 200, 42
+BUSY_CORES = 0.1  # other work during a round above this is flagged: see _timed_child and BENCHMARKS.md
 # What a CPU without AVX-512 can run, for every library torch calls; read when torch loads, so set before that and
 # inherited by every contender's process.
 AVX2_ONLY = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
@@ -278,15 +281,33 @@ def run_peer(role: str, paths: dict, steps: int, work: Path, budget: int | None,
 
 
 def _timed_child(cmd: list[str], env: dict) -> dict:
-    """Run a child; return its wall time, peak RSS (from wait4's rusage) and output."""
-    start = time.perf_counter()
+    """Run a child; return its wall time, peak RSS (from wait4's rusage), output, and how many cores other work
+    took meanwhile (``others_cores``: other processes plus the hypervisor's steal; None off Linux)."""
+    start, cpu_before = time.perf_counter(), _machine_cpu_s()
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=err, cwd=REPO)
         _, status, usage = os.wait4(proc.pid, 0)
+        wall, cpu_after = time.perf_counter() - start, _machine_cpu_s()
         proc.returncode = os.waitstatus_to_exitcode(status)
+        others = None
+        if cpu_before and cpu_after:  # this process only waits meanwhile: what the child did not use, others did
+            busy, steal = (after - before for after, before in zip(cpu_after, cpu_before))
+            others = max(0.0, busy - usage.ru_utime - usage.ru_stime) / wall + steal / wall
         out.seek(0), err.seek(0)
-        return {"returncode": proc.returncode, "wall_s": time.perf_counter() - start,
-                "peak_rss_mb": usage.ru_maxrss / 1024, "stdout": out.read().decode(), "stderr": err.read().decode()}
+        return {"returncode": proc.returncode, "wall_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024,
+                "others_cores": others, "stdout": out.read().decode(), "stderr": err.read().decode()}
+
+
+def _machine_cpu_s() -> tuple[float, float] | None:
+    """CPU seconds the whole machine has run (all processes) and lost to the hypervisor (steal) since boot, from
+    Linux's /proc/stat; None elsewhere."""
+    try:
+        fields = [int(f) for f in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    tick = os.sysconf("SC_CLK_TCK")
+    return (user + nice + system + irq + softirq) / tick, steal / tick
 
 
 # ---------------------------------------------------------------- judging
@@ -404,6 +425,7 @@ def main() -> None:
     for role, runs in rounds.items():
         r = dict(runs[0])  # training is seeded: every round trains the same tokens to the same adapter
         r["rates"] = [run["rate"] for run in runs]
+        r["others_rounds"] = [run["others_cores"] for run in runs]
         r["memory_rounds"] = [run[memory] for run in runs]
         r["rate"] = statistics.median(r["rates"])
         r["memory_mb"] = statistics.median(r["memory_rounds"])
@@ -449,6 +471,13 @@ def main() -> None:
               f"{r['train_loss_at_budget']:>15.4f}{r['loss']:>10.4f}{at_n:>16}   rounds: "
               + " ".join(f"{x:.0f}" for x in r["rates"]) + " tok/s, "
               + " ".join(f"{x:.0f}" for x in r["memory_rounds"]) + " MB")
+    others = {role: r["others_rounds"] for role, r in results.items() if None not in r["others_rounds"]}
+    if others:
+        print("other work on the machine during each round (cores taken by other processes and hypervisor steal): "
+              + "; ".join(f"{role} " + " ".join(f"{x:.2f}" for x in xs) for role, xs in others.items()))
+        if max(max(xs) for xs in others.values()) > BUSY_CORES:
+            print(f"  rounds above {BUSY_CORES} cores are not comparable: with a core shared, PyTorch's spinning "
+                  "OpenMP threads lose up to 5x, and one side more than the other (BENCHMARKS.md)")
     print(f"N = {budget} tokens; held-out @ours taken at " + ", ".join(
         f"{r['tokens_at_budget']} tokens ({role})" for role, r in results.items() if "tokens_at_budget" in r))
     if "ours" in results:

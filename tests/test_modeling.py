@@ -3,6 +3,7 @@ replace, and anything they do not recognise keeps its own path."""
 
 import copy
 import inspect
+import types
 
 import pytest
 import torch
@@ -381,6 +382,25 @@ def test_rotary_rewrite_keeps_cached_generation_and_the_renamed_argument(tiny_mo
         with pytest.warns(FutureWarning, match="past_key_values"):
             attention(hidden, angles, None, past_key_values=cache)
         assert cache.get_seq_length() == 9  # the cache was used, under its new name
+
+
+def test_rotary_rewrite_leaves_a_layer_with_a_hub_kernel_alone(tiny_model_dir):
+    """With the ``kernels`` package (transformers requires it from 5.25), the rewrite goes through the package's
+    routing wrapper, except in a layer for which ``kernelize`` chose a hub RoPE kernel: that layer keeps it."""
+    pytest.importorskip("kernels")
+    from transformers import AutoModelForCausalLM
+
+    from finetune.modeling.ops.rotary import fuse_rotary
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    copies = vars(model.model.layers[0].self_attn).get("_kernel_funcs")
+    if not copies:
+        pytest.skip("this transformers does not route RoPE through the kernels package")
+    chosen = next(iter(copies.values()))
+    chosen.forward = types.MethodType(lambda self, *args, **kwargs: None, chosen)  # as kernelize sets a kernel
+    assert fuse_rotary(model) == model.config.num_hidden_layers - 1
+    assert "forward" not in vars(model.model.layers[0].self_attn)
+    assert "forward" in vars(model.model.layers[1].self_attn)
 
 
 def test_rotary_rewrite_leaves_other_forwards_alone():

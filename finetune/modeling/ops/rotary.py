@@ -78,7 +78,7 @@ def fuse_rotary(model) -> int:
     """
     count = 0
     for module in model.modules():
-        if "forward" in vars(module):  # already rewritten
+        if "forward" in vars(module) or _kernelized(module):  # already rewritten, or a hub kernel chosen for it
             continue
         forward = _with_our_rotary(type(module).forward)
         if forward is not None:
@@ -91,22 +91,24 @@ def fuse_rotary(model) -> int:
 def _with_our_rotary(forward: Callable) -> Callable | None:
     """``forward`` with its ``apply_rotary_pos_emb`` bound to ours; None if it does not call Llama's, or if it is
     wrapped in anything but transformers' argument-renaming decorator (whose old names then take ``forward``
-    itself, so the renaming still happens)."""
+    itself, so the renaming still happens) and the ``kernels`` package's hub-function routing (which only matters
+    to the global function that ours replaces; :func:`fuse_rotary` leaves layers with a hub kernel chosen alone)."""
     from transformers.models.llama import modeling_llama as llama
 
     function, old_names = forward, set()
     while hasattr(function, "__wrapped__"):
-        names = _renamed_argument(function)
-        if names is None:
-            return None
-        old_names.add(names)
+        if not _routes_hub_functions(function):
+            names = _renamed_argument(function)
+            if names is None:
+                return None
+            old_names.add(names)
         function = function.__wrapped__
     code, namespace = getattr(function, "__code__", None), getattr(function, "__globals__", {})
-    theirs = namespace.get("apply_rotary_pos_emb")
-    if code is None or "apply_rotary_pos_emb" not in code.co_names or theirs is None:
+    theirs = _plain_function(namespace.get("apply_rotary_pos_emb"))
+    if code is None or "apply_rotary_pos_emb" not in code.co_names or not inspect.isfunction(theirs):
         return None
     theirs = inspect.unwrap(theirs)
-    if not (same_code(theirs, llama.apply_rotary_pos_emb)
+    if not (same_code(theirs, _plain_function(llama.apply_rotary_pos_emb))
             and same_code(theirs.__globals__.get("rotate_half"), llama.rotate_half)):
         return None
     swapped = types.FunctionType(code, {**namespace, "apply_rotary_pos_emb": apply_rotary_pos_emb},
@@ -132,3 +134,43 @@ def _renamed_argument(wrapper: Callable) -> str | None:
     cells = dict(zip(code.co_freevars, (cell.cell_contents for cell in wrapper.__closure__)))
     old = cells.get("old_name")
     return old if isinstance(old, str) else None
+
+
+# With the ``kernels`` package installed (transformers requires it from 5.25), transformers turns
+# ``apply_rotary_pos_emb`` into a hub-function module whose default forward calls the plain function, and wraps
+# the attention classes' ``forward`` in a router that sends the global module's calls to the layer's own copy,
+# which ``kernels.kernelize`` may replace by a hub kernel. Both wrappers are recognised by their code, against
+# references made with the package's own decorators, so any other change to them means no rewrite.
+
+@functools.cache
+def _hub_wrapper_codes() -> tuple[types.CodeType, types.CodeType] | None:
+    """(the class router's code, the function module's forward code); None without ``kernels``."""
+    try:
+        from kernels import use_kernel_forward_from_hub, use_kernelized_func
+    except ImportError:
+        return None
+    probe = use_kernel_forward_from_hub("finetune-probe")(lambda x: x)  # sets attributes of a new class only
+    layer = use_kernelized_func(probe)(type("Probe", (torch.nn.Module,), {"forward": lambda self, x: x}))
+    return layer.forward.__code__, type(probe).forward.__code__
+
+
+def _routes_hub_functions(wrapper: Callable) -> bool:
+    """Whether ``wrapper`` is the router ``kernels.use_kernelized_func`` puts around a class's ``forward``."""
+    codes = _hub_wrapper_codes()
+    return codes is not None and getattr(wrapper, "__code__", None) is codes[0]
+
+
+def _plain_function(obj: Any) -> Any:
+    """The function a hub-function module calls when no kernel is chosen for it; anything else as it is."""
+    codes = _hub_wrapper_codes()
+    forward = getattr(type(obj), "forward", None)
+    if codes is None or getattr(forward, "__code__", None) is not codes[1] or "forward" in vars(obj):
+        return obj
+    cells = dict(zip(forward.__code__.co_freevars, (cell.cell_contents for cell in forward.__closure__)))
+    return cells.get("func", obj)
+
+
+def _kernelized(module: torch.nn.Module) -> bool:
+    """Whether ``kernels.kernelize`` chose a hub kernel for one of this layer's own function copies."""
+    copies = vars(module).get("_kernel_funcs") or {}
+    return any("forward" in vars(copy) for copy in copies.values())

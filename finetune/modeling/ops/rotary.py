@@ -131,8 +131,7 @@ def _renamed_argument(wrapper: Callable) -> str | None:
     code, ref = getattr(wrapper, "__code__", None), reference.__code__  # the wrapper's own code, not unwrapped
     if code is None or (code.co_code, code.co_names) != (ref.co_code, ref.co_names) or wrapper.__closure__ is None:
         return None
-    cells = dict(zip(code.co_freevars, (cell.cell_contents for cell in wrapper.__closure__)))
-    old = cells.get("old_name")
+    old = _closure(wrapper).get("old_name")
     return old if isinstance(old, str) else None
 
 
@@ -166,11 +165,15 @@ def _plain_function(obj: Any) -> Any:
     forward = getattr(type(obj), "forward", None)
     if codes is None or getattr(forward, "__code__", None) is not codes[1] or "forward" in vars(obj):
         return obj
-    cells = dict(zip(forward.__code__.co_freevars, (cell.cell_contents for cell in forward.__closure__)))
-    return cells.get("func", obj)
+    return _closure(forward).get("func", obj)
 
 
 def _kernelized(module: torch.nn.Module) -> bool:
     """Whether ``kernels.kernelize`` chose a hub kernel for one of this layer's own function copies."""
     copies = vars(module).get("_kernel_funcs") or {}
     return any("forward" in vars(copy) for copy in copies.values())
+
+
+def _closure(function: Callable) -> dict[str, Any]:
+    """The variables a nested function closes over, by name (what a decorator was given)."""
+    return dict(zip(function.__code__.co_freevars, (cell.cell_contents for cell in function.__closure__ or ())))

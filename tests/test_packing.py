@@ -226,12 +226,40 @@ def test_pad_equal_to_eos_still_learns_eos(tmp_path: Path, pad_is_eos_dir: Path)
     assert int(count) == sum(label_count(ex["labels"]) for ex in examples)
 
 
+@pytest.mark.parametrize("packed", [True, False])
+def test_the_largest_micro_batch_comes_first_and_nothing_else_moves(packed: bool):
+    """Memory peaks in the first step (a batch that does not fit fails at once): the step holding the epoch's
+    largest micro-batch trades places with the first; every other step keeps its place and its examples."""
+    gen = torch.Generator().manual_seed(0)
+    lengths = torch.randint(5, 100, (203,), generator=gen).tolist()
+    lengths[150] = 512  # alone, it makes its micro-batch the largest, packed or padded
+    counts = [n // 2 for n in lengths]
+
+    def size(mb: tuple[int, ...]) -> int:
+        return sum(lengths[j] for j in mb) if packed else len(mb) * max(lengths[j] for j in mb)
+
+    swapped = 0
+    for epoch in range(4):
+        plan = plan_epoch(counts, lengths, 4, 3, 2, seed=7, epoch=epoch, packed=packed)
+        assert plan == plan_epoch(counts, lengths, 4, 3, 2, seed=7, epoch=epoch, packed=packed)  # every process
+        # Equal lengths leave the first step the largest: the shuffled order cut into steps, nothing swapped.
+        cut = plan_epoch(counts, [1] * len(lengths), 4, 3, 2, seed=7, epoch=epoch, packed=packed)
+        k = next(i for i, w in enumerate(cut) if any(150 in mb for mb in w.micro_batches))
+        assert max(size(mb) for mb in plan[0].micro_batches) == max(size(mb) for w in plan for mb in w.micro_batches)
+        assert any(150 in mb for mb in plan[0].micro_batches)
+        cut[0], cut[k] = cut[k], cut[0]
+        assert plan == cut
+        swapped += k != 0
+    assert swapped  # the long example was not already in the first step every epoch
+
+
 def test_window_label_tokens_match_what_the_loss_counts(tmp_path: Path, tok, tiny_model_dir: Path):
     """normalize_loss divides by a window's label_tokens; it must be exactly what CausalLMLoss counts."""
     examples = [ex for fmt in ("alpaca", "prompt_completion", "text") for ex in _prepared(tmp_path, tok, fmt)]
     counts = [label_count(ex["labels"]) for ex in examples]
     loss_model = CausalLMLoss(_model(tiny_model_dir, VARLEN_ATTENTION))
-    windows = plan_epoch(counts, batch_size=2, grad_accum=2, world_size=1, seed=3, epoch=0)
+    lengths = [len(ex["input_ids"]) for ex in examples]
+    windows = plan_epoch(counts, lengths, batch_size=2, grad_accum=2, world_size=1, seed=3, epoch=0)
     assert sorted(j for w in windows for mb in w.micro_batches for j in mb) == list(range(len(examples)))
     with torch.no_grad():
         for window in windows:

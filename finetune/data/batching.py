@@ -37,11 +37,16 @@ class Window:
 
 
 def plan_epoch(
-    label_counts: Sequence[int], batch_size: int, grad_accum: int, world_size: int, seed: int, epoch: int
+    label_counts: Sequence[int], lengths: Sequence[int], batch_size: int, grad_accum: int, world_size: int,
+    seed: int, epoch: int, packed: bool = True,
 ) -> list[Window]:
     """Cut an epoch into optimizer steps of ``grad_accum x world_size`` micro-batches.
 
-    A last, shorter window is kept when every process still gets at least one micro-batch.
+    ``lengths`` are the examples' tokens. The step holding the epoch's largest micro-batch (in tokens, padding
+    included when ``packed`` is false) trades places with the first step, so memory reaches its peak at once: a
+    batch that does not fit fails in the first step rather than hours in, and a CPU's heap grows once instead of
+    at every micro-batch longer than all before it. A last, shorter window is kept when every process still gets
+    at least one micro-batch.
     """
     order = epoch_order(len(label_counts), seed, epoch)
     micro = [tuple(order[i : i + batch_size]) for i in range(0, len(order), batch_size)]
@@ -52,6 +57,13 @@ def plan_epoch(
         if len(chunk) < world_size:
             break
         windows.append(Window(chunk, sum(label_counts[j] for mb in chunk for j in mb)))
+
+    def size(mb: tuple[int, ...]) -> int:
+        return sum(lengths[j] for j in mb) if packed else len(mb) * max(lengths[j] for j in mb)
+
+    if windows:
+        largest = max(range(len(windows)), key=lambda i: max(size(mb) for mb in windows[i].micro_batches))
+        windows[0], windows[largest] = windows[largest], windows[0]
     return windows
 
 

@@ -213,6 +213,7 @@ class _Loaded:
     tokenizer: Any
     prepared: Prepared
     label_counts: list[int]  # label tokens per training row: windows are planned from these
+    lengths: list[int]  # tokens per training row: the largest micro-batch goes first
     model: Any  # the PEFT model: the trainable adapter on the frozen base
     trainable: list[torch.nn.Parameter]
 
@@ -229,9 +230,12 @@ class _Schedule:
     scheduler: Any
     collate: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]
 
-    def windows(self, run: _Run, labels: list[int], epoch: int) -> list[Window]:
-        tcfg = run.config.train
-        return plan_epoch(labels, tcfg.batch_size, tcfg.grad_accum, run.world, tcfg.seed, epoch)
+
+def _plan(run: _Run, loaded: _Loaded, epoch: int) -> list[Window]:
+    """The optimizer steps of one epoch; the same on every process and every resume."""
+    tcfg = run.config.train
+    return plan_epoch(loaded.label_counts, loaded.lengths, tcfg.batch_size, tcfg.grad_accum, run.world, tcfg.seed,
+                      epoch, packed=tcfg.packing)
 
 
 # The version's train_loss is the mean over this many last steps: one step's loss is one (often partial) batch's.
@@ -299,13 +303,14 @@ def _load(run: _Run) -> _Loaded:
     trainable = [p for p in model.parameters() if p.requires_grad]
     run.log.info(f"trainable parameters: {sum(p.numel() for p in trainable):,} "
                  f"of {sum(p.numel() for p in model.parameters()):,}")
-    return _Loaded(resolved, tokenizer, prepared, label_counts, model, trainable)
+    lengths = list(prepared.train["length"])
+    return _Loaded(resolved, tokenizer, prepared, label_counts, lengths, model, trainable)
 
 
 def _schedule(run: _Run, loaded: _Loaded) -> _Schedule:
     """Optimizer steps over epochs of windows; the optimizer, the LR schedule, the collate function."""
     tcfg = run.config.train
-    steps_per_epoch = len(plan_epoch(loaded.label_counts, tcfg.batch_size, tcfg.grad_accum, run.world, tcfg.seed, 0))
+    steps_per_epoch = len(_plan(run, loaded, 0))
     if steps_per_epoch == 0:
         raise UsageError(f"the training set ({len(loaded.prepared.train)} rows) is too small for {run.world} processes")
     total_steps = tcfg.max_steps or max(1, math.ceil(tcfg.epochs * steps_per_epoch))
@@ -362,7 +367,7 @@ def _loop(run: _Run, loaded: _Loaded, schedule: _Schedule, progress: Progress, m
         while progress.step < schedule.total_steps and not progress.done:
             epoch, index = divmod(progress.step, schedule.steps_per_epoch)
             if plan[0] != epoch:
-                plan = (epoch, schedule.windows(run, loaded.label_counts, epoch))
+                plan = (epoch, _plan(run, loaded, epoch))
             window = plan[1][index]
             step_lr = schedule.scheduler.get_last_lr()[0]  # this step's rate; after scheduler.step() it is the next's
             loss_sum, step_tokens = _optimizer_step(run, schedule, loaded, window)

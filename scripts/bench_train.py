@@ -395,9 +395,9 @@ def main() -> None:
         paths["train"] = str(subset)
     # Over one epoch every contender trains the same rows, but each orders them its own way (the tuned peer's
     # length grouping runs them longest first), so a window short of the epoch compares different rows. Only the
-    # first step is left out: it holds one-time costs (the peer's first step took ~7 s against ~1 s for ours on
-    # Llama), which a real epoch of hundreds of steps amortises. It is the peer's longest batch, so this leans
-    # slightly against the peer.
+    # first step is left out: it holds one-time costs (the peer's first step took ~7 s against ~1-2 s for ours on
+    # Llama), which a real epoch of hundreds of steps amortises. Both run their largest batch first (length
+    # grouping; our plan), so each grows its memory to its peak in that step.
     warmup = 1 if rows == total_steps * BATCH else args.warmup
     tokenized(paths, work / "cache")  # encode once up front; every contender then reads the same cache
     cap = capability()

@@ -227,16 +227,17 @@ def test_pad_equal_to_eos_still_learns_eos(tmp_path: Path, pad_is_eos_dir: Path)
 
 
 @pytest.mark.parametrize("packed", [True, False])
-def test_the_largest_micro_batch_comes_first_and_nothing_else_moves(packed: bool):
-    """Memory peaks in the first step (a batch that does not fit fails at once): the step holding the epoch's
-    largest micro-batch trades places with the first; every other step keeps its place and its examples."""
+def test_the_largest_step_comes_first_and_nothing_else_moves(packed: bool):
+    """Memory peaks in the first step (a batch that does not fit fails at once): the step with the most tokens
+    (padded: the longest example) trades places with the first; every other step keeps its place and examples,
+    and how a step is split into micro-batches and processes does not change which steps there are."""
     gen = torch.Generator().manual_seed(0)
-    lengths = torch.randint(5, 100, (203,), generator=gen).tolist()
-    lengths[150] = 512  # alone, it makes its micro-batch the largest, packed or padded
+    lengths = torch.randint(5, 100, (216,), generator=gen).tolist()  # 9 steps of 24 examples
+    lengths[150] = 2000  # alone, it makes its step the largest, packed or padded
     counts = [n // 2 for n in lengths]
 
-    def size(mb: tuple[int, ...]) -> int:
-        return sum(lengths[j] for j in mb) if packed else len(mb) * max(lengths[j] for j in mb)
+    def examples(plan: list) -> list[set[int]]:
+        return [{j for mb in w.micro_batches for j in mb} for w in plan]
 
     swapped = 0
     for epoch in range(4):
@@ -244,12 +245,12 @@ def test_the_largest_micro_batch_comes_first_and_nothing_else_moves(packed: bool
         assert plan == plan_epoch(counts, lengths, 4, 3, 2, seed=7, epoch=epoch, packed=packed)  # every process
         # Equal lengths leave the first step the largest: the shuffled order cut into steps, nothing swapped.
         cut = plan_epoch(counts, [1] * len(lengths), 4, 3, 2, seed=7, epoch=epoch, packed=packed)
-        k = next(i for i, w in enumerate(cut) if any(150 in mb for mb in w.micro_batches))
-        assert max(size(mb) for mb in plan[0].micro_batches) == max(size(mb) for w in plan for mb in w.micro_batches)
-        assert any(150 in mb for mb in plan[0].micro_batches)
+        k = next(i for i, step in enumerate(examples(cut)) if 150 in step)
         cut[0], cut[k] = cut[k], cut[0]
         assert plan == cut
         swapped += k != 0
+        for split in ((12, 1, 2), (2, 6, 2), (24, 1, 1), (6, 2, 2)):  # 24 examples per step, split otherwise
+            assert examples(plan_epoch(counts, lengths, *split, seed=7, epoch=epoch, packed=packed)) == examples(plan)
     assert swapped  # the long example was not already in the first step every epoch
 
 

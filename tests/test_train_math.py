@@ -26,9 +26,10 @@ from finetune.training.metrics import Throughput, peak_memory_mb, tokens_per_sec
 
 ATOL = 1e-6  # gradients: same computation, different summation order
 # Adapters after a few Adam steps: Adam divides by sqrt(v), so the ~1e-7 relative noise of small gradients (padded
-# micro-batches of other shapes sum in another order) grows to ~2e-6 (measured); weighting micro-batches equally
-# instead of by tokens moves them by ~5e-2 (measured).
-ADAPTER_ATOL = 1e-5
+# micro-batches of other shapes sum in another order) grows to ~1e-6 in most elements (measured), and to 5e-5 in
+# one element whose gradient was near Adam's eps (measured, packed, on the steps planned since the largest goes
+# first); weighting micro-batches equally instead of by tokens moves them by ~5e-2 (measured).
+ADAPTER_ATOL = 5e-4
 
 
 @pytest.fixture(scope="module")

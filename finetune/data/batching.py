@@ -5,8 +5,8 @@ position ids restart at each example and ``cu_seq_lens`` marks the boundaries fo
 packing they are padded to the longest example. Either way a step sees the same examples, so a packed run and a
 padded run optimise the same objective.
 
-The plan of an epoch depends only on (seed, epoch): every process computes the same plan, takes its share of
-each window, and a resumed run finds its place by step number alone.
+The plan of an epoch depends only on the data, the seed and the epoch: every process computes the same plan,
+takes its share of each window, and a resumed run finds its place by step number alone.
 """
 
 from __future__ import annotations
@@ -42,11 +42,15 @@ def plan_epoch(
 ) -> list[Window]:
     """Cut an epoch into optimizer steps of ``grad_accum x world_size`` micro-batches.
 
-    ``lengths`` are the examples' tokens. The step holding the epoch's largest micro-batch (in tokens, padding
-    included when ``packed`` is false) trades places with the first step, so memory reaches its peak at once: a
-    batch that does not fit fails in the first step rather than hours in, and a CPU's heap grows once instead of
-    at every micro-batch longer than all before it. A last, shorter window is kept when every process still gets
-    at least one micro-batch.
+    ``lengths`` are the examples' tokens. The largest step trades places with the first, so memory reaches its
+    peak at once: a batch that does not fit fails in the first step rather than hours in, and a CPU's heap grows
+    there rather than at every later micro-batch larger than all before it (with one micro-batch per step, only
+    there). Largest means the most tokens when
+    ``packed`` (a row is as long as its examples together), and the longest example when not (a padded
+    micro-batch is its count times its longest example). Either depends only on which examples a step holds,
+    not on how they are split into micro-batches and processes, so ``grad_accum`` 4 of ``batch_size`` 2 still
+    takes the same steps as ``batch_size`` 8. A last, shorter window is kept when every process still gets at
+    least one micro-batch.
     """
     order = epoch_order(len(label_counts), seed, epoch)
     micro = [tuple(order[i : i + batch_size]) for i in range(0, len(order), batch_size)]
@@ -58,11 +62,12 @@ def plan_epoch(
             break
         windows.append(Window(chunk, sum(label_counts[j] for mb in chunk for j in mb)))
 
-    def size(mb: tuple[int, ...]) -> int:
-        return sum(lengths[j] for j in mb) if packed else len(mb) * max(lengths[j] for j in mb)
+    def size(window: Window) -> int:
+        examples = [lengths[j] for mb in window.micro_batches for j in mb]
+        return sum(examples) if packed else max(examples)
 
     if windows:
-        largest = max(range(len(windows)), key=lambda i: max(size(mb) for mb in windows[i].micro_batches))
+        largest = max(range(len(windows)), key=lambda i: size(windows[i]))
         windows[0], windows[largest] = windows[largest], windows[0]
     return windows
 

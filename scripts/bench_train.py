@@ -490,6 +490,9 @@ def main() -> None:
                     f"held-out after the same steps {_pct(ours['loss'], peer['loss'])}")
             if "loss_at_budget" in peer:
                 line += f", held-out at equal tokens {_pct(ours['loss_at_budget'], peer['loss_at_budget'])}"
+            if len(ours["rates"]) > 1:  # the rounds ran in pairs, back to back: their spread is the noise
+                pairs = zip(ours["rates"], peer["rates"])
+                line += "; speed per round x" + " x".join(f"{a / b:.2f}" for a, b in pairs)
             print(line)
     (work / "results.json").write_text(json.dumps({k: {kk: vv for kk, vv in v.items() if kk not in ("stdout", "stderr")}
                                                    for k, v in results.items()}

@@ -45,12 +45,11 @@ def plan_epoch(
     ``lengths`` are the examples' tokens. The largest step trades places with the first, so memory reaches its
     peak at once: a batch that does not fit fails in the first step rather than hours in, and a CPU's heap grows
     there rather than at every later micro-batch larger than all before it (with one micro-batch per step, only
-    there). Largest means the most tokens when
-    ``packed`` (a row is as long as its examples together), and the longest example when not (a padded
-    micro-batch is its count times its longest example). Either depends only on which examples a step holds,
-    not on how they are split into micro-batches and processes, so ``grad_accum`` 4 of ``batch_size`` 2 still
-    takes the same steps as ``batch_size`` 8. A last, shorter window is kept when every process still gets at
-    least one micro-batch.
+    there). Largest means the most tokens when ``packed`` (a row is as long as its examples together), and the
+    longest example when not (a padded micro-batch is its count times its longest example). Either depends only
+    on which examples a step holds, not on how they are split into micro-batches and processes, so
+    ``grad_accum`` 4 of ``batch_size`` 2 still takes the same steps as ``batch_size`` 8. A last, shorter window
+    is kept when every process still gets at least one micro-batch.
     """
     order = epoch_order(len(label_counts), seed, epoch)
     micro = [tuple(order[i : i + batch_size]) for i in range(0, len(order), batch_size)]

@@ -213,7 +213,7 @@ class _Loaded:
     tokenizer: Any
     prepared: Prepared
     label_counts: list[int]  # label tokens per training row: windows are planned from these
-    lengths: list[int]  # tokens per training row: the largest micro-batch goes first
+    lengths: list[int]  # tokens per training row: the largest step goes first
     model: Any  # the PEFT model: the trainable adapter on the frozen base
     trainable: list[torch.nn.Parameter]
 

@@ -2,6 +2,9 @@
 Qwen2 with grouped-query attention, q/k/v biases and an untied head, GPT-2 with Conv1D, LayerNorm and learned
 positions), or stays off and says so.
 
+Tiny models of other transformers families (Mistral, Qwen3, a mixture of experts, Gemma, Cohere, Bloom, ...) are
+held to the same standard, or refused with a reason where packing cannot be computed for them.
+
 The reference is what peft and transformers compute without us: eager attention over each sequence alone, peft's
 LoRA forward, the model's own norms and MLPs, cross-entropy over whole logits. The rewritten model is what
 training runs: one packed row through ``finetune_varlen`` attention, every rewrite ``rewrite_for_training``
@@ -16,10 +19,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from finetune.data.batching import collate_packed
+from finetune.data.batching import collate_packed, collate_padded
+from finetune.errors import ModelLoadError
+from finetune.modeling.load import load_base_model
 from finetune.modeling.ops import gemm, loss_rows, rewrite_for_training
 from finetune.modeling.ops.attention import VARLEN_ATTENTION, register_varlen_attention
 from finetune.modeling.ops.loss import CausalLMLoss
+from finetune.registry.sources import BaseSource
 from finetune.tiny import ARCHITECTURES, build_tiny_model
 
 CPU = torch.device("cpu")
@@ -275,3 +281,86 @@ def test_conv1d_lora_under_bf16_autocast_matches_peft():
     for name in g_ref:
         assert g[name].dtype == torch.float32
         torch.testing.assert_close(g[name], g_ref[name], rtol=2e-2, atol=2e-2, msg=name)
+
+
+# ------------------------------------------------------------------------------------------- other families
+# Built from transformers' own configs, random init; what each one tests beyond the three above.
+FAMILIES = {
+    "mistral": dict(sliding_window=8),  # windows shorter than the sequences
+    "qwen3": dict(head_dim=16),  # q and k normed per head
+    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                      shared_expert_intermediate_size=32),  # a mixture of experts as the last MLP, on loss rows
+    "gemma": dict(head_dim=16),  # its own RMSNorm and MLP: not ours
+    "gemma2": dict(head_dim=16),  # soft-capped attention (no packing) and soft-capped logits
+    "phi3": {},
+    "olmo2": {},
+    "starcoder2": {},
+    "gpt_neox": {},
+    "opt": dict(ffn_dim=128, word_embed_proj_dim=64),
+    "granite": dict(logits_scaling=4.0),  # divides its logits in its forward
+    "cohere": {},  # multiplies its logits by logit_scale in its forward
+    "stablelm": {},  # these three run their own attention over the whole row: no packing
+    "falcon": dict(new_decoder_architecture=True),
+    "bloom": dict(n_layer=2, n_head=4),
+}
+PACKING_REFUSED = {"gemma2": "soft-capping", "stablelm": "attention interface", "falcon": "attention interface",
+                   "bloom": "attention interface"}
+LOGITS_BY_THEIR_FORWARD = {"granite", "cohere"}
+VOCAB = 300
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        request.param, vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2, **FAMILIES[request.param])
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp(request.param) / "model"
+    AutoModelForCausalLM.from_config(config).save_pretrained(out)
+    return request.param, out
+
+
+def test_other_families_train_packed_as_the_reference_or_are_refused(family_dir):
+    family, model_dir = family_dir
+    reference = adapted(model_dir, "eager")
+    seqs = sequences(VOCAB)
+    if family in PACKING_REFUSED:
+        with pytest.raises(ModelLoadError, match="set train.packing: false") as refused:
+            load_base_model(BaseSource(str(model_dir)), torch.float32, VARLEN_ATTENTION)  # what training loads
+            rewritten_run(adapted(model_dir, VARLEN_ATTENTION), seqs)  # Gemma2: at its first attention call
+        assert PACKING_REFUSED[family] in str(refused.value)
+        return
+    load_base_model(BaseSource(str(model_dir)), torch.float32, VARLEN_ATTENTION)
+    changed = adapted(model_dir, VARLEN_ATTENTION)
+    paths = rewrite_for_training(changed, "fp32", CPU)
+    assert paths.loss.startswith("through ") == (family in LOGITS_BY_THEIR_FORWARD), paths.loss
+    ref_loss, ref_logits, ref_grads = reference_run(reference, seqs)
+    loss, count, logits, grads = rewritten_run(changed, seqs)
+    assert count == sum(n - 1 for n in LENGTHS)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+    _assert_same_training(loss, grads, ref_loss, ref_grads)
+
+
+def test_other_families_train_padded_as_the_reference(family_dir):
+    """Without packing (``train.packing: false``), every family trains, with the rewrites that recognise it."""
+    family, model_dir = family_dir
+    reference, changed = adapted(model_dir, "eager"), adapted(model_dir, None)  # None: transformers' default
+    paths = rewrite_for_training(changed, "fp32", CPU)
+    assert paths.loss.startswith("through ") == (family in LOGITS_BY_THEIR_FORWARD), paths.loss
+    seqs = sequences(VOCAB)
+    ref_loss, _, ref_grads = reference_run(reference, seqs)
+    loss, count = CausalLMLoss(changed)(**collate_padded([{"input_ids": s, "labels": s} for s in seqs], 0))
+    loss.backward()
+    assert int(count) == sum(n - 1 for n in LENGTHS)
+    _assert_same_training(loss.detach(), _adapter_grads(changed), ref_loss, ref_grads)
+
+
+def _assert_same_training(loss, grads, ref_loss, ref_grads) -> None:
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-4)
+    assert grads.keys() == ref_grads.keys() and grads
+    for name, grad in ref_grads.items():
+        assert grad.abs().max() > 0, name
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)

@@ -149,6 +149,27 @@ def test_messages_without_a_chat_template(root: Path, tmp_path: Path, capsys):
     Attempt(root, capsys, cfg).assert_refused(f"{data}:1", "no chat template")
 
 
+def test_a_base_whose_attention_cannot_take_packed_rows(root: Path, tmp_path: Path, tiny_model_dir: Path, capsys):
+    """StableLM runs its own attention over the whole row, so packed sequences would see each other: refused
+    before its weights load, naming the fix; with that fix the same base trains."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    base = tmp_path / "stablelm"
+    config = AutoConfig.for_model("stablelm", vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4,
+                                  pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                                  eos_token_id=tok.eos_token_id)
+    AutoModelForCausalLM.from_config(config).save_pretrained(base)
+    tok.save_pretrained(base)
+    capsys.readouterr()  # saving's progress bar
+    cfg = write(tmp_path / "c.yaml", config_dict(sample_data_path(), base_model=str(base)))
+    Attempt(root, capsys, cfg).assert_refused("cannot train StableLmForCausalLM", "set train.packing: false")
+    attempt = Attempt(root, capsys, cfg, "--set", "train.packing=false")
+    assert attempt.rc == 0, attempt.err
+    assert attempt.new_versions == 1 and attempt.records[0].status == "succeeded"
+
+
 def test_overlong_row_with_overlong_error_names_the_row(root: Path, tmp_path: Path, capsys):
     rows = ALPACA_ROWS[:3] + [{"instruction": "Repeat.", "input": "", "output": "red green blue " * 40}]
     data = write_jsonl(tmp_path / "long.jsonl", rows)

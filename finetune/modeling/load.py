@@ -51,14 +51,18 @@ def _raise_if_offline(source: BaseSource, err: BaseException) -> None:
 
 def base_context(source: BaseSource) -> int | None:
     """The most positions the base model was built for (its config's ``max_position_embeddings``), if it says."""
+    value = getattr(_base_config(source), "max_position_embeddings", None)
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def _base_config(source: BaseSource):
+    """The base model's config; None where it cannot be read (loading the model itself reports that properly)."""
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(source.load_path, revision=source.revision)
+        return AutoConfig.from_pretrained(source.load_path, revision=source.revision)
     except (OSError, ValueError):
-        return None  # loading the model itself reports this properly
-    value = getattr(config, "max_position_embeddings", None)
-    return value if isinstance(value, int) and value > 0 else None
+        return None
 
 
 def load_base_model(source: BaseSource, dtype: torch.dtype, attn_implementation: str | None = None):
@@ -66,8 +70,10 @@ def load_base_model(source: BaseSource, dtype: torch.dtype, attn_implementation:
     from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {"dtype": dtype, "revision": source.revision}
-    if attn_implementation == VARLEN_ATTENTION:
+    packed = attn_implementation == VARLEN_ATTENTION
+    if packed:
         register_varlen_attention()
+        _refuse_unpackable(_causal_lm_class(source))  # before the weights load: some models fail on unknown names
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:
@@ -78,8 +84,30 @@ def load_base_model(source: BaseSource, dtype: torch.dtype, attn_implementation:
             f"cannot load base model {source.description}: {one_line(err)}",
             "check that it exists (a registry ref, a local folder, or a hub id) and that the files are intact",
         ) from None
+    if packed:
+        _refuse_unpackable(type(model))  # a class the config did not name (remote code)
     model.requires_grad_(False)
     return model
+
+
+def _causal_lm_class(source: BaseSource) -> type | None:
+    """The transformers class that loads ``source`` as a causal LM, when its config names a known one."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    kind = type(_base_config(source))
+    return MODEL_FOR_CAUSAL_LM_MAPPING[kind] if kind in MODEL_FOR_CAUSAL_LM_MAPPING else None
+
+
+def _refuse_unpackable(model_class: type | None) -> None:
+    """Packed rows need a model that hands our attention function its keyword arguments (the sequence bounds):
+    transformers marks such models ``_supports_attention_backend``. The others (Bloom, Falcon, StableLM among
+    them) run their own attention over the whole row, so packed sequences would attend to one another."""
+    check = getattr(model_class, "is_backend_compatible", None)
+    if check is not None and not check():
+        raise ModelLoadError(
+            f"packed attention ({VARLEN_ATTENTION}) cannot train {model_class.__name__}: its attention does not "
+            "take transformers' attention interface, so sequences packed into one row would see each other",
+            "set train.packing: false to train it on padded batches")
 
 
 def attach_lora(model, lora: Any, adapter_dir: str | None = None, trainable: bool = True):

@@ -75,7 +75,7 @@ def rewrite_for_training(model, precision: str, device: torch.device) -> FusedPa
     from .attention import attention_path
     from .gemm import choose_fp32_cpu_linear, use_onednn
     from .lora import fuse_lora_updates, keep_activations_in_compute_dtype, lora_path
-    from .loss import fuses_head
+    from .loss import logits_path
     from .loss_rows import last_mlp_on_loss_rows
     from .mlp import fuse_gated_mlps, fuse_tanh_gelus
     from .norms import fuse_rms_norms
@@ -95,6 +95,7 @@ def rewrite_for_training(model, precision: str, device: torch.device) -> FusedPa
     last_mlp = last_mlp_on_loss_rows(model)
     rotary = fuse_rotary(model)
     lora = Counter(lora_path(m) for m in model.modules() if isinstance(m, BaseTunerLayer))
+    autocast = None if precision == "fp32" else torch_dtype(precision)  # as training runs the model
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     head = inner.get_output_embeddings()
     return FusedPaths(
@@ -104,13 +105,19 @@ def rewrite_for_training(model, precision: str, device: torch.device) -> FusedPa
         gated_mlps=mlps,
         other_mlps=_unchanged(model, ("MLP",)),
         tanh_gelus=gelus,
-        loss="fused" if fuses_head(head) else f"autograd ({type(head).__name__} head)",
+        loss=_loss_description(logits_path(model, autocast), inner, head),
         last_mlp_loss_rows=last_mlp,
         attention=attention_path(inner.config, device, torch_dtype(precision)),
         rotary=rotary,
         other_attention=_unchanged(model, ("Attention",)),
         gemm=gemm,
     )
+
+
+def _loss_description(path: str, inner, head) -> str:
+    if path == "model":
+        return f"through {type(inner).__name__}.forward (its logits are more than its output layer's)"
+    return "fused" if path == "fused" else f"autograd ({type(head).__name__} head)"
 
 
 def _unchanged(model, suffixes: tuple[str, ...]) -> tuple[str, ...]:

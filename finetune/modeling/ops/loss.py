@@ -4,10 +4,16 @@ The output layer projects to the vocabulary only where a label exists (completio
 instruction data), and with a frozen output layer the projection, the loss and the gradient with respect to the
 hidden states are computed together, a chunk of rows at a time: no ``tokens x vocab`` fp32 logits are kept for
 the backward pass, or even exist beyond one chunk.
+
+That takes the logits to be the output layer applied to the decoder's last hidden state (soft-capped where the
+config says so). Some models do more in their own ``forward`` (Cohere multiplies the logits by ``logit_scale``,
+Granite divides them by ``logits_scaling``); :func:`logits_path` finds out by running the model once on a few
+tokens, and such models take their own ``forward`` for the logits.
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -41,7 +47,7 @@ class CausalLMLoss(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
-        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        inner = _inner(model)
         self._decoder = inner.get_decoder()
         self._head = inner.get_output_embeddings()
         self._softcap = getattr(inner.config, "final_logit_softcapping", None)
@@ -62,11 +68,26 @@ class CausalLMLoss(nn.Module):
         targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
         read = targets != IGNORE_INDEX
         rows = read.nonzero().squeeze(1)
+        inputs = dict(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False,
+                      **kwargs)
+        if logits_path(self.model) == "model":
+            with loss_rows(self.model, read):
+                logits = self._model_logits(inputs, rows)
+            loss = F.cross_entropy(logits.float(), targets.index_select(0, rows), reduction="sum")
+            return loss, rows.new_tensor(rows.numel())
         with loss_rows(self.model, read):  # the last MLP needs no other rows (ops.loss_rows)
-            hidden = self._decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
-                                   use_cache=False, **kwargs).last_hidden_state
+            hidden = self._decoder(**inputs).last_hidden_state
         selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
         return self.token_loss(selected, targets.index_select(0, rows)), rows.new_tensor(rows.numel())
+
+    def _model_logits(self, inputs: dict[str, Any], rows: torch.Tensor) -> torch.Tensor:
+        """The model's own logits at ``rows`` (flat indices over batch x tokens), as ``[rows, vocab]``. A single
+        row (packed batches) asks the model for those positions only, where its ``forward`` takes
+        ``logits_to_keep``; otherwise whole logits are computed and the rows picked from them."""
+        keep = inputs["input_ids"].shape[0] == 1 and _takes_logits_to_keep(_inner(self.model))
+        logits = self.model(**inputs, **({"logits_to_keep": rows} if keep else {})).logits
+        logits = logits.reshape(-1, logits.shape[-1])
+        return logits if keep else logits.index_select(0, rows)
 
     def token_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Summed cross-entropy of the output layer's logits at ``hidden`` rows against ``targets``."""
@@ -80,6 +101,78 @@ class CausalLMLoss(nn.Module):
         if self._softcap:
             logits = torch.tanh(logits / self._softcap) * self._softcap
         return F.cross_entropy(logits, targets, reduction="sum")
+
+
+_FROM_HEAD = "_finetune_logits_from_head"  # on the inner model: the outcome of _logits_from_head, checked once
+
+
+def logits_path(model: nn.Module, autocast: torch.dtype | None = None) -> str:
+    """How :class:`CausalLMLoss` gets a model's logits: ``"fused"`` (a frozen output layer, fused with the
+    cross-entropy), ``"autograd"`` (a trained or wrapped output layer: whole logits through autograd) or
+    ``"model"`` (the model's ``forward`` does more than apply its output layer: that ``forward`` computes them).
+    The last is found by running the model once on a few tokens (see :func:`_logits_from_head`), under
+    ``autocast`` to that dtype when given, as training runs it; the answer is kept on the model."""
+    inner = _inner(model)
+    from_head = getattr(inner, _FROM_HEAD, None)
+    if from_head is None:
+        from_head = _logits_from_head(model, autocast)
+        setattr(inner, _FROM_HEAD, from_head)
+    if not from_head:
+        return "model"
+    return "fused" if fuses_head(inner.get_output_embeddings()) else "autograd"
+
+
+def _logits_from_head(model: nn.Module, autocast: torch.dtype | None) -> bool:
+    """Whether ``model``'s logits are its output layer applied to its decoder's last hidden state, soft-capped
+    where the config says so: what the loss computes without the model's ``forward``. Checked on eight tokens,
+    in eval mode (no dropout), without gradients; the modules' modes are restored after."""
+    inner = _inner(model)
+    decoder, head = inner.get_decoder(), inner.get_output_embeddings()
+    seen: dict[str, Any] = {}
+
+    def keep(name: str, value: Any) -> None:  # a hook returning something would replace the module's output
+        seen.setdefault(name, value)
+
+    hooks = [decoder.register_forward_hook(lambda m, args, out: keep("decoder", out[0])),
+             head.register_forward_hook(lambda m, args, out: keep("head", (args[0], out)))]
+    modes = {module: module.training for module in model.modules()}
+    vocab = head.weight.shape[0]
+    device = head.weight.device
+    ids = ((torch.arange(1, 9) * 7919) % vocab).unsqueeze(0).to(device)
+    try:
+        model.eval()
+        with torch.no_grad(), torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+            logits = model(input_ids=ids, use_cache=False).logits
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for module, mode in modes.items():
+            module.training = mode
+    if "decoder" not in seen or "head" not in seen:
+        return False  # the model did not go through them: nothing says its logits are theirs
+    head_in, head_out = seen["head"]
+    expected = head_out.float()
+    softcap = getattr(inner.config, "final_logit_softcapping", None)
+    if softcap:
+        expected = torch.tanh(expected / softcap) * softcap
+    return _same(head_in, seen["decoder"]) and _same(logits, expected)
+
+
+def _same(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """Equal shapes and values, up to rounding (two ways of doing the same arithmetic in the same dtypes)."""
+    if got.shape != want.shape:
+        return False
+    tol = 1e-4 if got.dtype == want.dtype == torch.float32 else 2e-2
+    want = want.float()
+    return bool((got.float() - want).abs().max() <= tol * want.abs().max().clamp(min=1e-6))
+
+
+def _takes_logits_to_keep(inner: nn.Module) -> bool:
+    return "logits_to_keep" in inspect.signature(type(inner).forward).parameters
+
+
+def _inner(model: nn.Module) -> nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def fuses_head(head: nn.Module) -> bool:

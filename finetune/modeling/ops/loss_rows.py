@@ -42,11 +42,13 @@ class _RowSelection:
             return None
         (x,) = args
         self.shape = x.shape
-        return (x.reshape(-1, x.shape[-1]).index_select(0, self.rows),)
+        # as one row of a batch: MLPs may insist on (batch, tokens, features), as mixture-of-experts blocks do
+        return (x.reshape(-1, x.shape[-1]).index_select(0, self.rows).unsqueeze(0),)
 
     def put_back(self, module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
         if self.rows is None:
             return None
+        out = out.reshape(-1, out.shape[-1])
         full = out.new_zeros(self.shape[:-1].numel(), out.shape[-1]).index_copy(0, self.rows, out)
         return full.view(*self.shape[:-1], out.shape[-1])
 

@@ -25,6 +25,7 @@ from finetune.modeling.load import load_base_model
 from finetune.modeling.ops import gemm, loss_rows, rewrite_for_training
 from finetune.modeling.ops.attention import VARLEN_ATTENTION, register_varlen_attention
 from finetune.modeling.ops.loss import CausalLMLoss
+from finetune.modeling.ops.mlp import fuse_gated_mlps
 from finetune.registry.sources import BaseSource
 from finetune.tiny import ARCHITECTURES, build_tiny_model
 
@@ -93,12 +94,25 @@ def _adapter_grads(model) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def with_lean_mlps(model, arch: str) -> None:
+    """Add the gated-MLP rewrite, which training leaves off in fp32 on CPUs and uses in bf16 and on GPUs: checked
+    here in fp32, where the comparison is tightest."""
+    assert fuse_gated_mlps(model) == (0 if arch == "gpt2" else model.config.num_hidden_layers)
+
+
+LEAN_MLPS = pytest.mark.parametrize("lean_mlps", [False, True], ids=["fp32-cpu-paths", "with-lean-mlps"])
+
+
+@LEAN_MLPS
 @pytest.mark.parametrize("onednn", [False, True], ids=["torch-matmuls", "onednn-matmuls"])
-def test_rewritten_training_equals_the_reference(arch_dir, onednn: bool, monkeypatch: pytest.MonkeyPatch):
+def test_rewritten_training_equals_the_reference(arch_dir, onednn: bool, lean_mlps: bool,
+                                                 monkeypatch: pytest.MonkeyPatch):
     arch, model_dir = arch_dir
     reference = adapted(model_dir, "eager")
     changed = adapted(model_dir, VARLEN_ATTENTION)
     paths = rewrite_for_training(changed, "fp32", CPU)
+    if lean_mlps:
+        with_lean_mlps(changed, arch)
     if onednn and not gemm.onednn_available():
         pytest.skip("this torch build has no oneDNN linear")
     monkeypatch.setattr(gemm, "_onednn", onednn)  # whichever this machine takes, check both libraries
@@ -116,16 +130,19 @@ def test_rewritten_training_equals_the_reference(arch_dir, onednn: bool, monkeyp
         torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
+@LEAN_MLPS
 @pytest.mark.parametrize("multiple", [1, 16])
-def test_prompt_masked_training_equals_the_reference(arch_dir, multiple, monkeypatch):
+def test_prompt_masked_training_equals_the_reference(arch_dir, multiple, lean_mlps, monkeypatch):
     """Instruction data: only completions are labelled, so the last MLP runs on those rows alone, or on those and
     a few others to round the count (ops.loss_rows); loss and gradients still equal the reference's over the
     same labels."""
-    _, model_dir = arch_dir
+    arch, model_dir = arch_dir
     monkeypatch.setattr(loss_rows, "ROW_MULTIPLE", multiple)  # the real one (256) exceeds these tiny batches
     reference = adapted(model_dir, "eager")
     changed = adapted(model_dir, VARLEN_ATTENTION)
     assert rewrite_for_training(changed, "fp32", CPU).last_mlp_loss_rows
+    if lean_mlps:
+        with_lean_mlps(changed, arch)
     seqs = sequences(reference.config.vocab_size)
     prompts = [2, 20, 41]  # tokens of each sequence that are prompt, unlabelled
     examples = [{"input_ids": s, "labels": [-100] * p + s[p:]} for s, p in zip(seqs, prompts)]
@@ -173,13 +190,19 @@ def test_the_active_paths_are_reported_per_architecture(arch_dir):
     if arch == "gpt2":  # LayerNorm, a GELU MLP, learned positions: only the GELU is ours, and the log says so
         assert (paths.rms_norms, paths.gated_mlps, paths.tanh_gelus, paths.rotary) == (0, 0, layers, 0)
         assert f"rmsnorm 0 ({2 * layers + 1} LayerNorm unchanged)" in text
-        assert f"gated-mlp 0 (2 GPT2MLP unchanged), tanh-gelu {layers}" in text
+        assert f"gated-mlp off in fp32 on CPUs (2 GPT2MLP unchanged), tanh-gelu {layers}" in text
         assert f"rope 0 ({layers} GPT2Attention unchanged)" in text
     else:
-        assert (paths.rms_norms, paths.gated_mlps, paths.tanh_gelus) == (2 * layers + 1, layers, 0)
+        assert (paths.rms_norms, paths.gated_mlps, paths.tanh_gelus) == (2 * layers + 1, 0, 0)
         assert paths.rotary == layers
-        assert paths.other_norms == paths.other_mlps == paths.other_attention == ()
+        assert paths.other_norms == paths.other_attention == ()
+        mlp = {"llama": "LlamaMLP", "qwen2": "Qwen2MLP"}[arch]
+        assert paths.other_mlps == (f"{layers} {mlp}",)
+        assert f"gated-mlp off in fp32 on CPUs ({layers} {mlp} unchanged), loss" in text
         assert "tanh-gelu" not in text and f", rope {layers}, " in text
+        # in bf16 (and on GPUs) the gated MLPs take the rewrite that keeps fewer activations
+        bf16 = rewrite_for_training(adapted(model_dir, VARLEN_ATTENTION), "bf16", CPU)
+        assert (bf16.gated_mlps, bf16.other_mlps) == (layers, ()) and f"gated-mlp {layers}, " in str(bf16)
 
 
 def test_fallbacks_are_reported(arch_dir):

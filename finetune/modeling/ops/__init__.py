@@ -46,13 +46,15 @@ class FusedPaths:
     rotary: int
     other_attention: tuple[str, ...]
     gemm: str  # which library runs the fp32 CPU products of the rewritten paths
+    gated_mlps_off: bool = False  # the gated-MLP rewrite left off by choice (fp32 on a CPU), not for want of a match
 
     def __str__(self) -> str:
         total = sum(self.lora.values())
         lora = f"lora {self.lora['fused']}/{total} layers"
         if total != self.lora["fused"]:
             lora += " (" + ", ".join(f"{n} {k}" for k, n in sorted(self.lora.items()) if k != "fused") + ")"
-        norms, mlps = f"rmsnorm {self.rms_norms}", f"gated-mlp {self.gated_mlps}"
+        norms = f"rmsnorm {self.rms_norms}"
+        mlps = "gated-mlp off in fp32 on CPUs" if self.gated_mlps_off else f"gated-mlp {self.gated_mlps}"
         if self.other_norms:
             norms += f" ({', '.join(self.other_norms)} unchanged)"
         if self.other_mlps:
@@ -90,7 +92,11 @@ def rewrite_for_training(model, precision: str, device: torch.device) -> FusedPa
         gemm = "torch"
     fuse_lora_updates(model)
     rms = fuse_rms_norms(model)
-    mlps = fuse_gated_mlps(model)
+    # The gated-MLP rewrite recomputes activations in the backward pass to keep fewer. In fp32 on a CPU that
+    # costs 1-2% of a step, and memory is not what limits there (BENCHMARKS.md, sixth session): the model's own
+    # MLP runs. In bf16 the two run alike, and on GPUs memory is what limits.
+    mlps_off = precision == "fp32" and device.type == "cpu"
+    mlps = 0 if mlps_off else fuse_gated_mlps(model)
     gelus = fuse_tanh_gelus(model)
     last_mlp = last_mlp_on_loss_rows(model)
     rotary = fuse_rotary(model)
@@ -111,6 +117,7 @@ def rewrite_for_training(model, precision: str, device: torch.device) -> FusedPa
         rotary=rotary,
         other_attention=_unchanged(model, ("Attention",)),
         gemm=gemm,
+        gated_mlps_off=mlps_off,
     )
 
 

@@ -92,9 +92,9 @@ def rewrite_for_training(model, precision: str, device: torch.device) -> FusedPa
         gemm = "torch"
     fuse_lora_updates(model)
     rms = fuse_rms_norms(model)
-    # The gated-MLP rewrite recomputes activations in the backward pass to keep fewer. In fp32 on a CPU that
-    # costs 1-2% of a step, and memory is not what limits there (BENCHMARKS.md, sixth session): the model's own
-    # MLP runs. In bf16 the two run alike, and on GPUs memory is what limits.
+    # The gated-MLP rewrite recomputes two activations in the backward pass rather than keep them. In fp32 on a
+    # CPU that costs 1-2% of a step to save 4-9% of the peak (BENCHMARKS.md, sixth session), so the model's own
+    # MLP runs there; in bf16 the two run alike, and GPUs are shorter of memory.
     mlps_off = precision == "fp32" and device.type == "cpu"
     mlps = 0 if mlps_off else fuse_gated_mlps(model)
     gelus = fuse_tanh_gelus(model)

@@ -228,3 +228,50 @@ def test_a_single_version_is_merged_in_place_and_the_base_restored_exactly(reg: 
     assert compared >= len(original) - 1  # every base weight (a tied head may appear once)
     cache.release(first)
     cache.release(second)
+
+
+def test_a_sliding_window_cache_joins_a_running_batch_to_the_same_greedy_outputs(tiny_model_dir: Path,
+                                                                               tmp_path: Path,
+                                                                               monkeypatch: pytest.MonkeyPatch):
+    """Mistral with a window of 8 positions, shorter than every prompt, which the attention masks apply to the
+    left-padded rows: requests that join a running batch (their caches left-padded and stacked onto it) still
+    give `finetune predict`'s greedy text."""
+    import torch
+    from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
+
+    from finetune.inference import GenerationSettings, generate, load_version
+
+    monkeypatch.setattr(atomic, "_FSYNC", False)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    base = tmp_path / "mistral"
+    torch.manual_seed(0)
+    MistralForCausalLM(MistralConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, sliding_window=8, pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)).save_pretrained(base)
+    tok.save_pretrained(base)
+    reg = Registry(tmp_path / "registry")
+    import_base(reg, "alice/base", str(base))
+    cfg = config_from_dict({"base_model": "alice/base:1", "data": {"path": str(sample_data_path())},
+                            "train": {"max_steps": 2, "batch_size": 8, "lr": 1e-3, "precision": "fp32"}})
+    ref = training.train(cfg, registry=reg, destination="alice/sw", create_destination=True, progress=False).version.ref
+    prompts = [PROMPT, "Name a color.", "What is the capital of France? Answer in one word."]
+    loaded = load_version(reg, ref, device="cpu")
+    expected = [generate(loaded, p, GenerationSettings(max_new_tokens=24)) for p in prompts]
+    assert all(expected)  # a random model might say end-of-text first: then there would be nothing to compare
+    events = Events()
+    w = LocalWorker(WorkerConfig(str(reg.root), device="cpu"), events)
+    try:
+        w.submit("running", ref, {"prompt": PROMPT, "max_new_tokens": 400})
+        with events.cond:  # decoding already: the others join its batch
+            events.cond.wait_for(lambda: sum(k == "output" for k, _ in events.by_id.get("running", [])) >= 3, 60)
+        for n, prompt in enumerate(prompts):
+            w.submit(f"joins{n}", ref, {"prompt": prompt, "max_new_tokens": 24})
+        for n in range(len(prompts)):
+            done = events.end(f"joins{n}")
+            assert done["status"] == "succeeded" and done["metrics"]["input_token_count"] > 8  # past the window
+        w.cancel("running")
+        assert events.end("running")["status"] == "canceled"  # it was still decoding: the others joined it
+        assert [events.text(f"joins{n}") for n in range(len(prompts))] == expected
+    finally:
+        w.close()

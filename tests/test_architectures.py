@@ -315,7 +315,7 @@ FAMILIES = {
                       shared_expert_intermediate_size=32),  # a mixture of experts as the last MLP, on loss rows
     "gemma": dict(head_dim=16),  # its own RMSNorm and MLP: not ours
     "gemma2": dict(head_dim=16),  # soft-capped attention (no packing) and soft-capped logits
-    "phi3": {},
+    "phi3": dict(partial_rotary_factor=0.5),  # RoPE on half of each head's features
     "olmo2": {},
     "starcoder2": {},
     "gpt_neox": {},
@@ -325,10 +325,14 @@ FAMILIES = {
     "stablelm": {},  # these three run their own attention over the whole row: no packing
     "falcon": dict(new_decoder_architecture=True),
     "bloom": dict(n_layer=2, n_head=4),
+    "lfm2": dict(layer_types=["conv", "full_attention"]),  # a convolution along the sequence: no packing
+    "recurrent_gemma": dict(block_types=["recurrent", "attention"], head_dim=16, lru_width=64,
+                            attention_window_size=16),  # a recurrence along the sequence: no packing
 }
 PACKING_REFUSED = {"gemma2": "soft-capping", "stablelm": "attention interface", "falcon": "attention interface",
-                   "bloom": "attention interface"}
-LOGITS_BY_THEIR_FORWARD = {"granite", "cohere"}
+                   "bloom": "attention interface", "lfm2": "packed before it", "recurrent_gemma": "packed before it"}
+LOGITS_BY_THEIR_FORWARD = {"granite", "cohere", "recurrent_gemma"}  # RecurrentGemma soft-caps by its own name
+PARTIAL_ROTARY = {"phi3", "gpt_neox"}  # their RoPE function rotates a part of each head, and is ours now
 VOCAB = 300
 
 
@@ -360,6 +364,8 @@ def test_other_families_train_packed_as_the_reference_or_are_refused(family_dir)
     changed = adapted(model_dir, VARLEN_ATTENTION)
     paths = rewrite_for_training(changed, "fp32", CPU)
     assert paths.loss.startswith("through ") == (family in LOGITS_BY_THEIR_FORWARD), paths.loss
+    if family in PARTIAL_ROTARY:
+        assert paths.rotary == changed.config.num_hidden_layers
     ref_loss, ref_logits, ref_grads = reference_run(reference, seqs)
     loss, count, logits, grads = rewritten_run(changed, seqs)
     assert count == sum(n - 1 for n in LENGTHS)

@@ -361,6 +361,65 @@ def test_rotary_function_equals_transformers(case: str):
     assert results[0][2].dtype == dtype
 
 
+@pytest.mark.parametrize("family", ["phi3", "gpt_neox"])
+@pytest.mark.parametrize("rotary", [8, 16])  # a part of each head's 16 features, and all of them
+def test_partial_rotary_function_equals_transformers(family: str, rotary: int):
+    """Phi-3's and GPT-NeoX's RoPE functions rotate the first ``cos.shape[-1]`` features and pass the others
+    through: ours gives the same outputs and input gradients, through both."""
+    import importlib
+
+    from finetune.modeling.ops.rotary import apply_partial_rotary_pos_emb as ours
+
+    theirs = importlib.import_module(f"transformers.models.{family}.modeling_{family}").apply_rotary_pos_emb
+    generator = torch.Generator().manual_seed(0)
+    angles = torch.arange(11).float()[:, None] * torch.linspace(0.1, 1.0, rotary // 2)
+    cos, sin = (torch.cat([f(angles)] * 2, dim=-1).unsqueeze(0) for f in (torch.cos, torch.sin))
+    q, k = torch.randn(1, 4, 11, 16, generator=generator), torch.randn(1, 2, 11, 16, generator=generator)
+    grads = [torch.randn(1, h, 11, 16, generator=generator) for h in (4, 2)]
+    results = []
+    for function in (theirs, ours):
+        inputs = [t.clone().requires_grad_() for t in (q, k)]
+        outs = function(*inputs, cos, sin)
+        torch.autograd.backward(outs, grads)
+        results.append([*outs, *(t.grad for t in inputs)])
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    if rotary < 16:  # the features past the rotary part are passed through, forward and back
+        assert torch.equal(results[1][0][..., rotary:], q[..., rotary:])
+        assert torch.equal(results[1][2][..., rotary:], grads[0][..., rotary:])
+
+
+def test_same_code_ignores_docstrings_only():
+    from finetune.modeling.ops import same_code
+
+    def f(x):
+        """One docstring."""
+        return x * 2
+
+    def g(y):
+        """Another, reworded in a copy."""
+        return y * 2
+
+    def h(x):
+        """One docstring."""
+        return x * 3
+
+    def bare(x):
+        return x * 2
+
+    def says(x):
+        """Hello."""
+        return "Hello."  # the same constant as the docstring: the code loads the docstring's slot
+
+    def says_other(x):
+        """Goodbye."""
+        return "Goodbye."
+
+    assert same_code(f, g) and same_code(g, f) and same_code(f, bare)
+    assert not same_code(f, h) and not same_code(h, bare)
+    assert not same_code(says, says_other)  # same bytecode, different results
+
+
 def test_rotary_rewrite_keeps_cached_generation_and_the_renamed_argument(tiny_model_dir):
     """The rewritten layers run their own forward code: with a key/value cache (generation), and with the old
     ``past_key_values`` argument name, which transformers' decorator still translates."""

@@ -13,7 +13,7 @@ import torch
 
 from ..errors import ConfigError, ModelLoadError, one_line
 from ..registry.sources import BaseSource
-from .ops.attention import VARLEN_ATTENTION, register_varlen_attention
+from .ops.attention import VARLEN_ATTENTION, refuse_inexact_packing, register_varlen_attention
 
 
 def load_tokenizer(source: BaseSource):
@@ -86,6 +86,7 @@ def load_base_model(source: BaseSource, dtype: torch.dtype, attn_implementation:
         ) from None
     if packed:
         _refuse_unpackable(type(model))  # a class the config did not name (remote code)
+        refuse_inexact_packing(model)  # attention through the interface, and still something else mixes positions
     model.requires_grad_(False)
     return model
 

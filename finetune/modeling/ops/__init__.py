@@ -12,6 +12,7 @@ products those paths own.
 
 from __future__ import annotations
 
+import dis
 import inspect
 from collections import Counter
 from dataclasses import dataclass
@@ -24,10 +25,23 @@ def same_code(function: Any, reference: Any) -> bool:
     """Whether ``function`` is ``reference``'s code (a copy in another model family counts), by its bytecode.
 
     Decorated functions are compared by what they wrap: transformers wraps many ``forward`` methods in the same
-    generic decorators (argument deprecations, gradient checkpointing), whose code is alike for every model."""
-    code, ref = getattr(inspect.unwrap(function), "__code__", None), inspect.unwrap(reference).__code__
-    return (code is not None and code.co_code == ref.co_code and code.co_consts == ref.co_consts
-            and code.co_names == ref.co_names)
+    generic decorators (argument deprecations, gradient checkpointing), whose code is alike for every model.
+    Docstrings do not count: copies in other families often reword them."""
+    function, reference = inspect.unwrap(function), inspect.unwrap(reference)
+    code, ref = getattr(function, "__code__", None), reference.__code__
+    return (code is not None and code.co_code == ref.co_code and code.co_names == ref.co_names
+            and _constants(function) == _constants(reference))
+
+
+def _constants(function: Any) -> tuple:
+    """The code's constants but the docstring's slot: CPython up to 3.13 keeps a function's docstring first among
+    them, or None there when it has none. The slot is left out only when the code never loads it."""
+    code = function.__code__
+    consts, doc = code.co_consts, function.__doc__
+    slot = consts[:1] == (doc,) if doc is not None else consts[:1] == (None,)
+    loads_slot = any(ins.opname in ("LOAD_CONST", "RETURN_CONST") and ins.arg == 0
+                     for ins in dis.get_instructions(code))
+    return consts[1:] if slot and not loads_slot else consts
 
 
 @dataclass(frozen=True)

@@ -114,6 +114,39 @@ def _refuse_unsupported(module: nn.Module, kwargs: dict[str, Any]) -> None:
                              f"{' and '.join(found)}", "set train.packing: false to train it on padded batches")
 
 
+def refuse_inexact_packing(model: nn.Module) -> None:
+    """Stop with a one-line reason if packing would not be exact for ``model`` (loaded with this attention).
+
+    Packed rows are exact only if no sequence's outputs depend on the sequences before it in the row. This
+    attention keeps sequences apart, but a model may also mix positions elsewhere: convolutions or recurrences
+    along the sequence (LFM2, RecurrentGemma), linear attention (MiniMax). Checked by running the model on one
+    sequence packed after each of two others: its logits must stay the same, up to rounding (measured on 24
+    families: exact ones moved by 4e-7 of their largest logit at most, mixing ones by 1.4e-2 at least;
+    BENCHMARKS.md). Eval mode, no gradients; the modules' modes are restored after."""
+    embeddings = model.get_input_embeddings()
+    vocab, device = embeddings.num_embeddings, embeddings.weight.device
+    first, second = (((torch.arange(8) * step + 3) % vocab).to(device) for step in (7919, 104729))
+    follower = ((torch.arange(8) * 15485863 + 5) % vocab).to(device)
+    positions = torch.cat([torch.arange(8), torch.arange(8)]).unsqueeze(0).to(device)
+    bounds = torch.tensor([0, 8, 16], dtype=torch.int32, device=device)
+    modes = {module: module.training for module in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            logits = [model(input_ids=torch.cat([before, follower]).unsqueeze(0), position_ids=positions,
+                            cu_seq_lens_q=bounds, use_cache=False).logits[0, 8:].float()
+                      for before in (first, second)]
+    finally:
+        for module, mode in modes.items():
+            module.training = mode
+    moved = (logits[0] - logits[1]).abs().max() / logits[1].abs().max().clamp(min=1e-6)
+    if moved > 1e-4:
+        raise ModelLoadError(
+            f"packed attention ({VARLEN_ATTENTION}) cannot train {type(model).__name__}: a sequence's outputs "
+            "depend on the sequences packed before it (layers that mix positions outside attention)",
+            "set train.packing: false to train it on padded batches")
+
+
 def _causal_attention_sdpa(q, k, v, dropout: float, scaling: float | None,
                            window: int | None = None) -> torch.Tensor:
     n = q.shape[2]

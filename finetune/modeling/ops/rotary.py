@@ -1,5 +1,6 @@
 """Rotary position embeddings (RoPE) as one autograd function, in the attention layers that use transformers'
-rotate-half RoPE (Llama, Qwen2, Mistral and the others that copy it).
+rotate-half RoPE (Llama, Qwen2, Mistral and the others that copy it), over all of each head's features or over
+its first part only (partial rotary: Phi-3's and GPT-NeoX's functions, and the families that copy them).
 
 transformers computes ``q * cos + rotate_half(q) * sin``, where ``rotate_half`` slices ``q`` in two halves,
 negates one and concatenates them: six passes over ``q`` forward and as many backward (the slices' gradients are
@@ -24,7 +25,8 @@ from . import same_code
 
 
 class _Rotary(torch.autograd.Function):
-    """RoPE of one tensor (queries or keys): ``x * cos + rotate_half(x) * sin``, with ``cos`` and ``sin``
+    """RoPE of one tensor (queries or keys): ``x * cos + rotate_half(x) * sin`` over the first ``cos.shape[-1]``
+    features of ``x`` (all of them but in partial rotary), the others passed through; ``cos`` and ``sin``
     broadcast to ``x``. The map is linear in ``x``, so only ``cos`` and ``sin`` are kept for the backward pass."""
 
     @staticmethod
@@ -33,15 +35,25 @@ class _Rotary(torch.autograd.Function):
         ctx.x_dtype = x.dtype
         # the dtype transformers' arithmetic gives: fp32 when bf16 queries meet fp32 cos/sin under autocast
         out = torch.empty_like(x, dtype=torch.promote_types(x.dtype, cos.dtype))
-        _rotate(x, cos, sin, out, sign=1)
+        _rotate_part(x, cos, sin, out, sign=1)
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         cos, sin = ctx.saved_tensors
         grad_x = torch.empty_like(grad)
-        _rotate(grad, cos, sin, grad_x, sign=-1)  # the rotation's transpose: by -angle
+        _rotate_part(grad, cos, sin, grad_x, sign=-1)  # the rotation's transpose: by -angle
         return grad_x.to(ctx.x_dtype), None, None
+
+
+def _rotate_part(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor, sign: int) -> None:
+    """:func:`_rotate` over the first ``cos.shape[-1]`` features, the others copied into ``out`` as they are."""
+    rotary = cos.shape[-1]
+    if rotary == x.shape[-1]:
+        _rotate(x, cos, sin, out, sign)
+        return
+    _rotate(x[..., :rotary], cos, sin, out[..., :rotary], sign)
+    out[..., rotary:].copy_(x[..., rotary:])
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor, sign: int) -> None:
@@ -68,13 +80,27 @@ def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, si
     return _Rotary.apply(q, cos, sin), _Rotary.apply(k, cos, sin)
 
 
+def apply_partial_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                                 unsqueeze_dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' partial-rotary ``apply_rotary_pos_emb`` (Phi-3's, GPT-NeoX's: the first ``cos.shape[-1]``
+    features of each head rotated, the rest passed through) through :class:`_Rotary`; learned ``cos``/``sin`` or
+    odd sizes take Phi-3's function itself."""
+    if cos.requires_grad or sin.requires_grad or cos.shape[-1] % 2 or cos.shape[-1] > q.shape[-1]:
+        from transformers.models.phi3.modeling_phi3 import apply_rotary_pos_emb as theirs
+
+        return theirs(q, k, cos, sin, unsqueeze_dim)
+    cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+    return _Rotary.apply(q, cos, sin), _Rotary.apply(k, cos, sin)
+
+
 def fuse_rotary(model) -> int:
     """Run the RoPE of every attention layer that applies transformers' rotate-half RoPE through
-    :func:`apply_rotary_pos_emb`; returns how many layers.
+    :func:`apply_rotary_pos_emb` (or :func:`apply_partial_rotary_pos_emb`); returns how many layers.
 
     A layer qualifies when its class's ``forward`` calls a module-level ``apply_rotary_pos_emb`` whose code is
-    Llama's (and whose ``rotate_half`` is too). Nothing global changes: the layer runs its class's own forward
-    code, with that one name looked up in a copy of its module's namespace where it means ours.
+    Llama's, Phi-3's or GPT-NeoX's (and whose ``rotate_half`` is Llama's). Nothing global changes: the layer
+    runs its class's own forward code, with that one name looked up in a copy of its module's namespace where
+    it means ours.
     """
     count = 0
     for module in model.modules():
@@ -108,10 +134,10 @@ def _with_our_rotary(forward: Callable) -> Callable | None:
     if code is None or "apply_rotary_pos_emb" not in code.co_names or not inspect.isfunction(theirs):
         return None
     theirs = inspect.unwrap(theirs)
-    if not (same_code(theirs, _plain_function(llama.apply_rotary_pos_emb))
-            and same_code(theirs.__globals__.get("rotate_half"), llama.rotate_half)):
+    ours = next((ours for reference, ours in _references() if same_code(theirs, reference)), None)
+    if ours is None or not same_code(theirs.__globals__.get("rotate_half"), llama.rotate_half):
         return None
-    swapped = types.FunctionType(code, {**namespace, "apply_rotary_pos_emb": apply_rotary_pos_emb},
+    swapped = types.FunctionType(code, {**namespace, "apply_rotary_pos_emb": ours},
                                  function.__name__, function.__defaults__, function.__closure__)
     swapped.__kwdefaults__ = function.__kwdefaults__
 
@@ -121,6 +147,18 @@ def _with_our_rotary(forward: Callable) -> Callable | None:
         return swapped(self, *args, **kwargs)
 
     return run
+
+
+@functools.cache
+def _references() -> tuple[tuple[Callable, Callable], ...]:
+    """(transformers' function, ours) for each RoPE function recognised: full, then the two partial ones."""
+    from transformers.models.gpt_neox import modeling_gpt_neox as neox
+    from transformers.models.llama import modeling_llama as llama
+    from transformers.models.phi3 import modeling_phi3 as phi3
+
+    return ((_plain_function(llama.apply_rotary_pos_emb), apply_rotary_pos_emb),
+            (_plain_function(phi3.apply_rotary_pos_emb), apply_partial_rotary_pos_emb),
+            (_plain_function(neox.apply_rotary_pos_emb), apply_partial_rotary_pos_emb))
 
 
 def _renamed_argument(wrapper: Callable) -> str | None:

@@ -329,8 +329,8 @@ FAMILIES = {
     "recurrent_gemma": dict(block_types=["recurrent", "attention"], head_dim=16, lru_width=64,
                             attention_window_size=16),  # a recurrence along the sequence: no packing
 }
-PACKING_REFUSED = {"gemma2": "soft-capping", "stablelm": "attention interface", "falcon": "attention interface",
-                   "bloom": "attention interface", "lfm2": "packed before it", "recurrent_gemma": "packed before it"}
+PACKING_REFUSED = {"gemma2": "soft-capping", "stablelm": "sequence bounds", "falcon": "sequence bounds",
+                   "bloom": "sequence bounds", "lfm2": "packed before it", "recurrent_gemma": "packed before it"}
 LOGITS_BY_THEIR_FORWARD = {"granite", "cohere", "recurrent_gemma"}  # RecurrentGemma soft-caps by its own name
 PARTIAL_ROTARY = {"phi3", "gpt_neox"}  # their RoPE function rotates a part of each head, and is ours now
 VOCAB = 300

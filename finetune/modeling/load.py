@@ -101,13 +101,15 @@ def _causal_lm_class(source: BaseSource) -> type | None:
 
 def _refuse_unpackable(model_class: type | None) -> None:
     """Packed rows need a model that hands our attention function its keyword arguments (the sequence bounds):
-    transformers marks such models ``_supports_attention_backend``. The others (Bloom, Falcon, StableLM among
-    them) run their own attention over the whole row, so packed sequences would attend to one another."""
+    transformers marks such models ``_supports_attention_backend``. The others run their own attention over the
+    whole row (Bloom, Falcon, StableLM) or state-space and linear-attention layers (Mamba, Jamba, Qwen3-Next), so
+    packed sequences would see one another."""
     check = getattr(model_class, "is_backend_compatible", None)
     if check is not None and not check():
         raise ModelLoadError(
-            f"packed attention ({VARLEN_ATTENTION}) cannot train {model_class.__name__}: its attention does not "
-            "take transformers' attention interface, so sequences packed into one row would see each other",
+            f"packed attention ({VARLEN_ATTENTION}) cannot train {model_class.__name__}: transformers does not "
+            "mark it as passing sequence bounds to its attention (its own attention, or layers such as state-space "
+            "ones), so sequences packed into one row would see each other",
             "set train.packing: false to train it on padded batches")
 
 

@@ -393,3 +393,19 @@ def _assert_same_training(loss, grads, ref_loss, ref_grads) -> None:
     for name, grad in ref_grads.items():
         assert grad.abs().max() > 0, name
         torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_the_setup_checks_leave_every_module_in_its_own_mode(arch_dir):
+    """The packing check and the logits check run the model in eval mode; afterwards each module is back in its
+    own mode (mixed modes too: ``model.train()`` would not restore those)."""
+    from finetune.modeling.ops.attention import refuse_inexact_packing
+
+    _, model_dir = arch_dir
+    model = adapted(model_dir, VARLEN_ATTENTION, dropout=0.1).train()
+    frozen = next(m for name, m in model.named_modules() if name.endswith("lora_dropout.default"))
+    frozen.eval()
+    modes = {name: m.training for name, m in model.named_modules()}
+    refuse_inexact_packing(model.get_base_model())
+    rewrite_for_training(model, "fp32", CPU)
+    assert {name: m.training for name, m in model.named_modules()} == modes
+    assert not frozen.training and model.training

@@ -15,10 +15,13 @@ from __future__ import annotations
 import dis
 import inspect
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 
 
 def same_code(function: Any, reference: Any) -> bool:
@@ -42,6 +45,20 @@ def _constants(function: Any) -> tuple:
     loads_slot = any(ins.opname in ("LOAD_CONST", "RETURN_CONST") and ins.arg == 0
                      for ins in dis.get_instructions(code))
     return consts[1:] if slot and not loads_slot else consts
+
+
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """Run ``model`` in eval mode (no dropout) without gradients, for a check at setup; every module's own mode
+    is restored after (``model.train()`` would set them all alike)."""
+    modes = {module: module.training for module in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            yield
+    finally:
+        for module, mode in modes.items():
+            module.training = mode
 
 
 @dataclass(frozen=True)

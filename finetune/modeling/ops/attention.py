@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import ModelLoadError
+from . import evaluating
 
 VARLEN_ATTENTION = "finetune_varlen"
 
@@ -120,25 +121,19 @@ def refuse_inexact_packing(model: nn.Module) -> None:
     Packed rows are exact only if no sequence's outputs depend on the sequences before it in the row. This
     attention keeps sequences apart, but a model may also mix positions elsewhere: convolutions or recurrences
     along the sequence (LFM2, RecurrentGemma), linear attention (MiniMax). Checked by running the model on one
-    sequence packed after each of two others: its logits must stay the same, up to rounding (measured on 24
-    families: exact ones moved by 4e-7 of their largest logit at most, mixing ones by 1.4e-2 at least;
-    BENCHMARKS.md). Eval mode, no gradients; the modules' modes are restored after."""
+    sequence packed after each of two others: its logits must stay the same, up to rounding (BENCHMARKS.md,
+    sixth session: exact families moved by 4e-7 of their largest logit at most, mixing ones by 1.4e-2 at
+    least)."""
     embeddings = model.get_input_embeddings()
     vocab, device = embeddings.num_embeddings, embeddings.weight.device
     first, second = (((torch.arange(8) * step + 3) % vocab).to(device) for step in (7919, 104729))
     follower = ((torch.arange(8) * 15485863 + 5) % vocab).to(device)
     positions = torch.cat([torch.arange(8), torch.arange(8)]).unsqueeze(0).to(device)
     bounds = torch.tensor([0, 8, 16], dtype=torch.int32, device=device)
-    modes = {module: module.training for module in model.modules()}
-    try:
-        model.eval()
-        with torch.no_grad():
-            logits = [model(input_ids=torch.cat([before, follower]).unsqueeze(0), position_ids=positions,
-                            cu_seq_lens_q=bounds, use_cache=False).logits[0, 8:].float()
-                      for before in (first, second)]
-    finally:
-        for module, mode in modes.items():
-            module.training = mode
+    with evaluating(model):
+        logits = [model(input_ids=torch.cat([before, follower]).unsqueeze(0), position_ids=positions,
+                        cu_seq_lens_q=bounds, use_cache=False).logits[0, 8:].float()
+                  for before in (first, second)]
     moved = (logits[0] - logits[1]).abs().max() / logits[1].abs().max().clamp(min=1e-6)
     if moved > 1e-4:
         raise ModelLoadError(

@@ -22,7 +22,7 @@ from torch import nn
 
 from ...data.formats import IGNORE_INDEX
 from ..precision import compute_dtype
-from . import gemm
+from . import evaluating, gemm
 from .loss_rows import loss_rows
 
 # Rows of logits handled at a time by the loss. On CPUs small chunks stay in cache, so 128 rows beat both larger
@@ -125,7 +125,7 @@ def logits_path(model: nn.Module, autocast: torch.dtype | None = None) -> str:
 def _logits_from_head(model: nn.Module, autocast: torch.dtype | None) -> bool:
     """Whether ``model``'s logits are its output layer applied to its decoder's last hidden state, soft-capped
     where the config says so: what the loss computes without the model's ``forward``. Checked on eight tokens,
-    in eval mode (no dropout), without gradients; the modules' modes are restored after."""
+    in eval mode (no dropout), without gradients."""
     inner = _inner(model)
     decoder, head = inner.get_decoder(), inner.get_output_embeddings()
     seen: dict[str, Any] = {}
@@ -135,19 +135,15 @@ def _logits_from_head(model: nn.Module, autocast: torch.dtype | None) -> bool:
 
     hooks = [decoder.register_forward_hook(lambda m, args, out: keep("decoder", out[0])),
              head.register_forward_hook(lambda m, args, out: keep("head", (args[0], out)))]
-    modes = {module: module.training for module in model.modules()}
     vocab = head.weight.shape[0]
     device = head.weight.device
     ids = ((torch.arange(1, 9) * 7919) % vocab).unsqueeze(0).to(device)
     try:
-        model.eval()
-        with torch.no_grad(), torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+        with evaluating(model), torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
             logits = model(input_ids=ids, use_cache=False).logits
     finally:
         for hook in hooks:
             hook.remove()
-        for module, mode in modes.items():
-            module.training = mode
     if "decoder" not in seen or "head" not in seen:
         return False  # the model did not go through them: nothing says its logits are theirs
     head_in, head_out = seen["head"]

@@ -47,6 +47,11 @@ def _constants(function: Any) -> tuple:
     return consts[1:] if slot and not loads_slot else consts
 
 
+def base_of(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PEFT model (the model itself when it is not wrapped)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 @contextmanager
 def evaluating(model: nn.Module) -> Iterator[None]:
     """Run ``model`` in eval mode (no dropout) without gradients, for a check at setup; every module's own mode
@@ -133,7 +138,7 @@ def rewrite_for_training(model, precision: str, device: torch.device) -> FusedPa
     rotary = fuse_rotary(model)
     lora = Counter(lora_path(m) for m in model.modules() if isinstance(m, BaseTunerLayer))
     autocast = None if precision == "fp32" else torch_dtype(precision)  # as training runs the model
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = base_of(model)
     head = inner.get_output_embeddings()
     return FusedPaths(
         lora=lora,

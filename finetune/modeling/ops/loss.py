@@ -22,7 +22,7 @@ from torch import nn
 
 from ...data.formats import IGNORE_INDEX
 from ..precision import compute_dtype
-from . import evaluating, gemm
+from . import base_of, evaluating, gemm
 from .loss_rows import loss_rows
 
 # Rows of logits handled at a time by the loss. On CPUs small chunks stay in cache, so 128 rows beat both larger
@@ -47,7 +47,7 @@ class CausalLMLoss(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
-        inner = _inner(model)
+        inner = base_of(model)
         self._decoder = inner.get_decoder()
         self._head = inner.get_output_embeddings()
         self._softcap = getattr(inner.config, "final_logit_softcapping", None)
@@ -70,21 +70,20 @@ class CausalLMLoss(nn.Module):
         rows = read.nonzero().squeeze(1)
         inputs = dict(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False,
                       **kwargs)
-        if logits_path(self.model) == "model":
-            with loss_rows(self.model, read):
-                logits = self._model_logits(inputs, rows)
-            loss = F.cross_entropy(logits.float(), targets.index_select(0, rows), reduction="sum")
-            return loss, rows.new_tensor(rows.numel())
+        targets, count = targets.index_select(0, rows), rows.new_tensor(rows.numel())
         with loss_rows(self.model, read):  # the last MLP needs no other rows (ops.loss_rows)
+            if logits_path(self.model) == "model":
+                logits = self._model_logits(inputs, rows)
+                return F.cross_entropy(logits.float(), targets, reduction="sum"), count
             hidden = self._decoder(**inputs).last_hidden_state
         selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
-        return self.token_loss(selected, targets.index_select(0, rows)), rows.new_tensor(rows.numel())
+        return self.token_loss(selected, targets), count
 
     def _model_logits(self, inputs: dict[str, Any], rows: torch.Tensor) -> torch.Tensor:
         """The model's own logits at ``rows`` (flat indices over batch x tokens), as ``[rows, vocab]``. A single
         row (packed batches) asks the model for those positions only, where its ``forward`` takes
         ``logits_to_keep``; otherwise whole logits are computed and the rows picked from them."""
-        keep = inputs["input_ids"].shape[0] == 1 and _takes_logits_to_keep(_inner(self.model))
+        keep = inputs["input_ids"].shape[0] == 1 and _takes_logits_to_keep(base_of(self.model))
         logits = self.model(**inputs, **({"logits_to_keep": rows} if keep else {})).logits
         logits = logits.reshape(-1, logits.shape[-1])
         return logits if keep else logits.index_select(0, rows)
@@ -112,7 +111,7 @@ def logits_path(model: nn.Module, autocast: torch.dtype | None = None) -> str:
     ``"model"`` (the model's ``forward`` does more than apply its output layer: that ``forward`` computes them).
     The last is found by running the model once on a few tokens (see :func:`_logits_from_head`), under
     ``autocast`` to that dtype when given, as training runs it; the answer is kept on the model."""
-    inner = _inner(model)
+    inner = base_of(model)
     from_head = getattr(inner, _FROM_HEAD, None)
     if from_head is None:
         from_head = _logits_from_head(model, autocast)
@@ -126,7 +125,7 @@ def _logits_from_head(model: nn.Module, autocast: torch.dtype | None) -> bool:
     """Whether ``model``'s logits are its output layer applied to its decoder's last hidden state, soft-capped
     where the config says so: what the loss computes without the model's ``forward``. Checked on eight tokens,
     in eval mode (no dropout), without gradients."""
-    inner = _inner(model)
+    inner = base_of(model)
     decoder, head = inner.get_decoder(), inner.get_output_embeddings()
     seen: dict[str, Any] = {}
 
@@ -165,10 +164,6 @@ def _same(got: torch.Tensor, want: torch.Tensor) -> bool:
 
 def _takes_logits_to_keep(inner: nn.Module) -> bool:
     return "logits_to_keep" in inspect.signature(type(inner).forward).parameters
-
-
-def _inner(model: nn.Module) -> nn.Module:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def fuses_head(head: nn.Module) -> bool:

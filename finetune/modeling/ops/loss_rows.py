@@ -22,7 +22,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from . import same_code
+from . import base_of, same_code
 
 _ATTR = "_finetune_loss_rows"
 # Coarser than the packed rows' filler (data.batching.PACK_MULTIPLE, 64): with 64 the CLI's peak on the benchmark
@@ -102,7 +102,7 @@ def mlp_rows(read: torch.Tensor) -> torch.Tensor:
 
 
 def _last_layer(model) -> nn.Module | None:
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = base_of(model)
     decoder = inner.get_decoder() if hasattr(inner, "get_decoder") else None
     layers = getattr(decoder, "layers", None) or getattr(decoder, "h", None)  # Llama-style, GPT-2
     return layers[-1] if isinstance(layers, nn.ModuleList) and len(layers) else None

@@ -89,6 +89,25 @@ def test_run_sync_polled_and_stream_equal_finetune_predict(server, capsys):
     assert max(pieces) > 1, pieces
 
 
+def test_a_polled_prediction_that_ends_before_the_answer_still_yields_its_output(server, capsys, monkeypatch):
+    """A short prediction can end before its non-blocking create is answered. The answer must still say
+    `starting` with no output: the client's poller counts output in that answer as already seen (a race that
+    once lost a one-piece answer; here the service is made to finish first, every time)."""
+    from finetune.serving.service import PredictionService
+
+    create = PredictionService.create
+
+    def create_and_finish(self, *args, **kwargs):
+        record = create(self, *args, **kwargs)
+        return self.wait(record.id, 60)
+
+    monkeypatch.setattr(PredictionService, "create", create_and_finish)
+    reg, client = server.registry, server.replicate("alice")
+    expected = _expected(reg, capsys, "alice/m:1", 20)
+    data = {"prompt": PROMPT, "max_new_tokens": 20, "temperature": 0, "seed": 1}
+    assert "".join(client.run(f"alice/m:{reg.resolve('alice/m:1').id}", input=data, wait=False)) == expected
+
+
 def test_create_wait_metrics_logs_and_no_reload(server):
     client = server.replicate("alice")
     v2 = server.registry.resolve("alice/m:2")

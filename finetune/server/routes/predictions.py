@@ -136,7 +136,10 @@ async def _create(request: Request, account: Any, version: Version, body: Any) -
     wait = _wait_seconds(request)
     if wait is not None:
         record = await run_in_threadpool(service.wait, record.id, wait)
-    if record.status not in FINAL:
+    # Without Prefer: wait the answer is "starting" even when the prediction already ended (a short one can end
+    # before the answer goes out): the client then polls, where a final answer would make its poller count the
+    # whole output as already seen and yield none of it.
+    if wait is None or record.status not in FINAL:
         # Answered as Replicate answers a new prediction (see the module docstring): starting, no output yet.
         # The client's poller treats output in this answer as already seen and yields only what comes after,
         # so pieces generated before the answer went out would be lost to it. The record is a copy.

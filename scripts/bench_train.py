@@ -3,6 +3,7 @@
 
     python scripts/bench_train.py [--data ../shared/data/alpaca_5000.json] [--steps 30] [--warmup 3] [--rows N]
                                   [--arch llama|qwen2|gpt2] [--precision auto|fp32|bf16] [--isa native|avx2]
+                                  [--set KEY=VALUE ...]
 
 Runs, one after the other, each in its own process (so peak memory is each contender's own):
   1. ours         the real `finetune train` command, with its defaults but for the precision;
@@ -14,7 +15,8 @@ Runs, one after the other, each in its own process (so peak memory is each conte
 --precision sets ours and the tuned peer alike (auto: finetune's own choice, which is the rule above); on a
 bf16 machine `--precision fp32` reproduces the fp32-only case. `--isa avx2` caps every library at AVX2 in every
 process (ATen's kernels, oneDNN, MKL), as on a CPU without AVX-512 (a laptop, an older server), where fp32 is
-what `auto` picks. The machine's capability (CPU model, native
+what `auto` picks. `--set KEY=VALUE` changes ours alone (a `finetune train --set` override; `train.packing=false`
+measures the padded path that models which cannot be packed take). The machine's capability (CPU model, native
 bf16 or not, measured bf16 and fp32 matmul rates; fp32 on a CPU through torch's default library and through
 oneDNN, which finetune's fp32 products take on x86) is printed with the results, and each contender's speed as
 a share of the matmul peak of the precision it ran in (for fp32 the better library's).
@@ -171,8 +173,9 @@ def matmul_rates(native_bf16: bool) -> dict:
 
 
 # ---------------------------------------------------------------- contenders (each in its own process)
-def run_ours(paths: dict, steps: int, work: Path, precision: str) -> dict:
-    """The real `finetune train` CLI with default settings (bar the shared benchmark parameters)."""
+def run_ours(paths: dict, steps: int, work: Path, precision: str, overrides: list[str] = ()) -> dict:
+    """The real `finetune train` CLI with default settings (bar the shared benchmark parameters and ``overrides``,
+    ``--set`` arguments of the CLI)."""
     home = work / "registry-ours"
     env = dict(os.environ, FINETUNE_HOME=str(home), HF_HUB_OFFLINE="1")
     cfg = work / "ours.yaml"
@@ -182,7 +185,8 @@ def run_ours(paths: dict, steps: int, work: Path, precision: str) -> dict:
         "lora": {**LORA, "target_modules": "all-linear"},  # everything else: our defaults
         "train": {"max_steps": steps, "batch_size": BATCH, "lr": LR, "seed": SEED, "precision": precision},
     }))
-    cmd = [sys.executable, "-m", "finetune", "train", str(cfg), "--create-destination", "--quiet"]
+    cmd = [sys.executable, "-m", "finetune", "train", str(cfg), "--create-destination", "--quiet",
+           *(arg for item in overrides for arg in ("--set", item))]
     result = _timed_child(cmd, env)
     if result["returncode"] != 0:
         raise SystemExit(f"ours failed:\n{result['stderr'][-3000:]}")
@@ -372,6 +376,8 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=["ours", "peer-default", "peer-tuned"])
     parser.add_argument("--repeat", type=int, default=3,
                         help="rounds of all contenders, interleaved; speed and memory are the medians")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for ours only (finetune train --set), e.g. train.packing=false")
     parser.add_argument("--role", help=argparse.SUPPRESS)
     parser.add_argument("--paths", help=argparse.SUPPRESS)
     parser.add_argument("--budget", type=int, default=0, help=argparse.SUPPRESS)
@@ -416,7 +422,7 @@ def main() -> None:
     for i in range(args.repeat):
         for role in args.only:
             print(f"round {i + 1}/{args.repeat}: {role} ...", flush=True)
-            run = (run_ours(paths, total_steps, work, precision) if role == "ours" else
+            run = (run_ours(paths, total_steps, work, precision, args.set) if role == "ours" else
                    run_peer(role, paths, total_steps, work, ours_tokens, precisions[role]))
             run["rate"], run["trained"] = timed_rate(run["steps"], warmup)
             if role == "ours":
@@ -458,6 +464,8 @@ def main() -> None:
              f" step" if rows == total_steps * BATCH else f"{args.steps} timed steps after {warmup} warm-up over "
              + (f"{rows} rows" if rows else "all rows"))
     print(f"{timed}, batch {BATCH}, max length {MAX_LEN}; medians of {args.repeat} interleaved rounds")
+    if args.set:
+        print(f"ours with {' '.join(f'--set {item}' for item in args.set)}")
     print("loss columns: mean training loss over the first N trained tokens (N = the fewest any contender trained);"
           " held-out loss after the same steps; held-out loss at equal tokens (@ours: each peer's adapter from the"
           " first step at which it had trained as many tokens as ours did in all its steps)\n")

@@ -11,6 +11,7 @@ encoder itself produces per format is covered in test_data.py.
 from __future__ import annotations
 
 import json
+import random
 import shutil
 from pathlib import Path
 
@@ -21,8 +22,10 @@ from finetune.data.batching import (
     IGNORE_INDEX,
     collate_packed,
     collate_padded,
+    collate_padded_groups,
     label_count,
     pad_id,
+    padding_groups,
     plan_epoch,
     real_tokens,
 )
@@ -256,6 +259,66 @@ def test_the_largest_step_comes_first_and_nothing_else_moves(packed: bool):
         steps = examples(plan_epoch(counts, plain, 4, 3, 2, seed=7, epoch=epoch, packed=packed))
         for split in ((12, 1, 2), (2, 6, 2), (24, 1, 1), (6, 2, 2), (1, 24, 1)):  # 24 examples per step
             assert examples(plan_epoch(counts, plain, *split, seed=7, epoch=epoch, packed=packed)) == steps, split
+
+
+def _set_partitions(items: list[int]):
+    if not items:
+        yield []
+        return
+    first, rest = items[0], items[1:]
+    for partition in _set_partitions(rest):
+        yield [[first], *partition]
+        for k in range(len(partition)):
+            yield [*partition[:k], [first, *partition[k]], *partition[k + 1:]]
+
+
+def _padded_cost(lengths: list[int], groups: list[list[int]], call_cost: int) -> int:
+    return sum(len(g) * max(lengths[i] for i in g) + call_cost for g in groups)
+
+
+@pytest.mark.parametrize("call_cost", [0, 16, 64, 256])
+def test_padding_groups_are_the_cheapest_split(call_cost: int):
+    """Every example in exactly one group, shortest first, and no split of the micro-batch into groups (any
+    grouping, not only runs of the sorted lengths) pads fewer tokens plus ``call_cost`` per group."""
+    rng = random.Random(call_cost)
+    split_somewhere = 0
+    for _ in range(60):
+        lengths = [rng.randint(1, 300) for _ in range(rng.randint(1, 7))]
+        groups = padding_groups(lengths, call_cost)
+        flat = [i for g in groups for i in g]
+        assert sorted(flat) == list(range(len(lengths)))
+        assert [lengths[i] for i in flat] == sorted(lengths)
+        best = min(_padded_cost(lengths, p, call_cost) for p in _set_partitions(list(range(len(lengths)))))
+        assert _padded_cost(lengths, groups, call_cost) == best
+        split_somewhere += len(groups) > 1
+    assert split_somewhere
+
+
+def test_padding_groups_edges():
+    assert padding_groups([30, 10, 20], None) == [[1, 2, 0]]  # kept whole (GPUs), still shortest first
+    assert padding_groups([30, 10, 20], 0) == [[1], [2], [0]]  # no padding at all when a pass costs nothing
+    assert padding_groups([5, 5, 5, 5], 0) == [[0, 1, 2, 3]]  # equal lengths: one group, whatever the cost
+    assert padding_groups([7], 64) == [[0]]
+
+
+def test_padded_groups_hold_the_same_targets(tok, tiny_model_dir: Path):
+    """Collated in groups, a micro-batch has the same real tokens and labels as collated whole: the loss model
+    sums the same token losses and counts the same targets."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    loss_model = CausalLMLoss(model)
+    gen = torch.Generator().manual_seed(3)
+    examples = [{"input_ids": (ids := torch.randint(3, 200, (n,), generator=gen).tolist()), "labels": ids}
+                for n in (5, 40, 7, 38, 6, 90)]
+    groups = collate_padded_groups(examples, pad_id(tok), 16)
+    assert len(groups) > 1
+    assert sum(int(b["attention_mask"].sum()) for b in groups) == real_tokens(examples)
+    with torch.no_grad():
+        whole_sum, whole_count = loss_model(**collate_padded(examples, pad_id(tok)))
+        parts = [loss_model(**b) for b in groups]
+    assert sum(int(c) for _, c in parts) == int(whole_count)
+    assert float(sum(s for s, _ in parts)) == pytest.approx(float(whole_sum), rel=1e-5)
 
 
 def test_window_label_tokens_match_what_the_loss_counts(tmp_path: Path, tok, tiny_model_dir: Path):

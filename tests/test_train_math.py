@@ -180,6 +180,36 @@ def test_grad_accum_4x2_equals_one_batch_of_8(registry_with_base: Registry, pack
     assert losses[0] == pytest.approx(losses[1], abs=1e-5)
 
 
+def test_padded_micro_batches_run_in_groups_and_train_as_whole_ones(registry_with_base: Registry,
+                                                                   monkeypatch: pytest.MonkeyPatch):
+    """On CPUs a padded micro-batch runs as groups of similar lengths (fewer padded tokens); the losses and the
+    adapter after 3 steps are those of running each micro-batch whole."""
+    from finetune.training import run as run_module
+
+    monkeypatch.setattr(atomic, "_FSYNC", False)
+    passes = []
+    grouped_collate = run_module.collate_padded_groups
+
+    def counting(examples, pad, cost):
+        batches = grouped_collate(examples, pad, cost)
+        passes.append(len(batches))
+        return batches
+
+    monkeypatch.setattr(run_module, "collate_padded_groups", counting)
+    grouped, grouped_metrics = _train(registry_with_base, "math/grouped", batch_size=8, max_steps=3, packing=False)
+    assert max(passes) > 1  # some micro-batch did run in groups
+    monkeypatch.setattr(run_module, "PAD_GROUP_CALL_COST_CPU", None)  # as on a GPU: whole micro-batches
+    passes.clear()
+    whole, whole_metrics = _train(registry_with_base, "math/whole", batch_size=8, max_steps=3, packing=False)
+    assert set(passes) == {1}
+    diff = max(float((grouped[k] - whole[k]).abs().max()) for k in whole)
+    assert diff < ADAPTER_ATOL, diff
+    from finetune.training.metrics import MetricsLog
+
+    losses = [[r["loss"] for r in MetricsLog(p).read()] for p in (grouped_metrics, whole_metrics)]
+    assert losses[0] == pytest.approx(losses[1], abs=1e-5)
+
+
 # ------------------------------------------------------------------------------------------- throughput
 
 

@@ -26,7 +26,7 @@ import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import MISSING, dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 import yaml
 
@@ -93,7 +93,9 @@ class TrainConfig:
     max_grad_norm: float | None = _opt(1.0, gt=0, aliases=("grad_clip", "clip_grad_norm"))
     seed: int = _opt(42, ge=0)  # numpy refuses negative seeds
     precision: str = _opt("auto", choices=("auto", "bf16", "fp16", "fp32"), aliases=("dtype", "mixed_precision"))
-    packing: bool = _opt(True, aliases=("pack",))
+    # auto: packed rows where the model keeps packed sequences apart (checked when it loads), else padded batches
+    # and the log says why; true: packed rows or an error.
+    packing: bool | Literal["auto"] = _opt("auto", aliases=("pack",))
     train_on_inputs: bool = _opt(False)
     checkpoint_every: int = _opt(0, ge=0, aliases=("save_steps", "save_every"))  # steps; 0 = only at the end
     eval_every: int = _opt(0, ge=0, aliases=("eval_steps",))  # steps; 0 = only at the end
@@ -175,6 +177,10 @@ def _coerce(tp: Any, raw: Any) -> Any:
             except _Mismatch:
                 pass
         raise _Mismatch
+    if typing.get_origin(tp) is Literal:
+        if isinstance(raw, str) and raw in typing.get_args(tp):
+            return raw
+        raise _Mismatch
     if typing.get_origin(tp) is list:
         if not isinstance(raw, list):
             raise _Mismatch
@@ -194,8 +200,10 @@ def _coerce(tp: Any, raw: Any) -> Any:
 
 def _describe(tp: Any) -> str:
     if typing.get_origin(tp) in (Union, types.UnionType):
-        names = [_NAMES[arg] for arg in typing.get_args(tp)]
+        names = [_describe(arg) for arg in typing.get_args(tp)]
         return ", ".join(names[:-1]) + " or " + names[-1]
+    if typing.get_origin(tp) is Literal:
+        return " or ".join(typing.get_args(tp))
     return _NAMES[tp]
 
 

@@ -127,6 +127,10 @@ class ModelLoadError(FinetuneError, RuntimeError):
     http_status = 422  # the request names a base that cannot be used
 
 
+class PackingError(ModelLoadError):
+    """A model cannot train on packed rows: sequences packed into one row would see one another."""
+
+
 class NonFiniteError(FinetuneError, ArithmeticError):
     """Numbers that must be finite are not: a training loss that diverged, an adapter holding inf or NaN weights."""
 

@@ -252,7 +252,8 @@ def peer_main(args: argparse.Namespace) -> None:
                 model.save_pretrained(at_budget["adapter"])
                 clock["paused"] += time.perf_counter() - t
 
-    model = AutoModelForCausalLM.from_pretrained(paths["model"], dtype=torch.float32, attn_implementation="sdpa")
+    # transformers' default attention, as a user gets it: SDPA where the model has it (eager for Bloom, say)
+    model = AutoModelForCausalLM.from_pretrained(paths["model"], dtype=torch.float32)
     model = get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], target_modules="all-linear",
                                              task_type="CAUSAL_LM", fan_in_fan_out=model.config.model_type == "gpt2"))
     targs = TrainingArguments(
@@ -339,11 +340,11 @@ def held_out_loss(paths: dict, adapter: str, work: Path) -> float:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from finetune.data.batching import collate_packed
+    from finetune.data.batching import collate_padded, pad_id
     from finetune.modeling.load import attach_lora
     from finetune.modeling.ops.loss import CausalLMLoss
 
-    _, _, held_out = tokenized(paths, work / "cache")
+    tok, _, held_out = tokenized(paths, work / "cache")
     model = attach_lora(AutoModelForCausalLM.from_pretrained(paths["model"], dtype=torch.float32), None,
                         adapter_dir=adapter, trainable=False)
     loss_model = CausalLMLoss(model).eval()
@@ -351,8 +352,7 @@ def held_out_loss(paths: dict, adapter: str, work: Path) -> float:
     with torch.no_grad():
         for i in range(0, len(held_out), BATCH):
             rows = [held_out[j] for j in range(i, min(i + BATCH, len(held_out)))]
-            batch = collate_packed(rows)
-            batch.pop("cu_seq_lens")  # sdpa here: packed rows are isolated through the position ids
+            batch = collate_padded(rows, pad_id(tok))  # padded: exact for every model, packable or not
             s, n = loss_model(**batch)
             total, count = total + float(s), count + float(n)
     return total / count
@@ -514,14 +514,15 @@ def _pct(ours: float, peer: float) -> str:
 
 
 def _matmul_params(model_dir: str) -> int:
-    """Weights that take part in a matmul per token: the decoder's projections and the output layer."""
-    cfg = json.loads((Path(model_dir) / "config.json").read_text())
-    if cfg["model_type"] == "gpt2":  # fused q/k/v, output projection; a two-matrix MLP
-        h, layers = cfg["n_embd"], cfg["n_layer"]
-        return layers * (4 * h * h + 2 * h * (cfg.get("n_inner") or 4 * h)) + h * cfg["vocab_size"]
-    h, i, layers, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
-    kv = h * cfg.get("num_key_value_heads", cfg["num_attention_heads"]) // cfg["num_attention_heads"]
-    return layers * (2 * h * h + 2 * h * kv + 3 * h * i) + h * v
+    """Weights that take part in a matmul per token: the decoder's projections and the output layer (counted from
+    the model built on the meta device, so any family counts right)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, (torch.nn.Linear, Conv1D)))
 
 
 if __name__ == "__main__":

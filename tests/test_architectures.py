@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from finetune.data.batching import collate_packed, collate_padded
-from finetune.errors import ModelLoadError
+from finetune.errors import PackingError
 from finetune.modeling.load import load_base_model
 from finetune.modeling.ops import gemm, loss_rows, rewrite_for_training
 from finetune.modeling.ops.attention import VARLEN_ATTENTION, register_varlen_attention
@@ -355,7 +355,7 @@ def test_other_families_train_packed_as_the_reference_or_are_refused(family_dir)
     reference = adapted(model_dir, "eager")
     seqs = sequences(VOCAB)
     if family in PACKING_REFUSED:
-        with pytest.raises(ModelLoadError, match="set train.packing: false") as refused:
+        with pytest.raises(PackingError, match="set train.packing: auto") as refused:
             load_base_model(BaseSource(str(model_dir)), torch.float32, VARLEN_ATTENTION)  # what training loads
             rewritten_run(adapted(model_dir, VARLEN_ATTENTION), seqs)  # Gemma2: at its first attention call
         assert PACKING_REFUSED[family] in str(refused.value)

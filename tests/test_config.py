@@ -44,7 +44,7 @@ def test_minimal_config_gets_every_documented_default(tmp_path):
     assert cfg.lora == LoraConfig(r=16, alpha=32.0, dropout=0.0, target_modules="all-linear")
     assert cfg.train == TrainConfig(
         epochs=1.0, max_steps=None, batch_size=8, grad_accum=1, lr=2e-4, scheduler="cosine", warmup_steps=0,
-        weight_decay=0.0, max_grad_norm=1.0, seed=42, precision="auto", packing=True, train_on_inputs=False,
+        weight_decay=0.0, max_grad_norm=1.0, seed=42, precision="auto", packing="auto", train_on_inputs=False,
         checkpoint_every=0, eval_every=0, early_stopping_patience=None, log_every=1,
     )
 
@@ -92,6 +92,13 @@ def test_overrides_parse_values_as_yaml_and_win_over_the_file(tmp_path):
     assert cfg.destination == "alice/chat"
     assert cfg.train.max_steps == 25
     assert cfg.data.eval == 0.2
+
+
+@pytest.mark.parametrize("written,value", [("true", True), ("false", False), ("auto", "auto")])
+def test_packing_is_true_false_or_auto(tmp_path, written: str, value: object):
+    cfg = load_config(write(tmp_path, MINIMAL + f"train:\n  packing: {written}\n"))
+    assert cfg.train.packing == value and type(cfg.train.packing) is type(value)
+    assert config_from_dict(cfg.to_dict()) == cfg
 
 
 def test_overrides_can_supply_a_whole_config_to_an_empty_file(tmp_path, monkeypatch):
@@ -159,7 +166,7 @@ def test_unknown_key_suggestions_cross_sections_and_use_aliases(tmp_path):
         ("train:\n  batch_size: true\n", "line 5: train.batch_size: expected an integer, got true"),
         ("train:\n  batch_size: 2.5\n", "line 5: train.batch_size: expected an integer, got 2.5"),
         ("train:\n  batch_size: '8'\n", "line 5: train.batch_size: expected an integer, got '8'"),
-        ("train:\n  packing: 1\n", "line 5: train.packing: expected true or false, got 1"),
+        ("train:\n  packing: 1\n", "line 5: train.packing: expected true or false or auto, got 1"),
         ("train:\n  max_steps: ten\n", "line 5: train.max_steps: expected an integer or null, got 'ten'"),
         ("lora:\n  target_modules: [q_proj, 3]\n",
          "line 5: lora.target_modules: expected a string or a list of strings, got ['q_proj', 3]"),

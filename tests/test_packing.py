@@ -454,16 +454,16 @@ def test_sliding_window_model_packed_equals_transformers_alone():
 
 
 def test_attention_the_packed_path_cannot_compute_is_refused():
-    from finetune.errors import ModelLoadError
+    from finetune.errors import PackingError
     from finetune.modeling.ops.attention import _varlen_attention
 
     q = k = v = torch.zeros(1, 2, 6, 8)
     cu = torch.tensor([0, 2, 6], dtype=torch.int32)
     module = torch.nn.Module()
-    with pytest.raises(ModelLoadError, match="soft-capping.*train.packing: false"):
+    with pytest.raises(PackingError, match="soft-capping.*train.packing: auto"):
         _varlen_attention(module, q, k, v, None, cu_seq_lens_q=cu, softcap=50.0)
     module.is_causal = False
-    with pytest.raises(ModelLoadError, match="bidirectional"):
+    with pytest.raises(PackingError, match="bidirectional"):
         _varlen_attention(module, q, k, v, None, cu_seq_lens_q=cu)
     module.is_causal = True
     assert _varlen_attention(module, q, k, v, None, cu_seq_lens_q=cu, softcap=None, is_causal=None)[0].shape == (

@@ -150,8 +150,9 @@ def test_messages_without_a_chat_template(root: Path, tmp_path: Path, capsys):
 
 
 def test_a_base_whose_attention_cannot_take_packed_rows(root: Path, tmp_path: Path, tiny_model_dir: Path, capsys):
-    """StableLM runs its own attention over the whole row, so packed sequences would see each other: refused
-    before its weights load, naming the fix; with that fix the same base trains."""
+    """StableLM runs its own attention over the whole row, so packed sequences would see each other. With
+    ``packing: auto`` (the default) it trains on padded batches and the log says why; ``packing: true`` is
+    refused before the weights load, naming the fix."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -164,10 +165,16 @@ def test_a_base_whose_attention_cannot_take_packed_rows(root: Path, tmp_path: Pa
     tok.save_pretrained(base)
     capsys.readouterr()  # saving's progress bar
     cfg = write(tmp_path / "c.yaml", config_dict(sample_data_path(), base_model=str(base)))
-    Attempt(root, capsys, cfg).assert_refused("cannot train StableLmForCausalLM", "set train.packing: false")
-    attempt = Attempt(root, capsys, cfg, "--set", "train.packing=false")
+    Attempt(root, capsys, cfg, "--set", "train.packing=true").assert_refused(
+        "cannot train StableLmForCausalLM", "set train.packing: auto (the default) or false")
+    attempt = Attempt(root, capsys, cfg)
     assert attempt.rc == 0, attempt.err
-    assert attempt.new_versions == 1 and attempt.records[0].status == "succeeded"
+    record = attempt.records[0]
+    assert attempt.new_versions == 1 and record.status == "succeeded"
+    assert record.metrics["packing"] is False
+    log = Trainings(Registry(root)).paths(record.id).log.read_text()
+    assert "packing off: packed attention (finetune_varlen) cannot train StableLmForCausalLM" in log
+    assert "training on padded batches" in log
 
 
 def test_overlong_row_with_overlong_error_names_the_row(root: Path, tmp_path: Path, capsys):
@@ -213,7 +220,7 @@ def test_wrong_types(root: Path, tmp_path: Path, capsys):
                                               record=False)
     cfg = write(tmp_path / "c2.yaml", config_dict(sample_data_path()))
     Attempt(root, capsys, cfg, "--set", "train.packing=maybe").assert_refused(
-        "--set train.packing=maybe", "expected true or false", exit_code=2, record=False)
+        "--set train.packing=maybe", "expected true or false or auto, got 'maybe'", exit_code=2, record=False)
 
 
 @pytest.mark.parametrize("key,value,needle", [

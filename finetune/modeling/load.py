@@ -11,9 +11,9 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError, ModelLoadError, one_line
+from ..errors import ConfigError, ModelLoadError, PackingError, one_line
 from ..registry.sources import BaseSource
-from .ops.attention import VARLEN_ATTENTION, refuse_inexact_packing, register_varlen_attention
+from .ops.attention import PACKING_HINT, VARLEN_ATTENTION, refuse_inexact_packing, register_varlen_attention
 
 
 def load_tokenizer(source: BaseSource):
@@ -106,11 +106,11 @@ def _refuse_unpackable(model_class: type | None) -> None:
     packed sequences would see one another."""
     check = getattr(model_class, "is_backend_compatible", None)
     if check is not None and not check():
-        raise ModelLoadError(
+        raise PackingError(
             f"packed attention ({VARLEN_ATTENTION}) cannot train {model_class.__name__}: transformers does not "
             "mark it as passing sequence bounds to its attention (its own attention, or layers such as state-space "
             "ones), so sequences packed into one row would see each other",
-            "set train.packing: false to train it on padded batches")
+            PACKING_HINT)
 
 
 def attach_lora(model, lora: Any, adapter_dir: str | None = None, trainable: bool = True):

@@ -45,6 +45,7 @@ from ..errors import (
     FinetuneError,
     IntegrityError,
     NonFiniteError,
+    PackingError,
     TrainingCanceled,
     UsageError,
 )
@@ -217,6 +218,7 @@ class _Loaded:
     lengths: list[int]  # tokens per training row: the largest step goes first
     model: Any  # the PEFT model: the trainable adapter on the frozen base
     trainable: list[torch.nn.Parameter]
+    packing: bool  # packed rows, or padded batches (``train.packing``, and with ``auto`` what the model allows)
 
 
 @dataclass
@@ -236,7 +238,7 @@ def _plan(run: _Run, loaded: _Loaded, epoch: int) -> list[Window]:
     """The optimizer steps of one epoch; the same on every process and every resume."""
     tcfg = run.config.train
     return plan_epoch(loaded.label_counts, loaded.lengths, tcfg.batch_size, tcfg.grad_accum, run.world, tcfg.seed,
-                      epoch, packed=tcfg.packing)
+                      epoch, packed=loaded.packing)
 
 
 # The version's train_loss is the mean over this many last steps: one step's loss is one (often partial) batch's.
@@ -297,15 +299,28 @@ def _load(run: _Run) -> _Loaded:
     label_counts = [label_count(labels) for labels in prepared.train["labels"]]
 
     set_seed(tcfg.seed)  # LoRA init and dropout draw from the global generators
-    attn = VARLEN_ATTENTION if tcfg.packing else None
-    base = load_base_model(resolved.base, torch_dtype(run.precision), attn_implementation=attn)
+    base, packing = _load_base(run, resolved)
     model = attach_lora(base, config.lora, adapter_dir=str(resolved.adapter.path) if resolved.adapter else None)
     run.log.info(str(rewrite_for_training(model, run.precision, run.accelerator.device)))  # the fused paths on
     trainable = [p for p in model.parameters() if p.requires_grad]
     run.log.info(f"trainable parameters: {sum(p.numel() for p in trainable):,} "
                  f"of {sum(p.numel() for p in model.parameters()):,}")
     lengths = list(prepared.train["length"])
-    return _Loaded(resolved, tokenizer, prepared, label_counts, lengths, model, trainable)
+    return _Loaded(resolved, tokenizer, prepared, label_counts, lengths, model, trainable, packing)
+
+
+def _load_base(run: _Run, resolved: ResolvedModel) -> tuple[Any, bool]:
+    """The frozen base, and whether it trains on packed rows: with ``packing: auto``, packed where loading finds
+    that the model keeps packed sequences apart, else padded (the log says why); ``true`` insists."""
+    dtype, wanted = torch_dtype(run.precision), run.config.train.packing
+    if wanted:
+        try:
+            return load_base_model(resolved.base, dtype, attn_implementation=VARLEN_ATTENTION), True
+        except PackingError as err:
+            if wanted is True:
+                raise
+            run.log.info(f"packing off: {err.message}; training on padded batches")
+    return load_base_model(resolved.base, dtype), False
 
 
 def _schedule(run: _Run, loaded: _Loaded) -> _Schedule:
@@ -326,7 +341,7 @@ def _schedule(run: _Run, loaded: _Loaded) -> _Schedule:
     group_cost = PAD_GROUP_CALL_COST_CPU if run.accelerator.device.type == "cpu" else None
 
     def batches(examples: list[dict[str, Any]]) -> list[dict[str, torch.Tensor]]:
-        if tcfg.packing:
+        if loaded.packing:
             return [collate_packed(examples, pad, PACK_MULTIPLE)]
         return collate_padded_groups(examples, pad, group_cost)
 
@@ -472,7 +487,8 @@ def _publish(run: _Run, loaded: _Loaded, schedule: _Schedule, progress: Progress
                "eval_loss": outcome.last_eval, "best_eval_loss": progress.best_eval,
                "steps": progress.step, "trained_tokens": progress.tokens,
                "tokens_per_s": round(outcome.tokens_per_s, 1), "total_time_s": round(progress.seconds, 2),
-               "precision": run.precision, "processes": run.world, "device": accelerator.device.type,
+               "precision": run.precision, "packing": loaded.packing, "processes": run.world,
+               "device": accelerator.device.type,
                "peak_memory_mb": round(peak_memory_mb(accelerator.device), 1)}
     accelerator.wait_for_everyone()
     if not run.main:

@@ -17,10 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...errors import ModelLoadError
+from ...errors import PackingError
 from . import evaluating
 
 VARLEN_ATTENTION = "finetune_varlen"
+PACKING_HINT = "set train.packing: auto (the default) or false to train it on padded batches"
 
 # Inside whole bf16 training steps on CPUs, per-sequence math attention beat SDPA's CPU flash kernel in speed and
 # peak memory for every length tried (BENCHMARKS.md), though in isolation the flash kernel wins on longer
@@ -111,8 +112,8 @@ def _refuse_unsupported(module: nn.Module, kwargs: dict[str, Any]) -> None:
     if not (getattr(module, "is_causal", True) if causal is None else causal):
         found.append("bidirectional attention")
     if found:
-        raise ModelLoadError(f"packed attention ({VARLEN_ATTENTION}) cannot train {type(module).__name__}: it uses "
-                             f"{' and '.join(found)}", "set train.packing: false to train it on padded batches")
+        raise PackingError(f"packed attention ({VARLEN_ATTENTION}) cannot train {type(module).__name__}: it uses "
+                             f"{' and '.join(found)}", PACKING_HINT)
 
 
 def refuse_inexact_packing(model: nn.Module) -> None:
@@ -136,10 +137,10 @@ def refuse_inexact_packing(model: nn.Module) -> None:
                   for before in (first, second)]
     moved = (logits[0] - logits[1]).abs().max() / logits[1].abs().max().clamp(min=1e-6)
     if moved > 1e-4:
-        raise ModelLoadError(
+        raise PackingError(
             f"packed attention ({VARLEN_ATTENTION}) cannot train {type(model).__name__}: a sequence's outputs "
             "depend on the sequences packed before it (layers that mix positions outside attention)",
-            "set train.packing: false to train it on padded batches")
+            PACKING_HINT)
 
 
 def _causal_attention_sdpa(q, k, v, dropout: float, scaling: float | None,

@@ -134,6 +134,7 @@ def test_record_goes_starting_processing_succeeded_with_its_fields(runs: dict):
     assert record.metrics["steps"] == STEPS and record.metrics["trained_tokens"] > 0
     assert {"train_loss", "eval_loss", "tokens_per_s", "total_time_s", "precision"} <= record.metrics.keys()
     assert record.metrics["precision"] == "fp32" and record.metrics["processes"] == 1
+    assert record.metrics["packing"] is True  # packing: auto, and the tiny Llama keeps packed sequences apart
     assert record.metrics["device"] == "cpu" and record.metrics["peak_memory_mb"] > 100  # torch alone takes more
     assert record.created_at <= record.started_at <= record.completed_at
     assert record.pid is not None

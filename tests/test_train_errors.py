@@ -149,32 +149,38 @@ def test_messages_without_a_chat_template(root: Path, tmp_path: Path, capsys):
     Attempt(root, capsys, cfg).assert_refused(f"{data}:1", "no chat template")
 
 
-def test_a_base_whose_attention_cannot_take_packed_rows(root: Path, tmp_path: Path, tiny_model_dir: Path, capsys):
-    """StableLM runs its own attention over the whole row, so packed sequences would see each other. With
-    ``packing: auto`` (the default) it trains on padded batches and the log says why; ``packing: true`` is
-    refused before the weights load, naming the fix."""
+@pytest.mark.parametrize("family,extra,name,why", [
+    ("stablelm", {}, "StableLmForCausalLM", "does not mark it as passing sequence bounds"),  # before weights load
+    ("lfm2", {"layer_types": ["conv", "full_attention"]}, "Lfm2ForCausalLM", "packed before it"),  # run once
+])
+def test_a_base_that_cannot_take_packed_rows_trains_padded(root: Path, tmp_path: Path, tiny_model_dir: Path,
+                                                           capsys, family: str, extra: dict, name: str, why: str):
+    """StableLM runs its own attention over the whole row, LFM2 a convolution along it: packed sequences would see
+    each other. StableLM's class says so (checked before its weights load); LFM2's is found by running it once
+    after loading, which is then loaded again for padded batches. With ``packing: auto`` (the default) both train
+    on padded batches and the log says why; ``packing: true`` is refused, naming the fix."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    base = tmp_path / "stablelm"
-    config = AutoConfig.for_model("stablelm", vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                                  num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4,
+    base = tmp_path / family
+    config = AutoConfig.for_model(family, vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
                                   pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                                  eos_token_id=tok.eos_token_id)
+                                  eos_token_id=tok.eos_token_id, **extra)
     AutoModelForCausalLM.from_config(config).save_pretrained(base)
     tok.save_pretrained(base)
     capsys.readouterr()  # saving's progress bar
     cfg = write(tmp_path / "c.yaml", config_dict(sample_data_path(), base_model=str(base)))
     Attempt(root, capsys, cfg, "--set", "train.packing=true").assert_refused(
-        "cannot train StableLmForCausalLM", "set train.packing: auto (the default) or false")
+        f"cannot train {name}", why, "set train.packing: auto (the default) or false")
     attempt = Attempt(root, capsys, cfg)
     assert attempt.rc == 0, attempt.err
     record = attempt.records[0]
     assert attempt.new_versions == 1 and record.status == "succeeded"
     assert record.metrics["packing"] is False
     log = Trainings(Registry(root)).paths(record.id).log.read_text()
-    assert "packing off: packed attention (finetune_varlen) cannot train StableLmForCausalLM" in log
-    assert "training on padded batches" in log
+    assert f"packing off: packed attention (finetune_varlen) cannot train {name}" in log
+    assert why in log and "training on padded batches" in log
 
 
 def test_overlong_row_with_overlong_error_names_the_row(root: Path, tmp_path: Path, capsys):

@@ -169,6 +169,8 @@ def test_four_versions_share_one_base_and_batch_to_the_same_greedy_outputs(reg: 
     assert stats["steps"] - steps < 8 * 16  # fewer forward passes than one per request per token
 
 
+# Evicting the active adapter must not leave PEFT to pick another with a warning in the server's log.
+@pytest.mark.filterwarnings("error::UserWarning")
 def test_memory_budget_evicts_least_recently_used_versions(reg: Registry):
     events = Events()
     w = LocalWorker(WorkerConfig(str(reg.root), device="cpu", memory_budget_mb=0.001), events)

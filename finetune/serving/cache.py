@@ -263,6 +263,9 @@ class ModelCache:
             if base.device.type == "cuda":
                 torch.cuda.empty_cache()
         elif servable.adapter != BASE_ADAPTER:
+            others = sorted(base.adapters - {servable.adapter})
+            if others and base.model.active_adapter == servable.adapter:  # else PEFT switches itself, with a warning
+                base.model.set_adapter(others[0])
             base.model.delete_adapter(servable.adapter)  # never the merged one: merged means the only version
             base.adapters.discard(servable.adapter)
 

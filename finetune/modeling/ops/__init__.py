@@ -82,7 +82,7 @@ class FusedPaths:
     rotary: int
     other_attention: tuple[str, ...]
     gemm: str  # which library runs the fp32 CPU products of the rewritten paths
-    gated_mlps_off: bool = False  # the gated-MLP rewrite left off by choice (fp32 on a CPU), not for want of a match
+    gated_mlps_off: bool = False  # gated MLPs the rewrite recognises, left to their own code by choice (fp32, CPU)
 
     def __str__(self) -> str:
         total = sum(self.lora.values())
@@ -115,7 +115,7 @@ def rewrite_for_training(model, precision: str, device: torch.device) -> FusedPa
     from .lora import fuse_lora_updates, keep_activations_in_compute_dtype, lora_path
     from .loss import logits_path
     from .loss_rows import last_mlp_on_loss_rows
-    from .mlp import fuse_gated_mlps, fuse_tanh_gelus
+    from .mlp import fuse_gated_mlps, fuse_tanh_gelus, gated_mlps
     from .norms import fuse_rms_norms
     from .rotary import fuse_rotary
 
@@ -131,8 +131,8 @@ def rewrite_for_training(model, precision: str, device: torch.device) -> FusedPa
     # The gated-MLP rewrite recomputes two activations in the backward pass rather than keep them. In fp32 on a
     # CPU that costs 1-2% of a step to save 4-9% of the peak (BENCHMARKS.md, sixth session), so the model's own
     # MLP runs there; in bf16 the two run alike, and GPUs are shorter of memory.
-    mlps_off = precision == "fp32" and device.type == "cpu"
-    mlps = 0 if mlps_off else fuse_gated_mlps(model)
+    mlps_off = precision == "fp32" and device.type == "cpu" and bool(gated_mlps(model))
+    mlps = 0 if precision == "fp32" and device.type == "cpu" else fuse_gated_mlps(model)
     gelus = fuse_tanh_gelus(model)
     last_mlp = last_mlp_on_loss_rows(model)
     rotary = fuse_rotary(model)

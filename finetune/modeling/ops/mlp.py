@@ -91,19 +91,23 @@ def fuse_gated_mlps(model) -> int:
     ``down(silu(gate(x)) * up(x))`` saves ``gate(x)``, ``silu(gate(x))``, ``up(x)`` and, for the down
     projection, ``silu(gate(x)) * up(x)``: four tensors of the MLP's width per token and layer (the largest
     activations of a decoder). This keeps two when the down projection takes the fused LoRA path, else three.
-    Only modules whose ``forward`` is byte for byte Llama's (Mistral and Qwen2/3 copy it) with a SiLU activation
-    are changed.
+    Only the modules :func:`gated_mlps` finds are changed.
     """
+    found = gated_mlps(model)
+    for module in found:
+        module.forward = types.MethodType(_gated_mlp_forward, module)
+    return len(found)
+
+
+def gated_mlps(model) -> list[nn.Module]:
+    """The MLPs :func:`fuse_gated_mlps` rewrites: ``forward`` byte for byte Llama's (Mistral and Qwen2/3 copy
+    it) with a SiLU activation."""
     from transformers.activations import SiLUActivation
     from transformers.models.llama.modeling_llama import LlamaMLP
 
-    count = 0
-    for module in model.modules():
-        if (same_code(type(module).forward, LlamaMLP.forward)
-                and type(getattr(module, "act_fn", None)) in (SiLUActivation, nn.SiLU)):
-            module.forward = types.MethodType(_gated_mlp_forward, module)
-            count += 1
-    return count
+    return [module for module in model.modules()
+            if same_code(type(module).forward, LlamaMLP.forward)
+            and type(getattr(module, "act_fn", None)) in (SiLUActivation, nn.SiLU)]
 
 
 def _tanh_gelu_forward(self, x: torch.Tensor) -> torch.Tensor:

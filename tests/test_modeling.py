@@ -11,7 +11,7 @@ from peft import LoraConfig, get_peft_model
 from peft.tuners.lora.layer import Linear as LoraLinear
 from torch import nn
 
-from finetune.modeling.ops.lora import fuse_lora_updates
+from finetune.modeling.ops.lora import fuse_lora_updates, lora_path
 
 
 class TwoLinears(nn.Module):
@@ -58,6 +58,28 @@ def test_fused_update_matches_peft_forward_and_gradients():
     reference = adapted()
     fused = copy.deepcopy(reference)
     assert fuse_lora_updates(fused) == 2
+    x, upstream = torch.randn(3, 7, 24), torch.randn(3, 7, 24)
+    assert_runs_match(reference, fused, x, upstream, grads=4)
+
+
+class AddsInPlace(TwoLinears):
+    """Changes a projection's output in place, as Falcon's decoder layer does (``mlp_output += attention``)."""
+
+    def forward(self, x):
+        out = self.down(torch.relu(self.up(x)))
+        out += x
+        return out
+
+
+def test_fused_update_output_may_be_changed_in_place():
+    torch.manual_seed(0)
+    reference = get_peft_model(AddsInPlace(), LoraConfig(r=4, lora_alpha=8, target_modules=["up", "down"]))
+    for p in reference.parameters():
+        if p.requires_grad:
+            nn.init.normal_(p, std=0.1)
+    fused = copy.deepcopy(reference)
+    assert fuse_lora_updates(fused) == 2
+    assert lora_path(fused.base_model.model.down) == "fused"
     x, upstream = torch.randn(3, 7, 24), torch.randn(3, 7, 24)
     assert_runs_match(reference, fused, x, upstream, grads=4)
 

@@ -111,7 +111,10 @@ def _fused_lora_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> tor
         return type(self).forward(self, x, *args, **kwargs)
     fused = _fused_args(self, name, x)
     if fused is not None:
-        return _LoraLinear.apply(x, *fused)
+        out = _LoraLinear.apply(x, *fused)
+        # Shaped like x out here, by autograd: a view made inside the function could not be changed in place
+        # (Falcon adds to its MLP's output, for one), and a copy would cost a pass over it.
+        return out.view(*x.shape[:-1], out.shape[-1])
     # A trained or another kind of base layer: autograd, with the update folded into the B matmul.
     base, a, b = self.base_layer, self.lora_A[name].weight, self.lora_B[name].weight
     result = base(x)
@@ -146,7 +149,8 @@ def linear_backward(grad2, x2, h, w, a, b, scaling: float, needs: tuple[bool, bo
 
 
 class _LoraLinear(torch.autograd.Function):
-    """``x @ W_io + bias + scaling * (x @ A.T) @ B.T`` for a frozen ``W_io`` (and bias), computed in ``dtype``.
+    """``x @ W_io + bias + scaling * (x @ A.T) @ B.T`` for a frozen ``W_io`` (and bias), computed in ``dtype``;
+    the output is 2-d (``tokens x out``).
 
     ``W_io`` is the weight as an ``[in, out]`` matrix: ``nn.Linear``'s weight transposed (a view), GPT-2's
     ``Conv1D`` weight as it is stored, so neither is copied. One autograd node instead of a dozen, and the
@@ -163,8 +167,8 @@ class _LoraLinear(torch.autograd.Function):
         ctx.recipe = rebuild.recipe(x)  # a norm's output: keep what rebuilds it rather than the output itself
         ctx.save_for_backward(*(ctx.recipe.take() if ctx.recipe else (x2,)), *kept)
         ctx.scaling, ctx.x_dtype, ctx.dtype = scaling, x.dtype, dtype
-        ctx.param_dtypes = lora_a.dtype, lora_b.dtype
-        return out.view(*x.shape[:-1], out.shape[-1])
+        ctx.param_dtypes, ctx.x_shape = (lora_a.dtype, lora_b.dtype), x.shape
+        return out  # 2-d: the caller shapes it like x
 
     @staticmethod
     def backward(ctx, grad):
@@ -175,10 +179,10 @@ class _LoraLinear(torch.autograd.Function):
         else:
             (x2,) = inputs
         needs = ctx.needs_input_grad
-        grad_x, grad_a, grad_b = linear_backward(grad.reshape(-1, grad.shape[-1]), x2, h, w, a, b, ctx.scaling,
-                                                 (needs[0], needs[3], needs[4]), ctx.param_dtypes)
+        grad_x, grad_a, grad_b = linear_backward(grad, x2, h, w, a, b, ctx.scaling, (needs[0], needs[3], needs[4]),
+                                                 ctx.param_dtypes)
         if grad_x is not None:
-            grad_x = grad_x.view(*grad.shape[:-1], x2.shape[-1]).to(ctx.x_dtype)
+            grad_x = grad_x.view(ctx.x_shape).to(ctx.x_dtype)
         return grad_x, None, None, grad_a, grad_b, None, None
 
 

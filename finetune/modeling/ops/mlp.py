@@ -58,7 +58,7 @@ class _SiluMulLora(torch.autograd.Function):
         out, kept = lora.linear_forward(act, weight_in_out, bias, lora_a, lora_b, scaling, dtype)
         ctx.save_for_backward(gate, up, *kept)
         ctx.scaling, ctx.dtype, ctx.param_dtypes = scaling, dtype, (lora_a.dtype, lora_b.dtype)
-        return out.view(*gate.shape[:-1], out.shape[-1])
+        return out  # 2-d: the caller shapes it (see lora._fused_lora_forward)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -66,9 +66,8 @@ class _SiluMulLora(torch.autograd.Function):
         silu = F.silu(gate)
         act = (silu * up).reshape(-1, gate.shape[-1]).to(ctx.dtype)
         needs = ctx.needs_input_grad
-        grad_act, grad_a, grad_b = lora.linear_backward(grad.reshape(-1, grad.shape[-1]), act, h, w, a, b,
-                                                        ctx.scaling, (needs[0] or needs[1], needs[4], needs[5]),
-                                                        ctx.param_dtypes)
+        grad_act, grad_a, grad_b = lora.linear_backward(grad, act, h, w, a, b, ctx.scaling,
+                                                        (needs[0] or needs[1], needs[4], needs[5]), ctx.param_dtypes)
         del act
         grad_gate = grad_up = None
         if grad_act is not None:
@@ -82,7 +81,8 @@ def _gated_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     fused = lora.fused_args(self.down_proj, gate)
     if fused is None:
         return self.down_proj(_SiluMul.apply(gate, up))
-    return _SiluMulLora.apply(gate, up, *fused)
+    out = _SiluMulLora.apply(gate, up, *fused)
+    return out.view(*gate.shape[:-1], out.shape[-1])
 
 
 def fuse_gated_mlps(model) -> int:

@@ -23,7 +23,7 @@ SETTINGS = (
     ("train.max_steps", "Steps", "optimizer steps; leave empty to train by epochs"),
     ("train.epochs", "Epochs", "passes over the data (used when steps is empty)"),
     ("train.lr", "Learning rate", "peak learning rate"),
-    ("train.batch_size", "Batch size", "sequences per step (packed)"),
+    ("train.batch_size", "Batch size", "sequences per step"),
     ("lora.r", "LoRA rank (r)", "adapter rank"),
     ("data.max_seq_len", "Max length", "tokens per sequence; longer rows are truncated"),
     ("data.eval", "Eval split", "a fraction in (0, 1) held out for eval loss; empty for none"),

@@ -2,7 +2,8 @@
 """Training throughput and memory: finetune against the Hugging Face Trainer + PEFT, side by side, in one run.
 
     python scripts/bench_train.py [--data ../shared/data/alpaca_5000.json] [--steps 30] [--warmup 3] [--rows N]
-                                  [--arch llama|qwen2|gpt2] [--precision auto|fp32|bf16] [--isa native|avx2]
+                                  [--arch llama|qwen2|gpt2|stablelm|falcon|bloom] [--precision auto|fp32|bf16]
+                                  [--isa native|avx2]
                                   [--set KEY=VALUE ...]
 
 Runs, one after the other, each in its own process (so peak memory is each contender's own):
@@ -20,21 +21,21 @@ measures the padded path that models which cannot be packed take). The machine's
 bf16 or not, measured bf16 and fp32 matmul rates; fp32 on a CPU through torch's default library and through
 oneDNN, which finetune's fp32 products take on x86) is printed with the results, and each contender's speed as
 a share of the matmul peak of the precision it ran in (for fp32 the better library's).
-Same model (one of the tiny architectures of finetune.tiny, built locally with random weights, ~30M parameters, see
-ARCH_MODELS; vocabulary 8192 from one BPE tokenizer trained on the data and shared by every architecture), same
-tokenized data and prompt masking (finetune's data layer encodes it once for everybody), LoRA r 16 / alpha 32 on
-all linear layers, batch 8, max length 512, lr 2e-4, the same number of steps over the same rows: by default one
-epoch of (warmup + steps) x 8 rows, which each contender orders its own way, so the speed is taken over the epoch
-but for its first step (with `--rows 0`, all 4,800 rows, each sampler picks which rows its steps see, and the tuned
-peer's length grouping picks its longest first: its timed steps then saw ~20% more tokens per step than ours). It
-prints real (non-padding) tokens/s over the timed steps, peak memory (resident on a CPU; allocated GPU memory on
-CUDA), wall time of the whole process, three losses (the training loss at equal trained tokens: token-weighted mean
-over the first N tokens, N = the fewest any contender trained; the held-out loss of each final adapter, every
-contender having trained the same number of steps of 8 examples; and the held-out loss at equal trained tokens:
-each peer's adapter saved at the first step at which it has trained as many tokens as ours did in all its steps),
-our ratios, and the machine's measured bf16/fp32 matmul rates (on the GPU when there is one). On Linux it also
-prints, per round, how many cores other processes and the hypervisor took meanwhile: a round beside other work is
-not comparable (PyTorch's threads spin while they wait for each other, and a shared core stalls them).
+Same model (one of the tiny architectures of finetune.tiny, or of PADDED_FAMILIES, built locally with random
+weights, ~30M parameters, see ARCH_MODELS; vocabulary 8192 from one BPE tokenizer trained on the data and shared by
+every architecture), same tokenized data and prompt masking (finetune's data layer encodes it once for everybody),
+LoRA r 16 / alpha 32 on all linear layers, batch 8, max length 512, lr 2e-4, the same number of steps over the same
+rows: by default one epoch of (warmup + steps) x 8 rows, which each contender orders its own way, so the speed is
+taken over the epoch but for its first step (with `--rows 0`, all 4,800 rows, each sampler picks which rows its
+steps see, and the tuned peer's length grouping picks its longest first: its timed steps then saw ~20% more tokens
+per step than ours). It prints real (non-padding) tokens/s over the timed steps, peak memory (resident on a CPU;
+allocated GPU memory on CUDA), wall time of the whole process, three losses (the training loss at equal trained
+tokens: token-weighted mean over the first N tokens, N = the fewest any contender trained; the held-out loss of each
+final adapter, every contender having trained the same number of steps of 8 examples; and the held-out loss at equal
+trained tokens: each peer's adapter saved at the first step at which it has trained as many tokens as ours did in
+all its steps), our ratios, and the machine's measured bf16/fp32 matmul rates (on the GPU when there is one). On
+Linux it also prints, per round, how many cores other processes and the hypervisor took meanwhile: a round beside
+other work is not comparable (PyTorch's threads spin while they wait for each other, and a shared core stalls them).
 """
 
 from __future__ import annotations
@@ -58,6 +59,9 @@ ARCH_MODELS = {
     "qwen2": dict(hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=2, intermediate_size=1376),
     "gpt2": dict(hidden_size=512, num_layers=8, num_heads=8, intermediate_size=2048),
 }
+# Families that cannot be packed, so they train on padded batches (finetune's `packing: auto` finds that when it
+# loads them): the same sizes, built from transformers' own configs. Bloom's MLP is 4 x hidden whatever it is told.
+PADDED_FAMILIES = {"stablelm": {}, "falcon": dict(new_decoder_architecture=True), "bloom": {}}
 VOCAB = 8192
 LORA = dict(r=16, alpha=32)  # dropout: each side's default (0 in peft and in finetune)
 BATCH, MAX_LEN, LR, EVAL_ROWS, SEED = 8, 512, 2e-4, 200, 42
@@ -84,9 +88,34 @@ def build_inputs(data: Path, work: Path, arch: str) -> dict:
         for key, rows in (("train", train), ("eval", held_out)):
             paths[key].write_text("".join(json.dumps(r) + "\n" for r in rows))
     if not (paths["model"] / "config.json").exists():
-        build_tiny_model(paths["model"], AutoTokenizer.from_pretrained(paths["tokenizer"]), arch=arch, seed=SEED,
-                         max_position_embeddings=1024, **ARCH_MODELS[arch])
+        tokenizer = AutoTokenizer.from_pretrained(paths["tokenizer"])
+        if arch in ARCH_MODELS:
+            build_tiny_model(paths["model"], tokenizer, arch=arch, seed=SEED, max_position_embeddings=1024,
+                             **ARCH_MODELS[arch])
+        else:
+            _build_family(paths["model"], tokenizer, arch)
     return {k: str(v) for k, v in paths.items()}
+
+
+def _build_family(out: Path, tokenizer, family: str) -> None:
+    """One of PADDED_FAMILIES at the Llama's sizes (hidden 512, 8 layers, 8 heads, MLP 1376), random init."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    special = {name: getattr(tokenizer, name) for name in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    sizes = ARCH_MODELS["llama"]
+    config = AutoConfig.for_model(
+        family, vocab_size=len(tokenizer), hidden_size=sizes["hidden_size"], num_hidden_layers=sizes["num_layers"],
+        num_attention_heads=sizes["num_heads"], num_key_value_heads=sizes["num_heads"],
+        intermediate_size=sizes["intermediate_size"],
+        max_position_embeddings=1024, tie_word_embeddings=True, initializer_range=sizes["hidden_size"] ** -0.5,
+        **special, **PADDED_FAMILIES[family])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEED)
+        model = AutoModelForCausalLM.from_config(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
 
 
 def capability() -> dict:
@@ -361,8 +390,8 @@ def held_out_loss(paths: dict, adapter: str, work: Path) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--arch", choices=tuple(ARCH_MODELS), default="llama",
-                        help="the tiny base model's architecture")
+    parser.add_argument("--arch", choices=(*ARCH_MODELS, *PADDED_FAMILIES), default="llama",
+                        help="the tiny base model's architecture (stablelm, falcon, bloom: ones that train padded)")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                         help="ours and the tuned peer alike; auto: bf16 only where the device does it natively")
     parser.add_argument("--isa", choices=("native", "avx2"), default="native",

@@ -333,6 +333,7 @@ PACKING_REFUSED = {"gemma2": "soft-capping", "stablelm": "sequence bounds", "fal
                    "bloom": "sequence bounds", "lfm2": "packed before it", "recurrent_gemma": "packed before it"}
 LOGITS_BY_THEIR_FORWARD = {"granite", "cohere", "recurrent_gemma"}  # RecurrentGemma soft-caps by its own name
 PARTIAL_ROTARY = {"phi3", "gpt_neox"}  # their RoPE function rotates a part of each head, and is ours now
+TANH_GELU = {"bloom"}  # its own autograd function for the tanh GELU, which is one kernel here
 VOCAB = 300
 
 
@@ -379,12 +380,33 @@ def test_other_families_train_padded_as_the_reference(family_dir):
     reference, changed = adapted(model_dir, "eager"), adapted(model_dir, None)  # None: transformers' default
     paths = rewrite_for_training(changed, "fp32", CPU)
     assert paths.loss.startswith("through ") == (family in LOGITS_BY_THEIR_FORWARD), paths.loss
+    assert paths.tanh_gelus == (changed.config.num_hidden_layers if family in TANH_GELU else 0)
     seqs = sequences(VOCAB)
     ref_loss, _, ref_grads = reference_run(reference, seqs)
     loss, count = CausalLMLoss(changed)(**collate_padded([{"input_ids": s, "labels": s} for s in seqs], 0))
     loss.backward()
     assert int(count) == sum(n - 1 for n in LENGTHS)
     _assert_same_training(loss.detach(), _adapter_grads(changed), ref_loss, ref_grads)
+
+
+def test_bloom_gelu_is_recognised_with_the_function_it_calls():
+    """Bloom's GELU module is taken as a tanh GELU only while the autograd function it calls is Bloom's own."""
+    import types
+
+    from transformers.models.bloom import modeling_bloom as bloom
+
+    from finetune.modeling.ops.mlp import _is_bloom_gelu
+
+    class Other(torch.autograd.Function):  # same name in its module, other arithmetic
+        @staticmethod
+        def forward(ctx, x):
+            return F.gelu(x)
+
+    code = bloom.BloomGelu.forward.__code__
+    assert _is_bloom_gelu(bloom.BloomGelu.forward)
+    assert _is_bloom_gelu(types.FunctionType(code, dict(vars(bloom))))  # a copy in another module
+    assert not _is_bloom_gelu(types.FunctionType(code, {**vars(bloom), "GeLUFunction": Other}))
+    assert not _is_bloom_gelu(types.FunctionType(code, {**vars(bloom), "bloom_gelu_back": F.gelu}))
 
 
 def _assert_same_training(loss, grads, ref_loss, ref_grads) -> None:

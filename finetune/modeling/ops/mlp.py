@@ -1,8 +1,9 @@
-"""MLP activations: Llama-style gated SiLU MLPs that keep fewer activations for the backward pass, and GPT-2's
-tanh-approximated GELU as one kernel."""
+"""MLP activations: Llama-style gated SiLU MLPs that keep fewer activations for the backward pass, and the
+tanh-approximated GELU of GPT-2 and Bloom as one kernel."""
 
 from __future__ import annotations
 
+import inspect
 import types
 
 import torch
@@ -115,18 +116,39 @@ def _tanh_gelu_forward(self, x: torch.Tensor) -> torch.Tensor:
 
 
 def fuse_tanh_gelus(model) -> int:
-    """Compute GPT-2's GELU (``gelu_new``) with PyTorch's one-kernel tanh GELU; returns how many modules.
+    """Compute the tanh-approximated GELU of GPT-2 (``gelu_new``) and Bloom with PyTorch's one-kernel tanh GELU;
+    returns how many modules.
 
-    transformers writes it out as eight elementwise operations, each a full pass over the MLP's widest tensor
-    and most of them saving their input for the backward pass; ``F.gelu(x, approximate="tanh")`` is the same
-    formula in one pass that saves only ``x``. Only modules whose ``forward`` is byte for byte transformers'
-    ``NewGELUActivation`` are changed.
+    transformers writes both out as elementwise operations, each a full pass over the MLP's widest tensor: GPT-2's
+    eight through autograd, most of them saving their input; Bloom's eight forward and a dozen backward in its
+    own autograd function. ``F.gelu(x, approximate="tanh")`` is the same formula in one pass each way, saving only
+    ``x``. Only modules whose code (and for Bloom, the code of the function it calls) is byte for byte
+    transformers' are changed.
     """
     from transformers.activations import NewGELUActivation
 
     count = 0
     for module in model.modules():
-        if same_code(type(module).forward, NewGELUActivation.forward):
+        forward = type(module).forward
+        if same_code(forward, NewGELUActivation.forward) or _is_bloom_gelu(forward):
             module.forward = types.MethodType(_tanh_gelu_forward, module)
             count += 1
     return count
+
+
+def _is_bloom_gelu(forward) -> bool:
+    """Whether ``forward`` is Bloom's ``BloomGelu.forward`` calling a ``GeLUFunction`` with Bloom's tanh GELU and
+    its derivative, all by their code (a copy in another family counts only if it calls the same arithmetic)."""
+    try:
+        from transformers.models.bloom import modeling_bloom as bloom
+    except ImportError:  # a transformers without Bloom
+        return False
+    if not same_code(forward, bloom.BloomGelu.forward):
+        return False
+    names = inspect.unwrap(forward).__globals__
+    function = names.get("GeLUFunction")
+    return (isinstance(function, type) and issubclass(function, torch.autograd.Function)
+            and same_code(function.forward, bloom.GeLUFunction.forward)
+            and same_code(function.backward, bloom.GeLUFunction.backward)
+            and same_code(names.get("bloom_gelu_forward"), bloom.bloom_gelu_forward)
+            and same_code(names.get("bloom_gelu_back"), bloom.bloom_gelu_back))

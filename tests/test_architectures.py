@@ -333,6 +333,7 @@ PACKING_REFUSED = {"gemma2": "soft-capping", "stablelm": "sequence bounds", "fal
                    "bloom": "sequence bounds", "lfm2": "packed before it", "recurrent_gemma": "packed before it"}
 LOGITS_BY_THEIR_FORWARD = {"granite", "cohere", "recurrent_gemma"}  # RecurrentGemma soft-caps by its own name
 PARTIAL_ROTARY = {"phi3", "gpt_neox"}  # their RoPE function rotates a part of each head, and is ours now
+LOSS_ROWS_OFF = {"bloom", "opt", "lfm2", "recurrent_gemma"}  # their last layers are not recognised
 TANH_GELU = {"bloom"}  # its own autograd function for the tanh GELU, which is one kernel here
 VOCAB = 300
 
@@ -387,6 +388,37 @@ def test_other_families_train_padded_as_the_reference(family_dir):
     loss.backward()
     assert int(count) == sum(n - 1 for n in LENGTHS)
     _assert_same_training(loss.detach(), _adapter_grads(changed), ref_loss, ref_grads)
+
+
+def test_other_families_train_prompt_masked_as_the_reference(family_dir, monkeypatch: pytest.MonkeyPatch):
+    """Completions only, on padded batches (every family trains so): where the last layer is recognised its MLP
+    takes the labelled rows alone, and loss and gradients still equal the reference's."""
+    family, model_dir = family_dir
+    monkeypatch.setattr(loss_rows, "ROW_MULTIPLE", 1)  # the real one (256) exceeds these tiny batches
+    reference, changed = adapted(model_dir, "eager"), adapted(model_dir, None)
+    paths = rewrite_for_training(changed, "fp32", CPU)
+    assert paths.last_mlp_loss_rows == (family not in LOSS_ROWS_OFF)
+    seqs, prompts = sequences(VOCAB), [2, 20, 41]  # tokens of each sequence that are prompt, unlabelled
+    examples = [{"input_ids": s, "labels": [-100] * p + s[p:]} for s, p in zip(seqs, prompts)]
+    rows = []
+    decoder = changed.get_base_model().get_decoder()
+    last = (getattr(decoder, "layers", None) or decoder.h)[-1]
+    if hasattr(last, "mlp"):
+        last.mlp.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[:-1].numel()))
+
+    total = 0.0
+    for ex in examples:
+        ids, labels = torch.tensor([ex["input_ids"]]), torch.tensor(ex["labels"])
+        logits = reference(input_ids=ids, use_cache=False).logits[0]
+        total = total + F.cross_entropy(logits[:-1], labels[1:], reduction="sum", ignore_index=-100)
+    total.backward()
+    loss, count = CausalLMLoss(changed)(**collate_padded(examples, 0))
+    loss.backward()
+
+    assert int(count) == sum(len(s) - p for s, p in zip(seqs, prompts))
+    if paths.last_mlp_loss_rows:
+        assert rows == [int(count)]  # the labelled rows, not every position of the padded batch
+    _assert_same_training(loss.detach(), _adapter_grads(changed), total.detach(), _adapter_grads(reference))
 
 
 def test_bloom_gelu_is_recognised_with_the_function_it_calls():

@@ -16,6 +16,7 @@ bf16 steps (BENCHMARKS.md).
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -53,16 +54,23 @@ class _RowSelection:
         return full.view(*self.shape[:-1], out.shape[-1])
 
 
+# Decoder layers whose MLP output only joins the final hidden state of its own position (through dropout, a
+# per-position norm or a scale, or beside the attention's output in parallel-residual layers), checked by
+# reading each; copies of them in other families (Mistral and Qwen2 copy Llama's) count, by their code.
+KNOWN_LAYERS = (
+    ("llama", "LlamaDecoderLayer"), ("gpt2", "GPT2Block"), ("stablelm", "StableLmDecoderLayer"),
+    ("falcon", "FalconDecoderLayer"), ("gpt_neox", "GPTNeoXLayer"), ("phi3", "Phi3DecoderLayer"),
+    ("olmo2", "Olmo2DecoderLayer"), ("granite", "GraniteDecoderLayer"), ("cohere", "CohereDecoderLayer"),
+    ("gemma2", "Gemma2DecoderLayer"),
+)
+
+
 def last_mlp_on_loss_rows(model) -> bool:
     """Let the last decoder layer's MLP run on the loss's rows only (see the module's docstring); returns
-    whether it applies: only to decoder layers whose ``forward`` is byte for byte Llama's (Mistral and Qwen2
-    copy it) or GPT-2's, where the MLP's output only joins the residual stream."""
-    from transformers.models.gpt2.modeling_gpt2 import GPT2Block
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
-
+    whether it applies: only to decoder layers whose ``forward`` is byte for byte one of ``KNOWN_LAYERS``."""
     layer = _last_layer(model)
-    known = layer is not None and (same_code(type(layer).forward, LlamaDecoderLayer.forward)
-                                   or same_code(type(layer).forward, GPT2Block.forward))
+    known = layer is not None and any(same_code(type(layer).forward, reference.forward)
+                                      for reference in _known_layers())
     mlp = getattr(layer, "mlp", None) if known else None
     if not isinstance(mlp, nn.Module):
         return False
@@ -72,6 +80,17 @@ def last_mlp_on_loss_rows(model) -> bool:
         mlp.register_forward_hook(selection.put_back)
         setattr(mlp, _ATTR, selection)
     return True
+
+
+def _known_layers() -> Iterator[type]:
+    for family, name in KNOWN_LAYERS:
+        try:
+            module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+        except ImportError:  # a transformers release without this family
+            continue
+        layer = getattr(module, name, None)
+        if layer is not None:
+            yield layer
 
 
 @contextmanager

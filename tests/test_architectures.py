@@ -449,6 +449,27 @@ def _assert_same_training(loss, grads, ref_loss, ref_grads) -> None:
         torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_the_rewrites_stay_on_across_train_and_eval(arch_dir):
+    """With the `kernels` package (transformers 5.25 requires it), transformers puts the class's own forward back on
+    its hub-kernel layers (RMSNorm, activations) whenever a model switches between train and eval; the training
+    loop calls train() after the rewrites, so the base loads with that off and the rewrites the log names stay."""
+    from finetune.config import LoraConfig
+    from finetune.modeling.load import attach_lora
+
+    arch, model_dir = arch_dir
+    model = attach_lora(load_base_model(BaseSource(str(model_dir)), torch.float32, VARLEN_ATTENTION), LoraConfig())
+    paths = rewrite_for_training(model, "fp32", CPU)
+    rewritten = [name for name, m in model.named_modules() if "forward" in vars(m)]
+    kernel_layers = [name for name, m in model.named_modules() if getattr(type(m), "kernel_layer_name", None)]
+    layers = model.config.num_hidden_layers
+    assert paths.rms_norms + paths.tanh_gelus == (layers if arch == "gpt2" else 2 * layers + 1)
+    assert kernel_layers and set(kernel_layers) & set(rewritten)  # RMSNorms (Llama, Qwen2), GELUs (GPT-2)
+    model.train()
+    model.eval()
+    model.train()
+    assert [name for name, m in model.named_modules() if "forward" in vars(m)] == rewritten
+
+
 def test_the_setup_checks_leave_every_module_in_its_own_mode(arch_dir):
     """The packing check and the logits check run the model in eval mode; afterwards each module is back in its
     own mode (mixed modes too: ``model.train()`` would not restore those)."""

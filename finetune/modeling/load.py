@@ -69,7 +69,11 @@ def load_base_model(source: BaseSource, dtype: torch.dtype, attn_implementation:
     """The frozen base model, in ``dtype``, with the requested attention implementation."""
     from transformers import AutoModelForCausalLM
 
-    kwargs: dict[str, Any] = {"dtype": dtype, "revision": source.revision}
+    # use_kernels=False: with the `kernels` package installed (transformers 5.25 requires it) transformers swaps
+    # the forward of its hub-kernel layers (RMSNorm, activations) back to the class's own at every train()/eval()
+    # switch, undoing the rewrites that training applies after loading (ops.rewrite_for_training) while the log
+    # still named them; and on GPUs it would fetch kernels from the Hub at load.
+    kwargs: dict[str, Any] = {"dtype": dtype, "revision": source.revision, "use_kernels": False}
     packed = attn_implementation == VARLEN_ATTENTION
     if packed:
         register_varlen_attention()

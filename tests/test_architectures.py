@@ -90,6 +90,25 @@ def rewritten_run(model, seqs: list[list[int]]):
     return loss_sum.detach(), int(count), logits[: sum(map(len, seqs))], _adapter_grads(model)
 
 
+PROMPTS = (2, 20, 41)  # tokens of each sequence that are prompt, unlabelled
+
+
+def prompt_masked(seqs: list[list[int]]) -> list[dict]:
+    """Instruction-like examples: only the tokens after each prompt are labelled."""
+    return [{"input_ids": s, "labels": [-100] * p + s[p:]} for s, p in zip(seqs, PROMPTS)]
+
+
+def masked_reference_run(model, examples: list[dict]) -> torch.Tensor:
+    """Each example alone, as peft and transformers compute it; the loss summed over its labels, backward done."""
+    total = 0.0
+    for ex in examples:
+        ids, labels = torch.tensor([ex["input_ids"]]), torch.tensor(ex["labels"])
+        logits = model(input_ids=ids, use_cache=False).logits[0]
+        total = total + F.cross_entropy(logits[:-1], labels[1:], reduction="sum", ignore_index=-100)
+    total.backward()
+    return total.detach()
+
+
 def _adapter_grads(model) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -144,26 +163,20 @@ def test_prompt_masked_training_equals_the_reference(arch_dir, multiple, lean_ml
     if lean_mlps:
         with_lean_mlps(changed, arch)
     seqs = sequences(reference.config.vocab_size)
-    prompts = [2, 20, 41]  # tokens of each sequence that are prompt, unlabelled
-    examples = [{"input_ids": s, "labels": [-100] * p + s[p:]} for s, p in zip(seqs, prompts)]
+    examples = prompt_masked(seqs)
     mlp_inputs = []
     decoder = changed.get_base_model().get_decoder()
     last_mlp = (decoder.layers if hasattr(decoder, "layers") else decoder.h)[-1].mlp
     last_mlp.register_forward_hook(lambda module, args, out: mlp_inputs.append(args[0].shape[-2]))
 
-    total = 0.0
-    for ex in examples:
-        ids, labels = torch.tensor([ex["input_ids"]]), torch.tensor(ex["labels"])
-        logits = reference(input_ids=ids, use_cache=False).logits[0]
-        total = total + F.cross_entropy(logits[:-1], labels[1:], reduction="sum", ignore_index=-100)
-    total.backward()
+    total = masked_reference_run(reference, examples)
     batch = collate_packed(examples)
     loss, count = CausalLMLoss(changed)(**batch)
     loss.backward()
 
-    assert int(count) == sum(len(s) - p for s, p in zip(seqs, prompts))
+    assert int(count) == sum(len(s) - p for s, p in zip(seqs, PROMPTS))
     assert mlp_inputs == [int(count) + (-int(count)) % multiple]  # the rows the loss reads, rounded up
-    torch.testing.assert_close(loss.detach(), total.detach(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(loss.detach(), total, rtol=1e-5, atol=1e-4)
     ref_grads, grads = _adapter_grads(reference), _adapter_grads(changed)
     for name, grad in ref_grads.items():
         torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
@@ -398,27 +411,22 @@ def test_other_families_train_prompt_masked_as_the_reference(family_dir, monkeyp
     reference, changed = adapted(model_dir, "eager"), adapted(model_dir, None)
     paths = rewrite_for_training(changed, "fp32", CPU)
     assert paths.last_mlp_loss_rows == (family not in LOSS_ROWS_OFF)
-    seqs, prompts = sequences(VOCAB), [2, 20, 41]  # tokens of each sequence that are prompt, unlabelled
-    examples = [{"input_ids": s, "labels": [-100] * p + s[p:]} for s, p in zip(seqs, prompts)]
+    seqs = sequences(VOCAB)
+    examples = prompt_masked(seqs)
     rows = []
     decoder = changed.get_base_model().get_decoder()
     last = (getattr(decoder, "layers", None) or decoder.h)[-1]
     if hasattr(last, "mlp"):
         last.mlp.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[:-1].numel()))
 
-    total = 0.0
-    for ex in examples:
-        ids, labels = torch.tensor([ex["input_ids"]]), torch.tensor(ex["labels"])
-        logits = reference(input_ids=ids, use_cache=False).logits[0]
-        total = total + F.cross_entropy(logits[:-1], labels[1:], reduction="sum", ignore_index=-100)
-    total.backward()
+    total = masked_reference_run(reference, examples)
     loss, count = CausalLMLoss(changed)(**collate_padded(examples, 0))
     loss.backward()
 
-    assert int(count) == sum(len(s) - p for s, p in zip(seqs, prompts))
+    assert int(count) == sum(len(s) - p for s, p in zip(seqs, PROMPTS))
     if paths.last_mlp_loss_rows:
         assert rows == [int(count)]  # the labelled rows, not every position of the padded batch
-    _assert_same_training(loss.detach(), _adapter_grads(changed), total.detach(), _adapter_grads(reference))
+    _assert_same_training(loss.detach(), _adapter_grads(changed), total, _adapter_grads(reference))
 
 
 def test_bloom_gelu_is_recognised_with_the_function_it_calls():

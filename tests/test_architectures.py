@@ -468,10 +468,8 @@ def test_the_rewrites_stay_on_across_train_and_eval(arch_dir):
     model = attach_lora(load_base_model(BaseSource(str(model_dir)), torch.float32, VARLEN_ATTENTION), LoraConfig())
     paths = rewrite_for_training(model, "fp32", CPU)
     rewritten = [name for name, m in model.named_modules() if "forward" in vars(m)]
-    kernel_layers = [name for name, m in model.named_modules() if getattr(type(m), "kernel_layer_name", None)]
     layers = model.config.num_hidden_layers
     assert paths.rms_norms + paths.tanh_gelus == (layers if arch == "gpt2" else 2 * layers + 1)
-    assert kernel_layers and set(kernel_layers) & set(rewritten)  # RMSNorms (Llama, Qwen2), GELUs (GPT-2)
     model.train()
     model.eval()
     model.train()

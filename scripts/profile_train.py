@@ -1,0 +1,118 @@
+#!/usr/bin/env python
+"""Where a training step's time goes: the real ``finetune train`` under PyTorch's profiler, grouped.
+
+    python scripts/profile_train.py CONFIG.yaml [--skip 4] [--steps 10] [--isa native|avx2] [--set KEY=VALUE ...]
+                                    [--table N]
+
+Runs ``finetune train CONFIG.yaml`` in this process, into a throwaway registry, and profiles optimizer steps
+``skip+1 .. skip+steps`` (the config must train at least that many). Operators are grouped by what they compute,
+from their names and shapes:
+  frozen products  matrix products of the base model's weights: forward and input gradient (no dimension = r)
+  rank-r products  LoRA's own products, each with one dimension equal to the rank r (x @ A.T, its gradients...)
+  attention        the score and value products, softmax and its backward, SDPA's kernels
+  everything else  norms, activations, RoPE, residual adds, the loss, the optimizer, copies, bookkeeping
+with each group's share of the profiled operators' time, and the products' rate in GFLOP/s (2·m·k·n per product),
+to set against the machine's matmul peak (``scripts/bench_train.py`` prints it). ``--table N``: PyTorch's own
+table of the N operators that took longest, too. The profiler adds a few percent of overhead to small operators.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from collections import defaultdict
+
+AVX2_ONLY = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+PRODUCTS = {"aten::mm", "aten::addmm", "aten::addmm_", "mkldnn::_linear_pointwise"}
+ATTENTION = ("aten::bmm", "aten::baddbmm", "aten::_softmax", "aten::_softmax_backward_data",
+             "aten::_scaled_dot_product")  # the last: a prefix of SDPA's CPU kernels, forward and backward
+
+
+def product_dims(name: str, shapes: list) -> tuple[int, int, int] | None:
+    """(m, k, n) of a 2-d matrix product from its recorded input shapes, None if they are not those of one."""
+    try:
+        if name == "mkldnn::_linear_pointwise":  # input [m, k], weight [n, k]
+            (m, k), (n, _) = shapes[0], shapes[1]
+        elif name == "aten::mm":  # [m, k] @ [k, n]
+            (m, k), (_, n) = shapes[0], shapes[1]
+        else:  # addmm(_): self, [m, k], [k, n]
+            (m, k), (_, n) = shapes[1], shapes[2]
+    except (IndexError, TypeError, ValueError):
+        return None
+    return m, k, n
+
+
+def group(name: str, shapes: list, rank: int) -> tuple[str, float]:
+    """The group an operator falls in, and its FLOPs when it is a matrix product (else 0)."""
+    if name in PRODUCTS:
+        dims = product_dims(name, shapes)
+        if dims is not None:
+            m, k, n = dims
+            return ("rank-r products" if rank in dims else "frozen products"), 2.0 * m * k * n
+    if name.startswith(ATTENTION):
+        return "attention", 0.0
+    return "everything else", 0.0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("config")
+    parser.add_argument("--skip", type=int, default=4, help="optimizer steps to leave out first (warm-up)")
+    parser.add_argument("--steps", type=int, default=10, help="optimizer steps to profile")
+    parser.add_argument("--isa", choices=("native", "avx2"), default="native",
+                        help="avx2: run as on a CPU without AVX-512 (set before torch loads), as bench_train does")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a finetune train override")
+    parser.add_argument("--table", type=int, default=0, metavar="N", help="also PyTorch's table of the top N")
+    args = parser.parse_args()
+    if args.isa == "avx2":
+        os.environ.update(AVX2_ONLY)
+    import torch
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    from finetune.cli import main as finetune_main
+    from finetune.config import load_config
+    from finetune.errors import FinetuneError
+
+    try:
+        rank = load_config(args.config, overrides=args.set).lora.r
+    except FinetuneError as err:
+        raise SystemExit(f"profile_train: error: {err}") from None
+    profiler = torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True,
+        schedule=torch.profiler.schedule(wait=max(args.skip - 1, 0), warmup=min(args.skip, 1), active=args.steps,
+                                         repeat=1))
+    # The loop's one optimizer step per step is the profiler's clock: no hook inside finetune's code.
+    hook = register_optimizer_step_post_hook(lambda *_: profiler.step())
+    with tempfile.TemporaryDirectory(prefix="ft-profile-") as home:
+        os.environ["FINETUNE_HOME"] = home
+        with profiler:
+            code = finetune_main(["train", args.config, "--create-destination", "--quiet",
+                                  *(arg for item in args.set for arg in ("--set", item))])
+    hook.remove()
+    if code:
+        return code
+    events = [e for e in profiler.events() if e.device_type == torch.autograd.DeviceType.CPU]
+    if not events:
+        raise SystemExit(f"nothing profiled: does {args.config} train more than --skip {args.skip} steps?")
+    time_us, flops = defaultdict(float), defaultdict(float)
+    for event in events:
+        name, shapes = event.name, event.input_shapes
+        kind, work = group(name, shapes, rank)
+        time_us[kind] += event.self_cpu_time_total
+        flops[kind] += work
+    total = sum(time_us.values())
+    print(f"\n{args.steps} steps profiled, {total / 1e6:.2f} s of operator time (self), LoRA rank {rank}, "
+          f"{torch.get_num_threads()} threads")
+    for kind in ("frozen products", "rank-r products", "attention", "everything else"):
+        rate = (f"{flops[kind] / 1e9:8.0f} GFLOP at {flops[kind] / time_us[kind] / 1e3:.0f} GFLOP/s"
+                if flops[kind] and time_us[kind] else "")
+        print(f"  {kind:17} {time_us[kind] / 1e6:7.2f} s {time_us[kind] / total:6.1%}  {rate}")
+    if args.table:
+        print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.table))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""scripts/profile_train.py: the real training run, profiled, with its operators grouped by what they compute."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from finetune.tiny import sample_data_path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "profile_train.py"
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("profile_train", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_products_are_told_apart_by_the_rank():
+    group = _script().group
+    # a frozen projection's forward through oneDNN (input [m, k], weight [n, k]) and its input gradient via mm
+    assert group("mkldnn::_linear_pointwise", [[960, 512], [1376, 512], [], [], [], []], 16) == (
+        "frozen products", 2.0 * 960 * 512 * 1376)
+    assert group("aten::mm", [[960, 1376], [1376, 512]], 16) == ("frozen products", 2.0 * 960 * 1376 * 512)
+    # LoRA's: x @ A.T, the update added into the output (addmm_), A's gradient
+    assert group("aten::mm", [[960, 512], [512, 16]], 16) == ("rank-r products", 2.0 * 960 * 512 * 16)
+    assert group("aten::addmm_", [[960, 512], [960, 16], [16, 512], [], []], 16)[0] == "rank-r products"
+    assert group("aten::mm", [[16, 960], [960, 512]], 16)[0] == "rank-r products"
+    assert group("aten::mm", [[16, 960], [960, 512]], 8)[0] == "frozen products"
+    assert group("aten::bmm", [[8, 300, 64], [8, 64, 300]], 16) == ("attention", 0.0)
+    assert group("aten::_scaled_dot_product_flash_attention_for_cpu_backward", [], 16)[0] == "attention"
+    assert group("aten::mul", [[1, 960, 1376], [1, 960, 1376]], 16) == ("everything else", 0.0)
+    assert group("aten::mm", [[3, 4, 5], [5, 6]], 16) == ("everything else", 0.0)  # not a 2-d product
+
+
+@pytest.mark.slow
+def test_profiles_a_real_run(tiny_model_dir: Path, tmp_path: Path):
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml.safe_dump({
+        "base_model": str(tiny_model_dir), "destination": "profile/tiny",
+        "data": {"path": str(sample_data_path()), "max_seq_len": 128},
+        "lora": {"r": 4, "alpha": 8},
+        "train": {"max_steps": 4, "batch_size": 2, "precision": "fp32", "seed": 0},
+    }))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, str(SCRIPT), str(config), "--skip", "1", "--steps", "2"],
+                          capture_output=True, text=True, timeout=300, env=env, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "2 steps profiled" in proc.stdout and "LoRA rank 4" in proc.stdout, proc.stdout
+    rows = dict(re.findall(r"^  (frozen products|rank-r products|attention|everything else) +([\d.]+) s",
+                           proc.stdout, re.M))
+    assert set(rows) == {"frozen products", "rank-r products", "attention", "everything else"}, proc.stdout
+    # both kinds of product were seen and timed, so their rates are printed
+    assert len(re.findall(r"GFLOP/s", proc.stdout)) == 2, proc.stdout
+
+
+def test_too_few_steps_is_one_line(tiny_model_dir: Path, tmp_path: Path):
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml.safe_dump({
+        "base_model": str(tiny_model_dir), "destination": "profile/tiny",
+        "data": {"path": str(sample_data_path()), "max_seq_len": 64},
+        "lora": {"r": 4, "alpha": 8}, "train": {"max_steps": 1, "batch_size": 2, "precision": "fp32"},
+    }))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, str(SCRIPT), str(config), "--skip", "2", "--steps", "2"],
+                          capture_output=True, text=True, timeout=300, env=env, check=False)
+    assert proc.returncode != 0
+    assert "nothing profiled" in proc.stderr and "--skip 2" in proc.stderr, proc.stderr
+
+
+def test_a_bad_config_is_one_line(tmp_path: Path):
+    config = tmp_path / "train.yaml"
+    config.write_text("base_model: x\ntrain:\n  max_stpes: 3\n")
+    proc = subprocess.run([sys.executable, str(SCRIPT), str(config)], capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "train.max_stpes" in lines[0], proc.stderr

@@ -83,8 +83,13 @@ def main() -> int:
         activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True,
         schedule=torch.profiler.schedule(wait=max(args.skip - 1, 0), warmup=min(args.skip, 1), active=args.steps,
                                          repeat=1))
-    # The loop's one optimizer step per step is the profiler's clock: no hook inside finetune's code.
-    hook = register_optimizer_step_post_hook(lambda *_: profiler.step())
+    steps = [0]
+
+    def step(*_) -> None:  # the loop's one optimizer step per step is the profiler's clock: no hook in finetune
+        steps[0] += 1
+        profiler.step()
+
+    hook = register_optimizer_step_post_hook(step)
     with tempfile.TemporaryDirectory(prefix="ft-profile-") as home:
         os.environ["FINETUNE_HOME"] = home
         with profiler:
@@ -93,9 +98,11 @@ def main() -> int:
     hook.remove()
     if code:
         return code
+    if steps[0] < args.skip + args.steps:
+        raise SystemExit(f"profile_train: error: --skip {args.skip} --steps {args.steps} needs "
+                         f"{args.skip + args.steps} steps, and {args.config} trained {steps[0]} (raise "
+                         "train.max_steps, or --set it)")
     events = [e for e in profiler.events() if e.device_type == torch.autograd.DeviceType.CPU]
-    if not events:
-        raise SystemExit(f"nothing profiled: does {args.config} train more than --skip {args.skip} steps?")
     time_us, flops = defaultdict(float), defaultdict(float)
     for event in events:
         name, shapes = event.name, event.input_shapes

@@ -62,7 +62,7 @@ def test_profiles_a_real_run(tiny_model_dir: Path, tmp_path: Path):
     assert len(re.findall(r"GFLOP/s", proc.stdout)) == 2, proc.stdout
 
 
-def test_too_few_steps_is_one_line(tiny_model_dir: Path, tmp_path: Path):
+def test_too_few_steps_is_an_error(tiny_model_dir: Path, tmp_path: Path):
     config = tmp_path / "train.yaml"
     config.write_text(yaml.safe_dump({
         "base_model": str(tiny_model_dir), "destination": "profile/tiny",
@@ -73,7 +73,9 @@ def test_too_few_steps_is_one_line(tiny_model_dir: Path, tmp_path: Path):
     proc = subprocess.run([sys.executable, str(SCRIPT), str(config), "--skip", "2", "--steps", "2"],
                           capture_output=True, text=True, timeout=300, env=env, check=False)
     assert proc.returncode != 0
-    assert "nothing profiled" in proc.stderr and "--skip 2" in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"profile_train: error: --skip 2 --steps 2 needs 4 steps, and {config} trained 1 (raise train.max_steps, "
+        "or --set it)"), proc.stderr
 
 
 def test_a_bad_config_is_one_line(tmp_path: Path):

@@ -24,7 +24,6 @@ import sys
 import tempfile
 from collections import defaultdict
 
-AVX2_ONLY = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 PRODUCTS = {"aten::mm", "aten::addmm", "aten::addmm_", "mkldnn::_linear_pointwise"}
 ATTENTION = ("aten::bmm", "aten::baddbmm", "aten::_softmax", "aten::_softmax_backward_data",
              "aten::_scaled_dot_product")  # the last: a prefix of SDPA's CPU kernels, forward and backward
@@ -59,14 +58,20 @@ def group(name: str, shapes: list, rank: int) -> tuple[str, float]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config")
-    parser.add_argument("--skip", type=int, default=4, help="optimizer steps to leave out first (warm-up)")
+    parser.add_argument("--skip", type=int, default=4,
+                        help="optimizer steps to leave out first (warm-up); at least 1: the first holds the loading")
     parser.add_argument("--steps", type=int, default=10, help="optimizer steps to profile")
     parser.add_argument("--isa", choices=("native", "avx2"), default="native",
                         help="avx2: run as on a CPU without AVX-512 (set before torch loads), as bench_train does")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a finetune train override")
     parser.add_argument("--table", type=int, default=0, metavar="N", help="also PyTorch's table of the top N")
     args = parser.parse_args()
+    if args.skip < 1 or args.steps < 1:
+        # the profiler's first step runs from its start to the first optimizer step: model and data loading
+        parser.error("--skip and --steps must be at least 1")
     if args.isa == "avx2":
+        from bench_train import AVX2_ONLY  # scripts/ is on the path when this runs as a script
+
         os.environ.update(AVX2_ONLY)
     import torch
     from torch.optim.optimizer import register_optimizer_step_post_hook
@@ -81,7 +86,7 @@ def main() -> int:
         raise SystemExit(f"profile_train: error: {err}") from None
     profiler = torch.profiler.profile(
         activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True,
-        schedule=torch.profiler.schedule(wait=max(args.skip - 1, 0), warmup=min(args.skip, 1), active=args.steps,
+        schedule=torch.profiler.schedule(wait=args.skip - 1, warmup=1, active=args.steps,
                                          repeat=1))
     steps = [0]
 

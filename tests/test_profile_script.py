@@ -41,18 +41,26 @@ def test_products_are_told_apart_by_the_rank():
     assert group("aten::mm", [[3, 4, 5], [5, 6]], 16) == ("everything else", 0.0)  # not a 2-d product
 
 
-@pytest.mark.slow
-def test_profiles_a_real_run(tiny_model_dir: Path, tmp_path: Path):
+def _config(tmp_path: Path, model_dir: Path, max_seq_len: int, train: dict) -> Path:
     config = tmp_path / "train.yaml"
     config.write_text(yaml.safe_dump({
-        "base_model": str(tiny_model_dir), "destination": "profile/tiny",
-        "data": {"path": str(sample_data_path()), "max_seq_len": 128},
-        "lora": {"r": 4, "alpha": 8},
-        "train": {"max_steps": 4, "batch_size": 2, "precision": "fp32", "seed": 0},
+        "base_model": str(model_dir), "destination": "profile/tiny",
+        "data": {"path": str(sample_data_path()), "max_seq_len": max_seq_len},
+        "lora": {"r": 4, "alpha": 8}, "train": {"batch_size": 2, "precision": "fp32", **train},
     }))
+    return config
+
+
+def _profile(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, str(SCRIPT), str(config), "--skip", "1", "--steps", "2"],
-                          capture_output=True, text=True, timeout=300, env=env, check=False)
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=300,
+                          env=env, check=False)
+
+
+@pytest.mark.slow
+def test_profiles_a_real_run(tiny_model_dir: Path, tmp_path: Path):
+    config = _config(tmp_path, tiny_model_dir, 128, {"max_steps": 4, "seed": 0})
+    proc = _profile(str(config), "--skip", "1", "--steps", "2")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "2 steps profiled" in proc.stdout and "LoRA rank 4" in proc.stdout, proc.stdout
     rows = dict(re.findall(r"^  (frozen products|rank-r products|attention|everything else) +([\d.]+) s",
@@ -63,15 +71,8 @@ def test_profiles_a_real_run(tiny_model_dir: Path, tmp_path: Path):
 
 
 def test_too_few_steps_is_an_error(tiny_model_dir: Path, tmp_path: Path):
-    config = tmp_path / "train.yaml"
-    config.write_text(yaml.safe_dump({
-        "base_model": str(tiny_model_dir), "destination": "profile/tiny",
-        "data": {"path": str(sample_data_path()), "max_seq_len": 64},
-        "lora": {"r": 4, "alpha": 8}, "train": {"max_steps": 1, "batch_size": 2, "precision": "fp32"},
-    }))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, str(SCRIPT), str(config), "--skip", "2", "--steps", "2"],
-                          capture_output=True, text=True, timeout=300, env=env, check=False)
+    config = _config(tmp_path, tiny_model_dir, 64, {"max_steps": 1})
+    proc = _profile(str(config), "--skip", "2", "--steps", "2")
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines()[-1] == (
         f"profile_train: error: --skip 2 --steps 2 needs 4 steps, and {config} trained 1 (raise train.max_steps, "
@@ -81,8 +82,13 @@ def test_too_few_steps_is_an_error(tiny_model_dir: Path, tmp_path: Path):
 def test_a_bad_config_is_one_line(tmp_path: Path):
     config = tmp_path / "train.yaml"
     config.write_text("base_model: x\ntrain:\n  max_stpes: 3\n")
-    proc = subprocess.run([sys.executable, str(SCRIPT), str(config)], capture_output=True, text=True, timeout=120,
-                          check=False)
+    proc = _profile(str(config))
     assert proc.returncode != 0
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "train.max_stpes" in lines[0], proc.stderr
+
+
+def test_no_warm_up_step_is_refused(tmp_path: Path):
+    """The profiler's first step would hold the model and data loading."""
+    proc = _profile(str(tmp_path / "train.yaml"), "--skip", "0")
+    assert proc.returncode == 2 and "--skip and --steps must be at least 1" in proc.stderr, proc.stderr

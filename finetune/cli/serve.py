@@ -3,15 +3,21 @@
 Localhost by default: binding another address is the user's explicit choice. Nothing here imports torch, so
 the server answers within about a second of starting; training and inference load it in their own processes.
 uvicorn handles Ctrl-C and SIGTERM: it stops accepting, finishes requests in flight, then stops the services.
+
+Starting is all or nothing: the registry's server lock (one server per registry, see
+:mod:`finetune.server.instance`) and the port are taken before anything is printed or started, so a busy port or
+a registry served already is one line and exit 1, and touches no training.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import signal
+import socket
 from pathlib import Path
 
-from ..errors import UsageError
+from ..errors import ConflictError, FinetuneError, UsageError
 from ..server.settings import DEFAULT_MAX_UPLOAD_BYTES, ServerSettings
 from .common import add_command, open_registry
 
@@ -53,6 +59,26 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
                           predict_prestart=True)
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """The server's listening socket, bound now (as uvicorn would bind it), or one line saying why it cannot be."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        if err.errno == errno.EADDRINUSE:
+            raise ConflictError(f"port {port} on {host} is already in use",
+                                "stop what listens there, or choose another --port") from None
+        if isinstance(err, socket.gaierror) or err.errno == errno.EADDRNOTAVAIL:
+            raise UsageError(f"--host {host}: cannot listen there ({err.strerror or err})",
+                             "give an address of this machine, e.g. 127.0.0.1 or 0.0.0.0") from None
+        raise FinetuneError(f"cannot listen on {host}:{port} ({err.strerror or err})",
+                            "choose another --port (below 1024 needs privileges)") from None
+    return sock
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -61,6 +87,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     reg = open_registry(args)
     app = create_app(reg, settings)
+    lock = app.state.server_lock
+    lock.acquire()  # one server per registry: a second one stops here, having touched nothing
+    try:
+        sock = bind(settings.host, settings.port)
+    except FinetuneError:
+        lock.release()
+        raise
     print(f"finetune: serving {reg.root} on http://{settings.host}:{settings.port} (Ctrl-C stops)", flush=True)
     if args.open_browser:
         _open_browser(app, settings, args.web_user)
@@ -69,12 +102,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     stopped_by: list[int] = []
     previous = {sig: signal.signal(sig, lambda signum, frame: stopped_by.append(signum))
                 for sig in (signal.SIGINT, signal.SIGTERM)}
+    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level=args.log_level,
+                                           access_log=args.access_log, timeout_graceful_shutdown=10))
     try:
-        uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level,
-                    access_log=args.access_log, timeout_graceful_shutdown=10)
+        server.run(sockets=[sock])
+    except SystemExit:  # uvicorn's way to say that the app did not start (it logged why)
+        pass
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        sock.close()
+        lock.release()
+    if not server.started and not stopped_by:
+        raise FinetuneError("the server did not start (the lines above say why)")
     if stopped_by:
         print(f"finetune: server stopped ({signal.Signals(stopped_by[0]).name})", flush=True)
     return 0

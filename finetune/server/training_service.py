@@ -40,13 +40,20 @@ class TrainingService:
 
     def start(self) -> None:
         executor = self._executor or LocalExecutor(self.registry.root, workers=self.settings.workers)
-        self.queue = TrainingQueue(self.registry, executor, listener=lambda event, _id: self.webhooks.poke())
+        self.queue = TrainingQueue(self.registry, executor, listener=lambda event, _id: self.webhooks.poke(),
+                                   owner_of=owner_of)
         self.queue.start()
         self.webhooks.start()
 
     def stop(self) -> None:
         if self.queue is not None:
             self.queue.stop()
+        self.webhooks.stop()
+
+    def abort(self) -> None:
+        """The server failed to start after this service started: stop, leaving adopted runs alone."""
+        if self.queue is not None:
+            self.queue.stop(abort=True)
         self.webhooks.stop()
 
     def submit(self, config: Config, destination: str, *, webhook: str | None = None,

@@ -84,6 +84,27 @@ def test_serve_refuses_bad_options(tmp_path: Path, capsys: pytest.CaptureFixture
     assert_one_line_error(rc, capsys.readouterr().err, "not a folder")
     rc = main(["--registry", root, "serve", "--max-upload-size", "lots"])
     assert_one_line_error(rc, capsys.readouterr().err, "invalid size")
+    for flag, value, needle in (("--max-training-time", "forever", "not a duration"),
+                                ("--max-training-time", "-5m", "not a duration"),
+                                ("--max-trainings-per-account", "-1", "must be 0 (no limit) or more")):
+        rc = main(["--registry", root, "serve", f"{flag}={value}"])
+        assert_one_line_error(rc, capsys.readouterr().err, flag, needle)
+        assert rc == 2
+
+
+def test_serve_limits_have_defaults_and_0_lifts_them():
+    from finetune.cli import build_parser
+    from finetune.cli.serve import settings_from_args
+
+    defaults = settings_from_args(build_parser().parse_args(["serve"]))
+    assert (defaults.max_trainings_per_account, defaults.max_training_steps, defaults.max_training_time_s) == \
+        (10, 100_000, 24 * 3600)
+    chosen = settings_from_args(build_parser().parse_args(
+        ["serve", "--max-trainings-per-account", "0", "--max-training-steps", "500", "--max-training-time", "90m"]))
+    assert (chosen.max_trainings_per_account, chosen.max_training_steps, chosen.max_training_time_s) == \
+        (None, 500, 5400)
+    lifted = settings_from_args(build_parser().parse_args(["serve", "--max-training-time", "0"]))
+    assert lifted.max_training_time_s is None
 
 
 def test_generation_defaults_in_the_schema_match_inference():

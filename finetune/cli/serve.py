@@ -13,12 +13,19 @@ from __future__ import annotations
 
 import argparse
 import errno
+import math
 import signal
 import socket
 from pathlib import Path
 
 from ..errors import ConflictError, FinetuneError, UsageError
-from ..server.settings import DEFAULT_MAX_UPLOAD_BYTES, ServerSettings
+from ..server.settings import (
+    DEFAULT_MAX_TRAINING_STEPS,
+    DEFAULT_MAX_TRAINING_TIME_S,
+    DEFAULT_MAX_TRAININGS_PER_ACCOUNT,
+    DEFAULT_MAX_UPLOAD_BYTES,
+    ServerSettings,
+)
 from .common import add_command, open_registry
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "m": 1 << 20, "mb": 1 << 20, "g": 1 << 30, "gb": 1 << 30}
@@ -32,6 +39,31 @@ def parse_size(text: str) -> int:
     if not digits.isdigit() or unit not in _UNITS:
         raise UsageError(f"invalid size {text!r}", "use a number of bytes, or one with K, M or G (e.g. 100M)")
     return int(digits) * _UNITS[unit]
+
+
+_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str, flag: str) -> float | None:
+    """``24h``, ``90m``, ``45s``, ``2d`` or a plain number of seconds; ``0`` or ``none``: no limit (None)."""
+    value = text.strip().lower()
+    if value in ("0", "none"):
+        return None
+    number, unit = value.rstrip("smhd"), value[len(value.rstrip("smhd")):]
+    try:
+        seconds = float(number) * _SECONDS[unit]
+    except (ValueError, KeyError):
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise UsageError(f"{flag} {text!r} is not a duration", "use e.g. 24h, 90m, 600s or 0 for no limit")
+    return seconds
+
+
+def _limit(value: int, flag: str) -> int | None:
+    """A count limit from the command line: 0 means no limit."""
+    if value < 0:
+        raise UsageError(f"{flag} must be 0 (no limit) or more, not {value}")
+    return value or None
 
 
 def settings_from_args(args: argparse.Namespace) -> ServerSettings:
@@ -56,7 +88,11 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
                           public_base_url=args.public_url.rstrip("/") if args.public_url else None,
                           predict_workers=args.predict_workers, predict_memory_mb=memory,
                           predict_device=args.predict_device, predict_max_batch=args.predict_max_batch,
-                          predict_prestart=True)
+                          predict_prestart=True,
+                          max_trainings_per_account=_limit(args.max_trainings_per_account,
+                                                           "--max-trainings-per-account"),
+                          max_training_steps=_limit(args.max_training_steps, "--max-training-steps"),
+                          max_training_time_s=parse_duration(args.max_training_time, "--max-training-time"))
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -174,6 +210,15 @@ def add_commands(groups: argparse._SubParsersAction) -> None:
     p.add_argument("--predict-device", default="auto", help="auto (a GPU when present), cpu, gpu or cuda:N")
     p.add_argument("--predict-max-batch", type=int, default=32, metavar="N",
                    help="the most requests one inference worker decodes together (default 32)")
+    p.add_argument("--max-trainings-per-account", type=int, default=DEFAULT_MAX_TRAININGS_PER_ACCOUNT, metavar="N",
+                   help="trainings one account may have queued or running at once; more are refused with 429 "
+                        "(default %(default)s; 0: no limit)")
+    p.add_argument("--max-training-steps", type=int, default=DEFAULT_MAX_TRAINING_STEPS, metavar="N",
+                   help="the largest train.max_steps a training may ask for; more is refused with 422 "
+                        "(default %(default)s; 0: no limit)")
+    p.add_argument("--max-training-time", default=f"{int(DEFAULT_MAX_TRAINING_TIME_S // 3600)}h", metavar="DURATION",
+                   help="a training running longer is stopped and fails, e.g. 90m, 24h, 2d "
+                        "(default %(default)s; 0: no limit)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
                    help="log one line per request")

@@ -240,6 +240,24 @@ def test_only_a_queues_own_runs_are_adopted_and_a_reused_pid_is_not_one(reg: Reg
     assert stranger.poll() is None
 
 
+def test_an_adopted_run_has_the_time_limit_too(reg: Registry, processes) -> None:
+    """A run a previous server's queue started counts its time from its worker's start: past the limit it is
+    stopped (SIGTERM to that process) and fails, naming the limit."""
+    from finetune.registry.processes import start_mark
+
+    trainings = Trainings(reg)
+    worker = processes()
+    queued = record(reg, status="processing", pid=worker.pid, pid_mark=start_mark(worker.pid), runner="queue")
+    queue = TrainingQueue(reg, FakeExecutor(capacity=1), max_run_s=0.5).start()
+    try:
+        assert queue.running() == [queued.id]
+        assert worker.wait(timeout=10) == -signal.SIGTERM
+        wait_for(lambda: trainings.get(queued.id).status == "failed")
+        assert "limit of 0.5s (--max-training-time)" in trainings.get(queued.id).error
+    finally:
+        queue.stop()
+
+
 def test_a_failed_start_leaves_adopted_runs_alone(reg: Registry, processes) -> None:
     from finetune.registry.processes import start_mark
 

@@ -25,7 +25,6 @@ The queue writes a record only while no worker runs it, so it never races a work
 
 from __future__ import annotations
 
-import datetime as _dt
 import logging
 import signal
 import threading
@@ -35,7 +34,7 @@ from collections.abc import Callable
 from ..errors import ConflictError
 from ..registry import Registry
 from ..registry.jobs import FINAL, TrainingRecord, Trainings
-from ..registry.processes import ProcessRef
+from ..registry.processes import ProcessRef, started_at
 from .executor import Executor, Job, describe_exit
 
 log = logging.getLogger("finetune.queue")
@@ -371,7 +370,8 @@ class TrainingQueue:
                     self._running[record.id] = _AdoptedJob(record.id, process)
                     self._owner[record.id] = self.owner_of(record)
                     self._adopted.add(record.id)
-                    self._began[record.id] = _monotonic_since(record.started_at)
+                    # Its run time counts from when its worker started, as for the runs this queue starts.
+                    self._began[record.id] = _monotonic_at(started_at(process.pid))
             elif record.source in self.resubmit_sources:
                 if record.status != "starting" or record.pid:  # interrupted mid-run (server and worker gone)
                     self.trainings.update(record, status="starting", pid=None, pid_mark=None, runner=None)
@@ -387,16 +387,10 @@ class TrainingQueue:
             log.exception("queue listener failed on %s %s", event, training_id)
 
 
-def _monotonic_since(timestamp: str | None) -> float:
-    """The ``time.monotonic()`` value of a record's UTC timestamp (now, when it has none or it is in the future)."""
+def _monotonic_at(epoch_s: float | None) -> float:
+    """The ``time.monotonic()`` value of a wall-clock time (now, when it is unknown or in the future)."""
     now = time.monotonic()
-    if not timestamp:
+    if epoch_s is None:
         return now
-    try:
-        then = _dt.datetime.fromisoformat(timestamp.replace("Z", "+00:00"))
-        if then.tzinfo is None:
-            then = then.replace(tzinfo=_dt.timezone.utc)
-    except ValueError:
-        return now
-    age = time.time() - then.timestamp()
+    age = time.time() - epoch_s
     return now - age if age > 0 else now

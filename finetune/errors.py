@@ -4,8 +4,8 @@ Every error a user can cause is a :class:`FinetuneError`. Each class also subcla
 so callers may catch ``LookupError`` or ``ValueError`` without knowing our names. The CLI prints ``str(err)``
 on one line and exits with ``err.exit_code``: 2 for usage errors (the command line, a name, a ref or a config
 is malformed), 1 for everything else. The HTTP API answers with ``err.http_status``: 422 for input it cannot
-use (with :class:`ConfigError`'s list of problems), 404 not found, 409 conflicts with the registry's state, 500
-for damage or failures on the server's side.
+use (with :class:`ConfigError`'s list of problems), 404 not found, 409 conflicts with the registry's state, 429
+a limit of the server reached, 500 for damage or failures on the server's side.
 """
 
 from __future__ import annotations
@@ -94,6 +94,12 @@ class ConflictError(FinetuneError, RuntimeError):
     """The operation is refused because of the registry's state (a version still in use, a model with versions)."""
 
     http_status = 409
+
+
+class LimitError(FinetuneError):
+    """A limit the server was started with is reached (e.g. an account's queued trainings): retry later."""
+
+    http_status = 429
 
 
 class IntegrityError(FinetuneError, ValueError):

@@ -74,3 +74,16 @@ def live_server(tmp_path: Path):
 
     with running_server(finetune.Registry(tmp_path / "registry")) as server:
         yield server
+
+
+@pytest.fixture
+def fake_executor(monkeypatch: pytest.MonkeyPatch):
+    """Servers started in this test run their trainings on a fake executor (tests/helpers.py: one slot, nothing
+    trains, no worker process): for what the queue and the API decide, not what the workers do."""
+    from helpers import FakeExecutor
+
+    from finetune.server import training_service
+
+    executor = FakeExecutor(capacity=1)
+    monkeypatch.setattr(training_service, "LocalExecutor", lambda root, workers=None: executor)
+    return executor

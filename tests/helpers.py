@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import stat
+import threading
 from pathlib import Path
 
 
@@ -30,3 +32,42 @@ def assert_one_line_error(rc: int | None, err: str, *needles: str) -> None:
     assert len(lines) == 1 and lines[0].startswith("finetune: error: "), repr(err)
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
+
+
+class FakeJob:
+    """A training job of :class:`FakeExecutor`: runs until the test sets ``code`` (or stops or kills it)."""
+
+    def __init__(self, training_id: str):
+        self.training_id = training_id
+        self.code: int | None = None
+        self.stopped = False
+
+    def poll(self) -> int | None:
+        return self.code
+
+    def stop(self) -> None:
+        self.stopped = True
+        self.code = -signal.SIGTERM
+
+    def kill(self) -> None:
+        self.code = -signal.SIGKILL
+
+
+class FakeExecutor:
+    """An executor (finetune.queue) that trains nothing: the queue's logic without worker processes."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.jobs: dict[str, FakeJob] = {}
+        self.order: list[str] = []
+        self.started = threading.Event()
+        self.closed = False
+
+    def start(self, training_id: str) -> FakeJob:
+        job = self.jobs[training_id] = FakeJob(training_id)
+        self.order.append(training_id)
+        self.started.set()
+        return job
+
+    def close(self) -> None:
+        self.closed = True

@@ -15,11 +15,13 @@ import tarfile
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import httpx
 import pytest
+from helpers import FakeExecutor
 from service import LiveServer, running_server
 
 from finetune import atomic
@@ -61,6 +63,13 @@ def world(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
     reg, base_id = make_registry(tmp_path_factory.mktemp("api-trainings") / "registry", tiny_model_dir)
     with running_server(reg, settings(workers=2)) as server:
         yield server, base_id
+
+
+def wait_for(predicate, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
 
 
 def wait_status(http, training_id: str, statuses: tuple[str, ...], timeout_s: float = 180.0) -> dict:
@@ -318,3 +327,52 @@ def test_restart_runs_the_queued_training(tiny_model_dir: Path, tmp_path: Path) 
         assert obj["status"] == "succeeded", obj["error"]
         assert obj["output"]["version"].startswith("alice/r:")
         assert http.get(f"/v1/trainings/{long_id}").json()["status"] == "canceled"
+
+
+# ---------------------------------------------------------------------------------------------- limits
+def test_an_account_is_capped_and_accounts_take_turns(tiny_model_dir: Path, tmp_path: Path,
+                                                      fake_executor: FakeExecutor) -> None:
+    reg, base_id = make_registry(tmp_path / "registry", tiny_model_dir)
+    url = f"/v1/models/base/x/versions/{base_id}/trainings"
+    limits = replace(settings(workers=1), max_trainings_per_account=2, max_training_steps=1000)
+    with running_server(reg, limits) as server:
+        alice, bob = server.http("alice"), server.http("bob")
+        for http, owner in ((alice, "alice"), (bob, "bob")):
+            assert http.post("/v1/models", json={"owner": owner, "name": "c", "visibility": "private",
+                                                 "hardware": "cpu"}).status_code == 201
+
+        def train(http, owner: str, **extra) -> httpx.Response:
+            return http.post(url, json={"destination": f"{owner}/c", "input": {**SHORT, **extra}})
+
+        a1, a2 = (train(alice, "alice").json()["id"] for _ in range(2))
+        refused = train(alice, "alice")
+        assert refused.status_code == 429, refused.text
+        assert "alice has 2 trainings queued or running" in refused.json()["detail"]
+        assert "--max-trainings-per-account 2" in refused.json()["detail"]
+        b1 = train(bob, "bob")
+        assert b1.status_code == 201, b1.text  # the cap is alice's, not the server's
+        wait_for(lambda: fake_executor.order == [a1])
+        assert server.app.state.trainings.queue.pending() == [b1.json()["id"], a2]  # bob's turn comes first
+
+        assert alice.post(f"/v1/trainings/{a2}/cancel").status_code == 200
+        assert train(alice, "alice").status_code == 201  # one ended: room again
+
+        over = train(bob, "bob", **{"train.max_steps": 1001})
+        assert over.status_code == 422, over.text
+        detail = over.json()["detail"]
+        assert "train.max_steps: 1001" in detail and "limit of 1000" in detail and "--max-training-steps" in detail
+        assert len(Trainings(reg).list()) == 4  # nothing was written for the refused ones
+
+
+def test_a_training_past_the_time_limit_fails_saying_the_limit(tiny_model_dir: Path, tmp_path: Path,
+                                                              fake_executor: FakeExecutor) -> None:
+    reg, base_id = make_registry(tmp_path / "registry", tiny_model_dir)
+    with running_server(reg, replace(settings(workers=1), max_training_time_s=0.5)) as server:
+        http = server.http("alice")
+        http.post("/v1/models", json={"owner": "alice", "name": "t", "visibility": "private", "hardware": "cpu"})
+        created = http.post(f"/v1/models/base/x/versions/{base_id}/trainings",
+                            json={"destination": "alice/t", "input": SHORT})
+        assert created.status_code == 201, created.text
+        obj = wait_status(http, created.json()["id"], FINAL, timeout_s=20)
+        assert obj["status"] == "failed" and fake_executor.jobs[obj["id"]].stopped
+        assert "limit of 0.5s (--max-training-time)" in obj["error"]

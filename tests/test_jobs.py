@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
 from finetune import errors
+from finetune.cli import main
 from finetune.registry import Registry
 from finetune.registry.jobs import FINAL, Status, TrainingRecord, Trainings, new_record_id
 
@@ -75,3 +81,81 @@ def test_training_paths_come_from_the_registry(tmp_path):
         paths.log = tmp_path  # frozen
     with pytest.raises(errors.UsageError):
         reg.jobs_dir("models")  # not a kind of job: would reach into the models folder
+
+
+# ---------------------------------------------------------------------------------------------- pid reuse
+@pytest.fixture
+def stranger():
+    """A process that is not a training: what a dead run's pid may belong to now. Killed at the end."""
+    proc = subprocess.Popen(["sleep", "60"])
+    yield proc
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+
+
+def _record_of_a_dead_run(reg: Registry, pid: int, **fields) -> TrainingRecord:
+    """A ``processing`` record whose run died an hour ago, left as a run leaves it, naming ``pid``."""
+    trainings = Trainings(reg)
+    record = trainings.create(TrainingRecord(id=new_record_id(), destination="alice/x", status="processing",
+                                             pid=pid, source="cli", **fields))
+    hour_ago = time.time() - 3600
+    os.utime(trainings.paths(record.id).record, (hour_ago, hour_ago))
+    return record
+
+
+def test_cancel_never_signals_a_process_that_took_a_dead_runs_pid(tmp_path, stranger, capsys):
+    """A record written before runs were marked (pid only): the process under that pid started after the run
+    last wrote its record, so it is not the run. Cancel settles the record and leaves the process alone."""
+    reg = Registry(tmp_path / "registry")
+    record = _record_of_a_dead_run(reg, stranger.pid)
+    assert main(["--registry", str(reg.root), "trainings", "cancel", record.id]) == 0
+    time.sleep(0.2)
+    assert stranger.poll() is None  # not SIGTERMed
+    settled = Trainings(reg).get(record.id)
+    assert settled.status == "canceled" and "not running" in settled.error
+    assert main(["--registry", str(reg.root), "trainings", "cancel", record.id]) == 1  # ended: said once
+
+
+def test_a_marked_run_is_known_by_its_start_not_its_pid(tmp_path, stranger):
+    """A record claimed the current way carries its process's start mark: the same pid in another process is
+    not the run (cancel leaves it alone, the record is stale so --resume and deletions may go on)."""
+    reg = Registry(tmp_path / "registry")
+    trainings = Trainings(reg)
+    record = trainings.claim(trainings.create(TrainingRecord(id=new_record_id(), destination="alice/x")))
+    assert record.pid == os.getpid() and record.pid_mark and trainings.running(record)
+    assert not trainings.is_stale(record)
+    trainings.update(record, status="processing", pid=stranger.pid)  # this run's mark, another process's pid
+    assert trainings.is_stale(record) and not trainings.running(record)
+    trainings.request_cancel(record.id)
+    time.sleep(0.2)
+    assert stranger.poll() is None and trainings.get(record.id).status == "canceled"
+
+
+def test_a_live_run_is_still_signalled(tmp_path):
+    """The other side: the run's own process (its pid and mark) gets the SIGTERM that wakes it up."""
+    reg = Registry(tmp_path / "registry")
+    trainings = Trainings(reg)
+    record = trainings.create(TrainingRecord(id=new_record_id(), destination="alice/x"))
+    code = ("import sys, time; from finetune.registry import Registry; from finetune.registry.jobs import Trainings;"
+            "t = Trainings(Registry(sys.argv[1])); r = t.claim(t.get(sys.argv[2]));"
+            "t.update(r, status='processing'); print('claimed', flush=True); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(reg.root), record.id], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "claimed"
+        trainings.request_cancel(record.id)
+        assert proc.wait(timeout=20) == -signal.SIGTERM
+        assert trainings.cancel_requested(record.id)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_a_tag_for_work_names_tells_a_live_owner_from_a_reused_pid(stranger):
+    from finetune.registry.processes import mark_tag, tag_alive
+
+    mine = mark_tag(os.getpid())
+    assert mine and len(mine) == 8 and tag_alive(os.getpid(), mine)
+    assert not tag_alive(stranger.pid, mine)  # another process under a pid named in some work's name
+    assert mark_tag(stranger.pid) != mine and tag_alive(stranger.pid, mark_tag(stranger.pid))

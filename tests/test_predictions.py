@@ -257,7 +257,7 @@ def test_errors_are_problems_with_the_right_status(server):
 
 
 # ------------------------------------------------------------------------------------------- records
-def test_list_newest_first_and_records_survive_a_restart(server):
+def test_list_newest_first_and_records_survive_a_restart(server, tmp_path: Path):
     client = server.replicate("alice")
     v1 = server.registry.resolve("alice/m:1")
     made = [client.predictions.create(version=v1.id, input={"prompt": PROMPT, "max_new_tokens": 2}, wait=30)
@@ -265,7 +265,10 @@ def test_list_newest_first_and_records_survive_a_restart(server):
     listed = client.predictions.list().results
     ids = [p.id for p in listed]
     assert ids == sorted(ids, reverse=True) and ids.index(made[1].id) < ids.index(made[0].id)
-    with running_server(server.registry) as again:  # a second server over the same registry
+    # Another server over the records on disk: a copy of the registry, as one registry has one server at a time.
+    copy = Registry(shutil.copytree(server.registry.root, tmp_path / "registry",
+                                    ignore=shutil.ignore_patterns("server.lock", "server.json")))
+    with running_server(copy) as again:
         restored = again.replicate("alice").predictions.get(made[0].id)
     assert restored.status == "succeeded" and restored.output == made[0].output
     assert restored.metrics["output_token_count"] == made[0].metrics["output_token_count"]

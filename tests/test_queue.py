@@ -3,51 +3,18 @@ recovery after a restart, shutdown. The real worker processes are exercised in t
 
 from __future__ import annotations
 
+import os
 import signal
-import threading
+import subprocess
 import time
 
 import pytest
+from helpers import FakeExecutor, FakeJob
 
 from finetune import atomic
 from finetune.queue import TrainingQueue
 from finetune.registry import Registry
 from finetune.registry.jobs import TrainingRecord, Trainings, new_record_id
-
-
-class FakeJob:
-    def __init__(self, training_id: str):
-        self.training_id = training_id
-        self.code: int | None = None
-        self.stopped = False
-
-    def poll(self) -> int | None:
-        return self.code
-
-    def stop(self) -> None:
-        self.stopped = True
-        self.code = -signal.SIGTERM
-
-    def kill(self) -> None:
-        self.code = -signal.SIGKILL
-
-
-class FakeExecutor:
-    def __init__(self, capacity: int):
-        self.capacity = capacity
-        self.jobs: dict[str, FakeJob] = {}
-        self.order: list[str] = []
-        self.started = threading.Event()
-        self.closed = False
-
-    def start(self, training_id: str) -> FakeJob:
-        job = self.jobs[training_id] = FakeJob(training_id)
-        self.order.append(training_id)
-        self.started.set()
-        return job
-
-    def close(self) -> None:
-        self.closed = True
 
 
 @pytest.fixture(autouse=True)
@@ -61,8 +28,8 @@ def reg(registry: Registry) -> Registry:
     return registry
 
 
-def record(reg: Registry, source: str = "api", **fields) -> TrainingRecord:
-    rec = TrainingRecord(id=new_record_id(), destination="alice/y", source=source, **fields)
+def record(reg: Registry, source: str = "api", destination: str = "alice/y", **fields) -> TrainingRecord:
+    rec = TrainingRecord(id=new_record_id(), destination=destination, source=source, **fields)
     time.sleep(0.002)  # created_at orders the recovery
     return Trainings(reg).create(rec)
 
@@ -177,6 +144,131 @@ def test_stop_puts_running_trainings_back(reg: Registry) -> None:
         assert queue.pending() == [other.id]
     finally:
         queue.stop()
+
+
+def test_accounts_take_turns(reg: Registry) -> None:
+    """alice queued three trainings before bob queued one: bob's goes next, not after all of alice's."""
+    reg.create_model("bob/z")
+    ex = FakeExecutor(capacity=1)
+    queue = TrainingQueue(reg, ex).start()
+    try:
+        a1, a2, a3 = (record(reg).id for _ in range(3))
+        b1 = record(reg, destination="bob/z").id
+        for i in (a1, a2, a3, b1):
+            queue.submit(i)
+        wait_for(lambda: ex.order == [a1])
+        assert queue.pending() == [b1, a2, a3] and queue.position(b1) == 0 and queue.position(a3) == 2
+        assert queue.count("alice") == 3 and queue.count("bob") == 1
+        finish(reg, ex.jobs[a1])
+        wait_for(lambda: len(ex.order) == 2)
+        assert ex.order == [a1, b1]
+        b2 = record(reg, destination="bob/z").id
+        queue.submit(b2)  # bob just had his turn: alice's next one goes first
+        assert queue.pending() == [a2, b2, a3]
+    finally:
+        queue.stop()
+
+
+def test_a_run_past_the_time_limit_is_stopped_and_fails_naming_the_limit(reg: Registry) -> None:
+    trainings = Trainings(reg)
+    ex = FakeExecutor(capacity=1)
+    queue = TrainingQueue(reg, ex, max_run_s=0.3).start()
+    try:
+        rec, after = record(reg), record(reg)
+        queue.submit(rec.id)
+        queue.submit(after.id)
+        wait_for(lambda: rec.id in ex.jobs)
+        trainings.update(trainings.get(rec.id), status="processing")
+        wait_for(lambda: trainings.get(rec.id).status == "failed")
+        assert ex.jobs[rec.id].stopped and trainings.cancel_requested(rec.id)
+        error = trainings.get(rec.id).error
+        assert "limit of 0.3s" in error and "--max-training-time" in error and "nothing was published" in error
+        wait_for(lambda: after.id in ex.jobs)  # the slot went to the next one
+    finally:
+        queue.stop()
+
+
+# ---------------------------------------------------------------------------------------------- whose runs
+@pytest.fixture
+def processes():
+    """Start stand-in run processes (``spawn()``); each is killed at the end if still running."""
+    started: list[subprocess.Popen] = []
+
+    def spawn() -> subprocess.Popen:
+        started.append(subprocess.Popen(["sleep", "60"]))
+        return started[-1]
+
+    yield spawn
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+def test_a_server_never_adopts_or_stops_a_cli_run(reg: Registry, processes) -> None:
+    """A `finetune train` run (here as a record written before runs were marked: pid only) outlives no
+    server's stop: the queue neither watches it nor SIGTERMs it, nor rewrites its record."""
+    trainings = Trainings(reg)
+    cli_run = processes()
+    cli = record(reg, source="cli", status="processing", pid=cli_run.pid)
+    before = trainings.paths(cli.id).record.read_bytes()
+    queue = TrainingQueue(reg, FakeExecutor(capacity=1)).start()
+    assert queue.running() == []
+    queue.stop()
+    time.sleep(0.1)
+    assert cli_run.poll() is None and trainings.paths(cli.id).record.read_bytes() == before
+
+
+def test_only_a_queues_own_runs_are_adopted_and_a_reused_pid_is_not_one(reg: Registry, processes) -> None:
+    from finetune.registry.processes import start_mark
+
+    trainings = Trainings(reg)
+    worker, resumed_by_cli, stranger = processes(), processes(), processes()
+    queued = record(reg, status="processing", pid=worker.pid, pid_mark=start_mark(worker.pid), runner="queue")
+    by_cli = record(reg, status="processing", pid=resumed_by_cli.pid, pid_mark=start_mark(resumed_by_cli.pid))
+    dead = record(reg, status="processing", pid=stranger.pid, pid_mark=start_mark(os.getpid()), runner="queue")
+    ex = FakeExecutor(capacity=2)
+    queue = TrainingQueue(reg, ex).start()
+    try:
+        wait_for(lambda: ex.order == [dead.id])  # its run is gone (the pid is another process's): run again
+        assert queue.running() == [queued.id, dead.id]
+    finally:
+        queue.stop()
+    assert worker.wait(timeout=10) == -signal.SIGTERM  # our run: stopped with the server, queued again
+    assert trainings.get(queued.id).status == "starting" and trainings.get(queued.id).pid is None
+    assert resumed_by_cli.poll() is None and trainings.get(by_cli.id).status == "processing"
+    assert stranger.poll() is None
+
+
+def test_an_adopted_run_has_the_time_limit_too(reg: Registry, processes) -> None:
+    """A run a previous server's queue started counts its time from its worker's start: past the limit it is
+    stopped (SIGTERM to that process) and fails, naming the limit."""
+    from finetune.registry.processes import start_mark
+
+    trainings = Trainings(reg)
+    worker = processes()
+    queued = record(reg, status="processing", pid=worker.pid, pid_mark=start_mark(worker.pid), runner="queue")
+    queue = TrainingQueue(reg, FakeExecutor(capacity=1), max_run_s=0.5).start()
+    try:
+        assert queue.running() == [queued.id]
+        assert worker.wait(timeout=10) == -signal.SIGTERM
+        wait_for(lambda: trainings.get(queued.id).status == "failed")
+        assert "limit of 0.5s (--max-training-time)" in trainings.get(queued.id).error
+    finally:
+        queue.stop()
+
+
+def test_a_failed_start_leaves_adopted_runs_alone(reg: Registry, processes) -> None:
+    from finetune.registry.processes import start_mark
+
+    trainings = Trainings(reg)
+    worker = processes()
+    queued = record(reg, status="processing", pid=worker.pid, pid_mark=start_mark(worker.pid), runner="queue")
+    queue = TrainingQueue(reg, FakeExecutor(capacity=1)).start()
+    assert queue.running() == [queued.id]
+    queue.stop(abort=True)
+    time.sleep(0.1)
+    assert worker.poll() is None and trainings.get(queued.id).status == "processing"
 
 
 @pytest.mark.parametrize("gpus, workers, expected", [

@@ -255,3 +255,34 @@ def test_a_training_started_from_the_form_can_be_followed_and_canceled(live_serv
         time.sleep(0.5)
     assert live["status"] == "canceled"
     assert live_server.registry.list_versions("alice/long") == []
+
+
+def test_the_train_form_says_the_servers_training_limits(tmp_path, tiny_model_dir, fake_executor):
+    """The step limit is an error at its field; the per-account cap is one above the form (429), as the API
+    refuses them. Nothing trains (a fake executor)."""
+    from dataclasses import replace
+    from pathlib import Path
+
+    from service import running_server
+
+    from finetune.registry import Registry
+    from finetune.registry.sources import import_base
+    from finetune.server.settings import ServerSettings
+
+    reg = Registry(tmp_path / "registry")
+    import_base(reg, "alice/tiny", str(tiny_model_dir))
+    reg.create_model("alice/c")
+    with running_server(reg, replace(ServerSettings(), max_trainings_per_account=1, max_training_steps=1000)) as server:
+        client, csrf = sign_in(server)
+        data = Path(__file__).resolve().parent.parent / "finetune" / "assets" / "quickstart.jsonl"
+        with open(data, "rb") as f:
+            file_id = client.post("/uploads", files={"file": ("q.jsonl", f, "application/jsonl")},
+                                  headers={"X-CSRF-Token": csrf, "Accept": "application/json"}).json()["id"]
+        form = {"csrf_token": csrf, "base_model": "alice/tiny:1", "data_upload": file_id, "data.format": "auto",
+                "train.max_steps": "100000", "train.epochs": "1", "train.lr": "1e-3", "train.batch_size": "4",
+                "lora.r": "4", "data.max_seq_len": "64", "data.eval": "", "advanced": ""}
+        r = client.post("/models/alice/c/train", data=form)
+        assert r.status_code == 422 and any("--max-training-steps" in e for e in _errors(r.text)), _errors(r.text)
+        assert client.post("/models/alice/c/train", data={**form, "train.max_steps": "2"}).status_code == 303
+        r = client.post("/models/alice/c/train", data={**form, "train.max_steps": "2"})
+        assert r.status_code == 429 and any("--max-trainings-per-account 1" in e for e in _errors(r.text))

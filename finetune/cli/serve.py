@@ -3,16 +3,29 @@
 Localhost by default: binding another address is the user's explicit choice. Nothing here imports torch, so
 the server answers within about a second of starting; training and inference load it in their own processes.
 uvicorn handles Ctrl-C and SIGTERM: it stops accepting, finishes requests in flight, then stops the services.
+
+Starting is all or nothing: the registry's server lock (one server per registry, see
+:mod:`finetune.server.instance`) and the port are taken before anything is printed or started, so a busy port or
+a registry served already is one line and exit 1, and touches no training.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
+import math
 import signal
+import socket
 from pathlib import Path
 
-from ..errors import UsageError
-from ..server.settings import DEFAULT_MAX_UPLOAD_BYTES, ServerSettings
+from ..errors import ConflictError, FinetuneError, UsageError
+from ..server.settings import (
+    DEFAULT_MAX_TRAINING_STEPS,
+    DEFAULT_MAX_TRAINING_TIME_S,
+    DEFAULT_MAX_TRAININGS_PER_ACCOUNT,
+    DEFAULT_MAX_UPLOAD_BYTES,
+    ServerSettings,
+)
 from .common import add_command, open_registry
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "m": 1 << 20, "mb": 1 << 20, "g": 1 << 30, "gb": 1 << 30}
@@ -26,6 +39,31 @@ def parse_size(text: str) -> int:
     if not digits.isdigit() or unit not in _UNITS:
         raise UsageError(f"invalid size {text!r}", "use a number of bytes, or one with K, M or G (e.g. 100M)")
     return int(digits) * _UNITS[unit]
+
+
+_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str, flag: str) -> float | None:
+    """``24h``, ``90m``, ``45s``, ``2d`` or a plain number of seconds; ``0`` or ``none``: no limit (None)."""
+    value = text.strip().lower()
+    if value in ("0", "none"):
+        return None
+    number, unit = value.rstrip("smhd"), value[len(value.rstrip("smhd")):]
+    try:
+        seconds = float(number) * _SECONDS[unit]
+    except (ValueError, KeyError):
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise UsageError(f"{flag} {text!r} is not a duration", "use e.g. 24h, 90m, 600s or 0 for no limit")
+    return seconds
+
+
+def _limit(value: int, flag: str) -> int | None:
+    """A count limit from the command line: 0 means no limit."""
+    if value < 0:
+        raise UsageError(f"{flag} must be 0 (no limit) or more, not {value}")
+    return value or None
 
 
 def settings_from_args(args: argparse.Namespace) -> ServerSettings:
@@ -50,7 +88,31 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
                           public_base_url=args.public_url.rstrip("/") if args.public_url else None,
                           predict_workers=args.predict_workers, predict_memory_mb=memory,
                           predict_device=args.predict_device, predict_max_batch=args.predict_max_batch,
-                          predict_prestart=True)
+                          predict_prestart=True,
+                          max_trainings_per_account=_limit(args.max_trainings_per_account,
+                                                           "--max-trainings-per-account"),
+                          max_training_steps=_limit(args.max_training_steps, "--max-training-steps"),
+                          max_training_time_s=parse_duration(args.max_training_time, "--max-training-time"))
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The server's listening socket, bound now (as uvicorn would bind it), or one line saying why it cannot be."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        if err.errno == errno.EADDRINUSE:
+            raise ConflictError(f"port {port} on {host} is already in use",
+                                "stop what listens there, or choose another --port") from None
+        if isinstance(err, socket.gaierror) or err.errno == errno.EADDRNOTAVAIL:
+            raise UsageError(f"--host {host}: cannot listen there ({err.strerror or err})",
+                             "give an address of this machine, e.g. 127.0.0.1 or 0.0.0.0") from None
+        raise FinetuneError(f"cannot listen on {host}:{port} ({err.strerror or err})",
+                            "choose another --port (below 1024 needs privileges)") from None
+    return sock
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -61,6 +123,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     reg = open_registry(args)
     app = create_app(reg, settings)
+    lock = app.state.server_lock
+    lock.acquire()  # one server per registry: a second one stops here, having touched nothing
+    try:
+        sock = bind(settings.host, settings.port)
+    except FinetuneError:
+        lock.release()
+        raise
     print(f"finetune: serving {reg.root} on http://{settings.host}:{settings.port} (Ctrl-C stops)", flush=True)
     if args.open_browser:
         _open_browser(app, settings, args.web_user)
@@ -69,12 +138,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     stopped_by: list[int] = []
     previous = {sig: signal.signal(sig, lambda signum, frame: stopped_by.append(signum))
                 for sig in (signal.SIGINT, signal.SIGTERM)}
+    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level=args.log_level,
+                                           access_log=args.access_log, timeout_graceful_shutdown=10))
     try:
-        uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level,
-                    access_log=args.access_log, timeout_graceful_shutdown=10)
+        server.run(sockets=[sock])
+    except SystemExit:  # uvicorn's way to say that the app did not start (it logged why)
+        pass
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        sock.close()
+        lock.release()
+    if not server.started and not stopped_by:
+        raise FinetuneError("the server did not start (the lines above say why)")
     if stopped_by:
         print(f"finetune: server stopped ({signal.Signals(stopped_by[0]).name})", flush=True)
     return 0
@@ -134,6 +210,15 @@ def add_commands(groups: argparse._SubParsersAction) -> None:
     p.add_argument("--predict-device", default="auto", help="auto (a GPU when present), cpu, gpu or cuda:N")
     p.add_argument("--predict-max-batch", type=int, default=32, metavar="N",
                    help="the most requests one inference worker decodes together (default 32)")
+    p.add_argument("--max-trainings-per-account", type=int, default=DEFAULT_MAX_TRAININGS_PER_ACCOUNT, metavar="N",
+                   help="trainings one account may have queued or running at once; more are refused with 429 "
+                        "(default %(default)s; 0: no limit)")
+    p.add_argument("--max-training-steps", type=int, default=DEFAULT_MAX_TRAINING_STEPS, metavar="N",
+                   help="the largest train.max_steps a training may ask for; more is refused with 422 "
+                        "(default %(default)s; 0: no limit)")
+    p.add_argument("--max-training-time", default=f"{int(DEFAULT_MAX_TRAINING_TIME_S // 3600)}h", metavar="DURATION",
+                   help="a training running longer is stopped and fails, e.g. 90m, 24h, 2d "
+                        "(default %(default)s; 0: no limit)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
                    help="log one line per request")

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Protocol
 
 from ..errors import UsageError
+from ..registry.jobs import RUNNER_ENV
 
 LAUNCHER = Path(__file__).resolve().parents[2] / "scripts" / "launch.py"
 
@@ -145,6 +146,7 @@ class LocalExecutor:
             # Slots share the cores; without this each worker would start one thread per core.
             env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // self.capacity))
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        env[RUNNER_ENV] = "queue"  # the record says a queue runs it: the next server may adopt it, and only such
         return env
 
     def _spawn_worker(self, slot: _Slot) -> subprocess.Popen:

@@ -1,16 +1,24 @@
-"""The training queue: submitted trainings run first in, first out, at most ``executor.capacity`` at once.
+"""The training queue: submitted trainings run at most ``executor.capacity`` at once, taking turns between
+accounts (first in, first out within one account).
 
 The queue holds no state of its own that matters: a training's record (status ``starting`` until its worker
 loads it) is the truth, so a queue started on a registry re-queues every record that was waiting or interrupted
-(oldest first) and watches the runs that outlived the previous server. What the queue adds:
+(oldest first) and watches the runs a previous server's queue started that outlived it. What the queue adds:
 
 - pick-up: a submitted training goes to a free slot at once (the dispatcher is woken, not polled);
+- turns: the next training is the oldest waiting one of the account whose last turn is the longest ago, so an
+  account with many queued trainings cannot keep another's waiting behind all of them;
 - cancel: a queued training ends ``canceled`` without running; a running one gets the cancel marker and SIGTERM
   and stops at its next step (``run_training`` settles it ``canceled``), nothing published;
+- a time limit (``max_run_s``): a run past it is stopped and ends ``failed``, saying the limit and its flag;
 - a worker that dies without settling its record (SIGKILL, out of memory) leaves it ``failed`` with the reason;
   one that died after publishing is settled ``succeeded`` (never published twice);
 - stop (server shutdown): running trainings are stopped and put back in the queue, so the next start continues
   them (from their newest checkpoint).
+
+Only runs of a queue are the queue's: a training run by ``finetune train`` (CLI or Python), even one that
+continues an API training, is never adopted, stopped or re-queued by a server (its record's ``runner`` tells).
+A run is known by its pid and start mark (:mod:`finetune.registry.processes`), never by a pid alone.
 
 The queue writes a record only while no worker runs it, so it never races a worker's own writes.
 """
@@ -18,16 +26,15 @@ The queue writes a record only while no worker runs it, so it never races a work
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 
 from ..errors import ConflictError
-from ..registry import Registry, process_alive
+from ..registry import Registry
 from ..registry.jobs import FINAL, TrainingRecord, Trainings
+from ..registry.processes import ProcessRef, started_at
 from .executor import Executor, Job, describe_exit
 
 log = logging.getLogger("finetune.queue")
@@ -36,42 +43,61 @@ log = logging.getLogger("finetune.queue")
 Listener = Callable[[str, str], None]
 
 _TICK_S = 0.1  # how often running jobs are checked for an exit
+_KILL_AFTER_S = 15.0  # a run stopped for its time limit gets this long to end at a step before SIGKILL
+
+
+def destination_owner(record: TrainingRecord) -> str:
+    """The account a training belongs to: its destination's owner."""
+    return record.destination.split("/", 1)[0]
+
+
+def format_duration(seconds: float) -> str:
+    """``86400`` -> ``24h``, ``5400`` -> ``90m``, ``42`` -> ``42s``."""
+    for unit, size in (("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s"
 
 
 class _AdoptedJob:
-    """A run that outlived the previous server (its process is not our child): watched through its pid."""
+    """A queue run that outlived the previous server (its process is not our child): watched through the
+    process that claimed it (pid and start mark, so a reused pid is neither watched nor signalled)."""
 
-    def __init__(self, training_id: str, pid: int):
-        self.training_id, self.pid = training_id, pid
+    def __init__(self, training_id: str, process: ProcessRef):
+        self.training_id, self.process = training_id, process
 
     def poll(self) -> int | None:
-        return None if process_alive(self.pid) else 0
+        return None if self.process.alive() else 0
 
     def stop(self) -> None:
-        self._signal(signal.SIGTERM)
+        self.process.send(signal.SIGTERM)
 
     def kill(self) -> None:
-        self._signal(signal.SIGKILL)
-
-    def _signal(self, sig: int) -> None:
-        try:
-            os.kill(self.pid, sig)
-        except ProcessLookupError:
-            pass
+        self.process.send(signal.SIGKILL)
 
 
 class TrainingQueue:
-    """FIFO over training records, run by an :class:`~finetune.queue.executor.Executor`."""
+    """Trainings over training records, run by an :class:`~finetune.queue.executor.Executor`, accounts in turn."""
 
     def __init__(self, registry: Registry, executor: Executor, *, listener: Listener | None = None,
-                 resubmit_sources: tuple[str, ...] = ("api", "web")):
+                 resubmit_sources: tuple[str, ...] = ("api", "web"),
+                 owner_of: Callable[[TrainingRecord], str] = destination_owner,
+                 max_run_s: float | None = None):
         self.registry = registry
         self.trainings = Trainings(registry)
         self.executor = executor
         self.listener = listener
         self.resubmit_sources = resubmit_sources  # a CLI run that died is the user's to --resume, not ours
-        self._pending: deque[str] = deque()
+        self.owner_of = owner_of
+        self.max_run_s = max_run_s  # None: no limit on a run's time
+        self._pending: list[str] = []  # oldest first; taken in turns (see _order)
+        self._owner: dict[str, str] = {}  # training id -> account, for the pending and running ones
+        self._last_turn: dict[str, int] = {}  # account -> when it last had a training started
+        self._turns = 0
         self._running: dict[str, Job] = {}
+        self._began: dict[str, float] = {}  # training id -> time.monotonic() its run began
+        self._adopted: set[str] = set()  # runs a previous server's queue started
+        self._overtime: dict[str, float] = {}  # training id -> when it was stopped for its time limit
         self._canceling: set[str] = set()
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -85,13 +111,16 @@ class TrainingQueue:
         self._thread.start()
         return self
 
-    def stop(self, grace_s: float = 15.0) -> None:
+    def stop(self, grace_s: float = 15.0, *, abort: bool = False) -> None:
         """Stop dispatching; stop running trainings (SIGTERM, then SIGKILL after ``grace_s``) and leave them
-        queued for the next start. Queued trainings stay queued (their records say ``starting``)."""
+        queued for the next start. Queued trainings stay queued (their records say ``starting``).
+
+        With ``abort`` (the server failed to start), the runs adopted from a previous server are left as they
+        are: a failed start never touches work it did not start."""
         with self._lock:
             self._stopping = True
             self._lock.notify_all()
-            jobs = dict(self._running)
+            jobs = {i: j for i, j in self._running.items() if not (abort and i in self._adopted)}
         if self._thread is not None:
             self._thread.join()
         for job in jobs.values():
@@ -112,18 +141,26 @@ class TrainingQueue:
     # ---------------------------------------------------------------- API
     def submit(self, training_id: str) -> None:
         """Queue a record written by ``submit_training`` (status ``starting``)."""
+        owner = self.owner_of(self.trainings.get(training_id))
         with self._lock:
             if training_id in self._pending or training_id in self._running:
                 return
             self._pending.append(training_id)
+            self._owner[training_id] = owner
             self._lock.notify_all()
         self._emit("queued", training_id)
+
+    def count(self, owner: str) -> int:
+        """How many trainings of ``owner`` are queued or running here."""
+        with self._lock:
+            return sum(1 for i in (*self._pending, *self._running) if self._owner.get(i) == owner)
 
     def cancel(self, training_id: str) -> TrainingRecord:
         """Cancel a queued or running training (ours, or a CLI run's). Raises ConflictError if it ended."""
         with self._lock:
             if training_id in self._pending:
                 self._pending.remove(training_id)
+                self._owner.pop(training_id, None)
                 record = self.trainings.get(training_id)
                 if record.status not in FINAL:
                     self.trainings.update(record, status="canceled", error="canceled before it started")
@@ -145,10 +182,10 @@ class TrainingQueue:
         return self.trainings.request_cancel(training_id)  # not ours: a CLI run, or a record nobody runs
 
     def position(self, training_id: str) -> int | None:
-        """0-based place in the waiting line, or None when not waiting."""
+        """0-based place in the waiting line (in the order the turns will start them), or None when not waiting."""
         with self._lock:
             try:
-                return list(self._pending).index(training_id)
+                return self._order().index(training_id)
             except ValueError:
                 return None
 
@@ -157,8 +194,9 @@ class TrainingQueue:
             return list(self._running)
 
     def pending(self) -> list[str]:
+        """The waiting trainings, in the order they will start (if no other arrives meanwhile)."""
         with self._lock:
-            return list(self._pending)
+            return self._order()
 
     def wait_idle(self, timeout_s: float) -> bool:
         """Wait until nothing is queued or running (tests, benchmarks). True if it got there in time."""
@@ -170,6 +208,36 @@ class TrainingQueue:
                     return False
                 self._lock.wait(min(left, _TICK_S))
         return True
+
+    # ---------------------------------------------------------------- turns
+    def _order(self) -> list[str]:
+        """The pending trainings in the order they start: each time, the oldest one of the account whose last
+        turn is the longest ago (one that never had a turn first). Called under the lock."""
+        last = dict(self._last_turn)
+        waiting: dict[str, list[str]] = {}
+        for training_id in self._pending:
+            waiting.setdefault(self._owner.get(training_id, ""), []).append(training_id)
+        arrival = {owner: self._pending.index(ids[0]) for owner, ids in waiting.items()}
+        order: list[str] = []
+        turn = self._turns
+        while waiting:
+            owner = min(waiting, key=lambda o: (last.get(o, -1), arrival[o]))
+            order.append(waiting[owner].pop(0))
+            last[owner] = turn
+            turn += 1
+            if waiting[owner]:
+                arrival[owner] = self._pending.index(waiting[owner][0])
+            else:
+                del waiting[owner]
+        return order
+
+    def _take_next(self) -> str:
+        """Remove and return the training whose turn it is. Called under the lock, with trainings pending."""
+        training_id = self._order()[0]
+        self._pending.remove(training_id)
+        self._last_turn[self._owner.get(training_id, "")] = self._turns
+        self._turns += 1
+        return training_id
 
     # ---------------------------------------------------------------- dispatching
     def _dispatch_loop(self) -> None:
@@ -183,14 +251,17 @@ class TrainingQueue:
                     if job.poll() is not None:
                         del self._running[training_id]
                         self._settle(training_id, job, requeue=False)
-                        self._canceling.discard(training_id)
+                        self._forget(training_id)
                         ended.append(training_id)
+                self._enforce_time_limit()
                 if ended:
                     self._refill()
                 while self._pending and len(self._running) < self.executor.capacity:
-                    training_id = self._pending.popleft()
+                    training_id = self._take_next()
                     if self._start(training_id):
                         started.append(training_id)
+                    else:
+                        self._owner.pop(training_id, None)
                 if ended:
                     self._lock.notify_all()
                 if not ended and not started:
@@ -199,6 +270,29 @@ class TrainingQueue:
                 self._emit("ended", training_id)
             for training_id in started:
                 self._emit("started", training_id)
+
+    def _forget(self, training_id: str) -> None:
+        for table in (self._owner, self._began, self._overtime):
+            table.pop(training_id, None)
+        self._canceling.discard(training_id)
+        self._adopted.discard(training_id)
+
+    def _enforce_time_limit(self) -> None:
+        """Stop the runs past ``max_run_s`` (marker and SIGTERM: they end at their next step); kill those that
+        did not end within :data:`_KILL_AFTER_S` of that. Called under the lock."""
+        if self.max_run_s is None:
+            return
+        now = time.monotonic()
+        for training_id, job in self._running.items():
+            stopped = self._overtime.get(training_id)
+            if stopped is None and now - self._began.get(training_id, now) > self.max_run_s:
+                log.warning("training %s ran past the time limit (%s): stopping it", training_id,
+                            format_duration(self.max_run_s))
+                self._overtime[training_id] = now
+                self.trainings.paths(training_id).cancel.touch()
+                job.stop()
+            elif stopped is not None and now - stopped > _KILL_AFTER_S:
+                job.kill()
 
     def _refill(self) -> None:
         refill = getattr(self.executor, "refill", None)
@@ -221,6 +315,7 @@ class TrainingQueue:
         except Exception as err:
             self.trainings.update(record, status="failed", error=f"could not start a worker: {err}")
             return False
+        self._began[training_id] = time.monotonic()
         return True
 
     def _settle(self, training_id: str, job: Job, requeue: bool) -> None:
@@ -229,14 +324,24 @@ class TrainingQueue:
             record = self.trainings.get(training_id)
         except Exception:
             return
-        if record.status == "succeeded" or (record.status in FINAL and not requeue):
+        if record.status == "succeeded":
+            return
+        overtime = training_id in self._overtime
+        if record.status in FINAL and not requeue and not overtime:
             return
         published = self.registry.published_by(record.destination, training_id)
         if published is not None:  # it published, then died before saying so: settle, never republish
             self.trainings.update(record, status="succeeded", error=None,
                                   output={"version": published.ref, "weights": str(published.path)})
+        elif overtime:
+            assert self.max_run_s is not None
+            self.trainings.update(record, status="failed",
+                                  error=f"the training ran longer than this server's limit of "
+                                        f"{format_duration(self.max_run_s)} (--max-training-time) and was "
+                                        f"stopped; nothing was published")
         elif requeue:  # server shutdown: run it again (from its newest checkpoint) after the next start
-            self.trainings.update(record, status="starting", pid=None, error=None, completed_at=None)
+            self.trainings.update(record, status="starting", pid=None, pid_mark=None, runner=None, error=None,
+                                  completed_at=None)
         elif training_id in self._canceling:
             self.trainings.update(record, status="canceled", error="canceled")
         else:
@@ -248,17 +353,30 @@ class TrainingQueue:
 
     # ---------------------------------------------------------------- recovery
     def _recover(self) -> None:
-        """Queue waiting records and watch runs that outlived the previous server, oldest first."""
+        """Queue waiting records and watch the queue runs that outlived the previous server, oldest first.
+
+        A run that is not a queue's (``finetune train``, the Python API, a CLI ``--resume`` of an API
+        training) is left to its process: never adopted, so never stopped with this server."""
         records = sorted(self.trainings.list(), key=lambda r: (r.created_at, r.id))
         for record in records:
             if record.status in FINAL:
                 continue
-            if record.pid and process_alive(record.pid):
-                self._running[record.id] = _AdoptedJob(record.id, record.pid)
+            process = self.trainings.process(record)
+            if process is not None and process.alive():
+                # Records written before runners were noted: a server-submitted one was run by its queue.
+                legacy_queue_run = record.runner is None and record.pid_mark is None \
+                    and record.source in self.resubmit_sources
+                if record.runner == "queue" or legacy_queue_run:
+                    self._running[record.id] = _AdoptedJob(record.id, process)
+                    self._owner[record.id] = self.owner_of(record)
+                    self._adopted.add(record.id)
+                    # Its run time counts from when its worker started, as for the runs this queue starts.
+                    self._began[record.id] = _monotonic_at(started_at(process.pid))
             elif record.source in self.resubmit_sources:
-                if record.status != "starting":  # interrupted mid-run (server and worker both gone)
-                    self.trainings.update(record, status="starting", pid=None)
+                if record.status != "starting" or record.pid:  # interrupted mid-run (server and worker gone)
+                    self.trainings.update(record, status="starting", pid=None, pid_mark=None, runner=None)
                 self._pending.append(record.id)
+                self._owner[record.id] = self.owner_of(record)
 
     def _emit(self, event: str, training_id: str) -> None:
         if self.listener is None:
@@ -269,3 +387,10 @@ class TrainingQueue:
             log.exception("queue listener failed on %s %s", event, training_id)
 
 
+def _monotonic_at(epoch_s: float | None) -> float:
+    """The ``time.monotonic()`` value of a wall-clock time (now, when it is unknown or in the future)."""
+    now = time.monotonic()
+    if epoch_s is None:
+        return now
+    age = time.time() - epoch_s
+    return now - age if age > 0 else now

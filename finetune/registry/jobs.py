@@ -3,7 +3,10 @@
 :class:`RecordStore` keeps the records of one kind of job, each in its own folder under the registry root (the
 layout is drawn in :mod:`finetune.registry.store`): ``record.json`` replaced atomically on every change, listing
 newest first (ids sort by creation time). :class:`Trainings` adds what a training needs: its files
-(:class:`~finetune.registry.store.TrainingPaths`), cancellation, staleness and the log.
+(:class:`~finetune.registry.store.TrainingPaths`), the process that runs it, cancellation, staleness and the log.
+
+A training's process is named by its pid *and* its start mark (:mod:`finetune.registry.processes`): a pid freed
+by a dead run and taken by another process is never signalled, nor taken for the run.
 """
 
 from __future__ import annotations
@@ -22,8 +25,8 @@ from typing import Any, Generic, TypeVar
 
 from .. import atomic
 from ..errors import ConflictError, IntegrityError, NotFoundError, TrainingNotFoundError, UsageError
-from .gc import process_alive
 from .manifest import utc_now
+from .processes import ProcessRef
 from .store import RECORD, Registry, TrainingPaths
 
 
@@ -165,6 +168,8 @@ class TrainingRecord:
     started_at: str | None = None
     completed_at: str | None = None
     pid: int | None = None
+    pid_mark: str | None = None  # the start mark of process ``pid`` (see registry.processes): pids get reused
+    runner: str | None = None  # "queue": a server's queue worker runs it (a server adopts only those); else None
     resumed_from_step: int | None = None
     source: str = "cli"  # who submitted it: cli (or Python) | api
     webhook: str | None = None  # the URL that hears about this training (API trainings; see server/webhooks.py)
@@ -175,6 +180,10 @@ class TrainingRecord:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+# A queue's worker processes carry this variable (value "queue"), so the record of the run they claim says so.
+RUNNER_ENV = "FINETUNE_RUNNER"
 
 
 class Trainings(RecordStore[TrainingRecord]):
@@ -193,6 +202,31 @@ class Trainings(RecordStore[TrainingRecord]):
             changes["completed_at"] = utc_now()
         return super().update(record, **changes)
 
+    # ---------------------------------------------------------------- the process that runs it
+    def claim(self, record: TrainingRecord) -> TrainingRecord:
+        """Mark ``record`` as run by this process from now on (status ``starting`` until it trains)."""
+        me = ProcessRef.current()
+        return self.update(record, status=Status.STARTING, pid=me.pid, pid_mark=me.mark,
+                           runner=os.environ.get(RUNNER_ENV) or None, error=None, completed_at=None)
+
+    def process(self, record: TrainingRecord) -> ProcessRef | None:
+        """The process that claimed ``record`` (None when none did); :meth:`ProcessRef.alive` says whether it
+        still runs, and it is the one signalled, never a process that took its pid since."""
+        if not isinstance(record.pid, int) or record.pid <= 0:  # none yet (or a hand-edited record's nonsense)
+            return None
+        written_at = None
+        if record.pid_mark is None:  # a record written before marks: its file's age stands in (see processes)
+            try:
+                written_at = (self.dir(record.id) / RECORD).stat().st_mtime
+            except OSError:
+                written_at = None
+        return ProcessRef(record.pid, record.pid_mark, written_at)
+
+    def running(self, record: TrainingRecord) -> bool:
+        """Whether the process that claimed ``record`` still runs (whatever the record's status says)."""
+        proc = self.process(record)
+        return proc is not None and proc.alive()
+
     # ---------------------------------------------------------------- cancellation
     def request_cancel(self, training_id: str) -> TrainingRecord:
         """Ask a running training to stop; it ends as ``canceled`` without publishing."""
@@ -200,13 +234,10 @@ class Trainings(RecordStore[TrainingRecord]):
         if record.status in FINAL:
             raise ConflictError(f"training {training_id} already {record.status}")
         self.paths(training_id).cancel.touch()
-        if record.pid and process_alive(record.pid):
-            # The marker is the contract (works across hosts and for all ranks); the signal wakes the run up.
-            try:
-                os.kill(record.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        elif record.status in (Status.STARTING, Status.PROCESSING):
+        proc = self.process(record)
+        # The marker is the contract (works across hosts and for all ranks); the signal wakes the run up.
+        woken = proc is not None and proc.send(signal.SIGTERM)
+        if not woken and record.status in (Status.STARTING, Status.PROCESSING):
             # Nobody is running it any more (killed, machine rebooted): settle the record now.
             self.update(record, status=Status.CANCELED, error="canceled (the training process was not running)")
         return record
@@ -219,7 +250,7 @@ class Trainings(RecordStore[TrainingRecord]):
 
     def is_stale(self, record: TrainingRecord) -> bool:
         """A record that says it runs, whose process is gone (killed -9, crashed machine)."""
-        return record.status not in FINAL and not (record.pid and process_alive(record.pid))
+        return record.status not in FINAL and not self.running(record)
 
     # ---------------------------------------------------------------- logs
     def follow_log(self, training_id: str, follow: bool, poll_s: float = 0.5) -> Iterator[str]:

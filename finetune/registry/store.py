@@ -23,6 +23,7 @@ This module owns the on-disk layout, drawn here once; no other module builds a p
       cache/KIND/...           derived data that can be rebuilt (tokenized datasets)
       .staging/                publishes and temp files in progress; `gc` removes abandoned ones
       .trash/                  deletions in progress
+      server.lock, server.json the lock the one server of this registry holds, and who it is (server.instance)
 
 A version folder appears whole or not at all (publishing stages and commits it: :mod:`finetune.registry.publish`);
 ``.staging`` and ``.trash`` entries are named after their process so `gc` can tell abandoned ones
@@ -188,6 +189,10 @@ class Registry:
     def cache_dir(self, kind: str) -> Path:
         """A folder for rebuildable derived data of one kind (e.g. ``tokenized``)."""
         return self.root / "cache" / check_name(kind, "cache kind")
+
+    def server_files(self) -> tuple[Path, Path]:
+        """The lock that the registry's one server holds while it runs, and the file naming that server."""
+        return self.root / "server.lock", self.root / "server.json"
 
     def staging_dir(self, purpose: str) -> Path:
         """A new empty folder on the registry's filesystem for work in progress; `gc` removes it if abandoned."""

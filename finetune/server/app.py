@@ -2,8 +2,10 @@
 
 ``create_app(registry, settings)`` builds a FastAPI app whose state holds the registry, the settings, the
 accounts, a version-id index and a cache of version JSON; routers come from :mod:`finetune.server.routes`.
-Long-lived services (the training queue, inference workers) join ``app.state.services``: each has ``start()``
-and ``stop()``, called when the server starts and stops.
+Long-lived services (the registry's server lock, the training queue, inference workers) join
+``app.state.services``: each has ``start()`` and ``stop()``, called when the server starts and stops. A service
+may also have ``abort()``, called instead of ``stop()`` when a later service failed to start: a failed start
+leaves alone the work it found running (runs a previous server's queue started).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from ..registry.accounts import Accounts
 from ..registry.index import VersionIndex
 from ..web.app import router as web_router
 from . import problems
+from .instance import ServerLock
 from .limits import FRAMING_BYTES, BodyLimit
 from .objects import training_object
 from .routes import account, files, models, predictions, trainings, versions
@@ -36,6 +39,11 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         for service in app.state.services:
             service.start()
             started.append(service)
+    except BaseException:
+        for service in reversed(started):
+            getattr(service, "abort", service.stop)()
+        raise
+    try:
         yield
     finally:
         for service in reversed(started):
@@ -70,7 +78,10 @@ def create_app(registry: Registry | None = None, settings: ServerSettings | None
     app.state.accounts = Accounts(registry)
     app.state.version_index = VersionIndex(registry)
     app.state.version_json = VersionJSON()
-    app.state.services = []  # objects with start()/stop(), e.g. the training queue
+    # One registry, one server: the lock comes first, so that a second server touches nothing (see .instance).
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    app.state.server_lock = ServerLock(registry, settings.public_base_url or f"http://{host}:{settings.port}")
+    app.state.services = [app.state.server_lock]  # objects with start()/stop(), e.g. the training queue
     problems.install(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_upload_bytes + FRAMING_BYTES)
 

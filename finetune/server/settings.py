@@ -6,6 +6,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 DEFAULT_MAX_UPLOAD_BYTES = 100 * 1024 * 1024
+# Trainings: what one account may have queued or running at once, the most steps a training may ask for, and
+# how long one run may take before it is stopped (failed). None: no limit.
+DEFAULT_MAX_TRAININGS_PER_ACCOUNT = 10
+DEFAULT_MAX_TRAINING_STEPS = 100_000
+DEFAULT_MAX_TRAINING_TIME_S = 24 * 3600.0
 
 
 @dataclass(frozen=True)
@@ -16,6 +21,7 @@ class ServerSettings:
     ``allowed_data_dirs`` are the server folders a training input may name as data; empty means none may be
     named (remote users upload files instead). ``public_base_url`` is how clients reach the server
     (``https://ft.example.org``) when it sits behind a proxy; by default URLs are built from each request.
+    The ``max_training*`` limits keep one account from holding the training workers (None: no limit).
     """
 
     host: str = "127.0.0.1"
@@ -25,6 +31,9 @@ class ServerSettings:
     allowed_data_dirs: tuple[Path, ...] = field(default_factory=tuple)
     public_base_url: str | None = None
     page_size: int = 50
+    max_trainings_per_account: int | None = DEFAULT_MAX_TRAININGS_PER_ACCOUNT  # queued + running, per account
+    max_training_steps: int | None = DEFAULT_MAX_TRAINING_STEPS  # the largest train.max_steps accepted
+    max_training_time_s: float | None = DEFAULT_MAX_TRAINING_TIME_S  # a run past it is stopped and fails
     # predictions (finetune.serving): inference worker processes, each one's cache budget for model weights
     # (None: no limit), the device they run on, and whether they start with the server or at the first call
     predict_workers: int = 1

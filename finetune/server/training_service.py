@@ -3,14 +3,22 @@
 ``create_app`` builds one :class:`TrainingService` and adds it to ``app.state.services``; the trainings routes
 reach it as ``request.app.state.trainings``. Starting it recovers the registry's waiting trainings (see
 :class:`~finetune.queue.TrainingQueue`); stopping it puts running trainings back in the queue.
+
+It applies the server's training limits (:class:`~finetune.server.settings.ServerSettings`): an account's queued
+and running trainings are capped (429), ``train.max_steps`` is bounded (422), and the queue stops a run past
+the time limit (it fails, saying so).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from ..config import Config
+from ..errors import ConfigError, LimitError
 from ..queue import Executor, LocalExecutor, TrainingQueue
 from ..registry import Registry
 from ..registry.accounts import Accounts
@@ -33,6 +41,8 @@ class TrainingService:
         self._training_object = training_object
         self.accounts = accounts
         self.queue: TrainingQueue | None = None
+        self._lock = threading.Lock()
+        self._submitting: Counter[str] = Counter()  # per account: submits past the cap check, not yet queued
         self.webhooks = TrainingWebhooks(
             self.trainings, WebhookSender(), training_object, accounts.webhook_secret, owner_of,
             base_url=settings.public_base_url or f"http://{settings.host}:{settings.port}",
@@ -40,7 +50,8 @@ class TrainingService:
 
     def start(self) -> None:
         executor = self._executor or LocalExecutor(self.registry.root, workers=self.settings.workers)
-        self.queue = TrainingQueue(self.registry, executor, listener=lambda event, _id: self.webhooks.poke())
+        self.queue = TrainingQueue(self.registry, executor, listener=lambda event, _id: self.webhooks.poke(),
+                                   owner_of=owner_of, max_run_s=self.settings.max_training_time_s)
         self.queue.start()
         self.webhooks.start()
 
@@ -49,17 +60,50 @@ class TrainingService:
             self.queue.stop()
         self.webhooks.stop()
 
+    def abort(self) -> None:
+        """The server failed to start after this service started: stop, leaving adopted runs alone."""
+        if self.queue is not None:
+            self.queue.stop(abort=True)
+        self.webhooks.stop()
+
+    def check_limits(self, config: Config) -> None:
+        """422 for a config over the server's step limit (the time limit is the queue's to apply)."""
+        limit, steps = self.settings.max_training_steps, config.train.max_steps
+        if limit is not None and steps is not None and steps > limit:
+            raise ConfigError([f"train.max_steps: {steps} is over this server's limit of {limit} steps "
+                               f"(--max-training-steps)"], source="input")
+
+    @contextmanager
+    def _slot(self, owner: str) -> Iterator[None]:
+        """Count one more training of ``owner`` while it is submitted, or 429 when the account is at its cap."""
+        cap = self.settings.max_trainings_per_account
+        assert self.queue is not None, "the service is not started"
+        with self._lock:
+            held = self.queue.count(owner) + self._submitting[owner]
+            if cap is not None and held >= cap:
+                raise LimitError(f"{owner} has {held} trainings queued or running, this server's limit per "
+                                 f"account (--max-trainings-per-account {cap})",
+                                 "wait for one to end, or cancel one")
+            self._submitting[owner] += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._submitting[owner] -= 1
+
     def submit(self, config: Config, destination: str, *, webhook: str | None = None,
                webhook_events_filter: list[str] | None = None, base_url: str | None = None) -> TrainingRecord:
         """Write the record (durable when this returns), then queue it; ``start`` goes out to the webhook."""
         from ..training.submit import submit_training  # no torch in the server
 
-        record = submit_training(config, registry=self.registry, destination=destination, source="api")
-        if webhook:
-            record = self.trainings.update(record, webhook=webhook, webhook_events_filter=webhook_events_filter)
-        self.webhooks.watch(record, base_url)
-        assert self.queue is not None, "the service is not started"
-        self.queue.submit(record.id)
+        self.check_limits(config)
+        with self._slot(destination.split("/", 1)[0]):
+            record = submit_training(config, registry=self.registry, destination=destination, source="api")
+            if webhook:
+                record = self.trainings.update(record, webhook=webhook, webhook_events_filter=webhook_events_filter)
+            self.webhooks.watch(record, base_url)
+            assert self.queue is not None, "the service is not started"
+            self.queue.submit(record.id)
         return record
 
     def cancel(self, training_id: str) -> TrainingRecord:

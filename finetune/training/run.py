@@ -12,7 +12,6 @@ the version.
 from __future__ import annotations
 
 import math
-import os
 import signal
 import time
 from collections import deque
@@ -168,7 +167,7 @@ def _claim(reg: Registry, trainings: Trainings, training_id: str) -> FinetuneErr
         trainings.update(record, status=Status.SUCCEEDED,
                          output={"version": published.ref, "weights": str(published.path)})
         return published
-    trainings.update(record, status=Status.STARTING, pid=os.getpid(), error=None, completed_at=None)
+    trainings.claim(record)
     trainings.clear_cancel(training_id)
     return None
 

@@ -13,7 +13,7 @@ from fastapi import Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
 from ..data.formats import FORMATS
-from ..errors import FinetuneError, UsageError
+from ..errors import FinetuneError, LimitError, UsageError
 from ..server import access
 from . import services
 from .core import render, router, templates
@@ -115,7 +115,12 @@ async def start_training(request: Request, user: User, form: Form, owner: str, n
     if errors or config is None:
         ctx = _train_context(request, user, owner, name, values, errors, preview)
         return render(request, "tab_train.html", ctx, status_code=422, user=user)
-    record = services.start_training(request, user.account, config, destination)
+    try:
+        record = services.start_training(request, user.account, config, destination)
+    except LimitError as err:  # the account's trainings at the server's cap: said above the form, kept filled
+        errors.add("_form", str(err))
+        ctx = _train_context(request, user, owner, name, values, errors, preview)
+        return render(request, "tab_train.html", ctx, status_code=err.http_status, user=user)
     return RedirectResponse(f"/trainings/{record.id}", status_code=303)
 
 

@@ -104,7 +104,9 @@ def training_config(raw_input: dict[str, Any], trainer_ref: str, request: Reques
         for key in ("path", "eval"):
             if key in data:
                 data[key] = _data_source(data[key], f"data.{key}", reg, account, settings)
-    return config_from_dict({"base_model": trainer_ref, **nested}, source="input")
+    config = config_from_dict({"base_model": trainer_ref, **nested}, source="input")
+    _service(request).check_limits(config)  # the server's step limit, at the key it bounds
+    return config
 
 
 # ---------------------------------------------------------------------------------------------- routes

@@ -1,0 +1,186 @@
+"""Which process runs a piece of work: a pid, and a mark that tells that process from a later one with its pid.
+
+A pid alone is not an identity: once a process exits, the kernel hands its number to the next process that
+starts, and a registry record that only says ``pid 4242`` would make ``trainings cancel`` SIGTERM whatever runs
+under that number now. A :class:`ProcessRef` is the pid together with the process's *start mark*: the machine's
+boot and the process's start time (on Linux, read from ``/proc``: exact clock ticks since boot; elsewhere from
+psutil). A reused pid carries another start time, so it is never taken for the work's process, and a signal
+goes to the process the ref names or to none (on Linux through a pidfd, so the check and the signal see the
+same process).
+
+Refs written before marks existed hold only a pid: such a ref is trusted only if its process started before the
+work's own file was last written (the process doing the work wrote it, so it was running then; a process that
+took the pid later started after that write).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import socket
+import sys
+from dataclasses import dataclass
+from functools import lru_cache
+
+# Clocks disagree by up to a tick (and /proc/stat's boot time moves with clock adjustments): a process that
+# started within this many seconds after a file was written is still taken as the file's writer.
+_START_SLACK_S = 1.0
+
+
+def process_alive(pid: int) -> bool:
+    """Whether some process ``pid`` runs on this host (one owned by another user counts as running).
+
+    This says nothing about *which* process: use :func:`start_mark` / :class:`ProcessRef` to know it is the
+    one that was meant."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OverflowError:  # a pid no process can have (a hand-edited record)
+        return False
+    return True
+
+
+@lru_cache(maxsize=1)
+def _boot() -> str:
+    """This machine's current boot: a process start time means something only within one boot."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            return f.read().strip()
+    except OSError:
+        pass
+    try:
+        import psutil
+
+        return f"{socket.gethostname()}@{int(psutil.boot_time())}"
+    except Exception:  # psutil missing or unsupported here: the host name still keeps other machines apart
+        return socket.gethostname()
+
+
+def _linux_start_ticks(pid: int) -> str | None:
+    """The start time of a running process in clock ticks since boot; None for none, or for a zombie (it ended;
+    only its parent has not collected its exit status yet)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    # The command name (field 2) is in parentheses and may hold spaces or ')': the fields after the last ')'
+    # are state (3), ppid (4), ... starttime (22).
+    fields = stat[stat.rfind(b")") + 2:].split()
+    if len(fields) <= 19 or fields[0] in (b"Z", b"X"):
+        return None
+    return fields[19].decode()
+
+
+def start_mark(pid: int) -> str | None:
+    """An identity of process ``pid`` that a later process reusing the pid does not share; None when no such
+    process runs (or, on a platform with neither ``/proc`` nor psutil, when it cannot be told)."""
+    if sys.platform.startswith("linux") and os.path.isdir("/proc/self"):
+        ticks = _linux_start_ticks(pid)
+        return f"{_boot()}:{ticks}" if ticks is not None else None
+    try:
+        import psutil
+
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return None
+        return f"{_boot()}:{proc.create_time():.2f}"
+    except Exception:  # no such process, no psutil, no permission
+        return None
+
+
+def mark_tag(pid: int) -> str | None:
+    """:func:`start_mark` as 8 hex digits, short enough for a file name (work folders named after their process
+    can carry it beside the pid: :func:`tag_alive` then tells a live owner from a reused pid)."""
+    mark = start_mark(pid)
+    return hashlib.sha256(mark.encode()).hexdigest()[:8] if mark is not None else None
+
+
+def tag_alive(pid: int, tag: str) -> bool:
+    """Whether process ``pid`` runs and is the one :func:`mark_tag` gave ``tag`` for."""
+    return process_alive(pid) and mark_tag(pid) == tag
+
+
+def started_at(pid: int) -> float | None:
+    """When process ``pid`` started (seconds since the epoch), or None when that cannot be told."""
+    try:
+        import psutil
+
+        return psutil.Process(pid).create_time()
+    except Exception:
+        return None
+
+
+@dataclass(frozen=True)
+class ProcessRef:
+    """The process doing a piece of work: ``pid``, and the ``mark`` :func:`start_mark` gave when it claimed the
+    work. Without a mark (written before marks existed), ``written_at`` (a time the process is known to have
+    been running: the mtime of a file only it writes) stands in for it."""
+
+    pid: int
+    mark: str | None = None
+    written_at: float | None = None
+
+    @classmethod
+    def current(cls) -> ProcessRef:
+        """This process."""
+        pid = os.getpid()
+        return cls(pid, start_mark(pid))
+
+    def alive(self) -> bool:
+        """Whether the process this ref names still runs (not merely some process with its pid)."""
+        if not process_alive(self.pid):
+            return False
+        now = start_mark(self.pid)
+        if now is None:
+            # A zombie (it ended; its parent has not collected it yet), or a platform where no mark can be taken,
+            # where the pid is all there is to go on.
+            return not _can_mark()
+        if self.mark is not None:
+            return now == self.mark
+        if self.written_at is not None:
+            began = started_at(self.pid)
+            if began is not None and began > self.written_at + _START_SLACK_S:
+                return False  # it started after the work's file was last written: it took a dead run's pid
+        return True
+
+    def send(self, sig: int) -> bool:
+        """Send ``sig`` to the process this ref names; False (nothing sent) when it no longer runs."""
+        pidfd = _pidfd(self.pid)
+        try:
+            # With a pidfd open, the pid cannot pass to another process until it is closed: the check below and
+            # the signal are about the same process.
+            if not self.alive():
+                return False
+            try:
+                if pidfd is not None:
+                    signal.pidfd_send_signal(pidfd, sig)
+                else:
+                    os.kill(self.pid, sig)
+            except ProcessLookupError:
+                return False
+            return True
+        finally:
+            if pidfd is not None:
+                os.close(pidfd)
+
+
+@lru_cache(maxsize=1)
+def _can_mark() -> bool:
+    return start_mark(os.getpid()) is not None
+
+
+def _pidfd(pid: int) -> int | None:
+    opener = getattr(os, "pidfd_open", None)
+    if opener is None or pid <= 0:
+        return None
+    try:
+        return opener(pid)
+    except (OSError, OverflowError):
+        return None

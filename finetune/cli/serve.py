@@ -48,6 +48,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     return ServerSettings(host=args.host, port=args.port, workers=args.workers,
                           max_upload_bytes=parse_size(args.max_upload_size), allowed_data_dirs=tuple(dirs),
                           public_base_url=args.public_url.rstrip("/") if args.public_url else None,
+                          api_docs=args.api_docs,
                           predict_workers=args.predict_workers, predict_memory_mb=memory,
                           predict_device=args.predict_device, predict_max_batch=args.predict_max_batch,
                           predict_prestart=True)
@@ -122,6 +123,8 @@ def add_commands(groups: argparse._SubParsersAction) -> None:
                    help="largest file upload (default %(default)s)")
     p.add_argument("--public-url", default=None, metavar="URL",
                    help="the URL clients reach the server at, for links in responses (default: from each request)")
+    p.add_argument("--api-docs", action="store_true",
+                   help="serve the API's reference at /v1/docs and its schema at /v1/openapi.json (default: off)")
     p.add_argument("--open-browser", action="store_true",
                    help="print a one-time sign-in link for the web app (and open it in a browser)")
     p.add_argument("--web-user", default=None, metavar="OWNER",

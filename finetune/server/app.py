@@ -18,7 +18,7 @@ from ..registry import Registry
 from ..registry.accounts import Accounts
 from ..registry.index import VersionIndex
 from ..web.app import router as web_router
-from . import problems
+from . import docs, problems
 from .limits import FRAMING_BYTES, BodyLimit
 from .objects import training_object
 from .routes import account, files, models, predictions, trainings, versions
@@ -63,8 +63,9 @@ def create_app(registry: Registry | None = None, settings: ServerSettings | None
     """The app serving ``registry`` (default: ``$FINETUNE_HOME``) with ``settings`` (default: localhost)."""
     registry = registry if registry is not None else Registry()
     settings = settings or ServerSettings()
+    # FastAPI's docs page loads Swagger UI from a CDN: ours (finetune.server.docs) is local and opt-in
     app = FastAPI(title="finetune", version=__version__, lifespan=_lifespan,
-                  openapi_url="/v1/openapi.json", docs_url="/v1/docs", redoc_url=None)
+                  openapi_url=None, docs_url=None, redoc_url=None)
     app.state.registry = registry
     app.state.settings = settings
     app.state.accounts = Accounts(registry)
@@ -86,5 +87,7 @@ def create_app(registry: Registry | None = None, settings: ServerSettings | None
     app.state.predictions = _prediction_service(registry, settings, app)
     app.state.services.append(app.state.predictions)
     app.include_router(predictions.router)
+    if settings.api_docs:
+        docs.install(app)
     app.include_router(web_router)  # the web app's pages at / (last, so that /v1 wins)
     return app

@@ -15,7 +15,8 @@ class ServerSettings:
     ``workers`` is the number of training worker processes (``None``: one per GPU, one on a CPU-only machine).
     ``allowed_data_dirs`` are the server folders a training input may name as data; empty means none may be
     named (remote users upload files instead). ``public_base_url`` is how clients reach the server
-    (``https://ft.example.org``) when it sits behind a proxy; by default URLs are built from each request.
+    (``https://ft.example.org``) when it sits behind a proxy; by default links name the address the server is
+    bound to (never the request's ``Host`` header, which the client chooses).
     """
 
     host: str = "127.0.0.1"
@@ -24,6 +25,7 @@ class ServerSettings:
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
     allowed_data_dirs: tuple[Path, ...] = field(default_factory=tuple)
     public_base_url: str | None = None
+    api_docs: bool = False  # serve /v1/openapi.json and a local /v1/docs page (finetune serve --api-docs)
     page_size: int = 50
     # predictions (finetune.serving): inference worker processes, each one's cache budget for model weights
     # (None: no limit), the device they run on, and whether they start with the server or at the first call

@@ -22,7 +22,7 @@ from .. import access
 from ..archive import tar_stream
 from ..auth import AccountDep, current_account
 from ..context import RegistryDep, SettingsDep, VersionIndexDep, base_url
-from ..data_sources import resolve_data_input
+from ..data_sources import is_number, resolve_data_input
 from ..objects import training_object
 from ..pagination import page
 from ..settings import ServerSettings
@@ -85,7 +85,7 @@ def _nest(raw: dict[str, Any]) -> dict[str, Any]:
 def _data_source(value: Any, key: str, reg: Registry, account: Any, settings: ServerSettings) -> Any:
     """What the trainer reads for ``data.path`` / ``data.eval`` (see :mod:`..data_sources`); an error keeps its
     status (a foreign file 404, a server path outside the allow-list 403, another URL 422) and names ``key``."""
-    if not isinstance(value, str) or not value:
+    if not isinstance(value, str) or not value or (key == "data.eval" and is_number(value)):
         return value  # a fraction for data.eval, or a wrong type the config check reports
     try:
         return resolve_data_input(value, account=account, registry=reg, settings=settings)

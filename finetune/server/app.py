@@ -19,6 +19,7 @@ from ..registry.accounts import Accounts
 from ..registry.index import VersionIndex
 from ..web.app import router as web_router
 from . import docs, problems
+from .head import HeadAsGet
 from .limits import FRAMING_BYTES, BodyLimit
 from .objects import training_object
 from .routes import account, files, models, predictions, trainings, versions
@@ -74,6 +75,7 @@ def create_app(registry: Registry | None = None, settings: ServerSettings | None
     app.state.services = []  # objects with start()/stop(), e.g. the training queue
     problems.install(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_upload_bytes + FRAMING_BYTES)
+    app.add_middleware(HeadAsGet, router=app.router)
 
     app.include_router(account.router)
     app.include_router(models.router)

@@ -25,6 +25,7 @@ from .objects import training_object
 from .routes import account, files, models, predictions, trainings, versions
 from .settings import ServerSettings
 from .training_service import TrainingService
+from .webhook_targets import WebhookPolicy
 from .wire_cache import VersionJSON
 
 __all__ = ["ServerSettings", "create_app"]
@@ -52,7 +53,7 @@ def _prediction_service(registry: Registry, settings: ServerSettings, app: FastA
     sender, accounts = app.state.trainings.webhooks.sender, app.state.accounts
 
     def send(record, body, event) -> None:
-        sender.send(record.id, record.webhook, body, accounts.webhook_secret(record.owner))
+        sender.send(record.id, record.webhook, body, accounts.webhook_secret(record.owner), account=record.owner)
 
     config = WorkerConfig(str(registry.root), device=settings.predict_device,
                           memory_budget_mb=settings.predict_memory_mb, max_batch=settings.predict_max_batch)
@@ -83,8 +84,10 @@ def create_app(registry: Registry | None = None, settings: ServerSettings | None
     app.include_router(files.router)
     app.include_router(trainings.router)
     # The queue and the webhooks: started with the server (recovering waiting trainings), stopped with it.
+    app.state.webhook_policy = WebhookPolicy(settings.allow_webhook_hosts, (settings.host, settings.port))
     app.state.trainings = TrainingService(registry, settings, app.state.accounts,
-                                          lambda record, url: training_object(registry, record, url))
+                                          lambda record, url: training_object(registry, record, url),
+                                          webhook_policy=app.state.webhook_policy)
     app.state.services.append(app.state.trainings)
     app.state.predictions = _prediction_service(registry, settings, app)
     app.state.services.append(app.state.predictions)

@@ -18,6 +18,7 @@ from ..registry import Registry
 from ..registry.accounts import Accounts
 from ..registry.index import VersionIndex
 from .settings import ServerSettings
+from .webhook_targets import WebhookPolicy
 from .wire_cache import VersionJSON
 
 
@@ -46,6 +47,11 @@ def base_url(request: Request) -> str:
     host, port = (server[0], server[1]) if server and server[0] else (settings.host, settings.port)
     host = f"[{host}]" if ":" in str(host) and not str(host).startswith("[") else host
     return f"http://{host}:{port}" if port else f"http://{host}"
+
+
+def webhook_policy(request: Request) -> WebhookPolicy:
+    """Where this server's webhooks may go (``--allow-webhook-host``), for the API's check of a webhook URL."""
+    return request.app.state.webhook_policy
 
 
 RegistryDep = Annotated[Registry, Depends(get_registry)]

@@ -25,7 +25,7 @@ from ...registry.jobs import FINAL
 from ...registry.predictions import PredictionNotFoundError, PredictionRecord
 from .. import access
 from ..auth import AccountDep, current_account
-from ..context import RegistryDep, SettingsDep, VersionIndexDep, base_url
+from ..context import RegistryDep, SettingsDep, VersionIndexDep, base_url, webhook_policy
 from ..pagination import page
 from ..webhooks import check_webhook
 
@@ -121,7 +121,7 @@ async def _create(request: Request, account: Any, version: Version, body: Any) -
     events = body.webhook_events_filter
     if body.webhook_completed and not body.webhook:
         events = ["completed"]
-    check_webhook(webhook, events)
+    check_webhook(webhook, events, webhook_policy(request))
     record = await run_in_threadpool(
         service.create, version, body.input, owner=access.username(account), stream=bool(body.stream),
         webhook=webhook, webhook_events_filter=events, base_url=url)

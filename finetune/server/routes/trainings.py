@@ -22,7 +22,7 @@ from ...registry.jobs import TrainingRecord, Trainings
 from .. import access
 from ..archive import tar_stream
 from ..auth import AccountDep, current_account
-from ..context import RegistryDep, SettingsDep, VersionIndexDep, base_url
+from ..context import RegistryDep, SettingsDep, VersionIndexDep, base_url, webhook_policy
 from ..data_sources import is_number, resolve_data_input
 from ..objects import training_object
 from ..pagination import page
@@ -142,7 +142,7 @@ def create_training(owner: str, name: str, version_id: str, body: TrainingCreate
     webhook, events = body.webhook, body.webhook_events_filter
     if webhook is None and body.webhook_completed:
         webhook, events = body.webhook_completed, ["completed"]
-    check_webhook(webhook, events)
+    check_webhook(webhook, events, webhook_policy(request))
     config = training_config(body.input, trainer.ref, request, account, settings)
     url = base_url(request)
     record = _service(request).submit(config, destination, webhook=webhook, webhook_events_filter=events,

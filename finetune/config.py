@@ -32,7 +32,7 @@ import yaml
 
 from .data.formats import FORMATS, OVERLONG
 from .errors import ConfigError, UsageError
-from .names import parse_model_name
+from .names import UPLOAD_SCHEME, parse_model_name
 
 _DATA_SUFFIXES = frozenset({".json", ".jsonl", ".csv", ".tsv", ".parquet", ".arrow", ".txt"})
 _INVALID = object()  # stands for a value already reported, so later checks skip it instead of piling on
@@ -243,6 +243,8 @@ def _rule_problem(rules: Mapping[str, Any], value: Any) -> str | None:
 
 
 def _resolve(value: str, base: Path, mode: str) -> str:
+    if value.startswith(UPLOAD_SCHEME):
+        return value  # an uploaded file of the service, resolved by the registry when the training runs
     explicit = value.startswith(("./", "../", "~")) or value in (".", "..")
     if mode == "explicit" and not explicit:
         return value

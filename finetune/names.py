@@ -25,6 +25,9 @@ MIN_ID_PREFIX = 8
 ID_LENGTH = 64  # hex characters of a sha256 version id
 MAX_NUMBER_DIGITS = MIN_ID_PREFIX - 1  # longer digit strings are id prefixes (see the module docstring)
 LATEST = "latest"
+# A training's data.path naming a file uploaded to the service (``upload:FILE_ID``; see finetune.registry.files):
+# never a path, so the config keeps it as it is and nothing shows where the server stores the bytes.
+UPLOAD_SCHEME = "upload:"
 
 _NAME_RE = re.compile(NAME_PATTERN)
 _ALIAS_RE = re.compile(ALIAS_PATTERN)

@@ -111,16 +111,21 @@ def test_training_data_resolves_to_an_uploaded_file_or_an_allowed_folder(tmp_pat
     stored = Files(reg).create("alice", jsonl.open("rb"), "train.jsonl")
     closed = ServerSettings()
     url = f"http://127.0.0.1:9/v1/files/{stored.id}"
-    assert resolve_data_input(url, account="alice", registry=reg, settings=closed) == str(stored.path)
-    assert resolve_data_input(stored.id, account="alice", registry=reg, settings=closed) == str(stored.path)
+    ref = f"upload:{stored.id}"  # what the config holds: never the path of the bytes on the server
+    assert resolve_data_input(url, account="alice", registry=reg, settings=closed) == ref
+    assert resolve_data_input(stored.id, account="alice", registry=reg, settings=closed) == ref
+    assert resolve_data_input(ref, account="alice", registry=reg, settings=closed) == ref
+    assert Files(reg).data_file(ref) == (str(stored.path), "train.jsonl")
     with pytest.raises(NotFoundError):
         resolve_data_input(url, account="bob", registry=reg, settings=closed)
-    with pytest.raises(AccessDeniedError):
-        resolve_data_input(str(jsonl), account="alice", registry=reg, settings=closed)
-    with pytest.raises(UsageError):
-        resolve_data_input("https://example.org/data.jsonl", account="alice", registry=reg, settings=closed)
-    assert resolve_data_input("tatsu-lab/alpaca", account="alice", registry=reg, settings=closed) == "tatsu-lab/alpaca"
+    with pytest.raises(NotFoundError):
+        resolve_data_input(ref, account="bob", registry=reg, settings=closed)
+    for refused in (str(jsonl), "https://example.org/data.jsonl", "tatsu-lab/alpaca", "data/train.jsonl"):
+        with pytest.raises(UsageError):  # not looked up anywhere: no answer tells whether it exists
+            resolve_data_input(refused, account="alice", registry=reg, settings=closed)
     allowed = ServerSettings(allowed_data_dirs=(tmp_path,))
+    with pytest.raises(UsageError):  # relative: it would be looked up in the server's working directory
+        resolve_data_input("tatsu-lab/alpaca", account="alice", registry=reg, settings=allowed)
     assert resolve_data_input(str(jsonl), account="alice", registry=reg, settings=allowed) == str(jsonl.resolve())
     outside = tmp_path.parent / "elsewhere.jsonl"
     link = tmp_path / "link.jsonl"
@@ -130,4 +135,4 @@ def test_training_data_resolves_to_an_uploaded_file_or_an_allowed_folder(tmp_pat
             resolve_data_input(path, account="alice", registry=reg, settings=allowed)
     got = resolve_training_data({"data": {"path": stored.id, "eval": 0.1}, "data.eval": url, "train.lr": 1e-3},
                                 account="alice", registry=reg, settings=closed)
-    assert got == {"data": {"path": str(stored.path), "eval": 0.1}, "data.eval": str(stored.path), "train.lr": 1e-3}
+    assert got == {"data": {"path": ref, "eval": 0.1}, "data.eval": ref, "train.lr": 1e-3}

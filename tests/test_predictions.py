@@ -24,6 +24,7 @@ from finetune.config import config_from_dict
 from finetune.registry import Registry
 from finetune.registry.predictions import PredictionRecord, Predictions
 from finetune.registry.sources import import_base
+from finetune.server.settings import ServerSettings
 from finetune.tiny import sample_data_path
 
 PROMPT = "Give three tips for staying healthy."
@@ -44,7 +45,8 @@ def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
                 "train": {"max_steps": 3, "batch_size": 8, "lr": 5e-3, "seed": seed},
             })
             training.train(cfg, registry=reg, destination="alice/m", create_destination=True, progress=False)
-        with running_server(reg) as live:
+        # the webhook receivers are on loopback, which a server reaches only when its operator allows it
+        with running_server(reg, ServerSettings(allow_webhook_hosts=("127.0.0.1",))) as live:
             yield live
 
 

@@ -68,10 +68,11 @@ def test_pages_need_a_signed_in_session_and_the_cookie_is_strict(live_server):
 def test_signing_in_rotates_the_session_and_a_revoked_token_signs_out(live_server):
     client = live_server.http(None, follow_redirects=False)
     anon_page = client.get("/signin")
-    anon = client.cookies["finetune_session"]
+    assert "finetune_session" not in client.cookies  # no session before a sign-in succeeds
+    client.cookies.set("finetune_session", "planted-by-someone-else", domain="127.0.0.1")
     client.post("/signin", data={"csrf_token": _csrf(anon_page.text), "token": live_server.tokens["alice"],
                                  "next": "//evil.example/"})
-    assert client.cookies["finetune_session"] != anon  # no fixation
+    assert client.cookies.get("finetune_session", domain="127.0.0.1") != "planted-by-someone-else"  # no fixation
     assert client.get("/").status_code == 200
     accounts = Accounts(live_server.registry)
     token_id = next(t.id for t in accounts.list_tokens("alice"))

@@ -111,24 +111,36 @@ def test_model_cards_render_without_raw_html_or_script_links():
 
 
 def test_sessions_csrf_links_and_rotation():
-    store = Sessions(max_sessions=3)
-    anon = store.new()
-    assert anon.csrf_ok(anon.csrf) and not anon.csrf_ok(None) and not anon.csrf_ok("x")
-    signed = store.sign_in(anon, "alice", "tok")
-    assert signed.id != anon.id and store.get(anon.id) is None and store.get(signed.id).account == "alice"
+    store = Sessions(max_per_account=3)
+    first = store.sign_in(None, "alice", "tok")
+    assert first.csrf_ok(first.csrf) and not first.csrf_ok(None) and not first.csrf_ok("x")
+    signed = store.sign_in(first, "alice", "tok")
+    assert signed.id != first.id and store.get(first.id) is None and store.get(signed.id).account == "alice"
     nonce = store.issue_link("alice", "tok2")
     assert store.redeem_link(nonce) == ("alice", "tok2") and store.redeem_link(nonce) is None
     store.drop_token("tok")
     assert store.get(signed.id) is None
-    for _ in range(5):
-        store.new()
-    assert len(store._sessions) == 3  # bounded
+    bob = store.sign_in(None, "bob", "tb")
+    alices = [store.sign_in(None, "alice", "ta") for _ in range(5)]
+    assert len(store) == 4 and store.get(bob.id) is not None  # alice's own oldest went, bob's stayed
+    assert [store.get(s.id) is not None for s in alices] == [False, False, True, True, True]
+
+
+def test_the_signin_forms_token_is_signed_and_repeated_by_its_cookie():
+    store = Sessions()
+    token = store.signin_token()
+    assert store.signin_token_ok(token, token) and len(store) == 0  # nothing stored
+    assert not store.signin_token_ok(token, store.signin_token())  # the cookie's and the form's differ
+    assert not store.signin_token_ok(None, token) and not store.signin_token_ok(token, None)
+    forged = token.rsplit(".", 1)[0] + ".0123456789abcdef0123456789abcdef"
+    assert not store.signin_token_ok(forged, forged)
+    assert not Sessions().signin_token_ok(token, token)  # another server process (a restart)
 
 
 @pytest.mark.parametrize("ttl", [0.0])
 def test_sessions_expire_when_idle(ttl):
     store = Sessions(ttl_s=ttl)
-    s = store.new()
+    s = store.sign_in(None, "alice", "tok")
     import time
 
     time.sleep(0.01)

@@ -13,9 +13,11 @@ import pytest
 from finetune import atomic
 from finetune.registry import Registry
 from finetune.registry.jobs import TrainingRecord, Trainings, new_record_id
+from finetune.server.webhook_targets import WebhookPolicy
 from finetune.server.webhooks import TrainingWebhooks, WebhookSender, sign, verify
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+LOOPBACK = WebhookPolicy(allowed=("127.0.0.1",))  # the receivers here listen on loopback
 
 
 def test_signature_matches_the_standard_webhooks_example() -> None:
@@ -63,7 +65,7 @@ def flaky_receiver() -> Iterator[tuple[str, list[dict], list[int]]]:
 
 def test_failed_deliveries_are_retried_with_the_same_message_id(flaky_receiver) -> None:
     url, seen, _ = flaky_receiver
-    sender = WebhookSender(attempts=5, backoff_s=0.05, timeout_s=5)
+    sender = WebhookSender(attempts=5, backoff_s=0.05, timeout_s=5, policy=LOOPBACK)
     sender.start()
     try:
         msg_id = sender.send("t1", url, {"id": "t1"}, SECRET)
@@ -82,7 +84,7 @@ def test_a_dead_receiver_never_blocks_the_sender() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{s.getsockname()[1]}/"
-    sender = WebhookSender(attempts=2, backoff_s=0.05, timeout_s=1)
+    sender = WebhookSender(attempts=2, backoff_s=0.05, timeout_s=1, policy=LOOPBACK)
     sender.start()
     t0 = time.monotonic()
     for i in range(20):
@@ -102,7 +104,7 @@ class Captured:
     def __init__(self) -> None:
         self.sent: list[tuple[str, dict]] = []
 
-    def send(self, key: str, url: str, payload: dict, secret: str) -> str:
+    def send(self, key: str, url: str, payload: dict, secret: str, account: str = "") -> str:
         self.sent.append((url, payload))
         return "msg"
 

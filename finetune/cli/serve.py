@@ -26,6 +26,7 @@ from ..server.settings import (
     DEFAULT_MAX_UPLOAD_BYTES,
     ServerSettings,
 )
+from ..server.webhook_targets import parse_allowed
 from .common import add_command, open_registry
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "m": 1 << 20, "mb": 1 << 20, "g": 1 << 30, "gb": 1 << 30}
@@ -83,9 +84,12 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     if args.predict_max_batch < 1:
         raise UsageError(f"--predict-max-batch must be 1 or more, not {args.predict_max_batch}")
     memory = parse_size(args.predict_memory) / 2**20 if args.predict_memory else None
+    webhook_hosts = tuple(args.allow_webhook_host or ())
+    parse_allowed(webhook_hosts)  # a bad value fails the start, not the first webhook
     return ServerSettings(host=args.host, port=args.port, workers=args.workers,
                           max_upload_bytes=parse_size(args.max_upload_size), allowed_data_dirs=tuple(dirs),
                           public_base_url=args.public_url.rstrip("/") if args.public_url else None,
+                          allow_webhook_hosts=webhook_hosts, api_docs=args.api_docs,
                           predict_workers=args.predict_workers, predict_memory_mb=memory,
                           predict_device=args.predict_device, predict_max_batch=args.predict_max_batch,
                           predict_prestart=True,
@@ -198,6 +202,11 @@ def add_commands(groups: argparse._SubParsersAction) -> None:
                    help="largest file upload (default %(default)s)")
     p.add_argument("--public-url", default=None, metavar="URL",
                    help="the URL clients reach the server at, for links in responses (default: from each request)")
+    p.add_argument("--allow-webhook-host", action="append", metavar="HOST|IP|CIDR",
+                   help="let webhooks reach this host, address or network although it is not public (repeatable; "
+                        "default: public addresses only)")
+    p.add_argument("--api-docs", action="store_true",
+                   help="serve the API's reference at /v1/docs and its schema at /v1/openapi.json (default: off)")
     p.add_argument("--open-browser", action="store_true",
                    help="print a one-time sign-in link for the web app (and open it in a browser)")
     p.add_argument("--web-user", default=None, metavar="OWNER",

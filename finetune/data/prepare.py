@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,8 +83,8 @@ def _map_batch(batch: dict[str, list], indices: list[int], *, fmt: str, tokenize
 
 
 def _encode_dataset(records: datasets.Dataset, path: str, fmt: str, tokenizer: Any, train_on_inputs: bool,
-                    max_seq_len: int, overlong: str, fingerprint: str) -> datasets.Dataset:
-    where = RowLocator(path)
+                    max_seq_len: int, overlong: str, fingerprint: str, label: str | None = None) -> datasets.Dataset:
+    where = RowLocator(path, label)
     # No num_proc: it showed no gain (BENCHMARKS.md): the Rust tokenizer already spreads a batch over threads, and
     # forking and pickling eat the rest. Re-measure before adding it.
     encoded = records.map(
@@ -141,8 +142,14 @@ def _keep(encoded: datasets.Dataset, rows: np.ndarray) -> tuple[datasets.Dataset
 
 def prepare(path: str, fmt: str, tokenizer: Any, *, max_seq_len: int, train_on_inputs: bool,
             overlong: str = "truncate", eval: float | int | str | None = None, seed: int = 42,
-            cache_dir: str | None = None) -> Prepared:
-    """Read, encode, split and (with ``cache_dir``) cache a dataset; see :class:`Prepared`."""
+            cache_dir: str | None = None, labels: Mapping[str, str] | None = None) -> Prepared:
+    """Read, encode, split and (with ``cache_dir``) cache a dataset; see :class:`Prepared`.
+
+    ``labels`` names files otherwise than by their path, in errors and in ``info["path"]``/``["eval_path"]``:
+    an uploaded file by the name it was uploaded with (``{server path: "bad.jsonl"}``), so that nothing a
+    version or a training shows holds a path of the server."""
+    labels = labels or {}
+    name = labels.get(path, path)
     if fmt not in FORMATS:
         raise UsageError(f"unknown data format '{fmt}'", "use one of " + ", ".join(FORMATS))
     if overlong not in OVERLONG:
@@ -160,10 +167,11 @@ def prepare(path: str, fmt: str, tokenizer: Any, *, max_seq_len: int, train_on_i
         "overlong": overlong, "train_on_inputs": bool(train_on_inputs), "seed": seed,
         "eval": None if spec is None else [spec[0], eval_source if spec[0] == "file" else spec[1]],
     })).hexdigest()
-    here = {"path": str(Path(path).resolve()) if local else path}
+    here = {"path": labels.get(path) or (str(Path(path).resolve()) if local else path)}
+    eval_name = labels.get(spec[1], spec[1]) if spec and spec[0] == "file" else None
     if eval_source is not None:
-        here.update(eval_path=str(Path(spec[1]).resolve()) if Path(spec[1]).is_file() else spec[1],
-                    eval_sha256=eval_source)
+        here.update(eval_path=labels.get(spec[1]) or (str(Path(spec[1]).resolve()) if Path(spec[1]).is_file()
+                                                      else spec[1]), eval_sha256=eval_source)
     entry = Path(cache_dir) / key if cache_dir else None
     if entry is not None and (entry / "info.json").is_file():
         try:
@@ -171,24 +179,24 @@ def prepare(path: str, fmt: str, tokenizer: Any, *, max_seq_len: int, train_on_i
         except Exception as err:  # derived data: a damaged entry is set aside and rebuilt, never trusted
             _discard(entry, err)
 
-    records = records if records is not None else read_records(path)
+    records = records if records is not None else read_records(path, name)
     try:
         resolved = detect_format(records.column_names) if fmt == "auto" else fmt
     except DataError as err:
-        raise DataError(f"{path}: {err.message}", err.hint) from None
-    _check_columns(resolved, records.column_names, path)
+        raise DataError(f"{name}: {err.message}", err.hint) from None
+    _check_columns(resolved, records.column_names, name)
     encode = dict(fmt=resolved, tokenizer=tokenizer, train_on_inputs=train_on_inputs, max_seq_len=max_seq_len,
                   overlong=overlong)
-    encoded = _encode_dataset(records, path, fingerprint=key[:32], **encode)
+    encoded = _encode_dataset(records, path, fingerprint=key[:32], label=name, **encode)
     rows = np.arange(encoded.num_rows)
     eval_set, eval_counts = None, {"truncated": 0, "dropped": 0}
     if eval_source is not None:
-        eval_records = read_records(spec[1])
-        _check_columns(resolved, eval_records.column_names, spec[1])
-        eval_encoded = _encode_dataset(eval_records, spec[1], fingerprint=key[32:], **encode)
+        eval_records = read_records(spec[1], eval_name)
+        _check_columns(resolved, eval_records.column_names, eval_name)
+        eval_encoded = _encode_dataset(eval_records, spec[1], fingerprint=key[32:], label=eval_name, **encode)
         eval_set, eval_counts = _keep(eval_encoded, np.arange(eval_encoded.num_rows))
     elif spec:
-        rows, eval_rows = _split(encoded.num_rows, spec, seed, path)
+        rows, eval_rows = _split(encoded.num_rows, spec, seed, name)
         eval_set, eval_counts = _keep(encoded, eval_rows)
     train, counts = _keep(encoded, rows)
     if info_truncated(encoded, max_seq_len):
@@ -197,9 +205,9 @@ def prepare(path: str, fmt: str, tokenizer: Any, *, max_seq_len: int, train_on_i
         hint = ("no record was cut short, so the records themselves have nothing to learn: check that each has a "
                 "completion (or an assistant turn, with role 'assistant')")
     if train.num_rows == 0:
-        raise DataError(f"{path}: no training rows left: all {counts['dropped']} have no label token", hint)
+        raise DataError(f"{name}: no training rows left: all {counts['dropped']} have no label token", hint)
     if eval_set is not None and eval_set.num_rows == 0:
-        raise DataError(f"{here.get('eval_path', path)}: no eval rows left after dropping those with no label", hint)
+        raise DataError(f"{here.get('eval_path', name)}: no eval rows left after dropping those with no label", hint)
     info = {
         **here, "sha256": source, "rows": encoded.num_rows, "format": resolved,
         "template": "chat_template" if resolved == "messages" else resolved,

@@ -22,22 +22,27 @@ EXTENSIONS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "par
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def read_records(path: str) -> datasets.Dataset:
-    """Load a JSONL, JSON, CSV or Parquet file (or, online, a hub dataset ``owner/name``) as one Dataset."""
+def read_records(path: str, label: str | None = None) -> datasets.Dataset:
+    """Load a JSONL, JSON, CSV or Parquet file (or, online, a hub dataset ``owner/name``) as one Dataset.
+
+    Errors name the file as ``label`` when given: an uploaded file by the name it was uploaded with, never the
+    server path it is stored at."""
     p = Path(path)
+    name = label or path
     if not p.exists():
         if _HUB_ID.match(path) and p.suffix.lower() not in EXTENSIONS:
             return _read_hub(path)
-        raise DataError(f"dataset file not found: {path}", f"check the path (relative to {os.getcwd()})")
+        raise DataError(f"dataset file not found: {name}",
+                        "upload it again" if label else f"check the path (relative to {os.getcwd()})")
     if p.is_dir():
-        raise DataError(f"{path} is a folder, not a dataset file", "point at one .jsonl, .json, .csv or .parquet file")
+        raise DataError(f"{name} is a folder, not a dataset file", "point at one .jsonl, .json, .csv or .parquet file")
     kind = EXTENSIONS.get(p.suffix.lower())
     if kind is None:
-        raise DataError(f"{path}: unsupported file type '{p.suffix}'", "use one of " + ", ".join(EXTENSIONS))
+        raise DataError(f"{name}: unsupported file type '{p.suffix}'", "use one of " + ", ".join(EXTENSIONS))
     if p.stat().st_size == 0:
-        raise DataError(f"{path} is empty", "add at least one record")
+        raise DataError(f"{name} is empty", "add at least one record")
     if kind != "parquet":  # pyarrow reads text columns as unchecked bytes and fails late, with a traceback
-        _check_utf8(p)
+        _check_utf8(p, name)
     kwargs: dict[str, Any] = {}
     if kind == "csv":
         # Keep every cell a string ("007" stays "007", "NA" stays "NA"); only empty cells become missing.
@@ -46,23 +51,24 @@ def read_records(path: str) -> datasets.Dataset:
         with open(p, newline="", encoding="utf-8-sig") as f:
             header = next(csv.reader(f), [])
         if not any(c.strip() for c in header):
-            raise DataError(f"{path} has no header row", "the first line must name the columns")
+            raise DataError(f"{name} has no header row", "the first line must name the columns")
         kwargs = dict(features=datasets.Features({c: datasets.Value("string") for c in header}),
                       keep_default_na=False, na_values=[""])
     try:
         ds = datasets.load_dataset(kind, data_files=str(p), split="train", **kwargs)
     except Exception as err:  # datasets raises many types, none naming a line; find it ourselves
         if kind == "json":
-            _diagnose_json(p)
+            _diagnose_json(p, name)
         if "corresponds to no data" in str(err):
-            raise DataError(f"{path} has no records", "add at least one record") from err
-        raise DataError(f"{path} cannot be read: {one_line(err)}", f"check that it is valid {kind.upper()}") from err
+            raise DataError(f"{name} has no records", "add at least one record") from err
+        why = one_line(err).replace(str(p), name)  # the reader's own words may quote the file's path
+        raise DataError(f"{name} cannot be read: {why}", f"check that it is valid {kind.upper()}") from err
     if ds.num_rows == 0:
-        raise DataError(f"{path} has no records", "add at least one record")
+        raise DataError(f"{name} has no records", "add at least one record")
     return ds
 
 
-def _check_utf8(p: Path, chunk_size: int = 1 << 20) -> None:
+def _check_utf8(p: Path, name: str, chunk_size: int = 1 << 20) -> None:
     """Raise a DataError naming the first line of ``p`` that is not UTF-8 (one streaming pass, any file size)."""
     decoder = codecs.getincrementaldecoder("utf-8")()
     line = 1
@@ -74,7 +80,7 @@ def _check_utf8(p: Path, chunk_size: int = 1 << 20) -> None:
             except UnicodeDecodeError as err:
                 # err.start counts from the decoder's buffer: the few undecoded bytes of the last chunk, then this one
                 line += chunk.count(b"\n", 0, max(0, err.start))
-                raise DataError(f"{p}:{line}: not UTF-8 text ({err.reason})",
+                raise DataError(f"{name}:{line}: not UTF-8 text ({err.reason})",
                                 "save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)") from None
             if not chunk:
                 return
@@ -92,7 +98,7 @@ def _read_hub(name: str) -> datasets.Dataset:
     return ds
 
 
-def _diagnose_json(p: Path) -> None:
+def _diagnose_json(p: Path, name: str) -> None:
     """Raise a DataError naming the first bad line of a JSON/JSONL file; return if none is found."""
     data = p.read_bytes()
     if data.lstrip()[:1] == b"[":
@@ -100,11 +106,12 @@ def _diagnose_json(p: Path) -> None:
             rows = json.loads(data)
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             if isinstance(err, UnicodeDecodeError):
-                raise DataError(f"{p}: not UTF-8 text", "save the file as UTF-8") from err
-            raise DataError(f"{p}:{err.lineno}: invalid JSON ({err.msg}, column {err.colno})", "fix that line") from err
+                raise DataError(f"{name}: not UTF-8 text", "save the file as UTF-8") from err
+            raise DataError(f"{name}:{err.lineno}: invalid JSON ({err.msg}, column {err.colno})",
+                            "fix that line") from err
         for i, row in enumerate(rows, 1):
             if not isinstance(row, dict):
-                raise DataError(f"{p}: record {i} is a {type(row).__name__}, not an object",
+                raise DataError(f"{name}: record {i} is a {type(row).__name__}, not an object",
                                 "a .json file must hold a list of objects")
         return
     for number, raw in enumerate(data.splitlines(), 1):
@@ -113,20 +120,21 @@ def _diagnose_json(p: Path) -> None:
         try:
             row = json.loads(raw)
         except UnicodeDecodeError as err:
-            raise DataError(f"{p}:{number}: not UTF-8 text", "save the file as UTF-8") from err
+            raise DataError(f"{name}:{number}: not UTF-8 text", "save the file as UTF-8") from err
         except json.JSONDecodeError as err:
-            raise DataError(f"{p}:{number}: invalid JSON ({err.msg}, column {err.colno})",
+            raise DataError(f"{name}:{number}: invalid JSON ({err.msg}, column {err.colno})",
                             "each line must be one complete JSON object") from err
         if not isinstance(row, dict):
-            raise DataError(f"{p}:{number}: a JSON {type(row).__name__}, not an object",
+            raise DataError(f"{name}:{number}: a JSON {type(row).__name__}, not an object",
                             "each line must be one JSON object")
 
 
 class RowLocator:
     """Names a row for error messages: ``file.jsonl:7`` for JSON lines, ``file.csv row 7`` otherwise."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, label: str | None = None):
         self.path = path
+        self.label = label or path  # how rows are named: an upload by its file name
         self._lines: list[int] | None = None
 
     def __call__(self, index: int) -> str:
@@ -138,6 +146,6 @@ class RowLocator:
                 self._lines = [] if data.lstrip()[:1] == b"[" else [
                     n for n, raw in enumerate(data.splitlines(), 1) if raw.strip()]
             if index < len(self._lines):
-                return f"{self.path}:{self._lines[index]}"
-            return f"{self.path} record {index + 1}"
-        return f"{self.path} row {index + 1}"
+                return f"{self.label}:{self._lines[index]}"
+            return f"{self.label} record {index + 1}"
+        return f"{self.label} row {index + 1}"

@@ -9,6 +9,11 @@ One folder per file inside ``Registry.files_dir()``::
 An upload is streamed into a staging folder (counting bytes against the limit and hashing as it goes), then
 renamed into place whole, so a file is listed only once complete. Ids sort by upload time (hex milliseconds,
 then random digits), so newest-first listing needs no reading of the records. Files belong to their owner.
+
+A training names an upload as its data by reference, ``upload:ID`` (:func:`upload_ref`), never by the path of
+its bytes: the record, the config in a version's manifest and its model card show that reference and the
+file's own name and sha256, and errors in the file name it as uploaded (``bad.jsonl:2``).
+:meth:`Files.data_file` turns a reference into the path to read when the training runs.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from typing import Any, BinaryIO
 
 from .. import atomic
 from ..errors import IntegrityError, NotFoundError, TooLargeError
-from ..names import check_name
+from ..names import UPLOAD_SCHEME, check_name
 from .manifest import utc_now
 from .store import Registry
 
@@ -62,6 +67,18 @@ def new_file_id() -> str:
 
 def is_file_id(text: str) -> bool:
     return bool(_ID.fullmatch(text))
+
+
+def upload_ref(file_id: str) -> str:
+    """How a training's config names an uploaded file as data: ``upload:ID``."""
+    return UPLOAD_SCHEME + file_id
+
+
+def upload_id(value: object) -> str | None:
+    """The file id of an ``upload:ID`` reference; None for anything else (a path, a hub name)."""
+    if isinstance(value, str) and value.startswith(UPLOAD_SCHEME):
+        return value[len(UPLOAD_SCHEME):]
+    return None
 
 
 class Files:
@@ -123,6 +140,19 @@ class Files:
         if content is None:
             raise IntegrityError(f"file {file_id} has no content", "delete it and upload it again")
         return StoredFile(**{k: info[k] for k in StoredFile.__dataclass_fields__ if k in info}, path=content)
+
+    def data_file(self, value: str) -> tuple[str, str | None]:
+        """``(what to read, how to name it)`` for a training's ``data.path``/``data.eval``: for ``upload:ID``
+        the stored bytes and the name it was uploaded with; anything else as it is, with no name."""
+        file_id = upload_id(value)
+        if file_id is None:
+            return value, None
+        try:
+            stored = self.get(file_id)
+        except NotFoundError:
+            raise NotFoundError(f"the uploaded data file {file_id} is gone (deleted since the training was "
+                                "created)", "upload it again and start a new training") from None
+        return str(stored.path), stored.name
 
     def ids(self) -> list[str]:
         """Every file id, newest first (ids sort by upload time)."""

@@ -68,6 +68,8 @@ JOB_KINDS = ("trainings", "predictions")  # the folders of job records under the
 # Optional text fields of a model besides its description (Replicate's model object has the same names).
 MODEL_LINKS = ("github_url", "paper_url", "license_url", "cover_image_url")
 EDITABLE = ("description", "readme", *MODEL_LINKS)
+# The longest text each field takes (characters): every listing sends them, so none may be unbounded.
+TEXT_LIMITS = {"description": 2000, "readme": 64 * 1024, **dict.fromkeys(MODEL_LINKS, 2048)}
 LOCK_TIMEOUT_S = 120
 _STILL_NS = 3_000_000_000  # a versions folder unchanged this long may have its listing remembered
 _LATEST_WALK = 256  # numbers `latest` probes one by one before it lists the versions folder instead
@@ -251,9 +253,8 @@ class Registry:
         """Create the destination model ``owner/name``; an existing one is an error unless ``exist_ok``.
 
         ``fields`` may set ``readme`` and the links of :data:`MODEL_LINKS`."""
-        _check_fields(fields)
+        _check_fields({**fields, "description": description}, allowed=EDITABLE)
         owner, short = parse_model_name(name)
-        check_text(description, "description")
         if visibility not in VISIBILITIES:
             raise UsageError(f"invalid visibility {visibility!r}", f"use one of: {', '.join(VISIBILITIES)}")
         if hardware not in HARDWARE:
@@ -692,4 +693,8 @@ def _check_fields(fields: dict[str, Any], allowed: tuple[str, ...] = ("readme", 
             raise UsageError(f"model field {key!r} must be text, not {type(value).__name__}")
         if value is not None:
             check_text(value, key)
+            limit = TEXT_LIMITS.get(key, 2048)
+            if len(value) > limit:
+                raise UsageError(f"the {key} is {len(value):,} characters long; the most is {limit:,}",
+                                 "put the rest in the model's readme" if key == "description" else "shorten it")
 

@@ -94,6 +94,27 @@ def visible_version(reg: Registry, account: str | Account, name: str, selector: 
     return version
 
 
+def visible_version_by_id(reg: Registry, account: str | Account, version_id: str,
+                          index: VersionIndex | None = None) -> Version:
+    """A version named by its bare 64-hex id (as ``POST /v1/predictions`` takes it), in any model ``account``
+    may see. An unknown id and a version of another account's private model answer the same 404, which names
+    only the id: the answer never tells that the id exists, nor which model holds it."""
+    lowered = version_id.lower() if isinstance(version_id, str) else ""
+    version = None
+    if len(lowered) == ID_LENGTH and set(lowered) <= _HEX:
+        version = (index or VersionIndex(reg)).find(lowered)
+    if version is not None:
+        try:
+            readable = can_read(account, reg.get_model(version.model))
+        except (ModelNotFoundError, InvalidNameError):
+            readable = False
+        version = version if readable else None
+    if version is None:
+        raise VersionNotFoundError(f"version {version_id} not found",
+                                   "give its 64-hex id or owner/name:ID (GET /v1/models/{owner}/{name}/versions)")
+    return version
+
+
 def owned_version(reg: Registry, account: str | Account, name: str, selector: str,
                   index: VersionIndex | None = None, action: str = "change") -> Version:
     """A version of a model ``account`` owns (404 / 403 as :func:`owned_model`)."""

@@ -20,13 +20,15 @@ from ..registry import Registry
 from ..registry.accounts import Accounts
 from ..registry.index import VersionIndex
 from ..web.app import router as web_router
-from . import problems
+from . import docs, problems
+from .head import HeadAsGet
 from .instance import ServerLock
 from .limits import FRAMING_BYTES, BodyLimit
 from .objects import training_object
 from .routes import account, files, models, predictions, trainings, versions
 from .settings import ServerSettings
 from .training_service import TrainingService
+from .webhook_targets import WebhookPolicy
 from .wire_cache import VersionJSON
 
 __all__ = ["ServerSettings", "create_app"]
@@ -59,7 +61,7 @@ def _prediction_service(registry: Registry, settings: ServerSettings, app: FastA
     sender, accounts = app.state.trainings.webhooks.sender, app.state.accounts
 
     def send(record, body, event) -> None:
-        sender.send(record.id, record.webhook, body, accounts.webhook_secret(record.owner))
+        sender.send(record.id, record.webhook, body, accounts.webhook_secret(record.owner), account=record.owner)
 
     config = WorkerConfig(str(registry.root), device=settings.predict_device,
                           memory_budget_mb=settings.predict_memory_mb, max_batch=settings.predict_max_batch)
@@ -71,8 +73,9 @@ def create_app(registry: Registry | None = None, settings: ServerSettings | None
     """The app serving ``registry`` (default: ``$FINETUNE_HOME``) with ``settings`` (default: localhost)."""
     registry = registry if registry is not None else Registry()
     settings = settings or ServerSettings()
+    # FastAPI's docs page loads Swagger UI from a CDN: ours (finetune.server.docs) is local and opt-in
     app = FastAPI(title="finetune", version=__version__, lifespan=_lifespan,
-                  openapi_url="/v1/openapi.json", docs_url="/v1/docs", redoc_url=None)
+                  openapi_url=None, docs_url=None, redoc_url=None)
     app.state.registry = registry
     app.state.settings = settings
     app.state.accounts = Accounts(registry)
@@ -84,6 +87,7 @@ def create_app(registry: Registry | None = None, settings: ServerSettings | None
     app.state.services = [app.state.server_lock]  # objects with start()/stop(), e.g. the training queue
     problems.install(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_upload_bytes + FRAMING_BYTES)
+    app.add_middleware(HeadAsGet, router=app.router)
 
     app.include_router(account.router)
     app.include_router(models.router)
@@ -91,11 +95,15 @@ def create_app(registry: Registry | None = None, settings: ServerSettings | None
     app.include_router(files.router)
     app.include_router(trainings.router)
     # The queue and the webhooks: started with the server (recovering waiting trainings), stopped with it.
+    app.state.webhook_policy = WebhookPolicy(settings.allow_webhook_hosts, (settings.host, settings.port))
     app.state.trainings = TrainingService(registry, settings, app.state.accounts,
-                                          lambda record, url: training_object(registry, record, url))
+                                          lambda record, url: training_object(registry, record, url),
+                                          webhook_policy=app.state.webhook_policy)
     app.state.services.append(app.state.trainings)
     app.state.predictions = _prediction_service(registry, settings, app)
     app.state.services.append(app.state.predictions)
     app.include_router(predictions.router)
+    if settings.api_docs:
+        docs.install(app)
     app.include_router(web_router)  # the web app's pages at / (last, so that /v1 wins)
     return app

@@ -18,6 +18,7 @@ from ..registry import Registry
 from ..registry.accounts import Accounts
 from ..registry.index import VersionIndex
 from .settings import ServerSettings
+from .webhook_targets import WebhookPolicy
 from .wire_cache import VersionJSON
 
 
@@ -34,9 +35,23 @@ async def get_accounts(request: Request) -> Accounts:
 
 
 def base_url(request: Request) -> str:
-    """The server's URL as clients reach it, without a trailing slash: for links inside responses."""
-    public = request.app.state.settings.public_base_url
-    return (public or str(request.base_url)).rstrip("/")
+    """The server's URL as clients reach it, without a trailing slash: for links inside responses.
+
+    ``--public-url`` when the operator set it; otherwise the address and port of the socket the request came in
+    on (``http://127.0.0.1:8000``). Never the request's ``Host`` header: a client chooses that, and the official
+    client follows ``next`` links with its token."""
+    settings = request.app.state.settings
+    if settings.public_base_url:
+        return settings.public_base_url.rstrip("/")
+    server = request.scope.get("server")
+    host, port = (server[0], server[1]) if server and server[0] else (settings.host, settings.port)
+    host = f"[{host}]" if ":" in str(host) and not str(host).startswith("[") else host
+    return f"http://{host}:{port}" if port else f"http://{host}"
+
+
+def webhook_policy(request: Request) -> WebhookPolicy:
+    """Where this server's webhooks may go (``--allow-webhook-host``), for the API's check of a webhook URL."""
+    return request.app.state.webhook_policy
 
 
 RegistryDep = Annotated[Registry, Depends(get_registry)]

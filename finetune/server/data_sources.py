@@ -1,10 +1,13 @@
 """Where a training input's data comes from, as the server allows it: an uploaded file, or an allowed folder.
 
 A remote user names data by the URL (or id) of a file they uploaded (``POST /v1/files``); the official client
-does this itself when a file object is passed as an input. A path on the server's own disk is refused unless
-the server was started with ``--allow-data-dir`` and the path lies inside one of those folders (after
-resolving links), so that a token cannot read arbitrary files of the server. A hub dataset name
-(``tatsu-lab/alpaca``) passes through for the data layer to load.
+does this itself when a file object is passed as an input. It becomes ``upload:ID`` in the training's config
+(:func:`finetune.registry.files.upload_ref`), never the path where the server keeps the bytes. An absolute path
+on the server's own disk is accepted only when the server was started with ``--allow-data-dir`` and the path
+lies inside one of those folders (after resolving links), so that a token cannot read arbitrary files of the
+server. Nothing else is: not a relative path nor an ``owner/name`` hub dataset name, which the data layer
+would look up in the server's working directory first, and whose answer would tell whether such a path
+exists there. Every check runs before the training is created (before the 201).
 
 :func:`resolve_data_input` turns one value into what the engine reads; :func:`resolve_training_data` applies
 it to ``data.path`` and ``data.eval`` of a training input, nested or dotted.
@@ -20,22 +23,20 @@ from urllib.parse import urlparse
 from ..errors import AccessDeniedError, DataError, NotFoundError, UsageError
 from ..registry import Registry
 from ..registry.accounts import Account
-from ..registry.files import Files, is_file_id
+from ..registry.files import Files, is_file_id, upload_id, upload_ref
 from . import access
 from .settings import ServerSettings
 
 _FILE_URL = re.compile(r"/v1/files/([0-9a-f]{27})(?:/download)?/?")
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-_DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 DATA_KEYS = ("path", "eval")
 
 
 def resolve_data_input(value: str, *, account: str | Account, registry: Registry, settings: ServerSettings) -> str:
-    """The local path (or hub dataset name) that ``value`` stands for, if ``account`` may use it.
+    """What the trainer reads for ``value`` (``upload:ID``, or an allowed server path), if ``account`` may use it.
 
-    ``value`` is a file URL (``{server}/v1/files/ID``, also ``.../download``), a file id, a path on the server
-    (only inside ``settings.allowed_data_dirs``), or a hub dataset name. An unknown or foreign file is a 404;
-    a server path outside the allow-list is a 403; an http URL of another resource is a 422.
+    ``value`` is a file URL (``{server}/v1/files/ID``, also ``.../download``), a file id (both become
+    ``upload:ID``), or an absolute path on the server (only inside ``settings.allowed_data_dirs``). An unknown
+    or foreign file is a 404; a server path outside the allow-list is a 403; anything else is a 422.
     """
     text = value.strip()
     if text.startswith(("http://", "https://")):
@@ -44,18 +45,15 @@ def resolve_data_input(value: str, *, account: str | Account, registry: Registry
             raise UsageError(f"cannot use {text!r} as data: the server reads uploaded files, not other URLs",
                              "upload it with POST /v1/files (replicate: client.files.create) and pass its URL")
         return _own_file(match.group(1), account, registry)
-    if is_file_id(text):
-        return _own_file(text, account, registry)
-    path = Path(text).expanduser()
-    if not path.is_absolute() and _HUB_ID.fullmatch(text) and path.suffix.lower() not in _DATA_SUFFIXES:
-        return text  # a hub dataset name
-    if not settings.allowed_data_dirs:
-        raise AccessDeniedError(f"this server does not read data from its own disk ({text})",
-                                "upload the file (POST /v1/files) and pass its URL, or start the server with "
-                                "--allow-data-dir")
-    if not path.is_absolute():
-        raise UsageError(f"data path {text!r} must be absolute on the server",
-                         "name a file inside: " + ", ".join(str(d) for d in settings.allowed_data_dirs))
+    if is_file_id(text) or upload_id(text) is not None:
+        return _own_file(upload_id(text) or text, account, registry)
+    path = Path(text)
+    if not settings.allowed_data_dirs or not path.is_absolute():
+        # Never looked up on the disk (nor as a hub dataset): the answer is the same whether it exists or not
+        raise UsageError(f"cannot use {text[:200]!r} as data: this server trains on uploaded files"
+                         + (" and on absolute paths inside the folders it allows" if settings.allowed_data_dirs
+                            else ""),
+                         "upload the file (POST /v1/files; replicate: client.files.create) and pass its URL")
     real = path.resolve()
     if not any(real.is_relative_to(Path(folder).resolve()) for folder in settings.allowed_data_dirs):
         raise AccessDeniedError(f"data path {text} is outside the folders this server allows",
@@ -71,7 +69,7 @@ def _own_file(file_id: str, account: str | Account, registry: Registry) -> str:
     except NotFoundError:
         raise NotFoundError(f"file {file_id} not found", "upload it with POST /v1/files") from None
     access.check_owns(account, stored, "file", file_id, NotFoundError)
-    return str(stored.path)
+    return upload_ref(stored.id)
 
 
 def resolve_training_data(training_input: dict[str, Any], *, account: str | Account, registry: Registry,
@@ -81,7 +79,7 @@ def resolve_training_data(training_input: dict[str, Any], *, account: str | Acco
     out = dict(training_input)
 
     def fix(value: Any) -> Any:
-        if isinstance(value, str) and not _is_number(value):
+        if isinstance(value, str) and not is_number(value):
             return resolve_data_input(value, account=account, registry=registry, settings=settings)
         return value
 
@@ -93,7 +91,7 @@ def resolve_training_data(training_input: dict[str, Any], *, account: str | Acco
     return out
 
 
-def _is_number(text: str) -> bool:
+def is_number(text: str) -> bool:
     try:
         float(text)
     except ValueError:

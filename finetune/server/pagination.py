@@ -21,6 +21,7 @@ from ..errors import UsageError
 from .context import base_url
 
 K = TypeVar("K", int, str)
+MAX_CURSOR_LENGTH = 1024  # ours are a few dozen characters
 
 
 def encode_cursor(direction: str, key: Any) -> str:
@@ -28,18 +29,25 @@ def encode_cursor(direction: str, key: Any) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def decode_cursor(cursor: str) -> tuple[str, Any]:
-    """``("after" | "before", key)``; a cursor we did not make is a 400-class usage error."""
+def _invalid(cursor: str) -> UsageError:
+    return UsageError(f"invalid cursor {cursor[:40]!r}", "use the `next` or `previous` URL of a page as it is")
+
+
+def decode_cursor(cursor: str, key_type: type | None = None) -> tuple[str, Any]:
+    """``("after" | "before", key)``; a cursor we did not make (or one of another listing, whose keys are not
+    of ``key_type``) is a 422 usage error, never a 500."""
+    if len(cursor) > MAX_CURSOR_LENGTH:
+        raise _invalid(cursor)
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         direction, key = json.loads(raw)
-        if direction not in ("after", "before") or not isinstance(key, (int, str)):
-            raise ValueError
-        return direction, key
     except (ValueError, TypeError):
-        raise UsageError(
-            f"invalid cursor {cursor[:40]!r}", "use the `next` or `previous` URL of a page as it is"
-        ) from None
+        raise _invalid(cursor) from None
+    if direction not in ("after", "before") or type(key) not in (int, str):
+        raise _invalid(cursor)
+    if key_type is not None and type(key) is not key_type:
+        raise _invalid(cursor)
+    return direction, key
 
 
 def _position(keys: Sequence[K], key: K, descending: bool) -> int:
@@ -54,7 +62,7 @@ def page_window(keys: Sequence[K], cursor: str | None, page_size: int, descendin
     """``(start, stop)`` of the page that ``cursor`` names within ``keys`` (sorted in display order)."""
     if not cursor:
         return 0, min(page_size, len(keys))
-    direction, key = decode_cursor(cursor)
+    direction, key = decode_cursor(cursor, type(keys[0]) if keys else None)
     at = _position(keys, key, descending)
     if direction == "after":
         start = at + 1 if at < len(keys) and keys[at] == key else at

@@ -20,7 +20,10 @@ class ServerSettings:
     ``workers`` is the number of training worker processes (``None``: one per GPU, one on a CPU-only machine).
     ``allowed_data_dirs`` are the server folders a training input may name as data; empty means none may be
     named (remote users upload files instead). ``public_base_url`` is how clients reach the server
-    (``https://ft.example.org``) when it sits behind a proxy; by default URLs are built from each request.
+    (``https://ft.example.org``) when it sits behind a proxy; by default links name the address the server is
+    bound to (never the request's ``Host`` header, which the client chooses). ``allow_webhook_hosts`` are the
+    hosts, addresses or networks (``127.0.0.1``, ``10.0.0.0/8``, ``hooks.internal``) webhooks may reach although
+    they are not public (see :mod:`.webhook_targets`).
     The ``max_training*`` limits keep one account from holding the training workers (None: no limit).
     """
 
@@ -30,6 +33,8 @@ class ServerSettings:
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
     allowed_data_dirs: tuple[Path, ...] = field(default_factory=tuple)
     public_base_url: str | None = None
+    allow_webhook_hosts: tuple[str, ...] = ()
+    api_docs: bool = False  # serve /v1/openapi.json and a local /v1/docs page (finetune serve --api-docs)
     page_size: int = 50
     max_trainings_per_account: int | None = DEFAULT_MAX_TRAININGS_PER_ACCOUNT  # queued + running, per account
     max_training_steps: int | None = DEFAULT_MAX_TRAINING_STEPS  # the largest train.max_steps accepted

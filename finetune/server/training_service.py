@@ -25,6 +25,7 @@ from ..registry.accounts import Accounts
 from ..registry.jobs import FINAL, TrainingRecord, Trainings
 from .access import owner_of
 from .settings import ServerSettings
+from .webhook_targets import WebhookPolicy
 from .webhooks import TrainingWebhooks, WebhookSender
 
 
@@ -33,7 +34,7 @@ class TrainingService:
 
     def __init__(self, registry: Registry, settings: ServerSettings, accounts: Accounts,
                  training_object: Callable[[TrainingRecord, str], dict[str, Any]],
-                 executor: Executor | None = None):
+                 executor: Executor | None = None, webhook_policy: WebhookPolicy | None = None):
         self.registry = registry
         self.trainings = Trainings(registry)
         self.settings = settings
@@ -44,7 +45,7 @@ class TrainingService:
         self._lock = threading.Lock()
         self._submitting: Counter[str] = Counter()  # per account: submits past the cap check, not yet queued
         self.webhooks = TrainingWebhooks(
-            self.trainings, WebhookSender(), training_object, accounts.webhook_secret, owner_of,
+            self.trainings, WebhookSender(policy=webhook_policy), training_object, accounts.webhook_secret, owner_of,
             base_url=settings.public_base_url or f"http://{settings.host}:{settings.port}",
         )
 

@@ -14,8 +14,9 @@ where ``key`` is the base64-decoded part of the account's ``whsec_...`` secret
 
 Trainings run in other processes, so :class:`TrainingWebhooks` watches the records of trainings that have a
 webhook (a cheap read every half second) and hands events to :class:`WebhookSender`, whose background threads
-deliver them and retry failures with exponential backoff. A slow or dead receiver delays only its own
-deliveries; it never blocks or fails a training.
+(one lane per account) deliver them and retry failures with exponential backoff. A slow or dead receiver delays
+only its own account's deliveries; it never blocks or fails a training. Where a webhook may go is the business
+of :mod:`.webhook_targets`: the API refuses bad URLs, and every attempt resolves and checks the address.
 """
 
 from __future__ import annotations
@@ -30,13 +31,13 @@ import logging
 import os
 import threading
 import time
-import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import UsageError
 from ..registry.jobs import FINAL, TrainingRecord, Trainings
+from .webhook_targets import WebhookPolicy, WebhookRefused, post
 
 log = logging.getLogger("finetune.webhooks")
 
@@ -45,13 +46,16 @@ _LOGS_EVERY_S = 1.0  # Replicate throttles `logs` webhooks too; a log line per s
 _WATCH_EVERY_S = 0.5
 
 
-def check_webhook(url: str | None, events: list[str] | None) -> None:
-    """A 422-class error for a webhook that is not an http(s) URL or an event filter naming unknown events."""
-    if url is not None and not url.startswith(("http://", "https://")):
-        raise UsageError(f"webhook: expected an http:// or https:// URL, got {url[:80]!r}")
+def check_webhook(url: str | None, events: list[str] | None, policy: WebhookPolicy | None = None) -> None:
+    """A 422-class error for a webhook URL the rules refuse (see :mod:`.webhook_targets`; ``policy``: the
+    server's address rules, default: public addresses only) or an event filter naming unknown events."""
+    if url is not None:
+        (policy or WebhookPolicy()).check_literal(url)
+    if events is not None and (not isinstance(events, list) or len(events) > len(EVENTS)):
+        raise UsageError(f"webhook_events_filter: expected a list of at most {len(EVENTS)} events")
     unknown = [e for e in events or () if e not in EVENTS]
     if unknown:
-        raise UsageError(f"webhook_events_filter: unknown event {unknown[0]!r}",
+        raise UsageError(f"webhook_events_filter: unknown event {str(unknown[0])[:40]!r}",
                          f"choose from {', '.join(EVENTS)}")
 
 
@@ -89,73 +93,120 @@ class _Delivery:
 
 
 class _Lane:
-    """One delivery thread with its own schedule: deliveries in one lane go out in order."""
+    """One account's delivery thread with its own schedule: its deliveries go out in order, one at a time, and
+    a receiver that never answers holds up only this lane. The thread ends after ``LANE_IDLE_S`` idle."""
 
-    def __init__(self, sender: WebhookSender, index: int):
-        self.sender = sender
+    def __init__(self, sender: WebhookSender, account: str):
+        self.sender, self.account = sender, account
         self.heap: list[_Delivery] = []
         self.cond = threading.Condition()
-        self.thread = threading.Thread(target=self._run, name=f"webhooks-{index}", daemon=True)
+        self.thread = threading.Thread(target=self._run, name=f"webhooks-{account[:32]}", daemon=True)
 
-    def put(self, delivery: _Delivery) -> None:
+    def put(self, delivery: _Delivery) -> bool:
+        """Queue ``delivery``; False (dropped) when the lane already holds ``max_queued`` deliveries."""
         with self.cond:
+            if len(self.heap) >= self.sender.max_queued:
+                return False
             heapq.heappush(self.heap, delivery)
             self.cond.notify()
+            return True
 
     def _run(self) -> None:
+        idle_since = time.monotonic()
         while True:
             with self.cond:
                 while True:
-                    if self.sender.stopped and (not self.heap or time.monotonic() > self.sender.drain_until):
-                        return
                     now = time.monotonic()
+                    if self.sender.stopped and (not self.heap or now > self.sender.drain_until):
+                        self.sender.retire(self)
+                        return
                     if self.heap and self.heap[0].due <= now:
                         delivery = heapq.heappop(self.heap)
                         break
+                    if not self.heap and now - idle_since > self.sender.lane_idle_s and self.sender.retire(self):
+                        return
                     wait = (self.heap[0].due - now) if self.heap else None
                     self.cond.wait(min(wait, 0.5) if wait is not None else 0.5)
             self.sender.attempt(self, delivery)
+            idle_since = time.monotonic()
 
 
 class WebhookSender:
-    """Delivers signed POSTs in background threads; a failed one is retried ``attempts`` times in all, waiting
-    ``backoff_s`` * 2^n between tries. Deliveries for one key (a training id) keep their order."""
+    """Delivers signed POSTs in background threads, one lane per account, so that one account's slow or dead
+    receiver never delays another account's webhooks. A failed delivery is retried ``attempts`` times in all,
+    waiting ``backoff_s`` * 2^n between tries; each try takes at most ``timeout_s`` in all (connecting, sending
+    and reading the answer). An account's deliveries keep their order; at most ``max_queued`` wait per account
+    (more are dropped and logged). ``policy`` says which addresses webhooks may reach (see
+    :mod:`.webhook_targets`)."""
 
-    def __init__(self, lanes: int = 4, attempts: int = 6, backoff_s: float = 1.0, timeout_s: float = 10.0):
+    def __init__(self, attempts: int = 6, backoff_s: float = 1.0, timeout_s: float = 10.0,
+                 policy: WebhookPolicy | None = None, max_queued: int = 1000, lane_idle_s: float = 60.0):
         self.attempts, self.backoff_s, self.timeout_s = attempts, backoff_s, timeout_s
+        self.policy = policy or WebhookPolicy()
+        self.max_queued, self.lane_idle_s = max_queued, lane_idle_s
+        self.started = False
         self.stopped = False
         self.drain_until = 0.0
         self._seq = 0
         self._lock = threading.Lock()
-        self._lanes = [_Lane(self, i) for i in range(lanes)]
+        self._lanes: dict[str, _Lane] = {}
         self.delivered = 0  # counters, for tests and the server's log
         self.failed = 0
+        self.refused = 0  # of those failed: refused by the address rules, nothing sent
 
     def start(self) -> None:
-        for lane in self._lanes:
-            lane.thread.start()
+        with self._lock:
+            self.started = True
+            for lane in self._lanes.values():
+                if not lane.thread.is_alive():
+                    lane.thread.start()
 
     def stop(self, drain_s: float = 2.0) -> None:
         """Stop after sending what is due within ``drain_s`` (retries further out are dropped)."""
         self.drain_until = time.monotonic() + drain_s
         self.stopped = True
-        for lane in self._lanes:
+        with self._lock:
+            lanes = list(self._lanes.values())
+        for lane in lanes:
             with lane.cond:
                 lane.cond.notify()
-        for lane in self._lanes:
+        for lane in lanes:
             if lane.thread.is_alive():
                 lane.thread.join(timeout=drain_s + self.timeout_s)
 
-    def send(self, key: str, url: str, payload: dict[str, Any], secret: str) -> str:
-        """Queue one message; returns its ``webhook-id``."""
+    def retire(self, lane: _Lane) -> bool:
+        """Forget an idle lane (called by its own thread with its lock held); False if work arrived."""
+        with self._lock:
+            if lane.heap and not self.stopped:
+                return False
+            if self._lanes.get(lane.account) is lane:
+                del self._lanes[lane.account]
+            return True
+
+    def send(self, key: str, url: str, payload: dict[str, Any], secret: str, account: str = "") -> str:
+        """Queue one message in ``account``'s lane; returns its ``webhook-id``. ``key`` (a training or
+        prediction id) names it in the log."""
         body = json.dumps(payload, separators=(",", ":")).encode()
         msg_id = "msg_" + os.urandom(12).hex()
-        with self._lock:
-            self._seq += 1
-            seq = self._seq
-        lane = self._lanes[hash(key) % len(self._lanes)]
-        lane.put(_Delivery(time.monotonic(), seq, url, body, secret, msg_id))
-        return msg_id
+        while True:
+            with self._lock:
+                self._seq += 1
+                seq = self._seq
+                lane = self._lanes.get(account)
+                if lane is None:
+                    lane = self._lanes[account] = _Lane(self, account)
+                    if self.started:
+                        lane.thread.start()
+            with lane.cond:
+                with self._lock:
+                    retired = self._lanes.get(account) is not lane
+                if retired:
+                    continue  # the lane ended just now: queue in a new one
+                if not lane.put(_Delivery(time.monotonic(), seq, url, body, secret, msg_id)):
+                    self.failed += 1
+                    log.warning("webhook %s for %s dropped: %d deliveries of this account are waiting already",
+                                msg_id, key, self.max_queued)
+                return msg_id
 
     def attempt(self, lane: _Lane, d: _Delivery) -> None:
         timestamp = int(time.time())
@@ -167,35 +218,29 @@ class WebhookSender:
             "webhook-signature": sign(d.secret, d.msg_id, timestamp, d.body),
         }
         try:
-            status = _post(d.url, d.body, headers, self.timeout_s)
+            status = post(d.url, d.body, headers, self.timeout_s, self.policy)
             if 200 <= status < 300:
                 self.delivered += 1
                 return
             problem = f"HTTP {status}"
-        except (OSError, ValueError, http.client.HTTPException) as err:  # refused, timed out, unreachable, bad URL
+        except WebhookRefused as err:  # the same answer on every retry: give up at once
+            self.failed += 1
+            self.refused += 1
+            log.warning("webhook %s not sent: %s", d.msg_id, err)
+            return
+        except (OSError, ValueError, http.client.HTTPException) as err:  # refused, timed out, unreachable
+            problem = f"{type(err).__name__}: {err}"
+        except Exception as err:  # noqa: BLE001 - whatever a receiver does, the lane goes on
+            log.exception("webhook %s: unexpected failure", d.msg_id)
             problem = f"{type(err).__name__}: {err}"
         d.attempt += 1
         if d.attempt >= self.attempts or self.stopped:
             self.failed += 1
-            log.warning("webhook %s to %s failed after %d attempts (%s)", d.msg_id, d.url, d.attempt, problem)
+            log.warning("webhook %s to %s failed after %d attempts (%s)", d.msg_id, d.url[:200], d.attempt, problem)
             return
         d.due = time.monotonic() + self.backoff_s * 2 ** (d.attempt - 1)
-        lane.put(d)
-
-
-def _post(url: str, body: bytes, headers: dict[str, str], timeout_s: float) -> int:
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"not an http(s) URL: {url[:100]}")
-    conn_type = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-    conn = conn_type(parts.hostname, parts.port, timeout=timeout_s)
-    try:
-        conn.request("POST", (parts.path or "/") + (f"?{parts.query}" if parts.query else ""), body, headers)
-        response = conn.getresponse()
-        response.read()
-        return response.status
-    finally:
-        conn.close()
+        if not lane.put(d):
+            self.failed += 1
 
 
 # ---------------------------------------------------------------------------------------------- events
@@ -309,9 +354,10 @@ class TrainingWebhooks:
         if not events:
             return
         payload = self.training_object(record, watch.base_url)
-        secret = self.secret(self.owner_of(record))
+        owner = self.owner_of(record)
+        secret = self.secret(owner)
         for _ in events:  # one message per event, as Replicate sends them
-            self.sender.send(training_id, url, payload, secret)
+            self.sender.send(training_id, url, payload, secret, account=owner)
 
 
 def _webhook(record: TrainingRecord) -> str | None:

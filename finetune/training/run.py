@@ -54,6 +54,7 @@ from ..modeling.ops.attention import VARLEN_ATTENTION
 from ..modeling.ops.loss import CausalLMLoss, normalize_loss
 from ..modeling.precision import choose_precision, torch_dtype
 from ..registry import Registry, TrainingPaths, Version
+from ..registry.files import Files
 from ..registry.jobs import Status, TrainingRecord, Trainings, check_resumable
 from ..registry.manifest import utc_now
 from ..registry.sources import ResolvedModel, resolve_model
@@ -288,11 +289,17 @@ def _load(run: _Run) -> _Loaded:
     if context is not None and config.data.max_seq_len > context:
         raise ConfigError([f"data.max_seq_len: {config.data.max_seq_len} is more than the {context} positions of "
                            f"base model {resolved.base.description}; set it to {context} or less"])
+    # Files uploaded to the service (upload:ID) are read from the registry and named as they were uploaded
+    files = Files(run.registry)
+    data_path, data_name = files.data_file(config.data.path)
+    eval_spec, eval_name = files.data_file(config.data.eval) if isinstance(config.data.eval, str) \
+        else (config.data.eval, None)
+    labels = {p: n for p, n in ((data_path, data_name), (eval_spec, eval_name)) if n is not None}
     with run.accelerator.main_process_first():  # one process tokenizes, the others read its cache
         prepared = prepare(
-            config.data.path, config.data.format, tokenizer, max_seq_len=config.data.max_seq_len,
-            train_on_inputs=tcfg.train_on_inputs, overlong=config.data.overlong, eval=config.data.eval,
-            seed=tcfg.seed, cache_dir=str(run.registry.cache_dir("tokenized")),
+            data_path, config.data.format, tokenizer, max_seq_len=config.data.max_seq_len,
+            train_on_inputs=tcfg.train_on_inputs, overlong=config.data.overlong, eval=eval_spec,
+            seed=tcfg.seed, cache_dir=str(run.registry.cache_dir("tokenized")), labels=labels,
         )
     run.log.info(format_summary(prepared.info))
     label_counts = [label_count(labels) for labels in prepared.train["labels"]]

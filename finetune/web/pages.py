@@ -22,6 +22,7 @@ from ..registry.jobs import Trainings
 from ..registry.lineage import lineage
 from ..registry.summary import model_summary, parent_summary
 from ..server import access
+from ..server.context import base_url
 from .charts import loss_chart_svg
 from .core import WebUser, check_csrf, render, router, signed_in
 from .markdown import render_markdown
@@ -235,7 +236,7 @@ def version_page(request: Request, user: User, owner: str, name: str, number: in
     if "README.md" in files:
         text = (v.path / "README.md").read_text(encoding="utf-8", errors="replace")
         card = render_markdown(text, lambda rel: f"{base}/files/{rel}" if rel in files else "#")
-    host = str(request.base_url).rstrip("/")
+    host = base_url(request)  # never the Host header
     view = {
         "ref": v.ref, "id": v.id, "kind": v.kind, "created": when(v.created_at), "parent": parent_summary(v),
         "training_id": training_id if training_id and _owns_training(reg, user, training_id) else None,

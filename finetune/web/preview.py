@@ -32,8 +32,10 @@ def _clip(text: str) -> str:
     return text if len(text) <= PIECE_LIMIT else text[:PIECE_LIMIT] + " …"
 
 
-def preview_data(path: str, fmt: str = "auto", tokenizer: Any = None, limit: int = PREVIEW_ROWS) -> Preview:
-    """Read ``path`` and render its first ``limit`` rows; problems come back in ``Preview.error``, not raised.
+def preview_data(path: str, fmt: str = "auto", tokenizer: Any = None, limit: int = PREVIEW_ROWS,
+                 label: str | None = None) -> Preview:
+    """Read ``path`` and render its first ``limit`` rows; problems come back in ``Preview.error``, not raised,
+    naming the file as ``label`` (an upload by its own name) when given.
 
     ``tokenizer`` renders ``messages`` data with its chat template; without one, such rows are shown as
     role-labelled turns (the note says so).
@@ -43,7 +45,7 @@ def preview_data(path: str, fmt: str = "auto", tokenizer: Any = None, limit: int
 
     out = Preview()
     try:
-        records = read_records(path)
+        records = read_records(path, label)
         out.rows, out.columns = records.num_rows, list(records.column_names)
         out.format = detect_format(out.columns) if fmt == "auto" else fmt
         for i, record in enumerate(records.select(range(min(limit, out.rows))).to_list(), 1):

@@ -45,13 +45,18 @@ async def store(request: Request, account: str, upload: Any) -> Any:
                                    upload.content_type or "application/octet-stream", None, limit)
 
 
-def path_of(request: Request, account: str, file_id: str) -> Path:
-    """Where an uploaded file of ``account`` lies (404 for someone else's, by the access rule)."""
+def file_of(request: Request, account: str, file_id: str) -> Any:
+    """An uploaded file of ``account`` (404 for someone else's, by the access rule)."""
     from ..server import access
 
     stored = _files(request).get(file_id)
     access.check_owns(account, stored, "file", file_id, NotFoundError)
-    return stored.path
+    return stored
+
+
+def path_of(request: Request, account: str, file_id: str) -> Path:
+    """Where an uploaded file of ``account`` lies (404 for someone else's, by the access rule)."""
+    return file_of(request, account, file_id).path
 
 
 # ---------------------------------------------------------------- trainings (the API's training service)

@@ -6,9 +6,14 @@ was opened with, and every request checks that token again through the API's own
 token ends its sessions at once and a browser never holds more rights than the token.
 
 Every form that changes something carries the session's CSRF token (``csrf_token``; scripts send it in the
-``X-CSRF-Token`` header) and a POST without the matching token is refused with 403. The sign-in form is
-protected the same way by an anonymous session created when the form is shown; signing in issues a new session
-id (no fixation).
+``X-CSRF-Token`` header) and a POST without the matching token is refused with 403.
+
+Only a successful sign-in creates a session, so anonymous requests, however many, hold no memory of the server
+and can never push a signed-in user out. The sign-in form is protected without one: its CSRF token is a signed
+value (HMAC with a key of this server process) that the form carries and a SameSite=Strict cookie repeats
+(:meth:`Sessions.signin_token`); a POST needs both, equal and with a valid signature. Signing in issues a new
+session id (no fixation). Each account keeps at most ``MAX_SESSIONS_PER_ACCOUNT`` sessions (its own oldest
+end first); idle sessions are forgotten after ``SESSION_TTL_S``.
 """
 
 from __future__ import annotations
@@ -21,11 +26,13 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 COOKIE = "finetune_session"
+SIGNIN_COOKIE = "finetune_signin"  # the sign-in form's CSRF value, repeated (no server-side state)
 CSRF_FIELD = "csrf_token"
 CSRF_HEADER = "X-CSRF-Token"
 SESSION_TTL_S = 12 * 3600  # idle time after which a session is forgotten
 LINK_TTL_S = 15 * 60  # how long a one-time sign-in link stays valid
-MAX_SESSIONS = 10_000  # the oldest are dropped first; anonymous sessions are cheap to make
+SIGNIN_TOKEN_TTL_S = 12 * 3600  # how long a sign-in form stays usable
+MAX_SESSIONS_PER_ACCOUNT = 100  # signed-in browsers of one account; its own oldest end first
 
 
 @dataclass
@@ -44,21 +51,51 @@ class Session:
 class Sessions:
     """The server's sessions and pending one-time sign-in links (thread-safe; one per app)."""
 
-    def __init__(self, ttl_s: float = SESSION_TTL_S, max_sessions: int = MAX_SESSIONS):
+    def __init__(self, ttl_s: float = SESSION_TTL_S, max_per_account: int = MAX_SESSIONS_PER_ACCOUNT):
         self._ttl = ttl_s
-        self._max = max_sessions
-        self._sessions: OrderedDict[str, Session] = OrderedDict()
+        self._max_per_account = max_per_account
+        self._sessions: OrderedDict[str, Session] = OrderedDict()  # least recently seen first
         self._links: dict[str, tuple[str, str, float]] = {}  # nonce -> (account, token, expires)
         self._lock = threading.Lock()
+        self._key = secrets.token_bytes(32)  # signs sign-in form tokens; a restart makes old forms stale
 
-    def new(self) -> Session:
-        """An anonymous session (it carries a CSRF token for the sign-in form)."""
-        session = Session(id=secrets.token_urlsafe(32), csrf=secrets.token_urlsafe(32))
+    def __len__(self) -> int:
         with self._lock:
-            self._sessions[session.id] = session
-            while len(self._sessions) > self._max:
+            return len(self._sessions)
+
+    def _new(self, account: str, token: str | None) -> Session:
+        session = Session(id=secrets.token_urlsafe(32), csrf=secrets.token_urlsafe(32), account=account, token=token)
+        with self._lock:
+            now = time.monotonic()
+            while self._sessions:  # forget idle ones (the least recently seen come first)
+                oldest = next(iter(self._sessions.values()))
+                if now - oldest.last_seen <= self._ttl:
+                    break
                 self._sessions.popitem(last=False)
+            self._sessions[session.id] = session
+            mine = [s.id for s in self._sessions.values() if s.account == account]
+            for sid in mine[:max(0, len(mine) - self._max_per_account)]:
+                del self._sessions[sid]
         return session
+
+    # ------------------------------------------------------------------ the sign-in form's CSRF token
+    def _sign(self, text: str) -> str:
+        return hmac.new(self._key, text.encode(), "sha256").hexdigest()[:32]
+
+    def signin_token(self) -> str:
+        """A fresh CSRF value for the sign-in form (``issued.nonce.signature``); nothing is stored."""
+        text = f"{int(time.time())}.{secrets.token_urlsafe(16)}"
+        return f"{text}.{self._sign(text)}"
+
+    def signin_token_ok(self, cookie: str | None, sent: str | None) -> bool:
+        """Whether a sign-in POST carries the same valid, unexpired token in its cookie and its form."""
+        if not cookie or not isinstance(sent, str) or not hmac.compare_digest(cookie.encode(), sent.encode()):
+            return False
+        text, _, signature = cookie.rpartition(".")
+        issued = text.partition(".")[0]
+        if not issued.isdigit() or not hmac.compare_digest(self._sign(text).encode(), signature.encode()):
+            return False
+        return 0 <= time.time() - int(issued) <= SIGNIN_TOKEN_TTL_S
 
     def get(self, session_id: str | None) -> Session | None:
         if not session_id:
@@ -76,12 +113,10 @@ class Sessions:
             return session
 
     def sign_in(self, old: Session | None, account: str, token: str) -> Session:
-        """A fresh signed-in session; the old (anonymous) one is dropped so its id cannot be reused."""
+        """A fresh signed-in session; the browser's old one (if any) is dropped so its id cannot be reused."""
         if old is not None:
             self.drop(old.id)
-        session = self.new()
-        session.account, session.token = account, token
-        return session
+        return self._new(account, token)
 
     def drop(self, session_id: str) -> None:
         with self._lock:

@@ -7,9 +7,20 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import RedirectResponse, Response
 
-from .core import check_csrf, current_session, render, router, sessions, sessions_of, set_session_cookie
+from .core import (
+    CsrfRefused,
+    check_csrf,
+    current_session,
+    render,
+    router,
+    sessions,
+    sessions_of,
+    set_session_cookie,
+)
+from .session import CSRF_FIELD, SIGNIN_COOKIE, SIGNIN_TOKEN_TTL_S
 
 LINK_PATH = "/signin/link/"
+MAX_TOKEN_CHARS = 200  # tokens are ~50 characters; nothing longer is hashed
 
 
 def _safe_next(target: Any) -> str:
@@ -18,31 +29,46 @@ def _safe_next(target: Any) -> str:
     return target if target.startswith("/") and not target.startswith(("//", "/\\")) else "/"
 
 
+def _signin_page(request: Request, next_path: str, error: str | None = None, status_code: int = 200) -> Response:
+    """The sign-in form with a fresh CSRF value, repeated in a cookie; the server keeps nothing."""
+    csrf = sessions(request).signin_token()
+    response = render(request, "signin.html", {"title": "Sign in", "next": next_path, "csrf": csrf,
+                                               **({"error": error} if error else {})}, status_code=status_code)
+    response.set_cookie(SIGNIN_COOKIE, csrf, max_age=SIGNIN_TOKEN_TTL_S, httponly=True, samesite="strict",
+                        path="/signin", secure=request.url.scheme == "https")
+    return response
+
+
 @router.get("/signin")
 def signin_form(request: Request, next: str = "/") -> Response:
     session = current_session(request)
     if session is not None and session.account:
         return RedirectResponse(_safe_next(next), status_code=303)
-    if session is None:
-        session = sessions(request).new()
-    response = render(request, "signin.html", {"title": "Sign in", "next": _safe_next(next), "csrf": session.csrf})
-    set_session_cookie(request, response, session)
-    return response
+    return _signin_page(request, _safe_next(next))
+
+
+async def _signin_form(request: Request) -> dict[str, Any]:
+    """The sign-in POST's form, if its CSRF value matches its cookie's and is this server's; else 403."""
+    form = await request.form()
+    sent = form.get(CSRF_FIELD)
+    if not sessions(request).signin_token_ok(request.cookies.get(SIGNIN_COOKIE), sent if isinstance(sent, str)
+                                             else None):
+        raise CsrfRefused
+    return form
 
 
 @router.post("/signin")
-def signin(request: Request, form: Annotated[dict, Depends(check_csrf)]) -> Response:
-    token = str(form.get("token") or "").strip()
+def signin(request: Request, form: Annotated[dict, Depends(_signin_form)]) -> Response:
+    token = str(form.get("token") or "").strip()[:MAX_TOKEN_CHARS]
     target = _safe_next(form.get("next"))
     account = request.app.state.accounts.resolve(token) if token else None
     if account is None:
-        session = current_session(request)
         error = "enter your API token" if not token else "this token is not valid (unknown or revoked)"
-        return render(request, "signin.html", {"title": "Sign in", "next": target, "error": error,
-                                               "csrf": session.csrf if session else ""}, status_code=401)
+        return _signin_page(request, target, error, status_code=401)
     session = sessions(request).sign_in(current_session(request), account.username, token)
     response = RedirectResponse(target, status_code=303)
     set_session_cookie(request, response, session)
+    response.delete_cookie(SIGNIN_COOKIE, path="/signin")
     return response
 
 

@@ -65,14 +65,14 @@ def _preview(request: Request, user: User, form: dict[str, Any]) -> Preview | No
     file_id = str(form.get("data_upload") or "")
     if not file_id:
         return None
-    path = services.path_of(request, user.account, file_id)
+    stored = services.file_of(request, user.account, file_id)
     fmt = str(form.get("data.format") or "auto")
     trainer = str(form.get("base_model") or "")
-    first = preview_data(str(path), fmt)
+    first = preview_data(str(stored.path), fmt, label=stored.name)
     if first.format == "messages" and not first.error and trainer:
         tokenizer = _tokenizer_for(request, trainer)
         if tokenizer is not None:
-            return preview_data(str(path), fmt, tokenizer)
+            return preview_data(str(stored.path), fmt, tokenizer, label=stored.name)
     return first
 
 

@@ -22,6 +22,7 @@ from ..objects import file_object
 from ..pagination import page
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(current_account)], tags=["files"])
+MAX_METADATA_CHARS = 16 << 10  # sent back with the file in every listing
 
 
 def _own_file(files: Files, account: AccountDep, file_id: str) -> StoredFile:
@@ -53,6 +54,8 @@ async def create_file(request: Request, account: AccountDep, reg: RegistryDep,
 def _metadata(value: Any) -> dict[str, Any]:
     if value is None or value == "":
         return {}
+    if isinstance(value, str) and len(value) > MAX_METADATA_CHARS:
+        raise UsageError(f"metadata is {len(value):,} characters of JSON; the most is {MAX_METADATA_CHARS:,}")
     try:
         parsed = json.loads(value) if isinstance(value, str) else None
     except json.JSONDecodeError as err:

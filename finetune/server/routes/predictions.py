@@ -20,13 +20,12 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 
 from ...errors import UsageError, VersionNotFoundError
-from ...names import ID_LENGTH
 from ...registry import Version
 from ...registry.jobs import FINAL
 from ...registry.predictions import PredictionNotFoundError, PredictionRecord
 from .. import access
 from ..auth import AccountDep, current_account
-from ..context import RegistryDep, SettingsDep, VersionIndexDep, base_url
+from ..context import RegistryDep, SettingsDep, VersionIndexDep, base_url, webhook_policy
 from ..pagination import page
 from ..webhooks import check_webhook
 
@@ -34,7 +33,6 @@ router = APIRouter(prefix="/v1", dependencies=[Depends(current_account)], tags=[
 
 MAX_WAIT_S = 60
 _PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait(?:\s*=\s*(\d+))?(?:$|[,;\s])")
-_HEX = frozenset("0123456789abcdef")
 
 
 class PredictionCreate(BaseModel):
@@ -113,13 +111,7 @@ def find_version(reg: Any, account: Any, index: Any, ref: str) -> Version:
             raise UsageError(f"version {ref!r}: expected owner/name:ID",
                              "or POST /v1/models/{owner}/{name}/predictions for the latest version")
         return access.visible_version(reg, account, model, selector, index)
-    lowered = ref.lower()
-    version = index.find(lowered) if len(lowered) == ID_LENGTH and set(lowered) <= _HEX else None
-    if version is None:
-        raise VersionNotFoundError(f"version {ref} not found",
-                                   "give its 64-hex id or owner/name:ID (GET /v1/models/{owner}/{name}/versions)")
-    access.visible_version(reg, account, version.model, version.id, index)  # another's private version: 404
-    return version
+    return access.visible_version_by_id(reg, account, ref, index)  # another's private version: 404 alike
 
 
 async def _create(request: Request, account: Any, version: Version, body: Any) -> JSONResponse:
@@ -129,7 +121,7 @@ async def _create(request: Request, account: Any, version: Version, body: Any) -
     events = body.webhook_events_filter
     if body.webhook_completed and not body.webhook:
         events = ["completed"]
-    check_webhook(webhook, events)
+    check_webhook(webhook, events, webhook_policy(request))
     record = await run_in_threadpool(
         service.create, version, body.input, owner=access.username(account), stream=bool(body.stream),
         webhook=webhook, webhook_events_filter=events, base_url=url)

@@ -8,11 +8,12 @@ as a YAML config is. The record is written (durably) before the 201 goes out; th
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from ...config import Config, config_from_dict
 from ...errors import ConfigError, FinetuneError, ModelNotFoundError, TrainingNotFoundError, UsageError
@@ -21,8 +22,8 @@ from ...registry.jobs import TrainingRecord, Trainings
 from .. import access
 from ..archive import tar_stream
 from ..auth import AccountDep, current_account
-from ..context import RegistryDep, SettingsDep, VersionIndexDep, base_url
-from ..data_sources import resolve_data_input
+from ..context import RegistryDep, SettingsDep, VersionIndexDep, base_url, webhook_policy
+from ..data_sources import is_number, resolve_data_input
 from ..objects import training_object
 from ..pagination import page
 from ..settings import ServerSettings
@@ -32,13 +33,15 @@ from ..webhooks import check_webhook
 router = APIRouter(prefix="/v1", dependencies=[Depends(current_account)], tags=["trainings"])
 
 MISSING_DESTINATION = "The specified training destination does not exist"  # Replicate's own words
+MAX_KEY_LENGTH = 200
+MAX_INPUT_BYTES = 64 << 10  # a training's input is a config: a few hundred bytes; data travels as uploads
 
 
 class TrainingCreate(BaseModel):
     """The body of ``POST .../trainings``, as the ``replicate`` client sends it."""
 
     model_config = ConfigDict(extra="forbid")
-    destination: str
+    destination: str = Field(max_length=200)
     input: dict[str, Any] = {}
     webhook: str | None = None
     webhook_completed: str | None = None  # Replicate's older spelling of "webhook, completed only"
@@ -55,6 +58,11 @@ def _nest(raw: dict[str, Any]) -> dict[str, Any]:
     problems: list[str] = []
     nested: dict[str, Any] = {}
     for key, value in raw.items():
+        if not key or not all(key.split(".")) or len(key) > MAX_KEY_LENGTH:
+            why = ("the key is empty" if not key else f"longer than {MAX_KEY_LENGTH} characters"
+                   if len(key) > MAX_KEY_LENGTH else "a dotted key needs a name between every two dots")
+            problems.append(f"input key {key[:MAX_KEY_LENGTH]!r}: not a config key ({why})")
+            continue
         if key == "base_model":
             problems.append("input.base_model: the base is the version in the URL; train another version by "
                             "POSTing to its /trainings")
@@ -85,7 +93,7 @@ def _nest(raw: dict[str, Any]) -> dict[str, Any]:
 def _data_source(value: Any, key: str, reg: Registry, account: Any, settings: ServerSettings) -> Any:
     """What the trainer reads for ``data.path`` / ``data.eval`` (see :mod:`..data_sources`); an error keeps its
     status (a foreign file 404, a server path outside the allow-list 403, another URL 422) and names ``key``."""
-    if not isinstance(value, str) or not value:
+    if not isinstance(value, str) or not value or (key == "data.eval" and is_number(value)):
         return value  # a fraction for data.eval, or a wrong type the config check reports
     try:
         return resolve_data_input(value, account=account, registry=reg, settings=settings)
@@ -98,6 +106,10 @@ def training_config(raw_input: dict[str, Any], trainer_ref: str, request: Reques
     """The checked config of a training of ``trainer_ref`` (its ``base_model``) with ``raw_input`` as the
     config's sections or dotted keys, data resolved for ``account``; the API and the web app both use it."""
     reg: Registry = request.app.state.registry
+    size = len(json.dumps(raw_input, default=str))
+    if size > MAX_INPUT_BYTES:
+        raise UsageError(f"input: {size} bytes of JSON; a training's input may have at most {MAX_INPUT_BYTES}",
+                         "upload data as a file (POST /v1/files) and pass its URL as data.path")
     nested = _nest(raw_input)
     data = nested.get("data")
     if isinstance(data, dict):
@@ -132,7 +144,7 @@ def create_training(owner: str, name: str, version_id: str, body: TrainingCreate
     webhook, events = body.webhook, body.webhook_events_filter
     if webhook is None and body.webhook_completed:
         webhook, events = body.webhook_completed, ["completed"]
-    check_webhook(webhook, events)
+    check_webhook(webhook, events, webhook_policy(request))
     config = training_config(body.input, trainer.ref, request, account, settings)
     url = base_url(request)
     record = _service(request).submit(config, destination, webhook=webhook, webhook_events_filter=events,

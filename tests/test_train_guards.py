@@ -61,6 +61,9 @@ def test_a_diverging_run_stops_at_the_step_and_publishes_nothing(root: Path, tmp
     assert "the loss became" in Trainings(reg).paths(record.id).log.read_text()
 
 
+HUB = {"hub_id": "o/base", "revision": "0" * 40}  # an adapter names its base
+
+
 def test_no_adapter_with_a_non_finite_weight_is_published(root: Path, tmp_path: Path):
     reg = Registry(root)
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
@@ -72,14 +75,14 @@ def test_no_adapter_with_a_non_finite_weight_is_published(root: Path, tmp_path: 
             weights["b"][123] = bad
             save_file(weights, str(folder / "adapter_model.safetensors"))
             with pytest.raises(NonFiniteError, match=r"inf/NaN weights \(b\); nothing published"):
-                reg.publish(DEST, folder)
+                reg.publish(DEST, folder, parent=HUB)
     assert reg.list_versions(DEST) == []
     assert list((root / ".staging").iterdir()) == []
     finite = tmp_path / "finite"
     finite.mkdir()
     (finite / "adapter_config.json").write_text("{}")
     save_file({"a": torch.full((4,), 6.5e4, dtype=torch.float16)}, str(finite / "adapter_model.safetensors"))
-    v = reg.publish(DEST, finite)  # large but finite: published
+    v = reg.publish(DEST, finite, parent=HUB)  # large but finite: published
     reg.delete_version(v.ref)
 
 

@@ -38,6 +38,8 @@ def read_records(path: str) -> datasets.Dataset:
         raise DataError(f"{path} is empty", "add at least one record")
     if kind != "parquet":  # pyarrow reads text columns as unchecked bytes and fails late, with a traceback
         _check_utf8(p)
+    if p.suffix.lower() == ".jsonl":
+        _check_json_lines(p)  # datasets turns a line that is a list into a row of its own making
     kwargs: dict[str, Any] = {}
     if kind == "csv":
         # Keep every cell a string ("007" stays "007", "NA" stays "NA"); only empty cells become missing.
@@ -81,6 +83,16 @@ def _check_utf8(p: Path, chunk_size: int = 1 << 20) -> None:
             line += chunk.count(b"\n")
 
 
+def _check_json_lines(p: Path) -> None:
+    """Raise the DataError naming the first line of a JSON lines file that is not an object (one pass)."""
+    with open(p, "rb") as f:
+        for raw in f:
+            head = raw.lstrip()[:1]
+            if head and head != b"{":
+                _diagnose_json(p)
+                return
+
+
 def _read_hub(name: str) -> datasets.Dataset:
     try:
         ds = datasets.load_dataset(name, split="train")
@@ -95,7 +107,7 @@ def _read_hub(name: str) -> datasets.Dataset:
 def _diagnose_json(p: Path) -> None:
     """Raise a DataError naming the first bad line of a JSON/JSONL file; return if none is found."""
     data = p.read_bytes()
-    if data.lstrip()[:1] == b"[":
+    if data.lstrip()[:1] == b"[" and p.suffix.lower() != ".jsonl":  # a JSON array file; .jsonl is always lines
         try:
             rows = json.loads(data)
         except (UnicodeDecodeError, json.JSONDecodeError) as err:

@@ -105,7 +105,7 @@ def save_checkpoint(
             atomic.fsync_dir(root)
             for old in sorted(root.glob("step-*"))[:-KEEP]:
                 shutil.rmtree(old, ignore_errors=True)
-    except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError, without errno
+    except Exception as err:  # a full disk: torch.save raises RuntimeError, safetensors its own error, no errno
         full = atomic.out_of_space(err, root)
         if is_main:
             shutil.rmtree(tmp, ignore_errors=True)  # first: the record that says why must still fit

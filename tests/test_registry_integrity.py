@@ -223,3 +223,20 @@ def test_a_base_cannot_be_loaded_from_a_changed_hub_cache(tmp_path: Path, tiny_m
         sources.resolve_model(reg, "me/hub:1")
     with pytest.raises(ModelLoadError):  # and a hub id that cannot be fetched is one clear error at import
         sources.import_base(reg, "me/other", "org/absent")
+
+
+def test_a_tampered_version_is_never_downloaded(live_server, tmp_path: Path) -> None:
+    """The API's weights tar and the web app's adapter zip check the files first, as loading does."""
+    from test_api import assert_problem
+    from test_web import sign_in
+
+    reg = live_server.registry
+    reg.create_model("alice/m")
+    v = reg.publish("alice/m", adapter_folder(tmp_path), parent=HUB)
+    http = live_server.http("alice")
+    assert http.get(f"/v1/models/alice/m/versions/{v.id}/weights").status_code == 200
+    flip_byte(v.path / "adapter_model.safetensors")
+    assert_problem(http.get(f"/v1/models/alice/m/versions/{v.id}/weights"), 500,
+                   "alice/m:1 is damaged: adapter_model.safetensors: sha256 differs")
+    browser, _ = sign_in(live_server)
+    assert browser.get("/models/alice/m/versions/1/adapter.zip").status_code == 500

@@ -1,7 +1,8 @@
 """Where a model's weights come from: importing base models, and tracing any version down to its base.
 
 A *base* version is either a copy of a local Hugging Face folder (its files live in the version folder) or a
-pointer to a hub repository pinned at a commit (loaded through the ordinary Hugging Face cache). An *adapter*
+pointer to a hub repository pinned at a commit (loaded through the ordinary Hugging Face cache, its files fetched
+and hashed at import: :mod:`.integrity`). An *adapter*
 version holds a PEFT LoRA adapter and names its parent; following parents always ends at a base version.
 """
 

@@ -10,6 +10,7 @@ This module owns the on-disk layout, drawn here once; no other module builds a p
         aliases.json           {"prod": 3, ...}
         .lock                  allocation lock (filelock)
         versions/N/            one published version: its files + manifest.json, all read-only
+        retired/N              the tombstone of deleted version N (registry.deletion)
       trainings/ID/            one training run (registry.jobs.Trainings); ID = YYYYMMDD-HHMMSS-xxxxxx
         record.json            id, status, model, destination, input, output, metrics, error, timestamps, pid
         train.log              what the run printed
@@ -20,7 +21,8 @@ This module owns the on-disk layout, drawn here once; no other module builds a p
       predictions/ID/          prediction records, same store (registry.jobs.RecordStore)
       accounts/                the service's accounts and token hashes (registry.accounts)
       files/                   files uploaded to the service (registry.files)
-      cache/KIND/...           derived data that can be rebuilt (tokenized datasets)
+      archive/ID/              a version its owner deleted that other owners' versions derive from (registry.deletion)
+      cache/KIND/...           derived data that can be rebuilt (tokenized datasets, verified hashes)
       .staging/                publishes and temp files in progress; `gc` removes abandoned ones
       .trash/                  deletions in progress
 

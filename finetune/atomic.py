@@ -17,6 +17,7 @@ import os
 import shutil
 import socket
 import stat
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -69,9 +70,35 @@ def replace_file(path: Path, data: bytes, tmp_dir: Path) -> None:
     # PURPOSE-PID-RAND@HOST, like the registry's work folders: `gc` must see that a live process owns this file,
     # or it deletes it between the write and the rename below.
     tmp = tmp_dir / f"tmp-{os.getpid()}-{os.urandom(6).hex()}@{socket.gethostname()}"
-    write_bytes_durable(tmp, data)
-    os.replace(tmp, path)
+    try:
+        write_bytes_durable(tmp, data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk keeps no half-written temp file (it would hold space for ever)
+        raise
     fsync_dir(path.parent)
+
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+_LOW_SPACE = 1 << 20  # bytes: below this much free space, a write that failed with no errno ran out of it
+
+
+def out_of_space(err: BaseException, path: Path) -> bool:
+    """Whether ``err`` (or what caused it) means the disk of ``path`` is full. Libraries that write through their
+    own streams (``torch.save``, safetensors) lose the errno, so a failure on a disk with almost no space left
+    counts too."""
+    seen: BaseException | None = err
+    for _ in range(8):  # the chain of causes, bounded
+        if seen is None:
+            break
+        if getattr(seen, "errno", None) in _NO_SPACE or "No space left on device" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < _LOW_SPACE
 
 
 def _load_renameat2():
@@ -148,13 +175,32 @@ def make_read_only(path: Path) -> None:
 
 
 def remove_tree(path: Path) -> None:
-    """Delete a tree, including read-only published folders."""
+    """Delete a tree, including read-only published folders; safe while another process removes it too."""
     if not os.path.lexists(path):
         return
-    if os.path.isdir(path) and not os.path.islink(path):
-        # Read-only folders refuse unlinking their entries: open them up first.
-        for dirpath, _, _ in os.walk(path):
-            os.chmod(dirpath, 0o755)
-        shutil.rmtree(path)
-    else:
-        os.unlink(path)
+    try:
+        if os.path.isdir(path) and not os.path.islink(path):
+            # Read-only folders refuse unlinking their entries: open them up first.
+            for dirpath, _, _ in os.walk(path):
+                try:
+                    os.chmod(dirpath, 0o755)
+                except FileNotFoundError:
+                    pass
+            if sys.version_info >= (3, 12):
+                shutil.rmtree(path, onexc=_gone_is_fine_exc)
+            else:
+                shutil.rmtree(path, onerror=_gone_is_fine)
+        else:
+            os.unlink(path)
+    except FileNotFoundError:
+        pass  # removed meanwhile by another process doing the same (two `registry gc` at once)
+
+
+def _gone_is_fine_exc(function: Any, path: str, exc: BaseException) -> None:
+    """rmtree's error handler: an entry another process removed first is what we wanted; anything else raises."""
+    if not isinstance(exc, FileNotFoundError):
+        raise exc
+
+
+def _gone_is_fine(function: Any, path: str, exc_info: Any) -> None:  # the same, for Python before 3.12
+    _gone_is_fine_exc(function, path, exc_info[1])

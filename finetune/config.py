@@ -91,7 +91,7 @@ class TrainConfig:
     warmup_steps: int = _opt(0, ge=0, aliases=("warmup",))
     weight_decay: float = _opt(0.0, ge=0)
     max_grad_norm: float | None = _opt(1.0, gt=0, aliases=("grad_clip", "clip_grad_norm"))
-    seed: int = _opt(42, ge=0)  # numpy refuses negative seeds
+    seed: int = _opt(42, ge=0, lt=2**32)  # numpy takes 0 to 2**32 - 1
     precision: str = _opt("auto", choices=("auto", "bf16", "fp16", "fp32"), aliases=("dtype", "mixed_precision"))
     # auto: packed rows where the model keeps packed sequences apart (checked when it loads), else padded batches
     # and the log says why; true: packed rows or an error.
@@ -372,6 +372,25 @@ def _key_lines(node: yaml.Node, prefix: str, lines: dict[str, int], early: list[
         _key_lines(value_node, path, lines, early)
 
 
+def _self_reference(node: yaml.Node, open_nodes: set[int], done: set[int] | None = None) -> yaml.Node | None:
+    """The first node that contains itself (``&a [*a]``, ``&a {k: *a}``), which no config value can be. Each
+    node is walked once, however many aliases share it."""
+    done = set() if done is None else done
+    if not isinstance(node, (yaml.MappingNode, yaml.SequenceNode)) or id(node) in done:
+        return None
+    if id(node) in open_nodes:
+        return node
+    open_nodes.add(id(node))
+    children = [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else node.value
+    for child in children:
+        found = _self_reference(child, open_nodes, done)
+        if found is not None:
+            return found
+    open_nodes.discard(id(node))
+    done.add(id(node))
+    return None
+
+
 def _read_yaml(path: Path, source: str) -> tuple[Any, dict[str, int], list[tuple[float, str]]]:
     try:
         text = path.read_text(encoding="utf-8")
@@ -385,6 +404,10 @@ def _read_yaml(path: Path, source: str) -> tuple[Any, dict[str, int], list[tuple
         lines: dict[str, int] = {}
         early: list[tuple[float, str]] = []
         if node is not None:
+            loop = _self_reference(node, set())
+            if loop is not None:
+                raise ConfigError([f"line {loop.start_mark.line + 1}: invalid YAML: the value anchored here "
+                                   "(&name) contains its own alias (*name); write the value out"], source=source)
             _key_lines(node, "", lines, early)  # before construction, which rewrites merge keys in place
         raw = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as err:

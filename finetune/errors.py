@@ -160,3 +160,10 @@ class TooLargeError(UsageError):
     """An upload or a request body is over the size limit the server was started with."""
 
     http_status = 413
+
+
+class TrainingStalledError(FinetuneError, ArithmeticError):
+    """A run whose updates stopped changing anything: its loss sits still over different data, or its gradients
+    are all zero (most often a learning rate far too high)."""
+
+    http_status = 422  # the input (a learning rate) produced it

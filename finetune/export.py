@@ -40,6 +40,8 @@ def export(
         raise UsageError(f"unknown export format {format!r}", f"use one of: {', '.join(FORMATS)}")
     if dtype not in _SAVE_DTYPES:
         raise UsageError(f"unknown dtype {dtype!r}", f"use one of: {', '.join(_SAVE_DTYPES)}")
+    if not os.fspath(out_dir).strip():  # Path("") is the current folder: never what an empty argument meant
+        raise UsageError("the export folder is empty", "give the new or empty folder to write the export into")
     out = Path(out_dir).expanduser().absolute()
     if reg.contains(out):  # a folder there would pass for a version (or a model) without a manifest
         raise UsageError(f"{out} is inside the registry at {reg.root}", "export to a folder outside the registry")

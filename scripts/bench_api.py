@@ -218,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(args.versions):
             # A real (tiny) safetensors file: the registry refuses anything else.
             save_file({"w": torch.full((16, 16), float(i))}, str(src / "adapter_model.safetensors"))
-            reg.publish(model, src, metadata={"metrics": {"train_loss": 1.0 / (i + 1)}})
+            reg.publish(model, src, parent={"hub_id": "bench/base", "revision": "0" * 40},
+                        metadata={"metrics": {"train_loss": 1.0 / (i + 1)}})
         print(f"registry: {root}; {args.versions:,} versions of {model} published in "
               f"{time.perf_counter() - t0:.1f} s (fsync off)")
         tiny = build_tiny_model(work / "tiny", hidden_size=64, num_layers=2, num_heads=4)

@@ -88,9 +88,14 @@ def main(argv: list[str] | None = None) -> int:
             weights = src / "adapter_model.safetensors"
             todo = max(0, args.versions - have)
             t0 = time.perf_counter()
+            import numpy as np
+            from safetensors.numpy import save_file
+
             for i in range(todo):
-                weights.write_bytes(i.to_bytes(8, "little") * 128)  # 1 KiB, different every time
-                reg.publish(model, src, metadata={"metrics": {"train_loss": 1.0 / (have + i + 1)}})
+                # ~1 KiB of real safetensors (the registry refuses anything else), different every time
+                save_file({"w": np.full(240, float(have + i), dtype=np.float32)}, str(weights))
+                reg.publish(model, src, parent={"hub_id": "bench/base", "revision": "0" * 40},
+                            metadata={"metrics": {"train_loss": 1.0 / (have + i + 1)}})
                 if todo >= 1000 and (i + 1) % (todo // 10) == 0:
                     rate = (i + 1) / (time.perf_counter() - t0)
                     print(f"  published {have + i + 1:>7,} / {args.versions:,}  ({rate:,.0f} publishes/s)", flush=True)

@@ -36,7 +36,8 @@ def publish(reg: Registry, tmp_path: Path, model: str, n: int) -> list:
         src.mkdir()
         (src / "adapter_config.json").write_text("{}")
         (src / "note.txt").write_text(f"{model} {i}")
-        out.append(reg.publish(model, src, metadata={"metrics": {"train_loss": 1.0 / (i + 1)}}))
+        out.append(reg.publish(model, src, parent={"hub_id": "o/base", "revision": "0" * 40},
+                               metadata={"metrics": {"train_loss": 1.0 / (i + 1)}}))
     return out
 
 

@@ -25,7 +25,7 @@ def test_models_create_get_and_versions_list(live_server, tmp_path: Path):
     src = tmp_path / "src"
     src.mkdir()
     (src / "adapter_config.json").write_text("{}")
-    version = reg.publish("alice/y", src)
+    version = reg.publish("alice/y", src, parent={"hub_id": "o/base", "revision": "0" * 40})
     got = client.models.get("alice/y")
     assert got.latest_version.id == version.id
     page = got.versions.list()

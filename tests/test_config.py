@@ -239,6 +239,20 @@ def test_top_level_must_be_a_mapping(tmp_path, text, expected):
     assert problems_of(write(tmp_path, text)) == [expected]
 
 
+@pytest.mark.parametrize("text", ["train: &t {lr: *t}", "lora: &l {target_modules: [q_proj, *l]}",
+                                  "extra: &x [1, *x]"])
+def test_a_yaml_anchor_that_contains_itself_is_one_problem(tmp_path, text):
+    path = write(tmp_path, MINIMAL + text + "\n")
+    assert problems_of(path) == ["line 4: invalid YAML: the value anchored here (&name) contains its own alias "
+                                 "(*name); write the value out"]
+
+
+def test_seed_must_fit_numpy(tmp_path):
+    assert load_config(write(tmp_path, MINIMAL + "train: {seed: 4294967295}\n")).train.seed == 2**32 - 1
+    assert problems_of(write(tmp_path, MINIMAL + "train: {seed: 4294967296}\n")) == [
+        "line 4: train.seed: must be in [0, 4294967296), got 4294967296"]
+
+
 def test_unparseable_yaml_names_file_and_line(tmp_path):
     path = write(tmp_path, "base_model: gpt2\ndata:\n  path: x\n  bad: [1, 2\n")
     with pytest.raises(ConfigError) as info:

@@ -173,6 +173,24 @@ def test_field_errors_name_line_and_field(tmp_path, tok):
         prepare(str(path), "alpaca", tok, max_seq_len=64, train_on_inputs=False)
 
 
+def test_a_conversation_opening_with_an_assistant_turn_says_so(tmp_path, tok):
+    opening = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "assistant", "content": "Hi."},
+                            {"role": "user", "content": "A color?"}, {"role": "assistant", "content": "blue"}]}
+    path = write_jsonl(tmp_path / "chat.jsonl", [CHAT, opening])
+    with pytest.raises(DataError, match=r"chat\.jsonl:2: message 2 is an assistant turn with no user turn before it"
+                                        r" — start the conversation with a user turn"):
+        prepare(str(path), "auto", tok, max_seq_len=256, train_on_inputs=False)
+
+
+def test_a_json_line_that_is_not_an_object_is_named(tmp_path, tok):
+    for rows, line in (([["Name a color.", "red"]], 1), ([{"text": "hi"}, ["Name a color.", "red"]], 2),
+                       ([[{"text": "hi"}], {"text": "ho"}], 1)):
+        path = tmp_path / "d.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        with pytest.raises(DataError, match=rf"d\.jsonl:{line}: a JSON list, not an object — each line must be one"):
+            prepare(str(path), "auto", tok, max_seq_len=64, train_on_inputs=False)
+
+
 def test_explicit_format_checks_columns(tmp_path, tok):
     path = write_jsonl(tmp_path / "d.jsonl", [{"text": "hi"}])
     with pytest.raises(DataError, match=r"format alpaca needs .* columns are \['text'\]"):

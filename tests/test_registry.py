@@ -32,8 +32,9 @@ from finetune.errors import (
 from finetune.names import NAME_PATTERN, check_name, parse_ref
 from finetune.registry import MANIFEST, Registry, Version, manifest_id
 
+HUB = {"hub_id": "o/base", "revision": "0" * 40}  # an adapter's parent outside the registry
 FILES = {
-    "config.json": b'{"model_type": "llama"}',
+    "params.json": b'{"model_type": "llama"}',  # no config.json: a plain "files" version, of which a model holds many
     "weights.bin": bytes(range(256)) * 64,
     "tok/vocab.txt": b"a\nb\nc\n",
 }
@@ -91,7 +92,7 @@ def test_publish_writes_a_complete_read_only_version(reg: Registry, src: Path, v
     assert v1.path == reg.root / "models" / "o" / "m" / "versions" / "1"
     m = v1.manifest
     assert m["id"] == v1.id == manifest_id(m)
-    assert (m["model"], m["number"], m["kind"], m["metadata"]) == ("o/m", 1, "base", {"note": "first"})
+    assert (m["model"], m["number"], m["kind"], m["metadata"]) == ("o/m", 1, "files", {"note": "first"})
     assert m["files"] == {
         rel: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()} for rel, data in FILES.items()
     }
@@ -125,7 +126,7 @@ def test_versions_are_numbered_listed_newest_first_and_resolved(reg: Registry, s
 
 def test_kind_is_detected_from_the_files(reg: Registry, tmp_path: Path) -> None:
     reg.create_model("o/m")
-    adapter = reg.publish("o/m", make_src(tmp_path / "a", {"adapter_config.json": b"{}", "w": b"1"}))
+    adapter = reg.publish("o/m", make_src(tmp_path / "a", {"adapter_config.json": b"{}", "w": b"1"}), parent=HUB)
     plain = reg.publish("o/m", make_src(tmp_path / "p", {"notes.txt": b"1"}))
     assert (adapter.kind, plain.kind) == ("adapter", "files")
 
@@ -214,7 +215,7 @@ def _manifest_size_lie(v: Version) -> None:
 @pytest.mark.parametrize(
     "damage, expected, cheap_check_catches",
     [
-        (_flip_byte, "weights.bin: sha256 differs", False),  # same size: only the full re-hash sees it
+        (_flip_byte, "weights.bin: sha256 differs", True),  # same size: only a hash sees it (cached by stat stamp)
         (_truncate, "weights.bin: size 1000 bytes", True),
         (_remove_file, "tok/vocab.txt: missing", True),
         (_add_file, "tok/extra.bin: extra file", False),
@@ -398,16 +399,17 @@ def test_delete_refused_while_an_alias_points_at_it(reg: Registry, v1: Version) 
         reg.resolve("o/m:1")
 
 
-def test_delete_refused_while_a_child_names_it_in_the_same_or_another_model(
+def test_delete_refused_while_a_child_of_its_owner_names_it(
     reg: Registry, src: Path, v1: Version
 ) -> None:
-    reg.create_model("p/child")
+    """In the same model or another of the same owner (other owners' children: test_registry_integrity)."""
+    reg.create_model("o/child")
     same = reg.publish("o/m", src, parent="o/m:1")
-    other = reg.publish("p/child", src, parent=v1)
-    with pytest.raises(ConflictError, match="parent of o/m:2, p/child:1"):
+    other = reg.publish("o/child", src, parent=v1)
+    with pytest.raises(ConflictError, match="parent of o/child:1, o/m:2"):
         reg.delete_version("o/m:1")
     reg.delete_version(same.ref)
-    with pytest.raises(ConflictError, match="parent of p/child:1"):
+    with pytest.raises(ConflictError, match="parent of o/child:1"):
         reg.delete_version("o/m:1")
     reg.delete_version(other.ref)
     reg.delete_version("o/m:1")

@@ -59,7 +59,8 @@ def populated(root: Path, tmp_path: Path) -> Registry:
     src.mkdir()
     (src / "adapter_config.json").write_text("{}")
     (src / "w.bin").write_bytes(b"\x00" * 100)
-    v1 = reg.publish("o/m", src, metadata={"metrics": {"train_loss": 1.5}})
+    hub = {"hub_id": "o/base", "revision": "0" * 40}  # an adapter names its base
+    v1 = reg.publish("o/m", src, parent=hub, metadata={"metrics": {"train_loss": 1.5}})
     reg.publish("o/m", src, parent=v1, metadata={"metrics": {"train_loss": 0.75, "eval_loss": 0.5}})
     return reg
 
@@ -159,14 +160,17 @@ def test_import_hub_id_records_the_resolved_revision(capsys, root: Path, monkeyp
         calls.append((repo_id, revision))
         return "0123456789abcdef" * 2 + "01234567"
 
+    files = {"model.safetensors": {"size": 3, "sha256": "ab" * 32}}
     monkeypatch.setattr(sources, "resolve_hub_revision", fake_resolve)
+    monkeypatch.setattr(sources, "hub_files", lambda repo_id, revision: calls.append(("fetch", revision)) or files)
     rc, out, err = cli(capsys, root, "models", "import", "o/hub", "--from", "org/tiny-llama", "--revision", "v1.0")
     assert (rc, out, err) == (0, "o/hub:1\n", "")
-    assert calls == [("org/tiny-llama", "v1.0")]
-    v = Registry(root).resolve("o/hub:1")
     sha = fake_resolve("x")
+    assert calls == [("org/tiny-llama", "v1.0"), ("fetch", sha), ("x", None)]
+    v = Registry(root).resolve("o/hub:1")
     assert v.parent == {"hub_id": "org/tiny-llama", "revision": sha}
-    assert v.metadata["source"] == {"type": "hub", "repo_id": "org/tiny-llama", "revision": sha}
+    # the files loading reads were fetched at import and hashed: every later load is checked against them
+    assert v.metadata["source"] == {"type": "hub", "repo_id": "org/tiny-llama", "revision": sha, "files": files}
     assert v.kind == "base" and v.manifest["files"] == {}
 
 

@@ -33,8 +33,9 @@ def reg(tmp_path: Path) -> Registry:
     src.mkdir()
     (src / "adapter_config.json").write_text("{}")
     (src / "w.bin").write_bytes(b"\x01" * 64)
-    v1 = reg.publish("o/m", src, metadata={"metrics": {"train_loss": 1.5}})
-    reg.publish("o/m", src)
+    hub = {"hub_id": "o/base", "revision": "0" * 40}  # an adapter names its base
+    v1 = reg.publish("o/m", src, parent=hub, metadata={"metrics": {"train_loss": 1.5}})
+    reg.publish("o/m", src, parent=hub)
     reg.publish("o/m", src, parent=v1)
     return reg
 
@@ -198,6 +199,7 @@ def test_training_into_a_base_models_name_is_refused(reg: Registry, tmp_path: Pa
     folder = tmp_path / "src-base"
     folder.mkdir()
     (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"\x00" * 8)
     reg.create_model("o/base")
     reg.publish("o/base", folder, kind="base")
     config = config_from_dict({"base_model": "o/base:1", "data": {"path": str(folder / "config.json")}})

@@ -125,7 +125,7 @@ def test_sigkilled_publishers_never_leave_a_visible_partial_version(tmp_path: Pa
     src.mkdir()
     for i in range(3):  # ~6 MB: a publish takes tens of ms with fsync, long enough to be hit mid-way
         (src / f"shard-{i}.bin").write_bytes(os.urandom(2 << 20))
-    (src / "config.json").write_text("{}")
+    (src / "params.json").write_text("{}")  # no config.json: a "files" version (a base is its model's only one)
 
     # Kill delays scale with this machine's publish time so that kills land before, inside and after publishes.
     t0 = time.perf_counter()

@@ -3,6 +3,10 @@ means something. Runs in-process on the tiny model (a handful of steps each)."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -61,6 +65,9 @@ def test_a_diverging_run_stops_at_the_step_and_publishes_nothing(root: Path, tmp
     assert "the loss became" in Trainings(reg).paths(record.id).log.read_text()
 
 
+HUB = {"hub_id": "o/base", "revision": "0" * 40}  # an adapter names its base
+
+
 def test_no_adapter_with_a_non_finite_weight_is_published(root: Path, tmp_path: Path):
     reg = Registry(root)
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
@@ -72,14 +79,14 @@ def test_no_adapter_with_a_non_finite_weight_is_published(root: Path, tmp_path: 
             weights["b"][123] = bad
             save_file(weights, str(folder / "adapter_model.safetensors"))
             with pytest.raises(NonFiniteError, match=r"inf/NaN weights \(b\); nothing published"):
-                reg.publish(DEST, folder)
+                reg.publish(DEST, folder, parent=HUB)
     assert reg.list_versions(DEST) == []
     assert list((root / ".staging").iterdir()) == []
     finite = tmp_path / "finite"
     finite.mkdir()
     (finite / "adapter_config.json").write_text("{}")
     save_file({"a": torch.full((4,), 6.5e4, dtype=torch.float16)}, str(finite / "adapter_model.safetensors"))
-    v = reg.publish(DEST, finite)  # large but finite: published
+    v = reg.publish(DEST, finite, parent=HUB)  # large but finite: published
     reg.delete_version(v.ref)
 
 
@@ -89,8 +96,6 @@ def test_train_loss_is_the_mean_of_the_last_steps_beside_the_last_one(root: Path
     assert main(["--registry", str(root), "train", str(cfg), "--destination", DEST, "--quiet"]) == 0
     version = reg.resolve(capsys.readouterr().out.strip())
     rows = Trainings(reg).paths(version.metadata["training_id"]).metrics.read_text().splitlines()
-    import json
-
     losses = [json.loads(r)["loss"] for r in rows]
     assert len(losses) == 25
     m = version.metadata["metrics"]
@@ -139,8 +144,6 @@ def test_resume_skips_a_torn_checkpoint_and_names_the_one_it_falls_back_to(root:
 
 
 def json_rows(path: Path) -> list[dict]:
-    import json
-
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
@@ -237,3 +240,91 @@ def test_a_last_step_that_diverges_publishes_nothing(root: Path, tmp_path: Path,
     err = "\n".join(line for line in capsys.readouterr().err.splitlines() if not line.startswith("training "))
     assert_one_line_error(rc, err, "after the last step (1", "train.lr")
     assert Registry(root).list_versions(DEST) == []
+
+
+def test_a_run_that_stops_learning_ends_failed_saying_what_to_lower(root: Path, tmp_path: Path, capsys):
+    reg = Registry(root)
+    cfg = write_config(tmp_path / "c.yaml", max_steps=12, lr=1e3, batch_size=16)  # saturates the tiny model
+    rc = main(["--registry", str(root), "train", str(cfg), "--destination", DEST, "--quiet"])
+    out, err = capsys.readouterr()
+    errors = [line for line in err.splitlines() if line.startswith("finetune: error:")]
+    assert rc == 1 and out == "" and len(errors) == 1, err
+    assert_one_line_error(None, errors[0], "steps", "lr", "the run publishes nothing", "lower train.lr (now 1000)")
+    assert "gradients were all zero" in errors[0] or "the loss stayed at" in errors[0]
+    assert reg.list_versions(DEST) == []
+    record = next(r for r in Trainings(reg).list() if r.destination == DEST and r.input["train"]["lr"] == 1e3)
+    assert record.status == "failed" and "lower train.lr" in record.error
+    assert "publishes nothing" in Trainings(reg).paths(record.id).log.read_text()
+
+
+def test_a_loss_that_sits_still_over_different_data_is_a_stall():
+    from finetune.data.batching import Window
+    from finetune.errors import TrainingStalledError
+    from finetune.training.run import STALL_STEPS, _Stall
+
+    norm = torch.tensor(0.5)
+    same_rows = _Stall()  # one batch holding the whole dataset: its loss may barely move at a small lr
+    for step in range(1, 3 * STALL_STEPS):
+        same_rows.step(step, 2.0, norm, Window(((1, 2), (3,)) if step % 2 else ((3,), (2, 1)), 9), 1e-6, 1e-6)
+    stall = _Stall()
+    with pytest.raises(TrainingStalledError, match=f"stayed at 6.8013 for {STALL_STEPS} steps over different data"):
+        for step in range(1, 3 * STALL_STEPS):
+            stall.step(step, 6.80128 + 1e-7 * (step % 2), norm, Window(((step,),), 9), 1e3, 1e3)
+    moving = _Stall()
+    for step in range(1, 3 * STALL_STEPS):
+        moving.step(step, 3.0 - 0.01 * step, norm, Window(((step,),), 9), 1e-4, 1e-4)
+
+
+def _private_tmpfs_works(tmp_path: Path) -> bool:
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    try:
+        done = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=1m tmpfs '{probe}'"],
+                              capture_output=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("free_kb, checkpoint_every", [(150, 2), (150, 0), (350, 0)],
+                         ids=["checkpoint", "final-save", "publish"])
+def test_a_full_disk_ends_the_run_failed_in_one_line(tiny_model_dir: Path, tmp_path: Path, free_kb: int,
+                                                      checkpoint_every: int):
+    """A registry on its own small tmpfs (a private mount namespace), filled to ``free_kb`` before training: the
+    run fails where the disk fills (a checkpoint, the final save or the publish), in one line that says so and
+    how to go on, and its record says failed."""
+    if not _private_tmpfs_works(tmp_path):
+        pytest.skip("needs `unshare -rm` and tmpfs mounts in a private namespace")
+    source = Registry(tmp_path / "registry")
+    import_base(source, "local/tiny", str(tiny_model_dir))
+    source.create_model(DEST)
+    cfg = write_config(tmp_path / "c.yaml", max_steps=4, checkpoint_every=checkpoint_every)
+    mnt, out = tmp_path / "mnt", tmp_path / "out"
+    mnt.mkdir()
+    out.mkdir()
+    script = f"""set -e
+mount -t tmpfs -o size=8m tmpfs '{mnt}'
+cp -a '{source.root}' '{mnt}/reg'
+avail=$(df --output=avail -k '{mnt}' | tail -1)
+fallocate -l $(( (avail - {free_kb}) * 1024 )) '{mnt}/filler'
+rc=0
+'{sys.executable}' -m finetune --registry '{mnt}/reg' train '{cfg}' --destination {DEST} --quiet \\
+    > '{out}/stdout' 2> '{out}/stderr' || rc=$?
+echo $rc > '{out}/rc'
+cp -r '{mnt}/reg/trainings' '{out}/trainings'
+ls '{mnt}/reg/models/guard/dest/versions' > '{out}/versions'
+"""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr
+    err = (out / "stderr").read_text()
+    assert (out / "rc").read_text().strip() == "1" and (out / "stdout").read_text() == "", err
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if not line.startswith("training ")]
+    assert_one_line_error(None, "\n".join(errors), "free space", "--resume")
+    assert "disk is full" in errors[0] or "ran out of space" in errors[0]
+    (record,) = [json.loads(p.read_text()) for p in (out / "trainings").glob("*/record.json")]
+    assert record["status"] == "failed" and "--resume" in record["error"]
+    assert (out / "versions").read_text() == ""

@@ -14,6 +14,12 @@ def open_registry(args: argparse.Namespace) -> Registry:
     return Registry(args.registry)
 
 
+def printable(text: str) -> str:
+    """Text from the registry (a description someone wrote) made safe for a terminal line: control characters
+    (newlines, ANSI escapes) are shown escaped, never acted on."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def print_json(obj: Any) -> None:
     print(json.dumps(obj, indent=2, sort_keys=True, default=str))
 

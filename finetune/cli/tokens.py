@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..registry.accounts import Accounts
-from .common import add_command, open_registry, print_json, table
+from .common import add_command, open_registry, print_json, printable, table
 
 
 def cmd_tokens_create(args: argparse.Namespace) -> None:
@@ -21,7 +21,7 @@ def cmd_tokens_list(args: argparse.Namespace) -> None:
     if not tokens:
         print(f"no tokens in {reg.root} (create one with `finetune tokens create OWNER`)")
         return
-    table([[t.id, t.owner, t.created_at[:19].replace("T", " "), t.label] for t in tokens],
+    table([[t.id, t.owner, t.created_at[:19].replace("T", " "), printable(t.label)] for t in tokens],
           ["ID", "OWNER", "CREATED", "LABEL"])
 
 

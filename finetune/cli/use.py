@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 from ..errors import UsageError
@@ -13,6 +14,9 @@ from .common import add_command, open_registry
 
 def generation_settings(args: argparse.Namespace):
     from ..inference import GenerationSettings
+
+    if not math.isfinite(args.temperature):  # inf samples noise, nan nothing sensible
+        raise UsageError(f"--temperature must be a finite number, 0 (greedy) or more, not {args.temperature}")
 
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
     settings.check()  # before a model is loaded

@@ -52,12 +52,19 @@ def cmd_versions_show(args: argparse.Namespace) -> None:
 def cmd_versions_verify(args: argparse.Namespace) -> int:
     reg = open_registry(args)
     v = reg.resolve(args.ref)
-    problems = reg.verify(v)
-    if not problems and v.kind == "adapter":  # its own files are intact: is its base still the one it was built on?
+    kind = None if damage(v) else v.kind
+    if kind == "base":  # its files, and a hub base's files in the Hugging Face cache
+        from ..registry.integrity import base_problems
+
+        problems = base_problems(reg, v, full=True)
+    else:
+        problems = reg.verify(v)
+    if not problems and kind == "adapter":  # its own files are intact: is its base still the one it was built on?
+        from ..registry.integrity import lineage_problems
         from ..registry.sources import local_base_problem
 
         problem = local_base_problem(reg, v)
-        problems = [f"base: {problem}"] if problem else []
+        problems = [f"base: {problem}"] if problem else lineage_problems(reg, v)
     for p in problems:
         print(f"{v.ref}: {p}")
     if problems:
@@ -72,14 +79,19 @@ def cmd_versions_delete(args: argparse.Namespace) -> None:
     if parse_ref(args.ref).kind == "latest" and not args.latest:  # before resolving: the same refusal, earlier
         reg.delete_version(args.ref)
     v = reg.resolve(args.ref)
-    reg.delete_version(v.ref)
-    print(f"deleted {v.ref}")
+    archived = reg.delete_version(v.ref)
+    print(f"deleted {v.ref}" + (" (kept in the archive for the versions of other accounts that derive from it)"
+                                if archived is not None else ""))
 
 
 def cmd_versions_alias(args: argparse.Namespace) -> None:
     reg = open_registry(args)
     if args.remove:
-        reg.remove_alias(parse_ref(args.ref).model, args.alias)
+        ref = parse_ref(args.ref)
+        # A ref naming a version removes the alias only if it points there; OWNER/NAME alone removes it anyway.
+        named = ref.kind != "latest" and not (ref.kind == "alias" and ref.value == args.alias)
+        number = reg.resolve(args.ref).number if named else None
+        reg.remove_alias(ref.model, args.alias, number)
         print(f"removed alias {args.alias}")
         return
     v = reg.set_alias(args.ref, args.alias)

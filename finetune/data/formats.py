@@ -116,6 +116,10 @@ def _chat_segments(tokenizer: Any, messages: list[dict]) -> list[tuple[str, bool
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
+        if not any(turn["role"] != "system" for turn in messages[:i]):
+            # An answer to nothing: the template would be asked to render an empty prompt for it.
+            raise _Bad(f"message {i + 1} is an assistant turn with no user turn before it",
+                       "start the conversation with a user turn (after an optional system turn)")
         before = _render(tokenizer, messages[:i], True)
         after = _render(tokenizer, messages[: i + 1], False)
         # The renders must extend one another; otherwise offsets in one do not locate text in the other.

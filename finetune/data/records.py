@@ -43,6 +43,8 @@ def read_records(path: str, label: str | None = None) -> datasets.Dataset:
         raise DataError(f"{name} is empty", "add at least one record")
     if kind != "parquet":  # pyarrow reads text columns as unchecked bytes and fails late, with a traceback
         _check_utf8(p, name)
+    if p.suffix.lower() == ".jsonl":
+        _check_json_lines(p, name)  # datasets turns a line that is a list into a row of its own making
     kwargs: dict[str, Any] = {}
     if kind == "csv":
         # Keep every cell a string ("007" stays "007", "NA" stays "NA"); only empty cells become missing.
@@ -87,6 +89,16 @@ def _check_utf8(p: Path, name: str, chunk_size: int = 1 << 20) -> None:
             line += chunk.count(b"\n")
 
 
+def _check_json_lines(p: Path, name: str) -> None:
+    """Raise the DataError naming the first line of a JSON lines file that is not an object (one pass)."""
+    with open(p, "rb") as f:
+        for raw in f:
+            head = raw.lstrip()[:1]
+            if head and head != b"{":
+                _diagnose_json(p, name)
+                return
+
+
 def _read_hub(name: str) -> datasets.Dataset:
     try:
         ds = datasets.load_dataset(name, split="train")
@@ -101,7 +113,7 @@ def _read_hub(name: str) -> datasets.Dataset:
 def _diagnose_json(p: Path, name: str) -> None:
     """Raise a DataError naming the first bad line of a JSON/JSONL file; return if none is found."""
     data = p.read_bytes()
-    if data.lstrip()[:1] == b"[":
+    if data.lstrip()[:1] == b"[" and p.suffix.lower() != ".jsonl":  # a JSON array file; .jsonl is always lines
         try:
             rows = json.loads(data)
         except (UnicodeDecodeError, json.JSONDecodeError) as err:

@@ -25,7 +25,7 @@ from typing import Any
 
 from .. import atomic
 from ..errors import IntegrityError, NotFoundError, RegistryAccessError, UsageError
-from ..names import check_name
+from ..names import check_name, check_text
 from .manifest import utc_now
 from .store import Registry
 
@@ -134,6 +134,7 @@ class Accounts:
     # ---------------------------------------------------------------- tokens
     def create_token(self, owner: str, label: str = "") -> str:
         """Create a token for ``owner`` (and the account if new); return the token. It is never shown again."""
+        check_text(label, "label")  # before anything is written
         self.ensure_account(owner)
         token = TOKEN_PREFIX + secrets.token_urlsafe(32)
         digest = token_hash(token)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from ..errors import IntegrityError, ModelLoadError, NotFoundError
+from .deletion import archived
 from .store import Registry, Version
 
 
 def lineage(reg: Registry, version: Version) -> list[Version]:
-    """``version`` and its registry ancestors, down to the base (each parent checked by id)."""
+    """``version`` and its registry ancestors, down to the base (each parent checked by id). A parent its owner
+    deleted while other owners' versions derived from it is found in the archive (:mod:`.deletion`)."""
     chain = [version]
     seen = {version.id}
     while True:
@@ -15,12 +17,16 @@ def lineage(reg: Registry, version: Version) -> list[Version]:
         if not isinstance(parent, dict) or "ref" not in parent:
             return chain
         try:
-            p = reg.resolve(parent["ref"])
+            p: Version | None = reg.resolve(parent["ref"])
         except NotFoundError:
+            p = None
+        if p is None or p.id != parent.get("id"):
+            p = archived(reg, parent.get("id")) or p
+        if p is None:
             raise ModelLoadError(
                 f"{chain[-1].ref} was trained from {parent['ref']}, which is gone from the registry",
                 "restore that version (or re-import its base with `finetune models import`) to use this one",
-            ) from None
+            )
         if p.id != parent.get("id") or p.id in seen:
             raise IntegrityError(
                 f"{chain[-1].ref} names parent {parent['ref']} with id {str(parent.get('id'))[:12]}, "

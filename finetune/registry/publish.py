@@ -14,11 +14,16 @@ from typing import TYPE_CHECKING, Any
 
 from .. import atomic
 from ..errors import ConflictError, FinetuneError, IntegrityError, NonFiniteError, NotFoundError, UsageError
+from .deletion import retired_numbers
 from .manifest import FORMAT_VERSION, MANIFEST, Version, manifest_id, software_versions, utc_now
 from .weights import non_finite_tensors
 
 if TYPE_CHECKING:
     from .store import Model, Registry
+
+KINDS = ("adapter", "base", "files")
+# The files a base model's weights live in (transformers' safetensors and PyTorch formats, sharded or not).
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 
 
 def publish_version(
@@ -41,6 +46,7 @@ def publish_version(
     parent_info = _parent_info(reg, parent)
     if kind is None:
         kind = _guess_kind(src)
+    _check_rules(m.full_name, src, kind, parent_info)
     stage = reg.staging_dir("publish")
     try:
         files = stage_files(src, stage)
@@ -76,6 +82,26 @@ def _check_finite(model: str, stage: Path) -> None:
                 "the training diverged: lower train.lr, or train with train.precision: fp32")
 
 
+def _check_rules(model: str, src: Path, kind: str, parent: dict[str, Any] | None) -> None:
+    """The rules every version obeys, whoever publishes it (a training, an import, the Python API); those that
+    depend on the model's other versions are checked in :func:`commit`, under its lock."""
+    if kind not in KINDS:
+        raise UsageError(f"unknown kind of version {kind!r}", f"use one of: {', '.join(KINDS)}")
+    if kind == "adapter" and parent is None:
+        raise UsageError(f"cannot publish an adapter to {model} without its parent: it could never be loaded",
+                         "pass parent= the version it was trained from, or {'hub_id': ..., 'revision': ...} or "
+                         "{'local_path': ...} for a base outside the registry")
+    if kind == "base":
+        if isinstance(parent, dict) and "ref" in parent:
+            raise UsageError(f"a base version of {model} cannot have a registry parent ({parent['ref']})",
+                             "publish a fine-tune as an adapter; import bases with `finetune models import`")
+        weights = [p for p in src.rglob("*") if p.suffix in WEIGHT_SUFFIXES]
+        hub = isinstance(parent, dict) and "hub_id" in parent  # its weights stay in the Hugging Face cache
+        if not hub and not weights:
+            raise UsageError(f"{src} holds no weights ({', '.join('*' + x for x in WEIGHT_SUFFIXES)}): a base "
+                             f"without them could never be loaded", "save the model with save_pretrained into it")
+
+
 def _guess_kind(src: Path) -> str:
     if (src / "adapter_config.json").exists():
         return "adapter"
@@ -83,6 +109,11 @@ def _guess_kind(src: Path) -> str:
 
 
 def _parent_info(reg: Registry, parent: Version | str | dict[str, Any] | None) -> dict[str, Any] | None:
+    if isinstance(parent, dict) and not (
+            ("ref" in parent and "id" in parent) or parent.get("hub_id") or parent.get("local_path")):
+        raise UsageError(f"parent {parent!r} names no version and no base",
+                         "give a Version or ref, {'ref': ..., 'id': ...}, {'hub_id': ..., 'revision': ...} "
+                         "or {'local_path': ...}")
     if isinstance(parent, dict) and "ref" in parent and "id" in parent:
         # A registry parent named by a training that started from it: it must still be there (a deletion while
         # the training ran would leave the new version, and whatever loads it, without its lineage).
@@ -124,19 +155,36 @@ def stage_files(src: Path, stage: Path) -> dict[str, dict[str, Any]]:
     return files
 
 
+def _base_in(reg: Registry, model: Model, numbers: list[int]) -> str | None:
+    """The ref of the base ``model`` holds, if it holds one (a base is always its model's first version)."""
+    if not numbers:
+        return None
+    first = Version(model.full_name, min(numbers), reg._versions_dir(model.path) / str(min(numbers)))
+    try:
+        return first.ref if first.kind == "base" else None
+    except (IntegrityError, FileNotFoundError):
+        return None  # a damaged first version says nothing; listing shows it
+
+
 def commit(reg: Registry, model: Model, stage: Path, body: dict[str, Any], first: bool = False) -> Version:
     """Number the staged folder, write its manifest last, and rename it into the model's versions."""
     vdir = reg._versions_dir(model.path)
     vdir.mkdir(exist_ok=True)
     with reg._lock(model.path):
-        if first and reg._version_numbers(model.path):
-            raise ConflictError(f"model {model.full_name} already has versions",
-                                "import a base into a new model name, e.g. OWNER/NAME-base")
+        numbers = reg._version_numbers(model.path)
+        if (first or body["kind"] == "base") and numbers:
+            raise ConflictError(f"model {model.full_name} already has versions: a base must be its model's only "
+                                "version", "import a base into a new model name, e.g. OWNER/NAME-base")
+        base = _base_in(reg, model, numbers)
+        if base is not None:
+            raise ConflictError(f"{model.full_name} holds base model {base}: a base is its model's only version",
+                                f"publish into a model of its own, e.g. {model.full_name}-ft")
+        retired = set(retired_numbers(model.path))
         while True:
             number = reg._next_number(model.path)
             # A counter update lost to a crash (or a lock that silently failed elsewhere) must not make
-            # us reuse a number: step over anything that exists.
-            while (vdir / str(number)).exists():
+            # us reuse a number: step over anything that exists or existed.
+            while (vdir / str(number)).exists() or number in retired:
                 number += 1
             atomic.replace_file(model.path / "next_version", f"{number + 1}\n".encode(), reg._staging)
             manifest = dict(body, number=number, created_at=utc_now())

@@ -1,12 +1,14 @@
 """Where a model's weights come from: importing base models, and tracing any version down to its base.
 
 A *base* version is either a copy of a local Hugging Face folder (its files live in the version folder) or a
-pointer to a hub repository pinned at a commit (loaded through the ordinary Hugging Face cache). An *adapter*
+pointer to a hub repository pinned at a commit (loaded through the ordinary Hugging Face cache, its files fetched
+and hashed at import: :mod:`.integrity`). An *adapter*
 version holds a PEFT LoRA adapter and names its parent; following parents always ends at a base version.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -17,7 +19,9 @@ from typing import Any
 from .. import atomic
 from ..errors import ConflictError, FinetuneError, ModelLoadError, ModelNotFoundError, NotFoundError, UsageError
 from ..names import parse_model_name, parse_ref
+from .integrity import check_loadable, hub_files
 from .lineage import lineage
+from .publish import WEIGHT_SUFFIXES
 from .store import Registry, Version, not_writable
 
 _HUB_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
@@ -95,6 +99,25 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt
                    "sentencepiece.bpe.model", "tiktoken.model")
 
 
+def weights_problem(folder: Path) -> str | None:
+    """What keeps a model folder's weights from loading: none at all, or shards its index names that are
+    missing; None when they are there."""
+    indexes = sorted(folder.glob("*.index.json"))
+    for index in indexes:
+        try:
+            weight_map = json.loads(index.read_bytes()).get("weight_map")
+        except (OSError, ValueError, AttributeError):
+            return f"has an unreadable weights index {index.name}"
+        shards = sorted(set(weight_map.values())) if isinstance(weight_map, dict) else []
+        missing = [name for name in shards if not (folder / str(name)).is_file()]
+        if missing:
+            return f"lacks {len(missing)} weight shard(s) its {index.name} names (first: {missing[0]})"
+    if not indexes and not any(p.suffix in WEIGHT_SUFFIXES for p in folder.iterdir() if p.is_file()):
+        return (f"holds no weights (no {', '.join('*' + x for x in WEIGHT_SUFFIXES[:2])} file): "
+                "a base without them could never be loaded")
+    return None
+
+
 def import_base(
     reg: Registry,
     model: str,
@@ -131,6 +154,10 @@ def import_base(
         if revision is not None:
             raise UsageError(f"--revision {revision} applies to hub ids, but {path} is a local folder",
                              "drop --revision, or check that revision out into the folder first")
+        problem = weights_problem(path)
+        if problem is not None:
+            raise ModelLoadError(f"{path} {problem}", "save the model into the folder with "
+                                 "model.save_pretrained(folder) (and its tokenizer) and import again")
         if not any((path / name).is_file() for name in TOKENIZER_FILES):
             raise ModelLoadError(
                 f"{path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)})",
@@ -157,9 +184,10 @@ def import_base(
     if not _HUB_ID_RE.fullmatch(source):
         raise NotFoundError(f"{source!r} is neither an existing folder nor a hub model id", "check the path")
     sha = resolve_hub_revision(source, revision)
+    files = hub_files(source, sha)  # fetched now and hashed: what every later load is checked against
     stage = reg.staging_dir("import")
     try:
-        meta = {"source": {"type": "hub", "repo_id": source, "revision": sha}}
+        meta = {"source": {"type": "hub", "repo_id": source, "revision": sha, "files": files}}
         return _publish_base(reg, model, stage, {"hub_id": source, "revision": sha}, meta,
                              dict(description=description, visibility=visibility, hardware=hardware))
     finally:
@@ -224,7 +252,7 @@ def resolve_model(reg: Registry, spec: str) -> ResolvedModel:
             chain = lineage(reg, version)
             base_version = chain[-1]
             base = base_source_of(reg, base_version) if base_version.kind == "base" else _outside_base(base_version)
-            reg.check(version)
+            check_loadable(reg, chain)  # every file the load reads: the version's own and its base's
             adapter = version if version.kind == "adapter" else None
             return ResolvedModel(spec, base, adapter, chain)
     path = Path(spec).expanduser()

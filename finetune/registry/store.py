@@ -10,6 +10,7 @@ This module owns the on-disk layout, drawn here once; no other module builds a p
         aliases.json           {"prod": 3, ...}
         .lock                  allocation lock (filelock)
         versions/N/            one published version: its files + manifest.json, all read-only
+        retired/N              the tombstone of deleted version N (registry.deletion)
       trainings/ID/            one training run (registry.jobs.Trainings); ID = YYYYMMDD-HHMMSS-xxxxxx
         record.json            id, status, model, destination, input, output, metrics, error, timestamps, pid
         train.log              what the run printed
@@ -20,7 +21,8 @@ This module owns the on-disk layout, drawn here once; no other module builds a p
       predictions/ID/          prediction records, same store (registry.jobs.RecordStore)
       accounts/                the service's accounts and token hashes (registry.accounts)
       files/                   files uploaded to the service (registry.files)
-      cache/KIND/...           derived data that can be rebuilt (tokenized datasets)
+      archive/ID/              a version its owner deleted that other owners' versions derive from (registry.deletion)
+      cache/KIND/...           derived data that can be rebuilt (tokenized datasets, verified hashes)
       .staging/                publishes and temp files in progress; `gc` removes abandoned ones
       .trash/                  deletions in progress
       server.lock, server.json the lock the one server of this registry holds, and who it is (server.instance)
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -48,7 +51,6 @@ from ..errors import (
     AlreadyExistsError,
     AmbiguousRefError,
     ConflictError,
-    FinetuneError,
     IntegrityError,
     ModelNotFoundError,
     NotFoundError,
@@ -57,13 +59,17 @@ from ..errors import (
     VersionNotFoundError,
 )
 from ..names import check_alias, check_name, check_text, parse_model_name, parse_ref
+from . import deletion, repair
+from .aliases import read_aliases
 from .gc import collect_leftovers, work_name
+from .hashes import check_version_files
 from .manifest import FORMAT_VERSION, Version, check_version_dir, utc_now
 from .publish import publish_version
 
 VISIBILITIES = ("private", "public")
 HARDWARE = ("cpu", "gpu", "auto")
 RECORD = "record.json"  # a job record's file in its folder
+CHECKPOINT_STATE = "state.json"  # a training checkpoint's last file: its presence means the checkpoint is complete
 JOB_KINDS = ("trainings", "predictions")  # the folders of job records under the root (see the layout above)
 # Optional text fields of a model besides its description (Replicate's model object has the same names).
 MODEL_LINKS = ("github_url", "paper_url", "license_url", "cover_image_url")
@@ -244,21 +250,25 @@ class Registry:
     def create_model(
         self,
         name: str,
-        description: str = "",
-        visibility: str = "private",
-        hardware: str = "auto",
+        description: str | None = None,
+        visibility: str | None = None,
+        hardware: str | None = None,
         exist_ok: bool = False,
         **fields: str | None,
     ) -> Model:
         """Create the destination model ``owner/name``; an existing one is an error unless ``exist_ok``.
 
-        ``fields`` may set ``readme`` and the links of :data:`MODEL_LINKS`."""
+        Settings left ``None`` take their defaults (no description, ``private``, ``auto``). With ``exist_ok``, an
+        existing model is returned only if every setting given matches it (:class:`ConflictError` otherwise: a
+        setting asked for is never ignored). ``fields`` may set ``readme`` and the links of :data:`MODEL_LINKS`."""
         _check_fields({**fields, "description": description}, allowed=EDITABLE)
         owner, short = parse_model_name(name)
-        if visibility not in VISIBILITIES:
+        if visibility is not None and visibility not in VISIBILITIES:
             raise UsageError(f"invalid visibility {visibility!r}", f"use one of: {', '.join(VISIBILITIES)}")
-        if hardware not in HARDWARE:
+        if hardware is not None and hardware not in HARDWARE:
             raise UsageError(f"invalid hardware {hardware!r}", f"use one of: {', '.join(HARDWARE)}")
+        asked = {"description": description, "visibility": visibility, "hardware": hardware, **fields}
+        asked = {k: v for k, v in asked.items() if v is not None}
         model_dir = self._model_dir(owner, short)
         try:
             exists = model_dir.exists()
@@ -268,18 +278,18 @@ class Registry:
             ) from None
         if exists:
             if exist_ok:
-                return self.get_model(name)
+                return _same_settings(self.get_model(name), asked)
             raise AlreadyExistsError(f"model {name} already exists", "pass --exist-ok to reuse it")
         self._ensure_writable()
         info = {
             "format": FORMAT_VERSION,
             "owner": owner,
             "name": short,
-            "description": description,
-            "visibility": visibility,
-            "hardware": hardware,
+            "description": "",
+            "visibility": "private",
+            "hardware": "auto",
             "created_at": utc_now(),
-            **{k: v for k, v in fields.items() if v is not None},
+            **asked,
         }
         stage = self.staging_dir("model")
         atomic.write_bytes_durable(stage / "model.json", atomic.pretty_json(info))
@@ -291,7 +301,7 @@ class Registry:
         except FileExistsError:
             atomic.remove_tree(stage)
             if exist_ok:
-                return self.get_model(name)
+                return _same_settings(self.get_model(name), asked)
             raise AlreadyExistsError(f"model {name} already exists", "pass --exist-ok to reuse it") from None
         atomic.fsync_dir(model_dir.parent)
         return Model(model_dir, info)
@@ -315,19 +325,48 @@ class Registry:
             raise RegistryAccessError(
                 f"cannot read {model_dir}: {err.strerror}", "check FINETUNE_HOME and permissions"
             ) from None
-        except json.JSONDecodeError:
-            raise IntegrityError(f"{model_dir / 'model.json'} is not valid JSON") from None
+        except (ValueError, UnicodeDecodeError) as err:
+            raise damaged_model(model_dir, f"not valid JSON ({type(err).__name__})") from None
+        owner, short = model_dir.parent.name, model_dir.name
+        if not isinstance(info, dict):
+            raise damaged_model(model_dir, f"a JSON {type(info).__name__}, not an object")
+        for key, want in (("owner", owner), ("name", short)):
+            if info.get(key) != want:
+                raise damaged_model(model_dir, f"its {key!r} is {json.dumps(info.get(key))}, not {want!r}")
+        for key in ("description", "visibility", "hardware", "created_at", "readme", *MODEL_LINKS):
+            if info.get(key) is not None and not isinstance(info[key], str):
+                raise damaged_model(model_dir, f"its {key!r} is not text")
         return Model(model_dir, info)
 
-    def list_models(self) -> list[Model]:
-        """Every model, sorted by ``owner/name``."""
+    def damaged_models(self) -> list[IntegrityError]:
+        """The errors of models whose ``model.json`` cannot be read (what :meth:`list_models` leaves out)."""
+        out = []
+        for name in self._model_names():
+            try:
+                self.get_model(name)
+            except IntegrityError as err:
+                out.append(err)
+        return out
+
+    def _model_names(self) -> list[str]:
         out = []
         for owner in sorted(self._listdir(self.root / "models"), key=lambda e: e.name):
             if not owner.is_dir():
                 continue
             for entry in sorted(self._listdir(Path(owner.path)), key=lambda e: e.name):
                 if (Path(entry.path) / "model.json").is_file():
-                    out.append(self.get_model(f"{owner.name}/{entry.name}"))
+                    out.append(f"{owner.name}/{entry.name}")
+        return out
+
+    def list_models(self) -> list[Model]:
+        """Every readable model, sorted by ``owner/name`` (a damaged ``model.json`` is left out, never hiding the
+        others: :meth:`damaged_models` names those)."""
+        out = []
+        for name in self._model_names():
+            try:
+                out.append(self.get_model(name))
+            except (IntegrityError, ModelNotFoundError):  # damaged, or deleted since it was listed
+                continue
         return out
 
     def update_model(self, name: str, **changes: str | None) -> Model:
@@ -346,22 +385,12 @@ class Registry:
         return Model(model.path, info)
 
     def delete_model(self, name: str) -> None:
-        """Delete an empty model; refused while it has versions."""
+        """Delete an empty model; refused while it has versions or a training runs (or could resume) into it."""
         try:
             model = self.get_model(name)
         except ModelNotFoundError as err:
             raise ModelNotFoundError(err.message, "`finetune models list` shows the models there are") from None
-        self._ensure_writable()
-        with self._lock(model.path):
-            if self._version_numbers(model.path):
-                raise ConflictError(
-                    f"model {name} still has versions", "delete them first with `finetune versions delete`"
-                )
-            self._ensure_writable()
-            target = self._trash / work_name("model")
-            os.rename(model.path, target)
-        atomic.fsync_dir(model.path.parent)
-        atomic.remove_tree(target)
+        deletion.delete_model(self, model)
 
     # ---------------------------------------------------------------- versions
     def _version_numbers(self, model_dir: Path) -> list[int]:
@@ -394,26 +423,9 @@ class Registry:
                                 f"train into a model of its own, e.g. --destination {model}-ft --create-destination")
 
     def repair_counters(self, dry_run: bool = False) -> list[Path]:
-        """Rewrite damaged ``next_version`` counters from the versions on disk (and the numbers aliases keep)."""
-        repaired = []
-        for m in self.list_models():
-            try:
-                self._next_number(m.path)
-                continue
-            except IntegrityError:
-                pass
-            repaired.append(m.path / "next_version")
-            if dry_run:
-                continue
-            self._ensure_writable()
-            with self._lock(m.path):
-                try:
-                    kept = [n for n in self.aliases(m.full_name).values() if isinstance(n, int)]
-                except IntegrityError:
-                    kept = []
-                highest = max([0, *self._version_numbers(m.path), *kept])
-                atomic.replace_file(m.path / "next_version", f"{highest + 1}\n".encode(), self._staging)
-        return repaired
+        """Rebuild damaged ``model.json`` files and version counters (:mod:`finetune.registry.repair`); returns
+        the files rebuilt (with ``dry_run``, that would be)."""
+        return repair.repair_models(self, dry_run)
 
     def _version(self, model: Model, number: int) -> Version | None:
         path = self._versions_dir(model.path) / str(number)
@@ -537,14 +549,9 @@ class Registry:
 
     # ---------------------------------------------------------------- aliases, deletion
     def aliases(self, model: str) -> dict[str, int]:
-        """The model's aliases, ``{alias: version number}``."""
-        m = self.get_model(model)
-        try:
-            return json.loads((m.path / "aliases.json").read_bytes())
-        except FileNotFoundError:
-            return {}
-        except json.JSONDecodeError:
-            raise IntegrityError(f"{m.path / 'aliases.json'} is not valid JSON") from None
+        """The model's aliases, ``{alias: version number}`` (a malformed ``aliases.json`` is an
+        :class:`IntegrityError` saying how to fix it: :mod:`finetune.registry.aliases`)."""
+        return read_aliases(self.get_model(model).path)
 
     def set_alias(self, ref: str, alias: str) -> Version:
         """Point ``alias`` at the version ``ref`` names (moving it if it pointed elsewhere)."""
@@ -562,91 +569,35 @@ class Registry:
             atomic.replace_file(m.path / "aliases.json", atomic.pretty_json(aliases), self._staging)
         return version
 
-    def remove_alias(self, model: str, alias: str) -> None:
+    def remove_alias(self, model: str, alias: str, number: int | None = None) -> None:
+        """Remove ``alias`` from ``model``; with ``number``, only if it points at that version (a ref naming a
+        version, ``me/x:2``, must not remove an alias that has moved to ``:1``)."""
         m = self.get_model(model)
         self._ensure_writable()
         with self._lock(m.path):
             aliases = self.aliases(model)
             if alias not in aliases:
                 raise NotFoundError(f"no alias {alias!r} on {model}")
+            if number is not None and aliases[alias] != number:
+                raise ConflictError(f"alias {alias!r} points at {model}:{aliases[alias]}, not {model}:{number}",
+                                    f"to remove it anyway, name the model alone: `finetune versions alias {model} "
+                                    f"{alias} --remove`")
             del aliases[alias]
             atomic.replace_file(m.path / "aliases.json", atomic.pretty_json(aliases), self._staging)
 
     def children(self, version: Version) -> list[Version]:
         """Versions anywhere in the registry whose parent is ``version`` (by id; by ref when it is damaged)."""
-        try:
-            key, value = "id", version.id
-        except IntegrityError:
-            key, value = "ref", version.ref
-        out = []
-        for m in self.list_models():
-            for v in self.list_versions(m.full_name):
-                try:
-                    parent = v.parent
-                except IntegrityError:
-                    continue
-                if isinstance(parent, dict) and parent.get(key) == value:
-                    out.append(v)
-        return out
+        return deletion.children(self, version)
 
-    def delete_version(self, ref: str, *, latest: bool = False) -> None:
-        """Delete a version; refused while an alias points at it or another version names it as parent.
+    def delete_version(self, ref: str, *, latest: bool = False) -> Path | None:
+        """Delete a version; refused while an alias, a version of the same owner or a training needs it.
 
         ``ref`` must name one version explicitly (a number, an id prefix or an alias): ``owner/name`` alone, or
         ``:latest``, is refused unless ``latest`` is true, because "the newest one" changes under your feet.
-        A damaged version (unreadable manifest) can be deleted: that is the way out its error message gives."""
-        if parse_ref(ref).kind == "latest" and not latest:
-            raise UsageError(f"{ref} names no version explicitly",
-                             "give OWNER/NAME:N (`finetune versions list` shows them), or add --latest")
-        version = self.resolve(ref)
-        m = self.get_model(version.model)
-        self._ensure_writable()  # before the lock: taking it writes its file
-        with self._lock(m.path):
-            pointing = sorted(a for a, n in self.aliases(version.model).items() if n == version.number)
-            if pointing:
-                raise ConflictError(
-                    f"{version.ref} has aliases: {', '.join(pointing)}",
-                    "move or remove them first (`finetune versions alias --remove`)",
-                )
-            kids = self.children(version)
-            if kids:
-                raise ConflictError(
-                    f"{version.ref} is the parent of {', '.join(k.ref for k in kids)}", "delete those versions first"
-                )
-            users = self._live_trainings_from(version)
-            if users:
-                raise ConflictError(f"{version.ref} is the base of training {users[0]}, which is still running",
-                                    f"wait for it or cancel it (`finetune trainings cancel {users[0]}`) first")
-            self._ensure_writable()
-            target = self._trash / work_name("version")
-            os.chmod(version.path, 0o755)
-            os.rename(version.path, target)
-            atomic.fsync_dir(version.path.parent)
-        atomic.remove_tree(target)
-
-    def _live_trainings_from(self, version: Version) -> list[str]:
-        """Ids of trainings that run now (their process is alive) and continue from ``version``."""
-        from .jobs import FINAL, Trainings  # jobs builds on this module
-
-        trainings = Trainings(self)
-        users = []
-        for record in trainings.list():
-            if record.status in FINAL or trainings.is_stale(record):
-                continue
-            spec = record.model or str((record.input or {}).get("base_model") or "")
-            try:
-                ref = parse_ref(spec)
-            except UsageError:
-                continue  # a hub id or a folder: not a registry version
-            if ref.model != version.model:
-                continue
-            try:
-                uses = self.resolve(spec) == version
-            except FinetuneError:
-                uses = False
-            if uses:
-                users.append(record.id)
-        return users
+        A damaged version (unreadable manifest) can be deleted: that is the way out its error message gives.
+        A version only other owners' versions derive from is archived for them (its folder is returned); the
+        rules: :mod:`finetune.registry.deletion`."""
+        return deletion.delete_version(self, ref, latest)
 
     # ---------------------------------------------------------------- integrity
     def verify(self, ref: str | Version) -> list[str]:
@@ -655,8 +606,10 @@ class Registry:
         return check_version_dir(version.path, full=True)
 
     def check(self, version: Version) -> None:
-        """The cheap check done on every load: manifest hash and file sizes. Raises :class:`IntegrityError`."""
-        problems = check_version_dir(version.path, full=False)
+        """The check done before any of a version's files are read: the manifest's hash, and every file's size
+        and sha256 (a file unchanged since it last matched is not read again: :mod:`finetune.registry.hashes`).
+        Raises :class:`IntegrityError`."""
+        problems = check_version_files(self, version)
         if problems:
             more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
             raise IntegrityError(
@@ -668,11 +621,32 @@ class Registry:
     def gc(self, older_than_hours: float = 24.0, dry_run: bool = False) -> list[Path]:
         """Remove leftovers of interrupted publishes and deletions older than ``older_than_hours``.
 
-        A staging folder whose creating process is still alive on this host is kept whatever its age.
+        A staging folder whose creating process is still alive on this host is kept whatever its age. Archived
+        versions nothing derives from any more go too (:mod:`finetune.registry.deletion`).
         """
+        # NaN compares false with everything: "older than nan hours" would remove another host's work at once.
+        if isinstance(older_than_hours, bool) or not isinstance(older_than_hours, (int, float)) \
+                or math.isnan(older_than_hours) or older_than_hours < 0:
+            raise UsageError(f"--older-than must be a number of hours, 0 or more, not {older_than_hours!r}",
+                             "e.g. --older-than 24: what another host may still be writing is younger than that")
         if not dry_run:
             self._ensure_writable()
-        return collect_leftovers(self, [self._staging, self._trash], older_than_hours, dry_run)
+        removed = collect_leftovers(self, [self._staging, self._trash], older_than_hours, dry_run)
+        return removed + deletion.collect_archive(self, dry_run)
+
+
+def damaged_model(model_dir: Path, why: str) -> IntegrityError:
+    """The error for a ``model.json`` that cannot be used, and the way out."""
+    path = model_dir / "model.json"
+    return IntegrityError(f"{path} is damaged: {why}",
+                          "restore it, or run `finetune registry gc` to rebuild it (as a private model with no "
+                          "description; the damaged file is kept beside it as model.json.damaged)")
+
+
+def completed_checkpoints(root: Path) -> list[Path]:
+    """A training's checkpoints that were completed (``state.json`` written last), newest first
+    (:mod:`finetune.training.checkpoint` writes them; the registry needs to know which runs can still resume)."""
+    return [p for p in sorted(root.glob("step-*"), reverse=True) if (p / CHECKPOINT_STATE).is_file()]
 
 
 def not_writable(root: Path, err: OSError) -> RegistryAccessError:
@@ -683,6 +657,22 @@ def not_writable(root: Path, err: OSError) -> RegistryAccessError:
                                    "free space on its disk, or point FINETUNE_HOME (or --registry) at another disk")
     return RegistryAccessError(f"the registry at {root} is not writable ({why})",
                                "point FINETUNE_HOME (or --registry) at a writable folder, or make this one writable")
+
+
+def _same_settings(model: Model, asked: dict[str, str]) -> Model:
+    """``model``, when it has every setting in ``asked``; otherwise :class:`ConflictError` naming the differences."""
+    have = model.to_dict()
+    differ = [f"{key} is {_shown(have.get(key))}, not {_shown(value)}" for key, value in asked.items()
+              if (have.get(key) or "") != value]
+    if differ:
+        raise ConflictError(f"model {model.full_name} exists with other settings: {'; '.join(differ)}",
+                            "leave those options out to use it as it is, or create a model of another name")
+    return model
+
+
+def _shown(value: object) -> str:
+    text = json.dumps(value if value is not None else "", ensure_ascii=True)
+    return text if len(text) <= 60 else text[:57] + '..."'
 
 
 def _check_fields(fields: dict[str, Any], allowed: tuple[str, ...] = ("readme", *MODEL_LINKS)) -> None:

@@ -25,9 +25,10 @@ from safetensors.torch import load_file, save_file
 
 from .. import atomic
 from ..errors import IntegrityError, RegistryAccessError
+from ..registry.store import CHECKPOINT_STATE as STATE  # written last: the position, every other file's sha256
+from ..registry.store import completed_checkpoints
 
 KEEP = 2  # older checkpoints are removed; two survive a crash during the newest one's pruning
-STATE = "state.json"  # written last: the position, and every other file's size and sha256
 
 
 @dataclass
@@ -104,10 +105,14 @@ def save_checkpoint(
             atomic.fsync_dir(root)
             for old in sorted(root.glob("step-*"))[:-KEEP]:
                 shutil.rmtree(old, ignore_errors=True)
-    except OSError as err:
+    except Exception as err:  # a full disk: torch.save raises RuntimeError, safetensors its own error, no errno
+        full = atomic.out_of_space(err, root)
         if is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise RegistryAccessError(f"cannot write checkpoint {final}: {err.strerror or err}",
+            shutil.rmtree(tmp, ignore_errors=True)  # first: the record that says why must still fit
+        if not full and not isinstance(err, OSError):
+            raise
+        why = "the disk is full" if full else (err.strerror or str(err))
+        raise RegistryAccessError(f"cannot write checkpoint {final}: {why}",
                                   "free space on the registry's disk, then `finetune train --resume` the run") from None
     barrier()
     return final
@@ -115,7 +120,7 @@ def save_checkpoint(
 
 def checkpoints(root: Path) -> list[Path]:
     """The checkpoints that were completed (``state.json`` written), newest first; temp folders are ignored."""
-    return [p for p in sorted(root.glob("step-*"), reverse=True) if (p / STATE).is_file()]
+    return completed_checkpoints(root)
 
 
 def latest_checkpoint(root: Path) -> Path | None:

@@ -26,6 +26,7 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import broadcast_object_list, set_seed
 from transformers import get_scheduler
 
+from .. import atomic
 from ..config import Config, config_from_dict
 from ..data.batching import (
     PACK_MULTIPLE,
@@ -45,8 +46,11 @@ from ..errors import (
     IntegrityError,
     NonFiniteError,
     PackingError,
+    RegistryAccessError,
     TrainingCanceled,
+    TrainingStalledError,
     UsageError,
+    one_line,
 )
 from ..modeling.load import attach_lora, base_context, load_base_model, load_tokenizer
 from ..modeling.ops import rewrite_for_training
@@ -145,6 +149,13 @@ def run_training(training_id: str, *, registry: Registry | None = None, progress
         _finish(trainings, record, Status.FAILED, error=str(err), log=log)
         raise
     except Exception as err:
+        if atomic.out_of_space(err, reg.root):  # the final save or the publish: one line that says what to do
+            full = RegistryAccessError(
+                f"the registry at {reg.root} ran out of space ({one_line(err, 120)}); nothing published",
+                f"free space on its disk, then `finetune train --resume {training_id}` (it continues from its last "
+                "checkpoint)")
+            _finish(trainings, record, Status.FAILED, error=str(full), log=log)
+            raise full from None
         _finish(trainings, record, Status.FAILED, error=f"{type(err).__name__}: {err}", log=log)
         raise
     finally:
@@ -245,6 +256,40 @@ def _plan(run: _Run, loaded: _Loaded, epoch: int) -> list[Window]:
 TRAIN_LOSS_STEPS = 20
 
 
+# A run stalls when this many steps in a row have all-zero gradients, or the same loss (relative spread below
+# STALL_TOLERANCE) over different data: a model whose answer no longer depends on its input (most often after a
+# learning rate far too high saturated it) learns nothing more, and its version would answer nothing.
+STALL_STEPS = 5
+STALL_TOLERANCE = 1e-5
+
+
+class _Stall:
+    """Watches each step's loss and gradient norm; raises :class:`TrainingStalledError` when a run has stalled."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []  # the current run of (nearly) equal losses
+        self.windows: set[frozenset[int]] = set()  # the rows those steps saw (in any order)
+        self.zero = 0  # steps in a row with all-zero gradients
+
+    def step(self, step: int, loss: float, grad_norm: torch.Tensor, window: Window, step_lr: float,
+             lr: float) -> None:
+        self.zero = self.zero + 1 if float(grad_norm) == 0.0 else 0
+        if self.losses and abs(loss - self.losses[0]) > STALL_TOLERANCE * max(abs(self.losses[0]), 1e-12):
+            self.losses, self.windows = [], set()
+        self.losses.append(loss)
+        self.windows.add(frozenset(i for batch in window.micro_batches for i in batch))
+        hint = f"lower train.lr (now {lr:g}) and train again"
+        if self.zero >= STALL_STEPS:
+            raise TrainingStalledError(
+                f"the gradients were all zero for {self.zero} steps (steps {step - self.zero + 1}-{step}, "
+                f"lr {step_lr:.3g}): the adapter cannot learn any more, and the run publishes nothing", hint)
+        if len(self.losses) >= STALL_STEPS and len(self.windows) > 1:
+            raise TrainingStalledError(
+                f"the loss stayed at {loss:.4f} for {len(self.losses)} steps over different data (steps "
+                f"{step - len(self.losses) + 1}-{step}, lr {step_lr:.3g}): the model gives every input the same "
+                "answer and learns nothing more, and the run publishes nothing", hint)
+
+
 @dataclass
 class _Outcome:
     """What the loop leaves for the summary."""
@@ -254,6 +299,7 @@ class _Outcome:
     tokens_per_s: float = 0.0
     recent: deque[float] = field(default_factory=lambda: deque(maxlen=TRAIN_LOSS_STEPS))  # last steps' losses
     trained: bool = False  # whether this process took any step (a resumed finished run takes none)
+    stall: _Stall = field(default_factory=_Stall)
 
     @property
     def mean_loss(self) -> float | None:
@@ -399,7 +445,7 @@ def _loop(run: _Run, loaded: _Loaded, schedule: _Schedule, progress: Progress, m
                 plan = (epoch, _plan(run, loaded, epoch))
             window = plan[1][index]
             step_lr = schedule.scheduler.get_last_lr()[0]  # this step's rate; after scheduler.step() it is the next's
-            loss_sum, step_tokens = _optimizer_step(run, schedule, loaded, window)
+            loss_sum, step_tokens, grad_norm = _optimizer_step(run, schedule, loaded, window)
             progress.step += 1
             progress.tokens += step_tokens
             outcome.last_loss = float(accelerator.reduce(loss_sum.detach(), "sum")) / max(window.label_tokens, 1)
@@ -410,6 +456,7 @@ def _loop(run: _Run, loaded: _Loaded, schedule: _Schedule, progress: Progress, m
                     f"lower train.lr (now {tcfg.lr:g}), or use train.precision: fp32 if it ran in bf16 or fp16")
             outcome.recent.append(outcome.last_loss)
             outcome.trained = True
+            outcome.stall.step(progress.step, outcome.last_loss, grad_norm, window, step_lr, tcfg.lr)
             speed.step(step_tokens)
             row = {"step": progress.step, "epoch": round(progress.step / schedule.steps_per_epoch, 4),
                    "loss": round(outcome.last_loss, 6), "lr": step_lr, "tokens": progress.tokens,
@@ -460,18 +507,24 @@ def _check_final_loss(run: _Run, loaded: _Loaded, schedule: _Schedule, progress:
             f"lower train.lr (now {run.config.train.lr:g}), or use train.precision: fp32 if it ran in bf16 or fp16")
 
 
-def _optimizer_step(run: _Run, schedule: _Schedule, loaded: _Loaded, window: Window) -> tuple[torch.Tensor, int]:
-    """Forward and backward over one window, then the update; returns (this process's loss sum, all tokens)."""
+def _optimizer_step(run: _Run, schedule: _Schedule, loaded: _Loaded,
+                    window: Window) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """Forward and backward over one window, then the update; returns (this process's loss sum, all tokens, the
+    gradient's norm before clipping)."""
     accelerator, tcfg = run.accelerator, run.config.train
     loss_sum, step_tokens = _train_step(window, loaded.prepared.train, schedule.batches, schedule.loss_model,
                                         accelerator, run.world, run.rank)
     if tcfg.max_grad_norm:
-        accelerator.clip_grad_norm_(loaded.trainable, tcfg.max_grad_norm)
+        grad_norm = accelerator.clip_grad_norm_(loaded.trainable, tcfg.max_grad_norm)
+    else:  # gradients are synchronised by now: every process computes the same norm
+        grads = [p.grad for p in loaded.trainable if p.grad is not None]
+        grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])) \
+            if grads else torch.zeros(())
     schedule.optimizer.step()
     schedule.scheduler.step()
     schedule.optimizer.zero_grad(set_to_none=True)
     step_tokens = int(accelerator.reduce(torch.tensor(step_tokens, device=accelerator.device), "sum"))
-    return loss_sum, step_tokens
+    return loss_sum, step_tokens, grad_norm.detach()
 
 
 def _evaluate(run: _Run, schedule: _Schedule, eval_set: Any, progress: Progress) -> float:
@@ -559,8 +612,21 @@ def evaluate(loss_model, eval_set, batches: Callable, batch_size: int, accelerat
 def _finish(trainings: Trainings, record: TrainingRecord | None, status: Status, error: str, log: RunLog) -> None:
     # To the log file only: the error propagates, and the command line prints it once, as its error line.
     log.info(error if error.startswith(f"{status}:") else f"{status}: {error}", echo=False)
-    if record is not None:
+    if record is None:
+        return
+    try:
         trainings.update(record, status=status, error=error)
+    except OSError:
+        # A full disk: free what this run alone holds (the adapter folder a publish would copy, a half-written
+        # checkpoint; a resume rebuilds both), then record the end, which must not stay "processing".
+        paths = trainings.paths(record.id)
+        atomic.remove_tree(paths.output)
+        for tmp in paths.checkpoints.glob(".tmp-step-*"):
+            atomic.remove_tree(tmp)
+        try:
+            trainings.update(record, status=status, error=error)
+        except OSError:
+            pass  # nothing left to free: the error still reaches the caller, and the record shows its process gone
 
 
 class _StopFlag:

@@ -17,7 +17,10 @@ class RunLog:
     def info(self, message: str, echo: bool = True) -> None:
         """Log a line; ``echo=False`` keeps it out of the terminal (where the caller prints it its own way)."""
         if self._file is not None:
-            self._file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
+            try:
+                self._file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
+            except OSError:
+                pass  # a full disk loses a log line; the run's own error says why, and the record keeps it
         if self._echo and echo:
             from tqdm.auto import tqdm
 
@@ -25,7 +28,10 @@ class RunLog:
 
     def close(self) -> None:
         if self._file is not None:
-            self._file.close()
+            try:
+                self._file.close()
+            except OSError:
+                pass  # the last buffered line, on a full disk
             self._file = None
 
 

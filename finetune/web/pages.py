@@ -296,6 +296,7 @@ def adapter_zip(request: Request, user: User, owner: str, name: str, number: int
     """The version's files (the PEFT adapter folder with its manifest) as one zip."""
     reg = registry(request)
     v = access.visible_version(reg, user.account, f"{owner}/{name}", str(number))
+    reg.check(v)  # never hand out files that differ from the manifest
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
         for rel in sorted(v.manifest.get("files") or {}):

@@ -179,6 +179,7 @@ def download_weights(owner: str, name: str, version_id: str, account: AccountDep
                      index: VersionIndexDep) -> StreamingResponse:
     """The version's files (for an adapter: its PEFT folder) as one tar archive, streamed."""
     version = access.visible_version(reg, account, f"{owner}/{name}", version_id, index)
+    reg.check(version)  # never hand out files that differ from the manifest
     stem = f"{owner}-{name}-{version.number}"
     size, chunks = tar_stream(version.path, prefix=stem)
     return StreamingResponse(chunks, media_type="application/x-tar", headers={

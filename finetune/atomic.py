@@ -15,11 +15,12 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import stat
 import sys
 from pathlib import Path
 from typing import Any
+
+from .processes import work_name
 
 # Benchmarks that create tens of thousands of versions may set FINETUNE_FSYNC=0; never the default.
 _FSYNC = os.environ.get("FINETUNE_FSYNC", "1") != "0"
@@ -67,9 +68,9 @@ def pretty_json(obj: Any) -> bytes:
 def replace_file(path: Path, data: bytes, tmp_dir: Path) -> None:
     """Atomically replace ``path`` with ``data``: write a temp file in ``tmp_dir`` (same filesystem), rename."""
     tmp_dir.mkdir(parents=True, exist_ok=True)
-    # PURPOSE-PID-RAND@HOST, like the registry's work folders: `gc` must see that a live process owns this file,
-    # or it deletes it between the write and the rename below.
-    tmp = tmp_dir / f"tmp-{os.getpid()}-{os.urandom(6).hex()}@{socket.gethostname()}"
+    # Named after this process, like the registry's work folders: `gc` must see that a live process owns this
+    # file, or it deletes it between the write and the rename below.
+    tmp = tmp_dir / work_name("tmp")
     try:
         write_bytes_durable(tmp, data)
         os.replace(tmp, path)

@@ -153,7 +153,7 @@ def test_a_live_run_is_still_signalled(tmp_path):
 
 
 def test_a_tag_for_work_names_tells_a_live_owner_from_a_reused_pid(stranger):
-    from finetune.registry.processes import mark_tag, tag_alive
+    from finetune.processes import mark_tag, tag_alive
 
     mine = mark_tag(os.getpid())
     assert mine and len(mine) == 8 and tag_alive(os.getpid(), mine)

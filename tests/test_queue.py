@@ -220,7 +220,7 @@ def test_a_server_never_adopts_or_stops_a_cli_run(reg: Registry, processes) -> N
 
 
 def test_only_a_queues_own_runs_are_adopted_and_a_reused_pid_is_not_one(reg: Registry, processes) -> None:
-    from finetune.registry.processes import start_mark
+    from finetune.processes import start_mark
 
     trainings = Trainings(reg)
     worker, resumed_by_cli, stranger = processes(), processes(), processes()
@@ -243,7 +243,7 @@ def test_only_a_queues_own_runs_are_adopted_and_a_reused_pid_is_not_one(reg: Reg
 def test_an_adopted_run_has_the_time_limit_too(reg: Registry, processes) -> None:
     """A run a previous server's queue started counts its time from its worker's start: past the limit it is
     stopped (SIGTERM to that process) and fails, naming the limit."""
-    from finetune.registry.processes import start_mark
+    from finetune.processes import start_mark
 
     trainings = Trainings(reg)
     worker = processes()
@@ -259,7 +259,7 @@ def test_an_adopted_run_has_the_time_limit_too(reg: Registry, processes) -> None
 
 
 def test_a_failed_start_leaves_adopted_runs_alone(reg: Registry, processes) -> None:
-    from finetune.registry.processes import start_mark
+    from finetune.processes import start_mark
 
     trainings = Trainings(reg)
     worker = processes()

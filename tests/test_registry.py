@@ -580,6 +580,20 @@ def test_gc_removes_abandoned_work_and_keeps_live_work(reg: Registry, v1: Versio
     assert reg.verify(v1) == []
 
 
+def test_gc_tells_a_live_owner_from_a_process_that_took_its_pid(reg: Registry) -> None:
+    """Work is named after its process's pid and start mark: when a crashed process's pid now belongs to another
+    process, its leftovers still go at once (a pid alone kept them for as long as the new process ran), and the
+    names this process gives its own work keep them."""
+    from finetune.processes import mark_tag
+
+    host, me = socket.gethostname(), os.getpid()
+    other_tag = "0" * 8 if mark_tag(me) != "0" * 8 else "1" * 8
+    reused = _leftover(reg, ".staging", f"publish-{me}-{other_tag}0a0b0c0d@{host}", old=False)
+    mine = reg.staging_dir("publish")
+    assert set(reg.gc()) == {reused}
+    assert mine.is_dir() and not reused.exists()
+
+
 def test_staging_dir_is_kept_by_gc_while_its_process_lives(reg: Registry) -> None:
     work = reg.staging_dir("train-run")
     assert work.parent == reg.root / ".staging" and work.is_dir()

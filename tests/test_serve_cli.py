@@ -196,8 +196,8 @@ def test_a_server_leaves_cli_runs_alone_and_a_second_server_is_refused(cli_run, 
     its own run only. Then `trainings cancel` stops the real CLI run, found by its pid and start mark."""
     from service import running_server
 
+    from finetune.processes import start_mark
     from finetune.registry.jobs import TrainingRecord, new_record_id
-    from finetune.registry.processes import start_mark
 
     reg, training_id, proc = cli_run
     queue_run = subprocess.Popen(["sleep", "60"])
@@ -236,8 +236,8 @@ def test_a_start_that_fails_leaves_the_runs_it_adopted_alone(tmp_path: Path, fak
     previous server is left running, its record as it was, and the registry's server lock is given back."""
     from service import running_server
 
+    from finetune.processes import start_mark
     from finetune.registry.jobs import TrainingRecord, new_record_id
-    from finetune.registry.processes import start_mark
     from finetune.server import app as app_module
 
     class Broken:

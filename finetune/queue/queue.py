@@ -18,7 +18,7 @@ loads it) is the truth, so a queue started on a registry re-queues every record 
 
 Only runs of a queue are the queue's: a training run by ``finetune train`` (CLI or Python), even one that
 continues an API training, is never adopted, stopped or re-queued by a server (its record's ``runner`` tells).
-A run is known by its pid and start mark (:mod:`finetune.registry.processes`), never by a pid alone.
+A run is known by its pid and start mark (:mod:`finetune.processes`), never by a pid alone.
 
 The queue writes a record only while no worker runs it, so it never races a worker's own writes.
 """
@@ -32,9 +32,9 @@ import time
 from collections.abc import Callable
 
 from ..errors import ConflictError
+from ..processes import ProcessRef, started_at
 from ..registry import Registry
 from ..registry.jobs import FINAL, TrainingRecord, Trainings
-from ..registry.processes import ProcessRef, started_at
 from .executor import Executor, Job, describe_exit
 
 log = logging.getLogger("finetune.queue")

@@ -3,7 +3,7 @@
 Nothing here imports torch. The on-disk layout is drawn once, in :mod:`finetune.registry.store`.
 """
 
-from .gc import process_alive
+from ..processes import process_alive
 from .manifest import FORMAT_VERSION, MANIFEST, Version, check_version_dir, manifest_id, read_manifest
 from .store import HARDWARE, VISIBILITIES, Model, Registry, TrainingPaths
 

@@ -5,7 +5,7 @@ layout is drawn in :mod:`finetune.registry.store`): ``record.json`` replaced ato
 newest first (ids sort by creation time). :class:`Trainings` adds what a training needs: its files
 (:class:`~finetune.registry.store.TrainingPaths`), the process that runs it, cancellation, staleness and the log.
 
-A training's process is named by its pid *and* its start mark (:mod:`finetune.registry.processes`): a pid freed
+A training's process is named by its pid *and* its start mark (:mod:`finetune.processes`): a pid freed
 by a dead run and taken by another process is never signalled, nor taken for the run.
 """
 
@@ -25,8 +25,8 @@ from typing import Any, Generic, TypeVar
 
 from .. import atomic
 from ..errors import ConflictError, IntegrityError, NotFoundError, TrainingNotFoundError, UsageError
+from ..processes import ProcessRef
 from .manifest import utc_now
-from .processes import ProcessRef
 from .store import RECORD, Registry, TrainingPaths
 
 
@@ -168,7 +168,7 @@ class TrainingRecord:
     started_at: str | None = None
     completed_at: str | None = None
     pid: int | None = None
-    pid_mark: str | None = None  # the start mark of process ``pid`` (see registry.processes): pids get reused
+    pid_mark: str | None = None  # the start mark of process ``pid`` (see finetune.processes): pids get reused
     runner: str | None = None  # "queue": a server's queue worker runs it (a server adopts only those); else None
     resumed_from_step: int | None = None
     source: str = "cli"  # who submitted it: cli (or Python) | api

@@ -16,9 +16,9 @@ from filelock import FileLock, Timeout
 
 from .. import atomic
 from ..errors import ConflictError
+from ..processes import ProcessRef
 from ..registry import Registry
 from ..registry.manifest import utc_now
-from ..registry.processes import ProcessRef
 from ..registry.store import not_writable
 
 

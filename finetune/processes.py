@@ -184,3 +184,38 @@ def _pidfd(pid: int) -> int | None:
         return opener(pid)
     except (OSError, OverflowError):
         return None
+
+
+# ------------------------------------------------------------------------------------------------- work names
+# Work in progress (the registry's staging and trash folders, atomic writes' temp files) is named after the process
+# doing it, PURPOSE-PID-TAGRAND@HOST: TAG is :func:`mark_tag` (8 hex digits), RAND 8 more that keep one process's
+# names apart. `registry gc` removes an entry at once when its process is gone, so the name must tell that process
+# from a later one that took its pid. Names written before tags existed (RAND alone, 8 or 12 digits) are judged by
+# the pid alone: their process is taken as alive while any process has that pid, which keeps the entry.
+_TAG_DIGITS = 8
+
+
+def work_name(purpose: str) -> str:
+    """A unique name for a piece of work in progress that records which process of which host does it."""
+    tag = mark_tag(os.getpid()) or ""
+    return f"{purpose}-{os.getpid()}-{tag}{os.urandom(4).hex()}@{socket.gethostname()}"
+
+
+def work_owner(name: str, host: str) -> tuple[int, str | None] | None:
+    """The process a work name names, as (pid, tag or None for names without one), if it is one of ``host``'s;
+    None for another host's work or a name not of this form."""
+    head, _, entry_host = name.rpartition("@")
+    parts = head.rsplit("-", 2)  # PURPOSE may itself contain '-': split from the right
+    if entry_host != host or len(parts) != 3 or not parts[1].isdigit():
+        return None
+    tagged = len(parts[2]) == 2 * _TAG_DIGITS
+    return int(parts[1]), parts[2][:_TAG_DIGITS] if tagged else None
+
+
+def work_owner_alive(name: str, host: str) -> bool:
+    """Whether the process a work name names still runs on ``host`` (the very process, not a reuser of its pid)."""
+    owner = work_owner(name, host)
+    if owner is None:
+        return False
+    pid, tag = owner
+    return tag_alive(pid, tag) if tag is not None else process_alive(pid)

@@ -77,6 +77,26 @@ def test_a_model_a_training_runs_into_is_not_deleted(tmp_path: Path, capsys) -> 
     assert cli(capsys, reg, "models", "delete", "me/dest")[:2] == (0, "deleted me/dest\n")
 
 
+def test_a_queued_training_keeps_its_destination_and_its_base(tmp_path: Path, capsys) -> None:
+    """A training waiting in a server's queue (no process yet, or none since the server stopped) will run: its
+    destination model and the version it starts from are not deleted under it."""
+    reg = Registry(tmp_path / "registry")
+    reg.create_model("me/m")
+    parent = reg.publish("me/m", adapter(tmp_path, "a"), parent=HUB)
+    reg.create_model("me/dest")
+    trainings = Trainings(reg)
+    queued = trainings.create(TrainingRecord(id="20260101-000000-cccccc", destination="me/dest", source="api",
+                                             model=parent.ref, input={"base_model": parent.ref}))
+    rc, _, err = cli(capsys, reg, "models", "delete", "me/dest")
+    assert_one_line_error(rc, err, "model me/dest is the destination of training 20260101-000000-cccccc",
+                          "which is queued", "trainings cancel 20260101-000000-cccccc")
+    rc, _, err = cli(capsys, reg, "versions", "delete", parent.ref)
+    assert_one_line_error(rc, err, f"{parent.ref} is the base of training 20260101-000000-cccccc", "queued")
+    assert cli(capsys, reg, "trainings", "cancel", queued.id)[0] == 0
+    assert cli(capsys, reg, "models", "delete", "me/dest")[:2] == (0, "deleted me/dest\n")
+    assert cli(capsys, reg, "versions", "delete", parent.ref)[0] == 0
+
+
 @pytest.mark.parametrize("how", ["failed", "canceled", "process-gone"])
 def test_the_parent_of_an_interrupted_resumable_training_is_not_deleted(tmp_path: Path, capsys, how: str) -> None:
     reg = Registry(tmp_path / "registry")

@@ -34,7 +34,7 @@ from collections.abc import Callable
 from ..errors import ConflictError
 from ..processes import ProcessRef, started_at
 from ..registry import Registry
-from ..registry.jobs import FINAL, TrainingRecord, Trainings
+from ..registry.jobs import FINAL, QUEUED_SOURCES, TrainingRecord, Trainings
 from .executor import Executor, Job, describe_exit
 
 log = logging.getLogger("finetune.queue")
@@ -80,7 +80,7 @@ class TrainingQueue:
     """Trainings over training records, run by an :class:`~finetune.queue.executor.Executor`, accounts in turn."""
 
     def __init__(self, registry: Registry, executor: Executor, *, listener: Listener | None = None,
-                 resubmit_sources: tuple[str, ...] = ("api", "web"),
+                 resubmit_sources: tuple[str, ...] = QUEUED_SOURCES,
                  owner_of: Callable[[TrainingRecord], str] = destination_owner,
                  max_run_s: float | None = None):
         self.registry = registry

@@ -199,7 +199,7 @@ def _training_users(reg: Registry, match) -> tuple[list[TrainingRecord], list[tu
     for record in trainings.list():
         if not match(record):
             continue
-        if record.status not in FINAL and not trainings.is_stale(record):
+        if record.status not in FINAL and (trainings.running(record) or trainings.waiting(record)):
             running.append(record)
         elif (step := resumable_step(trainings, record)) is not None:
             resumable.append((record, step))
@@ -207,12 +207,16 @@ def _training_users(reg: Registry, match) -> tuple[list[TrainingRecord], list[tu
 
 
 def _refuse_for_trainings(reg: Registry, what: str, owner: str, match, relation: str) -> None:
+    from .jobs import Trainings
+
     running, resumable = _training_users(reg, match)
+    trainings = Trainings(reg)
     for record in running:
+        state = "still running" if trainings.running(record) else "queued"
         if owner_of(record.destination) != owner:  # never name another account's training
-            raise ConflictError(f"{what} is {relation} a training of another account that is still running",
+            raise ConflictError(f"{what} is {relation} a training of another account that is {state}",
                                 "try again when it has ended")
-        raise ConflictError(f"{what} is {relation} training {record.id}, which is still running",
+        raise ConflictError(f"{what} is {relation} training {record.id}, which is {state}",
                             f"wait for it or cancel it (`finetune trainings cancel {record.id}`) first")
     for record, step in resumable:
         if owner_of(record.destination) != owner:

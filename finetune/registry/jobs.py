@@ -184,6 +184,9 @@ class TrainingRecord:
 
 # A queue's worker processes carry this variable (value "queue"), so the record of the run they claim says so.
 RUNNER_ENV = "FINETUNE_RUNNER"
+# Trainings submitted to a server's queue: one that has not ended and is not running waits for a queue worker
+# (now, or after the next server start: queued trainings survive restarts).
+QUEUED_SOURCES = ("api", "web")
 
 
 class Trainings(RecordStore[TrainingRecord]):
@@ -247,6 +250,10 @@ class Trainings(RecordStore[TrainingRecord]):
 
     def clear_cancel(self, training_id: str) -> None:
         self.paths(training_id).cancel.unlink(missing_ok=True)
+
+    def waiting(self, record: TrainingRecord) -> bool:
+        """Whether ``record`` waits in a server's queue (queued, or interrupted and queued again): it will run."""
+        return record.status not in FINAL and record.source in QUEUED_SOURCES and not self.running(record)
 
     def is_stale(self, record: TrainingRecord) -> bool:
         """A record that says it runs, whose process is gone (killed -9, crashed machine)."""

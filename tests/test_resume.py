@@ -171,3 +171,40 @@ def test_resume_refuses_a_finished_run_and_a_config(root: Path, tmp_path: Path):
     rc, out, err = cli(root, "train", str(config), "--resume", training_id)
     assert rc == 2 and "--resume continues a run with its own config" in err
     assert len(reg.list_versions("resume/done")) == 1
+
+
+def test_a_resumed_run_continues_from_the_version_it_started_from(root: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch):
+    """`base_model: owner/name` means its latest version when the run starts; a resume continues from that same
+    version, not from one published into the model while the run was stopped."""
+    import finetune.training.run as train
+
+    reg = Registry(root)
+    config = write_config(tmp_path / "train.yaml", 0.0)
+    short = ("--quiet", "--set", "train.max_steps=2", "--set", "train.checkpoint_every=0")
+    rc, out, err = cli(root, "train", str(config), "--destination", "pin/parent", "--create-destination", *short)
+    assert rc == 0 and out == "pin/parent:1\n", err
+
+    calls, check = 0, train._StopFlag.check
+
+    def stop_after_step_2(self, accelerator):  # one check before the first step, then one after each step
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise train.TrainingCanceled("stopped for the test")
+        return check(self, accelerator)
+
+    monkeypatch.setattr(train._StopFlag, "check", stop_after_step_2)
+    rc, _, err = cli(root, "train", str(config), "--destination", "pin/child", "--create-destination", "--quiet",
+                     "--set", "base_model=pin/parent", "--set", "train.max_steps=4")
+    assert rc == 130, err
+    training_id = err.split()[1]
+    monkeypatch.setattr(train._StopFlag, "check", check)
+    assert Trainings(reg).get(training_id).model == "pin/parent:1"
+
+    rc, out, err = cli(root, "train", str(config), "--destination", "pin/parent", *short)  # pin/parent:2 now
+    assert rc == 0 and out == "pin/parent:2\n", err
+    rc, out, err = cli(root, "train", "--resume", training_id, "--quiet")
+    assert rc == 0 and out == "pin/child:1\n", err
+    assert Trainings(reg).get(training_id).model == "pin/parent:1"
+    assert reg.resolve("pin/child:1").parent["ref"] == "pin/parent:1"

@@ -57,6 +57,7 @@ from ..modeling.ops import rewrite_for_training
 from ..modeling.ops.attention import VARLEN_ATTENTION
 from ..modeling.ops.loss import CausalLMLoss, normalize_loss
 from ..modeling.precision import choose_precision, torch_dtype
+from ..names import parse_ref
 from ..registry import Registry, TrainingPaths, Version
 from ..registry.files import Files
 from ..registry.jobs import Status, TrainingRecord, Trainings, check_resumable
@@ -126,6 +127,7 @@ def run_training(training_id: str, *, registry: Registry | None = None, progress
     claimed = trainings.get(training_id)
     config = config_from_dict(claimed.input, source=f"training {training_id}")
     destination = claimed.destination
+    started_from = claimed.model  # what an earlier start of this run resolved base_model to (every rank reads it)
     record = claimed if state.is_main_process else None  # only the main process writes the record
 
     precision = choose_precision(config.train.precision, state.device)
@@ -141,7 +143,7 @@ def run_training(training_id: str, *, registry: Registry | None = None, progress
     stop = _StopFlag(trainings, training_id)
     try:
         version = _train(_Run(training_id, destination, config, reg, trainings, paths, record, accelerator,
-                              precision, log, stop, show_progress=progress))
+                              precision, log, stop, show_progress=progress, started_from=started_from))
     except (KeyboardInterrupt, TrainingCanceled) as err:
         _finish(trainings, record, Status.CANCELED, error=f"canceled: {err}" if str(err) else "canceled", log=log)
         raise TrainingCanceled(f"training {training_id} canceled; no version published") from None
@@ -200,6 +202,7 @@ class _Run:
     log: RunLog
     stop: _StopFlag
     show_progress: bool
+    started_from: str = ""  # the record's model: what an earlier start of this run resolved base_model to
 
     @property
     def main(self) -> bool:
@@ -325,10 +328,21 @@ def _train(run: _Run) -> Version | None:
     return _publish(run, loaded, schedule, progress, outcome, metrics)
 
 
+def _start_spec(run: _Run) -> str:
+    """What the run starts from: ``base_model``, except that a resumed run keeps the registry version its first
+    start resolved (``base_model: owner/name`` means the latest version *then*, not one published since)."""
+    try:
+        if run.started_from and parse_ref(run.started_from).kind == "number":
+            return run.started_from
+    except UsageError:
+        pass  # a hub id or a folder: resolved again, as given
+    return run.config.base_model
+
+
 def _load(run: _Run) -> _Loaded:
     """The base model (with its adapter, when continuing a fine-tune), the tokenizer, the tokenized data."""
     config, tcfg = run.config, run.config.train
-    resolved = resolve_model(run.registry, config.base_model)
+    resolved = resolve_model(run.registry, _start_spec(run))
     run.update_record(model=resolved.chain[0].ref if resolved.chain else resolved.base.description)
     tokenizer = load_tokenizer(resolved.base)
     context = base_context(resolved.base)

@@ -83,6 +83,7 @@ class FusedPaths:
     other_attention: tuple[str, ...]
     gemm: str  # which library runs the fp32 CPU products of the rewritten paths
     gated_mlps_off: bool = False  # gated MLPs the rewrite recognises, left to their own code by choice (fp32, CPU)
+    changed: tuple[str, ...] = ()  # transformers functions whose code is not what the rewrites were checked against
 
     def __str__(self) -> str:
         total = sum(self.lora.values())
@@ -101,8 +102,12 @@ class FusedPaths:
         rope = f"rope {self.rotary}"
         if self.other_attention:
             rope += f" ({', '.join(self.other_attention)} unchanged)"
-        return (f"fused paths: {lora}, {norms}, {mlps}, loss {self.loss}, last mlp on {last}, "
+        text = (f"fused paths: {lora}, {norms}, {mlps}, loss {self.loss}, last mlp on {last}, "
                 f"attention {self.attention}, {rope}, fp32 matmuls {self.gemm}")
+        if self.changed:
+            text += (f"; off where transformers' code is not the code they were checked against: "
+                     f"{', '.join(self.changed)}")
+        return text
 
 
 def rewrite_for_training(model, precision: str, device: torch.device) -> FusedPaths:
@@ -111,6 +116,7 @@ def rewrite_for_training(model, precision: str, device: torch.device) -> FusedPa
 
     from ..precision import torch_dtype
     from .attention import attention_path
+    from .checked import changed
     from .gemm import choose_fp32_cpu_linear, use_onednn
     from .lora import fuse_lora_updates, keep_activations_in_compute_dtype, lora_path
     from .loss import logits_path
@@ -154,7 +160,15 @@ def rewrite_for_training(model, precision: str, device: torch.device) -> FusedPa
         other_attention=_unchanged(model, ("Attention",)),
         gemm=gemm,
         gated_mlps_off=mlps_off,
+        changed=changed(references()),
     )
+
+
+def references() -> list:
+    """Every transformers function a rewrite recognises modules by (see :mod:`.checked`)."""
+    from . import loss_rows, mlp, norms, rotary
+
+    return norms.references() + mlp.references() + rotary.references() + loss_rows.references()
 
 
 def _loss_description(path: str, inner, head) -> str:

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from . import base_of, same_code
+from .checked import checked
 
 _ATTR = "_finetune_loss_rows"
 # Coarser than the packed rows' filler (data.batching.PACK_MULTIPLE, 64): with 64 the CLI's peak on the benchmark
@@ -70,7 +71,7 @@ def last_mlp_on_loss_rows(model) -> bool:
     whether it applies: only to decoder layers whose ``forward`` is byte for byte one of ``KNOWN_LAYERS``."""
     layer = _last_layer(model)
     known = layer is not None and any(same_code(type(layer).forward, reference.forward)
-                                      for reference in _known_layers())
+                                      and checked(reference.forward) for reference in _known_layers())
     mlp = getattr(layer, "mlp", None) if known else None
     if not isinstance(mlp, nn.Module):
         return False
@@ -91,6 +92,11 @@ def _known_layers() -> Iterator[type]:
         layer = getattr(module, name, None)
         if layer is not None:
             yield layer
+
+
+def references() -> list:
+    """The transformers functions this rewrite recognises layers by (see :mod:`.checked`)."""
+    return [layer.forward for layer in _known_layers()]
 
 
 @contextmanager

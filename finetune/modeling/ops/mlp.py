@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import lora, same_code
+from .checked import changed, checked
 
 
 class _SiluMul(torch.autograd.Function):
@@ -106,6 +107,8 @@ def gated_mlps(model) -> list[nn.Module]:
     from transformers.activations import SiLUActivation
     from transformers.models.llama.modeling_llama import LlamaMLP
 
+    if not checked(LlamaMLP.forward):
+        return []
     return [module for module in model.modules()
             if same_code(type(module).forward, LlamaMLP.forward)
             and type(getattr(module, "act_fn", None)) in (SiLUActivation, nn.SiLU)]
@@ -130,7 +133,8 @@ def fuse_tanh_gelus(model) -> int:
     count = 0
     for module in model.modules():
         forward = type(module).forward
-        if same_code(forward, NewGELUActivation.forward) or _is_bloom_gelu(forward):
+        if (same_code(forward, NewGELUActivation.forward) and checked(NewGELUActivation.forward)) \
+                or _is_bloom_gelu(forward):
             module.forward = types.MethodType(_tanh_gelu_forward, module)
             count += 1
     return count
@@ -143,7 +147,7 @@ def _is_bloom_gelu(forward) -> bool:
         from transformers.models.bloom import modeling_bloom as bloom
     except ImportError:  # a transformers without Bloom
         return False
-    if not same_code(forward, bloom.BloomGelu.forward):
+    if not same_code(forward, bloom.BloomGelu.forward) or changed(_bloom_references(bloom)):
         return False
     names = inspect.unwrap(forward).__globals__
     function = names.get("GeLUFunction")
@@ -152,3 +156,21 @@ def _is_bloom_gelu(forward) -> bool:
             and same_code(function.backward, bloom.GeLUFunction.backward)
             and same_code(names.get("bloom_gelu_forward"), bloom.bloom_gelu_forward)
             and same_code(names.get("bloom_gelu_back"), bloom.bloom_gelu_back))
+
+
+def _bloom_references(bloom) -> list:
+    return [bloom.BloomGelu.forward, bloom.GeLUFunction.forward, bloom.GeLUFunction.backward,
+            bloom.bloom_gelu_forward, bloom.bloom_gelu_back]
+
+
+def references() -> list:
+    """The transformers functions these rewrites recognise modules by (see :mod:`.checked`)."""
+    from transformers.activations import NewGELUActivation
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    found = [LlamaMLP.forward, NewGELUActivation.forward]
+    try:
+        from transformers.models.bloom import modeling_bloom as bloom
+    except ImportError:
+        return found
+    return found + _bloom_references(bloom)

@@ -7,6 +7,7 @@ import types
 import torch
 
 from . import rebuild, same_code
+from .checked import checked
 
 
 def _scaled(x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
@@ -61,6 +62,8 @@ def fuse_rms_norms(model) -> int:
     """
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
+    if not checked(LlamaRMSNorm.forward):
+        return 0
     count = 0
     for module in model.modules():
         if same_code(type(module).forward, LlamaRMSNorm.forward) and hasattr(module, "variance_epsilon"):
@@ -69,3 +72,10 @@ def fuse_rms_norms(model) -> int:
     return count
 
 
+
+
+def references() -> list:
+    """The transformers functions this rewrite recognises modules by (see :mod:`.checked`)."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    return [LlamaRMSNorm.forward]

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from . import same_code
+from .checked import checked
 
 
 class _Rotary(torch.autograd.Function):
@@ -134,8 +135,10 @@ def _with_our_rotary(forward: Callable) -> Callable | None:
     if code is None or "apply_rotary_pos_emb" not in code.co_names or not inspect.isfunction(theirs):
         return None
     theirs = inspect.unwrap(theirs)
-    ours = next((ours for reference, ours in _references() if same_code(theirs, reference)), None)
-    if ours is None or not same_code(theirs.__globals__.get("rotate_half"), llama.rotate_half):
+    ours = next((ours for reference, ours in _references() if same_code(theirs, reference) and checked(reference)),
+                None)
+    if ours is None or not same_code(theirs.__globals__.get("rotate_half"), llama.rotate_half) \
+            or not checked(llama.rotate_half):
         return None
     swapped = types.FunctionType(code, {**namespace, "apply_rotary_pos_emb": ours},
                                  function.__name__, function.__defaults__, function.__closure__)
@@ -159,6 +162,13 @@ def _references() -> tuple[tuple[Callable, Callable], ...]:
     return ((_plain_function(llama.apply_rotary_pos_emb), apply_rotary_pos_emb),
             (_plain_function(phi3.apply_rotary_pos_emb), apply_partial_rotary_pos_emb),
             (_plain_function(neox.apply_rotary_pos_emb), apply_partial_rotary_pos_emb))
+
+
+def references() -> list:
+    """The transformers functions this rewrite recognises layers by (see :mod:`.checked`)."""
+    from transformers.models.llama import modeling_llama as llama
+
+    return [reference for reference, _ in _references()] + [llama.rotate_half]
 
 
 def _renamed_argument(wrapper: Callable) -> str | None:

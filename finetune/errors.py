@@ -154,3 +154,15 @@ class TooLargeError(UsageError):
     """An upload or a request body is over the size limit the server was started with."""
 
     http_status = 413
+
+
+class TooManyRequestsError(FinetuneError):
+    """An account is at one of the server's per-account limits; it may try again once some of its work ended."""
+
+    http_status = 429
+
+
+class UnavailableError(FinetuneError, RuntimeError):
+    """The server cannot do it right now (e.g. an inference worker died); the same request may succeed later."""
+
+    http_status = 503

@@ -45,12 +45,21 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     if args.predict_max_batch < 1:
         raise UsageError(f"--predict-max-batch must be 1 or more, not {args.predict_max_batch}")
     memory = parse_size(args.predict_memory) / 2**20 if args.predict_memory else None
+    for flag, value in (("--predict-max-prompt-tokens", args.predict_max_prompt_tokens),
+                        ("--predict-max-per-account", args.predict_max_per_account)):
+        if value is not None and value < 1:
+            raise UsageError(f"{flag} must be 1 or more, not {value}")
+    prompt_bytes = parse_size(args.predict_max_prompt_size)
+    if prompt_bytes < 1:
+        raise UsageError(f"--predict-max-prompt-size must be 1 byte or more, not {args.predict_max_prompt_size}")
     return ServerSettings(host=args.host, port=args.port, workers=args.workers,
                           max_upload_bytes=parse_size(args.max_upload_size), allowed_data_dirs=tuple(dirs),
                           public_base_url=args.public_url.rstrip("/") if args.public_url else None,
                           predict_workers=args.predict_workers, predict_memory_mb=memory,
                           predict_device=args.predict_device, predict_max_batch=args.predict_max_batch,
-                          predict_prestart=True)
+                          predict_prestart=True, predict_max_prompt_bytes=prompt_bytes,
+                          predict_max_prompt_tokens=args.predict_max_prompt_tokens,
+                          predict_max_per_account=args.predict_max_per_account)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -134,6 +143,14 @@ def add_commands(groups: argparse._SubParsersAction) -> None:
     p.add_argument("--predict-device", default="auto", help="auto (a GPU when present), cpu, gpu or cuda:N")
     p.add_argument("--predict-max-batch", type=int, default=32, metavar="N",
                    help="the most requests one inference worker decodes together (default 32)")
+    p.add_argument("--predict-max-prompt-size", default=f"{ServerSettings.predict_max_prompt_bytes >> 10}K",
+                   metavar="SIZE",
+                   help="the largest prompt a prediction may send, in UTF-8 bytes (default %(default)s)")
+    p.add_argument("--predict-max-prompt-tokens", type=int, default=None, metavar="N",
+                   help="the most tokens a prediction's prompt may have (default: the model's context)")
+    p.add_argument("--predict-max-per-account", type=int, default=ServerSettings.predict_max_per_account, metavar="N",
+                   help="each account's predictions starting or running at once; more are refused with 429 "
+                        "(default %(default)s)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
                    help="log one line per request")

@@ -309,3 +309,28 @@ def test_compare_is_a_csrf_post_run_by_the_inference_worker(server, monkeypatch)
         assert bob.get(job_page).status_code == 404  # alice's comparison does not exist for bob
     finally:
         bob.close()
+
+
+# ------------------------------------------------------------------------------------------- the flags
+def test_finetune_serve_takes_the_limits_as_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    import argparse
+
+    from finetune.cli import main
+    from finetune.cli.serve import add_commands, settings_from_args
+
+    parser = argparse.ArgumentParser()
+    add_commands(parser.add_subparsers())
+    defaults = settings_from_args(parser.parse_args(["serve"]))
+    assert (defaults.predict_max_prompt_bytes, defaults.predict_max_prompt_tokens,
+            defaults.predict_max_per_account, defaults.predict_threads) == (512 * 1024, None, 16, None)
+    given = settings_from_args(parser.parse_args(["serve", "--predict-max-prompt-size", "64K",
+                                                  "--predict-max-prompt-tokens", "100",
+                                                  "--predict-max-per-account", "3", "--predict-threads", "1"]))
+    assert (given.predict_max_prompt_bytes, given.predict_max_prompt_tokens, given.predict_max_per_account,
+            given.predict_threads) == (64 * 1024, 100, 3, 1)
+    root = str(tmp_path / "registry")
+    for flag, value in (("--predict-max-per-account", "0"), ("--predict-max-prompt-tokens", "0"),
+                        ("--predict-threads", "0"), ("--predict-max-prompt-size", "0")):
+        rc = main(["--registry", root, "serve", flag, value])
+        err = capsys.readouterr().err
+        assert rc == 2 and flag in err and len(err.strip().splitlines()) == 1, err

@@ -46,7 +46,8 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         raise UsageError(f"--predict-max-batch must be 1 or more, not {args.predict_max_batch}")
     memory = parse_size(args.predict_memory) / 2**20 if args.predict_memory else None
     for flag, value in (("--predict-max-prompt-tokens", args.predict_max_prompt_tokens),
-                        ("--predict-max-per-account", args.predict_max_per_account)):
+                        ("--predict-max-per-account", args.predict_max_per_account),
+                        ("--predict-threads", args.predict_threads)):
         if value is not None and value < 1:
             raise UsageError(f"{flag} must be 1 or more, not {value}")
     prompt_bytes = parse_size(args.predict_max_prompt_size)
@@ -59,7 +60,8 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
                           predict_device=args.predict_device, predict_max_batch=args.predict_max_batch,
                           predict_prestart=True, predict_max_prompt_bytes=prompt_bytes,
                           predict_max_prompt_tokens=args.predict_max_prompt_tokens,
-                          predict_max_per_account=args.predict_max_per_account)
+                          predict_max_per_account=args.predict_max_per_account,
+                          predict_threads=args.predict_threads)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -143,6 +145,9 @@ def add_commands(groups: argparse._SubParsersAction) -> None:
     p.add_argument("--predict-device", default="auto", help="auto (a GPU when present), cpu, gpu or cuda:N")
     p.add_argument("--predict-max-batch", type=int, default=32, metavar="N",
                    help="the most requests one inference worker decodes together (default 32)")
+    p.add_argument("--predict-threads", type=int, default=None, metavar="N",
+                   help="CPU threads of each inference worker (default: torch's, one per core); 1 keeps short "
+                        "predictions fast on a small machine shared with trainings")
     p.add_argument("--predict-max-prompt-size", default=f"{ServerSettings.predict_max_prompt_bytes >> 10}K",
                    metavar="SIZE",
                    help="the largest prompt a prediction may send, in UTF-8 bytes (default %(default)s)")

@@ -40,3 +40,4 @@ class ServerSettings:
     predict_max_prompt_bytes: int = DEFAULT_MAX_PROMPT_BYTES
     predict_max_prompt_tokens: int | None = None
     predict_max_per_account: int = DEFAULT_MAX_PER_ACCOUNT
+    predict_threads: int | None = None  # torch CPU threads of each inference worker (None: torch's default)

@@ -302,6 +302,8 @@ class WorkerProcess:
         with self._lock:
             self._in_flight[job_id] = process
         requests.put(message)
+        if not process.is_alive():  # it died just now, perhaps before its reader could count this request
+            self._died(process)
 
     def submit(self, job_id: str, ref: str, data: dict[str, Any], owner: str = "") -> None:
         self._send(job_id, ("submit", job_id, ref, data, owner))

@@ -40,6 +40,7 @@ class ComparisonJob:
     owner: str
     model: str
     refs: list[str]
+    form: dict[str, Any] = field(default_factory=dict)  # what the caller shows again with the result
     status: str = "running"  # running, succeeded, failed
     result: dict[str, Any] | None = None
     error: str | None = None
@@ -62,7 +63,7 @@ class Comparisons:
         self._lock = threading.Lock()
 
     def start(self, owner: str, model: str, versions: list[Version], prompts: list[str],
-              eval_file: str | None = None) -> ComparisonJob:
+              eval_file: str | None = None, form: dict[str, Any] | None = None) -> ComparisonJob:
         """Check the bounds and hand the comparison to a worker; the job (running)."""
         if not 2 <= len(versions) <= MAX_VERSIONS:
             raise UsageError(f"choose 2 to {MAX_VERSIONS} versions to compare, not {len(versions)}")
@@ -74,7 +75,8 @@ class Comparisons:
         if eval_file is not None and os.path.getsize(eval_file) > MAX_EVAL_BYTES:
             raise UsageError(f"eval: the file is {os.path.getsize(eval_file):,} bytes; a comparison here scores at "
                              f"most {MAX_EVAL_BYTES >> 20} MiB", "use `finetune versions compare --eval` for more")
-        job = ComparisonJob(id="cmp-" + os.urandom(12).hex(), owner=owner, model=model, refs=[v.ref for v in versions])
+        job = ComparisonJob(id="cmp-" + os.urandom(12).hex(), owner=owner, model=model, refs=[v.ref for v in versions],
+                            form=dict(form or {}))
         with self._lock:
             running = [j for j in self._jobs.values() if j.status == "running"]
             if any(j.owner == owner for j in running):

@@ -64,11 +64,14 @@ def compare_run(request: Request, user: User, form: Form, owner: str, name: str)
             ctx["comparison"] = comparison_view(reg, compare_versions(reg, [v.ref for v in versions]).to_dict())
             return render(request, "tab_compare.html", ctx, user=user)
         eval_file = str(services.path_of(request, user.account, eval_id)) if eval_id else None
-        job = services.start_comparison(request, user.account, model, versions, lines, eval_file)
+        job = services.start_comparison(request, user.account, model, versions, lines, eval_file,
+                                        {"prompts": prompts_text, "eval": eval_id})
     except NotFoundError:
         raise
     except FinetuneError as err:
-        ctx["errors"]["eval" if eval_id and "eval" in str(err) else "prompts" if lines else "_form"] = [str(err)]
+        where = ("_form" if err.http_status == 429 else "eval" if eval_id and "eval" in str(err)
+                 else "prompts" if lines else "_form")
+        ctx["errors"][where] = [str(err)]
         return render(request, "tab_compare.html", ctx, status_code=err.http_status, user=user)
     return RedirectResponse(f"/models/{model}/compare/{job.id}", status_code=303)
 
@@ -84,7 +87,7 @@ def compare_result(request: Request, user: User, owner: str, name: str, job_id: 
             numbers.append(reg.resolve(ref).number)
         except NotFoundError:  # deleted since
             pass
-    ctx = _context(request, user, owner, name, numbers)
+    ctx = _context(request, user, owner, name, numbers, job.form.get("prompts", ""), job.form.get("eval", ""))
     if job.status == "running":
         ctx["running"] = job.refs
         ctx["refresh"] = REFRESH_S
@@ -92,7 +95,6 @@ def compare_result(request: Request, user: User, owner: str, name: str, job_id: 
         ctx["errors"]["_form"] = [job.error or "the comparison failed"]
     else:
         ctx["comparison"] = comparison_view(reg, job.result or {})
-        ctx["prompts_text"] = "\n".join(ctx["comparison"]["prompt_texts"])
     return render(request, "tab_compare.html", ctx, status_code=200 if job.status != "failed" else job.error_status,
                   user=user)
 
@@ -136,5 +138,5 @@ def comparison_view(reg: Any, result: dict[str, Any]) -> dict[str, Any]:
     texts = list(result.get("prompts") or [])
     prompts = [{"prompt": p, "answers": [(ref, a[i] if i < len(a) else "") for ref, a in answers]}
                for i, p in enumerate(texts)]
-    return {"reference": result.get("reference"), "rows": rows, "prompts": prompts, "prompt_texts": texts,
+    return {"reference": result.get("reference"), "rows": rows, "prompts": prompts,
             "eval_rows": result.get("eval_rows") or 0, "eval_file": bool(result.get("eval_file"))}

@@ -112,9 +112,10 @@ async def stream_prediction(request: Request, account: str, prediction_id: str) 
 
 # ---------------------------------------------------------------- comparisons (run by the inference workers)
 def start_comparison(request: Request, account: str, model: str, versions: list[Version], prompts: list[str],
-                     eval_file: str | None) -> Any:
-    """Hand a comparison to the inference workers (bounded; 429 while one of the account's runs); its job."""
-    return _predictions(request).comparisons.start(account, model, versions, prompts, eval_file)
+                     eval_file: str | None, form: dict[str, Any]) -> Any:
+    """Hand a comparison to the inference workers (bounded; 429 while one of the account's runs); its job, which
+    keeps ``form`` for the result page."""
+    return _predictions(request).comparisons.start(account, model, versions, prompts, eval_file, form)
 
 
 def comparison(request: Request, account: str, job_id: str) -> Any:

@@ -400,6 +400,11 @@ def _sample(logits: torch.Tensor, job: Job, generator: torch.Generator | None) -
         drop = cumulative - sorted_logits.softmax(-1) > job.top_p  # keep the smallest set reaching top_p
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
     probs = logits.softmax(-1)
+    # Checked here, on the host: on a GPU, multinomial over a NaN distribution is a device-side assert that ruins
+    # the whole process (every batch after it), where this is an error for this one row.
+    if not bool(torch.isfinite(probs).all()):
+        raise ValueError(f"the sampling distribution is not finite (temperature {job.temperature:g} for these "
+                         "logits)")
     return torch.multinomial(probs, 1, generator=generator)[0]
 
 

@@ -141,12 +141,15 @@ def compare_versions(
     eval_file: str | None = None,
     settings: GenerationSettings | None = None,
     device: str = "auto",
+    prompt_records: Sequence[dict[str, Any]] | None = None,
+    max_eval_rows: int | None = None,
 ) -> Comparison:
     """Compare versions: config changes against the first, eval loss on ``eval_file``, answers to the prompts of
     ``prompts_file`` (records with ``prompt``, or ``instruction``/``input``: see
-    :func:`finetune.inference.load_prompts`).
+    :func:`finetune.inference.load_prompts`) or of ``prompt_records`` (the same records, given directly).
 
-    Models are loaded only when there is an eval file or prompts to run.
+    Models are loaded only when there is an eval file or prompts to run. ``max_eval_rows`` bounds the rows of the
+    eval file scored (a larger file is refused; the web app's comparisons set it).
     """
     if len(refs) < 2:
         raise UsageError("compare needs at least two versions", "give two or more REFs")
@@ -156,7 +159,7 @@ def compare_versions(
     reports = [VersionReport(v, config_changes(reference.metadata["config"], v.metadata["config"])
                              if reference is not None and v in trained else None) for v in versions]
     comparison = Comparison(reports, reference=reference.ref if reference else None, eval_file=eval_file)
-    if eval_file is None and prompts_file is None:
+    if eval_file is None and prompts_file is None and not prompt_records:
         return comparison
     from .data.batching import label_count
     from .data.records import read_records
@@ -164,10 +167,11 @@ def compare_versions(
 
     if eval_file is not None:
         _check_same_base(reg, versions)
-    records = read_records(prompts_file).to_list() if prompts_file is not None else []
+    records = read_records(prompts_file).to_list() if prompts_file is not None else list(prompt_records or [])
     comparison.prompts = [_prompt_label(r) for r in records]
     # Every record is checked against every version's format before the first model loads: a bad one fails fast.
-    prompts = [[prompt_from_record(prompt_format_of(v), r, f"{prompts_file} record {i}")
+    source = prompts_file or "prompts"
+    prompts = [[prompt_from_record(prompt_format_of(v), r, f"{source} record {i}")
                 for i, r in enumerate(records, 1)] for v in versions]
     examples = None
     for report, version_prompts in zip(reports, prompts):
@@ -175,6 +179,10 @@ def compare_versions(
         if eval_file is not None:
             if examples is None:
                 examples = _eval_examples(loaded, eval_file)
+                if max_eval_rows is not None and len(examples) > max_eval_rows:
+                    raise UsageError(f"the eval file has {len(examples):,} rows; a comparison here takes at most "
+                                     f"{max_eval_rows:,}", "score a smaller file, or compare with "
+                                                           "`finetune versions compare --eval`")
                 comparison.eval_rows = len(examples)
                 comparison.eval_label_tokens = sum(label_count(ex["labels"]) for ex in examples)
             report.eval_loss = eval_loss(loaded, examples)

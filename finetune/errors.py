@@ -167,3 +167,9 @@ class TrainingStalledError(FinetuneError, ArithmeticError):
     are all zero (most often a learning rate far too high)."""
 
     http_status = 422  # the input (a learning rate) produced it
+
+
+class UnavailableError(FinetuneError, RuntimeError):
+    """The server cannot do it right now (e.g. an inference worker died); the same request may succeed later."""
+
+    http_status = 503

@@ -3,6 +3,7 @@
 
     python scripts/bench_api.py                      # 1,000 versions, 2,000 requests per read at concurrency 16
     python scripts/bench_api.py --versions 200 --requests 500 --trainings 2     # a quick look
+    python scripts/bench_api.py --mixed              # one account floods, another's p99 alone and under it
 
 It builds a temporary registry (fsync off while publishing: FINETUNE_FSYNC=0, benchmark only) holding a model
 with ``--versions`` versions and the tiny random base model, starts ``finetune serve`` in its own process with
@@ -21,6 +22,11 @@ one worker, and measures from this process:
 
 Targets (issue 11): p99 under 50 ms for the reads; pick-up under 1 s. The load generator runs on the same
 machine as the server, so on a small machine the two compete for the cores: say so with the figures.
+
+``--mixed`` measures instead what one account's flood does to another account (scripts/bench_mixed.py): the
+quiet account's reads and short predictions, alone and then while the flooding account keeps as many long
+predictions running as the server lets it (refused past ``--predict-max-per-account`` with 429, and trying
+again) and has trainings queued and running. Bounded: ``--mixed-seconds`` for each phase at most, loopback only.
 """
 
 from __future__ import annotations
@@ -53,6 +59,14 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--clients", choices=("processes", "threads"), default="processes",
                    help="run the concurrent clients as processes (default: like separate users) or as threads "
                         "of this process (their own GIL then queues them)")
+    p.add_argument("--mixed", action="store_true",
+                   help="instead: one account floods predictions and trainings; another's p99 alone and under it")
+    p.add_argument("--mixed-seconds", type=float, default=60.0,
+                   help="the longest each phase of --mixed lasts (default: 60)")
+    p.add_argument("--predict-max-per-account", type=int, default=None, metavar="N",
+                   help="passed to finetune serve (default: the server's own default)")
+    p.add_argument("--predict-threads", type=int, default=None, metavar="N",
+                   help="passed to finetune serve (default: the server's own default)")
     p.add_argument("--keep", action="store_true", help="keep the temporary registry")
     args = p.parse_args(argv)
     if min(args.versions, args.requests, args.concurrency) < 1 or args.trainings < 0:
@@ -226,12 +240,18 @@ def main(argv: list[str] | None = None) -> int:
         base = import_base(reg, "base/tiny", str(tiny), visibility="public")
         reg.create_model("bench/trained", visibility="private")
         token = Accounts(reg).create_token("bench", label="bench_api")
+        if args.mixed:
+            reg.create_model("flood/trained", visibility="private")
+            flood_token = Accounts(reg).create_token("flood", label="bench_api")
 
         # ---------------------------------------------------------------- the server, in its own process
         port = _free_port()
         url = f"http://127.0.0.1:{port}"
         cmd = [sys.executable, "-m", "finetune", "--registry", str(root), "serve", "--port", str(port),
                "--workers", "1", "--allow-data-dir", str(sample_data_path().parent)]
+        for flag in ("predict_max_per_account", "predict_threads"):
+            if getattr(args, flag) is not None:
+                cmd += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
         t0 = time.perf_counter()
         server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         headers = {"Authorization": f"Bearer {token}"}
@@ -248,6 +268,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"server: {' '.join(cmd[1:4])} ... serve --workers 1 answered after {time.perf_counter() - t0:.2f} s")
         print(f"machine: {os.cpu_count()} CPUs, shared by the server, its worker and this load generator")
         time.sleep(15)  # the queue's spare worker imports torch when the server starts: not during the reads
+        if args.mixed:
+            from bench_mixed import mixed_run
+
+            mixed_run(url, quiet_token=token, flood_token=flood_token, base_id=base.id, read_path=f"/v1/models/{model}",
+                      data=str(sample_data_path()), seconds=args.mixed_seconds)
+            return 0
 
         # ---------------------------------------------------------------- reads
         owner, name = model.split("/")

@@ -277,3 +277,96 @@ def test_a_sliding_window_cache_joins_a_running_batch_to_the_same_greedy_outputs
         assert [events.text(f"joins{n}") for n in range(len(prompts))] == expected
     finally:
         w.close()
+
+
+def test_a_request_that_fails_in_the_decode_loop_fails_alone(reg: Registry, worker):
+    """Jobs whose sampling cannot work (a temperature that turns the logits into inf, a seed torch cannot take;
+    the API refuses both, so here they are made directly) join a running batch: each fails alone, with its
+    reason, and every other prediction in the batch goes on to the text it gives alone."""
+    ev = worker.events
+    good = {"prompt": PROMPT, "max_new_tokens": 12}
+    worker.submit("alone", "alice/m:1", good)
+    assert ev.end("alone")["status"] == "succeeded"
+    worker.submit("long", "alice/tiny:1", {"prompt": "Once upon a time", "max_new_tokens": 300})
+    with ev.cond:  # decoding already: the others join its batch
+        ev.cond.wait_for(lambda: sum(k == "output" for k, _ in ev.by_id.get("long", [])) >= 3, 60)
+    core = worker.core
+    jobs = {}
+    for job_id, changes in (("tiny-temperature", {"temperature": 1e-300}), ("huge-seed", {"temperature": 1.0,
+                                                                                         "seed": 2**64}),
+                            ("good", {})):
+        job = core.prompts.prepare(job_id, "alice/m:1", good, lambda kind, payload, j=job_id: ev(j, kind, payload))
+        for key, value in changes.items():
+            setattr(job, key, value)
+        jobs[job_id] = job
+    for job in jobs.values():
+        core.engine.submit(job)
+    for job_id, reason in (("tiny-temperature", "not finite"), ("huge-seed", "cannot start generating")):
+        failed = ev.end(job_id)
+        assert failed["status"] == "failed" and reason in failed["error"], failed
+    assert ev.end("good")["status"] == "succeeded" and ev.text("good") == ev.text("alone")
+    long = ev.end("long")
+    assert long["status"] == "succeeded" and long["metrics"]["output_token_count"] > 3
+    assert sum(k == "done" for k, _ in ev.by_id["huge-seed"]) == 1  # ended exactly once
+
+
+def test_cancel_ends_a_prediction_its_worker_no_longer_answers_for(reg: Registry, monkeypatch):
+    """A worker that lost a prediction (it never sends its end) must not leave it processing for ever: cancel
+    settles it itself after a short wait."""
+    from finetune.serving import service as service_module
+
+    class Deaf:
+        def __init__(self, on_event):
+            self.on_event = on_event
+
+        def submit(self, job_id, ref, data, owner=""):
+            self.on_event(job_id, "admitted", {"input_token_count": 3})
+            self.on_event(job_id, "processing", {})
+
+        def cancel(self, job_id):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(service_module, "CANCEL_WAIT_S", 0.2)
+    service = service_module.PredictionService(reg)
+    service.close()
+    service._workers = [Deaf(service._on_event)]
+    record = service.create(reg.resolve("alice/m:1"), {"prompt": PROMPT}, owner="alice")
+    assert service.get(record.id).status == "processing"
+    assert service.cancel(record.id).status == "canceled"
+    assert service.records.get(record.id).status == "canceled"  # on disk too
+
+
+def test_comparisons_are_bounded_per_account_and_on_the_server(reg: Registry):
+    from finetune.errors import LimitError, NotFoundError, UsageError
+    from finetune.serving.comparisons import Comparisons
+
+    sent = []
+
+    class Worker:
+        def compare(self, job_id, spec):
+            sent.append((job_id, spec))
+
+    comparisons = Comparisons(lambda version: Worker(), max_running=2)
+    versions = [reg.resolve("alice/m:1"), reg.resolve("alice/m:2")]
+    first = comparisons.start("alice", "alice/m", versions, ["Name a color."])
+    assert sent[0][1]["refs"] == ["alice/m:1", "alice/m:2"] and sent[0][1]["prompts"] == [{"prompt": "Name a color."}]
+    with pytest.raises(LimitError, match="one at a time"):
+        comparisons.start("alice", "alice/m", versions, [])
+    comparisons.start("bob", "alice/m", versions, [])
+    with pytest.raises(LimitError, match="at once"):
+        comparisons.start("carol", "alice/m", versions, [])
+    for bad, match in ((versions[:1], "2 to 4"), (versions * 3, "2 to 4")):
+        with pytest.raises(UsageError, match=match):
+            comparisons.start("dave", "alice/m", bad, [])
+    with pytest.raises(UsageError, match="at most 5"):
+        comparisons.start("dave", "alice/m", versions, ["p"] * 6)
+    with pytest.raises(UsageError, match="at most 2000 characters"):
+        comparisons.start("dave", "alice/m", versions, ["p" * 2001])
+    comparisons.on_event(first.id, "compared", {"result": {"versions": []}})
+    assert comparisons.get(first.id, "alice").status == "succeeded" and first.finished.is_set()
+    with pytest.raises(NotFoundError):
+        comparisons.get(first.id, "bob")
+    comparisons.start("alice", "alice/m", versions, [])  # hers ended: she may start another

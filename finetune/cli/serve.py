@@ -86,13 +86,23 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     memory = parse_size(args.predict_memory) / 2**20 if args.predict_memory else None
     webhook_hosts = tuple(args.allow_webhook_host or ())
     parse_allowed(webhook_hosts)  # a bad value fails the start, not the first webhook
+    for flag, value in (("--predict-max-prompt-tokens", args.predict_max_prompt_tokens),
+                        ("--predict-threads", args.predict_threads)):
+        if value is not None and value < 1:
+            raise UsageError(f"{flag} must be 1 or more, not {value}")
+    prompt_bytes = parse_size(args.predict_max_prompt_size)
+    if prompt_bytes < 1:
+        raise UsageError(f"--predict-max-prompt-size must be 1 byte or more, not {args.predict_max_prompt_size}")
     return ServerSettings(host=args.host, port=args.port, workers=args.workers,
                           max_upload_bytes=parse_size(args.max_upload_size), allowed_data_dirs=tuple(dirs),
                           public_base_url=args.public_url.rstrip("/") if args.public_url else None,
                           allow_webhook_hosts=webhook_hosts, api_docs=args.api_docs,
                           predict_workers=args.predict_workers, predict_memory_mb=memory,
                           predict_device=args.predict_device, predict_max_batch=args.predict_max_batch,
-                          predict_prestart=True,
+                          predict_prestart=True, predict_max_prompt_bytes=prompt_bytes,
+                          predict_max_prompt_tokens=args.predict_max_prompt_tokens,
+                          predict_max_per_account=_limit(args.predict_max_per_account, "--predict-max-per-account"),
+                          predict_threads=args.predict_threads,
                           max_trainings_per_account=_limit(args.max_trainings_per_account,
                                                            "--max-trainings-per-account"),
                           max_training_steps=_limit(args.max_training_steps, "--max-training-steps"),
@@ -228,6 +238,17 @@ def add_commands(groups: argparse._SubParsersAction) -> None:
     p.add_argument("--max-training-time", default=f"{int(DEFAULT_MAX_TRAINING_TIME_S // 3600)}h", metavar="DURATION",
                    help="a training running longer is stopped and fails, e.g. 90m, 24h, 2d "
                         "(default %(default)s; 0: no limit)")
+    p.add_argument("--predict-threads", type=int, default=None, metavar="N",
+                   help="CPU threads of each inference worker (default: torch's, one per core); 1 keeps short "
+                        "predictions fast on a small machine shared with trainings")
+    p.add_argument("--predict-max-prompt-size", default=f"{ServerSettings.predict_max_prompt_bytes >> 10}K",
+                   metavar="SIZE",
+                   help="the largest prompt a prediction may send, in UTF-8 bytes (default %(default)s)")
+    p.add_argument("--predict-max-prompt-tokens", type=int, default=None, metavar="N",
+                   help="the most tokens a prediction's prompt may have (default: the model's context)")
+    p.add_argument("--predict-max-per-account", type=int, default=ServerSettings.predict_max_per_account, metavar="N",
+                   help="each account's predictions starting or running at once; more are refused with 429 "
+                        "(default %(default)s)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
                    help="log one line per request")

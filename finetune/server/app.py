@@ -64,9 +64,12 @@ def _prediction_service(registry: Registry, settings: ServerSettings, app: FastA
         sender.send(record.id, record.webhook, body, accounts.webhook_secret(record.owner), account=record.owner)
 
     config = WorkerConfig(str(registry.root), device=settings.predict_device,
-                          memory_budget_mb=settings.predict_memory_mb, max_batch=settings.predict_max_batch)
+                          memory_budget_mb=settings.predict_memory_mb, max_batch=settings.predict_max_batch,
+                          max_prompt_tokens=settings.predict_max_prompt_tokens, threads=settings.predict_threads)
     return PredictionService(registry, config, workers=settings.predict_workers, prestart=settings.predict_prestart,
-                             to_object=predictions.prediction_object, webhook_sender=send)
+                             to_object=predictions.prediction_object, webhook_sender=send,
+                             max_prompt_bytes=settings.predict_max_prompt_bytes,
+                             max_per_account=settings.predict_max_per_account)
 
 
 def create_app(registry: Registry | None = None, settings: ServerSettings | None = None) -> FastAPI:

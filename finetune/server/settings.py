@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..serving.schema import DEFAULT_MAX_PROMPT_BYTES
+from ..serving.service import DEFAULT_MAX_PER_ACCOUNT
+
 DEFAULT_MAX_UPLOAD_BYTES = 100 * 1024 * 1024
 # Trainings: what one account may have queued or running at once, the most steps a training may ask for, and
 # how long one run may take before it is stopped (failed). None: no limit.
@@ -46,3 +49,9 @@ class ServerSettings:
     predict_device: str = "auto"
     predict_max_batch: int = 32
     predict_prestart: bool = False
+    # the limits on predictions (README, "Predictions"): a prompt's UTF-8 bytes and tokens (None: the model's
+    # context), and each account's predictions starting or running at once
+    predict_max_prompt_bytes: int = DEFAULT_MAX_PROMPT_BYTES
+    predict_max_prompt_tokens: int | None = None
+    predict_max_per_account: int | None = DEFAULT_MAX_PER_ACCOUNT  # None: no limit
+    predict_threads: int | None = None  # torch CPU threads of each inference worker (None: torch's default)

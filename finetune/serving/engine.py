@@ -6,6 +6,11 @@ joins it at the next step: its prompt is prefilled on its own, then its KV cache
 batch's length and stacked onto it (rows keep their own attention masks and positions). Finished and
 canceled rows leave the batch at once, so a cancel stops generation within a step. A request for another
 base waits until the running batch drains (which it does: nothing joins once another base is waiting).
+Where there is room for fewer jobs than wait, the accounts take turns (round-robin, oldest job first within an
+account): one account queueing many predictions delays another's by one turn at most, not by its whole queue.
+
+A request that fails on its own (its sampling, its seed, its prefill) ends ``failed`` alone; the rest of the
+batch goes on. Every job the loop takes ends with exactly one ``done``, whatever fails.
 
 Each request reports through its ``emit(kind, payload)`` callback: ``processing`` (it entered a batch),
 ``log`` (loading notes), ``output`` (a text piece), and finally ``done`` with its status (succeeded, failed,
@@ -14,8 +19,6 @@ canceled), error and metrics.
 
 from __future__ import annotations
 
-import functools
-import inspect
 import threading
 import time
 import traceback
@@ -26,6 +29,7 @@ from typing import Any
 import torch
 
 from ..errors import FinetuneError, one_line
+from .batch import Batch, cache_argument
 from .cache import BASE_ADAPTER, ModelCache, Servable
 from .text import Detokenizer, StopMatcher
 
@@ -47,8 +51,10 @@ class Job:
     top_k: int = 0
     seed: int | None = None
     stop_sequences: list[str] = field(default_factory=list)
+    owner: str = ""  # the account: accounts take turns for room in a batch
     canceled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
+    ended: bool = False  # its "done" was sent
 
 
 @dataclass
@@ -76,6 +82,8 @@ class Engine:
         self._thread: threading.Thread | None = None
         self.steps = 0  # forward passes run (a test and the benchmark read how well requests were batched)
         self.max_rows = 0
+        self._turns: dict[str, int] = {}  # account -> when it last had a job taken (round-robin between accounts)
+        self._tick = 0
 
     # ------------------------------------------------------------------ control
     def start(self) -> Engine:
@@ -109,18 +117,36 @@ class Engine:
 
     # ------------------------------------------------------------------ scheduling
     def _take(self, base: str | None, room: int) -> list[Job]:
-        """Queued jobs of ``base`` (None: the oldest job's base), up to ``room``, oldest first."""
+        """Queued jobs of ``base``, up to ``room``; None: of the base of the job :meth:`_next` picks. The accounts
+        take turns: the one whose last turn is oldest goes first (then the one waiting longest), with its oldest
+        job."""
         with self._cond:
             if base is None:
                 if not self._pending:
                     return []
-                base = self._pending[0].base
+                base = self._next(self._pending).base
             elif any(job.base != base for job in self._pending):
                 return []  # another base waits: let this batch drain
-            taken = [job for job in self._pending if job.base == base][:room]
+            waiting = [job for job in self._pending if job.base == base]
+            taken: list[Job] = []
+            while waiting and len(taken) < room:
+                job = self._next(waiting)
+                self._tick += 1
+                self._turns[job.owner] = self._tick
+                waiting.remove(job)
+                taken.append(job)
             for job in taken:
                 self._pending.remove(job)
+            if len(self._turns) > 4096:  # accounts long gone: forget their turns
+                self._turns = dict(sorted(self._turns.items(), key=lambda kv: kv[1])[-1024:])
             return taken
+
+    def _next(self, jobs: list[Job]) -> Job:
+        """Whose turn it is among ``jobs`` (oldest first): the oldest job of the account served longest ago."""
+        first: dict[str, Job] = {}
+        for job in jobs:
+            first.setdefault(job.owner, job)
+        return first[min(first, key=lambda owner: self._turns.get(owner, -1))]  # ties: oldest job first
 
     def _loop(self) -> None:
         while True:
@@ -139,11 +165,12 @@ class Engine:
                 except Exception as err:  # a bug must not kill the worker; the jobs say what happened
                     traceback.print_exc()
                     for job in jobs:
-                        _finish_unstarted(job, "failed", f"internal error: {one_line(err)}")
+                        if not job.ended:
+                            _finish_unstarted(job, "failed", f"internal error: {one_line(err)}")
 
     # ------------------------------------------------------------------ one batch
     def _admit(self, jobs: list[Job]) -> list[_Row]:
-        """Servables for jobs (loading what is missing); failed or canceled jobs are settled here."""
+        """Servables for jobs (loading what is missing); failed or canceled jobs are settled here, each alone."""
         rows = []
         for job in jobs:
             if job.canceled.is_set():
@@ -159,50 +186,76 @@ class Engine:
             except Exception as err:
                 _finish_unstarted(job, "failed", f"cannot load {job.ref}: {one_line(err)}")
                 continue
-            if not loaded:
-                job.emit("log", {"text": f"{job.ref} was already loaded in this worker (no reload)"})
-            generator = None
-            if job.temperature > 0:
-                generator = torch.Generator(device=servable.base.device)
-                generator.manual_seed(job.seed if job.seed is not None else int.from_bytes(_random_bytes(), "little"))
-            rows.append(_Row(job, servable, Detokenizer(servable.loaded.tokenizer), StopMatcher(job.stop_sequences),
-                             generator, started))
+            try:
+                if not loaded:
+                    job.emit("log", {"text": f"{job.ref} was already loaded in this worker (no reload)"})
+                generator = None
+                if job.temperature > 0:
+                    generator = torch.Generator(device=servable.base.device)
+                    seed = job.seed if job.seed is not None else int.from_bytes(_random_bytes(), "little")
+                    generator.manual_seed(seed)
+                rows.append(_Row(job, servable, Detokenizer(servable.loaded.tokenizer),
+                                 StopMatcher(job.stop_sequences), generator, started))
+            except Exception as err:  # this job's settings (its seed): it fails, the others go on
+                traceback.print_exc()
+                self.cache.release(servable)
+                _finish_unstarted(job, "failed", f"cannot start generating: {one_line(err)}")
         return rows
 
     @torch.inference_mode()
     def _run_batch(self, jobs: list[Job]) -> None:
-        rows = self._admit(jobs)
-        admitted = list(rows)  # every row this batch ever held: all end through _finish, even on errors
-        if not rows:
-            return
-        base = rows[0].servable.base  # pinned versions keep their base in memory: one object all batch long
-        batch = None
+        taken = list(jobs)  # every job this batch took: each ends with one "done", whatever fails
+        admitted: list[_Row] = []  # every row this batch ever held: all end through _finish, even on errors
         try:
-            batch = self._prefill(base, rows)
+            rows = self._admit(jobs)
+            admitted += rows
+            if not rows:
+                return
+            base = rows[0].servable.base  # pinned versions keep their base in memory: one object all batch long
+            batch = self._prefill_alone(base, rows)
             while True:
-                batch = self._drop_finished(batch)
+                batch = self._drop_finished(batch) if batch is not None else None
                 room = self.max_batch - (len(batch.rows) if batch is not None else 0)
-                newcomers = self._admit(self._take(base.key, room)) if room > 0 else []
+                arrivals = self._take(base.key, room) if room > 0 else []
+                taken += arrivals
+                newcomers = self._admit(arrivals)
                 admitted += newcomers
                 if newcomers:
-                    fresh = self._prefill(base, newcomers)
-                    batch = fresh if batch is None else batch.join(fresh)
+                    fresh = self._prefill_alone(base, newcomers)
+                    if fresh is not None:
+                        batch = fresh if batch is None else batch.join(fresh)
                     continue  # the newcomers' first tokens are in: check for finished rows again
+                if arrivals:
+                    continue  # they all ended at once (canceled, failed to load): look for more
                 if batch is None:
                     return
                 self._step(base, batch)
-        except Exception as err:
+        except Exception as err:  # the batch's own forward pass: every row in it fails
             traceback.print_exc()
             for row in admitted:
                 if not row.done:
                     self._finish(row, "failed", f"generation failed: {one_line(err)}")
+        finally:
+            for job in taken:
+                if not job.ended:  # never left processing for ever, whatever failed above
+                    _finish_unstarted(job, "failed", "internal error: the inference worker lost the prediction")
+
+    def _prefill_alone(self, base: Any, rows: list[_Row]) -> Batch | None:
+        """Prefill ``rows``; if that fails, they fail (and only they: a running batch they were to join goes on)."""
+        try:
+            return self._prefill(base, rows)
+        except Exception as err:
+            traceback.print_exc()
+            for row in rows:
+                self._finish(row, "failed", f"generation failed: {one_line(err)}")
+            return None
 
     def _forward(self, base: Any, rows: list[_Row], input_ids: torch.Tensor, mask: torch.Tensor,
                  positions: torch.Tensor, cache: Any) -> torch.Tensor:
         model = base.model
         kwargs = dict(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
                       logits_to_keep=1)
-        kwargs[_cache_argument(base)] = cache
+        kwargs[cache_argument(base)] = cache
         names = [row.servable.adapter for row in rows]
         self.steps += 1
         self.max_rows = max(self.max_rows, len(rows))
@@ -225,7 +278,7 @@ class Engine:
             return model.get_base_model()(**kwargs).logits[:, -1, :]
         return model(**kwargs, adapter_names=names).logits[:, -1, :]  # PEFT routes each row to its adapter
 
-    def _prefill(self, base: Any, rows: list[_Row]) -> _Batch:
+    def _prefill(self, base: Any, rows: list[_Row]) -> Batch:
         from transformers import DynamicCache
 
         device = base.device
@@ -241,11 +294,11 @@ class Engine:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
         logits = self._forward(base, rows, ids, mask, positions, cache)
-        batch = _Batch(rows, cache, mask, positions[:, -1] + 1)
+        batch = Batch(rows, cache, mask, positions[:, -1] + 1)
         self._consume(batch, logits)
         return batch
 
-    def _step(self, base: Any, batch: _Batch) -> None:
+    def _step(self, base: Any, batch: Batch) -> None:
         ones = torch.ones((len(batch.rows), 1), dtype=batch.mask.dtype, device=batch.mask.device)
         batch.mask = torch.cat([batch.mask, ones], dim=1)
         logits = self._forward(base, batch.rows, batch.last[:, None], batch.mask, batch.next_pos[:, None],
@@ -253,33 +306,48 @@ class Engine:
         batch.next_pos = batch.next_pos + 1
         self._consume(batch, logits)
 
-    def _consume(self, batch: _Batch, logits: torch.Tensor) -> None:
-        """Pick each row's next token, stream its text, and mark rows that are done."""
+    def _consume(self, batch: Batch, logits: torch.Tensor) -> None:
+        """Pick each row's next token, stream its text, and mark rows that are done. A row whose sampling or
+        text fails ends ``failed`` alone (it leaves the batch at the next step); the others go on."""
         tokens = logits.argmax(dim=-1)
         for i, row in enumerate(batch.rows):
-            if row.job.temperature > 0:
-                tokens[i] = _sample(logits[i].float(), row.job, row.generator)
+            if row.job.temperature > 0 and not row.done:
+                try:
+                    tokens[i] = _sample(logits[i].float(), row.job, row.generator)
+                except Exception as err:
+                    self._fail_row(row, err)
         batch.last = tokens
         now = time.perf_counter()
         for row, token in zip(batch.rows, tokens.tolist()):
             if row.done:
                 continue
-            if row.job.canceled.is_set():
-                self._finish(row, "canceled", None)
-                continue
-            if row.first_token is None:
-                row.first_token = now
-            if token in row.servable.eos:
-                self._finish(row, "succeeded", None)
-                continue
-            row.generated += 1
-            self._emit_text(row, row.stop.feed(row.detok.add(token)))
-            if row.stop.stopped:
-                self._finish(row, "succeeded", None)
-            elif row.generated >= row.job.max_new_tokens:
-                self._finish(row, "succeeded", None)
+            try:
+                self._advance(row, token, now)
+            except Exception as err:
+                self._fail_row(row, err)
 
-    def _drop_finished(self, batch: _Batch) -> _Batch | None:
+    def _fail_row(self, row: _Row, err: Exception) -> None:
+        traceback.print_exc()
+        self._finish(row, "failed", f"generation failed: {one_line(err)}")
+
+    def _advance(self, row: _Row, token: int, now: float) -> None:
+        """One new token for one row: stream its text, or end the row."""
+        if row.job.canceled.is_set():
+            self._finish(row, "canceled", None)
+            return
+        if row.first_token is None:
+            row.first_token = now
+        if token in row.servable.eos:
+            self._finish(row, "succeeded", None)
+            return
+        row.generated += 1
+        self._emit_text(row, row.stop.feed(row.detok.add(token)))
+        if row.stop.stopped:
+            self._finish(row, "succeeded", None)
+        elif row.generated >= row.job.max_new_tokens:
+            self._finish(row, "succeeded", None)
+
+    def _drop_finished(self, batch: Batch) -> Batch | None:
         for row in batch.rows:  # canceled while waiting on the step: stop before computing another token
             if not row.done and row.job.canceled.is_set():
                 self._finish(row, "canceled", None)
@@ -317,60 +385,8 @@ class Engine:
             decoding = end - row.first_token
             metrics["tokens_per_second"] = round((row.generated - 1) / decoding, 3) if row.generated > 1 and \
                 decoding > 0 else round(row.generated / predict, 3) if predict > 0 else 0.0
+        row.job.ended = True
         row.job.emit("done", {"status": status, "error": error, "metrics": metrics})
-
-
-class _Batch:
-    """The rows decoding together and their KV cache, attention masks, next positions and last tokens."""
-
-    def __init__(self, rows: list[_Row], cache: Any, mask: torch.Tensor, next_pos: torch.Tensor):
-        self.rows, self.cache, self.mask, self.next_pos = rows, cache, mask, next_pos
-        self.last = torch.zeros(len(rows), dtype=torch.long, device=mask.device)
-
-    def select(self, keep: list[int]) -> None:
-        index = torch.tensor(keep, dtype=torch.long, device=self.mask.device)
-        self.rows = [self.rows[i] for i in keep]
-        self.cache.batch_select_indices(index)
-        self.mask, self.next_pos, self.last = self.mask[index], self.next_pos[index], self.last[index]
-        unused = int((self.mask.sum(0) == 0).long().cumprod(0).sum())  # leading columns that are all padding
-        if unused:
-            self.mask = self.mask[:, unused:]
-            for layer in self.cache.layers:
-                layer.keys, layer.values = layer.keys[..., unused:, :], layer.values[..., unused:, :]
-
-    def join(self, other: _Batch) -> _Batch:
-        """Stack ``other``'s rows under these: the shorter caches and masks are left-padded to one length."""
-        width = max(self.mask.shape[1], other.mask.shape[1])
-        for mine, theirs in zip(self.cache.layers, other.cache.layers):
-            mine.keys = torch.cat([_pad_left(mine.keys, width), _pad_left(theirs.keys, width)], dim=0)
-            mine.values = torch.cat([_pad_left(mine.values, width), _pad_left(theirs.values, width)], dim=0)
-        self.mask = torch.cat([_pad_left(self.mask, width), _pad_left(other.mask, width)], dim=0)
-        self.next_pos = torch.cat([self.next_pos, other.next_pos])
-        self.last = torch.cat([self.last, other.last])
-        self.rows = self.rows + other.rows
-        return self
-
-
-def _cache_argument(base: Any) -> str:
-    """The name the model's forward takes its KV cache by: ``cache`` in newer transformers, else the old one."""
-    model = base.model.get_base_model() if hasattr(base.model, "get_base_model") else base.model
-    return _cache_argument_of(type(model))
-
-
-@functools.cache
-def _cache_argument_of(cls: type) -> str:
-    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
-
-
-def _pad_left(t: torch.Tensor, width: int) -> torch.Tensor:
-    """Left-pad the sequence axis (the last for a mask, the one before it for cached keys and values)."""
-    axis = 1 if t.dim() == 2 else t.dim() - 2
-    missing = width - t.shape[axis]
-    if missing <= 0:
-        return t
-    shape = list(t.shape)
-    shape[axis] = missing
-    return torch.cat([torch.zeros(shape, dtype=t.dtype, device=t.device), t], dim=axis)
 
 
 def _sample(logits: torch.Tensor, job: Job, generator: torch.Generator | None) -> torch.Tensor:
@@ -384,6 +400,11 @@ def _sample(logits: torch.Tensor, job: Job, generator: torch.Generator | None) -
         drop = cumulative - sorted_logits.softmax(-1) > job.top_p  # keep the smallest set reaching top_p
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
     probs = logits.softmax(-1)
+    # Checked here, on the host: on a GPU, multinomial over a NaN distribution is a device-side assert that ruins
+    # the whole process (every batch after it), where this is an error for this one row.
+    if not bool(torch.isfinite(probs).all()):
+        raise ValueError(f"the sampling distribution is not finite (temperature {job.temperature:g} for these "
+                         "logits)")
     return torch.multinomial(probs, 1, generator=generator)[0]
 
 
@@ -394,5 +415,6 @@ def _random_bytes() -> bytes:
 
 
 def _finish_unstarted(job: Job, status: str, error: str | None) -> None:
+    job.ended = True
     job.emit("done", {"status": status, "error": error, "metrics": {"input_token_count": len(job.ids),
                                                                     "output_token_count": 0}})

@@ -2,16 +2,21 @@
 
 The HTTP routes (server/routes/predictions.py) are a thin layer over :class:`PredictionService`:
 
-* :meth:`~PredictionService.create` checks the input against the version's schema, hands the prediction to a
-  worker and waits for the worker to admit it (the prompt rendered, tokenized and within the context) — a
-  rejection is raised as the :class:`~finetune.errors.FinetuneError` it is (a 4xx), and no record is kept;
+* :meth:`~PredictionService.create` (``create_async`` on an event loop) checks the input against the version's
+  schema and the server's limits (the prompt's size; each account's predictions starting or running at once,
+  429 past ``max_per_account``), hands the prediction to a worker and waits for the worker to admit it (the
+  prompt rendered, tokenized and within the context) — a rejection is raised as the
+  :class:`~finetune.errors.FinetuneError` it is (a 4xx; 503 when the worker died first), and no record is kept;
 * the worker's events update the record in memory (output pieces appended as they come) and on disk (on every
   status change, and at most every :data:`SAVE_EVERY_S` while output streams);
-* :meth:`~PredictionService.wait` blocks until a prediction ends or a timeout passes (``Prefer: wait``);
-  :meth:`~PredictionService.subscribe` yields its output pieces and end as they happen (Server-Sent Events);
-* :meth:`~PredictionService.cancel` stops it within a decoding step.
+* :meth:`~PredictionService.wait_async` awaits the end of a prediction or a timeout (``Prefer: wait``) on the
+  event loop, holding no thread; :meth:`~PredictionService.subscribe` yields its output pieces and end as they
+  happen (Server-Sent Events);
+* :meth:`~PredictionService.cancel` stops it within a decoding step; a prediction its worker no longer answers
+  for is settled ``canceled`` by the service itself, so cancel always ends it.
 
-Versions map to workers by their base, so the versions of one base share that worker's memory.
+Versions map to workers by their base, so the versions of one base share that worker's memory. The web app's
+comparisons run on the same workers (:attr:`~PredictionService.comparisons`).
 """
 
 from __future__ import annotations
@@ -24,14 +29,19 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import ConflictError, FinetuneError, UsageError
+from ..errors import ConflictError, FinetuneError, LimitError, UnavailableError, UsageError
 from ..registry import Registry, Version
 from ..registry.jobs import FINAL, Status
 from ..registry.manifest import utc_now
 from ..registry.predictions import PredictionRecord, Predictions, new_prediction_id
-from .schema import check_input, prompt_format
+from .comparisons import Comparisons
+from .schema import DEFAULT_MAX_PROMPT_BYTES, check_input, prompt_format
+from .signals import Signal
 from .worker import LocalWorker, WorkerConfig, WorkerProcess
 
+DEFAULT_MAX_PER_ACCOUNT = 16  # predictions starting or running at once per account (finetune serve flag)
+ADMIT_TIMEOUT_S = 300.0  # a worker that neither admits, rejects nor dies in this long is stuck
+CANCEL_WAIT_S = 5.0  # a worker ends a canceled prediction within a step; past this the service settles it
 SAVE_EVERY_S = 1.0
 WEBHOOK_EVERY_S = 0.5  # output and logs webhooks, like Replicate's, at most this often
 WEBHOOK_EVENTS = ("start", "output", "logs", "completed")
@@ -46,9 +56,10 @@ class _Live:
     """A prediction the service is running: its record and who waits for it."""
 
     record: PredictionRecord
-    admitted: threading.Event = field(default_factory=threading.Event)
+    worker: Any = None
+    admitted: Signal = field(default_factory=Signal)
     rejection: dict[str, Any] | None = None
-    finished: threading.Event = field(default_factory=threading.Event)
+    finished: Signal = field(default_factory=Signal)
     subscribers: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = field(default_factory=list)
     base_url: str = ""  # the server's URL as the creating client saw it, for the links in webhooks
     saved_at: float = 0.0
@@ -61,8 +72,12 @@ class PredictionService:
 
     def __init__(self, registry: Registry, config: WorkerConfig | None = None, workers: int = 1,
                  in_process: bool = False, webhook_sender: WebhookSender | None = None,
-                 to_object: Callable[[PredictionRecord, str], dict[str, Any]] | None = None, prestart: bool = False):
+                 to_object: Callable[[PredictionRecord, str], dict[str, Any]] | None = None, prestart: bool = False,
+                 max_prompt_bytes: int | None = DEFAULT_MAX_PROMPT_BYTES,
+                 max_per_account: int | None = DEFAULT_MAX_PER_ACCOUNT):
         self.registry = registry
+        self.max_prompt_bytes = max_prompt_bytes
+        self.max_per_account = max_per_account
         self.records = Predictions(registry)
         self.config = config or WorkerConfig(str(registry.root))
         kind = LocalWorker if in_process else WorkerProcess
@@ -74,6 +89,7 @@ class PredictionService:
         self.to_object = to_object or (lambda record, base_url: record.to_dict())
         self.interrupted = self.records.settle_interrupted()
         self._owners = {record_id: self.records.get(record_id).owner for record_id in self.records.ids()}
+        self.comparisons = Comparisons(self._worker_for)
 
     def start(self) -> None:
         """With ``prestart``, start the worker processes now (in the background), so the first prediction does
@@ -103,38 +119,74 @@ class PredictionService:
         digest = hashlib.sha256(root.id.encode()).digest()
         return self._workers[int.from_bytes(digest[:4], "big") % len(self._workers)]
 
-    def create(self, version: Version, data: Any, owner: str = "", stream: bool = False,
+    def submit(self, version: Version, data: Any, owner: str = "", stream: bool = False,
                webhook: str | None = None, webhook_events_filter: list[str] | None = None,
-               base_url: str = "", admit_timeout: float = 300.0) -> PredictionRecord:
-        """Start a prediction; returns its record once a worker admitted it. Blocks (call it from a thread).
-
-        Raises :class:`UsageError` (422) for input the version cannot take, naming the field, and whatever the
-        worker's check raised (a prompt longer than the context, a template that rejects the messages).
-        """
-        checked = check_input(prompt_format(version.metadata), data)  # 422 before any worker is bothered
+               base_url: str = "") -> _Live:
+        """Check a prediction and hand it to its worker, without waiting: the caller then waits for admission
+        (:meth:`create` or :meth:`create_async`). Raises :class:`UsageError` (422) for input the version cannot
+        take, naming the field, and :class:`LimitError` (429) past the account's limit."""
+        checked = check_input(prompt_format(version.metadata), data, self.max_prompt_bytes)  # before any worker
         events = _check_events_filter(webhook_events_filter)
         record = PredictionRecord(
             id=new_prediction_id(), model=version.model, version=version.id, version_ref=version.ref, owner=owner,
             input=dict(data), output=None, stream=bool(stream), webhook=webhook, webhook_events_filter=events,
             created_at=utc_now(),
         )
-        live = _Live(record, base_url=base_url)
+        worker = self._worker_for(version)
+        live = _Live(record, worker=worker, base_url=base_url)
         with self._lock:
+            if self.max_per_account is not None:
+                mine = sum(1 for other in self._live.values() if other.record.owner == owner)
+                if mine >= self.max_per_account:
+                    raise LimitError(
+                        f"{owner or 'this account'} has {mine} predictions starting or running, the most this server "
+                        f"allows at once per account (finetune serve --predict-max-per-account "
+                        f"{self.max_per_account})", "wait for one to finish, or cancel one")
             self._live[record.id] = live
-        self._worker_for(version).submit(record.id, version.ref, checked)
-        if not live.admitted.wait(admit_timeout):
-            self._worker_for(version).cancel(record.id)
+        try:
+            worker.submit(record.id, version.ref, checked, owner)
+        except Exception:
             with self._lock:
                 self._live.pop(record.id, None)
+            raise
+        return live
+
+    def create(self, version: Version, data: Any, owner: str = "", stream: bool = False,
+               webhook: str | None = None, webhook_events_filter: list[str] | None = None,
+               base_url: str = "", admit_timeout: float = ADMIT_TIMEOUT_S) -> PredictionRecord:
+        """Start a prediction; returns its record once a worker admitted it. Blocks (call it from a thread).
+
+        Raises what :meth:`submit` raises, and whatever the worker's check raised (a prompt longer than the
+        context, a template that rejects the messages), or :class:`UnavailableError` (503) if the worker died.
+        """
+        live = self.submit(version, data, owner, stream, webhook, webhook_events_filter, base_url)
+        return self._admission(live, live.admitted.wait(admit_timeout))
+
+    async def create_async(self, version: Version, data: Any, owner: str = "", stream: bool = False,
+                           webhook: str | None = None, webhook_events_filter: list[str] | None = None,
+                           base_url: str = "", admit_timeout: float = ADMIT_TIMEOUT_S) -> PredictionRecord:
+        """:meth:`create` for an event loop: the wait for admission holds no thread."""
+        live = self.submit(version, data, owner, stream, webhook, webhook_events_filter, base_url)
+        return self._admission(live, await live.admitted.wait_async(admit_timeout))
+
+    def _admission(self, live: _Live, admitted: bool) -> PredictionRecord:
+        record_id = live.record.id
+        if not admitted:
+            live.worker.cancel(record_id)
+            with self._lock:
+                self._live.pop(record_id, None)
             raise ConflictError("the inference worker did not take the prediction in time", "retry in a moment")
         if live.rejection is not None:
             with self._lock:
-                self._live.pop(record.id, None)
+                self._live.pop(record_id, None)
             raise _rejection_error(live.rejection)
-        return self.get(record.id)
+        return self.get(record_id)
 
     # ------------------------------------------------------------------ events from workers
     def _on_event(self, prediction_id: str, kind: str, payload: dict[str, Any]) -> None:
+        if kind == "compared" or self.comparisons.owns(prediction_id):
+            self.comparisons.on_event(prediction_id, kind, payload)
+            return
         with self._lock:
             live = self._live.get(prediction_id)
         if live is None:
@@ -142,6 +194,12 @@ class PredictionService:
         record = live.record
         if kind == "rejected":
             live.rejection = payload
+            live.admitted.set()
+            return
+        if kind == "done" and not live.admitted.is_set():  # the worker died before it took the prediction
+            live.rejection = {"status": 503, "type": "UnavailableError",
+                              "detail": f"{payload.get('error') or 'the inference worker stopped'}; nothing was kept, "
+                                        "and a fresh worker starts with the next request: retry"}
             live.admitted.set()
             return
         if kind == "admitted":
@@ -153,7 +211,8 @@ class PredictionService:
             live.admitted.set()
             self._webhook(live, "start")
             return
-        live.admitted.wait()  # events come in order; the record exists once admitted
+        if not live.admitted.wait(30.0):  # events come in order; the record exists once admitted
+            return
         if kind == "processing":
             with self._lock:
                 if record.status == Status.STARTING:
@@ -233,24 +292,53 @@ class PredictionService:
         return ids if owner is None else [i for i in ids if self._owners.get(i) == owner]
 
     def wait(self, prediction_id: str, timeout: float) -> PredictionRecord:
-        """The prediction once it ended, or as it stands after ``timeout`` seconds. Blocks."""
+        """The prediction once it ended, or as it stands after ``timeout`` seconds. Blocks this thread."""
         with self._lock:
             live = self._live.get(prediction_id)
         if live is not None:
             live.finished.wait(max(0.0, timeout))
         return self.get(prediction_id)
 
+    async def wait_async(self, prediction_id: str, timeout: float) -> PredictionRecord:
+        """:meth:`wait` for an event loop: it holds no thread while it waits (``Prefer: wait``)."""
+        with self._lock:
+            live = self._live.get(prediction_id)
+        if live is not None:
+            await live.finished.wait_async(max(0.0, timeout))
+        return self.get(prediction_id)
+
     # ------------------------------------------------------------------ cancel
     def cancel(self, prediction_id: str) -> PredictionRecord:
         """Stop a prediction; an ended one is returned as it is (canceling it again changes nothing)."""
-        with self._lock:
-            live = self._live.get(prediction_id)
+        live = self._ask_to_cancel(prediction_id)
         if live is None:
             return self.records.get(prediction_id)
-        version = self.registry.resolve(live.record.version_ref)
-        self._worker_for(version).cancel(prediction_id)
-        live.finished.wait(5.0)  # a step or two; the worker answers with the final record
+        if not live.finished.wait(CANCEL_WAIT_S):  # a step or two; the worker answers with the final record
+            self._settle_canceled(live)
         return self.get(prediction_id)
+
+    async def cancel_async(self, prediction_id: str) -> PredictionRecord:
+        """:meth:`cancel` for an event loop: the wait for the worker's answer holds no thread."""
+        live = self._ask_to_cancel(prediction_id)
+        if live is None:
+            return self.records.get(prediction_id)
+        if not await live.finished.wait_async(CANCEL_WAIT_S):
+            self._settle_canceled(live)
+        return self.get(prediction_id)
+
+    def _ask_to_cancel(self, prediction_id: str) -> _Live | None:
+        with self._lock:
+            live = self._live.get(prediction_id)
+        if live is not None:
+            live.worker.cancel(prediction_id)
+        return live
+
+    def _settle_canceled(self, live: _Live) -> None:
+        """The worker did not end a canceled prediction: end it here, so that it is never left running. (Should
+        the worker still send an end later, it finds no live prediction and changes nothing.)"""
+        if live.admitted.is_set() and live.rejection is None:
+            self._on_event(live.record.id, "done", {"status": "canceled", "metrics": {},
+                                                    "error": None})
 
     # ------------------------------------------------------------------ stream
     async def subscribe(self, prediction_id: str, cancel_on_disconnect: bool = True) -> AsyncIterator[tuple[str, str]]:
@@ -331,6 +419,8 @@ class PredictionRejected(FinetuneError):
 
 
 def _rejection_error(payload: dict[str, Any]) -> FinetuneError:
+    if payload.get("status") == 503:
+        return UnavailableError(payload.get("detail") or "the inference worker stopped")
     err = PredictionRejected(payload.get("detail") or "the input was rejected")
     err.http_status = int(payload.get("status") or 422)
     return err

@@ -1,4 +1,5 @@
-"""The pages: models, a model's tabs (Versions, Trainings, Compare), a version, and version deletion.
+"""The pages: models, a model's tabs (Versions, Trainings; Compare is in :mod:`.compare`), a version, and version
+deletion.
 
 Every page reads through the API's access rules (:mod:`finetune.server.access`) and the registry's fact
 functions; the Train tab lives in :mod:`.train`, the training page and the playground in :mod:`.live`.
@@ -7,11 +8,10 @@ functions; the Train tab lives in :mod:`.train`, the training page and the playg
 from __future__ import annotations
 
 import io
-import json
 import zipfile
 from typing import Annotated, Any
 
-from fastapi import Depends, Query, Request
+from fastapi import Depends, Request
 from fastapi.responses import RedirectResponse, Response, StreamingResponse
 from markupsafe import Markup
 
@@ -131,71 +131,6 @@ def trainings_tab(request: Request, user: User, owner: str, name: str) -> Respon
     records = model_trainings(registry(request), ctx["model"]["model"])
     ctx["trainings"] = [training_view(r) for r in records if access.owner_of(r) == user.account]
     return render(request, "tab_trainings.html", ctx, user=user)
-
-
-@router.get("/models/{owner}/{name}/compare")
-def compare_tab(request: Request, user: User, owner: str, name: str, v: Annotated[list[int], Query()] = [],  # noqa: B006
-                prompts: str = "", eval: str = "") -> Response:
-    """Config differences and losses of the chosen versions (from their manifests); with prompts, every
-    version's answers; with an uploaded eval file, every version's loss on it, encoded once
-    (``finetune.compare``, which loads one version at a time)."""
-    from ..compare import compare_versions
-    from . import services
-
-    reg = registry(request)
-    ctx = model_context(request, user, f"{owner}/{name}", "compare")
-    versions = reg.list_versions(ctx["model"]["model"])
-    uploads = [{"id": f.id, "name": f.name} for f in services.list_files(request, user.account)]
-    ctx.update(versions=versions, selected=v or [x.number for x in versions[:2]], prompts_text=prompts,
-               errors={}, comparison=None, uploads=uploads, eval_id=eval)
-    if len(v) == 1:
-        ctx["errors"]["_form"] = ["choose two or more versions"]
-    elif len(v) >= 2:
-        refs = [access.visible_version(reg, user.account, ctx["model"]["model"], str(n)).ref for n in v]
-        lines = [line.strip() for line in prompts.splitlines() if line.strip()]
-        prompts_file = None
-        if lines:
-            prompts_file = reg.staging_dir("compare-prompts") / "prompts.jsonl"
-            prompts_file.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in lines[:5]), encoding="utf-8")
-        try:
-            eval_file = str(services.path_of(request, user.account, eval)) if eval else None
-            result = compare_versions(reg, refs, prompts_file=str(prompts_file) if prompts_file else None,
-                                      eval_file=eval_file)
-        except FinetuneError as err:
-            ctx["errors"]["eval" if eval else "prompts" if lines else "_form"] = [str(err)]
-        else:
-            ctx["comparison"] = _comparison_view(result)
-        finally:
-            if prompts_file is not None:
-                import shutil
-
-                shutil.rmtree(prompts_file.parent, ignore_errors=True)
-    return render(request, "tab_compare.html", ctx, user=user)
-
-
-def _show(value: Any) -> str:
-    text = json.dumps(value) if not isinstance(value, str) else value
-    return text if len(text) <= 80 else text[:79] + "…"
-
-
-def _comparison_view(result: Any) -> dict[str, Any]:
-    rows = []
-    for r in result.reports:
-        metrics = r.version.metadata.get("metrics") or {}
-        data = r.version.metadata.get("dataset") or {}
-        rows.append({
-            "ref": r.version.ref, "number": r.version.number, "parent": parent_summary(r.version),
-            "data": f"{data.get('rows')} rows, {str(data.get('sha256'))[:8]}" if data else "–",
-            "train_loss": fmt_number(metrics.get("train_loss")),
-            "eval_loss": fmt_number(r.eval_loss if r.eval_loss is not None else metrics.get("eval_loss")),
-            "reference": r.version.ref == result.reference,
-            "changes": None if r.config_changes is None else
-            [(k, _show(a), _show(b)) for k, (a, b) in r.config_changes.items()],
-        })
-    prompts = [{"prompt": p, "answers": [(r.version.ref, r.answers[i]) for r in result.reports]}
-               for i, p in enumerate(result.prompts)]
-    return {"reference": result.reference, "rows": rows, "prompts": prompts, "eval_rows": result.eval_rows,
-            "eval_file": bool(result.eval_file)}
 
 
 # ---------------------------------------------------------------- a version

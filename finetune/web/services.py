@@ -113,3 +113,16 @@ async def stream_prediction(request: Request, account: str, prediction_id: str) 
     access.check_owns(account, record, "prediction", prediction_id, error=PredictionNotFoundError)
     async for event, data in service.subscribe(prediction_id):
         yield event, data
+
+
+# ---------------------------------------------------------------- comparisons (run by the inference workers)
+def start_comparison(request: Request, account: str, model: str, versions: list[Version], prompts: list[str],
+                     eval_file: str | None, form: dict[str, Any]) -> Any:
+    """Hand a comparison to the inference workers (bounded; 429 while one of the account's runs); its job, which
+    keeps ``form`` for the result page."""
+    return _predictions(request).comparisons.start(account, model, versions, prompts, eval_file, form)
+
+
+def comparison(request: Request, account: str, job_id: str) -> Any:
+    """A comparison ``account`` started (anyone else's is not found)."""
+    return _predictions(request).comparisons.get(job_id, account)

@@ -4,9 +4,10 @@ The work happens in :class:`finetune.serving.service.PredictionService` (``app.s
 handlers parse, check access (:mod:`..access`) and shape the answer (:func:`prediction_object`).
 
 ``Prefer: wait`` (60 s) or ``Prefer: wait=N`` holds the create request until the prediction ends or N seconds
-pass. A prediction still running then (or any prediction created without ``Prefer: wait``) is answered with
-status ``starting`` and no output yet, as Replicate does: its client treats any other status in a blocking answer
-as final, polls only after ``starting``, and its poller never yields output that was in that first answer.
+pass, awaited on the event loop: an open wait holds no thread of the server's pool, which reads need. A
+prediction still running then (or any prediction created without ``Prefer: wait``) is answered with status
+``starting`` and no output yet, as Replicate does: its client treats any other status in a blocking answer as
+final, polls only after ``starting``, and its poller never yields output that was in that first answer.
 """
 
 from __future__ import annotations
@@ -122,12 +123,12 @@ async def _create(request: Request, account: Any, version: Version, body: Any) -
     if body.webhook_completed and not body.webhook:
         events = ["completed"]
     check_webhook(webhook, events, webhook_policy(request))
-    record = await run_in_threadpool(
-        service.create, version, body.input, owner=access.username(account), stream=bool(body.stream),
-        webhook=webhook, webhook_events_filter=events, base_url=url)
+    record = await service.create_async(version, body.input, owner=access.username(account),
+                                        stream=bool(body.stream), webhook=webhook, webhook_events_filter=events,
+                                        base_url=url)
     wait = _wait_seconds(request)
     if wait is not None:
-        record = await run_in_threadpool(service.wait, record.id, wait)
+        record = await service.wait_async(record.id, wait)
     # Without Prefer: wait the answer is "starting" even when the prediction already ended (a short one can end
     # before the answer goes out): the client then polls, where a final answer would make its poller count the
     # whole output as already seen and yield none of it.
@@ -193,7 +194,7 @@ def get_prediction(prediction_id: str, request: Request, account: AccountDep) ->
 async def cancel_prediction(prediction_id: str, request: Request, account: AccountDep) -> dict[str, Any]:
     """Stop a prediction (within a decoding step); an ended one is returned as it is."""
     _owned(request, account, prediction_id)
-    record = await run_in_threadpool(_service(request).cancel, prediction_id)
+    record = await _service(request).cancel_async(prediction_id)
     return prediction_object(record, base_url(request))
 
 

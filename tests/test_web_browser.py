@@ -337,6 +337,10 @@ def test_a_new_user_trains_and_uses_versions_in_the_browser(web, browser):
     assert re.fullmatch(r"\d+ tokens? · [\d.]+ tokens/s · [\d.]+ s", page.inner_text("#pg-metrics")), \
         page.inner_text("#pg-metrics")
     assert page.locator("#pg-max-error").is_hidden()
+    page.fill("#pg-max", "40")  # warm now: a longer answer, sampled, for the screenshot
+    page.fill("#pg-temp", "0.8")
+    page.click("#pg-run")
+    assert wait_status(page, "#pg-status", ("Done", "Failed", "Connection closed")) == "Done"
     shoot(page, "playground", docs=True)
     page.fill("#pg-max", "1000")
     page.fill("#pg-temp", "1")

@@ -191,3 +191,20 @@ def test_train_again_fills_the_form_with_a_configs_settings():
     assert form["advanced"] == "lora:\n  alpha: 8.0\ntrain:\n  warmup_steps: 2\n"
     rebuilt, errors = build_config(form, base_model="a/b:1", data_path="/d.jsonl", destination="a/c")
     assert not errors and rebuilt.train == config.train and rebuilt.lora == config.lora
+
+
+def test_a_cli_trainings_start_point_and_data_are_named_without_server_paths(tmp_path):
+    """A training run with the CLI from a local model folder on local data: its page names both by their last
+    component, never by the server's path."""
+    from finetune.config import config_from_dict
+    from finetune.registry import Registry
+    from finetune.registry.jobs import TrainingRecord
+    from finetune.web.start_points import training_facts
+    from finetune.web.views import training_view
+
+    config = config_from_dict({"base_model": "/srv/models/tiny-llama", "data": {"path": "/srv/data/faq.jsonl"}})
+    record = TrainingRecord(id="t", destination="a/b", input=config.to_dict(), model="/srv/models/tiny-llama")
+    facts = training_facts(Registry(tmp_path / "registry"), record)
+    assert facts["start"]["text"] == "local folder tiny-llama" and facts["data"]["name"] == "faq.jsonl"
+    assert training_view(record)["trainer"] == "local folder tiny-llama"
+    assert "/srv" not in repr(facts)

@@ -139,12 +139,14 @@ def training_facts(reg: Registry, record: TrainingRecord) -> dict[str, Any]:
     """What a training page says was trained: the start point, the data file (by its own name and sha256), and
     the settings (the form's fields, then every other key that is not at its default)."""
     from .train_form import SETTINGS, changed_settings
+    from .views import source_label
 
     config = record.input or {}
     ref = str(config.get("base_model") or record.model or "")
     version = _version(reg, ref) if ref else None
-    if version is None:
-        start = {"kind": "other", "ref": ref or "–", "text": f"{ref or '–'}"}
+    if version is None:  # a hub id, or a folder of the server (CLI trainings): named, never by its path
+        shown = source_label(ref) if ref else "–"
+        start = {"kind": "other", "ref": shown, "text": shown}
     elif version.kind == "base":
         start = {"kind": "base", "ref": version.ref, "text": f"the base {version.ref} (a new adapter)"}
     else:

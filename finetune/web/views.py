@@ -56,6 +56,15 @@ def parent_label(v: Version) -> str:
     return parent_summary(v)
 
 
+def source_label(text: str) -> str:
+    """A training's start point as pages show it: a registry ref or hub id as it is; a folder of the server (a
+    CLI training from a local model) by its name only."""
+    if text.startswith(("/", "./", "../", "~", "local:")) or "\\" in text or text[1:3] == ":/":
+        name = text.removeprefix("local:").replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+        return f"local folder {name}"
+    return text
+
+
 def version_row(v: Version) -> dict[str, Any]:
     """One row of the Versions tab."""
     meta = v.metadata
@@ -115,7 +124,7 @@ def training_view(record: TrainingRecord, rows: list[dict[str, Any]] | None = No
     view = {
         "id": record.id, "status": str(record.status), "final": record.status in FINAL,
         "destination": record.destination,
-        "trainer": record.model or (record.input or {}).get("base_model") or "–",
+        "trainer": source_label(record.model or (record.input or {}).get("base_model") or "–"),
         "created": when(record.created_at), "duration": seconds(duration_s(record)),
         "error": record.error, "version": version, "version_number": version_number(version),
     }

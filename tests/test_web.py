@@ -16,9 +16,22 @@ def _csrf(html: str) -> str:
 
 
 def _errors(html: str) -> list[str]:
+    """The errors next to fields, then those of the whole form (in the error summary, without a field link)."""
     import html as _html
 
-    return [_html.unescape(e) for e in re.findall(r'class="error"[^>]*>([^<]*)', html)]
+    fields = re.findall(r'class="error"[^>]*>([^<]*)', html)
+    summary = re.search(r'id="error-summary".*?</div>', html, re.S)
+    whole = re.findall(r"<li>([^<]+)</li>", summary.group(0)) if summary else []
+    return [_html.unescape(e.strip()) for e in fields + whole]
+
+
+def _summary(html: str) -> list[str]:
+    """Every message of the error summary at the top of a refused form."""
+    import html as _html
+
+    summary = re.search(r'id="error-summary".*?</div>', html, re.S)
+    return [_html.unescape(re.sub(r"<[^>]+>", "", item).strip())
+            for item in re.findall(r"<li>(.*?)</li>", summary.group(0), re.S)] if summary else []
 
 
 def sign_in(server, owner: str = "alice") -> tuple[httpx.Client, str]:

@@ -145,3 +145,66 @@ def test_sessions_expire_when_idle(ttl):
 
     time.sleep(0.01)
     assert store.get(s.id) is None
+
+
+def test_eta_comes_from_the_steps_after_the_first_and_duration_from_the_start():
+    """Step 1 pays for loading and warm-up (60 s here); the steps after it take 5 s each: at step 3 of 10 the
+    time left is 7 x 5 s, not 7 x 70/3 s. A queued run has no duration yet (its time in the queue is not its)."""
+    from types import SimpleNamespace
+
+    from finetune.registry.jobs import Status, TrainingRecord
+    from finetune.registry.summary import training_progress
+    from finetune.web.views import duration_s, queue_place, training_view
+
+    record = SimpleNamespace(input={"train": {"max_steps": 10}})
+    rows = [{"step": 1, "time_s": 60.0}, {"step": 2, "time_s": 65.0}, {"step": 3, "time_s": 70.0, "tokens_per_s": 9}]
+    assert training_progress(record, rows)["eta_s"] == pytest.approx(35.0)
+    assert training_progress(record, rows[:1])["eta_s"] is None  # only the first step: not measured yet
+    queued = TrainingRecord(id="t", status=Status.STARTING, created_at="2026-01-01T00:00:00.000000Z")
+    assert duration_s(queued) is None
+    view = training_view(queued, [], position=2)
+    assert (view["duration"], view["progress"], view["eta"]) == ("–", "queued: #3 in line (2 trainings ahead)", "–")
+    assert queue_place(0) == "queued: #1 in line (next to start)" and queue_place(None) == "waiting to start"
+    running = TrainingRecord(id="t", status=Status.PROCESSING, created_at="2026-01-01T00:00:00.000000Z",
+                             started_at="2026-01-01T00:10:00.000000Z", completed_at=None)
+    assert duration_s(running) > 0 and training_view(running, rows[:1])["eta"] == "measuring after the first steps"
+
+
+def test_a_logged_step_is_one_log_line():
+    from finetune.training.runlog import step_line
+
+    row = {"step": 3, "loss": 6.93124, "lr": 0.002, "tokens_per_s": 63.4, "eval_loss": 6.2}
+    assert step_line(row, 8) == "step 3/8: loss 6.9312, lr 0.002, 63 tokens/s, eval loss 6.2000"
+    assert step_line({"step": 1, "loss": 2.0, "tokens_per_s": 0.0}) == "step 1: loss 2.0000"
+
+
+def test_train_again_fills_the_form_with_a_configs_settings():
+    from finetune.config import config_from_dict
+    from finetune.web.train_form import form_from_config
+
+    config = config_from_dict({"base_model": "a/b:1", "data": {"path": "upload:x", "eval": 0.1, "format": "alpaca"},
+                               "train": {"max_steps": 5, "lr": 3e-3, "warmup_steps": 2}, "lora": {"alpha": 8}})
+    form = form_from_config(config.to_dict(), "x")
+    assert (form["train.max_steps"], form["train.lr"], form["data.eval"], form["data.format"]) == \
+        ("5", "0.003", "0.1", "alpaca")
+    assert (form["base_model"], form["data_upload"]) == ("a/b:1", "x")
+    assert form["advanced"] == "lora:\n  alpha: 8.0\ntrain:\n  warmup_steps: 2\n"
+    rebuilt, errors = build_config(form, base_model="a/b:1", data_path="/d.jsonl", destination="a/c")
+    assert not errors and rebuilt.train == config.train and rebuilt.lora == config.lora
+
+
+def test_a_cli_trainings_start_point_and_data_are_named_without_server_paths(tmp_path):
+    """A training run with the CLI from a local model folder on local data: its page names both by their last
+    component, never by the server's path."""
+    from finetune.config import config_from_dict
+    from finetune.registry import Registry
+    from finetune.registry.jobs import TrainingRecord
+    from finetune.web.start_points import training_facts
+    from finetune.web.views import training_view
+
+    config = config_from_dict({"base_model": "/srv/models/tiny-llama", "data": {"path": "/srv/data/faq.jsonl"}})
+    record = TrainingRecord(id="t", destination="a/b", input=config.to_dict(), model="/srv/models/tiny-llama")
+    facts = training_facts(Registry(tmp_path / "registry"), record)
+    assert facts["start"]["text"] == "local folder tiny-llama" and facts["data"]["name"] == "faq.jsonl"
+    assert training_view(record)["trainer"] == "local folder tiny-llama"
+    assert "/srv" not in repr(facts)

@@ -384,6 +384,19 @@ class Registry:
             atomic.replace_file(model.path / "model.json", atomic.pretty_json(info), self._staging)
         return Model(model.path, info)
 
+    def set_visibility(self, name: str, visibility: str) -> Model:
+        """Make a model ``private`` or ``public``. Atomic under its lock. Versions other owners trained from it
+        keep working (lineage finds parents by id); only who may see and train from it changes."""
+        if visibility not in VISIBILITIES:
+            raise UsageError(f"invalid visibility {visibility!r}", f"use one of: {', '.join(VISIBILITIES)}")
+        model = self.get_model(name)
+        self._ensure_writable()
+        with self._lock(model.path):
+            info = json.loads((model.path / "model.json").read_bytes())
+            info["visibility"] = visibility
+            atomic.replace_file(model.path / "model.json", atomic.pretty_json(info), self._staging)
+        return Model(model.path, info)
+
     def delete_model(self, name: str) -> None:
         """Delete an empty model; refused while it has versions or a training runs (or could resume) into it."""
         try:

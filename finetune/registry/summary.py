@@ -54,7 +54,11 @@ def model_summary(reg: Registry, m: Model) -> dict[str, Any]:
 def training_progress(record: Any, rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Where a training stands, from its record and its ``metrics.jsonl`` rows: the last step, the total when
     known (``train.max_steps``, or epochs times the steps per epoch that the rows imply), tokens/s, and the time
-    left at the pace so far (None when it cannot be told)."""
+    left (None when it cannot be told yet).
+
+    The time left comes from the steps measured after the first logged one: the first step also pays for
+    loading and warming up, and runs the largest batch, so a pace that counts it overstates what is left."""
+    timed = [r for r in rows if isinstance(r.get("step"), int) and isinstance(r.get("time_s"), (int, float))]
     last = next((r for r in reversed(rows) if isinstance(r.get("step"), int)), None)
     step = last["step"] if last else 0
     train_cfg = ((record.input or {}).get("train") or {}) if hasattr(record, "input") else {}
@@ -62,9 +66,11 @@ def training_progress(record: Any, rows: list[dict[str, Any]]) -> dict[str, Any]
     if not total and last and isinstance(last.get("epoch"), (int, float)) and last["epoch"] > 0:
         epochs = train_cfg.get("epochs") or 1.0
         total = math.ceil(epochs * round(step / last["epoch"]))
-    elapsed = last.get("time_s") if last else None
     eta = None
-    if total and step and isinstance(elapsed, (int, float)) and elapsed > 0 and step < total:
-        eta = elapsed / step * (total - step)
+    if total and timed and step < total:
+        first, end = timed[0], timed[-1]
+        steps, seconds = end["step"] - first["step"], end["time_s"] - first["time_s"]
+        if steps > 0 and seconds > 0:
+            eta = seconds / steps * (total - end["step"])
     return {"step": step, "total_steps": total or None, "tokens_per_s": last.get("tokens_per_s") if last else None,
             "eta_s": eta}

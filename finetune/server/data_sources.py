@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from ..errors import AccessDeniedError, DataError, NotFoundError, UsageError
+from ..errors import AccessDeniedError, ConflictError, DataError, NotFoundError, UsageError
 from ..registry import Registry
 from ..registry.accounts import Account
 from ..registry.files import Files, is_file_id, upload_id, upload_ref
@@ -70,6 +70,19 @@ def _own_file(file_id: str, account: str | Account, registry: Registry) -> str:
         raise NotFoundError(f"file {file_id} not found", "upload it with POST /v1/files") from None
     access.check_owns(account, stored, "file", file_id, NotFoundError)
     return upload_ref(stored.id)
+
+
+def check_unused(registry: Registry, stored: Any) -> None:
+    """Refuse (409) to delete an uploaded file while a training that has not ended reads it: it would fail when it
+    starts or resumes. Ended trainings keep only its name and sha256, so the file may go."""
+    from ..registry.jobs import FINAL, Trainings
+
+    ref = upload_ref(stored.id)
+    for record in Trainings(registry).list():
+        data = (record.input or {}).get("data") or {}
+        if record.status not in FINAL and ref in (data.get("path"), data.get("eval")):
+            raise ConflictError(f"{stored.name} is the data of training {record.id} ({record.status})",
+                                "cancel that training, or wait until it ends, then delete the file")
 
 
 def resolve_training_data(training_input: dict[str, Any], *, account: str | Account, registry: Registry,

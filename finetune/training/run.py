@@ -65,7 +65,7 @@ from ..registry.manifest import utc_now
 from ..registry.sources import ResolvedModel, resolve_model
 from .checkpoint import Progress, checkpoints, load_checkpoint, save_checkpoint
 from .metrics import MetricsLog, Throughput, peak_memory_mb
-from .runlog import RunLog, quiet_libraries
+from .runlog import RunLog, quiet_libraries, step_line
 from .submit import submit_training
 
 
@@ -483,6 +483,7 @@ def _loop(run: _Run, loaded: _Loaded, schedule: _Schedule, progress: Progress, m
                 speed.resume()
             if run.main and (progress.step % tcfg.log_every == 0 or last or "eval_loss" in row):
                 metrics.append(row)
+                run.log.info(step_line(row, schedule.total_steps), echo=False)  # the terminal has the bar
             bar.update(row)
             stop_early = bool(tcfg.early_stopping_patience and progress.bad_evals >= tcfg.early_stopping_patience)
             if tcfg.checkpoint_every and progress.step % tcfg.checkpoint_every == 0 and not last and not stop_early:

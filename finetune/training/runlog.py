@@ -7,6 +7,20 @@ import time
 from pathlib import Path
 
 
+def step_line(row: dict, total_steps: int | None = None) -> str:
+    """The log line of one logged step (``metrics.jsonl`` row): ``step 3/8: loss 6.9312, lr 0.002, 63 tokens/s``,
+    with the eval loss when the step evaluated. The terminal shows the same figures on its progress bar."""
+    where = f"step {row['step']}/{total_steps}" if total_steps else f"step {row['step']}"
+    parts = [f"loss {row['loss']:.4f}"] if isinstance(row.get("loss"), (int, float)) else []
+    if isinstance(row.get("lr"), (int, float)):
+        parts.append(f"lr {row['lr']:.3g}")
+    if isinstance(row.get("tokens_per_s"), (int, float)) and row["tokens_per_s"] > 0:
+        parts.append(f"{row['tokens_per_s']:,.0f} tokens/s")
+    if isinstance(row.get("eval_loss"), (int, float)):
+        parts.append(f"eval loss {row['eval_loss']:.4f}")
+    return f"{where}: {', '.join(parts)}" if parts else where
+
+
 class RunLog:
     """Append lines to ``path`` (None: don't write, as on non-main processes) and optionally echo them."""
 

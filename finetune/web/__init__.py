@@ -3,6 +3,7 @@ and services as the HTTP API; ``create_app`` includes :data:`finetune.web.app.ro
 
 Modules: ``app`` (the assembled router), ``core`` (rendering, the signed-in user, CSRF, error pages),
 ``session`` (the session store), ``signin``, ``pages`` (models, a model's tabs, versions), ``train`` (the Train
-tab), ``compare`` (the Compare tab), ``live`` (a training's page, the playground), ``services`` (calls into the
-API's services), and what the pages show: ``views``, ``charts``, ``preview``, ``markdown``, ``train_form``.
+tab), ``compare`` (the Compare tab), ``live`` (a training's page), ``playground``, ``manage`` (a model's settings
+and deletion, uploads), ``services`` (calls into the API's services), and what the pages show: ``views``,
+``start_points`` (where a training starts and goes), ``charts``, ``preview``, ``markdown``, ``train_form``.
 """

@@ -17,12 +17,12 @@ from fastapi import Request
 from fastapi.responses import RedirectResponse, Response
 
 from ..errors import FinetuneError, NotFoundError
-from ..registry.summary import parent_summary
 from ..server import access
 from . import services
 from .core import render, router
 from .pages import Form, User, model_context, registry
 from .views import number as fmt_number
+from .views import parent_label
 
 REFRESH_S = 2  # how often a running comparison's page reloads
 
@@ -126,7 +126,7 @@ def comparison_view(reg: Any, result: dict[str, Any]) -> dict[str, Any]:
         data = version.metadata.get("dataset") or {}
         changes = item.get("config_changes")
         rows.append({
-            "ref": version.ref, "number": version.number, "parent": parent_summary(version),
+            "ref": version.ref, "number": version.number, "parent": parent_label(version),
             "data": f"{data.get('rows')} rows, {str(data.get('sha256'))[:8]}" if data else "–",
             "train_loss": fmt_number(metrics.get("train_loss")),
             "eval_loss": fmt_number(item["eval_loss"] if item.get("eval_loss") is not None

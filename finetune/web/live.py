@@ -1,18 +1,15 @@
-"""Pages that follow something running: a training (status, loss chart, log, cancel) and the playground
-(a prediction whose output streams in).
+"""The training page: status, place in the queue, loss chart, log, what it trains, cancel, train again.
 
-The training page polls ``/trainings/{id}/live`` once a second for what changed (status, progress, the chart
-redrawn from ``metrics.jsonl``, the log from the byte offset the page has); the playground creates a prediction
-through the predictions service and reads its output as server-sent events.
+The page polls ``/trainings/{id}/live`` once a second for what changed (status, progress, the chart redrawn
+from ``metrics.jsonl``, the log from the byte offset the page has). The playground is in :mod:`.playground`.
 """
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, RedirectResponse, Response
 
 from ..errors import FinetuneError, TrainingNotFoundError, UsageError
 from ..registry.jobs import Trainings
@@ -21,6 +18,7 @@ from . import services
 from .charts import loss_chart_svg
 from .core import WebUser, render, router
 from .pages import Form, User, registry
+from .start_points import receives_trainings, training_facts
 from .views import training_view
 
 LOG_CHUNK = 64 * 1024  # bytes of log sent at once (the first paint shows the last LOG_CHUNK)
@@ -63,10 +61,18 @@ def training_page(request: Request, user: User, training_id: str) -> Response:
     record = _record(request, user, training_id)
     rows = _metrics(request, training_id)
     log, offset = _log(request, training_id, None)
-    view = training_view(record, rows)
+    view = training_view(record, rows, services.queue_position(request, training_id))
     can_cancel = access.owner_of(record) == user.account
+    reg = registry(request)
+    again = None
+    try:
+        if receives_trainings(reg, user.account, reg.get_model(record.destination)):
+            again = f"/models/{record.destination}/train?again={record.id}"
+    except FinetuneError:
+        again = None  # the destination is gone
     return render(request, "training.html", {"title": f"Training {training_id}", "t": view, "chart": _chart(rows),
-                                             "log": log, "log_offset": offset, "can_cancel": can_cancel}, user=user)
+                                             "log": log, "log_offset": offset, "can_cancel": can_cancel,
+                                             "facts": training_facts(reg, record), "again_url": again}, user=user)
 
 
 def _chart(rows: list[dict[str, Any]]) -> Any:
@@ -81,7 +87,7 @@ def training_live(request: Request, user: User, training_id: str, log_offset: in
     record = _record(request, user, training_id)
     rows = _metrics(request, training_id)
     log, offset = _log(request, training_id, log_offset)
-    view = training_view(record, rows)
+    view = training_view(record, rows, services.queue_position(request, training_id))
     version_url = None
     if view["version_number"]:
         version_url = f"/models/{record.destination}/versions/{view['version_number']}"
@@ -96,60 +102,3 @@ def cancel_training(request: Request, user: User, form: Form, training_id: str) 
     _record(request, user, training_id)
     services.cancel_training(request, user.account, training_id)
     return RedirectResponse(f"/trainings/{training_id}", status_code=303)
-
-
-# ---------------------------------------------------------------- playground
-@router.get("/models/{owner}/{name}/playground")
-def playground_tab(request: Request, user: User, owner: str, name: str) -> Response:
-    from .pages import model_context
-
-    ctx = model_context(request, user, f"{owner}/{name}", "playground")
-    ctx["versions"] = registry(request).list_versions(ctx["model"]["model"])
-    return render(request, "tab_playground.html", ctx, user=user)
-
-
-def _number(form: dict[str, Any], key: str, kind: type, default: Any) -> Any:
-    text = str(form.get(key) or "").strip()
-    if not text:
-        return default
-    try:
-        return kind(text)
-    except ValueError:
-        raise UsageError(f"{key.replace('_', ' ')}: expected {'an integer' if kind is int else 'a number'}, "
-                         f"got {text!r}") from None
-
-
-@router.post("/models/{owner}/{name}/playground")
-def playground_run(request: Request, user: User, form: Form, owner: str, name: str) -> Response:
-    """Create a prediction of the chosen version; the page then streams its output."""
-    reg = registry(request)
-    version = access.visible_version(reg, user.account, f"{owner}/{name}", str(form.get("version") or "latest"))
-    prompt = str(form.get("prompt") or "")
-    if not prompt.strip():
-        raise UsageError("prompt: enter a prompt")
-    inputs = {"prompt": prompt, "max_new_tokens": _number(form, "max_new_tokens", int, 64),
-              "temperature": _number(form, "temperature", float, 0.0), "seed": _number(form, "seed", int, 0)}
-    prediction_id = services.create_prediction(request, user.account, version, inputs)
-    return JSONResponse({"id": prediction_id, "stream_url": f"/predictions/{prediction_id}/stream"}, status_code=201)
-
-
-@router.get("/predictions/{prediction_id}/stream")
-async def prediction_stream(request: Request, user: User, prediction_id: str) -> Response:
-    """The prediction's output as server-sent events for the playground: ``output`` events (each a JSON
-    string), then ``done`` (JSON) or ``error`` (a JSON string)."""
-    events = services.stream_prediction(request, user.account, prediction_id)
-    first = await anext(events, None)  # an unknown or foreign prediction fails here, as a 404 page
-
-    async def body():
-        event = first
-        try:
-            while event is not None:
-                kind, data = event
-                payload = data if kind == "done" else json.dumps(data)
-                yield f"event: {kind}\ndata: {payload}\n\n"
-                event = await anext(events, None)
-        except FinetuneError as err:
-            yield f"event: error\ndata: {json.dumps(str(err))}\n\n"
-
-    return StreamingResponse(body(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})

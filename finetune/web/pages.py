@@ -20,17 +20,18 @@ from ..names import check_name
 from ..registry import HARDWARE, VISIBILITIES, Registry
 from ..registry.jobs import Trainings
 from ..registry.lineage import lineage
-from ..registry.summary import model_summary, parent_summary
+from ..registry.summary import model_summary
 from ..server import access
 from ..server.context import base_url
 from .charts import loss_chart_svg
 from .core import WebUser, check_csrf, render, router, signed_in
 from .markdown import render_markdown
 from .views import number as fmt_number
-from .views import size, training_view, version_row, when
+from .views import parent_label, size, training_view, version_row, when
 
 TABS = (("versions", "Versions"), ("train", "Train"), ("trainings", "Trainings"), ("playground", "Playground"),
-        ("compare", "Compare"))
+        ("compare", "Compare"), ("settings", "Settings"))
+OWNER_TABS = {"settings"}  # shown to the model's owner only
 User = Annotated[WebUser, Depends(signed_in)]
 Form = Annotated[dict, Depends(check_csrf)]
 
@@ -46,16 +47,22 @@ def model_trainings(reg: Registry, model: str) -> list:
 
 def model_context(request: Request, user: WebUser, name: str, tab: str) -> dict[str, Any]:
     """What every tab shows in its header; 404 for a model the user may not see (the access rule)."""
+    from .start_points import holds_base
+
     reg = registry(request)
     model = access.visible_model(reg, user.account, name)
     summary = model_summary(reg, model)
-    return {"model": summary, "tabs": TABS, "tab": tab, "title": f"{model.full_name} · {dict(TABS)[tab]}",
-            "can_write": model.owner == user.account, "model_obj": model}
+    owner = model.owner == user.account
+    tabs = [(key, label) for key, label in TABS if owner or key not in OWNER_TABS]
+    return {"model": summary, "tabs": tabs, "tab": tab, "title": f"{model.full_name} · {dict(TABS)[tab]}",
+            "can_write": owner, "model_obj": model, "is_base": holds_base(reg, model.full_name)}
 
 
 # ---------------------------------------------------------------- models
 def _models_page(request: Request, user: WebUser, form: dict[str, str] | None = None,
                  errors: dict[str, list[str]] | None = None, status_code: int = 200) -> Response:
+    from .start_points import holds_base
+
     reg = registry(request)
     trainings = Trainings(reg).list()
     last: dict[str, str] = {}
@@ -65,7 +72,10 @@ def _models_page(request: Request, user: WebUser, form: dict[str, str] | None = 
     for m in access.visible_models(reg, user.account):
         row = model_summary(reg, m)
         row["latest_number"] = int(row["latest"].rsplit(":", 1)[1]) if row["latest"] else None
-        row["last_training"] = last.get(m.full_name)
+        row["last_training"] = last.get(m.full_name) if m.owner == user.account else None
+        row["is_base"] = holds_base(reg, m.full_name)
+        mine = m.owner == user.account and not row["is_base"]
+        row["train_label"] = "Train" if mine else "Train from" if row["versions"] else None
         models.append(row)
     models.sort(key=lambda r: (r["owner"] != user.account, r["model"]))
     form = form or {"owner": user.account, "name": "", "description": "", "visibility": "private",
@@ -80,40 +90,53 @@ def models_page(request: Request, user: User) -> Response:
     return _models_page(request, user)
 
 
-@router.post("/models")
-def create_model(request: Request, user: User, form: Form) -> Response:
-    """Create a model with the API's checks, in the API's order; each problem goes next to its field."""
+def new_model_problems(account: str, values: dict[str, str]) -> dict[str, list[str]]:
+    """The problems of a new model's fields (``owner``, ``name``, ``visibility``, ``hardware``) with the API's
+    checks, in the API's order, every one at once, by field."""
     from ..server.hardware import normalize_hardware
 
-    values = {k: str(form.get(k) or "").strip() for k in ("owner", "name", "description", "visibility", "hardware")}
     errors: dict[str, list[str]] = {}
     for key, what in (("owner", "owner"), ("name", "model name")):
         try:
-            check_name(values[key], what)
+            check_name(values.get(key, ""), what)
         except InvalidNameError as err:
             errors[key] = [str(err)]
     if "owner" not in errors:
         try:
-            access.check_create(user.account, values["owner"])
+            access.check_create(account, values["owner"])
         except FinetuneError as err:
             errors["owner"] = [str(err)]
-    if values["visibility"] not in VISIBILITIES:
-        errors["visibility"] = [f"invalid visibility {values['visibility']!r} — use one of: {', '.join(VISIBILITIES)}"]
-    hardware = values["hardware"]
-    hardware = normalize_hardware(values["hardware"])
-    if hardware not in HARDWARE:  # the registry's list; its own check would stop at the first bad field
-        errors["hardware"] = [f"invalid hardware {values['hardware']!r} — use one of: {', '.join(HARDWARE)}"]
+    visibility = values.get("visibility", "private")
+    if visibility not in VISIBILITIES:
+        errors["visibility"] = [f"invalid visibility {visibility!r} — use one of: {', '.join(VISIBILITIES)}"]
+    hardware = values.get("hardware", "auto")
+    if normalize_hardware(hardware) not in HARDWARE:  # the registry's list; its own check stops at the first field
+        errors["hardware"] = [f"invalid hardware {hardware!r} — use one of: {', '.join(HARDWARE)}"]
+    return errors
+
+
+def create_checked_model(reg: Registry, values: dict[str, str]) -> dict[str, list[str]]:
+    """Create the model of checked ``values``; the problem by field when the registry refuses it."""
+    from ..server.hardware import normalize_hardware
+
+    name = f"{values['owner']}/{values['name']}"
+    try:
+        reg.create_model(name, description=values.get("description", ""), visibility=values.get("visibility",
+                         "private"), hardware=normalize_hardware(values.get("hardware", "auto")))
+    except AlreadyExistsError:
+        return {"name": [f"model {name} already exists"]}
+    except FinetuneError as err:
+        return {"_form": [str(err)]}
+    return {}
+
+
+@router.post("/models")
+def create_model(request: Request, user: User, form: Form) -> Response:
+    """Create a model with the API's checks, in the API's order; each problem goes next to its field."""
+    values = {k: str(form.get(k) or "").strip() for k in ("owner", "name", "description", "visibility", "hardware")}
+    errors = new_model_problems(user.account, values) or create_checked_model(registry(request), values)
     if not errors:
-        name = f"{values['owner']}/{values['name']}"
-        try:
-            registry(request).create_model(name, description=values["description"], visibility=values["visibility"],
-                                           hardware=hardware)
-        except AlreadyExistsError:
-            errors["name"] = [f"model {name} already exists"]
-        except FinetuneError as err:
-            errors["_form"] = [str(err)]
-        else:
-            return RedirectResponse(f"/models/{name}/train", status_code=303)
+        return RedirectResponse(f"/models/{values['owner']}/{values['name']}/train", status_code=303)
     return _models_page(request, user, values, errors, status_code=422)
 
 
@@ -122,6 +145,8 @@ def create_model(request: Request, user: User, form: Form) -> Response:
 def versions_tab(request: Request, user: User, owner: str, name: str) -> Response:
     ctx = model_context(request, user, f"{owner}/{name}", "versions")
     ctx["versions"] = [version_row(v) for v in registry(request).list_versions(ctx["model"]["model"])]
+    readme = ctx["model_obj"].readme
+    ctx["readme"] = render_markdown(readme, lambda rel: "#") if readme else None  # the model's own README
     return render(request, "tab_versions.html", ctx, user=user)
 
 
@@ -157,7 +182,7 @@ def version_page(request: Request, user: User, owner: str, name: str, number: in
         readable = access.can_read(user.account, reg.get_model(hop.model))
         hops.append({"ref": hop.ref, "id": hop.id, "kind": hop.kind,
                      "url": _version_base(*hop.model.split("/"), hop.number) if readable else None,
-                     "origin": parent_summary(hop) if hop.kind == "base" else ""})
+                     "origin": parent_label(hop) if hop.kind == "base" else ""})
     rows = []
     training_id = meta.get("training_id")
     if training_id:
@@ -173,7 +198,7 @@ def version_page(request: Request, user: User, owner: str, name: str, number: in
         card = render_markdown(text, lambda rel: f"{base}/files/{rel}" if rel in files else "#")
     host = base_url(request)  # never the Host header
     view = {
-        "ref": v.ref, "id": v.id, "kind": v.kind, "created": when(v.created_at), "parent": parent_summary(v),
+        "ref": v.ref, "id": v.id, "kind": v.kind, "created": when(v.created_at), "parent": parent_label(v),
         "training_id": training_id if training_id and _owns_training(reg, user, training_id) else None,
         "format": (meta.get("prompt_format") or {}).get("name"),
         "data": f"{str(data.get('path', '?')).rsplit('/', 1)[-1]} · {data.get('rows')} rows · sha256 "

@@ -45,6 +45,28 @@ async def store(request: Request, account: str, upload: Any) -> Any:
                                    upload.content_type or "application/octet-stream", None, limit)
 
 
+async def store_once(request: Request, account: str, upload: Any) -> Any:
+    """:func:`store`, except that the same bytes uploaded again under the same name are the file already there
+    (the copy is dropped), so a picker never lists one file twice."""
+    from starlette.concurrency import run_in_threadpool
+
+    stored = await store(request, account, upload)
+    same = next((f for f in list_files(request, account)
+                 if f.id != stored.id and f.name == stored.name and f.sha256 == stored.sha256), None)
+    if same is None:
+        return stored
+    await run_in_threadpool(_files(request).delete, stored.id)
+    return same
+
+
+def delete_file(request: Request, account: str, file_id: str) -> Any:
+    """Delete an uploaded file as ``DELETE /v1/files/{id}`` does (404 for another's; 409 while a training that
+    has not ended reads it); the deleted file's record."""
+    from ..server.routes.files import remove_file
+
+    return remove_file(_registry(request), account, file_id)
+
+
 def file_of(request: Request, account: str, file_id: str) -> Any:
     """An uploaded file of ``account`` (404 for someone else's, by the access rule)."""
     from ..server import access
@@ -57,6 +79,21 @@ def file_of(request: Request, account: str, file_id: str) -> Any:
 def path_of(request: Request, account: str, file_id: str) -> Path:
     """Where an uploaded file of ``account`` lies (404 for someone else's, by the access rule)."""
     return file_of(request, account, file_id).path
+
+
+# ---------------------------------------------------------------- models (the API's model routes)
+def edit_model(request: Request, account: str, name: str, changes: dict[str, Any]) -> Any:
+    """Edit a model as ``PATCH /v1/models/{owner}/{name}`` does (owner only; the registry's text limits)."""
+    from ..server.routes.models import edit_model as api_edit_model
+
+    return api_edit_model(_registry(request), account, name, changes)
+
+
+def delete_model(request: Request, account: str, name: str) -> None:
+    """Delete a model as ``DELETE /v1/models/{owner}/{name}`` does (owner only; refused while it has versions)."""
+    from ..server.routes.models import remove_model
+
+    remove_model(_registry(request), account, name)
 
 
 # ---------------------------------------------------------------- trainings (the API's training service)
@@ -82,6 +119,12 @@ def cancel_training(request: Request, account: str, training_id: str) -> None:
     request.app.state.trainings.cancel(training_id)
 
 
+def queue_position(request: Request, training_id: str) -> int | None:
+    """The training's 0-based place among the waiting ones of this server's queue; None when not waiting."""
+    queue = getattr(getattr(request.app.state, "trainings", None), "queue", None)
+    return queue.position(training_id) if queue is not None else None
+
+
 # ---------------------------------------------------------------- predictions (the inference service)
 def _predictions(request: Request) -> Any:
     service = getattr(request.app.state, "predictions", None)
@@ -99,18 +142,35 @@ def create_prediction(request: Request, account: str, version: Version, inputs: 
     return record.id
 
 
-async def stream_prediction(request: Request, account: str, prediction_id: str) -> AsyncIterator[tuple[str, str]]:
-    """The prediction's events as the API streams them: ``("output", piece)``..., then ``("done", json)`` or
-    ``("error", text)``; 404 for another account's prediction (the access rule)."""
+def prediction(request: Request, account: str, prediction_id: str) -> Any:
+    """The prediction's record as ``GET /v1/predictions/{id}`` reads it; 404 for another account's (the access
+    rule)."""
     from ..registry.predictions import PredictionNotFoundError
     from ..server import access
 
-    service = _predictions(request)
     try:
-        record = service.get(prediction_id)
+        record = _predictions(request).get(prediction_id)
     except (PredictionNotFoundError, UsageError):
         raise PredictionNotFoundError(f"prediction {prediction_id} not found") from None
     access.check_owns(account, record, "prediction", prediction_id, error=PredictionNotFoundError)
+    return record
+
+
+def cancel_prediction(request: Request, account: str, prediction_id: str) -> Any:
+    """Stop a prediction as ``POST /v1/predictions/{id}/cancel`` does (blocks a step or two: call from a
+    thread); its record."""
+    prediction(request, account, prediction_id)
+    return _predictions(request).cancel(prediction_id)
+
+
+async def stream_prediction(request: Request, account: str, prediction_id: str) -> AsyncIterator[tuple[str, str]]:
+    """The prediction's events as the API streams them: ``("output", piece)``..., ``("logs", line)`` as the
+    worker reports (loading the version; the lines before the stream began come first), then ``("done", json)``
+    or ``("error", text)``; 404 for another account's prediction (the access rule)."""
+    service = _predictions(request)
+    record = prediction(request, account, prediction_id)
+    for line in (record.logs or "").splitlines():  # what the worker said before this stream began (loading)
+        yield "logs", line
     async for event, data in service.subscribe(prediction_id):
         yield event, data
 

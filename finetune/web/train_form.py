@@ -58,6 +58,51 @@ def default_form() -> dict[str, str]:
     return form
 
 
+def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _differs(key: str, value: Any) -> bool:
+    section = key.partition(".")[0]
+    if section not in _SECTIONS:
+        return True  # a section this form does not know (a newer config's): kept as it was
+    try:
+        return default_of(key) != value
+    except StopIteration:  # a key of a newer config
+        return True
+
+
+def changed_settings(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A resolved config's (``Config.to_dict()``) settings that are not the defaults and have no field of their
+    own in the form, by dotted key (what the advanced box holds to train again with the same settings)."""
+    skip = set(FIELD_KEYS) | {"destination", "data.format"}
+    return {k: v for k, v in _flat(config).items() if k not in skip and _differs(k, v)}
+
+
+def form_from_config(config: Mapping[str, Any], data_upload: str = "") -> dict[str, str]:
+    """The form that trains again with a resolved config's settings (a training record's ``input``): the
+    fields from their keys, everything else that differs from the defaults as YAML in the advanced box."""
+    flat = _flat(config)
+    form = {key: _show(flat.get(key)) for key, _, _ in SETTINGS}
+    form["data.format"] = str(flat.get("data.format") or default_of("data.format"))
+    tree: dict[str, Any] = {}
+    for key, value in changed_settings(config).items():
+        _set(tree, key, value)
+    if isinstance(flat.get("data.eval"), str):  # an eval file: the field takes a fraction only
+        form["data.eval"] = ""
+        _set(tree, "data.eval", flat["data.eval"])
+    form["advanced"] = yaml.safe_dump(tree, sort_keys=False, default_flow_style=False) if tree else ""
+    form["base_model"] = str(config.get("base_model") or "")
+    form["data_upload"] = data_upload
+    return form
+
+
 def _parse_scalar(text: str) -> Any:
     """A field's text as YAML reads it (``1e-4`` and ``0.1`` numbers, ``abc`` a string the checker rejects)."""
     try:

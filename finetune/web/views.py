@@ -6,7 +6,7 @@ from __future__ import annotations
 import datetime as _dt
 from typing import Any
 
-from ..registry import Registry, Version
+from ..registry import Version
 from ..registry.jobs import FINAL, TrainingRecord
 from ..registry.summary import parent_summary, training_progress
 
@@ -44,6 +44,27 @@ def size(n: int) -> str:
     return str(n)
 
 
+def parent_label(v: Version) -> str:
+    """A version's parent as pages show it: a registry ref, a hub id at its revision, or for a base imported
+    from a folder of the server the folder's name and content hash, never its path (pages of public models are
+    read by every account)."""
+    parent = v.parent
+    if isinstance(parent, dict) and "local_path" in parent:
+        name = str(parent["local_path"]).replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+        sha = f", sha256 {str(parent['sha256'])[:12]}" if parent.get("sha256") else ""
+        return f"local folder {name}{sha}"
+    return parent_summary(v)
+
+
+def source_label(text: str) -> str:
+    """A training's start point as pages show it: a registry ref or hub id as it is; a folder of the server (a
+    CLI training from a local model) by its name only."""
+    if text.startswith(("/", "./", "../", "~", "local:")) or "\\" in text or text[1:3] == ":/":
+        name = text.removeprefix("local:").replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+        return f"local folder {name}"
+    return text
+
+
 def version_row(v: Version) -> dict[str, Any]:
     """One row of the Versions tab."""
     meta = v.metadata
@@ -52,7 +73,7 @@ def version_row(v: Version) -> dict[str, Any]:
     return {
         "number": v.number, "id": v.id, "ref": v.ref, "kind": v.kind, "created": when_short(v.created_at),
         "created_full": when(v.created_at),
-        "parent": parent_summary(v),
+        "parent": parent_label(v),
         "data": {"rows": data.get("rows"), "sha": str(data.get("sha256") or "")[:8]} if data else None,
         "train_loss": number(metrics.get("train_loss")), "eval_loss": number(metrics.get("eval_loss")),
         "tokens_per_s": number(metrics.get("tokens_per_s"), 0) if metrics.get("tokens_per_s") else "–",
@@ -69,8 +90,9 @@ def _parse(stamp: str | None) -> _dt.datetime | None:
 
 
 def duration_s(record: TrainingRecord) -> float | None:
-    """Seconds from start to end (or to now, while it runs)."""
-    start = _parse(record.started_at) or _parse(record.created_at)
+    """Seconds from the run's start to its end (or to now, while it runs); None before it started (time in
+    the queue is not the run's)."""
+    start = _parse(record.started_at)
     if start is None:
         return None
     end = _parse(record.completed_at) if record.completed_at else None
@@ -86,47 +108,45 @@ def version_number(ref: str | None) -> int | None:
     return int(tail) if tail.isdigit() else None
 
 
-def training_view(record: TrainingRecord, rows: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """A training for its page and for the Trainings tab; ``rows`` (metrics.jsonl) add progress and ETA."""
+def queue_place(position: int | None) -> str:
+    """What a waiting training's progress says: its place in the queue (0-based ``position``), when known."""
+    if position is None:
+        return "waiting to start"
+    ahead = f"{position} training{'' if position == 1 else 's'} ahead" if position else "next to start"
+    return f"queued: #{position + 1} in line ({ahead})"
+
+
+def training_view(record: TrainingRecord, rows: list[dict[str, Any]] | None = None,
+                  position: int | None = None) -> dict[str, Any]:
+    """A training for its page and for the Trainings tab; ``rows`` (metrics.jsonl) add progress and ETA;
+    ``position`` is its 0-based place in the queue while it waits."""
     version = (record.output or {}).get("version")
     view = {
         "id": record.id, "status": str(record.status), "final": record.status in FINAL,
         "destination": record.destination,
-        "trainer": record.model or (record.input or {}).get("base_model") or "–",
+        "trainer": source_label(record.model or (record.input or {}).get("base_model") or "–"),
         "created": when(record.created_at), "duration": seconds(duration_s(record)),
         "error": record.error, "version": version, "version_number": version_number(version),
     }
     if rows is not None:
         progress = training_progress(record, rows)
         total = progress["total_steps"]
-        view["progress"] = (f"step {progress['step']} of {total}" if total else f"step {progress['step']}") \
-            if progress["step"] else ("waiting for a worker" if record.status == "starting" else "–")
+        if progress["step"]:
+            view["progress"] = f"step {progress['step']} of {total}" if total else f"step {progress['step']}"
+        elif record.status == "starting":
+            view["progress"] = queue_place(position)
+        elif record.status == "processing":
+            view["progress"] = "loading the model and data"
+        else:
+            view["progress"] = "–"
         view["tokens_per_s"] = number(progress["tokens_per_s"], 0) if progress["tokens_per_s"] else "–"
-        view["eta"] = seconds(progress["eta_s"]) if progress["eta_s"] is not None and not view["final"] else "–"
+        if view["final"]:
+            view["eta"] = "–"
+        elif progress["eta_s"] is not None:
+            view["eta"] = seconds(progress["eta_s"])
+        else:
+            view["eta"] = "measuring after the first steps" if record.status == "processing" else "–"
         train_points = sum(1 for r in rows if isinstance(r.get("loss"), (int, float)))
         eval_points = sum(1 for r in rows if isinstance(r.get("eval_loss"), (int, float)))
         view["points"] = f"{train_points} training points, {eval_points} eval points"
     return view
-
-
-TRAINER_CHOICES = 20  # the newest versions offered per model; older ones are trained from with the API or CLI
-
-
-def trainer_choices(reg: Registry, models: list, this_model: str) -> tuple[list[tuple[str, list[str]]], str | None]:
-    """The Train tab's "start from" choices, grouped by model (this model first), and the default: this
-    model's latest version, else the first base version offered."""
-    groups: list[tuple[str, list[str]]] = []
-    default = None
-    ordered = sorted(models, key=lambda m: (m.full_name != this_model, m.full_name))
-    first_base = None
-    for m in ordered:
-        versions = reg.list_versions(m.full_name)
-        if not versions:
-            continue
-        refs = [v.ref for v in versions[:TRAINER_CHOICES]]
-        groups.append((m.full_name, refs))
-        if m.full_name == this_model:
-            default = refs[0]
-        if first_base is None:
-            first_base = next((v.ref for v in versions if v.kind == "base"), None)
-    return groups, default or first_base or (groups[0][1][0] if groups else None)

@@ -14,10 +14,12 @@ from fastapi.responses import FileResponse
 from starlette.datastructures import UploadFile
 
 from ...errors import NotFoundError, TooLargeError, UsageError
+from ...registry import Registry
 from ...registry.files import Files, StoredFile
 from .. import access
 from ..auth import AccountDep, current_account
 from ..context import RegistryDep, SettingsDep, base_url
+from ..data_sources import check_unused
 from ..objects import file_object
 from ..pagination import page
 
@@ -89,8 +91,16 @@ def download_file(file_id: str, account: AccountDep, reg: RegistryDep) -> FileRe
 
 @router.delete("/files/{file_id}", status_code=204)
 def delete_file(file_id: str, account: AccountDep, reg: RegistryDep) -> Response:
-    """Delete a file of the account."""
-    files = Files(reg)
-    _own_file(files, account, file_id)
-    files.delete(file_id)
+    """Delete a file of the account; 409 while a training that has not ended reads it."""
+    remove_file(reg, account, file_id)
     return Response(status_code=204)
+
+
+def remove_file(reg: Registry, account: Any, file_id: str) -> StoredFile:
+    """Delete a file of ``account`` (404 for another's), refused while a training that has not ended reads it;
+    the API and the web app both call this."""
+    files = Files(reg)
+    stored = _own_file(files, account, file_id)
+    check_unused(reg, stored)
+    files.delete(file_id)
+    return stored

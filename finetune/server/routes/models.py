@@ -37,9 +37,11 @@ class ModelCreate(BaseModel):
 
 
 class ModelUpdate(BaseModel):
-    """The body of ``PATCH /v1/models/{owner}/{name}``: only the fields sent change; ``null`` clears a link."""
+    """The body of ``PATCH /v1/models/{owner}/{name}``: only the fields sent change; ``null`` clears a link.
+    ``visibility`` is ours (Replicate changes it on its web page only)."""
 
     model_config = ConfigDict(extra="forbid")
+    visibility: Literal["public", "private"] | None = None
     description: str | None = None
     readme: str | None = None
     github_url: str | None = None
@@ -92,17 +94,32 @@ async def get_model(owner: str, name: str, account: AccountDep, reg: RegistryDep
 @router.patch("/models/{owner}/{name}")
 def update_model(owner: str, name: str, body: ModelUpdate, account: AccountDep, reg: RegistryDep,
                  cache: VersionJSONDep, request: Request) -> Response:
-    """Change description, readme or links (owner only)."""
-    model = access.owned_model(reg, account, f"{owner}/{name}", "edit")
-    changes = {k: getattr(body, k) for k in body.model_fields_set}
+    """Change description, readme, links or visibility (owner only)."""
+    model = edit_model(reg, account, f"{owner}/{name}", {k: getattr(body, k) for k in body.model_fields_set})
+    return json_response(_model_json(reg, cache, model, base_url(request)))
+
+
+def edit_model(reg: Registry, account: Any, name: str, changes: dict[str, Any]) -> Model:
+    """Apply a model's edits (owner only): its text fields through ``update_model``, its visibility through
+    ``set_visibility``; the API's PATCH and the web app's settings form both call this."""
+    model = access.owned_model(reg, account, name, "edit")
+    changes = dict(changes)
+    visibility = changes.pop("visibility", None)
     if changes:
         model = reg.update_model(model.full_name, **changes)
-    return json_response(_model_json(reg, cache, model, base_url(request)))
+    if visibility is not None and visibility != model.visibility:
+        model = reg.set_visibility(model.full_name, visibility)
+    return model
 
 
 @router.delete("/models/{owner}/{name}", status_code=204)
 def delete_model(owner: str, name: str, account: AccountDep, reg: RegistryDep) -> Response:
     """Delete a model (owner only); 409 while it has versions, as on Replicate."""
-    model = access.owned_model(reg, account, f"{owner}/{name}", "delete")
-    reg.delete_model(model.full_name)
+    remove_model(reg, account, f"{owner}/{name}")
     return Response(status_code=204)
+
+
+def remove_model(reg: Registry, account: Any, name: str) -> None:
+    """Delete a model (owner only) with the registry's guards; the API and the web app both call this."""
+    model = access.owned_model(reg, account, name, "delete")
+    reg.delete_model(model.full_name)

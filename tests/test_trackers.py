@@ -57,7 +57,7 @@ def _step_series(rows: list[dict], key: str) -> list[tuple[int, float]]:
 def test_tensorboard_event_files_hold_every_logged_row(run: dict):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    folder = run["paths"].folder / "tensorboard" / "alice" / "m"
+    folder = run["paths"].trackers / "tensorboard" / "alice" / "m"
     events = EventAccumulator(str(folder))
     events.Reload()
     rows = run["rows"]
@@ -93,7 +93,7 @@ def _tensorboard_hparams(folder: Path) -> dict:
 def test_mlflow_local_store_holds_the_run_named_after_the_training(run: dict):
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{run['reg'].root / 'trackers' / 'mlflow.db'}")
+    client = MlflowClient(tracking_uri=f"sqlite:///{run['reg'].trackers_dir() / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("alice/m")
     (found,) = client.search_runs([experiment.experiment_id])
     assert found.info.run_name == run["id"] and found.info.status == "FINISHED"
@@ -131,7 +131,7 @@ def _wandb_records(path: Path):
 
 @pytest.mark.slow
 def test_wandb_offline_run_file_holds_every_logged_row(run: dict):
-    (run_file,) = (run["paths"].folder / "wandb").glob(f"offline-run-*/run-{run['id']}.wandb")
+    (run_file,) = (run["paths"].trackers / "wandb").glob(f"offline-run-*/run-{run['id']}.wandb")
     history: dict[int, dict] = {}
     config: dict = {}
     name = None
@@ -155,7 +155,7 @@ def test_wandb_offline_run_file_holds_every_logged_row(run: dict):
 @pytest.mark.slow
 def test_the_log_says_where_each_tracker_writes_and_the_record_links_nowhere(run: dict):
     log = run["paths"].log.read_text()
-    assert f"reporting to tensorboard: {run['paths'].folder / 'tensorboard' / 'alice/m'}" in log
+    assert f"reporting to tensorboard: {run['paths'].trackers / 'tensorboard' / 'alice/m'}" in log
     assert "reporting to mlflow: sqlite:///" in log and f"run {run['id']}" in log
     assert "reporting to wandb: offline (WANDB_MODE)" in log
     assert "http" not in json.dumps(run["record"].output)

@@ -133,7 +133,7 @@ def run_training(training_id: str, *, registry: Registry | None = None, progress
     paths = trainings.paths(training_id)
     # Trackers go to the Accelerator as it is made; only the main process reports (and probes W&B's host).
     trackers = RunTrackers(config.train.report_to if state.is_main_process else [], training_id, destination,
-                           paths.folder, reg.root)
+                           paths.trackers, reg.trackers_dir())
     accelerator = Accelerator(mixed_precision="no" if precision == "fp32" else precision,
                               cpu=state.device.type == "cpu", log_with=trackers.trackers or None)
 

@@ -4,15 +4,15 @@ What each tracker receives: the resolved config (flattened to dotted keys) when 
 goes to ``metrics.jsonl`` at its step, and the run's final figures (``final/train_loss``, ...) at the last step.
 Runs are named after the training and its destination, and everything works offline:
 
-* ``tensorboard``: event files under the training's folder (``trainings/ID/tensorboard/OWNER/NAME/``), so
-  ``tensorboard --logdir $FINETUNE_HOME/trainings`` shows every training. A resumed run purges the steps it
+* ``tensorboard``: event files under the training's folder (``trainings/ID/trackers/tensorboard/OWNER/NAME/``),
+  so ``tensorboard --logdir $FINETUNE_HOME/trainings`` shows every training. A resumed run purges the steps it
   redoes.
 * ``mlflow``: ``MLFLOW_TRACKING_URI`` when set, else one local store for the registry
   (``sqlite:///$FINETUNE_HOME/trackers/mlflow.db``); experiment = the destination, run = the training id. A
   resumed training continues its run.
 * ``wandb``: project = the destination (``OWNER-NAME``, or ``WANDB_PROJECT``), run name and id = the training id.
   ``WANDB_MODE`` decides when set; otherwise the run is offline when there is no API key or the W&B host does not
-  answer within a few seconds, and the files stay under ``trainings/ID/wandb/`` for ``wandb sync``.
+  answer within a few seconds, and the files stay under ``trainings/ID/trackers/wandb/`` for ``wandb sync``.
 
 Only the main process reports. A tracker that fails is a failure of the run, as a metrics file that cannot be
 written would be.
@@ -82,10 +82,10 @@ def _netrc_has(host: str) -> bool:
 class RunTrackers:
     """The trackers of one run, created before its Accelerator (which takes them as ``log_with``)."""
 
-    def __init__(self, names: list[str], training_id: str, destination: str, folder: Path, registry_root: Path):
+    def __init__(self, names: list[str], training_id: str, destination: str, folder: Path, shared: Path):
+        """``folder``: this run's tracker files; ``shared``: stores for all runs (the registry's trackers/)."""
         self.names = list(names)
-        self.training_id, self.destination, self.folder = training_id, destination, folder
-        self.registry_root = registry_root
+        self.training_id, self.destination, self.folder, self.shared = training_id, destination, folder, shared
         self.notes: list[str] = []  # what the log says about where each tracker writes
         self.trackers = [self._make(name) for name in self.names]
 
@@ -110,6 +110,7 @@ class RunTrackers:
         """Open each tracker's run (main process only) and record the resolved config."""
         if not accelerator.is_main_process or not self.trackers:
             return
+        self.folder.mkdir(parents=True, exist_ok=True)  # W&B writes to a temporary folder if its `dir` is missing
         for tracker in self.trackers:
             if tracker.name == "tensorboard" and resumed_step:
                 tracker.init_kwargs["purge_step"] = resumed_step + 1  # the steps this run redoes replace the old
@@ -124,7 +125,7 @@ class RunTrackers:
 
         uri = os.environ.get("MLFLOW_TRACKING_URI")
         if not uri:
-            store = self.registry_root / "trackers"
+            store = self.shared
             store.mkdir(parents=True, exist_ok=True)
             uri = f"sqlite:///{store / 'mlflow.db'}"
             tracker.logging_dir = (store / "mlflow-artifacts").as_uri()  # else MLflow picks the working folder

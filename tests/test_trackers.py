@@ -190,3 +190,30 @@ def test_report_to_is_checked_at_load(monkeypatch, tmp_path: Path, capsys):
     config.write_text("base_model: x\ndata:\n  path: d.jsonl\ntrain:\n  report_to: [tensorboard, wandb]\n")
     rc = main(["--registry", str(tmp_path / "reg"), "train", str(config), "--destination", "a/b"])
     assert_one_line_error(rc, capsys.readouterr().err, "line 5", "train.report_to", "pip install wandb")
+
+
+@pytest.mark.slow
+def test_a_failed_run_is_marked_failed_in_mlflow_at_mlflow_tracking_uri(tiny_model_dir: Path, tmp_path: Path,
+                                                                        monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    import finetune.training.run as run_module
+
+    uri = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setattr(atomic, "_FSYNC", False)
+    reg = Registry(tmp_path / "registry")
+    import_base(reg, "local/tiny", str(tiny_model_dir))
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("the loop broke")
+
+    monkeypatch.setattr(run_module, "_loop", boom)
+    config = config_from_dict({"base_model": "local/tiny:1", "data": {"path": str(sample_data_path())},
+                               "train": {"max_steps": 2, "report_to": ["mlflow"]}})
+    with pytest.raises(RuntimeError, match="the loop broke"):
+        train(config, registry=reg, destination="alice/f", create_destination=True, progress=False)
+    client = MlflowClient(tracking_uri=uri)
+    (found,) = client.search_runs([client.get_experiment_by_name("alice/f").experiment_id])
+    assert found.info.status == "FAILED" and found.data.params["train.max_steps"] == "2"
+    assert not reg.trackers_dir().exists()  # MLFLOW_TRACKING_URI wins over the registry's local store

@@ -139,9 +139,11 @@ def run_training(training_id: str, *, registry: Registry | None = None, progress
 
     log = RunLog(paths.log if state.is_main_process else None, echo=progress)
     stop = _StopFlag(trainings, training_id)
+    succeeded = False
     try:
         version = _train(_Run(training_id, destination, config, reg, trainings, paths, record, accelerator,
                               precision, log, stop, show_progress=progress, trackers=trackers))
+        succeeded = True
     except (KeyboardInterrupt, TrainingCanceled) as err:
         _finish(trainings, record, Status.CANCELED, error=f"canceled: {err}" if str(err) else "canceled", log=log)
         raise TrainingCanceled(f"training {training_id} canceled; no version published") from None
@@ -152,7 +154,7 @@ def run_training(training_id: str, *, registry: Registry | None = None, progress
         _finish(trainings, record, Status.FAILED, error=f"{type(err).__name__}: {err}", log=log)
         raise
     finally:
-        trackers.finish(accelerator)
+        trackers.finish(accelerator, succeeded)
         stop.restore()
         log.close()
     return TrainResult(trainings.get(training_id) if state.is_main_process else record, version)

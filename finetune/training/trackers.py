@@ -146,9 +146,19 @@ class RunTrackers:
         if self.trackers:
             accelerator.log({f"final/{k}": v for k, v in step_values(summary).items()}, step=step)
 
-    def finish(self, accelerator: Any) -> None:
-        if self.trackers and accelerator.is_main_process and accelerator.trackers:
-            accelerator.end_training()
+    def finish(self, accelerator: Any, succeeded: bool) -> None:
+        """Close every tracker's run; a run that failed or was canceled is marked so where the tracker can."""
+        if not (self.trackers and accelerator.is_main_process and accelerator.trackers):
+            return
+        if not succeeded:
+            for tracker in accelerator.trackers:
+                if tracker.name == "mlflow":
+                    import mlflow
+
+                    mlflow.end_run(status="FAILED")
+                elif tracker.name == "wandb":
+                    tracker.run.finish(exit_code=1)
+        accelerator.end_training()
 
 
 def _wandb_settings() -> Any:

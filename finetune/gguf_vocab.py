@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +56,7 @@ class GGUFVocab:
     scores: list[float]
     types: list[int]
     merges: list[str] = field(default_factory=list)
+    space_prefix: bool | None = None  # SentencePiece: whether text gets a leading "▁" (Llama 2 yes, Gemma no)
     special: Any = None  # gguf.SpecialVocab: bos/eos/unk/pad ids, add_bos/add_eos, chat template
 
     def add_to(self, writer: Any) -> None:
@@ -66,6 +68,8 @@ class GGUFVocab:
         writer.add_token_types(self.types)
         if self.merges:
             writer.add_token_merges(self.merges)
+        if self.space_prefix is not None:
+            writer.add_add_space_prefix(self.space_prefix)
         self.special.add_to_gguf(writer, quiet=True)
 
 
@@ -86,6 +90,7 @@ def gguf_vocab(tokenizer: Any, n_embeddings: int, chat_template: str | None) -> 
             vocab = _byte_level(folder, spec)
         elif model.get("type") == "BPE" and model.get("byte_fallback"):
             vocab = _sentencepiece(folder, model)
+            vocab.space_prefix = _space_prefix(spec)
         else:
             kind = model.get("type") or "unknown"
             raise UsageError(f"the tokenizer ({kind} model) cannot be written to GGUF",
@@ -141,8 +146,14 @@ def _sentencepiece(folder: Path, model: dict[str, Any]) -> GGUFVocab:
             pass
         else:
             return GGUFVocab("llama", None, *_columns(reader.all_tokens()))
-    reader = gguf.LlamaHfVocab(folder)  # token texts and byte tokens; its scores are placeholders
-    tokens, _, types = _columns(reader.all_tokens())
+    try:
+        reader = gguf.LlamaHfVocab(folder)  # token texts and byte tokens; its scores are placeholders
+        tokens, _, types = _columns(reader.all_tokens())
+    except FileNotFoundError:  # it expects the older layout (a Sequence decoder); newer ones use Metaspace
+        by_id = sorted(model["vocab"].items(), key=lambda item: item[1])
+        tokens = [text.encode("utf-8") for text, _ in by_id]
+        types = [int(gguf.TokenType.BYTE if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", text) else gguf.TokenType.NORMAL)
+                 for text, _ in by_id]
     rank = {}
     for k, merge in enumerate(model.get("merges") or []):
         left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
@@ -150,6 +161,19 @@ def _sentencepiece(folder: Path, model: dict[str, Any]) -> GGUFVocab:
     scores = [-float(rank.get(text.decode("utf-8", "replace"), len(rank)) + 1) if t == gguf.TokenType.NORMAL
               else 0.0 for text, t in zip(tokens, types)]
     return GGUFVocab("llama", None, tokens, scores, types)
+
+
+def _space_prefix(spec: dict[str, Any]) -> bool:
+    """Whether a SentencePiece-style tokenizer puts "▁" before the text: a Prepend normalizer (Llama 2's
+    layout) or a Metaspace pre-tokenizer that prepends (the newer one); Gemma's does neither."""
+    def steps(node: dict[str, Any] | None, key: str) -> list[dict[str, Any]]:
+        node = node or {}
+        return list(node.get(key) or []) if node.get("type") == "Sequence" else [node]
+
+    if any(step.get("type") == "Prepend" for step in steps(spec.get("normalizer"), "normalizers")):
+        return True
+    return any(step.get("type") == "Metaspace" and step.get("prepend_scheme", "always") != "never"
+               for step in steps(spec.get("pre_tokenizer"), "pretokenizers"))
 
 
 def _columns(rows: Any) -> tuple[list[bytes], list[float], list[int]]:

@@ -14,7 +14,13 @@ from pathlib import Path
 from .data.formats import encode_prompt
 from .errors import ModelLoadError, UsageError
 from .export_gguf import check_supported, write_gguf
-from .gguf_template import modelfile, ollama_template, prompt_format_template, prompt_format_turns
+from .gguf_template import (
+    modelfile,
+    ollama_template,
+    portable_template,
+    prompt_format_template,
+    prompt_format_turns,
+)
 from .gguf_vocab import GGUFVocab, gguf_vocab
 from .inference import prompt_format_of, resolve_version
 from .registry import Registry, Version
@@ -81,7 +87,7 @@ def plan_gguf(reg: Registry, ref: str, quantize: str) -> GGUFPlan:
     trained = (version.metadata.get("prompt_format") or {}).get("chat_template")
     turns = None  # a chat template's turns are read off its renders; a prompt format's are known
     if fmt == "messages" or (version.kind == "base" and getattr(tokenizer, "chat_template", None)):
-        template = trained or tokenizer.chat_template
+        template = portable_template(tokenizer, trained or tokenizer.chat_template)
     else:
         template = prompt_format_template(fmt, adds_bos=bool(encode_prompt(fmt, tokenizer, "")))
         turns = prompt_format_turns(fmt, tokenizer.eos_token or "")

@@ -16,6 +16,7 @@ keep the result only if it renders the probes exactly as Jinja does. A template 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +39,27 @@ def prompt_format_template(fmt: str, adds_bos: bool) -> str:
     else:  # prompt_completion, text, and a base model without a template: the text as it is
         user = "message['content']"
     return ("{{- bos_token -}}" if adds_bos else "") + _CHAT_LOOP.replace("USER", user)
+
+
+# transformers' {% generation %} blocks mark what a model learns; other Jinja engines (llama.cpp's, llama-cpp-python's)
+# do not know the tag, and it prints nothing itself
+_GENERATION_TAG = re.compile(r"\{%-?\s*(?:end)?generation\s*-?%\}")
+
+
+def portable_template(tokenizer: Any, template: str) -> str:
+    """``template`` without transformers-only ``{% generation %}`` tags, when it renders the same without them."""
+    plain = _GENERATION_TAG.sub("", template)
+    if plain == template:
+        return template
+    probes = [[{"role": "user", "content": "a"}], [{"role": "system", "content": "s"}, {"role": "user", "content": "a"},
+                                                   {"role": "assistant", "content": "b"}]]
+    try:
+        same = all(tokenizer.apply_chat_template(p, chat_template=t, tokenize=False, add_generation_prompt=g)
+                   == tokenizer.apply_chat_template(p, chat_template=template, tokenize=False, add_generation_prompt=g)
+                   for p in probes for g in (True, False) for t in (plain,))
+    except Exception:  # a template that refuses a probe: keep it as it is
+        return template
+    return plain if same else template
 
 
 # ------------------------------------------------------------------ Ollama

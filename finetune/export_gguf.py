@@ -91,7 +91,7 @@ def write_gguf(path: Path, model: Any, vocab: Any, quantize: str, name: str, des
     arch = getattr(gguf.MODEL_ARCH, family.arch)
     writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch])
     writer.add_type(gguf.GGUFType.MODEL)
-    writer.add_name(name)
+    writer.add_name(_safe_name(name, vocab))
     writer.add_description(description)
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if quantize == "f16" else gguf.LlamaFileType.MOSTLY_Q8_0)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -103,6 +103,18 @@ def write_gguf(path: Path, model: Any, vocab: Any, quantize: str, name: str, des
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+# llama.cpp gives Phi-3's special tokens their attributes when the model's *name* says phi-3 or phi3, and stops
+# loading if the vocabulary lacks one of them (a model named so on another family, or with another tokenizer).
+_PHI3_TOKENS = (b"<unk>", b"<s>", b"</s>", b"<|endoftext|>")
+
+
+def _safe_name(name: str, vocab: Any) -> str:
+    lowered = name.lower()
+    if ("phi3" in lowered or "phi-3" in lowered) and not set(_PHI3_TOKENS) <= set(vocab.tokens):
+        return lowered.replace("phi-3", "phi 3").replace("phi3", "phi 3")
+    return name
 
 
 def _hyperparameters(writer: Any, config: Any, family: _Family) -> None:

@@ -278,3 +278,15 @@ def test_a_missing_gguf_package_is_named(registry: Registry, tiny_model_dir: Pat
     with pytest.raises(UsageError, match="needs the gguf package") as err:
         export(registry, "base/llama:1", tmp_path / "out", format="gguf")
     assert "pip install gguf" in err.value.hint and not (tmp_path / "out").exists()
+
+
+def test_a_phi3_name_without_phi3_tokens_is_not_written_as_one():
+    """llama.cpp gives Phi-3's special tokens attributes by the model's name, and fails to load a vocabulary
+    named phi3 that lacks them (found running a tiny Phi-3 in llama.cpp: 'unordered_map::at')."""
+    from finetune.export_gguf import _safe_name
+    from finetune.gguf_vocab import GGUFVocab
+
+    tiny = GGUFVocab("gpt2", "gpt-2", [b"<unk>", b"<s>", b"</s>", b"a"], [0.0] * 4, [1] * 4)
+    real = GGUFVocab("llama", None, [b"<unk>", b"<s>", b"</s>", b"<|endoftext|>"], [0.0] * 4, [1] * 4)
+    assert _safe_name("base/Phi3:1", tiny) == "base/phi 3:1"
+    assert _safe_name("base/phi3:1", real) == "base/phi3:1" and _safe_name("alice/bot:2", tiny) == "alice/bot:2"

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import importlib.util
 import math
 import os
 import types
@@ -45,12 +46,41 @@ def _non_empty(value: Any) -> None:
 
 def _opt(default: Any = MISSING, *, gt: float | None = None, ge: float | None = None, lt: float | None = None,
          choices: tuple[str, ...] = (), path: str | None = None, check: Callable[[Any], object] | None = None,
-         aliases: tuple[str, ...] = ()) -> Any:
+         aliases: tuple[str, ...] = (), factory: Callable[[], Any] | None = None) -> Any:
     """A field with its rules: numeric bounds, accepted values, path resolution ("data" or "explicit"; see the
     module docstring), a check that raises UsageError, and other spellings people use for the key (only for
-    did-you-mean; they are not accepted)."""
+    did-you-mean; they are not accepted). ``factory`` makes a mutable default (a list)."""
     rules = {"gt": gt, "ge": ge, "lt": lt, "choices": choices, "path": path, "check": check, "aliases": aliases}
+    if factory is not None:
+        return field(default_factory=factory, metadata=rules)
     return field(default=default, metadata=rules)
+
+
+# Experiment trackers (train.report_to; finetune.training.trackers sends to them): the modules each needs, and
+# the package that brings them. MLflow's local store, used without MLFLOW_TRACKING_URI, is a SQLite database.
+TRACKERS = ("tensorboard", "mlflow", "wandb")
+_TRACKER_NEEDS = {"tensorboard": ("tensorboard",), "mlflow": ("mlflow",), "wandb": ("wandb",)}
+_MLFLOW_LOCAL_NEEDS = ("mlflow", "sqlalchemy", "alembic")
+
+
+def tracker_package_missing(name: str) -> bool:
+    """Whether tracker ``name`` lacks a module here (then ``pip install NAME`` brings it)."""
+    needs = _TRACKER_NEEDS[name]
+    if name == "mlflow" and not os.environ.get("MLFLOW_TRACKING_URI"):
+        needs = _MLFLOW_LOCAL_NEEDS
+    return any(importlib.util.find_spec(module) is None for module in needs)
+
+
+def _trackers(value: list[str]) -> None:
+    for name in value:
+        if name not in TRACKERS:
+            close = difflib.get_close_matches(name, TRACKERS, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise UsageError(f"unknown tracker {name!r}{hint}; use any of {', '.join(TRACKERS)}")
+        if tracker_package_missing(name):
+            raise UsageError(f"reporting to {name} needs the {name} package: pip install {name}")
+    if len(set(value)) < len(value):
+        raise UsageError("names a tracker twice")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -101,6 +131,8 @@ class TrainConfig:
     eval_every: int = _opt(0, ge=0, aliases=("eval_steps",))  # steps; 0 = only at the end
     early_stopping_patience: int | None = _opt(None, gt=0, aliases=("patience", "early_stopping"))
     log_every: int = _opt(1, gt=0, aliases=("logging_steps", "log_steps"))
+    # experiment trackers that receive the config, each logged step and the final figures (training.trackers)
+    report_to: list[str] = _opt(factory=list, check=_trackers, aliases=("trackers", "log_with", "loggers"))
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -4,6 +4,8 @@
   card and loss curve); load it with ``peft.PeftModel.from_pretrained(base, folder)``.
 * ``merged``: the adapter merged into its base, saved as a standard Hugging Face model folder (safetensors,
   config, tokenizer) that ``AutoModelForCausalLM.from_pretrained`` loads without peft.
+* ``gguf``: the merged model as one GGUF file (f16 or q8_0) with its tokenizer and prompt template, and an Ollama
+  ``Modelfile`` beside it (:mod:`finetune.export_gguf`).
 
 An export is written beside ``OUT_DIR`` and renamed into place, so a failed export leaves nothing half-written.
 """
@@ -20,7 +22,7 @@ from .errors import AlreadyExistsError, RegistryAccessError, UsageError
 from .registry import Registry, Version
 from .registry.manifest import MANIFEST
 
-FORMATS = ("adapter", "merged")
+FORMATS = ("adapter", "merged", "gguf")
 _SAVE_DTYPES = ("auto", "fp32", "bf16", "fp16")
 
 
@@ -30,11 +32,12 @@ def export(
     out_dir: str | os.PathLike[str],
     format: str = "adapter",
     dtype: str = "auto",
+    quantize: str | None = None,
 ) -> Path:
     """Write version ``ref`` to the new (or empty) folder ``out_dir`` as ``format``; returns the folder.
 
     ``dtype`` applies to ``merged``: the weights are merged in fp32 on the CPU, then saved in the base model's
-    own dtype (``auto``) or the one given.
+    own dtype (``auto``) or the one given. ``quantize`` applies to ``gguf``: ``f16`` (the default) or ``q8_0``.
     """
     if format not in FORMATS:
         raise UsageError(f"unknown export format {format!r}", f"use one of: {', '.join(FORMATS)}")
@@ -42,6 +45,10 @@ def export(
         raise UsageError(f"unknown dtype {dtype!r}", f"use one of: {', '.join(_SAVE_DTYPES)}")
     if not os.fspath(out_dir).strip():  # Path("") is the current folder: never what an empty argument meant
         raise UsageError("the export folder is empty", "give the new or empty folder to write the export into")
+    if quantize is not None and format != "gguf":
+        raise UsageError(f"quantize applies to GGUF exports, not to format {format}", "use --format gguf")
+    if format == "gguf" and dtype != "auto":
+        raise UsageError("dtype applies to merged exports; a GGUF export takes --quantize f16|q8_0")
     out = Path(out_dir).expanduser().absolute()
     if reg.contains(out):  # a folder there would pass for a version (or a model) without a manifest
         raise UsageError(f"{out} is inside the registry at {reg.root}", "export to a folder outside the registry")
@@ -55,6 +62,11 @@ def export(
                              "export it with --format merged")
         verify_adapter(reg, version)  # the base is not needed for the adapter's own files
         return _write_atomically(out, lambda stage: _copy_adapter(version, stage))
+    if format == "gguf":
+        from .gguf_files import plan_gguf
+
+        plan = plan_gguf(reg, ref, quantize or "f16")  # refuses what it cannot convert, before any weight is read
+        return _write_atomically(out, plan.write)
     return _write_atomically(out, lambda stage: _save_merged(reg, ref, stage, dtype))
 
 

@@ -96,7 +96,8 @@ def cmd_export(args: argparse.Namespace) -> None:
     from ..export import export
 
     quiet()
-    out = export(open_registry(args), args.ref, args.out_dir, format=args.format, dtype=args.dtype)
+    out = export(open_registry(args), args.ref, args.out_dir, format=args.format, dtype=args.dtype,
+                 quantize=args.quantize)
     print(out)
 
 
@@ -120,9 +121,11 @@ def add_commands(groups: argparse._SubParsersAction) -> None:
     p.add_argument("--system", default=None, help="system prompt")
     add_generation_options(p)
     p = add_command(groups, "export", cmd_export,
-                    "write a version to a folder: its PEFT adapter, or merged into its base")
+                    "write a version to a folder: its PEFT adapter, merged into its base, or as GGUF")
     p.add_argument("ref", metavar="REF")
     p.add_argument("out_dir", metavar="OUT_DIR", help="a new or empty folder")
-    p.add_argument("--format", choices=("adapter", "merged"), default="adapter")
+    p.add_argument("--format", choices=("adapter", "merged", "gguf"), default="adapter")
     p.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                    help="weights dtype of a merged export (auto: the base model's)")
+    p.add_argument("--quantize", choices=("f16", "q8_0"), default=None,
+                   help="weights of a GGUF export (default f16; q8_0 is about half the size)")

@@ -17,12 +17,14 @@ This module owns the on-disk layout, drawn here once; no other module builds a p
         metrics.jsonl          one JSON object per logged step
         checkpoints/step-N/    what --resume needs (training.checkpoint)
         output/                the adapter folder that gets published
+        trackers/              what experiment trackers wrote (tensorboard/ event files, wandb/ offline runs)
         cancel                 present when `finetune trainings cancel` asked the run to stop
       predictions/ID/          prediction records, same store (registry.jobs.RecordStore)
       accounts/                the service's accounts and token hashes (registry.accounts)
       files/                   files uploaded to the service (registry.files)
       archive/ID/              a version its owner deleted that other owners' versions derive from (registry.deletion)
       cache/KIND/...           derived data that can be rebuilt (tokenized datasets, verified hashes)
+      trackers/                experiment trackers' stores shared by all trainings (mlflow.db, MLflow's local store)
       .staging/                publishes and temp files in progress; `gc` removes abandoned ones
       .trash/                  deletions in progress
       server.lock, server.json the lock the one server of this registry holds, and who it is (server.instance)
@@ -92,6 +94,11 @@ class TrainingPaths:
     checkpoints: Path
     output: Path
     cancel: Path  # the marker `finetune trainings cancel` leaves
+
+    @property
+    def trackers(self) -> Path:
+        """Where experiment trackers write this run's files (training.trackers)."""
+        return self.folder / "trackers"
 
     @classmethod
     def under(cls, folder: Path) -> TrainingPaths:
@@ -193,6 +200,10 @@ class Registry:
     def files_dir(self) -> Path:
         """The folder of files uploaded to the service (registry.files)."""
         return self.root / "files"
+
+    def trackers_dir(self) -> Path:
+        """The experiment trackers' stores shared by all trainings (MLflow's local database)."""
+        return self.root / "trackers"
 
     def cache_dir(self, kind: str) -> Path:
         """A folder for rebuildable derived data of one kind (e.g. ``tokenized``)."""

@@ -67,6 +67,7 @@ from .checkpoint import Progress, checkpoints, load_checkpoint, save_checkpoint
 from .metrics import MetricsLog, Throughput, peak_memory_mb
 from .runlog import RunLog, quiet_libraries, step_line
 from .submit import submit_training
+from .trackers import RunTrackers
 
 
 @dataclass
@@ -135,15 +136,21 @@ def run_training(training_id: str, *, registry: Registry | None = None, progress
     # same process (a notebook, a test suite) would fail. Our training state is ours, so each run starts the
     # singleton afresh; PartialState, which holds the process group, stays.
     AcceleratorState._reset_state()
-    accelerator = Accelerator(mixed_precision="no" if precision == "fp32" else precision,
-                              cpu=state.device.type == "cpu")
-
     paths = trainings.paths(training_id)
+    # Trackers go to the Accelerator as it is made; only the main process reports (and probes W&B's host).
+    trackers = RunTrackers(config.train.report_to if state.is_main_process else [], training_id, destination,
+                           paths.trackers, reg.trackers_dir())
+    accelerator = Accelerator(mixed_precision="no" if precision == "fp32" else precision,
+                              cpu=state.device.type == "cpu", log_with=trackers.trackers or None)
+
     log = RunLog(paths.log if state.is_main_process else None, echo=progress)
     stop = _StopFlag(trainings, training_id)
+    succeeded = False
     try:
         version = _train(_Run(training_id, destination, config, reg, trainings, paths, record, accelerator,
-                              precision, log, stop, show_progress=progress, started_from=started_from))
+                              precision, log, stop, show_progress=progress, started_from=started_from,
+                              trackers=trackers))
+        succeeded = True
     except (KeyboardInterrupt, TrainingCanceled) as err:
         _finish(trainings, record, Status.CANCELED, error=f"canceled: {err}" if str(err) else "canceled", log=log)
         raise TrainingCanceled(f"training {training_id} canceled; no version published") from None
@@ -161,6 +168,7 @@ def run_training(training_id: str, *, registry: Registry | None = None, progress
         _finish(trainings, record, Status.FAILED, error=f"{type(err).__name__}: {err}", log=log)
         raise
     finally:
+        trackers.finish(accelerator, succeeded)
         stop.restore()
         log.close()
     return TrainResult(trainings.get(training_id) if state.is_main_process else record, version)
@@ -202,6 +210,7 @@ class _Run:
     log: RunLog
     stop: _StopFlag
     show_progress: bool
+    trackers: RunTrackers
     started_from: str = ""  # the record's model: what an earlier start of this run resolved base_model to
 
     @property
@@ -316,6 +325,9 @@ def _train(run: _Run) -> Version | None:
     schedule = _schedule(run, loaded)
     metrics = MetricsLog(run.paths.metrics)
     progress = _resume(run, loaded, schedule, metrics)
+    run.trackers.start(run.accelerator, run.config.to_dict(), progress.step)
+    for note in run.trackers.notes:
+        run.log.info(f"reporting to {note}")
     run.stop.check(run.accelerator)  # a cancel that arrived while loading ends the run before its first step
     run.update_record(status=Status.PROCESSING, started_at=(run.record and run.record.started_at) or utc_now())
     outcome = _loop(run, loaded, schedule, progress, metrics)
@@ -484,6 +496,7 @@ def _loop(run: _Run, loaded: _Loaded, schedule: _Schedule, progress: Progress, m
             if run.main and (progress.step % tcfg.log_every == 0 or last or "eval_loss" in row):
                 metrics.append(row)
                 run.log.info(step_line(row, schedule.total_steps), echo=False)  # the terminal has the bar
+                run.trackers.log_step(accelerator, row)
             bar.update(row)
             stop_early = bool(tcfg.early_stopping_patience and progress.bad_evals >= tcfg.early_stopping_patience)
             if tcfg.checkpoint_every and progress.step % tcfg.checkpoint_every == 0 and not last and not stop_early:
@@ -570,6 +583,7 @@ def _publish(run: _Run, loaded: _Loaded, schedule: _Schedule, progress: Progress
     from .publishing import publish_adapter
 
     assert run.record is not None
+    run.trackers.log_final(accelerator, summary, progress.step)
     version = publish_adapter(
         run.registry, run.trainings, run.record, run.destination, schedule.model, loaded.tokenizer, run.config,
         loaded.resolved, loaded.prepared.info, summary, metrics,

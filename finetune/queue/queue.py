@@ -91,7 +91,8 @@ class TrainingQueue:
         with self._lock:
             self._stopping = True
             self._lock.notify_all()
-            jobs = dict(self._running)
+            # A job that outlives the server (a cluster's) goes on; the next server re-attaches to it.
+            jobs = {i: j for i, j in self._running.items() if not getattr(j, "outlives_server", False)}
         if self._thread is not None:
             self._thread.join()
         for job in jobs.values():
@@ -250,10 +251,14 @@ class TrainingQueue:
     def _recover(self) -> None:
         """Queue waiting records and watch runs that outlived the previous server, oldest first."""
         records = sorted(self.trainings.list(), key=lambda r: (r.created_at, r.id))
+        adopt = getattr(self.executor, "adopt", None)  # an executor whose runs outlive the server finds its own
         for record in records:
             if record.status in FINAL:
                 continue
-            if record.pid and process_alive(record.pid):
+            job = adopt(record) if adopt is not None else None
+            if job is not None:
+                self._running[record.id] = job
+            elif record.pid and process_alive(record.pid):
                 self._running[record.id] = _AdoptedJob(record.id, record.pid)
             elif record.source in self.resubmit_sources:
                 if record.status != "starting":  # interrupted mid-run (server and worker both gone)

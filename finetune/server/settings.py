@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..cluster.options import ClusterOptions
+
 DEFAULT_MAX_UPLOAD_BYTES = 100 * 1024 * 1024
 
 
@@ -32,3 +34,5 @@ class ServerSettings:
     predict_device: str = "auto"
     predict_max_batch: int = 32
     predict_prestart: bool = False
+    # trainings on a Ray cluster (`--executor ray`); None: in worker processes on this machine
+    cluster: ClusterOptions | None = None

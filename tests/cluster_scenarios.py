@@ -261,6 +261,17 @@ def restart_reattach(w: World) -> dict[str, Any]:
     return {"steps_at_restart": steps_after_restart, "error": record.error}
 
 
+def no_room(w: World) -> dict[str, Any]:
+    """A training no node can ever hold (a gpu destination, a cluster without GPUs) fails at once, saying why,
+    instead of waiting for ever."""
+    w.client.models.create("alice", "gpu", visibility="private", hardware="gpu")
+    training_id = w.train("alice/gpu", dict(SHORT))
+    record = w.wait(training_id, FINAL, 30)
+    assert str(record.status) == "failed" and "no room for this training" in record.error, record.error
+    assert "GPU 1" in record.error, record.error
+    return {"error": record.error}
+
+
 def unseen_registry(w: World) -> dict[str, Any]:
     """A node whose registry path is an empty folder of its own (a mount namespace with a bind mount)."""
     empty = w.workdir / "empty"
@@ -285,7 +296,7 @@ def _last_step(w: World, training_id: str) -> int:
     return max((r["step"] for r in rows), default=0)
 
 
-ORDER = [four_trainings, two_processes, cancel_remote, node_lost, restart_reattach, unseen_registry]
+ORDER = [four_trainings, two_processes, cancel_remote, node_lost, restart_reattach, no_room, unseen_registry]
 
 
 def main() -> int:

@@ -80,6 +80,11 @@ def test_restart_reattach(verdicts: dict) -> None:
     _verdict(verdicts, "restart_reattach")
 
 
+def test_no_room(verdicts: dict) -> None:
+    """A training no node can hold (GPUs asked of a cluster without any) fails at once, saying what it asked."""
+    _verdict(verdicts, "no_room")
+
+
 def test_unseen_registry(verdicts: dict) -> None:
     """A node joining with another folder at the registry's path is refused by name, with the path."""
     _verdict(verdicts, "unseen_registry")

@@ -11,6 +11,7 @@ import argparse
 import signal
 from pathlib import Path
 
+from ..cluster.options import ClusterOptions
 from ..errors import UsageError
 from ..server.settings import DEFAULT_MAX_UPLOAD_BYTES, ServerSettings
 from .common import add_command, open_registry
@@ -54,9 +55,9 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
                           predict_prestart=True)
 
 
-def cluster_options(args: argparse.Namespace):
+def cluster_options(args: argparse.Namespace) -> ClusterOptions | None:
     """The Ray executor's options, or None for the local one; Ray's options without ``--executor ray`` are errors."""
-    from ..cluster import ClusterOptions, parse_resource, require_ray
+    from ..cluster.options import parse_resource, require_ray
 
     ray_only = {"--ray-address": args.ray_address, "--gpus-per-training": args.gpus_per_training,
                 "--cpus-per-process": args.cpus_per_process, "--max-retries": args.max_retries,

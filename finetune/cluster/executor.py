@@ -27,6 +27,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from ..errors import UsageError
 from ..registry import Registry
 from ..registry.jobs import FINAL, Status, TrainingRecord, Trainings
 from ..training.runlog import RunLog
@@ -211,6 +212,10 @@ class RayExecutor:
 
     def _launch(self, record: TrainingRecord, attempt: int) -> tuple[Any, str, dict[str, Any], int]:
         plan = self.plan(record, attempt)
+        problem = self._infeasible(plan)
+        if problem is not None:  # Ray would keep it pending for ever: the queue fails it with this reason
+            raise UsageError(problem, "add such a node, or change --cpus-per-process, --ray-resource or the "
+                                      "destination's hardware")
         spare = None
         if plan["processes"] == 1 and plan["gpu"] == self._spare_gpu():
             spare = self._take_spare(plan["refused"])
@@ -228,6 +233,20 @@ class RayExecutor:
         self.trainings.update(record, placement=placement)
         handle.run.remote(record.id, plan)
         return handle, name, node, plan["processes"]
+
+    def _infeasible(self, plan: dict[str, Any]) -> str | None:
+        """Why no usable node (or set of nodes) can ever hold this attempt's processes, or None."""
+        need = {"CPU": plan["cpus"], **plan["resources"]}
+        if plan["gpu"]:
+            need["GPU"] = 1
+        fits = sum(math.floor(min(node.resources.get(k, 0) / v for k, v in need.items()) + 1e-9)
+                   for node in self.gate.usable())
+        if fits >= plan["processes"]:
+            return None
+        asked = ", ".join(f"{k} {v:g}" for k, v in need.items())
+        where = "one node" if plan["processes"] == 1 else f"the usable nodes together ({fits} fit)"
+        return (f"no room for this training in the cluster: {plan['processes']} process(es) of {asked} each, "
+                f"and {where} cannot hold them")
 
     # ---------------------------------------------------------------- warm actors
     def _spare_gpu(self) -> bool:
@@ -311,15 +330,21 @@ class RayExecutor:
         return max(1, total)
 
     def _watch(self) -> None:
+        said = None
         while not self._closed.wait(WATCH_S):
             try:
-                if self.gate.refresh():
-                    self._capacity = self._count_capacity()
-                    with self._lock:  # a warm actor on a node refused since is of no use
+                with self._lock:  # the dispatcher reads the verdicts (plan, capacity) under the same lock
+                    if self.gate.refresh():
+                        self._capacity = self._count_capacity()
+                        # a warm actor on a node refused since is of no use
                         self._spares = [s for s in self._spares if self._spare_usable(s)]
                 self._refill()
+                said = None
             except Exception as err:  # the cluster is unreachable for a moment: try again at the next look
-                self.say(f"finetune: ray executor: {type(err).__name__}: {err}")
+                line = f"finetune: ray executor: {type(err).__name__}: {err}"
+                if line != said:
+                    self.say(line)
+                said = line
 
     def _spare_usable(self, spare: tuple[Any, str, Any]) -> bool:
         import ray

@@ -17,6 +17,7 @@ actor that dies (its node lost) reports nothing: the server sees it die, and sta
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import threading
@@ -37,8 +38,6 @@ def newest_step(registry: Registry, training_id: str) -> int | None:
 
     for ckpt in checkpoints(registry.training_paths(training_id).checkpoints):
         if check_checkpoint(ckpt) is None:
-            import json
-
             return Progress.from_dict(json.loads((ckpt / "state.json").read_text())).step
     return None
 

@@ -32,6 +32,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import signal
 import socket
 import statistics
@@ -59,6 +60,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--fast-health-checks", action="store_true",
                    help="declare a lost node dead after ~2 s instead of Ray's default ~15-30 s")
     p.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    p.add_argument("--keep", action="store_true", help="keep the working folder (registries, server logs)")
     return p.parse_args(argv)
 
 
@@ -367,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
             side.server.stop()
         if cluster is not None:
             cluster.shutdown()
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

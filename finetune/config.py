@@ -133,6 +133,10 @@ class TrainConfig:
     log_every: int = _opt(1, gt=0, aliases=("logging_steps", "log_steps"))
     # experiment trackers that receive the config, each logged step and the final figures (training.trackers)
     report_to: list[str] = _opt(factory=list, check=_trackers, aliases=("trackers", "log_with", "loggers"))
+    # Training processes (data parallel; each window's micro-batches are split among them, so this is part of the
+    # global batch). None: as many as the run is started with. `finetune serve --executor ray` starts this many
+    # (a Ray Train TorchTrainer, possibly over several nodes); any other run must be started with exactly as many.
+    processes: int | None = _opt(None, gt=0, aliases=("num_processes", "world_size", "nproc_per_node", "num_workers"))
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -18,6 +18,7 @@ import signal
 import socket
 from pathlib import Path
 
+from ..cluster.options import ClusterOptions
 from ..errors import ConflictError, FinetuneError, UsageError
 from ..server.settings import (
     DEFAULT_MAX_TRAINING_STEPS,
@@ -93,7 +94,8 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     prompt_bytes = parse_size(args.predict_max_prompt_size)
     if prompt_bytes < 1:
         raise UsageError(f"--predict-max-prompt-size must be 1 byte or more, not {args.predict_max_prompt_size}")
-    return ServerSettings(host=args.host, port=args.port, workers=args.workers,
+    cluster = cluster_options(args)
+    return ServerSettings(cluster=cluster, host=args.host, port=args.port, workers=args.workers,
                           max_upload_bytes=parse_size(args.max_upload_size), allowed_data_dirs=tuple(dirs),
                           public_base_url=args.public_url.rstrip("/") if args.public_url else None,
                           allow_webhook_hosts=webhook_hosts, api_docs=args.api_docs,
@@ -129,6 +131,29 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def cluster_options(args: argparse.Namespace) -> ClusterOptions | None:
+    """The Ray executor's options, or None for the local one; Ray's options without ``--executor ray`` are errors."""
+    from ..cluster.options import parse_resource, require_ray
+
+    ray_only = {"--ray-address": args.ray_address, "--gpus-per-training": args.gpus_per_training,
+                "--cpus-per-process": args.cpus_per_process, "--max-retries": args.max_retries,
+                "--ray-resource": args.ray_resource, "--warm-actors": args.warm_actors}
+    if args.executor != "ray":
+        given = [flag for flag, value in ray_only.items() if value is not None]
+        if given:
+            raise UsageError(f"{', '.join(given)} need{'s' if len(given) == 1 else ''} --executor ray")
+        return None
+    require_ray()
+    defaults = ClusterOptions()
+    pick = lambda value, default: default if value is None else value  # noqa: E731
+    return ClusterOptions(address=args.ray_address,
+                          gpus_per_training=pick(args.gpus_per_training, defaults.gpus_per_training),
+                          cpus_per_process=pick(args.cpus_per_process, defaults.cpus_per_process),
+                          max_retries=pick(args.max_retries, defaults.max_retries),
+                          resources=dict(parse_resource(r) for r in args.ray_resource or []),
+                          warm_actors=pick(args.warm_actors, defaults.warm_actors))
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -141,7 +166,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     lock.acquire()  # one server per registry: a second one stops here, having touched nothing
     try:
         sock = bind(settings.host, settings.port)
-    except FinetuneError:
+        if settings.cluster is not None:  # join the cluster now: a bad address is one line, not a failed startup
+            from ..cluster.session import connect
+
+            connect(settings.cluster.address, reg.root)
+    except BaseException:
+        if "sock" in locals():
+            sock.close()
         lock.release()
         raise
     print(f"finetune: serving {reg.root} on http://{settings.host}:{settings.port} (Ctrl-C stops)", flush=True)
@@ -204,7 +235,28 @@ def add_commands(groups: argparse._SubParsersAction) -> None:
                    help="address to bind (default 127.0.0.1; 0.0.0.0 exposes the server to the network)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--workers", type=int, default=None,
-                   help="training worker processes (default: one per GPU, one on a CPU-only machine)")
+                   help="trainings at once (default: one per GPU, one on a CPU-only machine; with --executor ray, "
+                        "what the cluster's usable nodes hold)")
+    p.add_argument("--executor", choices=("local", "ray"), default="local",
+                   help="where trainings run: worker processes on this machine (local, the default), or anywhere "
+                        "in a Ray cluster sharing the registry (ray: pip install 'finetune[ray]')")
+    p.add_argument("--ray-address", default=None, metavar="ADDRESS",
+                   help="the Ray cluster to join (default: RAY_ADDRESS, else the one `ray start` ran here, else "
+                        "a Ray started for this server)")
+    p.add_argument("--gpus-per-training", type=int, default=None, metavar="N",
+                   help="GPUs of a training on a gpu destination, one process each (default 1; a config's "
+                        "train.processes overrides it)")
+    p.add_argument("--cpus-per-process", type=float, default=None, metavar="N",
+                   help="CPUs each training process asks Ray for (default 1; its torch threads follow)")
+    p.add_argument("--max-retries", type=int, default=None, metavar="N",
+                   help="times a training that lost its node starts again elsewhere, from its newest checkpoint "
+                        "(default 2)")
+    p.add_argument("--ray-resource", action="append", metavar="NAME=AMOUNT",
+                   help="a custom Ray resource each training process asks for, e.g. trainer=1 to keep trainings "
+                        "on the nodes started with --resources='{\"trainer\": N}' (repeatable)")
+    p.add_argument("--warm-actors", type=int, default=None, metavar="N",
+                   help="idle Ray actors kept started with the training code imported, so trainings start at "
+                        "once (default 1)")
     p.add_argument("--allow-data-dir", action="append", metavar="DIR",
                    help="a server folder that training inputs may name as data (repeatable; default: none, "
                         "remote users upload files)")

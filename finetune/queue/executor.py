@@ -42,6 +42,10 @@ class Job(Protocol):
     def kill(self) -> None:
         """End it now."""
 
+    # Optional: ``outlives_server = True`` on a job that goes on when the server stops (a cluster's): the queue's
+    # stop then leaves it running, and the executor's ``adopt(record) -> Job | None`` finds it again at the next
+    # start (see finetune.cluster.executor).
+
 
 class Executor(Protocol):
     """Runs trainings: at most ``capacity`` at once."""

@@ -120,7 +120,10 @@ class TrainingQueue:
         with self._lock:
             self._stopping = True
             self._lock.notify_all()
-            jobs = {i: j for i, j in self._running.items() if not (abort and i in self._adopted)}
+            # A job that outlives the server (a cluster's) goes on; the next server re-attaches to it. A failed
+            # start (abort) leaves the runs it adopted alone.
+            jobs = {i: j for i, j in self._running.items()
+                    if not (abort and i in self._adopted) and not getattr(j, "outlives_server", False)}
         if self._thread is not None:
             self._thread.join()
         for job in jobs.values():
@@ -358,8 +361,15 @@ class TrainingQueue:
         A run that is not a queue's (``finetune train``, the Python API, a CLI ``--resume`` of an API
         training) is left to its process: never adopted, so never stopped with this server."""
         records = sorted(self.trainings.list(), key=lambda r: (r.created_at, r.id))
+        adopt = getattr(self.executor, "adopt", None)  # an executor whose runs outlive the server finds its own
         for record in records:
             if record.status in FINAL:
+                continue
+            job = adopt(record) if adopt is not None else None
+            if job is not None:
+                self._running[record.id] = job
+                self._owner[record.id] = self.owner_of(record)
+                self._began[record.id] = time.monotonic()
                 continue
             process = self.trainings.process(record)
             if process is not None and process.alive():

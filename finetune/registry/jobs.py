@@ -174,6 +174,9 @@ class TrainingRecord:
     source: str = "cli"  # who submitted it: cli (or Python) | api
     webhook: str | None = None  # the URL that hears about this training (API trainings; see server/webhooks.py)
     webhook_events_filter: list[str] | None = None  # which events it hears (None: all)
+    # Where a cluster executor ran it (finetune.cluster): executor, host and node_id (its first process), nodes
+    # (every process), attempts, the nodes it lost, and the actor running it now. None: run on this machine.
+    placement: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         self.status = Status(self.status)  # ValueError for a status that does not exist

@@ -163,4 +163,5 @@ def training_object(reg: Registry, record: TrainingRecord, base_url: str) -> dic
         "source": record.source,
         "webhook": record.webhook,
         "webhook_events_filter": record.webhook_events_filter,
+        "placement": record.placement,  # where a cluster ran it (host, node id, attempts); None: this machine
     }

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..cluster.options import ClusterOptions
 from ..serving.schema import DEFAULT_MAX_PROMPT_BYTES
 from ..serving.service import DEFAULT_MAX_PER_ACCOUNT
 
@@ -55,3 +56,5 @@ class ServerSettings:
     predict_max_prompt_tokens: int | None = None
     predict_max_per_account: int | None = DEFAULT_MAX_PER_ACCOUNT  # None: no limit
     predict_threads: int | None = None  # torch CPU threads of each inference worker (None: torch's default)
+    # trainings on a Ray cluster (`--executor ray`); None: in worker processes on this machine
+    cluster: ClusterOptions | None = None

@@ -50,7 +50,13 @@ class TrainingService:
         )
 
     def start(self) -> None:
-        executor = self._executor or LocalExecutor(self.registry.root, workers=self.settings.workers)
+        executor = self._executor
+        if executor is None and self.settings.cluster is not None:
+            from ..cluster.executor import RayExecutor
+
+            executor = RayExecutor(self.registry, self.settings.cluster, workers=self.settings.workers)
+        if executor is None:
+            executor = LocalExecutor(self.registry.root, workers=self.settings.workers)
         self.queue = TrainingQueue(self.registry, executor, listener=lambda event, _id: self.webhooks.poke(),
                                    owner_of=owner_of, max_run_s=self.settings.max_training_time_s)
         self.queue.start()

@@ -92,6 +92,7 @@ def train(
     """
     reg = registry or Registry()
     state = PartialState(cpu=not torch.cuda.is_available())
+    check_processes(config, state.num_processes)  # before a record exists: nothing to clean up
     shared: list[str | None] = [None]
     if state.is_main_process:
         shared[0] = submit_training(config, registry=reg, destination=destination,
@@ -172,6 +173,17 @@ def run_training(training_id: str, *, registry: Registry | None = None, progress
         stop.restore()
         log.close()
     return TrainResult(trainings.get(training_id) if state.is_main_process else record, version)
+
+
+def check_processes(config: Config, world: int) -> None:
+    """``train.processes`` is part of the global batch: a run started with another number of processes would
+    train something else than its config says, so it is refused."""
+    wanted = config.train.processes
+    if wanted is not None and wanted != world:
+        raise UsageError(
+            f"train.processes is {wanted}, but this run has {world} process{'es' if world > 1 else ''}",
+            f"start it with `python scripts/launch.py --num-processes {wanted}`, or on a server started with "
+            f"`finetune serve --executor ray`; or remove train.processes")
 
 
 def _claim(reg: Registry, trainings: Trainings, training_id: str) -> FinetuneError | Version | None:
@@ -321,6 +333,7 @@ class _Outcome:
 def _train(run: _Run) -> Version | None:
     run.log.info(f"training {run.training_id} -> {run.destination} ({run.world} "
                  f"process{'es' if run.world > 1 else ''}, {run.accelerator.device.type}, {run.precision})")
+    check_processes(run.config, run.world)
     loaded = _load(run)
     schedule = _schedule(run, loaded)
     metrics = MetricsLog(run.paths.metrics)

@@ -92,7 +92,7 @@ def training_live(request: Request, user: User, training_id: str, log_offset: in
     if view["version_number"]:
         version_url = f"/models/{record.destination}/versions/{view['version_number']}"
     return JSONResponse({**{k: view[k] for k in ("status", "final", "progress", "tokens_per_s", "eta", "duration",
-                                                 "error", "version", "points")},
+                                                 "error", "version", "points", "where")},
                          "version_url": version_url, "chart": str(_chart(rows)), "log": log, "log_offset": offset},
                         headers={"Cache-Control": "no-store"})
 

@@ -127,6 +127,7 @@ def training_view(record: TrainingRecord, rows: list[dict[str, Any]] | None = No
         "trainer": source_label(record.model or (record.input or {}).get("base_model") or "–"),
         "created": when(record.created_at), "duration": seconds(duration_s(record)),
         "error": record.error, "version": version, "version_number": version_number(version),
+        "where": placement_text(record.placement),
     }
     if rows is not None:
         progress = training_progress(record, rows)
@@ -150,3 +151,24 @@ def training_view(record: TrainingRecord, rows: list[dict[str, Any]] | None = No
         eval_points = sum(1 for r in rows if isinstance(r.get("eval_loss"), (int, float)))
         view["points"] = f"{train_points} training points, {eval_points} eval points"
     return view
+
+
+def placement_text(placement: dict[str, Any] | None) -> str:
+    """Where a cluster ran a training: ``vm-2 (node 5553a15e), attempt 2 of 3; lost vm-1 (node 090176a9): node
+    lost``; ``–`` for a run on the server's own machine."""
+    if not placement:
+        return "–"
+    nodes = placement.get("nodes") or []
+    seen = list(dict.fromkeys(f"{n.get('host', '?')} (node {str(n.get('node_id', '?'))[:8]})" for n in nodes))
+    text = ", ".join(seen) if seen else "being placed"
+    if len(nodes) > 1:
+        text = f"{len(nodes)} processes on {text}"
+    attempts, most = placement.get("attempts"), placement.get("max_attempts")
+    if attempts:
+        text += f", attempt {attempts}" + (f" of {most}" if most else "")
+    lost = [f"{e.get('host', '?')} (node {str(e.get('node_id', '?'))[:8]}): {e.get('why', 'lost')}"
+            for e in placement.get("lost") or []]
+    if lost:
+        text += "; lost " + ", ".join(lost)
+    return text
+

@@ -162,6 +162,7 @@ function initTraining() {
     set("t-eta", data.eta);
     set("t-duration", data.duration);
     set("t-points", data.points);
+    set("t-where", data.where);
     if (data.error) { set("t-error", data.error); document.getElementById("t-error").className = "error"; }
     document.getElementById("t-chart").innerHTML = data.chart;  // SVG built by the server from numbers only
     if (data.log) {

@@ -1,0 +1,15 @@
+"""Trainings on a Ray cluster that shares the registry: ``finetune serve --executor ray``.
+
+- :mod:`.options`: the command line's choices (no Ray needed to read them);
+- :mod:`.session`: joining the cluster, the node table;
+- :mod:`.nodes`: which nodes see the registry (probed at start and when a node joins);
+- :mod:`.runner`: what runs on the nodes (an actor per training attempt; Ray Train for several processes);
+- :mod:`.executor`: the queue's executor seam over all of it (placement by Ray, retries after a lost node,
+  re-attaching after a server restart).
+
+Import :class:`RayExecutor` from :mod:`.executor`; this package imports nothing of Ray by itself.
+"""
+
+from .options import EXECUTORS, ClusterOptions, parse_resource, require_ray
+
+__all__ = ["EXECUTORS", "ClusterOptions", "parse_resource", "require_ray"]

@@ -1,0 +1,116 @@
+"""What the cluster tests run with: a script re-executed in a network namespace of its own (only loopback:
+Ray falls back to 127.0.0.1 and nothing leaves the machine), the environment its processes inherit, and
+:class:`Server`, ``finetune serve --executor ray`` as a subprocess keeping its output. The cluster itself is
+:class:`finetune.cluster.local.LocalCluster` (a head without CPUs, worker nodes with ``worker: 1`` each).
+
+Not collected by pytest (tests/test_cluster.py runs the scenarios in tests/cluster_scenarios.py through it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def netns_available() -> str | None:
+    """None when scripts can run in a network namespace of their own here, else why not."""
+    from finetune.cluster.local import netns_problem
+
+    return netns_problem()
+
+
+def run_in_netns(args: list[str], timeout_s: float, log: Path) -> subprocess.CompletedProcess:
+    """Run ``python ARGS...`` in a new network namespace with only loopback up; its output goes to ``log``."""
+    from finetune.cluster.local import in_own_netns
+
+    with open(log, "w") as out:
+        return subprocess.run(in_own_netns([sys.executable, *args]), stdout=out, stderr=subprocess.STDOUT,
+                              text=True, timeout=timeout_s, check=False)
+
+
+def quiet_environment() -> None:
+    """What every process of the cluster inherits: this checkout first on the path, no hub, no usage stats."""
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    os.environ["FINETUNE_FSYNC"] = "0"
+    for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        os.environ[key] = "1"
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    os.environ.pop("RAY_ADDRESS", None)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """``finetune serve --executor ray`` as a subprocess; its output goes to ``log``."""
+
+    def __init__(self, root: Path, address: str, log: Path, *options: str):
+        self.root, self.address, self.log = root, address, log
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.options = options
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout_s: float = 180.0) -> Server:
+        import httpx
+
+        self.started_at = time.monotonic()
+        out = open(self.log, "a")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "finetune", "--registry", str(self.root), "serve", "--executor", "ray",
+             "--ray-address", self.address, "--port", str(self.port), "--log-level", "warning", "--no-access-log",
+             *self.options], stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        out.close()
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited with {self.proc.returncode}:\n{self.output()[-3000:]}")
+            try:
+                if httpx.get(f"{self.url}/v1/hardware", timeout=2).status_code < 500:
+                    return self
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the server did not answer in {timeout_s:.0f} s:\n{self.output()[-3000:]}")
+            time.sleep(0.2)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def wait_output(self, needle: str, timeout_s: float) -> str:
+        """The first line of the server's output containing ``needle``."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for line in self.output().splitlines():
+                if needle in line:
+                    return line
+            time.sleep(0.2)
+        raise AssertionError(f"the server never said {needle!r}:\n{self.output()[-3000:]}")
+
+    def stop(self, timeout_s: float = 60.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def write_json(path: Path, data: object) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)

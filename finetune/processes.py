@@ -126,16 +126,23 @@ class ProcessRef:
     pid: int
     mark: str | None = None
     written_at: float | None = None
+    host: str | None = None  # the machine it runs on (None: this one, for refs written before hosts were noted)
 
     @classmethod
     def current(cls) -> ProcessRef:
         """This process."""
         pid = os.getpid()
-        return cls(pid, start_mark(pid))
+        return cls(pid, start_mark(pid), host=socket.gethostname())
+
+    @property
+    def local(self) -> bool:
+        """Whether the process runs on this machine, where its pid means something."""
+        return self.host is None or self.host == socket.gethostname()
 
     def alive(self) -> bool:
-        """Whether the process this ref names still runs (not merely some process with its pid)."""
-        if not process_alive(self.pid):
+        """Whether the process this ref names still runs (not merely some process with its pid); False for a
+        process of another machine, which cannot be seen from here (check :attr:`local` first)."""
+        if not self.local or not process_alive(self.pid):
             return False
         now = start_mark(self.pid)
         if now is None:
@@ -152,6 +159,8 @@ class ProcessRef:
 
     def send(self, sig: int) -> bool:
         """Send ``sig`` to the process this ref names; False (nothing sent) when it no longer runs."""
+        if not self.local:
+            return False
         pidfd = _pidfd(self.pid)
         try:
             # With a pidfd open, the pid cannot pass to another process until it is closed: the check below and

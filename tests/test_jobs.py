@@ -152,6 +152,32 @@ def test_a_live_run_is_still_signalled(tmp_path):
             proc.wait()
 
 
+def test_a_run_on_another_machine_is_never_judged_by_a_pid_of_this_one(tmp_path, stranger, fake_executor):
+    """A cluster's node claimed the record: its pid means nothing here, whatever runs under that number on this
+    machine. The run counts as running until its record ends; cancel leaves the marker (the run stops itself)
+    and signals nothing here; a server's queue neither adopts nor re-runs it."""
+    from finetune.queue import TrainingQueue
+
+    reg = Registry(tmp_path / "registry")
+    trainings = Trainings(reg)
+    record = trainings.create(TrainingRecord(id=new_record_id(), destination="alice/x", status="processing",
+                                             pid=stranger.pid, pid_mark="another-boot:123", host="node-b",
+                                             source="api", runner="queue"))
+    assert trainings.running(record) and not trainings.is_stale(record)
+    queue = TrainingQueue(reg, fake_executor)
+    queue.start()
+    try:
+        assert queue.pending() == [] and queue.running() == []
+    finally:
+        queue.stop()
+    trainings.request_cancel(record.id)
+    time.sleep(0.2)
+    assert stranger.poll() is None  # not SIGTERMed
+    assert trainings.cancel_requested(record.id) and trainings.get(record.id).status == "processing"
+    trainings.update(record, status="canceled")  # what the run writes when it sees the marker
+    assert not trainings.running(record)
+
+
 def test_a_tag_for_work_names_tells_a_live_owner_from_a_reused_pid(stranger):
     from finetune.processes import mark_tag, tag_alive
 

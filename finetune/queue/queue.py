@@ -372,6 +372,8 @@ class TrainingQueue:
                 self._began[record.id] = time.monotonic()
                 continue
             process = self.trainings.process(record)
+            if process is not None and not process.local:
+                continue  # claimed on another machine (a cluster's node): not this queue's to judge, never run twice
             if process is not None and process.alive():
                 # Records written before runners were noted: a server-submitted one was run by its queue.
                 legacy_queue_run = record.runner is None and record.pid_mark is None \
@@ -384,7 +386,7 @@ class TrainingQueue:
                     self._began[record.id] = _monotonic_at(started_at(process.pid))
             elif record.source in self.resubmit_sources:
                 if record.status != "starting" or record.pid:  # interrupted mid-run (server and worker gone)
-                    self.trainings.update(record, status="starting", pid=None, pid_mark=None, runner=None)
+                    self.trainings.update(record, status="starting", pid=None, pid_mark=None, host=None, runner=None)
                 self._pending.append(record.id)
                 self._owner[record.id] = self.owner_of(record)
 

@@ -169,6 +169,7 @@ class TrainingRecord:
     completed_at: str | None = None
     pid: int | None = None
     pid_mark: str | None = None  # the start mark of process ``pid`` (see finetune.processes): pids get reused
+    host: str | None = None  # the machine process ``pid`` runs on (a cluster's node): pids mean something there only
     runner: str | None = None  # "queue": a server's queue worker runs it (a server adopts only those); else None
     resumed_from_step: int | None = None
     source: str = "cli"  # who submitted it: cli (or Python) | api
@@ -212,7 +213,7 @@ class Trainings(RecordStore[TrainingRecord]):
     def claim(self, record: TrainingRecord) -> TrainingRecord:
         """Mark ``record`` as run by this process from now on (status ``starting`` until it trains)."""
         me = ProcessRef.current()
-        return self.update(record, status=Status.STARTING, pid=me.pid, pid_mark=me.mark,
+        return self.update(record, status=Status.STARTING, pid=me.pid, pid_mark=me.mark, host=me.host,
                            runner=os.environ.get(RUNNER_ENV) or None, error=None, completed_at=None)
 
     def process(self, record: TrainingRecord) -> ProcessRef | None:
@@ -226,11 +227,15 @@ class Trainings(RecordStore[TrainingRecord]):
                 written_at = (self.dir(record.id) / RECORD).stat().st_mtime
             except OSError:
                 written_at = None
-        return ProcessRef(record.pid, record.pid_mark, written_at)
+        return ProcessRef(record.pid, record.pid_mark, written_at, record.host)
 
     def running(self, record: TrainingRecord) -> bool:
-        """Whether the process that claimed ``record`` still runs (whatever the record's status says)."""
+        """Whether the process that claimed ``record`` still runs (whatever the record's status says). A run on
+        another machine (a cluster's node) cannot be seen from here: it counts as running until its record ends
+        (the cluster executor ends the record of a run whose node was lost)."""
         proc = self.process(record)
+        if proc is not None and not proc.local:
+            return record.status not in FINAL
         return proc is not None and proc.alive()
 
     # ---------------------------------------------------------------- cancellation
@@ -242,6 +247,8 @@ class Trainings(RecordStore[TrainingRecord]):
         self.paths(training_id).cancel.touch()
         proc = self.process(record)
         # The marker is the contract (works across hosts and for all ranks); the signal wakes the run up.
+        if proc is not None and not proc.local:
+            return record  # on another machine: the run sees the marker within a step and ends itself
         woken = proc is not None and proc.send(signal.SIGTERM)
         if not woken and record.status in (Status.STARTING, Status.PROCESSING):
             # Nobody is running it any more (killed, machine rebooted): settle the record now.

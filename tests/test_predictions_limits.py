@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -46,6 +47,13 @@ def reg(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Regis
             })
             training.train(cfg, registry=reg, destination="alice/m", create_destination=True, progress=False)
         yield reg
+
+
+def _own_copy(reg: Registry, name: str, tmp_path_factory: pytest.TempPathFactory) -> Registry:
+    """A copy of the registry for one more server: one server per registry, and this module's servers overlap."""
+    root = tmp_path_factory.mktemp(name) / "registry"
+    shutil.copytree(reg.root, root, ignore=shutil.ignore_patterns("server.*", ".staging"))
+    return Registry(root)
 
 
 def _warm(live) -> None:
@@ -132,9 +140,10 @@ BIG = "Once upon a time there was a word. " * (2_000_000 // 35)  # seconds of to
 
 
 @pytest.fixture(scope="module")
-def big(reg: Registry):
+def big(reg: Registry, tmp_path_factory: pytest.TempPathFactory):
     """A server that takes prompts of megabytes (its size limit raised)."""
-    with running_server(reg, ServerSettings(predict_max_prompt_bytes=8 << 20)) as live:
+    settings = ServerSettings(predict_max_prompt_bytes=8 << 20)
+    with running_server(_own_copy(reg, "big", tmp_path_factory), settings) as live:
         _warm(live)
         yield live
 
@@ -205,10 +214,10 @@ LONG = {"prompt": "Once upon a time", "max_new_tokens": 200}
 
 
 @pytest.fixture(scope="module")
-def tight(reg: Registry):
+def tight(reg: Registry, tmp_path_factory: pytest.TempPathFactory):
     """A server with room for one row in a batch, two predictions per account and 64 prompt tokens."""
     settings = ServerSettings(predict_max_per_account=2, predict_max_batch=1, predict_max_prompt_tokens=64)
-    with running_server(reg, settings) as live:
+    with running_server(_own_copy(reg, "tight", tmp_path_factory), settings) as live:
         _warm(live)
         yield live
 

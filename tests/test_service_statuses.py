@@ -49,7 +49,7 @@ def test_tampered_cursors_are_4xx_and_the_connection_stays_up(live_server):
     folder = reg.staging_dir("test") / "adapter"
     folder.mkdir()
     (folder / "adapter_config.json").write_text("{}")
-    reg.publish("alice/m", folder, parent=None, metadata={})
+    reg.publish("alice/m", folder, parent={"hub_id": "org/base", "revision": "main"}, metadata={})
     http = live_server.http("alice")
     assert http.post("/v1/files", files={"content": ("a.jsonl", b'{"text": "x"}\n')}).status_code == 201
     tampered = [_cursor(["after", 5]), _cursor(["before", 7]), _cursor(["after", True]), _cursor(["after", None]),

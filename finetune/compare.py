@@ -17,7 +17,8 @@ from .errors import UsageError
 from .registry import Registry, Version
 
 if TYPE_CHECKING:
-    from .inference import GenerationSettings, LoadedVersion
+    from .generation import GenerationSettings
+    from .inference import LoadedVersion
 
 
 @dataclass

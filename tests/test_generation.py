@@ -15,7 +15,7 @@ from finetune import atomic, training
 from finetune.cli import main
 from finetune.config import config_from_dict
 from finetune.errors import UsageError
-from finetune.generation import GenerationSettings, check_settings
+from finetune.generation import GenerationSettings, bounded_new_tokens, check_settings
 from finetune.modeling.context import context_length
 from finetune.registry import Registry
 from finetune.registry.sources import import_base
@@ -62,6 +62,11 @@ def test_cli_python_and_api_give_the_same_sampled_text(reg: Registry, capsys):
                                        input={"prompt": PROMPT, **SAMPLED})) for ref in refs}
     assert cli == python == api
     assert all(cli.values())
+    # The adapter beside the base weights (load_version(merge=False), a PeftModel) runs through the engine too.
+    greedy = GenerationSettings(max_new_tokens=12)
+    merged, unmerged = (generate(load_version(reg, "alice/m:1", device="cpu", merge=merge), PROMPT, greedy)
+                        for merge in (True, False))
+    assert merged == unmerged and merged
     # Sampling did sample: another seed draws another answer from the random base (greedy would not change).
     other = _cli(reg, capsys, "alice/tiny:1", {**SAMPLED, "seed": 4321})
     assert other != cli["alice/tiny:1"]
@@ -96,3 +101,14 @@ def test_context_length_has_one_fallback_order():
     assert context_length(SimpleNamespace(), SimpleNamespace(model_max_length=int(1e30))) is None  # "no limit"
     assert context_length(None) is None
     assert context_length(SimpleNamespace(max_position_embeddings=True)) is None  # not a count
+
+
+def test_the_context_bounds_every_generation_alike():
+    assert bounded_new_tokens("a/m:1", 1024, 10, 100) == (100, None)
+    count, note = bounded_new_tokens("a/m:1", 1024, 1000, 100)
+    assert count == 24 and "stops after 24 new tokens" in note
+    with pytest.raises(UsageError, match="max_new_tokens 2000 is more than a/m:1's context of 1024"):
+        bounded_new_tokens("a/m:1", 1024, 10, 2000)
+    with pytest.raises(UsageError, match="fills a/m:1's context"):
+        bounded_new_tokens("a/m:1", 1024, 1024, 1)
+    assert bounded_new_tokens("a/m:1", None, 10**6, 5) == (5, None)  # a context nobody states bounds nothing

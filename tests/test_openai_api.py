@@ -165,11 +165,13 @@ def test_an_unknown_model_and_another_accounts_private_version_are_404_alike(ser
     ({"stop": ["x" * 300]}, "stop"),
     ({"presence_penalty": 1}, "presence_penalty"),
     ({"extra_body": {"bogus": 1}}, "bogus"),
+    ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+    ({"messages": []}, "messages"),
 ])
 def test_a_bad_parameter_is_400_naming_it(server, extra, param):
     with pytest.raises(openai.BadRequestError) as err:
         _client(server, "alice").chat.completions.create(
-            model="alice/chat:1", messages=[{"role": "user", "content": "hi"}], **extra)
+            **{"model": "alice/chat:1", "messages": [{"role": "user", "content": "hi"}], **extra})
     body = err.value.body
     assert err.value.status_code == 400 and body["type"] == "invalid_request_error" and body["param"] == param, body
     assert param in body["message"]

@@ -187,9 +187,9 @@ class ChatRequest(_Request):
                                 for m in self.messages]
             return data
         if len(self.messages) != 1 or self.messages[0].role != "user":
-            raise OpenAIError(400, f"this version was trained on {prompt_format} data, not chat messages: send one "
-                                   "user message (its text is the prompt, formatted as in training), or use "
-                                   "/completions", param="messages")
+            raise OpenAIError(400, f"this version takes a prompt in its {prompt_format} format, not a conversation: "
+                                   "send one user message (its text is the prompt, formatted as in training), or "
+                                   "use /completions", param="messages")
         data["prompt"] = self.messages[0].text()
         return data
 

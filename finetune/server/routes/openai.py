@@ -47,8 +47,15 @@ def openai_error(err: Exception, body: Any = None) -> OpenAIError:
     if isinstance(err, OpenAIError):
         return err
     if isinstance(err, RequestValidationError):
-        first = (err.errors() or [{}])[0]
+        errors = err.errors() or [{}]
+        first = errors[0]
+        # a value that fits no member of a union fails once per member (loc ends in "str", "list[...]"): name
+        # the parameter all the failures share
         loc = [p for p in first.get("loc", ()) if p != "body"]
+        for other in errors[1:]:
+            other_loc = [p for p in other.get("loc", ()) if p != "body"]
+            while loc and other_loc[:len(loc)] != loc:
+                loc.pop()
         param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or None
         if first.get("type") == "json_invalid":
             return OpenAIError(400, "the request body is not valid JSON")

@@ -142,6 +142,21 @@ def test_completions_match_a_prediction_and_stop_at_max_tokens(server):
     assert chunks[-1].choices[0].finish_reason == "length" and chunks[-1].model == "alice/tiny:1"
 
 
+def test_a_stream_the_client_leaves_cancels_its_prediction(server):
+    """No worker keeps generating for nobody: the prediction behind a closed stream ends canceled."""
+    stream = _client(server, "alice").completions.create(model="alice/tiny:1", prompt="Once", max_tokens=1000,
+                                                         stream=True)
+    first = next(iter(stream))
+    stream.close()
+    prediction_id = first.id.removeprefix("cmpl-")
+    with server.http("alice") as http:
+        deadline = time.monotonic() + 60
+        while (p := http.get(f"/v1/predictions/{prediction_id}").json())["status"] not in ("succeeded", "canceled"):
+            assert time.monotonic() < deadline, p
+            time.sleep(0.05)
+    assert p["status"] == "canceled" and p["metrics"]["output_token_count"] < 1000
+
+
 # ------------------------------------------------------------------------------------------------- errors
 def test_an_unknown_model_and_another_accounts_private_version_are_404_alike(server):
     alice, bob = _client(server, "alice"), _client(server, "bob")

@@ -28,7 +28,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 
-from ...errors import FinetuneError, NotFoundError, UsageError, VersionNotFoundError
+from ...errors import FinetuneError, IntegrityError, NotFoundError, UsageError, VersionNotFoundError
 from ...registry import Version
 from ...registry.jobs import FINAL
 from ...serving.schema import prompt_format
@@ -130,10 +130,15 @@ def list_models(account: AccountDep, reg: RegistryDep) -> dict[str, Any]:
     """The versions the caller may use: each ``owner/name:N``, and ``owner/name`` for the latest."""
     data = []
     for model in access.visible_models(reg, account):
-        versions = reg.list_versions(model.full_name)  # newest first
-        if versions:
-            data.append(_model_object(model.full_name, versions[0]))
-        data += [_model_object(version.ref, version) for version in versions]
+        listed = []
+        for version in reg.list_versions(model.full_name):  # newest first
+            try:
+                listed.append(_model_object(version.ref, version))
+            except (IntegrityError, FileNotFoundError):  # damaged, or deleted meanwhile: left out, as /v1 does
+                continue
+        if listed:
+            data.append({**listed[0], "id": model.full_name})
+        data += listed
     return {"object": "list", "data": data}
 
 

@@ -13,6 +13,7 @@ import json
 import time
 from pathlib import Path
 
+import openai
 import pytest
 from service import running_server
 
@@ -23,8 +24,6 @@ from finetune.registry import Registry
 from finetune.registry.sources import import_base
 from finetune.server.settings import ServerSettings
 from finetune.tiny import load_sample_records, sample_data_path
-
-openai = pytest.importorskip("openai")
 
 QUESTION = "Give three tips for staying healthy."
 

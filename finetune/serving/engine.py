@@ -407,8 +407,8 @@ def _sample(logits: torch.Tensor, settings: GenerationSettings, generator: torch
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if settings.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cumulative - sorted_logits.softmax(-1) > settings.top_p  # keep the smallest set reaching top_p
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > settings.top_p  # keep the smallest set reaching top_p
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
     probs = logits.softmax(-1)
     # Checked here, on the host: on a GPU, multinomial over a NaN distribution is a device-side assert that ruins

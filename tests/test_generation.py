@@ -112,3 +112,13 @@ def test_the_context_bounds_every_generation_alike():
     with pytest.raises(UsageError, match="fills a/m:1's context"):
         bounded_new_tokens("a/m:1", 1024, 1024, 1)
     assert bounded_new_tokens("a/m:1", None, 10**6, 5) == (5, None)  # a context nobody states bounds nothing
+
+
+def test_training_refuses_rows_longer_than_the_same_context(reg: Registry):
+    from finetune.errors import ConfigError
+
+    cfg = config_from_dict({"base_model": "alice/tiny:1",
+                            "data": {"path": str(sample_data_path()), "format": "auto", "max_seq_len": 4096},
+                            "train": {"max_steps": 1}})
+    with pytest.raises(ConfigError, match="data.max_seq_len: 4096 is more than the 1024 positions"):
+        training.train(cfg, registry=reg, destination="alice/long", create_destination=True, progress=False)

@@ -22,6 +22,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cluster_harness import Server, quiet_environment, write_json  # noqa: E402
+from cluster_predictions import predict_node_lost, predict_nodes  # noqa: E402
 
 from finetune.cluster.local import LocalCluster, check_loopback_only  # noqa: E402
 
@@ -296,7 +297,9 @@ def _last_step(w: World, training_id: str) -> int:
     return max((r["step"] for r in rows), default=0)
 
 
-ORDER = [four_trainings, two_processes, cancel_remote, node_lost, restart_reattach, no_room, unseen_registry]
+# The prediction scenarios restart the server with inference on Ray: they come last.
+ORDER = [four_trainings, two_processes, cancel_remote, node_lost, restart_reattach, no_room, unseen_registry,
+         predict_nodes, predict_node_lost]
 
 
 def main() -> int:

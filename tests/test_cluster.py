@@ -101,3 +101,8 @@ def test_predict_node_lost(verdicts: dict) -> None:
     """A worker node killed under a running prediction: it fails naming the node, one waiting behind it on that
     actor moves to another and succeeds, new predictions succeed, and a new actor replaces the lost one."""
     _verdict(verdicts, "predict_node_lost")
+
+
+def test_predict_unseen_registry(verdicts: dict) -> None:
+    """A node joining with another folder at the registry's path is refused for inference actors, by name."""
+    _verdict(verdicts, "predict_unseen_registry")

@@ -13,7 +13,8 @@ versions loaded), so versions spread over the actors and stay where they are war
 
 A lost actor (its node killed, its process dead): its predictions that had not started decoding go to another
 actor (the record says where it runs now, and its logs say that it moved); those already running end
-``failed``, naming the node; a new actor replaces it at once (Ray places it on any node with room). The
+``failed``, naming the node; a new actor replaces it at once (Ray places it on any node with room). Nodes
+that cannot see the registry are kept out (:class:`~finetune.cluster.nodes.NodeGate`, as for trainings). The
 actors are not detached: they end with the server.
 """
 
@@ -28,12 +29,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import UnavailableError, one_line
+from ..registry import Registry
 from ..serving.worker import OnEvent, WorkerConfig
+from .nodes import NodeGate
 from .options import PredictOptions
 from .session import connect, describe_node, nodes
 
 POLL_S = 10.0  # how long one events() call waits for an event before answering with none
 RETRY_S = 0.5
+WATCH_S = 5.0  # how often joined nodes are looked for (and probed)
 MAX_BACKOFF_S = 60.0  # actors that die before they are ready are replaced at most this slowly
 _SETTLED = ("done", "rejected", "compared")
 
@@ -133,6 +137,8 @@ class RayInferencePool:
         self._slots: list[_Slot] = []
         self._jobs: dict[str, _Sent] = {}
         self._actor_class: Any = None
+        self.gate: Any = None  # NodeGate, once started
+        self._gate_lock = threading.Lock()
         self._closed = False
         self._failures = 0  # actors in a row that died before they were ready
 
@@ -144,9 +150,28 @@ class RayInferencePool:
             import ray
 
             how = connect(self.options.address, self.config.registry_root)
+            # Nodes that cannot see the registry are kept out, as for trainings (their usable verdicts are the
+            # trainings' gate's to print, when trainings run on Ray too).
+            self.gate = NodeGate(Registry(self.config.registry_root), what="inference",
+                                 say=lambda line: None if line.endswith(": usable") else self.say(f"finetune: {line}"))
+            self._refresh(wait_s=30.0)
+            threading.Thread(target=self._watch, name="ray-inference-nodes", daemon=True).start()
             self._actor_class = ray.remote(InferenceActor)
             self.say(f"finetune: predictions run on {how}: {self.count} inference worker(s) (Ray actors)")
             self._slots = [self._new_slot(i) for i in range(self.count)]
+
+    def _watch(self) -> None:
+        """Probe nodes as they join (their verdicts decide where the next actors may go)."""
+        while not self._closed:
+            time.sleep(WATCH_S)
+            try:
+                self._refresh()
+            except Exception:  # the cluster unreachable for a moment: try again at the next look
+                pass
+
+    def _refresh(self, wait_s: float = 0.0) -> None:
+        with self._gate_lock:  # the watcher and a replacement may both probe
+            self.gate.refresh(wait_s=wait_s)
 
     def _actor_options(self) -> dict[str, Any]:
         gpus = self.options.gpus
@@ -154,8 +179,13 @@ class RayInferencePool:
             device = self.config.device
             gpus = 1 if device in ("gpu", "cuda") or device.startswith("cuda:") or (
                 device == "auto" and any(n.alive and n.resources.get("GPU", 0) > 0 for n in nodes())) else 0
-        return {"max_restarts": 0, "max_concurrency": 16, "num_cpus": self.options.cpus, "num_gpus": gpus,
-                "resources": dict(self.options.resources), "scheduling_strategy": "SPREAD"}
+        options = {"max_restarts": 0, "max_concurrency": 16, "num_cpus": self.options.cpus, "num_gpus": gpus,
+                   "resources": dict(self.options.resources), "scheduling_strategy": "SPREAD"}
+        with self._gate_lock:
+            refused = self.gate.refused()
+        if refused:
+            options["label_selector"] = {"ray.io/node-id": f"!in({','.join(refused)})"}
+        return options
 
     def _new_slot(self, index: int) -> _Slot:
         name = f"infer-{index}-{os.urandom(3).hex()}"
@@ -242,7 +272,7 @@ class RayInferencePool:
             waiting = [s for s in mine if not s.started]
             for sent in running:
                 self._jobs.pop(sent.job_id, None)
-            where, why = self._where_lost(slot, err)
+            where, why = self._where_lost(slot)
             if slot.node is None:
                 self._failures += 1
             delay = min(MAX_BACKOFF_S, 2.0 ** self._failures) if self._failures > 1 else 0.0
@@ -270,17 +300,21 @@ class RayInferencePool:
                     self._jobs.pop(sent.job_id, None)
                 self._emit(sent.job_id, "done", {"status": "failed", "metrics": {}, "died": True, "error": str(gone)})
 
-    def _where_lost(self, slot: _Slot, err: BaseException) -> tuple[str, str]:
+    def _where_lost(self, slot: _Slot) -> tuple[str, str]:
         if slot.node is None:
             return "no node yet", "it could not start"
         node_id = slot.node["node_id"]
         alive = {n.node_id for n in nodes() if n.alive}
-        dead = node_id not in alive or "node" in str(err).lower() and "died" in str(err).lower()
-        return describe_node(node_id, slot.node), "its node was lost" if dead else "its process died"
+        # Ray ends a node's actors once it declared the node dead: by now the node table says so.
+        return describe_node(node_id, slot.node), "its process died" if node_id in alive else "its node was lost"
 
     def _replace(self, slot: _Slot, delay: float) -> None:
         if delay:
             time.sleep(delay)
+        try:
+            self._refresh(wait_s=10.0)  # nodes that joined since: probed before the new actor is placed
+        except Exception:  # the cluster unreachable for a moment: the verdicts known so far hold
+            pass
         with self._lock:
             if self._closed:
                 return
@@ -365,3 +399,5 @@ class RayInferencePool:
                 ray.kill(slot.handle, no_restart=True)
             except Exception:
                 pass
+        if self.gate is not None:
+            self.gate.close()

@@ -21,8 +21,11 @@ PREDICT = ("--predict-executor", "ray", "--predict-workers", "2", "--predict-cpu
 
 
 def _predict_server(w: Any) -> None:
-    """The world's server, restarted with inference on Ray (once), with both actors ready."""
+    """The world's server, restarted with inference on Ray (once), with both actors ready on two worker nodes
+    (scenarios before these may have killed some)."""
     if tuple(w.server.options[-len(PREDICT):]) != PREDICT:
+        while len(w.cluster.worker_ids()) < 2:
+            w.cluster.add_worker()
         w.restart_server(*PREDICT)
     deadline = time.monotonic() + 240
     while sum("inference worker" in line and "ready on" in line for line in _since_start(w)) < 2:
@@ -90,9 +93,12 @@ def predict_nodes(w: Any) -> dict[str, Any]:
     second = _create(w, y, max_new_tokens=8)
     assert second["status"] == "succeeded", second
     workers = set(w.cluster.worker_ids())
+    assert len(workers) == 2, workers
     ran_on = {first["placement"]["node_id"], second["placement"]["node_id"]}
     assert ran_on == workers, (first["placement"], second["placement"], workers)
+    asked = time.monotonic()
     again = _create(w, w.base_id, max_new_tokens=8)
+    warm_s = time.monotonic() - asked
     assert again["placement"]["actor"] == first["placement"]["actor"], (again["placement"], first["placement"])
     assert again["output"] == first["output"]  # greedy: the same answer from the same (warm) version
     # The server's log names each actor's node.
@@ -110,7 +116,8 @@ def predict_nodes(w: Any) -> dict[str, Any]:
         canceled = http.post(f"/v1/predictions/{started['id']}/cancel").json()
     took = time.monotonic() - asked
     assert canceled["status"] == "canceled" and took < 10, (canceled["status"], took)
-    return {"nodes": sorted(n[:8] for n in ran_on), "cancel_s": round(took, 2)}
+    return {"nodes": sorted(n[:8] for n in ran_on), "cancel_s": round(took, 2), "warm_8_tokens_s": round(warm_s, 3),
+            "predict_time_s": again["metrics"].get("predict_time")}
 
 
 def predict_node_lost(w: Any) -> dict[str, Any]:
@@ -165,3 +172,20 @@ def predict_unseen_registry(w: Any) -> dict[str, Any]:
         proc.wait(timeout=60)
     assert str(w.root) in line and "another folder" in line, line
     return {"line": line}
+
+
+def predict_no_room(w: Any) -> dict[str, Any]:
+    """Inference actors no node can hold (more ``predictor`` than any node has): the server says so at start,
+    and a prediction is refused at once (503, saying what the actors ask for) instead of waiting."""
+    asks = tuple("predictor=3" if o == "predictor=1" else o for o in PREDICT)
+    w.restart_server(*asks)
+    line = w.server.wait_output("no node of the Ray cluster can hold an inference worker", 120)
+    assert "predictor 3" in line, line
+    with _http(w) as http:
+        answer = http.post("/v1/predictions", json={"version": w.base_id, "input": {"prompt": "Hello"}},
+                           headers={"Prefer": "wait=60"})
+    assert answer.status_code == 503, answer.text
+    detail = answer.json()["detail"]
+    assert "no node of the Ray cluster can hold an inference worker (predictor 3 each)" in detail, detail
+    assert "--predict-ray-resource" in detail, detail
+    return {"detail": detail}

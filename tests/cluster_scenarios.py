@@ -22,7 +22,12 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cluster_harness import Server, quiet_environment, start_node_without_registry, write_json  # noqa: E402
-from cluster_predictions import predict_node_lost, predict_nodes, predict_unseen_registry  # noqa: E402
+from cluster_predictions import (  # noqa: E402
+    predict_no_room,
+    predict_node_lost,
+    predict_nodes,
+    predict_unseen_registry,
+)
 
 from finetune.cluster.local import LocalCluster, check_loopback_only  # noqa: E402
 
@@ -296,7 +301,7 @@ def _last_step(w: World, training_id: str) -> int:
 
 # The prediction scenarios restart the server with inference on Ray: they come last.
 ORDER = [four_trainings, two_processes, cancel_remote, node_lost, restart_reattach, no_room, unseen_registry,
-         predict_nodes, predict_node_lost, predict_unseen_registry]
+         predict_nodes, predict_node_lost, predict_unseen_registry, predict_no_room]
 
 
 def main() -> int:

@@ -106,3 +106,8 @@ def test_predict_node_lost(verdicts: dict) -> None:
 def test_predict_unseen_registry(verdicts: dict) -> None:
     """A node joining with another folder at the registry's path is refused for inference actors, by name."""
     _verdict(verdicts, "predict_unseen_registry")
+
+
+def test_predict_no_room(verdicts: dict) -> None:
+    """Inference actors no node can hold: the server says so, and a prediction is a 503 saying what they ask."""
+    _verdict(verdicts, "predict_no_room")

@@ -8,7 +8,8 @@
 - :mod:`.executor`: the queue's executor seam over all of it (placement by Ray, retries after a lost node,
   re-attaching after a server restart);
 - :mod:`.inference`: inference workers as Ray actors (``--predict-executor ray``): the actor, and the pool the
-  prediction service talks to (routing by warm versions, then load; a lost actor replaced).
+  prediction service talks to (routing by warm versions, then load; a lost actor replaced), over
+  :mod:`.inference_actor` (what runs on the nodes: the local worker's core in an actor).
 
 Import :class:`RayExecutor` from :mod:`.executor`; this package imports nothing of Ray by itself.
 """

@@ -1,9 +1,10 @@
 """Inference workers as Ray actors: ``finetune serve --predict-executor ray``.
 
 The worker code is the local one (:class:`~finetune.serving.worker.WorkerCore`: prompts, the model cache, the
-batched engine); only the transport differs. On a node, :class:`InferenceActor` holds a core and keeps the
-events it sends (``admitted``, ``processing``, ``output``, ``done`` ...) numbered in a buffer; the server's
-:class:`RayInferencePool` reads them with long polls (:meth:`InferenceActor.events`: the events after the last
+batched engine); only the transport differs. On a node, an
+:class:`~finetune.cluster.inference_actor.InferenceActor` holds a core and keeps the events it sends
+(``admitted``, ``processing``, ``output``, ``done`` ...) numbered in a buffer; the server's
+:class:`RayInferencePool` reads them with long polls (``InferenceActor.events``: the events after the last
 one it saw, answered as soon as there is one), so a poll that fails for a moment is asked again and loses
 nothing. Submit, cancel and compare are plain actor calls.
 
@@ -31,6 +32,7 @@ from typing import Any
 from ..errors import UnavailableError, one_line
 from ..registry import Registry
 from ..serving.worker import OnEvent, WorkerConfig
+from .inference_actor import InferenceActor
 from .nodes import NodeGate
 from .options import PredictOptions
 from .session import connect, describe_node, nodes
@@ -40,60 +42,6 @@ RETRY_S = 0.5
 WATCH_S = 5.0  # how often joined nodes are looked for (and probed)
 MAX_BACKOFF_S = 60.0  # actors that die before they are ready are replaced at most this slowly
 _SETTLED = ("done", "rejected", "compared")
-
-
-class InferenceActor:
-    """One inference worker on a node (see the module docstring). Methods are called by the server."""
-
-    def __init__(self, config: WorkerConfig, name: str):
-        import socket
-
-        import ray
-
-        from ..serving.worker import WorkerCore
-        from ..training.runlog import quiet_libraries
-
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        quiet_libraries()
-        self.name = name
-        self.where = {"host": socket.gethostname(), "node_id": ray.get_runtime_context().get_node_id()}
-        self._events: list[tuple[int, tuple[str, str, dict[str, Any]]]] = []
-        self._seq = 0
-        self._cond = threading.Condition()
-        self.core = WorkerCore(config, self._send)
-
-    def _send(self, job_id: str, kind: str, payload: dict[str, Any]) -> None:
-        with self._cond:
-            self._seq += 1
-            self._events.append((self._seq, (job_id, kind, payload)))
-            self._cond.notify_all()
-
-    # ---------------------------------------------------------------- the server's calls
-    def info(self) -> dict[str, Any]:
-        return {**self.where, "pid": os.getpid(), "name": self.name}
-
-    def submit(self, job_id: str, ref: str, data: dict[str, Any], owner: str = "") -> None:
-        self.core.submit(job_id, ref, data, owner)
-
-    def cancel(self, job_id: str) -> None:
-        self.core.cancel(job_id)
-
-    def compare(self, job_id: str, spec: dict[str, Any]) -> None:
-        self.core.compare(job_id, spec)
-
-    def stats(self) -> dict[str, Any]:
-        return {**self.core.stats(), **self.info(), "loaded": self.core.loaded()}
-
-    def events(self, after: int, timeout_s: float) -> dict[str, Any]:
-        """The events after number ``after`` (those up to it were read: forgotten), waiting up to ``timeout_s``
-        for one; with the refs of the versions loaded now when any prediction was admitted or ended."""
-        with self._cond:
-            self._events = [e for e in self._events if e[0] > after]
-            if not self._events:
-                self._cond.wait(timeout_s)
-            batch = list(self._events)
-        loaded = self.core.loaded() if any(e[1][1] in ("admitted", "done") for e in batch) else None
-        return {"seq": batch[-1][0] if batch else after, "events": [e[1] for e in batch], "loaded": loaded}
 
 
 @dataclass
@@ -139,6 +87,7 @@ class RayInferencePool:
         self._actor_class: Any = None
         self.gate: Any = None  # NodeGate, once started
         self._gate_lock = threading.Lock()
+        self._no_room: str | None = None  # why no usable node can hold an actor (then predictions are refused)
         self._closed = False
         self._failures = 0  # actors in a row that died before they were ready
 
@@ -155,6 +104,7 @@ class RayInferencePool:
             self.gate = NodeGate(Registry(self.config.registry_root), what="inference",
                                  say=lambda line: None if line.endswith(": usable") else self.say(f"finetune: {line}"))
             self._refresh(wait_s=30.0)
+            self._check_room()
             threading.Thread(target=self._watch, name="ray-inference-nodes", daemon=True).start()
             self._actor_class = ray.remote(InferenceActor)
             self.say(f"finetune: predictions run on {how}: {self.count} inference worker(s) (Ray actors)")
@@ -166,6 +116,7 @@ class RayInferencePool:
             time.sleep(WATCH_S)
             try:
                 self._refresh()
+                self._check_room()
             except Exception:  # the cluster unreachable for a moment: try again at the next look
                 pass
 
@@ -173,13 +124,30 @@ class RayInferencePool:
         with self._gate_lock:  # the watcher and a replacement may both probe
             self.gate.refresh(wait_s=wait_s)
 
+    def _gpus(self) -> float:
+        if self.options.gpus is not None:
+            return self.options.gpus
+        device = self.config.device
+        return 1 if device in ("gpu", "cuda") or device.startswith("cuda:") or (
+            device == "auto" and any(n.alive and n.resources.get("GPU", 0) > 0 for n in nodes())) else 0
+
+    def _check_room(self) -> None:
+        """Note (and say, when it changes) whether any usable node can hold an inference actor: while none can,
+        predictions are refused at once (503) instead of waiting for an actor Ray cannot place."""
+        need = {k: v for k, v in {"CPU": self.options.cpus, "GPU": self._gpus(), **self.options.resources}.items()
+                if v > 0}
+        with self._gate_lock:
+            usable = self.gate.usable()
+        fits = any(all(node.resources.get(k, 0) >= v for k, v in need.items()) for node in usable)
+        asked = ", ".join(f"{k} {v:g}" for k, v in need.items()) or "nothing"
+        room = None if fits else f"no node of the Ray cluster can hold an inference worker ({asked} each)"
+        if room != self._no_room:
+            self.say(f"finetune: {room}; predictions are refused until such a node joins" if room else
+                     "finetune: a node that can hold inference workers joined")
+        self._no_room = room
+
     def _actor_options(self) -> dict[str, Any]:
-        gpus = self.options.gpus
-        if gpus is None:
-            device = self.config.device
-            gpus = 1 if device in ("gpu", "cuda") or device.startswith("cuda:") or (
-                device == "auto" and any(n.alive and n.resources.get("GPU", 0) > 0 for n in nodes())) else 0
-        options = {"max_restarts": 0, "max_concurrency": 16, "num_cpus": self.options.cpus, "num_gpus": gpus,
+        options = {"max_restarts": 0, "max_concurrency": 16, "num_cpus": self.options.cpus, "num_gpus": self._gpus(),
                    "resources": dict(self.options.resources), "scheduling_strategy": "SPREAD"}
         with self._gate_lock:
             refused = self.gate.refused()
@@ -352,12 +320,18 @@ class RayInferencePool:
             getattr(slot.handle, sent.op).remote(*sent.args)
 
     # ---------------------------------------------------------------- the worker seam
-    def submit(self, job_id: str, ref: str, data: dict[str, Any], owner: str = "") -> None:
+    def _check_started(self) -> None:
         self._ensure()
+        if self._no_room is not None:
+            raise UnavailableError(self._no_room, "add such a node, or change --predict-cpus, --predict-gpus or "
+                                                  "--predict-ray-resource")
+
+    def submit(self, job_id: str, ref: str, data: dict[str, Any], owner: str = "") -> None:
+        self._check_started()
         self._dispatch(_Sent(job_id, "submit", (job_id, ref, data, owner), ref))
 
     def compare(self, job_id: str, spec: dict[str, Any]) -> None:
-        self._ensure()
+        self._check_started()
         self._dispatch(_Sent(job_id, "compare", (job_id, spec), None))
 
     def cancel(self, job_id: str) -> None:

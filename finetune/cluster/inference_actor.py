@@ -7,9 +7,14 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from typing import Any
 
 from ..serving.worker import WorkerConfig
+
+# Decoding makes a piece every few ms: each answer waits this long after its first event for the next ones, so
+# the server reads them a batch per round trip (not one call per token, whose cost the engine's CPU would share).
+GATHER_S = 0.01
 
 
 class InferenceActor:
@@ -59,8 +64,12 @@ class InferenceActor:
         for one; with the refs of the versions loaded now when any prediction was admitted or ended."""
         with self._cond:
             self._events = [e for e in self._events if e[0] > after]
-            if not self._events:
+            waited = not self._events
+            if waited:
                 self._cond.wait(timeout_s)
+        if waited and self._events:  # the first of a stream: a few ms more gather the pieces that follow it
+            time.sleep(GATHER_S)
+        with self._cond:
             batch = list(self._events)
         loaded = self.core.loaded() if any(e[1][1] in ("admitted", "done") for e in batch) else None
         return {"seq": batch[-1][0] if batch else after, "events": [e[1] for e in batch], "loaded": loaded}

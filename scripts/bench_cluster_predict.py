@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -139,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             proc.terminate()
             proc.wait(60)
         cluster.shutdown()
+        shutil.rmtree(work, ignore_errors=True)
     for side, figures in results.items():
         print(side, json.dumps(figures), flush=True)
     ray, local = results["ray"], results["local"]

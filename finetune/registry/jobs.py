@@ -1,9 +1,9 @@
 """Job records: one per run of a job (a training, a prediction), like a hosted service's objects.
 
 :class:`RecordStore` keeps the records of one kind of job, each in its own folder under the registry root (the
-layout is drawn in :mod:`finetune.registry.store`): ``record.json`` replaced atomically on every change, listing
+layout is drawn in :mod:`finetune.registry.layout`): ``record.json`` replaced atomically on every change, listing
 newest first (ids sort by creation time). :class:`Trainings` adds what a training needs: its files
-(:class:`~finetune.registry.store.TrainingPaths`), the process that runs it, cancellation, staleness and the log.
+(:class:`~finetune.registry.layout.TrainingPaths`), the process that runs it, cancellation, staleness and the log.
 
 A training's process is named by its pid *and* its start mark (:mod:`finetune.processes`): a pid freed
 by a dead run and taken by another process is never signalled, nor taken for the run.
@@ -21,13 +21,16 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from .. import atomic
 from ..errors import ConflictError, IntegrityError, NotFoundError, TrainingNotFoundError, UsageError
 from ..processes import ProcessRef
+from .layout import RECORD, TrainingPaths
 from .manifest import utc_now
-from .store import RECORD, Registry, TrainingPaths
+
+if TYPE_CHECKING:
+    from .store import Registry
 
 
 class Status(str, Enum):
@@ -63,7 +66,7 @@ R = TypeVar("R")
 class RecordStore(Generic[R]):
     """Read and write the records (dataclasses with ``id`` and ``created_at``) of one kind of job.
 
-    Subclasses name the ``kind`` (a folder in :data:`~finetune.registry.store.JOB_KINDS`), the ``record_type``,
+    Subclasses name the ``kind`` (a folder in :data:`~finetune.registry.layout.JOB_KINDS`), the ``record_type``,
     and the error raised for an unknown id.
     """
 
@@ -88,6 +91,8 @@ class RecordStore(Generic[R]):
     def save(self, record: R) -> None:
         folder = self.dir(record.id)
         atomic.replace_file(folder / RECORD, atomic.pretty_json(asdict(record)), folder)
+        # Committed: the index may now remember it (a crash before this line leaves a stamp that is read again).
+        self.registry.catalog.note(self.kind, "", record.id, folder / RECORD, _summary(record))
 
     def get(self, record_id: str) -> R:
         path = self.dir(record_id) / RECORD
@@ -143,6 +148,39 @@ class RecordStore(Generic[R]):
                 out.append(err)
         return out
 
+    def summaries(self) -> list[tuple[str, dict[str, Any]]]:
+        """``(id, {"status", "owner"})`` of every readable record, newest first, from the index for records
+        unchanged since it last saw them (:mod:`finetune.registry.catalog`): no record file is read for those."""
+        root = self.registry.jobs_dir(self.kind)
+        try:
+            names = sorted(os.listdir(root), reverse=True)
+        except FileNotFoundError:
+            return []
+        texts = self.registry.catalog.cached(self.kind, "", {name: root / name / RECORD for name in names},
+                                             self._load_summary)
+        return [(name, json.loads(text)) for name in names if (text := texts[name]) is not None]
+
+    def _load_summary(self, record_id: str, path: Path) -> str | None:
+        try:
+            return _summary(self.get(record_id))
+        except IntegrityError:
+            return None  # damaged: left out, as list() leaves it out
+
+    def unfinished(self) -> list[R]:
+        """Every readable record that has not ended (starting, processing), newest first: what a server's start
+        looks at. Only those records are read (the index tells the others), and each is read: the truth."""
+        out = []
+        for record_id, summary in self.summaries():
+            if summary.get("status") in FINAL:
+                continue
+            try:
+                record = self.get(record_id)
+            except (IntegrityError, NotFoundError):  # damaged or removed since it was listed
+                continue
+            if record.status not in FINAL:
+                out.append(record)
+        return out
+
     def _entries(self) -> list[str]:
         root = self.registry.jobs_dir(self.kind)
         try:
@@ -150,6 +188,11 @@ class RecordStore(Generic[R]):
         except FileNotFoundError:
             return []
         return [entry for entry in entries if (root / entry / RECORD).is_file()]
+
+
+def _summary(record: Any) -> str:
+    """What the index remembers of a record: enough for a server's start and per-owner listings."""
+    return json.dumps({"status": str(record.status), "owner": getattr(record, "owner", "")})
 
 
 @dataclass

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..errors import NotFoundError
-from .jobs import FINAL, RECORD, RecordStore, Status
+from .jobs import RECORD, RecordStore, Status
 from .manifest import utc_now
 
 
@@ -77,12 +77,15 @@ class Predictions(RecordStore[PredictionRecord]):
         return [e for e in entries if (root / e / RECORD).is_file()]
 
     def settle_interrupted(self) -> list[str]:
-        """Mark records a stopped server left running as failed; returns their ids. Call before serving."""
+        """Mark records a stopped server left running as failed; returns their ids. Call before serving.
+        Reads only the records that did not end (the index knows the others: :meth:`unfinished`)."""
         settled = []
-        for prediction_id in self.ids():
-            record = self.get(prediction_id)
-            if record.status not in FINAL:
-                self.update(record, status=Status.FAILED, error="the server stopped while this prediction ran",
-                            completed_at=utc_now())
-                settled.append(prediction_id)
+        for record in self.unfinished():
+            self.update(record, status=Status.FAILED, error="the server stopped while this prediction ran",
+                        completed_at=utc_now())
+            settled.append(record.id)
         return settled
+
+    def owners(self) -> dict[str, str]:
+        """``{id: owner}`` of every readable record (from the index, for records it has seen unchanged)."""
+        return {record_id: str(summary.get("owner") or "") for record_id, summary in self.summaries()}

@@ -54,7 +54,7 @@ class ServerLock:
         me = ProcessRef.current()
         info = {"pid": me.pid, "pid_mark": me.mark, "address": self.address, "started_at": utc_now()}
         try:
-            atomic.replace_file(self.info_path, atomic.pretty_json(info), self.registry.root / ".staging")
+            atomic.replace_file(self.info_path, atomic.pretty_json(info), self.registry.layout.staging)
         except OSError as err:
             self.release()
             raise not_writable(self.registry.root, err) from None

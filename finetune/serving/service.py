@@ -88,7 +88,7 @@ class PredictionService:
         self.prestart = prestart
         self.to_object = to_object or (lambda record, base_url: record.to_dict())
         self.interrupted = self.records.settle_interrupted()
-        self._owners = {record_id: self.records.get(record_id).owner for record_id in self.records.ids()}
+        self._owners = self.records.owners()
         self.comparisons = Comparisons(self._worker_for)
 
     def start(self) -> None:

@@ -130,11 +130,11 @@ class Catalog:
             except sqlite3.OperationalError as err:
                 if attempt or not _damaged(err):
                     return None  # locked past the timeout, read-only, out of space: read the files this time
-                self._discard()
+                self.drop()
             except sqlite3.DatabaseError:  # not a database, a malformed one
                 if attempt:
                     return None
-                self._discard()
+                self.drop()
             except OSError:
                 return None
         return None
@@ -157,7 +157,7 @@ class Catalog:
             raise
         return db
 
-    def _discard(self) -> None:
+    def drop(self) -> None:
         """Remove a damaged index file (and its WAL files): the next use starts an empty one."""
         base = self.layout.index_file
         for path in (base, base.with_name(base.name + "-wal"), base.with_name(base.name + "-shm")):

@@ -37,9 +37,10 @@ __all__ = ["CHECKPOINT_STATE", "EDITABLE", "HARDWARE", "JOB_KINDS", "MODEL_LINKS
 class Registry:
     """The model registry rooted at ``root`` (default: ``$FINETUNE_HOME``, else ``./registry``).
 
-    ``index=False`` reads every file for listings, as without the index (the index is never needed)."""
+    ``index=False`` (or ``FINETUNE_INDEX=0`` in the environment) reads every file for listings, as without the
+    index: it is never needed, only faster (:mod:`finetune.registry.catalog`)."""
 
-    def __init__(self, root: str | os.PathLike[str] | None = None, *, index: bool = True):
+    def __init__(self, root: str | os.PathLike[str] | None = None, *, index: bool | None = None):
         if root is None:
             root = os.environ.get("FINETUNE_HOME") or "registry"
         elif not str(root).strip():  # Path("") is the current folder: never what an empty --registry meant
@@ -50,6 +51,8 @@ class Registry:
                 f"registry root {self.root} is not a folder", "point FINETUNE_HOME at a folder, or remove the file"
             )
         self.layout = Layout(self.root)
+        if index is None:
+            index = os.environ.get("FINETUNE_INDEX", "1") != "0"
         self.catalog = Catalog(self.layout, enabled=index)
         self.model_store = Models(self.layout, self.catalog)
         self.version_store = Versions(self.layout, self.model_store, self.catalog)

@@ -17,7 +17,7 @@ whoever wrote it, with or without this index. Hence:
 
 Entries: ``(kind, scope, key)`` -> ``(stamp, value)``: kind ``model`` (key ``owner/name``, value the
 ``model.json`` text), ``version`` (scope the model, key the number, value the manifest's text), ``trainings``
-and ``predictions`` (key the id, value a small JSON summary: status, owner).
+and ``predictions`` (key the id, value ``STATUS\\nOWNER``: what a server's start needs).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ BUSY_TIMEOUT_S = 2.0
 _BATCH = 500  # rows per statement when many are written at once
 
 
-def stamp(path: Path) -> str | None:
+def stamp(path: str | Path) -> str | None:
     """What tells one content of a file from another without reading it; None when it does not exist."""
     try:
         st = os.stat(path)
@@ -52,28 +52,34 @@ class Catalog:
         self.enabled = enabled
 
     # ---------------------------------------------------------------- reading through the index
-    def cached(self, kind: str, scope: str, files: dict[str, Path], load: Callable[[str, Path], str | None],
-               complete: bool = True) -> dict[str, str | None]:
+    def cached(self, kind: str, scope: str, files: dict[str, str], load: Callable[[str, str], str | None],
+               complete: bool = True, settled: Callable[[str], bool] | None = None) -> dict[str, str | None]:
         """For each ``key -> file`` of ``files``, the value ``load(key, file)`` gives for the file as it is now:
         from the index when the file's stamp matches the one indexed, else loaded (and indexed). ``None``: the
         file is missing or ``load`` could not use it (damaged: the caller reads it itself for the error). With
-        ``complete``, ``files`` is the whole of ``(kind, scope)``: entries of keys not in it are forgotten."""
-        stamps = {key: stamp(path) for key, path in files.items()}
+        ``complete``, ``files`` is the whole of ``(kind, scope)``: entries of keys not in it are forgotten.
+
+        ``settled(value)`` says that an indexed value can no longer change while its file exists (a prediction
+        that ended): such an entry is taken without even a ``stat``."""
         rows = self._rows(kind, scope) if self.enabled else None
         out: dict[str, str | None] = {}
         fresh: list[tuple[str, str, str]] = []
         for key, path in files.items():
-            now = stamps[key]
+            row = rows.get(key) if rows is not None else None
+            if row is not None and settled is not None and settled(row[1]):
+                out[key] = row[1]
+                continue
+            # Stamped before it is read: a change during the read leaves an old stamp, so it is read again.
+            now = stamp(path)
             if now is None:
                 out[key] = None
                 continue
-            row = rows.get(key) if rows is not None else None
             if row is not None and row[0] == now:
                 out[key] = row[1]
                 continue
             value = load(key, path)
             out[key] = value
-            if value is not None and stamp(path) == now:  # unchanged while it was read
+            if value is not None:
                 fresh.append((key, now, value))
         if rows is not None:
             gone = [key for key in rows if key not in files] if complete else []
@@ -81,7 +87,7 @@ class Catalog:
             self._write(kind, scope, fresh, gone + stale)
         return out
 
-    def note(self, kind: str, scope: str, key: str, path: Path, value: str) -> None:
+    def note(self, kind: str, scope: str, key: str, path: str | Path, value: str) -> None:
         """Remember ``value`` for the file ``path`` as just written (call after the write is committed)."""
         now = stamp(path)
         if self.enabled and now is not None:

@@ -131,7 +131,7 @@ class RecordStore(Generic[R]):
     def list(self) -> list[R]:
         """Every readable record, newest first (a damaged one is left out: :meth:`damaged` names those)."""
         out = []
-        for entry in self._entries():
+        for entry in self.ids():
             try:
                 out.append(self.get(entry))
             except IntegrityError:
@@ -141,37 +141,40 @@ class RecordStore(Generic[R]):
     def damaged(self) -> list[IntegrityError]:
         """The errors of records that cannot be read, newest first (what :meth:`list` left out)."""
         out = []
-        for entry in self._entries():
+        for entry in self.ids():
             try:
                 self.get(entry)
             except IntegrityError as err:
                 out.append(err)
         return out
 
-    def summaries(self) -> list[tuple[str, dict[str, Any]]]:
-        """``(id, {"status", "owner"})`` of every readable record, newest first, from the index for records
-        unchanged since it last saw them (:mod:`finetune.registry.catalog`): no record file is read for those."""
-        root = self.registry.jobs_dir(self.kind)
+    # Whether a record that ended never changes again (then the index's word on it needs no stat at all).
+    ended_is_settled = False
+
+    def summaries(self) -> list[tuple[str, str, str]]:
+        """``(id, status, owner)`` of every readable record, newest first, from the index for records unchanged
+        since it last saw them (:mod:`finetune.registry.catalog`): no record file is read for those."""
         try:
-            names = sorted(os.listdir(root), reverse=True)
+            names = sorted(os.listdir(self.registry.jobs_dir(self.kind)), reverse=True)
         except FileNotFoundError:
             return []
-        texts = self.registry.catalog.cached(self.kind, "", {name: root / name / RECORD for name in names},
-                                             self._load_summary)
-        return [(name, json.loads(text)) for name in names if (text := texts[name]) is not None]
+        files = self.registry.layout.record_files(self.kind, names)
+        texts = self.registry.catalog.cached(self.kind, "", files, self._load_summary,
+                                             settled=_ended if self.ended_is_settled else None)
+        return [(name, *text.split("\n", 1)) for name in names if (text := texts[name]) is not None]
 
-    def _load_summary(self, record_id: str, path: Path) -> str | None:
+    def _load_summary(self, record_id: str, path: str) -> str | None:
         try:
             return _summary(self.get(record_id))
-        except IntegrityError:
-            return None  # damaged: left out, as list() leaves it out
+        except (IntegrityError, UsageError):
+            return None  # damaged (or a stray folder name): left out, as list() leaves it out
 
     def unfinished(self) -> list[R]:
         """Every readable record that has not ended (starting, processing), newest first: what a server's start
         looks at. Only those records are read (the index tells the others), and each is read: the truth."""
         out = []
-        for record_id, summary in self.summaries():
-            if summary.get("status") in FINAL:
+        for record_id, status, _ in self.summaries():
+            if status in FINAL:
                 continue
             try:
                 record = self.get(record_id)
@@ -181,18 +184,27 @@ class RecordStore(Generic[R]):
                 out.append(record)
         return out
 
-    def _entries(self) -> list[str]:
-        root = self.registry.jobs_dir(self.kind)
+    def ids(self) -> list[str]:
+        """Every record's id (a folder with a record file), newest first."""
         try:
-            entries = sorted(os.listdir(root), reverse=True)
+            entries = sorted(os.listdir(self.registry.jobs_dir(self.kind)), reverse=True)
         except FileNotFoundError:
             return []
-        return [entry for entry in entries if (root / entry / RECORD).is_file()]
+        files = self.registry.layout.record_files(self.kind, entries)
+        return [entry for entry in entries if os.path.isfile(files[entry])]
 
 
 def _summary(record: Any) -> str:
-    """What the index remembers of a record: enough for a server's start and per-owner listings."""
-    return json.dumps({"status": str(record.status), "owner": getattr(record, "owner", "")})
+    """What the index remembers of a record, ``STATUS\\nOWNER``: enough for a server's start and per-owner
+    listings (neither a status nor an owner name holds a newline)."""
+    return f"{record.status}\n{getattr(record, 'owner', '')}"
+
+
+_ENDED = tuple(f"{status.value}\n" for status in FINAL)
+
+
+def _ended(summary: str) -> bool:
+    return summary.startswith(_ENDED)
 
 
 @dataclass

@@ -39,6 +39,7 @@ never sees half a record.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,6 +112,11 @@ class Layout:
     def version_dir(self, model_dir: Path, number: int) -> Path:
         return self.versions_dir(model_dir) / str(number)
 
+    def version_dirs(self, model_dir: Path, numbers: list[int]) -> dict[int, str]:
+        """``{number: its folder}`` for many versions at once, as plain strings (see :meth:`record_files`)."""
+        folder = os.fspath(self.versions_dir(model_dir))
+        return {n: os.path.join(folder, str(n)) for n in numbers}
+
     def retired_dir(self, model_dir: Path) -> Path:
         return model_dir / "retired"
 
@@ -136,6 +142,12 @@ class Layout:
 
     def job_dir(self, kind: str, job_id: str) -> Path:
         return self.jobs_dir(kind) / check_name(job_id, f"{kind.removesuffix('s')} id")
+
+    def record_files(self, kind: str, job_ids: list[str]) -> dict[str, str]:
+        """``{id: its record.json}`` for many records at once, as plain strings (listings of 100,000 records:
+        :class:`~pathlib.Path` objects would cost more than the rest). The ids come from listing the folder."""
+        folder = os.fspath(self.jobs_dir(kind))
+        return {job_id: os.path.join(folder, job_id, RECORD) for job_id in job_ids}
 
     def training_paths(self, training_id: str) -> TrainingPaths:
         return TrainingPaths.under(self.job_dir("trainings", training_id))

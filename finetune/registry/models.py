@@ -139,19 +139,20 @@ class Models:
         return self._parse(model_dir, raw)
 
     def _parse(self, model_dir: Path, raw: bytes | str) -> Model:
+        path = self.layout.model_file(model_dir)
         try:
             info = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as err:
-            raise damaged_model(model_dir, f"not valid JSON ({type(err).__name__})") from None
+            raise damaged_model(path, f"not valid JSON ({type(err).__name__})") from None
         owner, short = model_dir.parent.name, model_dir.name
         if not isinstance(info, dict):
-            raise damaged_model(model_dir, f"a JSON {type(info).__name__}, not an object")
+            raise damaged_model(path, f"a JSON {type(info).__name__}, not an object")
         for key, want in (("owner", owner), ("name", short)):
             if info.get(key) != want:
-                raise damaged_model(model_dir, f"its {key!r} is {json.dumps(info.get(key))}, not {want!r}")
+                raise damaged_model(path, f"its {key!r} is {json.dumps(info.get(key))}, not {want!r}")
         for key in ("description", "visibility", "hardware", "created_at", "readme", *MODEL_LINKS):
             if info.get(key) is not None and not isinstance(info[key], str):
-                raise damaged_model(model_dir, f"its {key!r} is not text")
+                raise damaged_model(path, f"its {key!r} is not text")
         return Model(model_dir, info)
 
     def names(self) -> list[str]:
@@ -168,7 +169,7 @@ class Models:
     def all(self) -> list[Model]:
         """See :meth:`Registry.list_models`: unchanged ``model.json`` files come from the index."""
         names = self.names()
-        files = {name: self.layout.model_file(self.dir(name)) for name in names}
+        files = {name: str(self.layout.model_file(self.dir(name))) for name in names}
         texts = self.catalog.cached("model", "", files, _load_model_json)
         out = []
         for name in names:
@@ -217,18 +218,17 @@ class Models:
         return Model(model.path, info)
 
 
-def _load_model_json(key: str, path: Path) -> str | None:
+def _load_model_json(key: str, path: str) -> str | None:
     try:
-        text = path.read_text(encoding="utf-8")
+        text = Path(path).read_text(encoding="utf-8")
         json.loads(text)
     except (OSError, ValueError):
         return None  # the caller reads it again for the error
     return text
 
 
-def damaged_model(model_dir: Path, why: str) -> IntegrityError:
-    """The error for a ``model.json`` that cannot be used, and the way out."""
-    path = model_dir / "model.json"
+def damaged_model(path: Path, why: str) -> IntegrityError:
+    """The error for a ``model.json`` (at ``path``) that cannot be used, and the way out."""
     return IntegrityError(f"{path} is damaged: {why}",
                           "restore it, or run `finetune registry gc` to rebuild it (as a private model with no "
                           "description; the damaged file is kept beside it as model.json.damaged)")

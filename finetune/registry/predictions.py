@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..errors import NotFoundError
-from .jobs import RECORD, RecordStore, Status
+from .jobs import RecordStore, Status
 from .manifest import utc_now
 
 
@@ -66,15 +66,7 @@ class Predictions(RecordStore[PredictionRecord]):
     record_type = PredictionRecord
     not_found = PredictionNotFoundError
     not_found_hint = "see GET /v1/predictions"
-
-    def ids(self) -> list[str]:
-        """Every record's id, newest first."""
-        root = self.registry.jobs_dir(self.kind)
-        try:
-            entries = sorted(os.listdir(root), reverse=True)
-        except FileNotFoundError:
-            return []
-        return [e for e in entries if (root / e / RECORD).is_file()]
+    ended_is_settled = True  # the server writes a prediction's record for the last time when it ends
 
     def settle_interrupted(self) -> list[str]:
         """Mark records a stopped server left running as failed; returns their ids. Call before serving.
@@ -88,4 +80,4 @@ class Predictions(RecordStore[PredictionRecord]):
 
     def owners(self) -> dict[str, str]:
         """``{id: owner}`` of every readable record (from the index, for records it has seen unchanged)."""
-        return {record_id: str(summary.get("owner") or "") for record_id, summary in self.summaries()}
+        return {record_id: owner for record_id, _, owner in self.summaries()}

@@ -177,8 +177,7 @@ class Registry:
         with ``manifests``, they come read (unchanged ones from the index: a listing that shows them)."""
         if manifests:
             return self.version_store.listing(model, limit)
-        versions = self.version_store.all(model)
-        return versions[:limit] if limit else versions
+        return self.version_store.all(model, limit)
 
     def published_by(self, model: str, training_id: str) -> Version | None:
         """The version of ``model`` that training ``training_id`` published, if any (its manifest says)."""

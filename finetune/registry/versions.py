@@ -80,23 +80,23 @@ class Versions:
         return numbers
 
     # ---------------------------------------------------------------- listings
-    def all(self, name: str) -> list[Version]:
+    def all(self, name: str, limit: int | None = None) -> list[Version]:
         """See :meth:`Registry.list_versions`."""
         m = self.models.get(name)
-        return [Version(m.full_name, n, self.layout.version_dir(m.path, n))
-                for n in sorted(self.numbers(m.path), reverse=True)]
+        numbers = sorted(self.numbers(m.path), reverse=True)[:limit or None]
+        return [Version(m.full_name, n, path) for n, path in self.layout.version_dirs(m.path, numbers).items()]
 
     def listing(self, name: str, limit: int | None = None) -> list[Version]:
         """The newest ``limit`` versions (all by default) with their manifests, unchanged ones from the index."""
-        versions = self.all(name)
-        if limit:
-            versions = versions[:limit]
-        files = {str(v.number): v.path / MANIFEST for v in versions}
+        m = self.models.get(name)
+        numbers = sorted(self.numbers(m.path), reverse=True)[:limit or None]
+        folders = self.layout.version_dirs(m.path, numbers)
+        files = {str(n): os.path.join(folder, MANIFEST) for n, folder in folders.items()}
         texts = self.catalog.cached("version", name, files, _load_manifest, complete=not limit)
         out = []
-        for v in versions:
-            text = texts.get(str(v.number))
-            out.append(Version(v.model, v.number, v.path, json.loads(text)) if text is not None else v)
+        for n, folder in folders.items():
+            text = texts.get(str(n))
+            out.append(Version(m.full_name, n, folder, json.loads(text) if text is not None else None))
         return out
 
     def published_by(self, name: str, training_id: str) -> Version | None:
@@ -208,8 +208,8 @@ class Versions:
             atomic.replace_file(self.layout.aliases_file(m.path), atomic.pretty_json(aliases), self.layout.staging)
 
 
-def _load_manifest(key: str, version_dir_manifest: Path) -> str | None:
+def _load_manifest(key: str, manifest: str) -> str | None:
     try:
-        return json.dumps(read_manifest(version_dir_manifest.parent))
+        return json.dumps(read_manifest(Path(manifest).parent))
     except (IntegrityError, OSError):
         return None  # damaged: the Version reads it itself, for the error

@@ -18,8 +18,8 @@ from .. import atomic
 from ..errors import ConflictError
 from ..processes import ProcessRef
 from ..registry import Registry
+from ..registry.disk import not_writable
 from ..registry.manifest import utc_now
-from ..registry.store import not_writable
 
 
 class ServerLock:

@@ -21,7 +21,8 @@ Then it times, each as the median of ``--repeat`` runs (fastest beside it):
   every prediction's owner; the training queue and the webhook watcher: unfinished trainings), as main did it
   before the index (each prediction record read twice), with a plain scan (read once), index cold, index warm.
   The interrupted predictions are put back to "processing" before every run, so each run settles them;
-* ``models list`` over ``--models`` small models, and ``latest``/``resolve`` (these never use the index).
+* ``models list`` over ``--models`` small models, and ``latest``/``resolve`` (these never use the index);
+* at the end, ``Registry.reindex()`` (rebuild everything) and the index's size.
 
 Every file was just written, so the page cache is warm: the figures are CPU and system-call costs, not disk.
 """
@@ -173,9 +174,7 @@ def server_start_now(reg) -> dict:
     from finetune.registry.jobs import Trainings
     from finetune.registry.predictions import Predictions
 
-    records = Predictions(reg)
-    records.settle_interrupted()
-    owners = records.owners()
+    _, owners = Predictions(reg).recover()
     for _ in range(2):
         Trainings(reg).unfinished()
     return owners
@@ -271,8 +270,12 @@ def main(argv: list[str] | None = None) -> int:
         for name, fn, before in rows:
             med, best = _time(fn, args.repeat, before)
             print(f"{name:<96}{_fmt(med):>12}{_fmt(best):>12}", flush=True)
-        size = reg.layout.index_file.stat().st_size if reg.layout.index_file.exists() else 0
-        print(f"\nindex: {reg.layout.index_file} ({size / 2**20:.1f} MiB, {indexed.catalog.count():,} entries)")
+        t0 = time.perf_counter()
+        entries = indexed.reindex()
+        took = time.perf_counter() - t0
+        size = sum(p.stat().st_size for p in reg.layout.index_file.parent.iterdir())
+        print(f"\nRegistry.reindex() (everything, from the folders): {took:.2f} s; index "
+              f"{reg.layout.index_file}: {size / 2**20:.1f} MiB, {entries:,} entries")
     finally:
         if temp and not args.keep:
             remove_tree(root.parent)  # version folders may be read-only: plain rmtree fails for non-root users

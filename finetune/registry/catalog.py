@@ -52,23 +52,25 @@ class Catalog:
         self.enabled = enabled
 
     # ---------------------------------------------------------------- reading through the index
-    def cached(self, kind: str, scope: str, files: dict[str, str], load: Callable[[str, str], str | None],
-               complete: bool = True, settled: Callable[[str], bool] | None = None) -> dict[str, str | None]:
-        """For each ``key -> file`` of ``files``, the value ``load(key, file)`` gives for the file as it is now:
-        from the index when the file's stamp matches the one indexed, else loaded (and indexed). ``None``: the
-        file is missing or ``load`` could not use it (damaged: the caller reads it itself for the error). With
-        ``complete``, ``files`` is the whole of ``(kind, scope)``: entries of keys not in it are forgotten.
+    def cached(self, kind: str, scope: str, keys: list[str], file_of: Callable[[str], str],
+               load: Callable[[str, str], str | None], complete: bool = True,
+               settled: Callable[[str], bool] | None = None) -> dict[str, str | None]:
+        """For each of ``keys``, the value ``load(key, file_of(key))`` gives for its file as it is now: from the
+        index when the file's stamp matches the one indexed, else loaded (and indexed). ``None``: the file is
+        missing or ``load`` could not use it (damaged: the caller reads it itself for the error). With
+        ``complete``, ``keys`` are the whole of ``(kind, scope)``: entries of other keys are forgotten.
 
         ``settled(value)`` says that an indexed value can no longer change while its file exists (a prediction
         that ended): such an entry is taken without even a ``stat``."""
         rows = self._rows(kind, scope) if self.enabled else None
         out: dict[str, str | None] = {}
         fresh: list[tuple[str, str, str]] = []
-        for key, path in files.items():
+        for key in keys:
             row = rows.get(key) if rows is not None else None
             if row is not None and settled is not None and settled(row[1]):
                 out[key] = row[1]
                 continue
+            path = file_of(key)
             # Stamped before it is read: a change during the read leaves an old stamp, so it is read again.
             now = stamp(path)
             if now is None:
@@ -82,8 +84,8 @@ class Catalog:
             if value is not None:
                 fresh.append((key, now, value))
         if rows is not None:
-            gone = [key for key in rows if key not in files] if complete else []
-            stale = [key for key in files if key in rows and out[key] is None]
+            gone = [key for key in rows if key not in out] if complete else []
+            stale = [key for key in keys if key in rows and out[key] is None]
             self._write(kind, scope, fresh, gone + stale)
         return out
 

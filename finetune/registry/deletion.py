@@ -71,7 +71,7 @@ def archived(reg: Registry, version_id: object) -> Version | None:
     """The archived version with this exact id, or None (the archive is looked up by id only)."""
     if not isinstance(version_id, str) or len(version_id) != 64 or not all(c in "0123456789abcdef" for c in version_id):
         return None
-    path = archive_dir(reg) / version_id
+    path = reg.layout.archived(version_id)
     try:
         manifest = read_manifest(path)
     except IntegrityError:
@@ -104,9 +104,9 @@ def collect_archive(reg: Registry, dry_run: bool) -> list[Path]:
     removed = []
     for name in parents:
         if name not in needed:
-            removed.append(archive_dir(reg) / name)
+            removed.append(reg.layout.archived(name))
             if not dry_run:
-                atomic.remove_tree(archive_dir(reg) / name)
+                atomic.remove_tree(reg.layout.archived(name))
     return removed
 
 
@@ -195,7 +195,7 @@ def delete_version(reg: Registry, ref: str, latest: bool, refuse: Refusal) -> Pa
         archive = None
         if kids:  # only other owners' versions derive from it: archived, so that they keep working
             try:
-                archive = archive_dir(reg) / version.id
+                archive = reg.layout.archived(version.id)
             except IntegrityError:
                 archive = None  # a damaged version cannot be found by id: its children are damaged already
         retire(reg.layout, m.path, version.number)

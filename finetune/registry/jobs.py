@@ -158,9 +158,8 @@ class RecordStore(Generic[R]):
             names = sorted(os.listdir(self.registry.jobs_dir(self.kind)), reverse=True)
         except FileNotFoundError:
             return []
-        files = self.registry.layout.record_files(self.kind, names)
-        texts = self.registry.catalog.cached(self.kind, "", files, self._load_summary,
-                                             settled=_ended if self.ended_is_settled else None)
+        texts = self.registry.catalog.cached(self.kind, "", names, self.registry.layout.record_file_of(self.kind),
+                                             self._load_summary, settled=_ended if self.ended_is_settled else None)
         return [(name, *text.split("\n", 1)) for name in names if (text := texts[name]) is not None]
 
     def _load_summary(self, record_id: str, path: str) -> str | None:
@@ -169,11 +168,12 @@ class RecordStore(Generic[R]):
         except (IntegrityError, UsageError):
             return None  # damaged (or a stray folder name): left out, as list() leaves it out
 
-    def unfinished(self) -> list[R]:
+    def unfinished(self, summaries: list[tuple[str, str, str]] | None = None) -> list[R]:
         """Every readable record that has not ended (starting, processing), newest first: what a server's start
-        looks at. Only those records are read (the index tells the others), and each is read: the truth."""
+        looks at. Only those records are read (the index tells the others), and each is read: the truth.
+        ``summaries``: as :meth:`summaries` just returned them (so that a caller needing both lists once)."""
         out = []
-        for record_id, status, _ in self.summaries():
+        for record_id, status, _ in self.summaries() if summaries is None else summaries:
             if status in FINAL:
                 continue
             try:
@@ -190,8 +190,8 @@ class RecordStore(Generic[R]):
             entries = sorted(os.listdir(self.registry.jobs_dir(self.kind)), reverse=True)
         except FileNotFoundError:
             return []
-        files = self.registry.layout.record_files(self.kind, entries)
-        return [entry for entry in entries if os.path.isfile(files[entry])]
+        file_of = self.registry.layout.record_file_of(self.kind)
+        return [entry for entry in entries if os.path.isfile(file_of(entry))]
 
 
 def _summary(record: Any) -> str:

@@ -40,6 +40,7 @@ never sees half a record.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -124,6 +125,10 @@ class Layout:
     def archive(self) -> Path:
         return self.root / "archive"
 
+    def archived(self, version_id: str) -> Path:
+        """Where a deleted version other owners' versions derive from is kept, by its id (registry.deletion)."""
+        return self.archive / version_id
+
     # ---------------------------------------------------------------- work in progress
     @property
     def staging(self) -> Path:
@@ -143,11 +148,13 @@ class Layout:
     def job_dir(self, kind: str, job_id: str) -> Path:
         return self.jobs_dir(kind) / check_name(job_id, f"{kind.removesuffix('s')} id")
 
-    def record_files(self, kind: str, job_ids: list[str]) -> dict[str, str]:
-        """``{id: its record.json}`` for many records at once, as plain strings (listings of 100,000 records:
-        :class:`~pathlib.Path` objects would cost more than the rest). The ids come from listing the folder."""
-        folder = os.fspath(self.jobs_dir(kind))
-        return {job_id: os.path.join(folder, job_id, RECORD) for job_id in job_ids}
+    def record_file_of(self, kind: str) -> Callable[[str], str]:
+        """``record_file(id)``, the ``record.json`` of a record of ``kind``, as a plain string: for listings of
+        100,000 records, where :class:`~pathlib.Path` objects would cost more than the rest. The ids come from
+        listing the folder (they are its entries)."""
+        prefix = os.path.join(os.fspath(self.jobs_dir(kind)), "")
+        suffix = os.sep + RECORD
+        return lambda job_id: prefix + job_id + suffix
 
     def training_paths(self, training_id: str) -> TrainingPaths:
         return TrainingPaths.under(self.job_dir("trainings", training_id))

@@ -169,8 +169,8 @@ class Models:
     def all(self) -> list[Model]:
         """See :meth:`Registry.list_models`: unchanged ``model.json`` files come from the index."""
         names = self.names()
-        files = {name: str(self.layout.model_file(self.dir(name))) for name in names}
-        texts = self.catalog.cached("model", "", files, _load_model_json)
+        texts = self.catalog.cached("model", "", names, lambda name: str(self.layout.model_file(self.dir(name))),
+                                    _load_model_json)
         out = []
         for name in names:
             try:

@@ -69,15 +69,21 @@ class Predictions(RecordStore[PredictionRecord]):
     ended_is_settled = True  # the server writes a prediction's record for the last time when it ends
 
     def settle_interrupted(self) -> list[str]:
-        """Mark records a stopped server left running as failed; returns their ids. Call before serving.
-        Reads only the records that did not end (the index knows the others: :meth:`unfinished`)."""
-        settled = []
-        for record in self.unfinished():
-            self.update(record, status=Status.FAILED, error="the server stopped while this prediction ran",
-                        completed_at=utc_now())
-            settled.append(record.id)
-        return settled
+        """Mark records a stopped server left running as failed; returns their ids. Call before serving."""
+        return self.recover()[0]
 
     def owners(self) -> dict[str, str]:
         """``{id: owner}`` of every readable record (from the index, for records it has seen unchanged)."""
         return {record_id: owner for record_id, _, owner in self.summaries()}
+
+    def recover(self) -> tuple[list[str], dict[str, str]]:
+        """What a server's start does with the records, in one listing: settle those a stopped server left
+        running as failed (their ids), and learn every record's owner. Reads only the records that did not
+        end: the index knows the others (:meth:`unfinished`)."""
+        summaries = self.summaries()
+        settled = []
+        for record in self.unfinished(summaries):
+            self.update(record, status=Status.FAILED, error="the server stopped while this prediction ran",
+                        completed_at=utc_now())
+            settled.append(record.id)
+        return settled, {record_id: owner for record_id, _, owner in summaries}

@@ -91,8 +91,9 @@ class Versions:
         m = self.models.get(name)
         numbers = sorted(self.numbers(m.path), reverse=True)[:limit or None]
         folders = self.layout.version_dirs(m.path, numbers)
-        files = {str(n): os.path.join(folder, MANIFEST) for n, folder in folders.items()}
-        texts = self.catalog.cached("version", name, files, _load_manifest, complete=not limit)
+        texts = self.catalog.cached("version", name, [str(n) for n in folders],
+                                    lambda key: os.path.join(folders[int(key)], MANIFEST), _load_manifest,
+                                    complete=not limit)
         out = []
         for n, folder in folders.items():
             text = texts.get(str(n))

@@ -12,7 +12,8 @@ listing never reads it), the other half prediction records of 50 accounts, a few
 server that stopped leaves them, plus ``--trainings`` training records. ``--published`` more versions then go
 through ``Registry.publish`` for real. No file is fsynced (FINETUNE_FSYNC=0, benchmark only).
 
-Then it times, each as the median of ``--repeat`` runs (fastest beside it):
+Then it times, each as the median of ``--repeat`` runs (the fastest, and the median CPU time of this process,
+beside it):
 
 * ``finetune versions list MODEL`` (in-process CLI, every version, output discarded): plain scan
   (FINETUNE_INDEX=0: every manifest read), index cold (the index file removed first: this run builds it), index
@@ -64,16 +65,19 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _time(fn: Callable[[], object], repeat: int, before: Callable[[], object] | None = None) -> tuple[float, float]:
-    """(median, fastest) wall time of ``fn`` in seconds; ``before`` runs untimed before each run."""
-    runs = []
+def _time(fn: Callable[[], object], repeat: int, before: Callable[[], object] | None = None
+          ) -> tuple[float, float, float]:
+    """(median, fastest) wall time and median CPU time (this process: user + system) of ``fn`` in seconds;
+    ``before`` runs untimed before each run. On a shared machine the CPU time is the steadier figure."""
+    runs, cpu = [], []
     for _ in range(repeat):
         if before is not None:
             before()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn()
         runs.append(time.perf_counter() - t0)
-    return statistics.median(runs), min(runs)
+        cpu.append(time.process_time() - c0)
+    return statistics.median(runs), min(runs), statistics.median(cpu)
 
 
 def _fmt(seconds: float) -> str:
@@ -266,10 +270,10 @@ def main(argv: list[str] | None = None) -> int:
             ("latest (never lists the folder)", lambda: indexed.latest(MODEL), None),
             ("resolve(':1')", lambda: indexed.resolve(f"{MODEL}:1"), None),
         ]
-        print(f"\n{'operation':<96}{'median':>12}{'fastest':>12}")
+        print(f"\n{'operation':<92}{'median':>12}{'fastest':>12}{'cpu':>12}")
         for name, fn, before in rows:
-            med, best = _time(fn, args.repeat, before)
-            print(f"{name:<96}{_fmt(med):>12}{_fmt(best):>12}", flush=True)
+            med, best, cpu = _time(fn, args.repeat, before)
+            print(f"{name:<92}{_fmt(med):>12}{_fmt(best):>12}{_fmt(cpu):>12}", flush=True)
         t0 = time.perf_counter()
         entries = indexed.reindex()
         took = time.perf_counter() - t0

@@ -32,6 +32,9 @@ from .layout import Layout
 
 SCHEMA = 1
 BUSY_TIMEOUT_S = 2.0
+# A writer's note waits little: it may run under a caller's lock (a prediction's record, saved while it streams),
+# and a note skipped costs the next reader one file read, nothing more.
+NOTE_TIMEOUT_S = 0.05
 _BATCH = 500  # rows per statement when many are written at once
 
 
@@ -93,7 +96,7 @@ class Catalog:
         """Remember ``value`` for the file ``path`` as just written (call after the write is committed)."""
         now = stamp(path)
         if self.enabled and now is not None:
-            self._write(kind, scope, [(key, now, value)], [])
+            self._write(kind, scope, [(key, now, value)], [], timeout=NOTE_TIMEOUT_S)
 
     def forget(self, kind: str, scope: str | None = None) -> None:
         """Drop the entries of ``kind`` (in ``scope``, when given)."""
@@ -113,7 +116,8 @@ class Catalog:
             return {key: (st, value) for key, st, value in cur}
         return self._run(read)
 
-    def _write(self, kind: str, scope: str, rows: list[tuple[str, str, str]], gone: list[str]) -> None:
+    def _write(self, kind: str, scope: str, rows: list[tuple[str, str, str]], gone: list[str],
+               timeout: float | None = None) -> None:
         if not rows and not gone:
             return
 
@@ -125,15 +129,15 @@ class Catalog:
                                f"({','.join('?' * len(part))})", (kind, scope, *part))
                 db.executemany("INSERT OR REPLACE INTO entries (kind, scope, key, stamp, value) "
                                "VALUES (?, ?, ?, ?, ?)", [(kind, scope, *row) for row in rows])
-        self._run(write)
+        self._run(write, timeout)
 
-    def _run(self, work: Callable[[sqlite3.Connection], object]):
+    def _run(self, work: Callable[[sqlite3.Connection], object], timeout: float | None = None):
         """``work(db)``, or None when there is no usable index now (see the module's docstring)."""
         if not self.enabled or not self.layout.root.is_dir():  # never create a registry by reading one
             return None
         for attempt in range(2):
             try:
-                with closing(self._open()) as db:
+                with closing(self._open(BUSY_TIMEOUT_S if timeout is None else timeout)) as db:
                     return work(db)
             except sqlite3.OperationalError as err:
                 if attempt or not _damaged(err):
@@ -147,10 +151,10 @@ class Catalog:
                 return None
         return None
 
-    def _open(self) -> sqlite3.Connection:
+    def _open(self, timeout: float) -> sqlite3.Connection:
         path = self.layout.index_file
         path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S)
+        db = sqlite3.connect(path, timeout=timeout)
         try:
             if db.execute("PRAGMA user_version").fetchone()[0] != SCHEMA:
                 db.execute("PRAGMA journal_mode=WAL")
@@ -166,7 +170,7 @@ class Catalog:
         return db
 
     def drop(self) -> None:
-        """Remove a damaged index file (and its WAL files): the next use starts an empty one."""
+        """Remove the index file (and its WAL files), as when it is damaged: the next use starts an empty one."""
         base = self.layout.index_file
         for path in (base, base.with_name(base.name + "-wal"), base.with_name(base.name + "-shm")):
             try:

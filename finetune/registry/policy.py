@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from ..errors import ConflictError, FinetuneError, UsageError
+from ..errors import ConflictError, FinetuneError, IntegrityError, NotFoundError, UsageError
 from ..names import parse_ref
 from .deletion import owner_of
 from .jobs import FINAL, Status, TrainingRecord, Trainings
@@ -59,7 +59,7 @@ def training_users(reg: Registry, match: Callable[[TrainingRecord], bool]
     their step)."""
     trainings = Trainings(reg)
     running, resumable = [], []
-    for record in trainings.list():
+    for record in _not_succeeded(trainings):
         if not match(record):
             continue
         if record.status not in FINAL and (trainings.running(record) or trainings.waiting(record)):
@@ -67,6 +67,20 @@ def training_users(reg: Registry, match: Callable[[TrainingRecord], bool]
         elif (step := resumable_step(trainings, record)) is not None:
             resumable.append((record, step))
     return running, resumable
+
+
+def _not_succeeded(trainings: Trainings) -> list[TrainingRecord]:
+    """Every readable record but those that succeeded (which neither run nor resume), newest first: the index
+    tells which those are, so that their files are not read."""
+    out = []
+    for record_id, status, _ in trainings.summaries():
+        if status == Status.SUCCEEDED:
+            continue
+        try:
+            out.append(trainings.get(record_id))
+        except (IntegrityError, NotFoundError):  # damaged (list() leaves it out too), or removed meanwhile
+            continue
+    return out
 
 
 def refuse_for_trainings(reg: Registry, what: str, owner: str, match: Callable[[TrainingRecord], bool],

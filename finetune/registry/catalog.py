@@ -27,9 +27,11 @@ import sqlite3
 from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
+from typing import TypeVar
 
 from .layout import Layout
 
+T = TypeVar("T")
 SCHEMA = 1
 BUSY_TIMEOUT_S = 2.0
 # A writer's note waits little: it may run under a caller's lock (a prediction's record, saved while it streams),
@@ -131,7 +133,7 @@ class Catalog:
                                "VALUES (?, ?, ?, ?, ?)", [(kind, scope, *row) for row in rows])
         self._run(write, timeout)
 
-    def _run(self, work: Callable[[sqlite3.Connection], object], timeout: float | None = None):
+    def _run(self, work: Callable[[sqlite3.Connection], T], timeout: float | None = None) -> T | None:
         """``work(db)``, or None when there is no usable index now (see the module's docstring)."""
         if not self.enabled or not self.layout.root.is_dir():  # never create a registry by reading one
             return None

@@ -11,6 +11,7 @@ by a dead run and taken by another process is never signalled, nor taken for the
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
 import datetime as _dt
 import json
@@ -21,7 +22,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from .. import atomic
 from ..errors import ConflictError, IntegrityError, NotFoundError, TrainingNotFoundError, UsageError
@@ -60,7 +61,15 @@ def new_record_id() -> str:
     return f"{now:%Y%m%d-%H%M%S}-{os.urandom(3).hex()}"
 
 
-R = TypeVar("R")
+class JobRecord(Protocol):
+    """What every kind of job record has (trainings, predictions)."""
+
+    id: str
+    status: Status
+    created_at: str
+
+
+R = TypeVar("R", bound=JobRecord)
 
 
 class RecordStore(Generic[R]):
@@ -151,7 +160,7 @@ class RecordStore(Generic[R]):
     # Whether a record that ended never changes again (then the index's word on it needs no stat at all).
     ended_is_settled = False
 
-    def summaries(self) -> list[tuple[str, str, str]]:
+    def summaries(self) -> builtins.list[tuple[str, str, str]]:  # (``list`` is a method here)
         """``(id, status, owner)`` of every readable record, newest first, from the index for records unchanged
         since it last saw them (:mod:`finetune.registry.catalog`): no record file is read for those."""
         try:
@@ -160,7 +169,13 @@ class RecordStore(Generic[R]):
             return []
         texts = self.registry.catalog.cached(self.kind, "", names, self.registry.layout.record_file_of(self.kind),
                                              self._load_summary, settled=_ended if self.ended_is_settled else None)
-        return [(name, *text.split("\n", 1)) for name in names if (text := texts[name]) is not None]
+        out = []
+        for name in names:
+            text = texts[name]
+            if text is not None:
+                status, _, owner = text.partition("\n")
+                out.append((name, status, owner))
+        return out
 
     def _load_summary(self, record_id: str, path: str) -> str | None:
         try:
@@ -168,7 +183,7 @@ class RecordStore(Generic[R]):
         except (IntegrityError, UsageError):
             return None  # damaged (or a stray folder name): left out, as list() leaves it out
 
-    def unfinished(self, summaries: list[tuple[str, str, str]] | None = None) -> list[R]:
+    def unfinished(self, summaries: builtins.list[tuple[str, str, str]] | None = None) -> builtins.list[R]:
         """Every readable record that has not ended (starting, processing), newest first: what a server's start
         looks at. Only those records are read (the index tells the others), and each is read: the truth.
         ``summaries``: as :meth:`summaries` just returned them (so that a caller needing both lists once)."""
@@ -184,7 +199,7 @@ class RecordStore(Generic[R]):
                 out.append(record)
         return out
 
-    def ids(self) -> list[str]:
+    def ids(self) -> builtins.list[str]:
         """Every record's id (a folder with a record file), newest first."""
         try:
             entries = sorted(os.listdir(self.registry.jobs_dir(self.kind)), reverse=True)

@@ -87,8 +87,8 @@ class Models:
             raise UsageError(f"invalid visibility {visibility!r}", f"use one of: {', '.join(VISIBILITIES)}")
         if hardware is not None and hardware not in HARDWARE:
             raise UsageError(f"invalid hardware {hardware!r}", f"use one of: {', '.join(HARDWARE)}")
-        asked = {"description": description, "visibility": visibility, "hardware": hardware, **fields}
-        asked = {k: v for k, v in asked.items() if v is not None}
+        given = {"description": description, "visibility": visibility, "hardware": hardware, **fields}
+        asked = {k: v for k, v in given.items() if v is not None}
         model_dir = self.layout.model_dir(owner, short)
         try:
             exists = model_dir.exists()

@@ -171,7 +171,7 @@ class Versions:
             kind = latest.kind if latest is not None else None
         except IntegrityError:
             kind = None  # a damaged newest version says nothing about the model; listing shows it
-        if kind == "base":
+        if kind == "base" and latest is not None:
             raise ConflictError(f"{name} holds base model {latest.ref}: a training would make an adapter its latest",
                                 f"train into a model of its own, e.g. --destination {name}-ft --create-destination")
 

@@ -154,9 +154,36 @@ def test_model_listings_go_through_the_index_and_see_changes(reg: Registry) -> N
     assert [m.description for m in reg.list_models()] == ["", "second"]
 
 
-def test_a_read_only_registry_lists_without_an_index(tmp_path: Path) -> None:
+def test_reading_a_registry_that_does_not_exist_creates_nothing(tmp_path: Path) -> None:
     reg = Registry(tmp_path / "never-created")
-    assert reg.list_models() == [] and not reg.root.exists()  # reading never creates a registry
+    assert reg.list_models() == [] and Predictions(reg).owners() == {} and not reg.root.exists()
+
+
+WRITER = r"""
+import sys
+from finetune.registry import Registry
+from finetune.registry.jobs import Status
+from finetune.registry.predictions import PredictionRecord, Predictions
+reg = Registry(sys.argv[1])
+records = Predictions(reg)
+for i in range(40):
+    status = Status.PROCESSING if i % 2 else Status.SUCCEEDED
+    records.create(PredictionRecord(id=f"20260101-000000-{i:06d}-{sys.argv[2]}", owner=sys.argv[2], status=status))
+    if i % 5 == 0:
+        records.owners()  # a reader that fills the index while the others write it
+"""
+
+
+def test_several_processes_write_the_index_at_once(reg: Registry) -> None:
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(REGISTRY.parents[1])}
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(reg.root), f"w{n}"], env=env) for n in range(3)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0, 0]
+    truth = Predictions(Registry(reg.root, index=False)).summaries()
+    assert len(truth) == 120 and Predictions(reg).summaries() == truth
+    assert sqlite3.connect(reg.layout.index_file).execute("PRAGMA integrity_check").fetchone() == ("ok",)
 
 
 # ---------------------------------------------------------------- layers

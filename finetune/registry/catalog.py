@@ -7,8 +7,10 @@ and ``stat``\\s each entry's file, but reads only the files whose stamp changed 
 registry write replaces its file (a new inode) or creates it, so a changed file never passes for the old one,
 whoever wrote it, with or without this index. Hence:
 
-* the index can be deleted at any time; the next listing reads everything and fills it again (:meth:`rebuild`
-  does that at once);
+* the index can be deleted at any time; the next listing reads everything and fills it again
+  (``Registry.reindex()`` does it for everything at once);
+* one exception, chosen by the kind of record: an ended prediction is never written again (the server saves its
+  record for the last time when it ends), so its entry is taken without a ``stat``; a listing still sees it go;
 * writers may note what they wrote (:meth:`note`, always after the folder write is committed), which saves the
   next reader a file read, but need not: a crash between the two leaves a stale stamp, which is read again;
 * several processes may use it (WAL, a busy timeout); an index that is locked for too long, cannot be written

@@ -11,11 +11,15 @@ from pathlib import Path
 
 
 def snapshot(root: Path) -> dict[str, tuple]:
-    """Every path under ``root`` with its type, mode and content hash: equal snapshots mean an unchanged tree."""
+    """Every path under ``root`` with its type, mode and content hash: equal snapshots mean an unchanged tree.
+
+    The registry's index (``cache/index``) is left out: derived data that any read may fill (registry.catalog)."""
     out: dict[str, tuple] = {}
     if not root.exists():
         return out
     for dirpath, dirnames, filenames in os.walk(root):
+        if Path(dirpath).name == "cache":
+            dirnames[:] = [d for d in dirnames if d != "index"]
         for name in dirnames + filenames:
             p = Path(dirpath) / name
             st = p.lstat()

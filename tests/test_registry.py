@@ -31,6 +31,7 @@ from finetune.errors import (
 )
 from finetune.names import NAME_PATTERN, check_name, parse_ref
 from finetune.registry import MANIFEST, Registry, Version, manifest_id
+from finetune.registry.versions import Versions
 
 HUB = {"hub_id": "o/base", "revision": "0" * 40}  # an adapter's parent outside the registry
 FILES = {
@@ -495,8 +496,7 @@ def test_latest_does_not_list_the_versions_folder(
     def no_scan(*args, **kwargs):
         raise AssertionError("latest/resolve listed a folder")
 
-    monkeypatch.setattr(Registry, "_version_numbers", no_scan)
-    monkeypatch.setattr(Registry, "_listdir", no_scan)
+    monkeypatch.setattr(Versions, "numbers", no_scan)
     monkeypatch.setattr(os, "scandir", no_scan)
     monkeypatch.setattr(os, "listdir", no_scan)
     assert reg.latest("o/m").number == 5

@@ -78,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as err:  # a write the registry's own checks did not foresee: still one line, naming the way out
         reg_root = _registry_root(args)
         if err.errno in _NOT_WRITABLE and err.filename and reg_root is not None and reg_root.contains(err.filename):
-            from ..registry.store import not_writable
+            from ..registry.disk import not_writable
 
             print(f"finetune: error: {not_writable(reg_root.root, err)}", file=sys.stderr)
             return 1

@@ -18,9 +18,7 @@ def cmd_versions_list(args: argparse.Namespace) -> None:
     if args.limit < 0:  # a negative slice would silently drop the *oldest* versions instead
         raise UsageError(f"--limit must be 0 or more, not {args.limit}")
     reg = open_registry(args)
-    versions = reg.list_versions(args.model)
-    if args.limit:
-        versions = versions[: args.limit]
+    versions = reg.list_versions(args.model, manifests=True, limit=args.limit or None)  # through the index
     damaged = {v.number: problem for v in versions if (problem := damage(v)) is not None}
     if args.json:
         return print_json([{"ref": v.ref, "number": v.number, "damaged": damaged[v.number]} if v.number in damaged

@@ -360,7 +360,7 @@ class TrainingQueue:
 
         A run that is not a queue's (``finetune train``, the Python API, a CLI ``--resume`` of an API
         training) is left to its process: never adopted, so never stopped with this server."""
-        records = sorted(self.trainings.list(), key=lambda r: (r.created_at, r.id))
+        records = sorted(self.trainings.unfinished(), key=lambda r: (r.created_at, r.id))
         adopt = getattr(self.executor, "adopt", None)  # an executor whose runs outlive the server finds its own
         for record in records:
             if record.status in FINAL:

@@ -1,6 +1,7 @@
 """Storage: the registry of destination models, their immutable versions, and the records of jobs (trainings).
 
-Nothing here imports torch. The on-disk layout is drawn once, in :mod:`finetune.registry.store`.
+Nothing here imports torch. The on-disk layout is drawn once, in :mod:`finetune.registry.layout`; :class:`Registry`
+(:mod:`finetune.registry.store`) is the public face of models and versions.
 """
 
 from ..processes import process_alive

@@ -25,7 +25,7 @@ from typing import Any
 
 from .. import atomic
 from ..errors import IntegrityError, NotFoundError, RegistryAccessError, UsageError
-from ..names import check_name, check_text
+from ..names import check_text
 from .manifest import utc_now
 from .store import Registry
 
@@ -68,19 +68,20 @@ class Accounts:
 
     def __init__(self, registry: Registry):
         self.registry = registry
-        self.root = registry.accounts_dir()
+        self.layout = registry.layout
+        self.root = self.layout.accounts
 
     # ---------------------------------------------------------------- paths
     def _account_path(self, owner: str) -> Path:
-        return self.root / f"{check_name(owner, 'owner')}.json"
+        return self.layout.account_file(owner)
 
     def _token_path(self, digest: str) -> Path:
-        return self.root / "tokens" / f"{digest}.json"
+        return self.layout.token_file(digest)
 
     def _write(self, path: Path, data: dict[str, Any]) -> None:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            atomic.replace_file(path, atomic.pretty_json(data), self.root / ".tmp")
+            atomic.replace_file(path, atomic.pretty_json(data), self.layout.accounts_tmp)
         except OSError as err:
             raise RegistryAccessError(
                 f"cannot write {path}: {err.strerror}", "check FINETUNE_HOME and permissions"
@@ -154,7 +155,7 @@ class Accounts:
     def list_tokens(self, owner: str | None = None) -> list[TokenInfo]:
         """Tokens (their ids and owners, never the tokens), oldest first; only ``owner``'s when given."""
         out = []
-        for path in (self.root / "tokens").glob("*.json"):
+        for path in self.layout.tokens.glob("*.json"):
             info = self._read(path)
             if info is not None and (owner is None or info.get("owner") == owner):
                 out.append(TokenInfo(info["id"], info["owner"], info.get("label", ""), info.get("created_at", "")))
@@ -165,7 +166,7 @@ class Accounts:
         token_id = token_id.strip().lower()
         if len(token_id) < 8 or not set(token_id) <= _HEX:
             raise UsageError(f"invalid token id {token_id!r}", "use the ID column of `finetune tokens list`")
-        matches = [p for p in (self.root / "tokens").glob(f"{token_id}*.json")]
+        matches = [p for p in self.layout.tokens.glob(f"{token_id}*.json")]
         if not matches:
             raise NotFoundError(f"no token with id {token_id}", "see `finetune tokens list`")
         if len(matches) > 1:

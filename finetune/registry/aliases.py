@@ -12,18 +12,15 @@ from pathlib import Path
 
 from ..errors import IntegrityError
 
-FILE = "aliases.json"
-
 
 def _hint(path: Path) -> str:
     return (f"fix {path} by hand (a JSON object of alias -> version number, e.g. {{\"prod\": 3}}), "
             "or remove it to drop every alias")
 
 
-def read_aliases(model_dir: Path) -> dict[str, int]:
-    """The aliases in ``model_dir``; an unreadable or malformed file is an :class:`IntegrityError` saying how
-    to fix it."""
-    path = model_dir / FILE
+def read_aliases(path: Path) -> dict[str, int]:
+    """The aliases in ``path`` (``Layout.aliases_file``); an unreadable or malformed file is an
+    :class:`IntegrityError` saying how to fix it."""
     try:
         raw = path.read_bytes()
     except FileNotFoundError:

@@ -15,26 +15,29 @@ and ref, where the lineage of those versions still finds it by id, so they keep 
 Every deleted number leaves a tombstone (``models/OWNER/NAME/retired/N``), so a number is never handed out again,
 even by a counter rebuilt after damage. A model is deleted only when it has no versions and no training runs
 into it (or could resume into it).
+
+This module is storage: it knows versions, aliases and lineage, not trainings. What trainings need is checked by
+:mod:`finetune.registry.policy` (above the training records), handed in as ``refuse``: it runs under the
+model's lock, just before the folder goes, and raises to keep it.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .. import atomic
-from ..errors import ConflictError, FinetuneError, IntegrityError, UsageError, VersionNotFoundError
+from ..errors import ConflictError, IntegrityError, UsageError, VersionNotFoundError
 from ..names import parse_ref
-from .gc import work_name
+from .disk import ensure_writable, listdir, model_lock, work_name
+from .layout import Layout
 from .manifest import Version, read_manifest
 
 if TYPE_CHECKING:
-    from .jobs import TrainingRecord, Trainings
-    from .store import Model, Registry
-
-RETIRED = "retired"  # a model's tombstones: one empty file per deleted version number
-ARCHIVE = "archive"  # under the root: versions deleted by their owner that other owners' versions derive from
+    from .models import Model
+    from .store import Registry
 
 
 def owner_of(model: str) -> str:
@@ -42,9 +45,9 @@ def owner_of(model: str) -> str:
 
 
 # ---------------------------------------------------------------- tombstones
-def retire(model_dir: Path, number: int) -> None:
+def retire(layout: Layout, model_dir: Path, number: int) -> None:
     """Leave the tombstone of version ``number`` (before its folder goes, so a crash cannot lose it)."""
-    folder = model_dir / RETIRED
+    folder = layout.retired_dir(model_dir)
     folder.mkdir(exist_ok=True)
     path = folder / str(number)
     if not path.exists():
@@ -52,23 +55,23 @@ def retire(model_dir: Path, number: int) -> None:
         atomic.fsync_dir(folder)
 
 
-def retired_numbers(model_dir: Path) -> list[int]:
+def retired_numbers(layout: Layout, model_dir: Path) -> list[int]:
     try:
-        return [int(n) for n in os.listdir(model_dir / RETIRED) if n.isdigit()]
+        return [int(n) for n in os.listdir(layout.retired_dir(model_dir)) if n.isdigit()]
     except (FileNotFoundError, NotADirectoryError):
         return []
 
 
 # ---------------------------------------------------------------- the archive
 def archive_dir(reg: Registry) -> Path:
-    return reg.root / ARCHIVE
+    return reg.layout.archive
 
 
 def archived(reg: Registry, version_id: object) -> Version | None:
     """The archived version with this exact id, or None (the archive is looked up by id only)."""
     if not isinstance(version_id, str) or len(version_id) != 64 or not all(c in "0123456789abcdef" for c in version_id):
         return None
-    path = archive_dir(reg) / version_id
+    path = reg.layout.archived(version_id)
     try:
         manifest = read_manifest(path)
     except IntegrityError:
@@ -80,12 +83,12 @@ def archived(reg: Registry, version_id: object) -> Version | None:
 
 def collect_archive(reg: Registry, dry_run: bool) -> list[Path]:
     """Remove archived versions that no version (published, or archived and still needed) derives from."""
-    entries = reg._listdir(archive_dir(reg))
+    entries = listdir(archive_dir(reg))
     if not entries:
         return []
     needed = {pid for _, pid in _parent_ids(reg)}  # the live versions first: one archived meanwhile is listed below
     parents: dict[str, str | None] = {}
-    for entry in reg._listdir(archive_dir(reg)):
+    for entry in listdir(archive_dir(reg)):
         try:
             parent = read_manifest(Path(entry.path)).get("parent")
         except IntegrityError:
@@ -101,9 +104,9 @@ def collect_archive(reg: Registry, dry_run: bool) -> list[Path]:
     removed = []
     for name in parents:
         if name not in needed:
-            removed.append(archive_dir(reg) / name)
+            removed.append(reg.layout.archived(name))
             if not dry_run:
-                atomic.remove_tree(archive_dir(reg) / name)
+                atomic.remove_tree(reg.layout.archived(name))
     return removed
 
 
@@ -112,10 +115,10 @@ def _all_versions(reg: Registry) -> list[Version]:
     """Every published version, those of models whose ``model.json`` is damaged included (their versions still
     name parents)."""
     out = []
-    for owner in reg._listdir(reg.root / "models"):
-        for model in reg._listdir(Path(owner.path)):
-            vdir = Path(model.path) / "versions"
-            for entry in reg._listdir(vdir):
+    for owner in listdir(reg.layout.models):
+        for model in listdir(Path(owner.path)):
+            vdir = reg.layout.versions_dir(Path(model.path))
+            for entry in listdir(vdir):
                 if entry.name.isdigit():
                     out.append(Version(f"{owner.name}/{model.name}", int(entry.name), Path(entry.path)))
     return out
@@ -135,7 +138,7 @@ def _parent_ids(reg: Registry) -> list[tuple[Version, str]]:
 
 def _archived_versions(reg: Registry) -> list[Version]:
     out = []
-    for entry in reg._listdir(archive_dir(reg)):
+    for entry in listdir(archive_dir(reg)):
         v = archived(reg, entry.name)
         if v is not None:
             out.append(v)
@@ -160,84 +163,21 @@ def children(reg: Registry, version: Version, archive: bool = False) -> list[Ver
     return sorted(out, key=lambda v: (v.model, v.number))
 
 
-def _uses(reg: Registry, record: TrainingRecord, version: Version) -> bool:
-    """Whether a training starts from ``version``: the exact ref it resolved (once loaded), else its spec."""
-    spec = record.model or str((record.input or {}).get("base_model") or "")
-    try:
-        ref = parse_ref(spec)
-    except UsageError:
-        return False  # a hub id or a folder: not a registry version
-    if ref.model != version.model:
-        return False
-    try:
-        return reg.resolve(spec) == version
-    except FinetuneError:
-        return False
-
-
-def resumable_step(trainings: Trainings, record: TrainingRecord) -> int | None:
-    """The step an interrupted training (failed, canceled, or its process gone) would resume from, when it has
-    a checkpoint; None for a training that succeeded, runs, or has nothing to resume."""
-    from .jobs import FINAL, Status
-    from .store import completed_checkpoints
-
-    if record.status == Status.SUCCEEDED or (record.status not in FINAL and not trainings.is_stale(record)):
-        return None
-    done = completed_checkpoints(trainings.paths(record.id).checkpoints)
-    if not done:
-        return None
-    digits = done[0].name.removeprefix("step-")
-    return int(digits) if digits.isdigit() else 0
-
-
-def _training_users(reg: Registry, match) -> tuple[list[TrainingRecord], list[tuple[TrainingRecord, int]]]:
-    """Trainings that ``match``: those running now, and interrupted ones that could resume (with their step)."""
-    from .jobs import FINAL, Trainings
-
-    trainings = Trainings(reg)
-    running, resumable = [], []
-    for record in trainings.list():
-        if not match(record):
-            continue
-        if record.status not in FINAL and (trainings.running(record) or trainings.waiting(record)):
-            running.append(record)
-        elif (step := resumable_step(trainings, record)) is not None:
-            resumable.append((record, step))
-    return running, resumable
-
-
-def _refuse_for_trainings(reg: Registry, what: str, owner: str, match, relation: str) -> None:
-    from .jobs import Trainings
-
-    running, resumable = _training_users(reg, match)
-    trainings = Trainings(reg)
-    for record in running:
-        state = "still running" if trainings.running(record) else "queued"
-        if owner_of(record.destination) != owner:  # never name another account's training
-            raise ConflictError(f"{what} is {relation} a training of another account that is {state}",
-                                "try again when it has ended")
-        raise ConflictError(f"{what} is {relation} training {record.id}, which is {state}",
-                            f"wait for it or cancel it (`finetune trainings cancel {record.id}`) first")
-    for record, step in resumable:
-        if owner_of(record.destination) != owner:
-            continue  # another account's interrupted run may not block this owner for ever
-        folder = reg.training_paths(record.id).checkpoints
-        raise ConflictError(
-            f"{what} is {relation} training {record.id}, interrupted at step {step}, which can still resume",
-            f"resume it first (`finetune train --resume {record.id}`), or give it up by removing {folder}")
-
-
 # ---------------------------------------------------------------- deleting
-def delete_version(reg: Registry, ref: str, latest: bool) -> Path | None:
-    """See :meth:`Registry.delete_version`. Returns the archive folder when the version was archived."""
+Refusal = Callable[[Version], None]
+
+
+def delete_version(reg: Registry, ref: str, latest: bool, refuse: Refusal) -> Path | None:
+    """See :meth:`Registry.delete_version`. Returns the archive folder when the version was archived.
+    ``refuse(version)`` raises, under the model's lock, when something above storage still needs it."""
     if parse_ref(ref).kind == "latest" and not latest:
         raise UsageError(f"{ref} names no version explicitly",
                          "give OWNER/NAME:N (`finetune versions list` shows them), or add --latest")
     version = reg.resolve(ref)
     m = reg.get_model(version.model)
     owner = owner_of(version.model)
-    reg._ensure_writable()  # before the lock: taking it writes its file
-    with reg._lock(m.path):
+    ensure_writable(reg.layout)  # before the lock: taking it writes its file
+    with model_lock(reg.layout, m.path):
         if not version.path.is_dir():  # deleted by another process since it was resolved
             raise VersionNotFoundError(f"version {version.ref} not found (deleted just now)",
                                        f"see `finetune versions list {version.model}`")
@@ -251,15 +191,15 @@ def delete_version(reg: Registry, ref: str, latest: bool) -> Path | None:
         if own:
             raise ConflictError(f"{version.ref} is the parent of {', '.join(k.ref for k in own)}",
                                 "delete those versions first")
-        _refuse_for_trainings(reg, version.ref, owner, lambda r: _uses(reg, r, version), "the base of")
+        refuse(version)
         archive = None
         if kids:  # only other owners' versions derive from it: archived, so that they keep working
             try:
-                archive = archive_dir(reg) / version.id
+                archive = reg.layout.archived(version.id)
             except IntegrityError:
                 archive = None  # a damaged version cannot be found by id: its children are damaged already
-        retire(m.path, version.number)
-        target = reg._trash / work_name("version")
+        retire(reg.layout, m.path, version.number)
+        target = reg.layout.trash / work_name("version")
         os.chmod(version.path, 0o755)
         if archive is not None and not archive.exists():
             archive.parent.mkdir(exist_ok=True)
@@ -274,16 +214,16 @@ def delete_version(reg: Registry, ref: str, latest: bool) -> Path | None:
     return archive
 
 
-def delete_model(reg: Registry, model: Model) -> None:
-    """See :meth:`Registry.delete_model` (the model exists: the caller found it)."""
+def delete_model(reg: Registry, model: Model, refuse: Callable[[Model], None]) -> None:
+    """See :meth:`Registry.delete_model` (the model exists: the caller found it); ``refuse(model)`` as for
+    :func:`delete_version`."""
     name = model.full_name
-    reg._ensure_writable()
-    with reg._lock(model.path):
-        if reg._version_numbers(model.path):
+    ensure_writable(reg.layout)
+    with model_lock(reg.layout, model.path):
+        if reg.version_store.numbers(model.path):
             raise ConflictError(f"model {name} still has versions", "delete them first with `finetune versions delete`")
-        _refuse_for_trainings(reg, f"model {name}", owner_of(name), lambda r: r.destination == name,
-                              "the destination of")
-        target = reg._trash / work_name("model")
+        refuse(model)
+        target = reg.layout.trash / work_name("model")
         os.rename(model.path, target)
     atomic.fsync_dir(model.path.parent)
     atomic.remove_tree(target)

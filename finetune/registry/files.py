@@ -91,7 +91,7 @@ class Files:
     def _dir(self, file_id: str) -> Path:
         if not is_file_id(file_id):
             raise NotFoundError(f"file {file_id} not found")
-        return self.root / file_id
+        return self.registry.layout.upload_dir(file_id)
 
     def create(self, owner: str, stream: BinaryIO, name: str, content_type: str = "application/octet-stream",
                metadata: dict[str, Any] | None = None, max_bytes: int | None = None) -> StoredFile:
@@ -120,7 +120,7 @@ class Files:
             atomic.write_bytes_durable(stage / RECORD, atomic.pretty_json(record.to_dict()))
             atomic.fsync_dir(stage)
             self.root.mkdir(parents=True, exist_ok=True)
-            atomic.rename_noreplace(stage, self.root / file_id)
+            atomic.rename_noreplace(stage, self.registry.layout.upload_dir(file_id))
             atomic.fsync_dir(self.root)
         except BaseException:
             atomic.remove_tree(stage)

@@ -10,21 +10,14 @@ from __future__ import annotations
 import socket
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from .. import atomic, processes
-from ..names import check_name
+from .disk import listdir, work_name
 
-if TYPE_CHECKING:
-    from .store import Registry
-
-
-def work_name(purpose: str) -> str:
-    """A unique folder name for work in progress that records who does it (see :func:`finetune.processes.work_name`)."""
-    return processes.work_name(check_name(purpose, "purpose"))
+__all__ = ["collect_leftovers", "work_name"]
 
 
-def collect_leftovers(reg: Registry, areas: list[Path], older_than_hours: float, dry_run: bool) -> list[Path]:
+def collect_leftovers(areas: list[Path], older_than_hours: float, dry_run: bool) -> list[Path]:
     """Remove (or with ``dry_run`` only list) entries of ``areas`` whose owner is gone: at once when the entry
     names a process of this host that no longer runs, after ``older_than_hours`` when its owner cannot be told
     (another host, an unknown name)."""
@@ -32,7 +25,7 @@ def collect_leftovers(reg: Registry, areas: list[Path], older_than_hours: float,
     host = socket.gethostname()
     removed = []
     for area in areas:
-        for entry in reg._listdir(area):
+        for entry in listdir(area):
             if processes.work_owner_alive(entry.name, host):
                 continue
             if processes.work_owner(entry.name, host) is None:  # another host's, or not named by us: wait

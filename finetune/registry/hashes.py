@@ -94,6 +94,6 @@ def _read_cache(path: Path, folder: Path) -> dict[str, str]:
 def _write_cache(reg: Registry, path: Path, folder: Path, verified: dict[str, str]) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic.replace_file(path, atomic.pretty_json({"folder": str(folder), "files": verified}), reg._staging)
+        atomic.replace_file(path, atomic.pretty_json({"folder": str(folder), "files": verified}), reg.layout.staging)
     except OSError:
         pass  # a read-only or full registry: the next load hashes again, which is slower, never wrong

@@ -1,9 +1,9 @@
 """Job records: one per run of a job (a training, a prediction), like a hosted service's objects.
 
 :class:`RecordStore` keeps the records of one kind of job, each in its own folder under the registry root (the
-layout is drawn in :mod:`finetune.registry.store`): ``record.json`` replaced atomically on every change, listing
+layout is drawn in :mod:`finetune.registry.layout`): ``record.json`` replaced atomically on every change, listing
 newest first (ids sort by creation time). :class:`Trainings` adds what a training needs: its files
-(:class:`~finetune.registry.store.TrainingPaths`), the process that runs it, cancellation, staleness and the log.
+(:class:`~finetune.registry.layout.TrainingPaths`), the process that runs it, cancellation, staleness and the log.
 
 A training's process is named by its pid *and* its start mark (:mod:`finetune.processes`): a pid freed
 by a dead run and taken by another process is never signalled, nor taken for the run.
@@ -11,6 +11,7 @@ by a dead run and taken by another process is never signalled, nor taken for the
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
 import datetime as _dt
 import json
@@ -21,13 +22,16 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from .. import atomic
 from ..errors import ConflictError, IntegrityError, NotFoundError, TrainingNotFoundError, UsageError
 from ..processes import ProcessRef
+from .layout import RECORD, TrainingPaths
 from .manifest import utc_now
-from .store import RECORD, Registry, TrainingPaths
+
+if TYPE_CHECKING:
+    from .store import Registry
 
 
 class Status(str, Enum):
@@ -57,13 +61,21 @@ def new_record_id() -> str:
     return f"{now:%Y%m%d-%H%M%S}-{os.urandom(3).hex()}"
 
 
-R = TypeVar("R")
+class JobRecord(Protocol):
+    """What every kind of job record has (trainings, predictions)."""
+
+    id: str
+    status: Status
+    created_at: str
+
+
+R = TypeVar("R", bound=JobRecord)
 
 
 class RecordStore(Generic[R]):
     """Read and write the records (dataclasses with ``id`` and ``created_at``) of one kind of job.
 
-    Subclasses name the ``kind`` (a folder in :data:`~finetune.registry.store.JOB_KINDS`), the ``record_type``,
+    Subclasses name the ``kind`` (a folder in :data:`~finetune.registry.layout.JOB_KINDS`), the ``record_type``,
     and the error raised for an unknown id.
     """
 
@@ -88,6 +100,8 @@ class RecordStore(Generic[R]):
     def save(self, record: R) -> None:
         folder = self.dir(record.id)
         atomic.replace_file(folder / RECORD, atomic.pretty_json(asdict(record)), folder)
+        # Committed: the index may now remember it (a crash before this line leaves a stamp that is read again).
+        self.registry.catalog.note(self.kind, "", record.id, folder / RECORD, _summary(record))
 
     def get(self, record_id: str) -> R:
         path = self.dir(record_id) / RECORD
@@ -126,7 +140,7 @@ class RecordStore(Generic[R]):
     def list(self) -> list[R]:
         """Every readable record, newest first (a damaged one is left out: :meth:`damaged` names those)."""
         out = []
-        for entry in self._entries():
+        for entry in self.ids():
             try:
                 out.append(self.get(entry))
             except IntegrityError:
@@ -136,20 +150,76 @@ class RecordStore(Generic[R]):
     def damaged(self) -> list[IntegrityError]:
         """The errors of records that cannot be read, newest first (what :meth:`list` left out)."""
         out = []
-        for entry in self._entries():
+        for entry in self.ids():
             try:
                 self.get(entry)
             except IntegrityError as err:
                 out.append(err)
         return out
 
-    def _entries(self) -> list[str]:
-        root = self.registry.jobs_dir(self.kind)
+    # Whether a record that ended never changes again (then the index's word on it needs no stat at all).
+    ended_is_settled = False
+
+    def summaries(self) -> builtins.list[tuple[str, str, str]]:  # (``list`` is a method here)
+        """``(id, status, owner)`` of every readable record, newest first, from the index for records unchanged
+        since it last saw them (:mod:`finetune.registry.catalog`): no record file is read for those."""
         try:
-            entries = sorted(os.listdir(root), reverse=True)
+            names = sorted(os.listdir(self.registry.jobs_dir(self.kind)), reverse=True)
         except FileNotFoundError:
             return []
-        return [entry for entry in entries if (root / entry / RECORD).is_file()]
+        texts = self.registry.catalog.cached(self.kind, "", names, self.registry.layout.record_file_of(self.kind),
+                                             self._load_summary, settled=_ended if self.ended_is_settled else None)
+        out = []
+        for name in names:
+            text = texts[name]
+            if text is not None:
+                status, _, owner = text.partition("\n")
+                out.append((name, status, owner))
+        return out
+
+    def _load_summary(self, record_id: str, path: str) -> str | None:
+        try:
+            return _summary(self.get(record_id))
+        except (IntegrityError, UsageError):
+            return None  # damaged (or a stray folder name): left out, as list() leaves it out
+
+    def unfinished(self, summaries: builtins.list[tuple[str, str, str]] | None = None) -> builtins.list[R]:
+        """Every readable record that has not ended (starting, processing), newest first: what a server's start
+        looks at. Only those records are read (the index tells the others), and each is read: the truth.
+        ``summaries``: as :meth:`summaries` just returned them (so that a caller needing both lists once)."""
+        out = []
+        for record_id, status, _ in self.summaries() if summaries is None else summaries:
+            if status in FINAL:
+                continue
+            try:
+                record = self.get(record_id)
+            except (IntegrityError, NotFoundError):  # damaged or removed since it was listed
+                continue
+            if record.status not in FINAL:
+                out.append(record)
+        return out
+
+    def ids(self) -> builtins.list[str]:
+        """Every record's id (a folder with a record file), newest first."""
+        try:
+            entries = sorted(os.listdir(self.registry.jobs_dir(self.kind)), reverse=True)
+        except FileNotFoundError:
+            return []
+        file_of = self.registry.layout.record_file_of(self.kind)
+        return [entry for entry in entries if os.path.isfile(file_of(entry))]
+
+
+def _summary(record: Any) -> str:
+    """What the index remembers of a record, ``STATUS\\nOWNER``: enough for a server's start and per-owner
+    listings (neither a status nor an owner name holds a newline)."""
+    return f"{record.status}\n{getattr(record, 'owner', '')}"
+
+
+_ENDED = tuple(f"{status.value}\n" for status in FINAL)
+
+
+def _ended(summary: str) -> bool:
+    return summary.startswith(_ENDED)
 
 
 @dataclass

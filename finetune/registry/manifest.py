@@ -58,11 +58,17 @@ def manifest_id(manifest: dict[str, Any]) -> str:
 class Version:
     """One published, immutable version. The manifest is read on first use."""
 
-    def __init__(self, model: str, number: int, path: Path, manifest: dict[str, Any] | None = None):
+    def __init__(self, model: str, number: int, path: Path | str, manifest: dict[str, Any] | None = None):
         self.model = model
         self.number = number
-        self.path = path
+        self._path = path  # a listing of 100,000 versions hands plain strings: a Path is made on first use
         self._manifest = manifest
+
+    @property
+    def path(self) -> Path:
+        if not isinstance(self._path, Path):
+            self._path = Path(self._path)
+        return self._path
 
     @property
     def manifest(self) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..errors import NotFoundError
-from .jobs import FINAL, RECORD, RecordStore, Status
+from .jobs import RecordStore, Status
 from .manifest import utc_now
 
 
@@ -67,23 +67,24 @@ class Predictions(RecordStore[PredictionRecord]):
     record_type = PredictionRecord
     not_found = PredictionNotFoundError
     not_found_hint = "see GET /v1/predictions"
-
-    def ids(self) -> list[str]:
-        """Every record's id, newest first."""
-        root = self.registry.jobs_dir(self.kind)
-        try:
-            entries = sorted(os.listdir(root), reverse=True)
-        except FileNotFoundError:
-            return []
-        return [e for e in entries if (root / e / RECORD).is_file()]
+    ended_is_settled = True  # the server writes a prediction's record for the last time when it ends
 
     def settle_interrupted(self) -> list[str]:
         """Mark records a stopped server left running as failed; returns their ids. Call before serving."""
+        return self.recover()[0]
+
+    def owners(self) -> dict[str, str]:
+        """``{id: owner}`` of every readable record (from the index, for records it has seen unchanged)."""
+        return {record_id: owner for record_id, _, owner in self.summaries()}
+
+    def recover(self) -> tuple[list[str], dict[str, str]]:
+        """What a server's start does with the records, in one listing: settle those a stopped server left
+        running as failed (their ids), and learn every record's owner. Reads only the records that did not
+        end: the index knows the others (:meth:`unfinished`)."""
+        summaries = self.summaries()
         settled = []
-        for prediction_id in self.ids():
-            record = self.get(prediction_id)
-            if record.status not in FINAL:
-                self.update(record, status=Status.FAILED, error="the server stopped while this prediction ran",
-                            completed_at=utc_now())
-                settled.append(prediction_id)
-        return settled
+        for record in self.unfinished(summaries):
+            self.update(record, status=Status.FAILED, error="the server stopped while this prediction ran",
+                        completed_at=utc_now())
+            settled.append(record.id)
+        return settled, {record_id: owner for record_id, _, owner in summaries}

@@ -8,6 +8,7 @@ refuses to overwrite. A version folder therefore appears whole or not at all; nu
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from .. import atomic
 from ..errors import ConflictError, FinetuneError, IntegrityError, NonFiniteError, NotFoundError, UsageError
 from .deletion import retired_numbers
+from .disk import model_lock
 from .manifest import FORMAT_VERSION, MANIFEST, Version, manifest_id, software_versions, utc_now
 from .weights import non_finite_tensors
 
@@ -159,7 +161,7 @@ def _base_in(reg: Registry, model: Model, numbers: list[int]) -> str | None:
     """The ref of the base ``model`` holds, if it holds one (a base is always its model's first version)."""
     if not numbers:
         return None
-    first = Version(model.full_name, min(numbers), reg._versions_dir(model.path) / str(min(numbers)))
+    first = Version(model.full_name, min(numbers), reg.layout.version_dir(model.path, min(numbers)))
     try:
         return first.ref if first.kind == "base" else None
     except (IntegrityError, FileNotFoundError):
@@ -168,10 +170,11 @@ def _base_in(reg: Registry, model: Model, numbers: list[int]) -> str | None:
 
 def commit(reg: Registry, model: Model, stage: Path, body: dict[str, Any], first: bool = False) -> Version:
     """Number the staged folder, write its manifest last, and rename it into the model's versions."""
-    vdir = reg._versions_dir(model.path)
+    layout, versions = reg.layout, reg.version_store
+    vdir = layout.versions_dir(model.path)
     vdir.mkdir(exist_ok=True)
-    with reg._lock(model.path):
-        numbers = reg._version_numbers(model.path)
+    with model_lock(layout, model.path):
+        numbers = versions.numbers(model.path)
         if (first or body["kind"] == "base") and numbers:
             raise ConflictError(f"model {model.full_name} already has versions: a base must be its model's only "
                                 "version", "import a base into a new model name, e.g. OWNER/NAME-base")
@@ -179,14 +182,14 @@ def commit(reg: Registry, model: Model, stage: Path, body: dict[str, Any], first
         if base is not None:
             raise ConflictError(f"{model.full_name} holds base model {base}: a base is its model's only version",
                                 f"publish into a model of its own, e.g. {model.full_name}-ft")
-        retired = set(retired_numbers(model.path))
+        retired = set(retired_numbers(layout, model.path))
         while True:
-            number = reg._next_number(model.path)
+            number = versions.next_number(model.path)
             # A counter update lost to a crash (or a lock that silently failed elsewhere) must not make
             # us reuse a number: step over anything that exists or existed.
-            while (vdir / str(number)).exists() or number in retired:
+            while layout.version_dir(model.path, number).exists() or number in retired:
                 number += 1
-            atomic.replace_file(model.path / "next_version", f"{number + 1}\n".encode(), reg._staging)
+            atomic.replace_file(layout.counter(model.path), f"{number + 1}\n".encode(), layout.staging)
             manifest = dict(body, number=number, created_at=utc_now())
             manifest["id"] = manifest_id(manifest)
             manifest_path = stage / MANIFEST
@@ -196,9 +199,12 @@ def commit(reg: Registry, model: Model, stage: Path, body: dict[str, Any], first
             atomic.make_read_only(stage)
             atomic.fsync_dir(stage)
             try:
-                atomic.rename_noreplace(stage, vdir / str(number))
+                atomic.rename_noreplace(stage, layout.version_dir(model.path, number))
             except FileExistsError:
                 os.chmod(stage, 0o755)
                 continue
             atomic.fsync_dir(vdir)
-            return Version(model.full_name, number, vdir / str(number), manifest)
+            # The folder is committed: now the index may remember its manifest (it is never the truth).
+            path = layout.version_dir(model.path, number)
+            reg.catalog.note("version", model.full_name, str(number), path / MANIFEST, json.dumps(manifest))
+            return Version(model.full_name, number, path, manifest)

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,69 +19,58 @@ from .. import atomic
 from ..errors import IntegrityError
 from .aliases import read_aliases
 from .deletion import retired_numbers
+from .disk import ensure_writable, model_lock
 from .manifest import FORMAT_VERSION, utc_now
 
 if TYPE_CHECKING:
     from .store import Registry
 
 
-def repair_models(reg: Registry, dry_run: bool) -> list[Path]:
+def repair_models(reg: Registry, dry_run: bool, published: Callable[[str], list[int]]) -> list[Path]:
     """Rebuild every damaged ``model.json`` and ``next_version``; returns the files rebuilt (or, with
-    ``dry_run``, those that would be)."""
+    ``dry_run``, those that would be). ``published(model)``: the numbers records outside the model's folder say
+    were handed out (training records: :func:`finetune.registry.policy.numbers_in_records`)."""
     repaired = []
-    for name in reg._model_names():
-        path = reg._model_dir(*name.split("/"))
+    layout, versions = reg.layout, reg.version_store
+    for name in reg.model_store.names():
+        path = reg.model_store.dir(name)
         try:
             reg.get_model(name)
         except IntegrityError:
-            repaired.append(path / "model.json")
+            repaired.append(layout.model_file(path))
             if not dry_run:
                 _rebuild_model_json(reg, path)
         try:
-            reg._next_number(path)
+            versions.next_number(path)
             continue
         except IntegrityError:
             pass
-        repaired.append(path / "next_version")
+        repaired.append(layout.counter(path))
         if dry_run:
             continue
-        reg._ensure_writable()
-        with reg._lock(path):
+        ensure_writable(layout)
+        with model_lock(layout, path):
             try:
-                kept = list(read_aliases(path).values())
+                kept = list(read_aliases(layout.aliases_file(path)).values())
             except IntegrityError:
                 kept = []
-            highest = max([0, *reg._version_numbers(path), *retired_numbers(path), *kept,
-                           *_numbers_in_records(reg, name)])
-            atomic.replace_file(path / "next_version", f"{highest + 1}\n".encode(), reg._staging)
+            highest = max([0, *versions.numbers(path), *retired_numbers(layout, path), *kept, *published(name)])
+            atomic.replace_file(layout.counter(path), f"{highest + 1}\n".encode(), layout.staging)
     return repaired
 
 
 def _rebuild_model_json(reg: Registry, path: Path) -> None:
-    reg._ensure_writable()
-    with reg._lock(path):
+    ensure_writable(reg.layout)
+    with model_lock(reg.layout, path):
         try:
             reg.get_model(f"{path.parent.name}/{path.name}")
             return  # rebuilt by another process meanwhile
         except IntegrityError:
             pass
-        damaged = path / "model.json"
-        keep = path / "model.json.damaged"
+        damaged = reg.layout.model_file(path)
+        keep = damaged.with_name(damaged.name + ".damaged")
         if not keep.exists():
             os.link(damaged, keep)
         info = {"format": FORMAT_VERSION, "owner": path.parent.name, "name": path.name, "description": "",
                 "visibility": "private", "hardware": "auto", "created_at": utc_now()}
-        atomic.replace_file(damaged, atomic.pretty_json(info), reg._staging)
-
-
-def _numbers_in_records(reg: Registry, model: str) -> list[int]:
-    """Version numbers of ``model`` that training records say they published."""
-    from .jobs import Trainings  # jobs builds on the store
-
-    out = []
-    for record in Trainings(reg).list():
-        ref = str((record.output or {}).get("version") or "")
-        head, _, number = ref.rpartition(":")
-        if head == model and number.isdigit():
-            out.append(int(number))
-    return out
+        atomic.replace_file(damaged, atomic.pretty_json(info), reg.layout.staging)

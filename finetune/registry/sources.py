@@ -19,10 +19,11 @@ from typing import Any
 from .. import atomic
 from ..errors import ConflictError, FinetuneError, ModelLoadError, ModelNotFoundError, NotFoundError, UsageError
 from ..names import parse_model_name, parse_ref
+from .disk import not_writable
 from .integrity import check_loadable, hub_files
 from .lineage import lineage
 from .publish import WEIGHT_SUFFIXES
-from .store import Registry, Version, not_writable
+from .store import Registry, Version
 
 _HUB_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
 

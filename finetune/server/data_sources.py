@@ -75,12 +75,12 @@ def _own_file(file_id: str, account: str | Account, registry: Registry) -> str:
 def check_unused(registry: Registry, stored: Any) -> None:
     """Refuse (409) to delete an uploaded file while a training that has not ended reads it: it would fail when it
     starts or resumes. Ended trainings keep only its name and sha256, so the file may go."""
-    from ..registry.jobs import FINAL, Trainings
+    from ..registry.jobs import Trainings
 
     ref = upload_ref(stored.id)
-    for record in Trainings(registry).list():
+    for record in Trainings(registry).unfinished():  # through the index: ended records are not read
         data = (record.input or {}).get("data") or {}
-        if record.status not in FINAL and ref in (data.get("path"), data.get("eval")):
+        if ref in (data.get("path"), data.get("eval")):
             raise ConflictError(f"{stored.name} is the data of training {record.id} ({record.status})",
                                 "cancel that training, or wait until it ends, then delete the file")
 

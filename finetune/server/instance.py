@@ -18,8 +18,8 @@ from .. import atomic
 from ..errors import ConflictError
 from ..processes import ProcessRef
 from ..registry import Registry
+from ..registry.disk import not_writable
 from ..registry.manifest import utc_now
-from ..registry.store import not_writable
 
 
 class ServerLock:
@@ -54,7 +54,7 @@ class ServerLock:
         me = ProcessRef.current()
         info = {"pid": me.pid, "pid_mark": me.mark, "address": self.address, "started_at": utc_now()}
         try:
-            atomic.replace_file(self.info_path, atomic.pretty_json(info), self.registry.root / ".staging")
+            atomic.replace_file(self.info_path, atomic.pretty_json(info), self.registry.layout.staging)
         except OSError as err:
             self.release()
             raise not_writable(self.registry.root, err) from None

@@ -273,8 +273,8 @@ class TrainingWebhooks:
 
     def start(self) -> None:
         """Resume watching the registry's unfinished trainings that have a webhook, then start."""
-        for record in self.trainings.list():
-            if record.status not in FINAL and _webhook(record):
+        for record in self.trainings.unfinished():
+            if _webhook(record):
                 self._watched[record.id] = _Watch(self.base_url, sent_start=True)
         self.sender.start()
         self._thread.start()

@@ -93,8 +93,7 @@ class PredictionService:
         self.webhook_sender = webhook_sender
         self.prestart = prestart
         self.to_object = to_object or (lambda record, base_url: record.to_dict())
-        self.interrupted = self.records.settle_interrupted()
-        self._owners = {record_id: self.records.get(record_id).owner for record_id in self.records.ids()}
+        self.interrupted, self._owners = self.records.recover()  # one listing of the records, through the index
         self.comparisons = Comparisons(self._worker_for)
 
     def start(self) -> None:

@@ -25,8 +25,8 @@ from safetensors.torch import load_file, save_file
 
 from .. import atomic
 from ..errors import IntegrityError, RegistryAccessError
-from ..registry.store import CHECKPOINT_STATE as STATE  # written last: the position, every other file's sha256
-from ..registry.store import completed_checkpoints
+from ..registry.layout import CHECKPOINT_STATE as STATE  # written last: the position, every other file's sha256
+from ..registry.layout import completed_checkpoints
 
 KEEP = 2  # older checkpoints are removed; two survive a crash during the newest one's pruning
 

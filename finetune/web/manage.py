@@ -16,7 +16,7 @@ from ..errors import FinetuneError
 from ..registry import VISIBILITIES
 from ..registry.files import upload_ref
 from ..registry.jobs import FINAL
-from ..registry.store import TEXT_LIMITS
+from ..registry.models import TEXT_LIMITS
 from ..server import access
 from . import services
 from .core import render, router

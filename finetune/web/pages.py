@@ -144,7 +144,8 @@ def create_model(request: Request, user: User, form: Form) -> Response:
 @router.get("/models/{owner}/{name}")
 def versions_tab(request: Request, user: User, owner: str, name: str) -> Response:
     ctx = model_context(request, user, f"{owner}/{name}", "versions")
-    ctx["versions"] = [version_row(v) for v in registry(request).list_versions(ctx["model"]["model"])]
+    versions = registry(request).list_versions(ctx["model"]["model"], manifests=True)
+    ctx["versions"] = [version_row(v) for v in versions]
     readme = ctx["model_obj"].readme
     ctx["readme"] = render_markdown(readme, lambda rel: "#") if readme else None  # the model's own README
     return render(request, "tab_versions.html", ctx, user=user)

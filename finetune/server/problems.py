@@ -3,7 +3,8 @@
 One handler per kind of failure: our own :class:`~finetune.errors.FinetuneError` (its status from the class),
 HTTP errors raised by routing (unknown path 404, wrong method 405), request validation (malformed JSON is a
 400 naming line and column; a well-formed body with wrong fields is a 422 naming them), and anything else
-(500, logged on the server with its traceback, the client sees only the exception's type).
+(500, logged on the server with its traceback, the client sees only the exception's type). Input problems
+(a config's, a prediction input's) also come as ``errors``: a list of ``{field, message}``.
 """
 
 from __future__ import annotations
@@ -73,7 +74,8 @@ def install(app: FastAPI) -> None:
         if status >= 500:
             log.error("%s %s failed: %s", request.method, request.url.path, exc)
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-        return problem(status, str(exc), headers=headers)
+        fields = getattr(exc, "fields", None)  # input problems by field: also as a list a client can place
+        return problem(status, str(exc), headers=headers, **({"errors": fields} if fields else {}))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from ..errors import UsageError
+from ..errors import InputError, UsageError
 
 
 class Prompts:
@@ -59,9 +59,9 @@ class Prompts:
             raise UsageError(f"the prompt is {len(ids)} tokens, but the context of {loaded.version.ref} is {context} "
                              "tokens (prompt and output together)", "shorten the prompt")
         if self.max_tokens is not None and len(ids) > self.max_tokens:
-            raise UsageError(f"input.prompt: the prompt is {len(ids):,} tokens, over this server's limit of "
-                             f"{self.max_tokens:,}", "shorten it (the server's limit is finetune serve "
-                                                     "--predict-max-prompt-tokens)")
+            raise InputError([("prompt", f"the prompt is {len(ids):,} tokens, over this server's limit of "
+                                         f"{self.max_tokens:,}")],
+                             "shorten it (the server's limit is finetune serve --predict-max-prompt-tokens)")
         return Job(job_id, loaded.version.ref, key, ids, min(data["max_new_tokens"], context - len(ids)), emit,
                    temperature=data["temperature"], top_p=data["top_p"], top_k=data["top_k"], seed=data.get("seed"),
                    stop_sequences=data["stop_sequences"], owner=owner)

@@ -55,34 +55,35 @@ def _service(request: Request) -> TrainingService:
 # ---------------------------------------------------------------------------------------------- input
 def _nest(raw: dict[str, Any]) -> dict[str, Any]:
     """``{"train.lr": 1e-4, "data": {...}}`` -> nested sections; problems name the input key."""
-    problems: list[str] = []
+    problems: list[tuple[str, str]] = []  # (the input key, the problem)
     nested: dict[str, Any] = {}
     for key, value in raw.items():
         if not key or not all(key.split(".")) or len(key) > MAX_KEY_LENGTH:
             why = ("the key is empty" if not key else f"longer than {MAX_KEY_LENGTH} characters"
                    if len(key) > MAX_KEY_LENGTH else "a dotted key needs a name between every two dots")
-            problems.append(f"input key {key[:MAX_KEY_LENGTH]!r}: not a config key ({why})")
+            problems.append(("", f"input key {key[:MAX_KEY_LENGTH]!r}: not a config key ({why})"))
             continue
         if key == "base_model":
-            problems.append("input.base_model: the base is the version in the URL; train another version by "
-                            "POSTing to its /trainings")
+            problems.append((key, "input.base_model: the base is the version in the URL; train another version by "
+                                  "POSTing to its /trainings"))
             continue
         if key == "destination":
-            problems.append("input.destination: give `destination` beside `input`, not inside it")
+            problems.append((key, "input.destination: give `destination` beside `input`, not inside it"))
             continue
         parts = key.split(".")
         node = nested
         for depth, part in enumerate(parts[:-1]):
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                problems.append(f"{'.'.join(parts[:depth + 1])}: set both as a value and as a section")
+                where = ".".join(parts[:depth + 1])
+                problems.append((where, f"{where}: set both as a value and as a section"))
                 break
         else:
             leaf = parts[-1]
             if isinstance(node.get(leaf), dict) and isinstance(value, dict):
                 node[leaf] = {**node[leaf], **value}
             elif leaf in node:
-                problems.append(f"{key}: set twice")
+                problems.append((key, f"{key}: set twice"))
             else:
                 node[leaf] = value
     if problems:

@@ -297,7 +297,7 @@ class _Checker:
     def __init__(self, origins: dict[str, _Origin], default: _Origin):
         self.origins = origins
         self.default = default
-        self.problems: list[tuple[float, str]] = []  # (line, text); file problems sort by line
+        self.problems: list[tuple[float, str, str]] = []  # (line, text, dotted key); file problems sort by line
 
     def origin(self, path: str) -> _Origin:
         while path:  # a key set as part of a larger value belongs to that value's origin
@@ -309,7 +309,7 @@ class _Checker:
     def report(self, path: str, message: str) -> None:
         label = self.origin(path).label
         line = float(label[5:]) if label and label.startswith("line ") else math.inf
-        self.problems.append((line, f"{label}: {message}" if label else message))
+        self.problems.append((line, f"{label}: {message}" if label else message, path))
 
     def section(self, cls: type, raw: Any, prefix: str) -> dict[str, Any] | None:
         if raw is None:  # an empty section ("train:" with everything commented out) means all defaults
@@ -368,7 +368,7 @@ def _instantiate(cls: type, values: dict[str, Any]) -> Any:
 
 
 def _build(raw: Any, origins: dict[str, _Origin], default: _Origin, source: str,
-           early: Sequence[tuple[float, str]] = ()) -> Config:
+           early: Sequence[tuple[float, str, str]] = ()) -> Config:
     checker = _Checker(origins, default)
     checker.problems.extend(early)
     if not isinstance(raw, Mapping):
@@ -378,7 +378,8 @@ def _build(raw: Any, origins: dict[str, _Origin], default: _Origin, source: str,
         values = checker.section(Config, raw, "")
         checker.cross_check(values)
     if checker.problems:
-        raise ConfigError([text for _, text in sorted(checker.problems, key=lambda p: p[0])], source=source)
+        problems = sorted(checker.problems, key=lambda p: p[0])
+        raise ConfigError([(path, text) for _, text, path in problems], source=source)
     return _instantiate(Config, values)
 
 
@@ -393,7 +394,7 @@ def config_from_dict(d: Mapping[str, Any], source: str = "<dict>", *,
     return _build(d, {}, _Origin(None, base), source)
 
 
-def _key_lines(node: yaml.Node, prefix: str, lines: dict[str, int], early: list[tuple[float, str]]) -> None:
+def _key_lines(node: yaml.Node, prefix: str, lines: dict[str, int], early: list[tuple[float, str, str]]) -> None:
     """Map each dotted key in a composed YAML tree to its 1-based line; note keys written twice."""
     if not isinstance(node, yaml.MappingNode):
         return
@@ -402,7 +403,7 @@ def _key_lines(node: yaml.Node, prefix: str, lines: dict[str, int], early: list[
             continue
         path, line = _join(prefix, key_node.value), key_node.start_mark.line + 1
         if path in lines:
-            early.append((line, f"line {line}: duplicate key '{path}' (first set at line {lines[path]})"))
+            early.append((line, f"line {line}: duplicate key '{path}' (first set at line {lines[path]})", path))
             continue
         lines[path] = line
         _key_lines(value_node, path, lines, early)
@@ -438,7 +439,7 @@ def _read_yaml(path: Path, source: str) -> tuple[Any, dict[str, int], list[tuple
     try:
         node = loader.get_single_node()
         lines: dict[str, int] = {}
-        early: list[tuple[float, str]] = []
+        early: list[tuple[float, str, str]] = []
         if node is not None:
             loop = _self_reference(node, set())
             if loop is not None:
@@ -456,17 +457,18 @@ def _read_yaml(path: Path, source: str) -> tuple[Any, dict[str, int], list[tuple
 
 
 def _apply_override(raw: dict[str, Any], item: str, origins: dict[str, _Origin],
-                    early: list[tuple[float, str]]) -> None:
+                    early: list[tuple[float, str, str]]) -> None:
     key, sep, text = item.partition("=")
     key = key.strip()
     parts = key.split(".")
     if not sep or not all(parts):
-        early.append((math.inf, f"--set {item!r}: expected KEY=VALUE with a dotted key, for example train.lr=1e-4"))
+        early.append((math.inf, f"--set {item!r}: expected KEY=VALUE with a dotted key, for example train.lr=1e-4",
+                      ""))
         return
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError:
-        early.append((math.inf, f"--set {item}: cannot parse the value {text!r} as YAML"))
+        early.append((math.inf, f"--set {item}: cannot parse the value {text!r} as YAML", key))
         return
     section = raw
     for i, part in enumerate(parts[:-1]):
@@ -475,7 +477,7 @@ def _apply_override(raw: dict[str, Any], item: str, origins: dict[str, _Origin],
         section = section[part]
         if not isinstance(section, dict):
             where = ".".join(parts[: i + 1])
-            early.append((math.inf, f"--set {item}: '{where}' is not a section"))
+            early.append((math.inf, f"--set {item}: '{where}' is not a section", where))
             return
     section[parts[-1]] = value
     for path in [p for p in origins if p == key or p.startswith(key + ".")]:

@@ -310,6 +310,11 @@ def test_every_problem_is_reported_at_once_in_line_order(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_config(path, ("train.epochs=0",))
     assert str(info.value).startswith(f"{path}: 8 problems: line 1: base_model")
+    # the same problems by the key each is about, for a form to place (the web app's Train tab)
+    assert [p["field"] for p in info.value.fields] == [
+        "base_model", "data.path", "data.format", "lora.r", "lora.dropout", "train.learning_rate",
+        "train.batch_size", "train.epochs"]
+    assert [p["message"] for p in info.value.fields] == problems
 
 
 # --- relative paths -----------------------------------------------------------------------------------------

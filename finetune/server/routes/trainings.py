@@ -99,7 +99,9 @@ def _data_source(value: Any, key: str, reg: Registry, account: Any, settings: Se
     try:
         return resolve_data_input(value, account=account, registry=reg, settings=settings)
     except FinetuneError as err:
-        raise type(err)(f"input: {key}: {err.message}", err.hint) from None
+        named = type(err)(f"input: {key}: {err.message}", err.hint)
+        named.fields = [{"field": key, "message": str(named)}]  # type: ignore[attr-defined]  # where a form shows it
+        raise named from None
 
 
 def training_config(raw_input: dict[str, Any], trainer_ref: str, request: Request, account: Any,

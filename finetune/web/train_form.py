@@ -1,15 +1,14 @@
-"""The Train tab's form: its fields and defaults (read from the config dataclasses), turning a submitted form
+"""The Train tab's form: its fields and defaults (read from the config models), turning a submitted form
 into a training config, and the config loader's problems placed next to the fields they name (each problem comes
 with its dotted key: :attr:`finetune.errors.ConfigError.fields`).
 
 The form is a view of :class:`finetune.config.Config`: each common setting is one dotted key, its default is the
-dataclass field's default, and the submitted values go through :func:`finetune.config.config_from_dict`, the
+model field's default, and the submitted values go through :func:`finetune.config.config_from_dict`, the
 same checker as a YAML file, so the messages are the loader's own.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -33,13 +32,10 @@ FIELD_KEYS = tuple(key for key, _, _ in SETTINGS) + ("data.format", "base_model"
 
 
 def default_of(key: str) -> Any:
-    """The dataclass default of a dotted config key (``train.lr`` -> 0.0002)."""
+    """The default of a dotted config key (``train.lr`` -> 0.0002)."""
     section, _, name = key.partition(".")
-    cls = _SECTIONS[section]
-    field = next(f for f in dataclasses.fields(cls) if f.name == name)
-    if field.default is not dataclasses.MISSING:
-        return field.default
-    return field.default_factory() if field.default_factory is not dataclasses.MISSING else None
+    field = _SECTIONS[section].model_fields[name]  # KeyError: not a key of this config
+    return None if field.is_required() else field.get_default(call_default_factory=True)
 
 
 def _show(value: Any) -> str:
@@ -51,7 +47,7 @@ def _show(value: Any) -> str:
 
 
 def default_form() -> dict[str, str]:
-    """The form's initial values: every common setting at its dataclass default."""
+    """The form's initial values: every common setting at its default."""
     form = {key: _show(default_of(key)) for key, _, _ in SETTINGS}
     form["data.format"] = str(default_of("data.format"))
     form["advanced"] = ""
@@ -74,7 +70,7 @@ def _differs(key: str, value: Any) -> bool:
         return True  # a section this form does not know (a newer config's): kept as it was
     try:
         return default_of(key) != value
-    except StopIteration:  # a key of a newer config
+    except KeyError:  # a key of a newer config
         return True
 
 

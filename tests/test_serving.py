@@ -17,7 +17,7 @@ from finetune.errors import InputError, UsageError
 from finetune.registry import Registry
 from finetune.registry.sources import import_base
 from finetune.serving import schema
-from finetune.serving.inputs import input_model
+from finetune.serving.inputs import WebhookOptions, check_events_filter, input_model
 from finetune.serving.text import Detokenizer, StopMatcher
 from finetune.serving.worker import LocalWorker, WorkerConfig
 from finetune.tiny import sample_data_path
@@ -167,6 +167,15 @@ def test_every_input_problem_is_reported_at_once_by_field():
     assert err.value.fields == [{"field": "messages[1]", "message": "must be an object with string role and content"}]
     assert schema.check_input("alpaca", {"prompt": "Hi", "seed": None, "stop_sequences": ["a", ""]})["stop_sequences"] \
         == ["a"]
+
+
+def test_a_webhook_filter_is_checked_by_the_same_model_as_the_request_bodies():
+    assert check_events_filter(None) is None and check_events_filter(["start", "completed"]) == ["start", "completed"]
+    for bad, says in ((["done"], "unknown event 'done'"), ("start", "expected a list"), (["start"] * 5, "at most 4")):
+        with pytest.raises(UsageError, match=says):
+            check_events_filter(bad)
+        with pytest.raises(ValueError):
+            WebhookOptions(webhook_events_filter=bad)
 
 
 # ------------------------------------------------------------------------------------------- worker

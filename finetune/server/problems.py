@@ -52,17 +52,24 @@ def json_error_detail(doc: str | bytes, pos: int, msg: str) -> str:
     return f"the request body is not valid JSON: {msg} at line {err.lineno}, column {err.colno}"
 
 
-def _validation_detail(exc: RequestValidationError) -> tuple[int, str]:
+def _validation_detail(exc: RequestValidationError) -> tuple[int, str, list[dict[str, str]]]:
+    """(status, detail, problems by field) for a request the body models refuse."""
     problems = []
     for e in exc.errors():
         if e.get("type") == "json_invalid":
             pos = e["loc"][1] if len(e.get("loc", ())) > 1 and isinstance(e["loc"][1], int) else 0
-            return 400, json_error_detail(exc.body or "", pos, e.get("ctx", {}).get("error", "malformed JSON"))
+            return 400, json_error_detail(exc.body or "", pos, e.get("ctx", {}).get("error", "malformed JSON")), []
         loc = ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body"
         if loc == "body" and e.get("type") in ("model_attributes_type", "dict_type"):
-            return 422, "the request body must be a JSON object (send it with Content-Type: application/json)"
-        problems.append(f"{loc}: {e.get('msg', 'invalid')}")
-    return 422, "; ".join(problems) or "invalid request"
+            return 422, "the request body must be a JSON object (send it with Content-Type: application/json)", []
+        message = e.get("msg", "invalid")
+        value = e.get("input")
+        if e.get("type") != "missing" and (value is None or isinstance(value, (str, int, float, bool))):
+            shown = repr(value)
+            message += f", got {shown if len(shown) <= 40 else shown[:37] + '...'}"
+        problems.append({"field": loc, "message": message})
+    detail = "; ".join(f"{p['field']}: {p['message']}" for p in problems)
+    return 422, detail or "invalid request", problems
 
 
 def install(app: FastAPI) -> None:
@@ -88,8 +95,8 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        status, detail = _validation_detail(exc)
-        return problem(status, detail)
+        status, detail, problems = _validation_detail(exc)
+        return problem(status, detail, **({"errors": problems} if problems else {}))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -8,15 +8,17 @@ defaults the CLI and Python API generate with. Adding an input is one field here
 
 - :class:`SamplingOptions`: how to generate (max_new_tokens, temperature, top_p, top_k, seed, stop_sequences);
 - :class:`GenerationInput`: a prompt and the options (a version trained on text or instructions);
-- :class:`ChatInput`: a prompt or a conversation (``messages``), a system prompt, and the options.
+- :class:`ChatInput`: a prompt or a conversation (``messages``), a system prompt, and the options;
+- :class:`WebhookOptions`: the webhook fields of a request that creates a prediction or a training.
 
 No torch here: the server imports this module on its request path.
 """
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -24,12 +26,16 @@ from pydantic import (
     Field,
     StrictInt,
     StrictStr,
+    TypeAdapter,
+    ValidationError,
     ValidationInfo,
     WithJsonSchema,
     field_validator,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
+
+from ..errors import UsageError
 
 # The real ranges of the inputs. Outside them sampling breaks for everyone in a batch, not only the caller: a
 # temperature of 1e-300 turns logits into inf (a NaN distribution), a seed past 2**63-1 overflows torch's.
@@ -178,6 +184,39 @@ class ChatInput(SamplingOptions, _Conversation):
 def input_model(chat: bool) -> type[GenerationInput] | type[ChatInput]:
     """The input model of a version; ``chat``: trained on messages."""
     return ChatInput if chat else GenerationInput
+
+
+# ------------------------------------------------------------------------- the request's options beside its input
+WebhookEvent = Literal["start", "output", "logs", "completed"]
+WEBHOOK_EVENTS: tuple[str, ...] = typing.get_args(WebhookEvent)
+EventsFilter = Annotated[list[WebhookEvent], Field(max_length=len(WEBHOOK_EVENTS))]
+
+
+class WebhookOptions(BaseModel):
+    """Where a prediction's or training's progress is sent, and which events (Replicate's fields); the body of
+    a request that creates one adds its own fields to these."""
+
+    model_config = ConfigDict(extra="forbid")
+    webhook: str | None = None
+    webhook_completed: str | None = None  # Replicate's older spelling of "webhook, completed only"
+    webhook_events_filter: EventsFilter | None = None
+
+
+_EVENTS_FILTER: TypeAdapter[list[str] | None] = TypeAdapter(EventsFilter | None)
+
+
+def check_events_filter(events: Any) -> list[str] | None:
+    """``events`` checked as a webhook's event filter (what :class:`WebhookOptions` accepts), for callers that
+    are not given a request body; a UsageError naming the first event that is not one."""
+    try:
+        return _EVENTS_FILTER.validate_python(events)
+    except ValidationError as err:
+        first = err.errors()[0]
+        hint = f"choose from {', '.join(WEBHOOK_EVENTS)}"
+        if first["type"] == "literal_error":
+            raise UsageError(f"webhook_events_filter: unknown event {str(first['input'])[:40]!r}", hint) from None
+        raise UsageError(f"webhook_events_filter: expected a list of at most {len(WEBHOOK_EVENTS)} events",
+                         hint) from None
 
 
 def defaults() -> dict[str, Any]:

@@ -13,12 +13,13 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from ...config import Config, config_from_dict
 from ...errors import ConfigError, FinetuneError, ModelNotFoundError, TrainingNotFoundError, UsageError
 from ...registry import Registry
 from ...registry.jobs import TrainingRecord, Trainings
+from ...serving.inputs import WebhookOptions
 from .. import access
 from ..archive import tar_stream
 from ..auth import AccountDep, current_account
@@ -37,15 +38,12 @@ MAX_KEY_LENGTH = 200
 MAX_INPUT_BYTES = 64 << 10  # a training's input is a config: a few hundred bytes; data travels as uploads
 
 
-class TrainingCreate(BaseModel):
-    """The body of ``POST .../trainings``, as the ``replicate`` client sends it."""
+class TrainingCreate(WebhookOptions):
+    """The body of ``POST .../trainings``, as the ``replicate`` client sends it. ``input`` is the training
+    config's sections or dotted keys, checked by the config's models (:mod:`finetune.config`)."""
 
-    model_config = ConfigDict(extra="forbid")
     destination: str = Field(max_length=200)
     input: dict[str, Any] = {}
-    webhook: str | None = None
-    webhook_completed: str | None = None  # Replicate's older spelling of "webhook, completed only"
-    webhook_events_filter: list[str] | None = None
 
 
 def _service(request: Request) -> TrainingService:

@@ -162,6 +162,10 @@ def test_every_input_problem_is_reported_at_once_by_field():
     assert [f["field"] for f in err.value.fields] == ["temperature", "top_p", "seed", "colour"]
     assert "input.temperature: must be 0 (greedy) or between 0.01 and 100.0, got 0.001" in str(err.value)
     assert "input.top_p: must be in (0, 1], got 0" in str(err.value)
+    with pytest.raises(InputError) as err:  # no conversions: true is not 1, "0.5" not 0.5
+        schema.check_input("alpaca", {"prompt": "Hi", "temperature": True, "top_p": "0.5", "top_k": 1.0})
+    assert [f["message"] for f in err.value.fields] == [
+        "must be a number, got True", "must be a number, got '0.5'", "must be an integer, got 1.0"]
     with pytest.raises(InputError) as err:
         schema.check_input("messages", {"messages": [{"role": "user", "content": "x"}, {"role": 1}]})
     assert err.value.fields == [{"field": "messages[1]", "message": "must be an object with string role and content"}]

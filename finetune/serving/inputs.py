@@ -56,7 +56,7 @@ class Accepts:
     words: str
 
 
-_FLOAT = {"strict": False, "allow_inf_nan": False}  # an int is a fine float; a string or bool is not (strict=True)
+_FLOAT = {"allow_inf_nan": False}  # strict, an int is a fine float; a string or bool is not
 
 
 class Message(BaseModel):

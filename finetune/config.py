@@ -44,6 +44,16 @@ def _non_empty(value: Any) -> None:
         raise UsageError("must not be empty")
 
 
+def _not_a_number(value: str) -> None:
+    """A string that reads as a number is not a file name (the number is checked as a fraction instead)."""
+    try:
+        number = float(value)
+    except ValueError:
+        return
+    if math.isfinite(number):
+        raise UsageError("a number here is a fraction in (0, 1), not a file")
+
+
 # A number: an int does, and so does a numeric string (YAML 1.1 reads ``2e-4`` as a string); inf and nan do not,
 # nor true/false (every section refuses those for a number: _Section._no_bool_for_numbers).
 Number = Annotated[float, Field(strict=False, allow_inf_nan=False)]
@@ -106,7 +116,7 @@ class DataConfig(_Section):
     path: Text = _opt(path="data", aliases=("train_file", "dataset", "file"))
     format: Literal[FORMATS] = _opt("auto")  # type: ignore[valid-type]
     # a fraction held out, or an eval file; a string that reads as a number is the fraction
-    eval: Annotated[Number, Field(gt=0, lt=1)] | Text | None = _opt(
+    eval: Annotated[Number, Field(gt=0, lt=1)] | Annotated[Text, checked(_not_a_number)] | None = _opt(
         None, path="data", aliases=("eval_file", "validation", "val", "eval_split"))
     max_seq_len: int = _opt(512, gt=0, aliases=("max_length", "max_seq_length", "seq_len", "cutoff_len"))
     overlong: Literal[OVERLONG] = _opt("truncate")  # type: ignore[valid-type]

@@ -55,6 +55,11 @@ def test_yaml_1_1_exponent_strings_and_ints_become_floats(tmp_path):
     assert cfg.train.lr == 3e-5 and isinstance(cfg.train.lr, float)
     assert cfg.train.epochs == 2.0 and isinstance(cfg.train.epochs, float)
     assert cfg.lora.alpha == 16.0 and isinstance(cfg.lora.alpha, float)
+    # data.eval is a fraction or a file: a string that reads as a number is the fraction, in range or refused
+    for written, fraction in (("'0.1'", 0.1), ("1e-1", 0.1), ("0.25", 0.25)):
+        assert load_config(write(tmp_path, MINIMAL + f"  eval: {written}\n")).data.eval == fraction
+    assert problems_of(write(tmp_path, MINIMAL + "  eval: '1.5'\n")) == [
+        "line 4: data.eval: must be in (0, 1), got 1.5"]
 
 
 def test_empty_sections_mean_defaults_and_nulls_reach_optional_fields(tmp_path):

@@ -94,12 +94,6 @@ class SamplingOptions(BaseModel):
                     f"strings is accepted too. At most {MAX_STOP_SEQUENCES}, each at most {MAX_STOP_SEQUENCE_CHARS} "
                     f"characters.")
 
-    @model_validator(mode="before")
-    @classmethod
-    def _null_is_unset(cls, data: Any) -> Any:
-        """An input given as null takes its default, as if left out (clients send null for unset)."""
-        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
-
     @field_validator("temperature")
     @classmethod
     def _not_tiny(cls, value: float) -> float:
@@ -168,12 +162,19 @@ class _Conversation(BaseModel):
 
     @model_validator(mode="after")
     def _prompt_or_messages(self) -> _Conversation:
-        if self.prompt is not None and self.messages is not None:
-            raise PydanticCustomError("input_either", "give either prompt or messages, not both",
-                                      {"field": "messages"})
-        if self.prompt is None and self.messages is None:
-            raise PydanticCustomError("input_missing", "is required (give prompt or messages)", {"field": "prompt"})
+        problem = conversation_problem(self.prompt is not None, self.messages is not None)
+        if problem is not None:
+            raise PydanticCustomError("input_either", problem[1], {"field": problem[0]})
         return self
+
+
+def conversation_problem(prompt: bool, messages: bool) -> tuple[str, str] | None:
+    """(field, problem) when a chat input gives neither or both of a prompt and messages (their presence)."""
+    if prompt and messages:
+        return "messages", "give either prompt or messages, not both"
+    if not prompt and not messages:
+        return "prompt", "is required (give prompt or messages)"
+    return None
 
 
 class ChatInput(SamplingOptions, _Conversation):

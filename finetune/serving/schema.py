@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from ..errors import InputError, UsageError
-from .inputs import MAX_MESSAGES, accepted_values, defaults, input_model
+from .inputs import MAX_MESSAGES, ChatInput, accepted_values, conversation_problem, defaults, input_model
 
 # The defaults of finetune.inference.GenerationSettings (not imported: it imports torch); a test compares them.
 GENERATION_DEFAULTS = {k: v for k, v in defaults().items() if k in ("max_new_tokens", "temperature", "top_p")}
@@ -159,6 +159,10 @@ def check_input(prompt_format: str, data: Any,
         problems: dict[str, str] = {}
         for field, text in (_problem(model, e) for e in err.errors()):
             problems.setdefault(field, text)  # the first of each field's (a union's members say it each)
+        if model is ChatInput:  # the rule on both fields runs once both are valid: say it now too
+            either = conversation_problem(data.get("prompt") is not None, data.get("messages") is not None)
+            if either is not None and either[0] not in problems:
+                problems = {either[0]: either[1], **problems}
         raise InputError(list(problems.items()), _HINT) from None
     if max_prompt_bytes is not None and (size := prompt_bytes(out)) > max_prompt_bytes:
         field = "messages" if "messages" in out else "prompt"

@@ -1,10 +1,13 @@
-"""The training config: typed dataclasses, loaded from YAML and checked in full at load.
+"""The training config: pydantic models, loaded from YAML and checked in full at load.
 
-Defaults live only in the dataclass fields below; the rules for each field (ranges, accepted values, hints for
-misspellings) sit next to it in ``field(metadata=...)``. One generic walker reads any section, so adding a
-setting means adding one field. Every problem found is reported at once in a single :class:`ConfigError`,
-each naming its dotted key and where it came from: ``line 7: ...`` for the file, ``--set train.lr=x: ...``
-for a command-line override.
+The models below are the config's one definition: each setting is one field with its type, default and rules
+(numeric bounds, accepted values as a ``Literal``, checks that raise UsageError), plus :class:`~finetune.
+config_check.Hints` (other spellings people use for the key, for did-you-mean; how a path is resolved). Adding a
+setting means adding one field. Pydantic validates; :mod:`finetune.config_check` reports every problem at once in
+a single :class:`ConfigError`, each naming its dotted key and where it came from: ``line 7: ...`` for the file,
+``--set train.lr=x: ...`` for a command-line override (``ConfigError.fields`` has them by key, for forms).
+Values are as strict as the types say: ``true`` is not ``1``, ``"8"`` not ``8``; a number may be written as a
+string (YAML 1.1 reads ``2e-4`` as one). The models are frozen: ``cfg.train.lr`` reads, never writes.
 
 Relative paths are resolved like docker-compose does: against the config file's folder when written in the
 file, against the current directory when given with ``--set``, and stored absolute. ``data.path`` and a file
@@ -16,27 +19,24 @@ meaning for :func:`finetune.sources.resolve_model`.
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
-import functools
 import importlib.util
 import math
 import os
-import types
-import typing
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import MISSING, dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError, PydanticUndefined
 
+from .config_check import Hints, Origin, Reporter, checked, hints_of, join, members, show
 from .data.formats import FORMATS, OVERLONG
 from .errors import ConfigError, UsageError
 from .names import UPLOAD_SCHEME, parse_model_name
 
 _DATA_SUFFIXES = frozenset({".json", ".jsonl", ".csv", ".tsv", ".parquet", ".arrow", ".txt"})
-_INVALID = object()  # stands for a value already reported, so later checks skip it instead of piling on
 
 
 def _non_empty(value: Any) -> None:
@@ -44,16 +44,29 @@ def _non_empty(value: Any) -> None:
         raise UsageError("must not be empty")
 
 
-def _opt(default: Any = MISSING, *, gt: float | None = None, ge: float | None = None, lt: float | None = None,
-         choices: tuple[str, ...] = (), path: str | None = None, check: Callable[[Any], object] | None = None,
-         aliases: tuple[str, ...] = (), factory: Callable[[], Any] | None = None) -> Any:
-    """A field with its rules: numeric bounds, accepted values, path resolution ("data" or "explicit"; see the
-    module docstring), a check that raises UsageError, and other spellings people use for the key (only for
-    did-you-mean; they are not accepted). ``factory`` makes a mutable default (a list)."""
-    rules = {"gt": gt, "ge": ge, "lt": lt, "choices": choices, "path": path, "check": check, "aliases": aliases}
-    if factory is not None:
-        return field(default_factory=factory, metadata=rules)
-    return field(default=default, metadata=rules)
+def _not_a_number(value: str) -> None:
+    """A string that reads as a number is not a file name (the number is checked as a fraction instead)."""
+    try:
+        number = float(value)
+    except ValueError:
+        return
+    if math.isfinite(number):
+        raise UsageError("a number here is a fraction in (0, 1), not a file")
+
+
+# A number: an int does, and so does a numeric string (YAML 1.1 reads ``2e-4`` as a string); inf and nan do not,
+# nor true/false (every section refuses those for a number: _Section._no_bool_for_numbers).
+Number = Annotated[float, Field(strict=False, allow_inf_nan=False)]
+Text = Annotated[str, checked(_non_empty)]
+
+
+def _opt(default: Any = PydanticUndefined, *, gt: float | None = None, ge: float | None = None,
+         lt: float | None = None, aliases: tuple[str, ...] = (), path: str | None = None,
+         factory: Callable[[], Any] | None = None) -> Any:
+    """A field: its default (``factory`` for a list), numeric bounds, and its :class:`Hints`."""
+    info = Field(default, gt=gt, ge=ge, lt=lt) if factory is None else Field(default_factory=factory)
+    info.metadata.append(Hints(aliases, path))
+    return info
 
 
 # Experiment trackers (train.report_to; finetune.training.trackers sends to them): the modules each needs, and
@@ -83,46 +96,58 @@ def _trackers(value: list[str]) -> None:
         raise UsageError("names a tracker twice")
 
 
-@dataclass(frozen=True, kw_only=True)
-class DataConfig:
+class _Section(BaseModel):
+    # strict: no silent conversions (true is not 1, "8" not 8) except where a type says so (Number)
+    model_config = ConfigDict(frozen=True, strict=True, extra="forbid")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, bool) and info.field_name is not None:
+            accepts = members(cls.model_fields[info.field_name].annotation)
+            if float in accepts and bool not in accepts:
+                raise PydanticCustomError("config_type", "a number, not true or false")
+        return value
+
+
+class DataConfig(_Section):
     """Where the training rows come from and how they are cut."""
 
-    path: str = _opt(path="data", check=_non_empty, aliases=("train_file", "dataset", "file"))
-    format: str = _opt("auto", choices=FORMATS)
-    eval: float | str | None = _opt(None, gt=0, lt=1, path="data", check=_non_empty,
-                                    aliases=("eval_file", "validation", "val", "eval_split"))
+    path: Text = _opt(path="data", aliases=("train_file", "dataset", "file"))
+    format: Literal[FORMATS] = _opt("auto")  # type: ignore[valid-type]
+    # a fraction held out, or an eval file; a string that reads as a number is the fraction
+    eval: Annotated[Number, Field(gt=0, lt=1)] | Annotated[Text, checked(_not_a_number)] | None = _opt(
+        None, path="data", aliases=("eval_file", "validation", "val", "eval_split"))
     max_seq_len: int = _opt(512, gt=0, aliases=("max_length", "max_seq_length", "seq_len", "cutoff_len"))
-    overlong: str = _opt("truncate", choices=OVERLONG)
+    overlong: Literal[OVERLONG] = _opt("truncate")  # type: ignore[valid-type]
 
 
-@dataclass(frozen=True, kw_only=True)
-class LoraConfig:
+class LoraConfig(_Section):
     """The LoRA adapter's shape."""
 
     r: int = _opt(16, gt=0, aliases=("rank", "lora_r"))
-    alpha: float = _opt(32.0, gt=0, aliases=("lora_alpha",))
+    alpha: Number = _opt(32.0, gt=0, aliases=("lora_alpha",))
     # 0 like peft's default: dropout masks on every adapted layer's input cost a noticeable share of a CPU step
     # (BENCHMARKS.md) for little gain in short fine-tunes; set it when overfitting shows.
-    dropout: float = _opt(0.0, ge=0, lt=1, aliases=("lora_dropout",))
-    target_modules: str | list[str] = _opt("all-linear", check=_non_empty, aliases=("modules", "targets"))
+    dropout: Number = _opt(0.0, ge=0, lt=1, aliases=("lora_dropout",))
+    target_modules: Annotated[str | list[str], checked(_non_empty)] = _opt(
+        "all-linear", aliases=("modules", "targets"))
 
 
-@dataclass(frozen=True, kw_only=True)
-class TrainConfig:
+class TrainConfig(_Section):
     """The optimisation loop. ``max_steps``, when set, takes precedence over ``epochs``."""
 
-    epochs: float = _opt(1.0, gt=0, aliases=("num_epochs", "num_train_epochs", "epoch"))
+    epochs: Number = _opt(1.0, gt=0, aliases=("num_epochs", "num_train_epochs", "epoch"))
     max_steps: int | None = _opt(None, gt=0, aliases=("steps", "num_steps"))
     batch_size: int = _opt(8, gt=0, aliases=("per_device_train_batch_size", "micro_batch_size", "bs"))
     grad_accum: int = _opt(1, gt=0, aliases=("gradient_accumulation_steps", "gradient_accumulation"))
-    lr: float = _opt(2e-4, gt=0, aliases=("learning_rate",))
-    scheduler: str = _opt("cosine", choices=("cosine", "linear", "constant"),
-                          aliases=("lr_scheduler", "lr_scheduler_type"))
+    lr: Number = _opt(2e-4, gt=0, aliases=("learning_rate",))
+    scheduler: Literal["cosine", "linear", "constant"] = _opt("cosine", aliases=("lr_scheduler", "lr_scheduler_type"))
     warmup_steps: int = _opt(0, ge=0, aliases=("warmup",))
-    weight_decay: float = _opt(0.0, ge=0)
-    max_grad_norm: float | None = _opt(1.0, gt=0, aliases=("grad_clip", "clip_grad_norm"))
+    weight_decay: Number = _opt(0.0, ge=0)
+    max_grad_norm: Number | None = _opt(1.0, gt=0, aliases=("grad_clip", "clip_grad_norm"))
     seed: int = _opt(42, ge=0, lt=2**32)  # numpy takes 0 to 2**32 - 1
-    precision: str = _opt("auto", choices=("auto", "bf16", "fp16", "fp32"), aliases=("dtype", "mixed_precision"))
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = _opt("auto", aliases=("dtype", "mixed_precision"))
     # auto: packed rows where the model keeps packed sequences apart (checked when it loads), else padded batches
     # and the log says why; true: packed rows or an error.
     packing: bool | Literal["auto"] = _opt("auto", aliases=("pack",))
@@ -132,150 +157,34 @@ class TrainConfig:
     early_stopping_patience: int | None = _opt(None, gt=0, aliases=("patience", "early_stopping"))
     log_every: int = _opt(1, gt=0, aliases=("logging_steps", "log_steps"))
     # experiment trackers that receive the config, each logged step and the final figures (training.trackers)
-    report_to: list[str] = _opt(factory=list, check=_trackers, aliases=("trackers", "log_with", "loggers"))
+    report_to: Annotated[list[str], checked(_trackers)] = _opt(factory=list,
+                                                               aliases=("trackers", "log_with", "loggers"))
     # Training processes (data parallel; each window's micro-batches are split among them, so this is part of the
     # global batch). None: as many as the run is started with. `finetune serve --executor ray` starts this many
     # (a Ray Train TorchTrainer, possibly over several nodes); any other run must be started with exactly as many.
     processes: int | None = _opt(None, gt=0, aliases=("num_processes", "world_size", "nproc_per_node", "num_workers"))
 
 
-@dataclass(frozen=True, kw_only=True)
-class Config:
+def _empty_is_default(value: Any) -> Any:
+    return {} if value is None else value  # "train:" with everything commented out means all defaults
+
+
+Section = BeforeValidator(_empty_is_default)
+
+
+class Config(_Section):
     """A complete, checked training config. Build it with :func:`load_config` or :func:`config_from_dict`."""
 
-    base_model: str = _opt(path="explicit", check=_non_empty,
-                           aliases=("model", "model_name", "model_name_or_path", "base"))
-    destination: str | None = _opt(None, check=parse_model_name, aliases=("dest", "output", "output_model"))
-    data: DataConfig
-    lora: LoraConfig = field(default_factory=LoraConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    base_model: Text = _opt(path="explicit", aliases=("model", "model_name", "model_name_or_path", "base"))
+    destination: Annotated[str, checked(parse_model_name)] | None = _opt(
+        None, aliases=("dest", "output", "output_model"))
+    data: Annotated[DataConfig, Section] = Field(default_factory=dict, validate_default=True)
+    lora: Annotated[LoraConfig, Section] = Field(default_factory=LoraConfig)
+    train: Annotated[TrainConfig, Section] = Field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved config as plain JSON-able data; ``config_from_dict(cfg.to_dict()) == cfg``."""
-        return dataclasses.asdict(self)
-
-
-@dataclass(frozen=True)
-class _Origin:
-    label: str | None  # "line 7", "--set train.lr=1e-4", or None for a plain dict
-    base: Path  # the folder relative paths are resolved against
-
-
-class _Mismatch(Exception):
-    """A value does not have the field's type (internal; becomes a reported problem)."""
-
-
-@functools.cache
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _join(prefix: str, key: Any) -> str:
-    return f"{prefix}.{key}" if prefix else str(key)
-
-
-def _spellings(cls: type, prefix: str, deep: bool) -> dict[str, str]:
-    """Field names and aliases of ``cls`` (and, if ``deep``, of its sections), mapped to their dotted paths."""
-    found: dict[str, str] = {}
-    for f in dataclasses.fields(cls):
-        path, tp = _join(prefix, f.name), _hints(cls)[f.name]
-        found.update(dict.fromkeys((f.name, *f.metadata.get("aliases", ())), path))
-        if deep and dataclasses.is_dataclass(tp):
-            found.update(_spellings(tp, path, deep))
-    return found
-
-
-def _suggest(cls: type, prefix: str, key: str) -> str | None:
-    """The dotted path the user most likely meant: an alias here, then anywhere, then a close spelling."""
-    here, anywhere = _spellings(cls, prefix, False), _spellings(Config, "", True)
-    for table, cutoff in ((here, 1.0), (anywhere, 1.0), (here, 0.6), (anywhere, 0.8)):
-        close = difflib.get_close_matches(key, list(table), n=1, cutoff=cutoff)
-        if close:
-            return table[close[0]]
-    return None
-
-
-_SCALARS: dict[type, tuple[type, ...]] = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}
-_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null",
-          list[str]: "a list of strings"}
-
-
-def _coerce(tp: Any, raw: Any) -> Any:
-    """``raw`` converted to type ``tp``, or raise _Mismatch. Strict about bool vs int; lenient about numeric
-    strings for floats, because YAML 1.1 reads ``2e-4`` as a string."""
-    args = typing.get_args(tp)
-    if typing.get_origin(tp) in (Union, types.UnionType):
-        if raw is None and type(None) in args:
-            return None
-        for arg in args:  # the first member that fits wins, so declare float before str
-            try:
-                return _coerce(arg, raw)
-            except _Mismatch:
-                pass
-        raise _Mismatch
-    if typing.get_origin(tp) is Literal:
-        if isinstance(raw, str) and raw in typing.get_args(tp):
-            return raw
-        raise _Mismatch
-    if typing.get_origin(tp) is list:
-        if not isinstance(raw, list):
-            raise _Mismatch
-        return [_coerce(args[0], item) for item in raw]
-    assert tp in _SCALARS or tp is type(None), f"config field type {tp!r} has no conversion"
-    if tp is float and isinstance(raw, str):
-        try:
-            raw = float(raw)
-        except ValueError:
-            raise _Mismatch from None
-    if tp is type(None) or isinstance(raw, bool) != (tp is bool) or not isinstance(raw, _SCALARS[tp]):
-        raise _Mismatch
-    if tp is float and not math.isfinite(raw):
-        raise _Mismatch
-    return tp(raw)
-
-
-def _describe(tp: Any) -> str:
-    if typing.get_origin(tp) in (Union, types.UnionType):
-        names = [_describe(arg) for arg in typing.get_args(tp)]
-        return ", ".join(names[:-1]) + " or " + names[-1]
-    if typing.get_origin(tp) is Literal:
-        return " or ".join(typing.get_args(tp))
-    return _NAMES[tp]
-
-
-def _show(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, Mapping):
-        return "a mapping"
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _bounds(gt: float | None, ge: float | None, lt: float | None) -> str:
-    """The allowed range in words: '> 0', '>= 0', 'in (0, 1)', 'in [0, 1)'."""
-    if lt is not None and (gt is not None or ge is not None):
-        return f"in ({gt}, {lt})" if gt is not None else f"in [{ge}, {lt})"
-    return f"> {gt}" if gt is not None else f">= {ge}" if ge is not None else f"< {lt}"
-
-
-def _rule_problem(rules: Mapping[str, Any], value: Any) -> str | None:
-    """What is wrong with a correctly typed value, per the field's declared rules, or None."""
-    gt, ge, lt = rules["gt"], rules["ge"], rules["lt"]
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if (gt is not None and not value > gt) or (ge is not None and not value >= ge) or \
-                (lt is not None and not value < lt):
-            return f"must be {_bounds(gt, ge, lt)}, got {_show(value)}"
-    if rules["choices"] and value not in rules["choices"]:
-        return f"must be one of {', '.join(rules['choices'])}; got {_show(value)}"
-    if rules["check"] is not None:
-        try:
-            rules["check"](value)
-        except UsageError as err:
-            return str(err)
-    return None
+        return self.model_dump()
 
 
 def _resolve(value: str, base: Path, mode: str) -> str:
@@ -291,95 +200,51 @@ def _resolve(value: str, base: Path, mode: str) -> str:
     return value
 
 
-class _Checker:
-    """Walks raw data against the dataclasses, converting values and collecting every problem found."""
-
-    def __init__(self, origins: dict[str, _Origin], default: _Origin):
-        self.origins = origins
-        self.default = default
-        self.problems: list[tuple[float, str]] = []  # (line, text); file problems sort by line
-
-    def origin(self, path: str) -> _Origin:
-        while path:  # a key set as part of a larger value belongs to that value's origin
-            if path in self.origins:
-                return self.origins[path]
-            path = path.rpartition(".")[0]
-        return self.default
-
-    def report(self, path: str, message: str) -> None:
-        label = self.origin(path).label
-        line = float(label[5:]) if label and label.startswith("line ") else math.inf
-        self.problems.append((line, f"{label}: {message}" if label else message))
-
-    def section(self, cls: type, raw: Any, prefix: str) -> dict[str, Any] | None:
-        if raw is None:  # an empty section ("train:" with everything commented out) means all defaults
-            raw = {}
-        if not isinstance(raw, Mapping):
-            self.report(prefix, f"{prefix}: expected a mapping of keys, got {_show(raw)}")
-            return None
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        for key in raw:
-            if key not in fields:
-                hint = _suggest(cls, prefix, str(key))
-                self.report(_join(prefix, key), f"unknown key '{_join(prefix, key)}'"
-                            + (f" (did you mean '{hint}'?)" if hint else ""))
-        values: dict[str, Any] = {}
-        for name, f in fields.items():
-            path, tp = _join(prefix, name), _hints(cls)[name]
-            if dataclasses.is_dataclass(tp):
-                values[name] = self.section(tp, raw.get(name), path)
-            elif name in raw:
-                values[name] = self.value(f, tp, raw[name], path)
-            elif f.default is MISSING and f.default_factory is MISSING:
-                self.report(path, f"missing required key '{path}'")
-        return values
-
-    def value(self, f: dataclasses.Field, tp: Any, raw: Any, path: str) -> Any:
-        try:
-            value = _coerce(tp, raw)
-        except _Mismatch:
-            self.report(path, f"{path}: expected {_describe(tp)}, got {_show(raw)}")
-            return _INVALID
-        if value is None:  # null is allowed only where the type says so, and means "unset": no rules apply
-            return None
-        problem = _rule_problem(f.metadata, value)
-        if problem:
-            self.report(path, f"{path}: {problem}")
-            return _INVALID
-        if f.metadata["path"] and isinstance(value, str):
-            value = _resolve(value, self.origin(path).base, f.metadata["path"])
-        return value
-
-    def cross_check(self, values: dict[str, Any]) -> None:
-        """Rules that involve more than one field."""
-        train, data = values["train"] or {}, values["data"] or {"eval": _INVALID}
-        if train.get("early_stopping_patience") not in (None, _INVALID) and data.get("eval") is None:
-            self.report("train.early_stopping_patience", "train.early_stopping_patience: needs an eval set; "
+def _cross_check(reporter: Reporter, raw: Mapping[str, Any], wrong: set[str]) -> None:
+    """Rules that involve more than one field (each only where the fields it reads are right)."""
+    train, data = raw.get("train") or {}, raw.get("data") or {}
+    if "train" in wrong or not isinstance(train, Mapping) or "data" in wrong or not isinstance(data, Mapping):
+        return
+    no_eval = data.get("eval") is None and "data.eval" not in wrong
+    patience, every = train.get("early_stopping_patience"), train.get("eval_every")
+    if no_eval and patience is not None and "train.early_stopping_patience" not in wrong:
+        reporter.report("train.early_stopping_patience", "train.early_stopping_patience: needs an eval set; "
                         "set data.eval to a fraction in (0, 1) or a file")
-        if train.get("eval_every") not in (None, 0, _INVALID) and data.get("eval") is None:
-            self.report("train.eval_every", "train.eval_every: needs an eval set; "
+    if no_eval and every not in (None, 0) and "train.eval_every" not in wrong:
+        reporter.report("train.eval_every", "train.eval_every: needs an eval set; "
                         "set data.eval to a fraction in (0, 1) or a file, or drop eval_every")
 
 
-def _instantiate(cls: type, values: dict[str, Any]) -> Any:
-    hints = _hints(cls)
-    return cls(**{k: _instantiate(hints[k], v) if dataclasses.is_dataclass(hints[k]) else v
-                  for k, v in values.items()})
+def _resolve_paths(model: Any, origin: Callable[[str], Origin], prefix: str = "") -> Any:
+    """``model`` with each path field resolved against the folder of where it was written."""
+    changes: dict[str, Any] = {}
+    for name, info in type(model).model_fields.items():
+        value, path, mode = getattr(model, name), join(prefix, name), hints_of(info).path
+        if isinstance(value, _Section):
+            changes[name] = _resolve_paths(value, origin, path)
+        elif mode and isinstance(value, str):
+            changes[name] = _resolve(value, origin(path).base, mode)
+    return model.model_copy(update=changes)
 
 
-def _build(raw: Any, origins: dict[str, _Origin], default: _Origin, source: str,
-           early: Sequence[tuple[float, str]] = ()) -> Config:
-    checker = _Checker(origins, default)
-    checker.problems.extend(early)
+def _build(raw: Any, origins: dict[str, Origin], default: Origin, source: str,
+           early: Sequence[tuple[float, str, str]] = ()) -> Config:
+    reporter = Reporter(Config, origins, default)
+    reporter.problems.extend((line, -1, text, path) for line, text, path in early)
+    config = None
     if not isinstance(raw, Mapping):
-        got = "an empty document" if raw is None else _show(raw)
-        checker.report("", f"expected a mapping of keys at the top level, got {got}")
+        got = "an empty document" if raw is None else show(raw)
+        reporter.report("", f"expected a mapping of keys at the top level, got {got}")
     else:
-        values = checker.section(Config, raw, "")
-        checker.cross_check(values)
-    if checker.problems:
-        raise ConfigError([text for _, text in sorted(checker.problems, key=lambda p: p[0])], source=source)
-    return _instantiate(Config, values)
+        try:
+            config = Config.model_validate(raw)
+            wrong: set[str] = set()
+        except ValidationError as err:
+            wrong = reporter.errors(raw, err)
+        _cross_check(reporter, raw, wrong)
+    if reporter.problems or config is None:
+        raise ConfigError(reporter.sorted(), source=source)
+    return _resolve_paths(config, reporter.origin)
 
 
 def config_from_dict(d: Mapping[str, Any], source: str = "<dict>", *,
@@ -390,19 +255,19 @@ def config_from_dict(d: Mapping[str, Any], source: str = "<dict>", *,
     :class:`ConfigError` listing every problem.
     """
     base = Path(base_dir) if base_dir is not None else Path.cwd()
-    return _build(d, {}, _Origin(None, base), source)
+    return _build(d, {}, Origin(None, base), source)
 
 
-def _key_lines(node: yaml.Node, prefix: str, lines: dict[str, int], early: list[tuple[float, str]]) -> None:
+def _key_lines(node: yaml.Node, prefix: str, lines: dict[str, int], early: list[tuple[float, str, str]]) -> None:
     """Map each dotted key in a composed YAML tree to its 1-based line; note keys written twice."""
     if not isinstance(node, yaml.MappingNode):
         return
     for key_node, value_node in node.value:
         if not isinstance(key_node, yaml.ScalarNode):
             continue
-        path, line = _join(prefix, key_node.value), key_node.start_mark.line + 1
+        path, line = join(prefix, key_node.value), key_node.start_mark.line + 1
         if path in lines:
-            early.append((line, f"line {line}: duplicate key '{path}' (first set at line {lines[path]})"))
+            early.append((line, f"line {line}: duplicate key '{path}' (first set at line {lines[path]})", path))
             continue
         lines[path] = line
         _key_lines(value_node, path, lines, early)
@@ -438,7 +303,7 @@ def _read_yaml(path: Path, source: str) -> tuple[Any, dict[str, int], list[tuple
     try:
         node = loader.get_single_node()
         lines: dict[str, int] = {}
-        early: list[tuple[float, str]] = []
+        early: list[tuple[float, str, str]] = []
         if node is not None:
             loop = _self_reference(node, set())
             if loop is not None:
@@ -455,18 +320,19 @@ def _read_yaml(path: Path, source: str) -> tuple[Any, dict[str, int], list[tuple
     return raw, lines, early
 
 
-def _apply_override(raw: dict[str, Any], item: str, origins: dict[str, _Origin],
-                    early: list[tuple[float, str]]) -> None:
+def _apply_override(raw: dict[str, Any], item: str, origins: dict[str, Origin],
+                    early: list[tuple[float, str, str]]) -> None:
     key, sep, text = item.partition("=")
     key = key.strip()
     parts = key.split(".")
     if not sep or not all(parts):
-        early.append((math.inf, f"--set {item!r}: expected KEY=VALUE with a dotted key, for example train.lr=1e-4"))
+        early.append((math.inf, f"--set {item!r}: expected KEY=VALUE with a dotted key, for example train.lr=1e-4",
+                      ""))
         return
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError:
-        early.append((math.inf, f"--set {item}: cannot parse the value {text!r} as YAML"))
+        early.append((math.inf, f"--set {item}: cannot parse the value {text!r} as YAML", key))
         return
     section = raw
     for i, part in enumerate(parts[:-1]):
@@ -475,12 +341,12 @@ def _apply_override(raw: dict[str, Any], item: str, origins: dict[str, _Origin],
         section = section[part]
         if not isinstance(section, dict):
             where = ".".join(parts[: i + 1])
-            early.append((math.inf, f"--set {item}: '{where}' is not a section"))
+            early.append((math.inf, f"--set {item}: '{where}' is not a section", where))
             return
     section[parts[-1]] = value
     for path in [p for p in origins if p == key or p.startswith(key + ".")]:
         del origins[path]  # the override replaced whatever the file had at and below this key
-    origins[key] = _Origin(f"--set {item}", Path.cwd())
+    origins[key] = Origin(f"--set {item}", Path.cwd())
 
 
 def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> Config:
@@ -493,10 +359,10 @@ def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> 
     config_path = Path(source)
     raw, lines, early = _read_yaml(config_path, source)
     base = config_path.absolute().parent
-    origins = {key: _Origin(f"line {line}", base) for key, line in lines.items()}
+    origins = {key: Origin(f"line {line}", base) for key, line in lines.items()}
     if raw is None and overrides:
         raw = {}  # an empty file plus --set for everything is a complete config
     if isinstance(raw, dict):
         for item in overrides:
             _apply_override(raw, item, origins, early)
-    return _build(raw, origins, _Origin(None, base), source, early)
+    return _build(raw, origins, Origin(None, base), source, early)

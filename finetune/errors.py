@@ -10,6 +10,8 @@ a limit of the server reached, 500 for damage or failures on the server's side.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 
 def one_line(err: BaseException, limit: int = 300) -> str:
     """A library's exception (or what caused it) as one short line, for inclusion in our own messages."""
@@ -53,10 +55,15 @@ class AmbiguousRefError(UsageError):
 
 
 class ConfigError(UsageError):
-    """A training config has problems; ``problems`` lists every one, each naming its dotted key."""
+    """A training config has problems; ``problems`` lists every one, each naming its dotted key.
 
-    def __init__(self, problems: list[str], source: str | None = None):
-        self.problems = list(problems)
+    Each problem is given as its text, or as ``(field, text)`` where ``field`` is the dotted key it is about;
+    ``fields`` lists them all as ``{"field": key or "", "message": text}`` (what a form shows beside its fields).
+    """
+
+    def __init__(self, problems: Sequence[str | tuple[str, str]], source: str | None = None):
+        self.fields = [_field_problem(p) for p in problems]
+        self.problems = [p["message"] for p in self.fields]
         self.source = source
         where = f"{source}: " if source else ""
         if len(self.problems) == 1:
@@ -64,6 +71,21 @@ class ConfigError(UsageError):
         else:
             message = f"{where}{len(self.problems)} problems: " + "; ".join(self.problems)
         super().__init__(message)
+
+
+class InputError(UsageError):
+    """A request's input has problems at named fields; ``fields`` lists every one as ``{"field": path,
+    "message": text}`` (the path as the input names it: ``temperature``, ``messages[0]``), and the message says
+    them all, each as ``input.FIELD: text``."""
+
+    def __init__(self, fields: Sequence[tuple[str, str]], hint: str | None = None):
+        self.fields = [{"field": field, "message": text} for field, text in fields]
+        super().__init__("; ".join(f"input.{field}: {text}" for field, text in fields), hint)
+
+
+def _field_problem(problem: str | tuple[str, str]) -> dict[str, str]:
+    field, text = problem if isinstance(problem, tuple) else ("", problem)
+    return {"field": field, "message": text}
 
 
 class NotFoundError(FinetuneError, LookupError):

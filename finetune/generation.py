@@ -1,30 +1,119 @@
 """How to generate: the one definition of the generation options, their defaults, ranges and check.
 
-Every way of running a model takes these options and generates through one engine
-(:mod:`finetune.serving.engine`): ``finetune predict``/``chat`` derive their flags from :data:`OPTIONS`, the
-HTTP API its input schema (:mod:`finetune.serving.schema`), the Python API takes :class:`GenerationSettings`.
-:func:`check_settings` checks them all, naming a bad option the way its caller spells it (``--top-p``,
-``input.top_p``). The ranges are the real ones: outside them sampling breaks for everyone in a batch, not only
-the caller (a temperature of 1e-300 turns logits into inf, a seed past 2**63-1 overflows torch's).
+:class:`SamplingOptions` (a pydantic model) is that definition. Everything else derives from it: the HTTP API's
+input models extend it (:mod:`finetune.serving.inputs`, and a version's ``openapi_schema`` from them), ``finetune
+predict``/``chat`` derive their flags from :data:`OPTIONS`, and :func:`check_settings` validates with it, naming a
+bad option the way its caller spells it (``--top-p``, ``input.top_p``). What the engine is given is the checked
+result, a :class:`GenerationSettings`. Every way of running a model generates through one engine
+(:mod:`finetune.serving.engine`).
 
 No torch here: the server imports this module on its request path.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    WithJsonSchema,
+    field_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from .errors import UsageError
 
+# The real ranges of the inputs. Outside them sampling breaks for everyone in a batch, not only the caller: a
+# temperature of 1e-300 turns logits into inf (a NaN distribution), a seed past 2**63-1 overflows torch's.
 MAX_NEW_TOKENS = 1 << 20  # generation also stops at the model's context, whatever this says
 MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 100.0
 MAX_TOP_K = 1 << 20  # past any vocabulary
 MAX_SEED = 2**63 - 1
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_SEQUENCE_CHARS = 256
+MAX_MESSAGES = 1024  # of a conversation (an input of versions trained on chat)
+
+
+@dataclass(frozen=True)
+class Accepts:
+    """The accepted values in words, for a field whose range is more than its bounds (in its ``Annotated``
+    metadata; pydantic ignores it, the error messages use it)."""
+
+    words: str
+
+
+_FLOAT = {"allow_inf_nan": False}  # strict, an int is a fine float; a string or bool is not
+
+
+# A list once checked; given as a comma-separated string (Replicate's pages show a text box) or a JSON list
+StopSequences = Annotated[list[StrictStr], WithJsonSchema({"type": "string"})]
+
+
+class SamplingOptions(BaseModel):
+    """How to generate: the options every version takes, every caller (CLI flags, Python, the HTTP APIs)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", title="Input")
+
+    max_new_tokens: StrictInt = Field(128, ge=1, le=MAX_NEW_TOKENS, title="Max New Tokens",
+                                      description="The most tokens to generate (capped by the model's context).")
+    temperature: Annotated[float, Accepts(f"0 (greedy) or between {MIN_TEMPERATURE} and {MAX_TEMPERATURE}")] = Field(
+        0.0, ge=0, le=MAX_TEMPERATURE, title="Temperature", **_FLOAT,
+        description=f"0 is greedy decoding; from {MIN_TEMPERATURE} up, higher samples more freely.")
+    top_p: float = Field(1.0, gt=0, le=1, title="Top P", **_FLOAT,
+                         description="Sample from the smallest set of tokens whose probabilities add up to top_p.")
+    top_k: Annotated[StrictInt, Accepts(f"0 (no limit) up to {MAX_TOP_K}")] = Field(
+        0, ge=0, le=MAX_TOP_K, title="Top K", description="Sample from the k most likely tokens only (0: no limit).")
+    seed: Annotated[StrictInt | None, Accepts(f"between 0 and {MAX_SEED} (2**63-1)")] = Field(
+        None, ge=0, le=MAX_SEED, title="Seed", description="Makes sampling repeatable.")
+    stop_sequences: StopSequences = Field(
+        "", validate_default=True, title="Stop Sequences",
+        description=f"Comma-separated texts that end the output when generated (not included); a JSON list of "
+                    f"strings is accepted too. At most {MAX_STOP_SEQUENCES}, each at most {MAX_STOP_SEQUENCE_CHARS} "
+                    f"characters.")
+
+    @field_validator("temperature")
+    @classmethod
+    def _not_tiny(cls, value: float) -> float:
+        if 0 < value < MIN_TEMPERATURE:
+            raise PydanticCustomError("input_range", "must be {words}", {"words": accepted_values(cls, "temperature")})
+        return value
+
+    @field_validator("stop_sequences", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            if len(value) > MAX_STOP_SEQUENCES * (MAX_STOP_SEQUENCE_CHARS + 1):
+                raise PydanticCustomError("input_size", f"is {len(value)} characters: at most {MAX_STOP_SEQUENCES} "
+                                                      f"sequences of at most {MAX_STOP_SEQUENCE_CHARS} characters")
+            return value.split(",")
+        if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+            raise PydanticCustomError("input_type", "must be a comma-separated string or a list of strings")
+        return value
+
+    @field_validator("stop_sequences")
+    @classmethod
+    def _stops(cls, value: list[str]) -> list[str]:
+        stops = [s for s in value if s]
+        if len(stops) > MAX_STOP_SEQUENCES:
+            raise PydanticCustomError("input_size", f"at most {MAX_STOP_SEQUENCES} sequences, got {len(stops)}")
+        long = next((s for s in stops if len(s) > MAX_STOP_SEQUENCE_CHARS), None)
+        if long is not None:
+            raise PydanticCustomError("input_size", f"each at most {MAX_STOP_SEQUENCE_CHARS} characters, got one "
+                                                  f"of {len(long)}")
+        return stops
+
+
+def accepted_values(model: type[BaseModel], name: str) -> str | None:
+    """The words of a field's :class:`Accepts`, if it has one."""
+    info = model.model_fields.get(name)
+    return next((m.words for m in info.metadata if isinstance(m, Accepts)), None) if info else None
 
 
 @dataclass(frozen=True)
@@ -32,10 +121,10 @@ class GenerationSettings:
     """How to generate. ``temperature`` 0 is greedy decoding; ``seed`` makes sampling repeatable; generation
     ends at eos, at a stop sequence (not included in the text) or after ``max_new_tokens``."""
 
-    max_new_tokens: int = 128
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
+    max_new_tokens: int = SamplingOptions.model_fields["max_new_tokens"].default
+    temperature: float = SamplingOptions.model_fields["temperature"].default
+    top_p: float = SamplingOptions.model_fields["top_p"].default
+    top_k: int = SamplingOptions.model_fields["top_k"].default
     seed: int | None = None
     stop_sequences: tuple[str, ...] = ()
 
@@ -53,45 +142,25 @@ class GenerationSettings:
 
 @dataclass(frozen=True)
 class Option:
-    """One generation option: how the API's schema and the CLI's flag describe it."""
+    """One generation option as the CLI shows it (from :class:`SamplingOptions`)."""
 
     name: str
     kind: type  # int, float or str
-    title: str
     description: str
-    schema: Mapping[str, Any]  # its JSON-schema range keys
 
 
-OPTIONS: dict[str, Option] = {o.name: o for o in (
-    Option("max_new_tokens", int, "Max New Tokens", "The most tokens to generate (capped by the model's context).",
-           {"minimum": 1, "maximum": MAX_NEW_TOKENS}),
-    Option("temperature", float, "Temperature",
-           f"0 is greedy decoding; from {MIN_TEMPERATURE} up, higher samples more freely.",
-           {"minimum": 0, "maximum": MAX_TEMPERATURE}),
-    Option("top_p", float, "Top P", "Sample from the smallest set of tokens whose probabilities add up to top_p.",
-           {"exclusiveMinimum": 0, "maximum": 1}),
-    Option("top_k", int, "Top K", "Sample from the k most likely tokens only (0: no limit).",
-           {"minimum": 0, "maximum": MAX_TOP_K}),
-    Option("seed", int, "Seed", "Makes sampling repeatable.", {"minimum": 0, "maximum": MAX_SEED}),
-    Option("stop_sequences", str, "Stop Sequences",
-           f"Comma-separated texts that end the output when generated (not included); a JSON list of strings is "
-           f"accepted too. At most {MAX_STOP_SEQUENCES}, each at most {MAX_STOP_SEQUENCE_CHARS} characters.", {}),
-)}
+def _options() -> dict[str, Option]:
+    kinds = {"integer": int, "number": float, "string": str}
+    props = SamplingOptions.model_json_schema()["properties"]
+    out = {}
+    for name, info in SamplingOptions.model_fields.items():
+        types = [t.get("type") for t in props[name].get("anyOf", [props[name]])]
+        out[name] = Option(name, kinds[next(t for t in types if t in kinds)], info.description or "")
+    return out
+
+
+OPTIONS: dict[str, Option] = _options()
 DEFAULTS = GenerationSettings()
-
-
-def json_properties() -> dict[str, dict[str, Any]]:
-    """The options as JSON-schema properties of a prediction's input (Replicate's shape)."""
-    props: dict[str, dict[str, Any]] = {}
-    for option in OPTIONS.values():
-        kind = {int: "integer", float: "number", str: "string"}[option.kind]
-        prop: dict[str, Any] = {"type": kind, "title": option.title, **option.schema}
-        default = getattr(DEFAULTS, option.name)
-        if default is not None and option.kind is not str:
-            prop["default"] = default
-        prop["description"] = option.description
-        props[option.name] = prop
-    return props
 
 
 def flag(field: str) -> str:
@@ -105,65 +174,71 @@ def _same(field: str) -> str:
 
 def check_settings(values: Mapping[str, Any], name: Callable[[str], str] = _same,
                    hint: str | None = None) -> GenerationSettings:
-    """Settings from raw option values (absent or None: the default), each checked against its range.
+    """Settings from raw option values (absent or None: the default), checked by :class:`SamplingOptions`.
 
     Raises :class:`UsageError` for the first bad one, naming it as ``name(option)`` (e.g. ``input.top_p`` or
     ``--top-p``), with ``hint``. ``stop_sequences`` is a comma-separated string or a list of strings.
     """
-    def bad(field: str, problem: str) -> UsageError:
-        return UsageError(f"{name(field)}: {problem}", hint)
-
-    unknown = sorted(set(values) - set(OPTIONS))
-    if unknown:
-        raise bad(unknown[0], f"unknown generation option (known: {', '.join(OPTIONS)})")
     given = {k: v for k, v in values.items() if v is not None}
-
-    def number(field: str, integer: bool, low: float, high: float, what: str = "") -> Any:
-        value = given.get(field, getattr(DEFAULTS, field))
-        ok = isinstance(value, int) if integer else isinstance(value, (int, float))
-        if isinstance(value, bool) or not ok or (isinstance(value, float) and not math.isfinite(value)):
-            raise bad(field, f"must be {'an integer' if integer else 'a number'}, got {_short(value)}")
-        if not low <= value <= high:  # compared as given: an int too large for a float is out of range
-            raise bad(field, f"must be {what or f'between {low} and {high}'}, got {_short(value)}")
-        return value if integer else float(value)
-
-    temperature_range = f"0 (greedy) or between {MIN_TEMPERATURE} and {MAX_TEMPERATURE}"
-    temperature = number("temperature", False, 0, MAX_TEMPERATURE, temperature_range)
-    if 0 < temperature < MIN_TEMPERATURE:
-        raise bad("temperature", f"must be {temperature_range}, got {_short(given['temperature'])}")
-    top_p = number("top_p", False, 0, 1, "in (0, 1]")
-    if top_p <= 0:
-        raise bad("top_p", f"must be in (0, 1], got {_short(given['top_p'])}")
-    return GenerationSettings(
-        max_new_tokens=number("max_new_tokens", True, 1, MAX_NEW_TOKENS),
-        temperature=temperature,
-        top_p=top_p,
-        top_k=number("top_k", True, 0, MAX_TOP_K, f"0 (no limit) up to {MAX_TOP_K}"),
-        seed=number("seed", True, 0, MAX_SEED, f"between 0 and {MAX_SEED} (2**63-1)") if "seed" in given else None,
-        stop_sequences=_stop_sequences(given.get("stop_sequences", ()), lambda problem: bad("stop_sequences", problem)),
-    )
+    try:
+        checked = SamplingOptions.model_validate(given)
+    except ValidationError as err:
+        field, problem = problems(SamplingOptions, err)[0]
+        raise UsageError(f"{name(field)}: {problem}", hint) from None
+    return GenerationSettings(**{**checked.model_dump(), "stop_sequences": tuple(checked.stop_sequences)})
 
 
-def _short(value: Any) -> str:
+def short(value: Any) -> str:
+    """A value as an error message quotes it: its repr, cut at 40 characters."""
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def _stop_sequences(value: Any, bad: Callable[[str], UsageError]) -> tuple[str, ...]:
-    if isinstance(value, str):
-        if len(value) > MAX_STOP_SEQUENCES * (MAX_STOP_SEQUENCE_CHARS + 1):
-            raise bad(f"is {len(value)} characters: at most {MAX_STOP_SEQUENCES} sequences of at most "
-                      f"{MAX_STOP_SEQUENCE_CHARS} characters")
-        value = value.split(",")
-    if not isinstance(value, (list, tuple)) or not all(isinstance(s, str) for s in value):
-        raise bad("must be a comma-separated string or a list of strings")
-    stops = tuple(s for s in value if s)
-    if len(stops) > MAX_STOP_SEQUENCES:
-        raise bad(f"at most {MAX_STOP_SEQUENCES} sequences, got {len(stops)}")
-    long = next((s for s in stops if len(s) > MAX_STOP_SEQUENCE_CHARS), None)
-    if long is not None:
-        raise bad(f"each at most {MAX_STOP_SEQUENCE_CHARS} characters, got one of {len(long)}")
-    return stops
+def _range(model: type[BaseModel], name: str) -> str:
+    """A field's accepted values in words: its :class:`Accepts`, else its bounds."""
+    words = accepted_values(model, name)
+    if words:
+        return words
+    bounds: dict[str, Any] = {}
+    for meta in model.model_fields[name].metadata:
+        bounds.update({k: getattr(meta, k) for k in ("gt", "ge", "lt", "le") if getattr(meta, k, None) is not None})
+    low = f"({bounds['gt']}" if "gt" in bounds else f"[{bounds.get('ge')}"
+    high = f"{bounds['lt']})" if "lt" in bounds else f"{bounds.get('le')}]"
+    if low.startswith("[") and high.endswith("]"):
+        return f"between {low[1:]} and {high[:-1]}"
+    return f"in {low}, {high}"
+
+
+def problems(model: type[BaseModel], err: ValidationError) -> list[tuple[str, str]]:
+    """A validation error of an input model as (field, problem) pairs in this project's words."""
+    return [_problem(model, e) for e in err.errors()]
+
+
+def _problem(model: type[BaseModel], error: Any) -> tuple[str, str]:
+    loc, kind, value = error["loc"], error["type"], error.get("input")
+    field = (error.get("ctx") or {}).get("field") or (str(loc[0]) if loc else "input")
+    if kind.startswith("input_") and kind != "input_range":  # the models' own words
+        return field, error["msg"]
+    if field == "messages" and len(loc) > 1:
+        return f"messages[{loc[1]}]", "must be an object with string role and content"
+    if kind == "extra_forbidden":
+        return field, f"unknown input (this version accepts: {', '.join(model.model_fields)})"
+    if kind == "missing":
+        return field, "is required (give prompt)"
+    if field == "messages" and kind == "too_long":
+        return field, f"at most {MAX_MESSAGES} messages, got {len(value)}"
+    if field == "messages":
+        return field, "must be a non-empty list of {role, content} objects"
+    numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind.startswith(("greater_than", "less_than", "input_range")) or (kind == "float_type" and numeric):
+        return field, f"must be {_range(model, field)}, got {short(value)}"  # an int too large for a float too
+    if kind in ("int_type", "int_from_float", "int_parsing"):
+        return field, f"must be an integer, got {short(value)}"
+    if kind in ("float_type", "finite_number", "float_parsing"):
+        return field, f"must be a number, got {short(value)}"
+    if kind == "string_type":
+        return field, f"must be a string, got {type(value).__name__}"
+    return field, error["msg"][:1].lower() + error["msg"][1:]
 
 
 def bounded_new_tokens(ref: str, context: int | None, prompt_tokens: int,

@@ -282,6 +282,14 @@ def test_bad_requests_name_the_problem(world) -> None:
     assert status == 422 and "webhook" in detail
     status, detail = post({"destination": "alice/e", "input": SHORT, "webhook_events_filter": ["done"]})
     assert status == 422 and "'done'" in detail
+    # every problem also comes by field, from the body's model and the config's alike
+    r = http.post(url, json={"destination": "alice/e", "webhook_events_filter": ["start", "done"],
+                             "input": {**SHORT, "train": {"lr": -1}}})
+    assert r.status_code == 422 and r.json()["errors"] == [
+        {"field": "webhook_events_filter.1",
+         "message": "Input should be 'start', 'output', 'logs' or 'completed', got 'done'"}], r.text
+    r = http.post(url, json={"destination": "alice/e", "input": {**SHORT, "train": {"lr": -1, "bs": 2}}})
+    assert [e["field"] for e in r.json()["errors"]] == ["train.bs", "train.lr"], r.text
     status, detail = post({"input": SHORT})
     assert status == 422 and "destination" in detail
     # A destination that does not exist, or that alice may not see, in Replicate's own words.

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import textwrap
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from finetune.config import Config, DataConfig, LoraConfig, TrainConfig, config_from_dict, load_config
 from finetune.errors import ConfigError, UsageError
@@ -55,6 +55,11 @@ def test_yaml_1_1_exponent_strings_and_ints_become_floats(tmp_path):
     assert cfg.train.lr == 3e-5 and isinstance(cfg.train.lr, float)
     assert cfg.train.epochs == 2.0 and isinstance(cfg.train.epochs, float)
     assert cfg.lora.alpha == 16.0 and isinstance(cfg.lora.alpha, float)
+    # data.eval is a fraction or a file: a string that reads as a number is the fraction, in range or refused
+    for written, fraction in (("'0.1'", 0.1), ("1e-1", 0.1), ("0.25", 0.25)):
+        assert load_config(write(tmp_path, MINIMAL + f"  eval: {written}\n")).data.eval == fraction
+    assert problems_of(write(tmp_path, MINIMAL + "  eval: '1.5'\n")) == [
+        "line 4: data.eval: must be in (0, 1), got 1.5"]
 
 
 def test_empty_sections_mean_defaults_and_nulls_reach_optional_fields(tmp_path):
@@ -75,7 +80,7 @@ def test_yaml_merge_keys_work_and_are_not_duplicates(tmp_path):
 
 def test_config_is_immutable(tmp_path):
     cfg = load_config(write(tmp_path, MINIMAL))
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    with pytest.raises(ValidationError, match="frozen"):
         cfg.train.lr = 1.0  # type: ignore[misc]
 
 
@@ -310,6 +315,11 @@ def test_every_problem_is_reported_at_once_in_line_order(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_config(path, ("train.epochs=0",))
     assert str(info.value).startswith(f"{path}: 8 problems: line 1: base_model")
+    # the same problems by the key each is about, for a form to place (the web app's Train tab)
+    assert [p["field"] for p in info.value.fields] == [
+        "base_model", "data.path", "data.format", "lora.r", "lora.dropout", "train.learning_rate",
+        "train.batch_size", "train.epochs"]
+    assert [p["message"] for p in info.value.fields] == problems
 
 
 # --- relative paths -----------------------------------------------------------------------------------------
@@ -371,3 +381,46 @@ def test_config_from_dict_reports_without_line_numbers():
 def test_config_requires_keywords():
     with pytest.raises(TypeError):
         Config("gpt2", None, DataConfig(path="x"))  # type: ignore[misc]
+
+
+# --- the models are the definition --------------------------------------------------------------------------
+
+
+def _bounded(schema: dict) -> list[tuple[str, str, float]]:
+    """(kind, type, bound) of each numeric bound a property's JSON schema declares (its union members too)."""
+    found = []
+    for member in schema.get("anyOf", [schema]):
+        for kind in ("minimum", "exclusiveMinimum", "exclusiveMaximum"):
+            if kind in member:
+                found.append((kind, member["type"], member[kind]))
+    return found
+
+
+def _with(section: str, key: str, value: object) -> dict:
+    raw: dict = {"base_model": "gpt2", "data": {"path": "x"}}
+    raw[section] = {**raw.get(section, {}), key: value}
+    return raw
+
+
+@pytest.mark.parametrize("section", [DataConfig, LoraConfig, TrainConfig])
+def test_every_declared_bound_and_type_is_checked_and_named(section):
+    """Each field's bounds come from its model (its JSON schema shows them): a value past one is refused with
+    the key and the range, and a value of no accepted type says what was expected."""
+    name = {DataConfig: "data", LoraConfig: "lora", TrainConfig: "train"}[section]
+    bounds = 0
+    for key, prop in section.model_json_schema()["properties"].items():
+        for kind, typ, bound in _bounded(prop):
+            bounds += 1
+            bad = {"minimum": bound - 1, "exclusiveMinimum": bound, "exclusiveMaximum": bound}[kind]
+            bad = int(bad) if typ == "integer" else float(bad)
+            with pytest.raises(ConfigError) as info:
+                config_from_dict(_with(name, key, bad))
+            (problem,) = info.value.problems
+            assert problem.startswith(f"{name}.{key}: must be ") and problem.endswith(f"got {bad!r}"), problem
+        with pytest.raises(ConfigError) as info:
+            config_from_dict(_with(name, key, {"no": 1}))
+        assert info.value.fields == [{"field": f"{name}.{key}",
+                                      "message": info.value.problems[0]}]
+        assert info.value.problems[0].startswith(f"{name}.{key}: expected ") and "got a mapping" in \
+            info.value.problems[0]
+    assert bounds >= 2

@@ -120,6 +120,7 @@ def test_inputs_outside_their_real_range_are_422_naming_the_field(server):
         for extra, field in cases:
             r = _create(http, base, {"prompt": PROMPT, "max_new_tokens": 4, **extra})
             assert r.status_code == 422 and f"input.{field}" in r.json()["detail"], (extra, r.status_code, r.text)
+            assert [e["field"] for e in r.json()["errors"]] == [field], r.text  # also by field, for a client
         # the edges of each range are accepted
         edges = {"temperature": 0.01, "seed": 2**63 - 1, "top_k": 1, "top_p": 1e-9, "max_new_tokens": 2,
                  "stop_sequences": ",".join(["s" * 256] * 16)}

@@ -14,10 +14,11 @@ import pytest
 
 from finetune import atomic, training
 from finetune.config import config_from_dict
-from finetune.errors import UsageError
+from finetune.errors import InputError, UsageError
 from finetune.registry import Registry
 from finetune.registry.sources import import_base
 from finetune.serving import schema
+from finetune.serving.inputs import WebhookOptions, check_events_filter, input_model
 from finetune.serving.text import Detokenizer, StopMatcher
 from finetune.serving.worker import LocalWorker, WorkerConfig
 from finetune.tiny import sample_data_path
@@ -128,6 +129,58 @@ def test_input_schema_checks_each_field_by_name():
     assert chat["messages"][0]["content"] == "x"
     props = schema.openapi_schema(chat=True)["components"]["schemas"]["Input"]["properties"]
     assert {"prompt", "messages", "system_prompt", "stop_sequences", "seed", "top_k"} <= set(props)
+
+
+def test_the_published_schema_is_the_check_every_bound_refused_past_its_edge():
+    """The openapi_schema is generated from the models the check validates with: each declared bound is
+    enforced exactly at its edge, each default is what a left-out input takes."""
+    for chat, fmt, valid in ((False, "alpaca", {"prompt": "Hi"}),
+                             (True, "messages", {"messages": [{"role": "user", "content": "Hi"}]})):
+        props = schema.openapi_schema(chat)["components"]["schemas"]["Input"]["properties"]
+        assert list(props) == list(input_model(chat).model_fields)
+        assert [p["x-order"] for p in props.values()] == list(range(len(props)))
+        checked = schema.check_input(fmt, valid)
+        bounds = 0
+        for name, prop in props.items():
+            for key, step in (("maximum", 1), ("minimum", -1), ("exclusiveMinimum", 0)):
+                if key not in prop:
+                    continue
+                bounds += 1
+                with pytest.raises(InputError) as err:
+                    schema.check_input(fmt, {**valid, name: prop[key] + step})
+                assert [f["field"] for f in err.value.fields] == [name], err.value
+                if key != "exclusiveMinimum":
+                    assert schema.check_input(fmt, {**valid, name: prop[key]})[name] == prop[key]
+            if "default" in prop and name != "stop_sequences":
+                assert checked[name] == prop["default"], name
+        assert bounds >= 8
+    assert schema.openapi_schema(False)["components"]["schemas"]["Input"]["required"] == ["prompt"]
+
+
+def test_every_input_problem_is_reported_at_once_by_field():
+    with pytest.raises(InputError) as err:
+        schema.check_input("alpaca", {"prompt": "Hi", "top_p": 0, "seed": -1, "colour": 1, "temperature": 0.001})
+    assert [f["field"] for f in err.value.fields] == ["temperature", "top_p", "seed", "colour"]
+    assert "input.temperature: must be 0 (greedy) or between 0.01 and 100.0, got 0.001" in str(err.value)
+    assert "input.top_p: must be in (0, 1], got 0" in str(err.value)
+    with pytest.raises(InputError) as err:  # no conversions: true is not 1, "0.5" not 0.5
+        schema.check_input("alpaca", {"prompt": "Hi", "temperature": True, "top_p": "0.5", "top_k": 1.0})
+    assert [f["message"] for f in err.value.fields] == [
+        "must be a number, got True", "must be a number, got '0.5'", "must be an integer, got 1.0"]
+    with pytest.raises(InputError) as err:
+        schema.check_input("messages", {"messages": [{"role": "user", "content": "x"}, {"role": 1}]})
+    assert err.value.fields == [{"field": "messages[1]", "message": "must be an object with string role and content"}]
+    assert schema.check_input("alpaca", {"prompt": "Hi", "seed": None, "stop_sequences": ["a", ""]})["stop_sequences"] \
+        == ["a"]
+
+
+def test_a_webhook_filter_is_checked_by_the_same_model_as_the_request_bodies():
+    assert check_events_filter(None) is None and check_events_filter(["start", "completed"]) == ["start", "completed"]
+    for bad, says in ((["done"], "unknown event 'done'"), ("start", "expected a list"), (["start"] * 5, "at most 4")):
+        with pytest.raises(UsageError, match=says):
+            check_events_filter(bad)
+        with pytest.raises(ValueError):
+            WebhookOptions(webhook_events_filter=bad)
 
 
 # ------------------------------------------------------------------------------------------- worker

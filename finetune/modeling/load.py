@@ -145,9 +145,9 @@ def attach_lora(model, lora: Any, adapter_dir: str | None = None, trainable: boo
     except ValueError as err:  # peft's NoMatchingPeftModuleError (a ValueError) and its other target checks
         if "target" not in str(err).lower():
             raise
-        raise ConfigError([f"lora.target_modules: {lora.target_modules!r} matches no layer LoRA can adapt "
-                           f"({one_line(err)}); this model's linear layers are {', '.join(linear_names(model))} "
-                           "(or use all-linear)"]) from None
+        raise ConfigError([("lora.target_modules", f"lora.target_modules: {lora.target_modules!r} matches no layer "
+                           f"LoRA can adapt ({one_line(err)}); this model's linear layers are "
+                           f"{', '.join(linear_names(model))} (or use all-linear)")]) from None
 
 
 def linear_names(model) -> list[str]:

@@ -84,8 +84,8 @@ def version_object(version: Version) -> dict[str, Any]:
 
 
 def openapi_schema(chat: bool) -> dict[str, Any]:
-    """The version's ``openapi_schema``; defined once, beside the input check that applies it
-    (:mod:`finetune.serving.schema`)."""
+    """The version's ``openapi_schema``: the JSON schema of its input model (:mod:`finetune.serving.inputs`),
+    the same model that checks a prediction's input (:func:`finetune.serving.schema.check_input`)."""
     return _schema.openapi_schema(chat)
 
 

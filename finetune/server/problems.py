@@ -3,7 +3,8 @@
 One handler per kind of failure: our own :class:`~finetune.errors.FinetuneError` (its status from the class),
 HTTP errors raised by routing (unknown path 404, wrong method 405), request validation (malformed JSON is a
 400 naming line and column; a well-formed body with wrong fields is a 422 naming them), and anything else
-(500, logged on the server with its traceback, the client sees only the exception's type).
+(500, logged on the server with its traceback, the client sees only the exception's type). Input problems
+(a config's, a prediction input's) also come as ``errors``: a list of ``{field, message}``.
 """
 
 from __future__ import annotations
@@ -51,17 +52,24 @@ def json_error_detail(doc: str | bytes, pos: int, msg: str) -> str:
     return f"the request body is not valid JSON: {msg} at line {err.lineno}, column {err.colno}"
 
 
-def _validation_detail(exc: RequestValidationError) -> tuple[int, str]:
+def _validation_detail(exc: RequestValidationError) -> tuple[int, str, list[dict[str, str]]]:
+    """(status, detail, problems by field) for a request the body models refuse."""
     problems = []
     for e in exc.errors():
         if e.get("type") == "json_invalid":
             pos = e["loc"][1] if len(e.get("loc", ())) > 1 and isinstance(e["loc"][1], int) else 0
-            return 400, json_error_detail(exc.body or "", pos, e.get("ctx", {}).get("error", "malformed JSON"))
+            return 400, json_error_detail(exc.body or "", pos, e.get("ctx", {}).get("error", "malformed JSON")), []
         loc = ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body"
         if loc == "body" and e.get("type") in ("model_attributes_type", "dict_type"):
-            return 422, "the request body must be a JSON object (send it with Content-Type: application/json)"
-        problems.append(f"{loc}: {e.get('msg', 'invalid')}")
-    return 422, "; ".join(problems) or "invalid request"
+            return 422, "the request body must be a JSON object (send it with Content-Type: application/json)", []
+        message = e.get("msg", "invalid")
+        value = e.get("input")
+        if e.get("type") != "missing" and (value is None or isinstance(value, (str, int, float, bool))):
+            shown = repr(value)
+            message += f", got {shown if len(shown) <= 40 else shown[:37] + '...'}"
+        problems.append({"field": loc, "message": message})
+    detail = "; ".join(f"{p['field']}: {p['message']}" for p in problems)
+    return 422, detail or "invalid request", problems
 
 
 def install(app: FastAPI) -> None:
@@ -73,7 +81,8 @@ def install(app: FastAPI) -> None:
         if status >= 500:
             log.error("%s %s failed: %s", request.method, request.url.path, exc)
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-        return problem(status, str(exc), headers=headers)
+        fields = getattr(exc, "fields", None)  # input problems by field: also as a list a client can place
+        return problem(status, str(exc), headers=headers, **({"errors": fields} if fields else {}))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -86,8 +95,8 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        status, detail = _validation_detail(exc)
-        return problem(status, detail)
+        status, detail, problems = _validation_detail(exc)
+        return problem(status, detail, **({"errors": problems} if problems else {}))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -77,8 +77,8 @@ class TrainingService:
         """422 for a config over the server's step limit (the time limit is the queue's to apply)."""
         limit, steps = self.settings.max_training_steps, config.train.max_steps
         if limit is not None and steps is not None and steps > limit:
-            raise ConfigError([f"train.max_steps: {steps} is over this server's limit of {limit} steps "
-                               f"(--max-training-steps)"], source="input")
+            raise ConfigError([("train.max_steps", f"train.max_steps: {steps} is over this server's limit of "
+                                                    f"{limit} steps (--max-training-steps)")], source="input")
 
     @contextmanager
     def _slot(self, owner: str) -> Iterator[None]:

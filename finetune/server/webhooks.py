@@ -35,13 +35,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import UsageError
 from ..registry.jobs import FINAL, TrainingRecord, Trainings
+from ..serving.inputs import WEBHOOK_EVENTS, check_events_filter
 from .webhook_targets import WebhookPolicy, WebhookRefused, post
 
 log = logging.getLogger("finetune.webhooks")
 
-EVENTS = ("start", "output", "logs", "completed")
+EVENTS = WEBHOOK_EVENTS
 _LOGS_EVERY_S = 1.0  # Replicate throttles `logs` webhooks too; a log line per step would flood a receiver
 _WATCH_EVERY_S = 0.5
 
@@ -51,12 +51,7 @@ def check_webhook(url: str | None, events: list[str] | None, policy: WebhookPoli
     server's address rules, default: public addresses only) or an event filter naming unknown events."""
     if url is not None:
         (policy or WebhookPolicy()).check_literal(url)
-    if events is not None and (not isinstance(events, list) or len(events) > len(EVENTS)):
-        raise UsageError(f"webhook_events_filter: expected a list of at most {len(EVENTS)} events")
-    unknown = [e for e in events or () if e not in EVENTS]
-    if unknown:
-        raise UsageError(f"webhook_events_filter: unknown event {str(unknown[0])[:40]!r}",
-                         f"choose from {', '.join(EVENTS)}")
+    check_events_filter(events)
 
 
 def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from ..errors import UsageError
+from ..errors import InputError
 
 
 class Prompts:
@@ -59,8 +59,8 @@ class Prompts:
         settings = check_settings({name: data[name] for name in OPTIONS if name in data})
         max_new, note = bounded_new_tokens(loaded.version.ref, context, len(ids), settings.max_new_tokens)
         if self.max_tokens is not None and len(ids) > self.max_tokens:
-            raise UsageError(f"input.prompt: the prompt is {len(ids):,} tokens, over this server's limit of "
-                             f"{self.max_tokens:,}", "shorten it (the server's limit is finetune serve "
-                                                     "--predict-max-prompt-tokens)")
+            raise InputError([("prompt", f"the prompt is {len(ids):,} tokens, over this server's limit of "
+                                         f"{self.max_tokens:,}")],
+                             "shorten it (the server's limit is finetune serve --predict-max-prompt-tokens)")
         return Job(job_id, loaded.version.ref, key, ids, max_new, emit, settings=settings, owner=owner,
                    notes=[note] if note else [])

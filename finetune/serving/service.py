@@ -31,12 +31,13 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import ConflictError, FinetuneError, LimitError, UnavailableError, UsageError
+from ..errors import ConflictError, FinetuneError, LimitError, UnavailableError
 from ..registry import Registry, Version
 from ..registry.jobs import FINAL, Status
 from ..registry.manifest import utc_now
 from ..registry.predictions import PredictionRecord, Predictions, new_prediction_id
 from .comparisons import Comparisons
+from .inputs import check_events_filter
 from .schema import DEFAULT_MAX_PROMPT_BYTES, check_input, prompt_format
 from .signals import Signal
 from .worker import LocalWorker, OnEvent, WorkerConfig, WorkerProcess
@@ -46,7 +47,6 @@ ADMIT_TIMEOUT_S = 300.0  # a worker that neither admits, rejects nor dies in thi
 CANCEL_WAIT_S = 5.0  # a worker ends a canceled prediction within a step; past this the service settles it
 SAVE_EVERY_S = 1.0
 WEBHOOK_EVERY_S = 0.5  # output and logs webhooks, like Replicate's, at most this often
-WEBHOOK_EVENTS = ("start", "output", "logs", "completed")
 
 # A webhook sender: (the record, the prediction object as JSON, the event) -> None; it delivers in the
 # background (to record.webhook, signed with record.owner's secret).
@@ -131,7 +131,7 @@ class PredictionService:
         (:meth:`create` or :meth:`create_async`). Raises :class:`UsageError` (422) for input the version cannot
         take, naming the field, and :class:`LimitError` (429) past the account's limit."""
         checked = check_input(prompt_format(version.metadata), data, self.max_prompt_bytes)  # before any worker
-        events = _check_events_filter(webhook_events_filter)
+        events = check_events_filter(webhook_events_filter)
         record = PredictionRecord(
             id=new_prediction_id(), model=version.model, version=version.id, version_ref=version.ref, owner=owner,
             input=dict(data), output=None, stream=bool(stream), webhook=webhook, webhook_events_filter=events,
@@ -409,17 +409,6 @@ def _final_event(record: PredictionRecord) -> tuple[str, str]:
 def _copy(record: PredictionRecord) -> PredictionRecord:
     data = record.to_dict()
     return PredictionRecord(**data)
-
-
-def _check_events_filter(events: Any) -> list[str] | None:
-    if events is None:
-        return None
-    if not isinstance(events, list) or not all(isinstance(e, str) for e in events):
-        raise UsageError("webhook_events_filter must be a list of event names", f"events: {', '.join(WEBHOOK_EVENTS)}")
-    unknown = [e for e in events if e not in WEBHOOK_EVENTS]
-    if unknown:
-        raise UsageError(f"webhook_events_filter: unknown event {unknown[0]!r}", f"events: {', '.join(WEBHOOK_EVENTS)}")
-    return list(events)
 
 
 class PredictionRejected(FinetuneError):

@@ -372,8 +372,9 @@ def _load(run: _Run) -> _Loaded:
     tokenizer = load_tokenizer(resolved.base)
     context = base_context(resolved.base, tokenizer)
     if context is not None and config.data.max_seq_len > context:
-        raise ConfigError([f"data.max_seq_len: {config.data.max_seq_len} is more than the {context} positions of "
-                           f"base model {resolved.base.description}; set it to {context} or less"])
+        raise ConfigError([("data.max_seq_len", f"data.max_seq_len: {config.data.max_seq_len} is more than the "
+                           f"{context} positions of base model {resolved.base.description}; set it to {context} or "
+                           "less")])
     # Files uploaded to the service (upload:ID) are read from the registry and named as they were uploaded
     files = Files(run.registry)
     data_path, data_name = files.data_file(config.data.path)

@@ -3,23 +3,22 @@ prompt) and watch the output stream in, with Stop, the loading state of a cold s
 speed when it ends.
 
 A run creates a prediction through the predictions service (the API's ``POST /v1/predictions``); its input is
-checked by the version's own schema (:func:`finetune.serving.schema.check_input`), one field at a time, so
-that every problem comes back at its field at once. The output arrives as server-sent events: ``output``
-pieces, ``logs`` lines (the worker loading the version), then ``done`` with the prediction's metrics, or
-``error``.
+checked by the version's own input model (:func:`finetune.serving.schema.check_input`), whose problems come
+back by field (:attr:`~finetune.errors.InputError.fields`), each shown at its own. The output arrives as
+server-sent events: ``output`` pieces, ``logs`` lines (the worker loading the version), then ``done`` with the
+prediction's metrics, or ``error``.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
 from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from ..errors import FinetuneError, UsageError
+from ..errors import FinetuneError, InputError, UsageError
 from ..server import access
 from ..serving.schema import check_input, prompt_format
 from . import services
@@ -29,7 +28,6 @@ from .pages import Form, User, model_context, registry
 # The form's number fields: (type, default, label); the defaults are the page's, the ranges the schema's
 NUMBERS = {"max_new_tokens": (int, 64, "Max new tokens"), "temperature": (float, 0.0, "Temperature"),
            "seed": (int, 0, "Seed")}
-_FIELD = re.compile(r"input\.([a-z_]+)")
 
 
 def is_chat(version: Any) -> bool:
@@ -46,12 +44,10 @@ def playground_tab(request: Request, user: User, owner: str, name: str) -> Respo
     return render(request, "tab_playground.html", ctx, user=user)
 
 
-def _field_of(err: FinetuneError, default: str) -> str:
-    """The form field an input problem is about (the schema names it ``input.FIELD``); turns are typed in the
-    prompt box."""
-    match = _FIELD.match(err.message)
-    field = match.group(1) if match else default
-    return "prompt" if field == "messages" else field
+def _field_of(field: str) -> str:
+    """The form field an input problem is about: turns (``messages``, ``messages[3]``) are typed in the prompt
+    box."""
+    return "prompt" if field.startswith("messages") else field
 
 
 def playground_input(form: dict[str, Any], fmt: str) -> tuple[dict[str, Any], dict[str, list[str]]]:
@@ -82,16 +78,18 @@ def playground_input(form: dict[str, Any], fmt: str) -> tuple[dict[str, Any], di
             inputs["system_prompt"] = system
     else:
         inputs["prompt"] = prompt
-    # The version's own checks, one field at a time beside a valid prompt, so that every problem is reported
-    valid = {"messages": [{"role": "user", "content": "x"}]} if chat else {"prompt": "x"}
-    for key, value in inputs.items():
-        if key in errors:
-            continue
-        probe = {key: value} if key in ("prompt", "messages") else {**valid, key: value}
-        try:
-            check_input(fmt, probe)
-        except UsageError as err:
-            errors.setdefault(_field_of(err, key), []).append(err.message)
+    # The version's own check, over every field the form could read (a valid prompt in place of a blank one)
+    probe = {k: v for k, v in inputs.items() if k not in errors}
+    if "prompt" in errors:
+        probe.update({"messages": [{"role": "user", "content": "x"}]} if chat else {"prompt": "x"})
+    try:
+        check_input(fmt, probe)
+    except InputError as err:
+        said = set(errors)
+        for problem in err.fields:
+            key = _field_of(problem["field"])
+            if key not in said:
+                errors.setdefault(key, []).append(f"input.{problem['field']}: {problem['message']}")
     return inputs, errors
 
 
@@ -108,8 +106,10 @@ async def playground_run(request: Request, user: User, form: Form, owner: str, n
         return _refused(errors)
     try:
         prediction_id = await run_in_threadpool(services.create_prediction, request, user.account, version, inputs)
-    except UsageError as err:  # the worker's own check: a prompt longer than the model's context
-        return _refused({_field_of(err, "prompt"): [err.message]})
+    except InputError as err:  # the service's own checks: a prompt over the server's limits
+        return _refused({_field_of(p["field"]): [f"input.{p['field']}: {p['message']}"] for p in err.fields})
+    except UsageError as err:  # the worker's: a prompt longer than the model's context
+        return _refused({"prompt": [err.message]})
     return JSONResponse({"id": prediction_id, "stream_url": f"/predictions/{prediction_id}/stream",
                          "cancel_url": f"/predictions/{prediction_id}/cancel", "chat": is_chat(version)},
                         status_code=201)

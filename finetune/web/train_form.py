@@ -1,15 +1,14 @@
-"""The Train tab's form: its fields and defaults (read from the config dataclasses), turning a submitted form
-into a training config, and the config loader's problems placed next to the fields they name.
+"""The Train tab's form: its fields and defaults (read from the config models), turning a submitted form
+into a training config, and the config loader's problems placed next to the fields they name (each problem comes
+with its dotted key: :attr:`finetune.errors.ConfigError.fields`).
 
 The form is a view of :class:`finetune.config.Config`: each common setting is one dotted key, its default is the
-dataclass field's default, and the submitted values go through :func:`finetune.config.config_from_dict`, the
+model field's default, and the submitted values go through :func:`finetune.config.config_from_dict`, the
 same checker as a YAML file, so the messages are the loader's own.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -33,13 +32,10 @@ FIELD_KEYS = tuple(key for key, _, _ in SETTINGS) + ("data.format", "base_model"
 
 
 def default_of(key: str) -> Any:
-    """The dataclass default of a dotted config key (``train.lr`` -> 0.0002)."""
+    """The default of a dotted config key (``train.lr`` -> 0.0002)."""
     section, _, name = key.partition(".")
-    cls = _SECTIONS[section]
-    field = next(f for f in dataclasses.fields(cls) if f.name == name)
-    if field.default is not dataclasses.MISSING:
-        return field.default
-    return field.default_factory() if field.default_factory is not dataclasses.MISSING else None
+    field = _SECTIONS[section].model_fields[name]  # KeyError: not a key of this config
+    return None if field.is_required() else field.get_default(call_default_factory=True)
 
 
 def _show(value: Any) -> str:
@@ -51,7 +47,7 @@ def _show(value: Any) -> str:
 
 
 def default_form() -> dict[str, str]:
-    """The form's initial values: every common setting at its dataclass default."""
+    """The form's initial values: every common setting at its default."""
     form = {key: _show(default_of(key)) for key, _, _ in SETTINGS}
     form["data.format"] = str(default_of("data.format"))
     form["advanced"] = ""
@@ -74,7 +70,7 @@ def _differs(key: str, value: Any) -> bool:
         return True  # a section this form does not know (a newer config's): kept as it was
     try:
         return default_of(key) != value
-    except StopIteration:  # a key of a newer config
+    except KeyError:  # a key of a newer config
         return True
 
 
@@ -176,18 +172,22 @@ def form_input(form: Mapping[str, str], data: str | None) -> tuple[dict[str, Any
 
 
 def check_input(raw: dict[str, Any], errors: FormErrors, check: Callable[[dict[str, Any]], Config]) -> Config | None:
-    """Run ``check`` (the config loader, as the API calls it) over ``raw``; its problems go next to their
-    fields. The config, or None when anything (the form's own errors included) is wrong."""
+    """Run ``check`` (the config loader, as the API calls it) over ``raw``; its problems go next to the fields
+    they name (the errors' ``fields``). The config, or None when anything (the form's own errors included) is
+    wrong."""
     try:
         config = check(raw)
     except ConfigError as err:
-        for problem in err.problems:
-            if "data.path" in errors and problem == "missing required key 'data.path'":
+        said_path = "data.path" in errors
+        for problem in err.fields:
+            if said_path and problem["field"] == "data.path":
                 continue  # already said, in the form's words
-            place_problem(errors, problem)
+            place_problem(errors, problem["field"], problem["message"])
         return None
     except FinetuneError as err:  # the data file cannot be used (not found, not the user's)
-        errors.add("data.eval" if "data.eval" in err.message else "data.path", str(err))
+        fields = getattr(err, "fields", None) or [{"field": "data.path", "message": str(err)}]
+        for problem in fields:
+            place_problem(errors, problem["field"], problem["message"])
         return None
     return None if errors else config
 
@@ -201,23 +201,12 @@ def build_config(form: Mapping[str, str], *, base_model: str, data_path: str | N
     return check_input(raw, errors, check), errors
 
 
-_KEY = re.compile(r"'?([a-z_]+(?:\.[a-z_]+)*)'?")
-
-
-def place_problem(errors: FormErrors, problem: str) -> None:
-    """Put one loader problem next to the field it names (``train.lr: must be > 0``); keys without a field of
-    their own (set in the advanced box) go to the advanced box, and ``missing required key 'data.path'`` to
-    the data picker."""
-    key = None
-    if problem.startswith(("unknown key '", "missing required key '")):
-        key = problem.split("'")[1]
+def place_problem(errors: FormErrors, field: str, message: str) -> None:
+    """Put one problem next to the field it is about (a dotted key: ``train.lr``); keys without a field of their
+    own (set in the advanced box) go to the advanced box, problems of no key above the form."""
+    if field in FIELD_KEYS:
+        errors.add(field, message)
+    elif field:
+        errors.add("advanced", message)
     else:
-        head = problem.split(":", 1)[0]
-        if _KEY.fullmatch(head):
-            key = head
-    if key in FIELD_KEYS:
-        errors.add(key, problem)
-    elif key is not None:
-        errors.add("advanced", problem)
-    else:
-        errors.add("_form", problem)
+        errors.add("_form", message)

@@ -18,12 +18,12 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict
 
 from ...errors import UsageError, VersionNotFoundError
 from ...registry import Version
 from ...registry.jobs import FINAL
 from ...registry.predictions import PredictionNotFoundError, PredictionRecord
+from ...serving.inputs import WebhookOptions
 from .. import access
 from ..auth import AccountDep, current_account
 from ..context import RegistryDep, SettingsDep, VersionIndexDep, base_url, webhook_policy
@@ -36,27 +36,18 @@ MAX_WAIT_S = 60
 _PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait(?:\s*=\s*(\d+))?(?:$|[,;\s])")
 
 
-class PredictionCreate(BaseModel):
-    """The body of ``POST /v1/predictions`` (Replicate's fields)."""
+class ModelPredictionCreate(WebhookOptions):
+    """The body of ``POST /v1/models/{owner}/{name}/predictions`` (Replicate's fields). ``input`` is checked
+    against the version's own input model (:mod:`finetune.serving.inputs`) once the version is known."""
 
-    model_config = ConfigDict(extra="forbid")
+    input: dict[str, Any]
+    stream: bool | None = None
+
+
+class PredictionCreate(ModelPredictionCreate):
+    """The body of ``POST /v1/predictions``: as above, with the version."""
+
     version: str
-    input: dict[str, Any]
-    stream: bool | None = None
-    webhook: str | None = None
-    webhook_completed: str | None = None
-    webhook_events_filter: list[str] | None = None
-
-
-class ModelPredictionCreate(BaseModel):
-    """The body of ``POST /v1/models/{owner}/{name}/predictions``: as above, without a version."""
-
-    model_config = ConfigDict(extra="forbid")
-    input: dict[str, Any]
-    stream: bool | None = None
-    webhook: str | None = None
-    webhook_completed: str | None = None
-    webhook_events_filter: list[str] | None = None
 
 
 def prediction_object(record: PredictionRecord, url: str) -> dict[str, Any]:

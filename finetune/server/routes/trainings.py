@@ -13,12 +13,13 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from ...config import Config, config_from_dict
 from ...errors import ConfigError, FinetuneError, ModelNotFoundError, TrainingNotFoundError, UsageError
 from ...registry import Registry
 from ...registry.jobs import TrainingRecord, Trainings
+from ...serving.inputs import WebhookOptions
 from .. import access
 from ..archive import tar_stream
 from ..auth import AccountDep, current_account
@@ -37,15 +38,12 @@ MAX_KEY_LENGTH = 200
 MAX_INPUT_BYTES = 64 << 10  # a training's input is a config: a few hundred bytes; data travels as uploads
 
 
-class TrainingCreate(BaseModel):
-    """The body of ``POST .../trainings``, as the ``replicate`` client sends it."""
+class TrainingCreate(WebhookOptions):
+    """The body of ``POST .../trainings``, as the ``replicate`` client sends it. ``input`` is the training
+    config's sections or dotted keys, checked by the config's models (:mod:`finetune.config`)."""
 
-    model_config = ConfigDict(extra="forbid")
     destination: str = Field(max_length=200)
     input: dict[str, Any] = {}
-    webhook: str | None = None
-    webhook_completed: str | None = None  # Replicate's older spelling of "webhook, completed only"
-    webhook_events_filter: list[str] | None = None
 
 
 def _service(request: Request) -> TrainingService:
@@ -55,34 +53,35 @@ def _service(request: Request) -> TrainingService:
 # ---------------------------------------------------------------------------------------------- input
 def _nest(raw: dict[str, Any]) -> dict[str, Any]:
     """``{"train.lr": 1e-4, "data": {...}}`` -> nested sections; problems name the input key."""
-    problems: list[str] = []
+    problems: list[tuple[str, str]] = []  # (the input key, the problem)
     nested: dict[str, Any] = {}
     for key, value in raw.items():
         if not key or not all(key.split(".")) or len(key) > MAX_KEY_LENGTH:
             why = ("the key is empty" if not key else f"longer than {MAX_KEY_LENGTH} characters"
                    if len(key) > MAX_KEY_LENGTH else "a dotted key needs a name between every two dots")
-            problems.append(f"input key {key[:MAX_KEY_LENGTH]!r}: not a config key ({why})")
+            problems.append(("", f"input key {key[:MAX_KEY_LENGTH]!r}: not a config key ({why})"))
             continue
         if key == "base_model":
-            problems.append("input.base_model: the base is the version in the URL; train another version by "
-                            "POSTing to its /trainings")
+            problems.append((key, "input.base_model: the base is the version in the URL; train another version by "
+                                  "POSTing to its /trainings"))
             continue
         if key == "destination":
-            problems.append("input.destination: give `destination` beside `input`, not inside it")
+            problems.append((key, "input.destination: give `destination` beside `input`, not inside it"))
             continue
         parts = key.split(".")
         node = nested
         for depth, part in enumerate(parts[:-1]):
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                problems.append(f"{'.'.join(parts[:depth + 1])}: set both as a value and as a section")
+                where = ".".join(parts[:depth + 1])
+                problems.append((where, f"{where}: set both as a value and as a section"))
                 break
         else:
             leaf = parts[-1]
             if isinstance(node.get(leaf), dict) and isinstance(value, dict):
                 node[leaf] = {**node[leaf], **value}
             elif leaf in node:
-                problems.append(f"{key}: set twice")
+                problems.append((key, f"{key}: set twice"))
             else:
                 node[leaf] = value
     if problems:
@@ -98,7 +97,9 @@ def _data_source(value: Any, key: str, reg: Registry, account: Any, settings: Se
     try:
         return resolve_data_input(value, account=account, registry=reg, settings=settings)
     except FinetuneError as err:
-        raise type(err)(f"input: {key}: {err.message}", err.hint) from None
+        named = type(err)(f"input: {key}: {err.message}", err.hint)
+        named.fields = [{"field": key, "message": str(named)}]  # type: ignore[attr-defined]  # where a form shows it
+        raise named from None
 
 
 def training_config(raw_input: dict[str, Any], trainer_ref: str, request: Request, account: Any,

@@ -93,6 +93,8 @@ class SamplingOptions(BaseModel):
                 raise PydanticCustomError("input_size", f"is {len(value)} characters: at most {MAX_STOP_SEQUENCES} "
                                                       f"sequences of at most {MAX_STOP_SEQUENCE_CHARS} characters")
             return value.split(",")
+        if isinstance(value, tuple):  # a GenerationSettings' own
+            value = list(value)
         if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
             raise PydanticCustomError("input_type", "must be a comma-separated string or a list of strings")
         return value

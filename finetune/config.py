@@ -71,6 +71,13 @@ def tracker_package_missing(name: str) -> bool:
     return any(importlib.util.find_spec(module) is None for module in needs)
 
 
+METHODS = ("sft", "dpo")
+DPO_LOSSES = ("sigmoid", "hinge")
+LORA_INITS = ("default", "gaussian", "pissa", "olora")
+# Inits that change the base's weights: with them the base with the adapter off is no longer the base model.
+BASE_CHANGING_INITS = ("pissa", "olora")
+
+
 def _trackers(value: list[str]) -> None:
     for name in value:
         if name not in TRACKERS:
@@ -105,12 +112,30 @@ class LoraConfig:
     # (BENCHMARKS.md) for little gain in short fine-tunes; set it when overfitting shows.
     dropout: float = _opt(0.0, ge=0, lt=1, aliases=("lora_dropout",))
     target_modules: str | list[str] = _opt("all-linear", check=_non_empty, aliases=("modules", "targets"))
+    # peft's variants: DoRA (weight-decomposed), rank-stabilised scaling (alpha / sqrt(r)), layers trained and saved
+    # whole (an output head, embeddings), and how A and B start (pissa and olora move the base's principal part into
+    # the adapter; the published adapter is converted back to one over the unchanged base).
+    use_dora: bool = _opt(False, aliases=("dora",))
+    use_rslora: bool = _opt(False, aliases=("rslora",))
+    modules_to_save: list[str] | None = _opt(None, check=_non_empty, aliases=("save_modules", "trainable_modules"))
+    init: str = _opt("default", choices=LORA_INITS, aliases=("init_lora_weights", "init_weights"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class DpoConfig:
+    """Preference training (``train.method: dpo``): Direct Preference Optimization against the starting model."""
+
+    beta: float = _opt(0.1, gt=0, aliases=("dpo_beta",))
+    loss: str = _opt("sigmoid", choices=DPO_LOSSES, aliases=("loss_type",))
+    # An added NLL term on the chosen answers (per answer, mean over its tokens), as RPO does; 0 = plain DPO.
+    sft_weight: float = _opt(0.0, ge=0, aliases=("rpo_alpha", "nll_weight"))
 
 
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     """The optimisation loop. ``max_steps``, when set, takes precedence over ``epochs``."""
 
+    method: str = _opt("sft", choices=METHODS, aliases=("trainer", "objective"))  # dpo: see the dpo section
     epochs: float = _opt(1.0, gt=0, aliases=("num_epochs", "num_train_epochs", "epoch"))
     max_steps: int | None = _opt(None, gt=0, aliases=("steps", "num_steps"))
     batch_size: int = _opt(8, gt=0, aliases=("per_device_train_batch_size", "micro_batch_size", "bs"))
@@ -149,6 +174,7 @@ class Config:
     data: DataConfig
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    dpo: DpoConfig = field(default_factory=DpoConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved config as plain JSON-able data; ``config_from_dict(cfg.to_dict()) == cfg``."""
@@ -359,6 +385,16 @@ class _Checker:
         if train.get("eval_every") not in (None, 0, _INVALID) and data.get("eval") is None:
             self.report("train.eval_every", "train.eval_every: needs an eval set; "
                         "set data.eval to a fraction in (0, 1) or a file, or drop eval_every")
+        if train.get("method") == "dpo":
+            lora = values.get("lora") or {}
+            if data.get("format") not in ("auto", "preference", None, _INVALID):
+                self.report("data.format", f"data.format: dpo trains on preference rows; set it to auto or "
+                            f"preference, not {data['format']}")
+            if train.get("packing") is True:
+                self.report("train.packing", "train.packing: dpo trains on padded pairs; set packing to auto or false")
+            if lora.get("init") in BASE_CHANGING_INITS:
+                self.report("lora.init", f"lora.init: {lora['init']} changes the base weights, so the base with the "
+                            "adapter off is no longer the reference model dpo needs; use default or gaussian")
 
 
 def _instantiate(cls: type, values: dict[str, Any]) -> Any:

@@ -43,7 +43,9 @@ def lora_path(module: nn.Module) -> str:
         return "peft"
     name = _plain_adapter(module)
     if name is None:
-        return "peft"
+        # A variant (DoRA) keeps peft's own forward: the log names it, so the fallback is visible.
+        variant = next(iter(getattr(module, "lora_variant", {}).values()), None)
+        return f"peft ({type(variant).__name__})" if variant is not None else "peft"
     return "fused" if _frozen_base(module.base_layer) is not None else "addmm"
 
 

@@ -79,6 +79,26 @@ class CausalLMLoss(nn.Module):
         selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
         return self.token_loss(selected, targets), count
 
+    def label_logps(self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None = None,
+                    attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per labelled position: the fp32 log-probability of its target token, and the position's flat index
+        over batch x tokens (position t predicts token t+1), for losses that weigh sequences apart (DPO). The
+        logits of those positions go through autograd whole (no fused loss)."""
+        targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
+        read = targets != IGNORE_INDEX
+        rows = read.nonzero().squeeze(1)
+        inputs = dict(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False)
+        targets = targets.index_select(0, rows)
+        with loss_rows(self.model, read):
+            if logits_path(self.model) == "model":
+                logits = self._model_logits(inputs, rows).float()
+            else:
+                hidden = self._decoder(**inputs).last_hidden_state
+                logits = self._head(hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)).float()
+                if self._softcap:
+                    logits = torch.tanh(logits / self._softcap) * self._softcap
+        return -F.cross_entropy(logits, targets, reduction="none"), rows
+
     def _model_logits(self, inputs: dict[str, Any], rows: torch.Tensor) -> torch.Tensor:
         """The model's own logits at ``rows`` (flat indices over batch x tokens), as ``[rows, vocab]``. A single
         row (packed batches) asks the model for those positions only, where its ``forward`` takes

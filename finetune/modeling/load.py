@@ -141,6 +141,8 @@ def attach_lora(model, lora: Any, adapter_dir: str | None = None, trainable: boo
         use_dora=getattr(lora, "use_dora", False),
         use_rslora=getattr(lora, "use_rslora", False),
         modules_to_save=getattr(lora, "modules_to_save", None),
+        # a saved output head of a model that ties it to the embeddings stays tied to them (peft's own option)
+        ensure_weight_tying=bool(getattr(lora, "modules_to_save", None)),
         init_lora_weights=_PEFT_INIT[getattr(lora, "init", "default")],
         # GPT-2-style models store their projections as Conv1D ([in, out] weights); peft needs to be told, and
         # otherwise warns and flips the flag itself.

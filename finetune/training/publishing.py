@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -60,8 +61,10 @@ def publish_adapter(
     if out.exists():
         shutil.rmtree(out)
     # Only the trained adapter: a dpo run continuing a version also holds a frozen copy of it (training.dpo).
-    peft_model.save_pretrained(str(out), safe_serialization=True, selected_adapters=["default"],
-                               **_conversion(trainings, record, config, resolved))
+    with warnings.catch_warnings():  # peft's conversion loads the initial adapter beside it, and warns about that
+        warnings.filterwarnings("ignore", message=".* changes the base weights of the model")
+        peft_model.save_pretrained(str(out), safe_serialization=True, selected_adapters=["default"],
+                                   **_conversion(trainings, record, config, resolved))
     _strip_local_paths(out / "adapter_config.json")
     fmt = data_info.get("format")
     metadata = {

@@ -45,7 +45,9 @@ def lora_path(module: nn.Module) -> str:
     if name is None:
         # A variant (DoRA) keeps peft's own forward: the log names it, so the fallback is visible.
         variant = next(iter(getattr(module, "lora_variant", {}).values()), None)
-        return f"peft ({type(variant).__name__})" if variant is not None else "peft"
+        if variant is None:
+            return "peft"
+        return f"peft, {type(variant).__name__.removesuffix('LinearVariant')} variant"
     return "fused" if _frozen_base(module.base_layer) is not None else "addmm"
 
 

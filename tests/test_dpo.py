@@ -298,3 +298,51 @@ def test_dpo_losses_match_their_definitions():
     d = (c - rc) - (r - rr)  # 1.5
     assert float(dpo_losses(c, r, rc, rr, 0.1, "sigmoid")) == pytest.approx(float(-F.logsigmoid(0.1 * d)))
     assert float(dpo_losses(c, r, rc, rr, 0.1, "hinge")) == pytest.approx(1 - 0.15)
+
+
+def test_the_data_preview_shows_pairs_and_the_form_keeps_dpo_settings(tmp_path: Path):
+    from finetune.web.preview import preview_data
+    from finetune.web.train_form import changed_settings
+
+    data = _write(tmp_path / "prefs.jsonl", TEXT_ROWS + [{"prompt": "Q", "chosen": " a", "rejected": " a"}])
+    p = preview_data(str(data))
+    assert (p.format, p.rows, p.error) == ("preference", 4, None) and "dpo" in p.note
+    assert p.examples[0][:2] == [(TEXT_ROWS[0]["prompt"], False), (" Blue.", True)]
+    assert p.examples[0][-1] == (" I do not know.", False)
+    assert "identical" in preview_data(str(data), limit=4).error
+    config = {"train": {"method": "dpo", "lr": 2e-4}, "dpo": {"beta": 0.1, "loss": "sigmoid", "sft_weight": 0.5}}
+    assert changed_settings(config) == {"train.method": "dpo", "dpo.sft_weight": 0.5}
+
+
+def test_the_api_takes_the_method_and_dpo_settings_in_the_training_input(tiny_model_dir: Path, tmp_path: Path,
+                                                                          fake_executor):
+    from service import running_server
+
+    from finetune import atomic
+    from finetune.registry import Registry
+    from finetune.registry.jobs import Trainings
+    from finetune.registry.sources import import_base
+    from finetune.server.settings import ServerSettings
+
+    (tmp_path / "data").mkdir()
+    data = _write(tmp_path / "data" / "prefs.jsonl", TEXT_ROWS)
+    reg = Registry(tmp_path / "registry")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(atomic, "_FSYNC", False)
+        base = import_base(reg, "base/x", str(tiny_model_dir), visibility="public")
+    settings = ServerSettings(workers=1, allowed_data_dirs=(data.parent.resolve(),))
+    with running_server(reg, settings) as server:
+        http = server.http("alice")
+        assert http.post("/v1/models", json={"owner": "alice", "name": "p", "visibility": "private",
+                                             "hardware": "cpu"}).status_code == 201
+        url = f"/v1/models/base/x/versions/{base.id}/trainings"
+        ok = http.post(url, json={"destination": "alice/p", "input": {
+            "data": {"path": str(data)}, "train.method": "dpo", "train.max_steps": 2, "dpo": {"beta": 0.2}}})
+        assert ok.status_code == 201, ok.text
+        record = Trainings(reg).get(ok.json()["id"])
+        assert record.input["train"]["method"] == "dpo" and record.input["dpo"]["beta"] == 0.2
+        bad = http.post(url, json={"destination": "alice/p", "input": {
+            "data": {"path": str(data)}, "train.method": "ppo", "dpo.loss": "ipo"}})
+        assert bad.status_code == 422, bad.text
+        detail = bad.json()["detail"]
+        assert "train.method: must be one of sft, dpo" in detail and "dpo.loss: must be one of sigmoid, hinge" in detail

@@ -346,3 +346,33 @@ def test_the_api_takes_the_method_and_dpo_settings_in_the_training_input(tiny_mo
         assert bad.status_code == 422, bad.text
         detail = bad.json()["detail"]
         assert "train.method: must be one of sft, dpo" in detail and "dpo.loss: must be one of sigmoid, hinge" in detail
+
+
+@pytest.mark.parametrize("variant", [{"use_dora": True}, {"modules_to_save": ["lm_head"]}, {"use_rslora": True}],
+                         ids=["dora", "modules_to_save", "rslora"])
+def test_the_reference_of_a_variant_adapter_is_the_base(variant, tiny_model_dir: Path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from finetune.modeling.ops import rewrite_for_training
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    (batch,) = collate_pairs(_examples(TEXT_ROWS, tok), tok.pad_token_id)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        expected, _ = DpoLoss(base, 0.1).sequence_logps(**batch)  # the plain base, no peft at all
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM",
+                                            ensure_weight_tying="modules_to_save" in variant, **variant))
+    rewrite_for_training(model, "fp32", torch.device("cpu"))
+    dpo = DpoLoss(model, 0.1)
+    loss_sum, pairs = dpo(**batch)
+    assert float(loss_sum.detach() / pairs) == pytest.approx(math.log(2), abs=1e-6)  # starts at the reference
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)  # the policy moves away
+        moved, _ = dpo.sequence_logps(**batch)
+        with model.disable_adapter():
+            reference, _ = dpo.sequence_logps(**batch)
+    assert (moved - expected).abs().max() > 1e-3
+    torch.testing.assert_close(reference, expected, rtol=1e-5, atol=1e-5)

@@ -8,6 +8,9 @@ import contextlib
 import io
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -67,7 +70,8 @@ def runs(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
                   "--destination", "alice/bot", "--create-destination", "--quiet")
         on_sft = cli(root, "train", str(config("on-sft", "alice/bot:1", method="dpo", max_steps=2)),
                      "--destination", "alice/bot", "--quiet")
-    return {"reg": reg, "dpo": dpo, "sft": sft, "on_sft": on_sft, "held_out": held_out}
+    return {"reg": reg, "root": root, "dpo": dpo, "sft": sft, "on_sft": on_sft, "held_out": held_out,
+            "config": config}
 
 
 def _record(reg: Registry, ref: str):
@@ -143,3 +147,31 @@ def test_dpo_from_a_supervised_version_trains_against_it(runs: dict):
     text = generate(load_version(runs["reg"], "alice/bot:2", device="cpu"), "Name a color.",
                     GenerationSettings(max_new_tokens=4))
     assert isinstance(text, str)
+
+
+def test_two_processes_train_what_one_process_does_with_grad_accum(runs: dict):
+    """DDP around the pair loss, the reference switch of a continued adapter, and the rewards summed over
+    processes: two processes (gloo) and one process with grad_accum 2 take the same windows."""
+    from safetensors.torch import load_file
+
+    root, config = runs["root"], runs["config"]("dist", "alice/bot:1", method="dpo", max_steps=3, batch_size=2)
+    launch = Path(__file__).resolve().parents[1] / "scripts" / "launch.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FINETUNE_FSYNC": "0"}
+    proc = subprocess.run(
+        [sys.executable, str(launch), "--num-processes", "2", "--cpu", "--registry", str(root), "--",
+         str(config), "--destination", "alice/two", "--create-destination", "--quiet"],
+        capture_output=True, text=True, timeout=300, env=env, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(atomic, "_FSYNC", False)
+        rc, _, err = cli(root, "train", str(config), "--destination", "alice/one", "--create-destination", "--quiet",
+                         "--set", "train.grad_accum=2")
+    assert rc == 0, err
+    two, one = (runs["reg"].resolve(ref) for ref in ("alice/two:1", "alice/one:1"))
+    a, b = (load_file(str(v.path / "adapter_model.safetensors")) for v in (two, one))
+    assert a.keys() == b.keys() and a
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+    m2, m1 = two.metadata["metrics"], one.metadata["metrics"]
+    assert m2["processes"] == 2 and m2["method"] == "dpo"
+    for key in ("train_loss", "eval_loss", "reward_margin", "reward_accuracy", "reward_chosen"):
+        assert m2[key] == pytest.approx(m1[key], abs=1e-5), key

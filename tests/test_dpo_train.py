@@ -175,3 +175,36 @@ def test_two_processes_train_what_one_process_does_with_grad_accum(runs: dict):
     assert m2["processes"] == 2 and m2["method"] == "dpo"
     for key in ("train_loss", "eval_loss", "reward_margin", "reward_accuracy", "reward_chosen"):
         assert m2[key] == pytest.approx(m1[key], abs=1e-5), key
+
+
+def test_a_stopped_dpo_run_resumes_to_the_uninterrupted_adapter(runs: dict, monkeypatch: pytest.MonkeyPatch):
+    from safetensors.torch import load_file
+
+    import finetune.training.run as run
+
+    monkeypatch.setattr(atomic, "_FSYNC", False)
+    root = runs["root"]
+    config = runs["config"]("resume", "alice/bot:1", method="dpo", max_steps=4, checkpoint_every=2)
+    rc, _, err = cli(root, "train", str(config), "--destination", "alice/straight", "--create-destination", "--quiet")
+    assert rc == 0, err
+    calls, check = 0, run._StopFlag.check
+
+    def stop_after_step_2(self, accelerator):  # one check before the first step, then one after each step
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise run.TrainingCanceled("stopped for the test")
+        return check(self, accelerator)
+
+    monkeypatch.setattr(run._StopFlag, "check", stop_after_step_2)
+    rc, _, err = cli(root, "train", str(config), "--destination", "alice/resumed", "--create-destination", "--quiet")
+    assert rc == 130, err
+    training_id = err.split()[1]
+    monkeypatch.setattr(run._StopFlag, "check", check)
+    rc, out, err = cli(root, "train", "--resume", training_id, "--quiet")
+    assert rc == 0 and out == "alice/resumed:1\n", err
+    a, b = (load_file(str(runs["reg"].resolve(ref).path / "adapter_model.safetensors"))
+            for ref in ("alice/straight:1", "alice/resumed:1"))
+    assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
+    rows = [json.loads(line) for line in Trainings(runs["reg"]).paths(training_id).metrics.read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and all("reward_margin" in r for r in rows)

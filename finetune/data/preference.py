@@ -161,7 +161,9 @@ def _map_batch(batch: dict[str, list], indices: list[int], *, tokenizer: Any, ma
     return out
 
 
-def _encode(path: str, label: str | None, tokenizer: Any, max_seq_len: int, overlong: str) -> datasets.Dataset:
+def _encode(path: str, label: str | None, tokenizer: Any, max_seq_len: int,
+            overlong: str) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """The file's rows, and their encoding (the ``_FEATURES`` columns)."""
     records = read_records(path, label)
     where = RowLocator(path, label)
     name = label or path
@@ -184,7 +186,7 @@ def _encode(path: str, label: str | None, tokenizer: Any, max_seq_len: int, over
             raise DataError(f"{where(i)}: {int(raw[i])} tokens, longer than max_seq_len {max_seq_len} "
                             f"({over.size} row{'s are' if over.size != 1 else ' is'})",
                             "raise max_seq_len, shorten the row, or set overlong: truncate")
-    return encoded
+    return records, encoded
 
 
 def _keep(encoded: datasets.Dataset, rows: np.ndarray, max_seq_len: int) -> tuple[datasets.Dataset, dict]:
@@ -210,13 +212,12 @@ def prepare_pairs(path: str, tokenizer: Any, *, max_seq_len: int, overlong: str 
     labels = labels or {}
     name = labels.get(path, path)
     spec = _eval_spec(eval)
-    encoded = _encode(path, labels.get(path), tokenizer, max_seq_len, overlong)
-    columns = read_records(path, labels.get(path)).column_names
+    records, encoded = _encode(path, labels.get(path), tokenizer, max_seq_len, overlong)
     rows = np.arange(encoded.num_rows)
     eval_set, eval_counts = None, {"truncated": 0, "dropped": 0}
     here: dict[str, Any] = {"path": name}
     if spec and spec[0] == "file":
-        eval_encoded = _encode(spec[1], labels.get(spec[1]), tokenizer, max_seq_len, overlong)
+        _, eval_encoded = _encode(spec[1], labels.get(spec[1]), tokenizer, max_seq_len, overlong)
         eval_set, eval_counts = _keep(eval_encoded, np.arange(eval_encoded.num_rows), max_seq_len)
         here.update(eval_path=labels.get(spec[1], spec[1]), eval_sha256=dataset_fingerprint(spec[1]))
     elif spec:
@@ -229,12 +230,13 @@ def prepare_pairs(path: str, tokenizer: Any, *, max_seq_len: int, overlong: str 
                         hint)
     if eval_set is not None and eval_set.num_rows == 0:
         raise DataError(f"{here.get('eval_path', name)}: no eval pairs left after truncation", hint)
-    chat = bool(encoded.num_rows) and _is_chat(path, labels.get(path), tokenizer)
+    first = {k: v for k, v in records.select(range(1)).to_list()[0].items() if v is not None}
+    chat = not isinstance(pair_parts(first)[0], str)  # a version trained on chats takes chats
     fmt = "messages" if chat else "prompt_completion"
     tok_sha = tokenizer_fingerprint(tokenizer)
     return Prepared(train, eval_set, {
         **here, "sha256": dataset_fingerprint(path), "rows": encoded.num_rows, "format": fmt,
-        "preference": layout(columns), "template": "chat_template" if chat else fmt,
+        "preference": layout(records.column_names), "template": "chat_template" if chat else fmt,
         "template_sha256": hashlib.sha256(tokenizer.chat_template.encode()).hexdigest() if chat else None,
         "tokenizer_sha256": tok_sha, "max_seq_len": max_seq_len, "train_on_inputs": False,
         "train_rows": train.num_rows, "eval_rows": eval_set.num_rows if eval_set is not None else 0,
@@ -242,12 +244,6 @@ def prepare_pairs(path: str, tokenizer: Any, *, max_seq_len: int, overlong: str 
         "dropped": counts["dropped"] + eval_counts["dropped"],
         "train_tokens": counts["tokens"], "label_tokens": counts["label_tokens"], "cache_hit": False,
     })
-
-
-def _is_chat(path: str, label: str | None, tokenizer: Any) -> bool:
-    first = read_records(path, label).select(range(1)).to_list()[0]
-    prompt, _, _ = pair_parts({k: v for k, v in first.items() if v is not None})
-    return not isinstance(prompt, str)
 
 
 def preview_pieces(record: dict, tokenizer: Any = None) -> list[tuple[str, bool]]:

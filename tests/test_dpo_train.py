@@ -108,6 +108,7 @@ def test_dpo_from_a_base_publishes_a_version_that_prefers_held_out_chosen_answer
     assert meta["config"]["train"]["method"] == "dpo" and meta["prompt_format"]["name"] == "prompt_completion"
     assert meta["dataset"]["preference"] == "prompt/chosen/rejected"
     assert meta["metrics"]["method"] == "dpo" and meta["metrics"] == record.metrics
+    assert meta["metrics"]["packing"] is False  # pairs train on padded batches
     assert {"reward_accuracy", "reward_margin", "reward_chosen", "reward_rejected"} <= set(meta["metrics"])
     assert "## Preference training" in (version.path / "README.md").read_text()
     rows = [json.loads(line) for line in Trainings(runs["reg"]).paths(record.id).metrics.read_text().splitlines()]

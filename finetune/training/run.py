@@ -6,7 +6,9 @@ checkpointed :class:`~finetune.training.checkpoint.Progress`), read top to botto
 and data, plan the optimizer steps (each a window of micro-batches; see :mod:`finetune.data.batching`), resume
 from a checkpoint, loop (evaluating and checkpointing as configured), publish the adapter to the destination.
 Every process of an ``accelerate launch`` runs this; only the main process writes the record, the metrics and
-the version.
+the version. ``train.method: dpo`` changes three things only: the data (preference pairs, ``data.preference``),
+the loss module (:class:`~finetune.training.dpo.DpoLoss`, with the same ``(sum, count)`` interface as the
+supervised loss, so the loop, evaluation and checkpoints are shared) and the extra figures each step logs.
 """
 
 from __future__ import annotations
@@ -426,7 +428,7 @@ def _load_base(run: _Run, resolved: ResolvedModel, packing: bool = True) -> tupl
     """The frozen base, and whether it trains on packed rows: with ``packing: auto``, packed where loading finds
     that the model keeps packed sequences apart, else padded (the log says why); ``true`` insists. ``packing``
     False: padded batches whatever the config says (dpo's pairs)."""
-    dtype, wanted = torch_dtype(run.precision), run.config.train.packing and packing
+    dtype, wanted = torch_dtype(run.precision), run.config.train.packing if packing else False
     if wanted:
         try:
             return load_base_model(resolved.base, dtype, attn_implementation=VARLEN_ATTENTION), True

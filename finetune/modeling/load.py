@@ -138,12 +138,12 @@ def attach_lora(model, lora: Any, adapter_dir: str | None = None, trainable: boo
         lora_dropout=lora.dropout,
         target_modules=lora.target_modules,
         task_type="CAUSAL_LM",
-        use_dora=getattr(lora, "use_dora", False),
-        use_rslora=getattr(lora, "use_rslora", False),
-        modules_to_save=getattr(lora, "modules_to_save", None),
+        use_dora=lora.use_dora,
+        use_rslora=lora.use_rslora,
+        modules_to_save=lora.modules_to_save,
         # a saved output head of a model that ties it to the embeddings stays tied to them (peft's own option)
-        ensure_weight_tying=bool(getattr(lora, "modules_to_save", None)),
-        init_lora_weights=_PEFT_INIT[getattr(lora, "init", "default")],
+        ensure_weight_tying=bool(lora.modules_to_save),
+        init_lora_weights=_PEFT_INIT[lora.init],
         # GPT-2-style models store their projections as Conv1D ([in, out] weights); peft needs to be told, and
         # otherwise warns and flips the flag itself.
         fan_in_fan_out=any(_is_conv1d(m) for m in model.modules()),

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from finetune.data.formats import IGNORE_INDEX, detect_format, record_segments
 from finetune.data.preference import _sequence, encode_pairs, prepare_pairs
 from finetune.errors import DataError
+from finetune.modeling.ops.loss import fuses_head
 from finetune.training.dpo import DpoLoss, attach_reference, collate_pairs
 
 TEXT_ROWS = [
@@ -151,6 +152,7 @@ def test_sequence_logps_of_a_padded_batch_equal_a_direct_computation(tiny_model_
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = _policy(tiny_model_dir)
+    assert fuses_head(model.get_output_embeddings())  # the fused per-row log-softmax (ops.loss._HeadLogProbs)
     examples = _examples(TEXT_ROWS, tok)
     (batch,) = collate_pairs(examples, tok.pad_token_id)
     assert (batch["attention_mask"] == 0).any()  # padded: the rows have different lengths

@@ -272,6 +272,8 @@ def test_pairs_are_split_truncated_and_described(tiny_model_dir: Path, tmp_path:
     assert chat.info["format"] == "messages" and chat.info["preference"] == "openai"
     with pytest.raises(DataError, match="no training pairs left"):
         prepare_pairs(str(data), tok, max_seq_len=5)
+    with pytest.raises(DataError, match=r"prefs.jsonl:\d+: \d+ tokens, longer than max_seq_len 14"):
+        prepare_pairs(str(data), tok, max_seq_len=14, overlong="error")
 
 
 def test_dpo_config_defaults_and_refusals():

@@ -231,7 +231,8 @@ def _write(path: Path, rows: list[dict]) -> Path:
       "content": "a"}], "non_preferred_output": [{"role": "assistant", "content": "a"}]},
      "'preferred_output' and 'non_preferred_output' are identical"),
     ({"prompt": "Q", "chosen": [{"role": "assistant", "content": "a"}], "rejected": " b"}, "mix text and message"),
-], ids=["identical", "missing", "empty", "openai-identical", "mixed"])
+    (CHAT_ROWS[0], "a conversation row in a file whose first row is a text"),
+], ids=["identical", "missing", "empty", "openai-identical", "mixed", "text-then-chat"])
 def test_a_bad_row_is_an_error_naming_its_file_and_line(bad, message, tiny_model_dir: Path, tmp_path: Path):
     from transformers import AutoTokenizer
 

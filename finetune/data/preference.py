@@ -125,7 +125,7 @@ def encode_pairs(records: list[dict], tokenizer: Any, where: Any) -> list[dict[s
         prompt, chosen, rejected = (list(next(ids)) for _ in range(3))
         if not p.chat:
             prompt, chosen, rejected = bos + prompt, chosen + [eos], rejected + [eos]
-        out.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+        out.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "chat": p.chat})
     return out
 
 
@@ -135,6 +135,7 @@ _FEATURES = datasets.Features({
     "length": datasets.Value("int32"),  # tokens of both sequences
     "raw_length": datasets.Value("int32"),  # the longer of the two sequences before truncation
     "learned": datasets.Value("int32"),  # answer tokens of the shorter answer after truncation (0: nothing left)
+    "chat": datasets.Value("bool"),  # rendered with the chat template (a conversation), or plain text
 })
 
 
@@ -158,6 +159,7 @@ def _map_batch(batch: dict[str, list], indices: list[int], *, tokenizer: Any, ma
         out["length"].append(len(out["chosen_ids"][-1]) + len(out["rejected_ids"][-1]))
         out["raw_length"].append(len(row["prompt"]) + max(len(row["chosen"]), len(row["rejected"])))
         out["learned"].append(min(learned))
+        out["chat"].append(row["chat"])
     return out
 
 
@@ -186,6 +188,12 @@ def _encode(path: str, label: str | None, tokenizer: Any, max_seq_len: int,
             raise DataError(f"{where(i)}: {int(raw[i])} tokens, longer than max_seq_len {max_seq_len} "
                             f"({over.size} row{'s are' if over.size != 1 else ' is'})",
                             "raise max_seq_len, shorten the row, or set overlong: truncate")
+    chat = encoded.data.column("chat").to_numpy(zero_copy_only=False)
+    other = np.flatnonzero(chat != chat[0])
+    if other.size:  # a version answers either raw prompts or chats, as its rows were
+        kinds = ("text", "conversation")
+        raise DataError(f"{where(int(other[0]))}: a {kinds[int(chat[other[0]])]} row in a file whose first row is "
+                        f"a {kinds[int(chat[0])]}", "use one layout for every row: strings, or message lists")
     return records, encoded
 
 
@@ -194,7 +202,7 @@ def _keep(encoded: datasets.Dataset, rows: np.ndarray, max_seq_len: int) -> tupl
     column = lambda name: encoded.data.column(name).to_numpy()[rows]  # noqa: E731
     learned, length, raw = column("learned"), column("length"), column("raw_length")
     kept = learned > 0
-    subset = encoded.select(rows[kept].tolist()).remove_columns(["raw_length", "learned"])
+    subset = encoded.select(rows[kept].tolist()).remove_columns(["raw_length", "learned", "chat"])
     answers = sum(sum(1 for t in labels if t != IGNORE_INDEX)
                   for side in ("chosen_labels", "rejected_labels") for labels in subset[side])
     return subset, {"truncated": int(((raw > max_seq_len) & kept).sum()), "dropped": int((~kept).sum()),
@@ -230,8 +238,7 @@ def prepare_pairs(path: str, tokenizer: Any, *, max_seq_len: int, overlong: str 
                         hint)
     if eval_set is not None and eval_set.num_rows == 0:
         raise DataError(f"{here.get('eval_path', name)}: no eval pairs left after truncation", hint)
-    first = {k: v for k, v in records.select(range(1)).to_list()[0].items() if v is not None}
-    chat = not isinstance(pair_parts(first)[0], str)  # a version trained on chats takes chats
+    chat = bool(encoded[0]["chat"])  # every row alike (checked): a version trained on chats takes chats
     fmt = "messages" if chat else "prompt_completion"
     tok_sha = tokenizer_fingerprint(tokenizer)
     return Prepared(train, eval_set, {

@@ -385,6 +385,8 @@ class _Checker:
         if train.get("eval_every") not in (None, 0, _INVALID) and data.get("eval") is None:
             self.report("train.eval_every", "train.eval_every: needs an eval set; "
                         "set data.eval to a fraction in (0, 1) or a file, or drop eval_every")
+        if train.get("method", "sft") == "sft" and data.get("format") == "preference":
+            self.report("data.format", "data.format: preference rows train with train.method: dpo")
         if train.get("method") == "dpo":
             lora = values.get("lora") or {}
             if data.get("format") not in ("auto", "preference", None, _INVALID):

@@ -292,6 +292,10 @@ def test_dpo_config_defaults_and_refusals():
     for expected in ("train.packing: dpo trains on padded pairs", "lora.init: pissa changes the base weights",
                      "dpo.beta: must be > 0", "dpo.loss: must be one of sigmoid, hinge"):
         assert expected in text
+    with pytest.raises(ConfigError, match="data.format: preference rows train with train.method: dpo"):
+        config_from_dict({**base, "data": {"path": "d.jsonl", "format": "preference"}})
+    with pytest.raises(ConfigError, match="data.format: dpo trains on preference rows"):
+        config_from_dict({**base, "data": {"path": "d.jsonl", "format": "alpaca"}, "train": {"method": "dpo"}})
     with pytest.raises(ConfigError, match="did you mean 'train.method'"):
         config_from_dict({**base, "train": {"methd": "dpo"}})
 

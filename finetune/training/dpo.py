@@ -93,7 +93,7 @@ class DpoLoss(nn.Module):
         self.lm = CausalLMLoss(model)
         self.model = model
         self.beta, self.loss, self.sft_weight, self.reference = beta, loss, sft_weight, reference
-        self._sums = torch.zeros(len(STATS), dtype=torch.float64)
+        self._sums = torch.zeros(len(STATS))  # on the device of the pairs once one is seen: no sync per batch
 
     def sequence_logps(self, input_ids: torch.Tensor, labels: torch.Tensor,
                        attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,13 +121,13 @@ class DpoLoss(nn.Module):
             step = torch.stack([torch.tensor(float(pairs), device=chosen.device),
                                 (reward_chosen > reward_rejected).sum().float(), reward_chosen.sum(),
                                 reward_rejected.sum()])
-            self._sums += step.double().cpu()
+            self._sums = self._sums.to(step.device) + step
         return losses.sum(), torch.tensor(pairs, device=input_ids.device)
 
     def take_stats(self, accelerator: Any) -> dict[str, float]:
         """The rewards since the last call, over every process: ``reward_accuracy``, ``reward_chosen``,
         ``reward_rejected`` (means over pairs) and ``reward_margin``; empty when no pair was seen."""
-        sums = self._sums.to(accelerator.device)
+        sums = self._sums.to(accelerator.device, torch.float32)
         if accelerator.num_processes > 1:
             sums = accelerator.reduce(sums, "sum")
         self._sums = torch.zeros_like(self._sums)

@@ -84,6 +84,13 @@ def tracker_package_missing(name: str) -> bool:
     return any(importlib.util.find_spec(module) is None for module in needs)
 
 
+METHODS = ("sft", "dpo")
+DPO_LOSSES = ("sigmoid", "hinge")
+LORA_INITS = ("default", "gaussian", "pissa", "olora")
+# Inits that change the base's weights: with them the base with the adapter off is no longer the base model.
+BASE_CHANGING_INITS = ("pissa", "olora")
+
+
 def _trackers(value: list[str]) -> None:
     for name in value:
         if name not in TRACKERS:
@@ -132,11 +139,30 @@ class LoraConfig(_Section):
     dropout: Number = _opt(0.0, ge=0, lt=1, aliases=("lora_dropout",))
     target_modules: Annotated[str | list[str], checked(_non_empty)] = _opt(
         "all-linear", aliases=("modules", "targets"))
+    # peft's variants: DoRA (weight-decomposed), rank-stabilised scaling (alpha / sqrt(r)), layers trained and saved
+    # whole (an output head, embeddings), and how A and B start (pissa and olora move the base's principal part into
+    # the adapter; the published adapter is converted back to one over the unchanged base).
+    use_dora: bool = _opt(False, aliases=("dora",))
+    use_rslora: bool = _opt(False, aliases=("rslora",))
+    modules_to_save: Annotated[list[str], checked(_non_empty)] | None = _opt(
+        None, aliases=("save_modules", "trainable_modules"))
+    init: Literal[LORA_INITS] = _opt("default", aliases=("init_lora_weights", "init_weights"))  # type: ignore[valid-type]
+
+
+class DpoConfig(_Section):
+    """Preference training (``train.method: dpo``): Direct Preference Optimization against the starting model."""
+
+    beta: Number = _opt(0.1, gt=0, aliases=("dpo_beta",))
+    loss: Literal[DPO_LOSSES] = _opt("sigmoid", aliases=("loss_type",))  # type: ignore[valid-type]
+    # An added NLL term on the chosen answers (per answer, mean over its tokens), as RPO does; 0 = plain DPO.
+    sft_weight: Number = _opt(0.0, ge=0, aliases=("rpo_alpha", "nll_weight"))
 
 
 class TrainConfig(_Section):
     """The optimisation loop. ``max_steps``, when set, takes precedence over ``epochs``."""
 
+    # sft: supervised, on completions; dpo: on preference pairs (see the dpo section)
+    method: Literal[METHODS] = _opt("sft", aliases=("trainer", "objective"))  # type: ignore[valid-type]
     epochs: Number = _opt(1.0, gt=0, aliases=("num_epochs", "num_train_epochs", "epoch"))
     max_steps: int | None = _opt(None, gt=0, aliases=("steps", "num_steps"))
     batch_size: int = _opt(8, gt=0, aliases=("per_device_train_batch_size", "micro_batch_size", "bs"))
@@ -181,6 +207,7 @@ class Config(_Section):
     data: Annotated[DataConfig, Section] = Field(default_factory=dict, validate_default=True)
     lora: Annotated[LoraConfig, Section] = Field(default_factory=LoraConfig)
     train: Annotated[TrainConfig, Section] = Field(default_factory=TrainConfig)
+    dpo: Annotated[DpoConfig, Section] = Field(default_factory=DpoConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved config as plain JSON-able data; ``config_from_dict(cfg.to_dict()) == cfg``."""
@@ -213,6 +240,20 @@ def _cross_check(reporter: Reporter, raw: Mapping[str, Any], wrong: set[str]) ->
     if no_eval and every not in (None, 0) and "train.eval_every" not in wrong:
         reporter.report("train.eval_every", "train.eval_every: needs an eval set; "
                         "set data.eval to a fraction in (0, 1) or a file, or drop eval_every")
+    if train.get("method", "sft") == "sft" and data.get("format") == "preference" and not wrong & {
+            "train.method", "data.format"}:
+        reporter.report("data.format", "data.format: preference rows train with train.method: dpo")
+    if train.get("method") == "dpo" and "train.method" not in wrong:
+        lora = raw.get("lora") if isinstance(raw.get("lora"), Mapping) else {}
+        if data.get("format") not in ("auto", "preference", None) and "data.format" not in wrong:
+            reporter.report("data.format", f"data.format: dpo trains on preference rows; set it to auto or "
+                            f"preference, not {data['format']}")
+        if train.get("packing") is True:
+            reporter.report("train.packing", "train.packing: dpo trains on padded pairs; set packing to auto or "
+                            "false")
+        if lora.get("init") in BASE_CHANGING_INITS and "lora.init" not in wrong:
+            reporter.report("lora.init", f"lora.init: {lora['init']} changes the base weights, so the base with "
+                            "the adapter off is no longer the reference model dpo needs; use default or gaussian")
 
 
 def _resolve_paths(model: Any, origin: Callable[[str], Origin], prefix: str = "") -> Any:

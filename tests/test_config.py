@@ -305,7 +305,7 @@ def test_every_problem_is_reported_at_once_in_line_order(tmp_path):
     assert problems == [
         "line 1: base_model: expected a string, got 7",
         "line 2: missing required key 'data.path'",
-        "line 3: data.format: must be one of auto, alpaca, prompt_completion, messages, text; got 'csv'",
+        "line 3: data.format: must be one of auto, alpaca, prompt_completion, messages, text, preference; got 'csv'",
         "line 5: lora.r: must be > 0, got -2",
         "line 6: lora.dropout: expected a number, got 'fast'",
         "line 8: unknown key 'train.learning_rate' (did you mean 'train.lr'?)",

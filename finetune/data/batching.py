@@ -161,8 +161,9 @@ def collate_padded_groups(examples: Sequence[dict], pad_token_id: int, call_cost
 
 
 def real_tokens(examples: Sequence[dict]) -> int:
-    """Tokens of the examples themselves: what throughput counts (never padding or filler)."""
-    return sum(len(ex["input_ids"]) for ex in examples)
+    """Tokens of the examples themselves: what throughput counts (never padding or filler). A preference pair
+    (no ``input_ids``) counts both its sequences (its ``length``)."""
+    return sum(len(ex["input_ids"]) if "input_ids" in ex else ex["length"] for ex in examples)
 
 
 def pad_id(tokenizer) -> int:

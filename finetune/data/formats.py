@@ -18,7 +18,7 @@ from ..errors import DataError, UsageError, one_line
 
 # Labels at positions that take no loss (the prompt, padding); PyTorch's cross-entropy skips them.
 IGNORE_INDEX = -100
-FORMATS = ("auto", "alpaca", "prompt_completion", "messages", "text")
+FORMATS = ("auto", "alpaca", "prompt_completion", "messages", "text", "preference")
 OVERLONG = ("truncate", "error")
 
 ALPACA_WITH_INPUT = (
@@ -32,7 +32,11 @@ ALPACA_NO_INPUT = (
     "### Instruction:\n{instruction}\n\n### Response:\n"
 )
 # Per format, in detection order (most specific first): the column sets that qualify, and how to say so.
+# Preference rows (train.method: dpo; see data.preference): TRL's layout, and OpenAI's preference JSONL.
+PREFERENCE_COLUMNS = ({"prompt", "chosen", "rejected"}, {"input", "preferred_output", "non_preferred_output"})
 _COLUMNS = {
+    "preference": (list(PREFERENCE_COLUMNS), "'prompt', 'chosen' and 'rejected' (or OpenAI's 'input', "
+                   "'preferred_output' and 'non_preferred_output')"),
     "messages": ([{"messages"}, {"conversations"}], "'messages' (or 'conversations')"),
     "alpaca": ([{"instruction", "output"}], "'instruction' and 'output' ('input' optional)"),
     "prompt_completion": ([{"prompt", "completion"}], "'prompt' and 'completion'"),
@@ -150,6 +154,9 @@ def _segments(record: dict, fmt: str, tokenizer: Any) -> list[tuple[str, bool]]:
     if fmt == "messages":
         value = record.get("messages") if record.get("messages") is not None else record.get("conversations")
         return _chat_segments(tokenizer, _messages(value))
+    if fmt == "preference":
+        raise _Bad("preference rows (a chosen and a rejected answer) train with train.method: dpo",
+                   "set train.method: dpo, or give supervised rows (completion, output or messages)")
     raise UsageError(f"unknown data format '{fmt}'", "use one of " + ", ".join(FORMATS))
 
 
@@ -245,6 +252,10 @@ def record_segments(record: dict, fmt: str, tokenizer: Any = None) -> list[tuple
     preview data before training; raises :class:`DataError` naming what is wrong with the record.
     """
     fmt = detect_format(list(record)) if fmt == "auto" else fmt
+    if fmt == "preference":
+        from .preference import preview_pieces
+
+        return preview_pieces(record, tokenizer)
     try:
         return _segments(record, fmt, tokenizer)
     except _Bad as bad:

@@ -271,7 +271,8 @@ def _store(entry: Path, train: datasets.Dataset, eval_set: datasets.Dataset | No
 def format_summary(info: dict) -> str:
     """One log line: source, format, rows per split, tokens, truncation, cache."""
     name = Path(info["path"]).name if Path(info["path"]).is_absolute() else info["path"]  # local, or a hub id
-    parts = [f"{name}: {info['rows']:,} rows, {info['format']}",
+    fmt = f"preference pairs ({info['preference']})" if info.get("preference") else info["format"]
+    parts = [f"{name}: {info['rows']:,} rows, {fmt}",
              f"train {info['train_rows']:,}" + (f" / eval {info['eval_rows']:,}" if info.get("eval_rows") else ""),
              f"{info['train_tokens']:,} tokens ({info['label_tokens']:,} learned)"]
     if info.get("truncated") or info.get("dropped"):

@@ -118,6 +118,11 @@ def _refuse_unpackable(model_class: type | None) -> None:
             PACKING_HINT)
 
 
+# lora.init -> peft's init_lora_weights. pissa and olora move the base's principal part into the adapter (so the
+# base weights change); the adapter is converted back to one over the unchanged base when it is published.
+_PEFT_INIT: dict[str, bool | str] = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
+
+
 def attach_lora(model, lora: Any, adapter_dir: str | None = None, trainable: bool = True):
     """Add a LoRA adapter: a fresh one from the ``lora`` config, or the one saved in ``adapter_dir``.
 
@@ -134,6 +139,12 @@ def attach_lora(model, lora: Any, adapter_dir: str | None = None, trainable: boo
         lora_dropout=lora.dropout,
         target_modules=lora.target_modules,
         task_type="CAUSAL_LM",
+        use_dora=lora.use_dora,
+        use_rslora=lora.use_rslora,
+        modules_to_save=lora.modules_to_save,
+        # a saved output head of a model that ties it to the embeddings stays tied to them (peft's own option)
+        ensure_weight_tying=bool(lora.modules_to_save),
+        init_lora_weights=_PEFT_INIT[lora.init],
         # GPT-2-style models store their projections as Conv1D ([in, out] weights); peft needs to be told, and
         # otherwise warns and flips the flag itself.
         fan_in_fan_out=any(_is_conv1d(m) for m in model.modules()),

@@ -14,10 +14,12 @@ goes when its last version does. Loading checks what it loads exactly as ``finet
 from __future__ import annotations
 
 import copy
+import json
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -42,9 +44,24 @@ BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 
 
 def base_key(resolved: ResolvedModel) -> str:
-    """What identifies a base in memory: where it loads from, at which revision."""
+    """What identifies a base in memory: where it loads from, at which revision. An adapter that PEFT cannot
+    batch with others (:func:`batches_alone`) gets a base of its own, so it never shares a batch."""
     base = resolved.base
-    return f"{base.load_path}@{base.revision or ''}"
+    key = f"{base.load_path}@{base.revision or ''}"
+    if resolved.adapter is not None and batches_alone(resolved.adapter.path):
+        key += f"#alone:{resolved.adapter.id}"
+    return key
+
+
+def batches_alone(adapter_dir: Any) -> bool:
+    """Whether PEFT refuses to mix this adapter's rows with other adapters' in one batch (``adapter_names``):
+    DoRA layers, and layers trained whole (``modules_to_save``), whose mixed forward fails on rows of an adapter
+    that has no copy of them. Such versions are served with a base of their own (memory for a second copy)."""
+    try:
+        config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    except (OSError, ValueError):
+        return False  # loading it reports the problem
+    return bool(config.get("use_dora") or config.get("modules_to_save"))
 
 
 def _nbytes(tensors: Any) -> int:

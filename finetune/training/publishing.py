@@ -5,17 +5,42 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
-from ..config import Config
+from ..config import BASE_CHANGING_INITS, Config
+from ..errors import IntegrityError
 from ..registry import Registry, Version
 from ..registry.jobs import TrainingRecord, Trainings
 from ..registry.sources import ResolvedModel
 from .metrics import MetricsLog
 
+# pissa and olora start the adapter from the base's principal part and take it out of the base: the adapter as it
+# was before training, kept in the training's folder, lets the published one be converted to a plain LoRA over the
+# unchanged base (peft's path_initial_model_for_weight_conversion; twice the rank).
+INITIAL_ADAPTER = "initial-adapter"
+
+
+def save_initial_adapter(model: Any, folder: Path, main: bool = True) -> None:
+    """Keep the adapter as initialised (pissa, olora) for the conversion at publish; main process only."""
+    if main:
+        model.save_pretrained(str(folder / INITIAL_ADAPTER), safe_serialization=True)
+
+
+def _conversion(trainings: Trainings, record: TrainingRecord, config: Config,
+                resolved: ResolvedModel) -> dict[str, Any]:
+    if config.lora.init not in BASE_CHANGING_INITS or resolved.adapter is not None:
+        return {}
+    initial = trainings.paths(record.id).folder / INITIAL_ADAPTER
+    if not (initial / "adapter_config.json").is_file():
+        raise IntegrityError(f"training {record.id}: the initial {config.lora.init} adapter ({initial}) is missing, "
+                             "so the adapter cannot be converted to one over the unchanged base; nothing published")
+    return {"path_initial_model_for_weight_conversion": str(initial)}
+
+
 _DATASET_KEYS = ("path", "sha256", "rows", "format", "template", "train_rows", "eval_rows", "truncated", "dropped",
-                 "train_tokens", "label_tokens")
+                 "train_tokens", "label_tokens", "preference")
 
 
 def publish_adapter(
@@ -35,7 +60,11 @@ def publish_adapter(
     out = trainings.paths(record.id).output
     if out.exists():
         shutil.rmtree(out)
-    peft_model.save_pretrained(str(out), safe_serialization=True)
+    # Only the trained adapter: a dpo run continuing a version also holds a frozen copy of it (training.dpo).
+    with warnings.catch_warnings():  # peft's conversion loads the initial adapter beside it, and warns about that
+        warnings.filterwarnings("ignore", message=".* changes the base weights of the model")
+        peft_model.save_pretrained(str(out), safe_serialization=True, selected_adapters=["default"],
+                                   **_conversion(trainings, record, config, resolved))
     _strip_local_paths(out / "adapter_config.json")
     fmt = data_info.get("format")
     metadata = {
@@ -72,6 +101,18 @@ def _lora_summary(adapter_config: Path) -> dict[str, Any]:
     modules = cfg.get("target_modules")
     return {"r": cfg.get("r"), "alpha": cfg.get("lora_alpha"), "dropout": cfg.get("lora_dropout"),
             "target_modules": sorted(modules) if isinstance(modules, list) else modules}
+
+
+def _method_lines(cfg: dict[str, Any], m: dict[str, Any]) -> list[str]:
+    train = cfg.get("train", {})
+    if train.get("method") != "dpo":
+        return []
+    dpo = cfg.get("dpo", {})
+    fmt = lambda x: f"{x:.4f}" if isinstance(x, (int, float)) else "-"  # noqa: E731
+    return ["## Preference training", "",
+            f"- DPO, loss {dpo.get('loss')}, beta {dpo.get('beta')}, sft_weight {dpo.get('sft_weight')}",
+            f"- last step: reward accuracy {fmt(m.get('reward_accuracy'))}, margin {fmt(m.get('reward_margin'))} "
+            f"(chosen {fmt(m.get('reward_chosen'))}, rejected {fmt(m.get('reward_rejected'))})", ""]
 
 
 def plot_loss(rows: list[dict[str, Any]], path: Path, title: str = "") -> None:
@@ -128,6 +169,7 @@ def model_card(destination: str, meta: dict[str, Any], resolved: ResolvedModel, 
         "",
         "![loss](loss.png)",
         "",
+        *_method_lines(cfg, m),
         "## Config",
         "",
         "```json",

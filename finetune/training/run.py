@@ -6,7 +6,9 @@ checkpointed :class:`~finetune.training.checkpoint.Progress`), read top to botto
 and data, plan the optimizer steps (each a window of micro-batches; see :mod:`finetune.data.batching`), resume
 from a checkpoint, loop (evaluating and checkpointing as configured), publish the adapter to the destination.
 Every process of an ``accelerate launch`` runs this; only the main process writes the record, the metrics and
-the version.
+the version. ``train.method: dpo`` changes three things only: the data (preference pairs, ``data.preference``),
+the loss module (:class:`~finetune.training.dpo.DpoLoss`, with the same ``(sum, count)`` interface as the
+supervised loss, so the loop, evaluation and checkpoints are shared) and the extra figures each step logs.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from accelerate.utils import broadcast_object_list, set_seed
 from transformers import get_scheduler
 
 from .. import atomic
-from ..config import Config, config_from_dict
+from ..config import BASE_CHANGING_INITS, Config, config_from_dict
 from ..data.batching import (
     PACK_MULTIPLE,
     PAD_GROUP_CALL_COST_CPU,
@@ -39,6 +41,7 @@ from ..data.batching import (
     plan_epoch,
     real_tokens,
 )
+from ..data.preference import prepare_pairs
 from ..data.prepare import Prepared, format_summary, prepare
 from ..errors import (
     ConfigError,
@@ -64,7 +67,9 @@ from ..registry.jobs import Status, TrainingRecord, Trainings, check_resumable
 from ..registry.manifest import utc_now
 from ..registry.sources import ResolvedModel, resolve_model
 from .checkpoint import Progress, checkpoints, load_checkpoint, save_checkpoint
+from .dpo import DpoLoss, attach_reference, collate_pairs
 from .metrics import MetricsLog, Throughput, peak_memory_mb
+from .publishing import save_initial_adapter
 from .runlog import RunLog, quiet_libraries, step_line
 from .submit import submit_training
 from .trackers import RunTrackers
@@ -254,6 +259,7 @@ class _Loaded:
     model: Any  # the PEFT model: the trainable adapter on the frozen base
     trainable: list[torch.nn.Parameter]
     packing: bool  # packed rows, or padded batches (``train.packing``, and with ``auto`` what the model allows)
+    reference: str | None = None  # dpo from an adapter version: the frozen copy of it (training.dpo)
 
 
 @dataclass
@@ -267,6 +273,8 @@ class _Schedule:
     optimizer: Any
     scheduler: Any
     batches: Callable[[list[dict[str, Any]]], list[dict[str, torch.Tensor]]]  # a micro-batch's model inputs
+    # figures the loss module gathered since the last call (dpo's rewards; nothing for sft), over all processes
+    take_stats: Callable[[], dict[str, float]] = dict
 
 
 def _plan(run: _Run, loaded: _Loaded, epoch: int) -> list[Window]:
@@ -290,7 +298,9 @@ STALL_TOLERANCE = 1e-5
 class _Stall:
     """Watches each step's loss and gradient norm; raises :class:`TrainingStalledError` when a run has stalled."""
 
-    def __init__(self) -> None:
+    def __init__(self, same_loss: bool = True) -> None:
+        # dpo starts at log 2 and a small learning rate moves it slowly: only its gradients tell a stall there
+        self.same_loss = same_loss
         self.losses: list[float] = []  # the current run of (nearly) equal losses
         self.windows: set[frozenset[int]] = set()  # the rows those steps saw (in any order)
         self.zero = 0  # steps in a row with all-zero gradients
@@ -307,7 +317,7 @@ class _Stall:
             raise TrainingStalledError(
                 f"the gradients were all zero for {self.zero} steps (steps {step - self.zero + 1}-{step}, "
                 f"lr {step_lr:.3g}): the adapter cannot learn any more, and the run publishes nothing", hint)
-        if len(self.losses) >= STALL_STEPS and len(self.windows) > 1:
+        if self.same_loss and len(self.losses) >= STALL_STEPS and len(self.windows) > 1:
             raise TrainingStalledError(
                 f"the loss stayed at {loss:.4f} for {len(self.losses)} steps over different data (steps "
                 f"{step - len(self.losses) + 1}-{step}, lr {step_lr:.3g}): the model gives every input the same "
@@ -324,6 +334,7 @@ class _Outcome:
     recent: deque[float] = field(default_factory=lambda: deque(maxlen=TRAIN_LOSS_STEPS))  # last steps' losses
     trained: bool = False  # whether this process took any step (a resumed finished run takes none)
     stall: _Stall = field(default_factory=_Stall)
+    last_stats: dict[str, float] = field(default_factory=dict)  # the last step's dpo rewards (none for sft)
 
     @property
     def mean_loss(self) -> float | None:
@@ -381,30 +392,44 @@ def _load(run: _Run) -> _Loaded:
     eval_spec, eval_name = files.data_file(config.data.eval) if isinstance(config.data.eval, str) \
         else (config.data.eval, None)
     labels = {p: n for p, n in ((data_path, data_name), (eval_spec, eval_name)) if n is not None}
-    with run.accelerator.main_process_first():  # one process tokenizes, the others read its cache
-        prepared = prepare(
-            data_path, config.data.format, tokenizer, max_seq_len=config.data.max_seq_len,
-            train_on_inputs=tcfg.train_on_inputs, overlong=config.data.overlong, eval=eval_spec,
-            seed=tcfg.seed, cache_dir=str(run.registry.cache_dir("tokenized")), labels=labels,
-        )
+    dpo = tcfg.method == "dpo"
+    if dpo:  # pairs: each counts once in a step's mean (the loss is per pair, not per token)
+        prepared = prepare_pairs(data_path, tokenizer, max_seq_len=config.data.max_seq_len,
+                                 overlong=config.data.overlong, eval=eval_spec, seed=tcfg.seed, labels=labels)
+        label_counts = [1] * len(prepared.train)
+    else:
+        with run.accelerator.main_process_first():  # one process tokenizes, the others read its cache
+            prepared = prepare(
+                data_path, config.data.format, tokenizer, max_seq_len=config.data.max_seq_len,
+                train_on_inputs=tcfg.train_on_inputs, overlong=config.data.overlong, eval=eval_spec,
+                seed=tcfg.seed, cache_dir=str(run.registry.cache_dir("tokenized")), labels=labels,
+            )
+        label_counts = [label_count(labels) for labels in prepared.train["labels"]]
     run.log.info(format_summary(prepared.info))
-    label_counts = [label_count(labels) for labels in prepared.train["labels"]]
 
     set_seed(tcfg.seed)  # LoRA init and dropout draw from the global generators
-    base, packing = _load_base(run, resolved)
-    model = attach_lora(base, config.lora, adapter_dir=str(resolved.adapter.path) if resolved.adapter else None)
+    base, packing = _load_base(run, resolved, packing=not dpo)
+    adapter_dir = str(resolved.adapter.path) if resolved.adapter else None
+    model = attach_lora(base, config.lora, adapter_dir=adapter_dir)
+    reference = attach_reference(model, adapter_dir) if dpo else None
+    if dpo:
+        run.log.info(f"dpo: beta {config.dpo.beta}, loss {config.dpo.loss}, sft_weight {config.dpo.sft_weight}; "
+                     f"reference: {'the starting adapter, frozen' if reference else 'the base (adapter off)'}")
+    if adapter_dir is None and config.lora.init in BASE_CHANGING_INITS:
+        save_initial_adapter(model, run.paths.folder, run.main)
     run.log.info(str(rewrite_for_training(model, run.precision, run.accelerator.device)))  # the fused paths on
     trainable = [p for p in model.parameters() if p.requires_grad]
     run.log.info(f"trainable parameters: {sum(p.numel() for p in trainable):,} "
                  f"of {sum(p.numel() for p in model.parameters()):,}")
     lengths = list(prepared.train["length"])
-    return _Loaded(resolved, tokenizer, prepared, label_counts, lengths, model, trainable, packing)
+    return _Loaded(resolved, tokenizer, prepared, label_counts, lengths, model, trainable, packing, reference)
 
 
-def _load_base(run: _Run, resolved: ResolvedModel) -> tuple[Any, bool]:
+def _load_base(run: _Run, resolved: ResolvedModel, packing: bool = True) -> tuple[Any, bool]:
     """The frozen base, and whether it trains on packed rows: with ``packing: auto``, packed where loading finds
-    that the model keeps packed sequences apart, else padded (the log says why); ``true`` insists."""
-    dtype, wanted = torch_dtype(run.precision), run.config.train.packing
+    that the model keeps packed sequences apart, else padded (the log says why); ``true`` insists. ``packing``
+    False: padded batches whatever the config says (dpo's pairs)."""
+    dtype, wanted = torch_dtype(run.precision), run.config.train.packing if packing else False
     if wanted:
         try:
             return load_base_model(resolved.base, dtype, attn_implementation=VARLEN_ATTENTION), True
@@ -426,19 +451,25 @@ def _schedule(run: _Run, loaded: _Loaded) -> _Schedule:
     optimizer = torch.optim.AdamW(loaded.trainable, lr=tcfg.lr, weight_decay=tcfg.weight_decay, fused=True)
     scheduler = get_scheduler(tcfg.scheduler if tcfg.scheduler != "constant" else "constant_with_warmup",
                               optimizer, num_warmup_steps=tcfg.warmup_steps, num_training_steps=total_steps)
-    loss_model, optimizer = run.accelerator.prepare(CausalLMLoss(loaded.model), optimizer)
+    dcfg = run.config.dpo
+    dpo = DpoLoss(loaded.model, dcfg.beta, dcfg.loss, dcfg.sft_weight, loaded.reference) \
+        if tcfg.method == "dpo" else None
+    loss_model, optimizer = run.accelerator.prepare(dpo or CausalLMLoss(loaded.model), optimizer)
     pad = pad_id(loaded.tokenizer)
     # Padded micro-batches go in groups of similar lengths on CPUs, where the padding saved outweighs the extra
     # passes; GPUs keep them whole (not measured there).
     group_cost = PAD_GROUP_CALL_COST_CPU if run.accelerator.device.type == "cpu" else None
 
     def batches(examples: list[dict[str, Any]]) -> list[dict[str, torch.Tensor]]:
+        if dpo is not None:
+            return collate_pairs(examples, pad)
         if loaded.packing:
             return [collate_packed(examples, pad, PACK_MULTIPLE)]
         return collate_padded_groups(examples, pad, group_cost)
 
     model = run.accelerator.unwrap_model(loss_model).model
-    return _Schedule(steps_per_epoch, total_steps, loss_model, model, optimizer, scheduler, batches)
+    take_stats = (lambda: dpo.take_stats(run.accelerator)) if dpo is not None else dict
+    return _Schedule(steps_per_epoch, total_steps, loss_model, model, optimizer, scheduler, batches, take_stats)
 
 
 def _resume(run: _Run, loaded: _Loaded, schedule: _Schedule, metrics: MetricsLog) -> Progress:
@@ -469,7 +500,7 @@ def _resume(run: _Run, loaded: _Loaded, schedule: _Schedule, metrics: MetricsLog
 def _loop(run: _Run, loaded: _Loaded, schedule: _Schedule, progress: Progress, metrics: MetricsLog) -> _Outcome:
     """One iteration per optimizer step, until the last step, early stopping, or a stop request."""
     tcfg, accelerator, eval_set = run.config.train, run.accelerator, loaded.prepared.eval
-    outcome = _Outcome()
+    outcome = _Outcome(stall=_Stall(same_loss=tcfg.method != "dpo"))
     if progress.step:  # resumed: the steps before come back from the metrics log (those it kept)
         outcome.recent.extend(r["loss"] for r in metrics.read() if isinstance(r.get("loss"), (int, float)))
     speed = Throughput(warmup_steps=1 if progress.step == 0 else 0)
@@ -501,11 +532,14 @@ def _loop(run: _Run, loaded: _Loaded, schedule: _Schedule, progress: Progress, m
             row = {"step": progress.step, "epoch": round(progress.step / schedule.steps_per_epoch, 4),
                    "loss": round(outcome.last_loss, 6), "lr": step_lr, "tokens": progress.tokens,
                    "tokens_per_s": round(speed.tokens_per_second(), 1), "time_s": round(time.perf_counter() - wall, 3)}
+            outcome.last_stats = schedule.take_stats()
+            row.update(outcome.last_stats)
             last = progress.step == schedule.total_steps
             if eval_set is not None and (last or (tcfg.eval_every and progress.step % tcfg.eval_every == 0)):
                 speed.pause()
                 outcome.last_eval = _evaluate(run, schedule, eval_set, progress)
                 row["eval_loss"] = round(outcome.last_eval, 6)
+                row.update({f"eval_{k}": v for k, v in schedule.take_stats().items()})
                 speed.resume()
             if run.main and (progress.step % tcfg.log_every == 0 or last or "eval_loss" in row):
                 metrics.append(row)
@@ -590,7 +624,8 @@ def _publish(run: _Run, loaded: _Loaded, schedule: _Schedule, progress: Progress
                "tokens_per_s": round(outcome.tokens_per_s, 1), "total_time_s": round(progress.seconds, 2),
                "precision": run.precision, "packing": loaded.packing, "processes": run.world,
                "device": accelerator.device.type,
-               "peak_memory_mb": round(peak_memory_mb(accelerator.device), 1)}
+               "peak_memory_mb": round(peak_memory_mb(accelerator.device), 1),
+               "method": run.config.train.method, **outcome.last_stats}
     accelerator.wait_for_everyone()
     if not run.main:
         return None

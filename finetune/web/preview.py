@@ -60,6 +60,9 @@ def preview_data(path: str, fmt: str = "auto", tokenizer: Any = None, limit: int
                 out.error = f"row {i}: {err}"
                 break
             out.examples.append([(_clip(text), learned) for text, learned in pieces if text])
+        if out.format == "preference":
+            out.note = ("preference pairs (train with train.method: dpo): the highlighted answer is the chosen one, "
+                        "the rejected one follows the line")
     except FinetuneError as err:
         out.error = str(err)
     return out

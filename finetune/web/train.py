@@ -160,7 +160,7 @@ def _preview(request: Request, user: User, form: dict[str, Any]) -> Preview | No
     fmt = str(form.get("data.format") or "auto")
     trainer = str(form.get("base_model") or "")
     first = preview_data(str(stored.path), fmt, label=stored.name)
-    if first.format == "messages" and not first.error and trainer:
+    if first.format in ("messages", "preference") and not first.error and trainer:
         tokenizer = _tokenizer_for(request, trainer)
         if tokenizer is not None:
             return preview_data(str(stored.path), fmt, tokenizer, label=stored.name)

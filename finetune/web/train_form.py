@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from ..config import Config, DataConfig, LoraConfig, TrainConfig, config_from_dict
+from ..config import Config, DataConfig, DpoConfig, LoraConfig, TrainConfig, config_from_dict
 from ..errors import ConfigError, FinetuneError
 
 # (dotted key, label, hint): the settings shown as fields; everything else goes in the advanced YAML box.
@@ -27,7 +27,7 @@ SETTINGS = (
     ("data.max_seq_len", "Max length", "tokens per sequence; longer rows are truncated"),
     ("data.eval", "Eval split", "a fraction in (0, 1) held out for eval loss; empty for none"),
 )
-_SECTIONS = {"data": DataConfig, "lora": LoraConfig, "train": TrainConfig}
+_SECTIONS = {"data": DataConfig, "lora": LoraConfig, "train": TrainConfig, "dpo": DpoConfig}
 FIELD_KEYS = tuple(key for key, _, _ in SETTINGS) + ("data.format", "base_model", "data.path")
 
 

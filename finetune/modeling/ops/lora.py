@@ -43,7 +43,11 @@ def lora_path(module: nn.Module) -> str:
         return "peft"
     name = _plain_adapter(module)
     if name is None:
-        return "peft"
+        # A variant (DoRA) keeps peft's own forward: the log names it, so the fallback is visible.
+        variant = next(iter(getattr(module, "lora_variant", {}).values()), None)
+        if variant is None:
+            return "peft"
+        return f"peft, {type(variant).__name__.removesuffix('LinearVariant')} variant"
     return "fused" if _frozen_base(module.base_layer) is not None else "addmm"
 
 

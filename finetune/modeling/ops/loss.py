@@ -79,6 +79,32 @@ class CausalLMLoss(nn.Module):
         selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
         return self.token_loss(selected, targets), count
 
+    def label_logps(self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None = None,
+                    attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per labelled position: the fp32 log-probability of its target token, and the position's flat index
+        over batch x tokens (position t predicts token t+1), for losses that weigh sequences apart (DPO). A frozen
+        output layer runs fused with the log-softmax, as the token loss does (:class:`_HeadLogProbs`)."""
+        targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
+        read = targets != IGNORE_INDEX
+        rows = read.nonzero().squeeze(1)
+        inputs = dict(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False)
+        targets = targets.index_select(0, rows)
+        with loss_rows(self.model, read):
+            if logits_path(self.model) == "model":
+                logits = self._model_logits(inputs, rows).float()
+                return -F.cross_entropy(logits, targets, reduction="none"), rows
+            hidden = self._decoder(**inputs).last_hidden_state
+        selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
+        head = self._head
+        if fuses_head(head):
+            want_grad = torch.is_grad_enabled() and selected.requires_grad
+            chunk = _chunk_rows(head.weight.shape[0], selected.device)
+            return _HeadLogProbs.apply(selected, head.weight, targets, self._softcap, chunk, want_grad), rows
+        logits = head(selected).float()  # a trained or wrapped output layer: plain autograd, whole logits
+        if self._softcap:
+            logits = torch.tanh(logits / self._softcap) * self._softcap
+        return -F.cross_entropy(logits, targets, reduction="none"), rows
+
     def _model_logits(self, inputs: dict[str, Any], rows: torch.Tensor) -> torch.Tensor:
         """The model's own logits at ``rows`` (flat indices over batch x tokens), as ``[rows, vocab]``. A single
         row (packed batches) asks the model for those positions only, where its ``forward`` takes
@@ -172,37 +198,47 @@ def fuses_head(head: nn.Module) -> bool:
     return type(head) is nn.Linear and head.bias is None and not head.weight.requires_grad
 
 
+def _head_rows(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float | None, rows: int,
+               want_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The frozen output layer over ``hidden``, ``rows`` rows at a time: the summed cross-entropy, each row's
+    log-probability of its target (fp32), and (``want_grad``) each row's gradient of its cross-entropy with
+    respect to its hidden state. The arithmetic is autograd's: logits in the compute dtype, softmax and loss in
+    fp32, the logits' gradient cast back to the compute dtype for the matmul."""
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    every = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    grad = torch.empty_like(hidden) if want_grad else None
+    dtype = compute_dtype(hidden)  # under autocast: the dtype the model's head would compute in
+    w = weight.to(dtype)  # once, not per chunk
+    for start in range(0, hidden.shape[0], rows):
+        h, t = hidden[start : start + rows].to(dtype), targets[start : start + rows]
+        logits = gemm.linear(h, w, frozen=True).float()
+        if softcap:
+            capped = torch.tanh(logits / softcap)
+            logits = capped * softcap
+        log_probs = torch.log_softmax(logits, dim=-1)
+        picked = log_probs.gather(1, t.unsqueeze(1))
+        total -= picked.sum()
+        every[start : start + rows] = picked.squeeze(1)
+        if want_grad:
+            d_logits = log_probs.exp_()  # softmax, in place of the log-probabilities
+            d_logits.scatter_add_(1, t.unsqueeze(1), torch.full_like(picked, -1.0))
+            if softcap:
+                d_logits *= 1 - capped.square()
+            grad[start : start + rows] = gemm.linear(d_logits.to(dtype), w.t(), frozen=True)
+    return total, every, grad
+
+
 class _HeadCrossEntropy(torch.autograd.Function):
     """``sum(cross_entropy(softcap(hidden @ weight.T), targets))`` for a frozen ``weight``.
 
     The gradient with respect to ``hidden`` does not depend on anything but the upstream scale, so it is
-    computed in the forward pass, chunk by chunk, and backward only scales it. The arithmetic is autograd's:
-    logits in the compute dtype, softmax and loss in fp32, the logits' gradient cast back to the compute dtype
-    for the matmul.
+    computed in the forward pass, chunk by chunk (:func:`_head_rows`), and backward only scales it.
     """
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float | None,
                 rows: int, want_grad: bool) -> torch.Tensor:
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad = torch.empty_like(hidden) if want_grad else None
-        dtype = compute_dtype(hidden)  # under autocast: the dtype the model's head would compute in
-        w = weight.to(dtype)  # once, not per chunk
-        for start in range(0, hidden.shape[0], rows):
-            h, t = hidden[start : start + rows].to(dtype), targets[start : start + rows]
-            logits = gemm.linear(h, w, frozen=True).float()
-            if softcap:
-                capped = torch.tanh(logits / softcap)
-                logits = capped * softcap
-            log_probs = torch.log_softmax(logits, dim=-1)
-            picked = log_probs.gather(1, t.unsqueeze(1))
-            total -= picked.sum()
-            if want_grad:
-                d_logits = log_probs.exp_()  # softmax, in place of the log-probabilities
-                d_logits.scatter_add_(1, t.unsqueeze(1), torch.full_like(picked, -1.0))
-                if softcap:
-                    d_logits *= 1 - capped.square()
-                grad[start : start + rows] = gemm.linear(d_logits.to(dtype), w.t(), frozen=True)
+        total, _, grad = _head_rows(hidden, weight, targets, softcap, rows, want_grad)
         ctx.save_for_backward(grad)
         return total
 
@@ -212,6 +248,26 @@ class _HeadCrossEntropy(torch.autograd.Function):
         # Scaled in fp32: a bf16 copy of the scale (1 / label tokens) would be off by up to 0.4%, the same way
         # for every element of the micro-batch.
         return (grad.float() * upstream).to(grad.dtype), None, None, None, None, None
+
+
+class _HeadLogProbs(torch.autograd.Function):
+    """Each row's ``log_softmax(softcap(hidden @ weight.T))`` at its target, for a frozen ``weight`` (fp32, one
+    value a row): what a loss that weighs rows apart needs (DPO's per-sequence sums). As in
+    :class:`_HeadCrossEntropy`, no ``rows x vocab`` logits outlive a chunk: each row's gradient is computed in the
+    forward pass and backward scales it by that row's upstream gradient."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float | None,
+                rows: int, want_grad: bool) -> torch.Tensor:
+        _, logps, grad = _head_rows(hidden, weight, targets, softcap, rows, want_grad)
+        ctx.save_for_backward(grad)
+        return logps
+
+    @staticmethod
+    def backward(ctx, upstream: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        # the stored gradient is the cross-entropy's, -log p's: the sign flips
+        return (grad.float() * -upstream.unsqueeze(1)).to(grad.dtype), None, None, None, None, None
 
 
 def normalize_loss(loss_sum: torch.Tensor, window_label_tokens: int, world_size: int) -> torch.Tensor:

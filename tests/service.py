@@ -32,9 +32,9 @@ from typing import Any
 
 import httpx
 
+from finetune.app import create_app
 from finetune.registry import Registry
 from finetune.registry.accounts import Accounts
-from finetune.server.app import create_app
 from finetune.server.settings import ServerSettings
 
 ACCOUNTS = ("alice", "bob")

@@ -52,7 +52,7 @@ def test_serve_refuses_bad_cluster_options(tmp_path: Path, capsys: pytest.Captur
 
 
 def test_the_server_imports_no_ray_until_asked():
-    code = "import sys, finetune.cli.serve, finetune.server.app, finetune.cluster.executor; print('ray' in sys.modules)"
+    code = "import sys, finetune.cli.serve, finetune.app, finetune.cluster.executor; print('ray' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "False", out.stderr
 

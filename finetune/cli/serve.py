@@ -157,7 +157,7 @@ def cluster_options(args: argparse.Namespace) -> ClusterOptions | None:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from ..server.app import create_app
+    from ..app import create_app
 
     settings = settings_from_args(args)
     reg = open_registry(args)

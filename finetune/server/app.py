@@ -1,11 +1,14 @@
-"""The ASGI application of ``finetune serve``: a thin HTTP adapter over the registry (and, later, the queue).
+"""The HTTP API of ``finetune serve``: a thin adapter over the registry, the queue and the inference workers.
 
-``create_app(registry, settings)`` builds a FastAPI app whose state holds the registry, the settings, the
+``build_api(registry, settings)`` builds a FastAPI app whose state holds the registry, the settings, the
 accounts, a version-id index and a cache of version JSON; routers come from :mod:`finetune.server.routes`.
 Long-lived services (the registry's server lock, the training queue, inference workers) join
 ``app.state.services``: each has ``start()`` and ``stop()``, called when the server starts and stops. A service
 may also have ``abort()``, called instead of ``stop()`` when a later service failed to start: a failed start
 leaves alone the work it found running (runs a previous server's queue started).
+
+The whole application (this API and the web app beside it) is assembled by :func:`finetune.app.create_app`: the
+server knows nothing of the web app.
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ from .. import __version__
 from ..registry import Registry
 from ..registry.accounts import Accounts
 from ..registry.index import VersionIndex
-from ..web.app import router as web_router
 from . import docs, problems
 from .head import HeadAsGet
 from .instance import ServerLock
@@ -31,7 +33,7 @@ from .training_service import TrainingService
 from .webhook_targets import WebhookPolicy
 from .wire_cache import VersionJSON
 
-__all__ = ["ServerSettings", "create_app"]
+__all__ = ["ServerSettings", "build_api"]
 
 
 @asynccontextmanager
@@ -72,8 +74,8 @@ def _prediction_service(registry: Registry, settings: ServerSettings, app: FastA
                              max_per_account=settings.predict_max_per_account)
 
 
-def create_app(registry: Registry | None = None, settings: ServerSettings | None = None) -> FastAPI:
-    """The app serving ``registry`` (default: ``$FINETUNE_HOME``) with ``settings`` (default: localhost)."""
+def build_api(registry: Registry | None = None, settings: ServerSettings | None = None) -> FastAPI:
+    """The HTTP API over ``registry`` (default: ``$FINETUNE_HOME``) with ``settings`` (default: localhost)."""
     registry = registry if registry is not None else Registry()
     settings = settings or ServerSettings()
     # FastAPI's docs page loads Swagger UI from a CDN: ours (finetune.server.docs) is local and opt-in
@@ -108,5 +110,4 @@ def create_app(registry: Registry | None = None, settings: ServerSettings | None
     app.include_router(predictions.router)
     if settings.api_docs:
         docs.install(app)
-    app.include_router(web_router)  # the web app's pages at / (last, so that /v1 wins)
     return app

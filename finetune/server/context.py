@@ -1,6 +1,6 @@
 """What a request handler needs from the app it runs in: the registry, the settings, the accounts.
 
-``create_app`` stores them on ``app.state``; handlers take them as FastAPI dependencies
+``build_api`` stores them on ``app.state``; handlers take them as FastAPI dependencies
 (``reg: RegistryDep``) so that no module keeps a global. The dependencies are ``async``: FastAPI runs a plain
 function dependency in its thread pool, and a hop there and back for each one cost more than the whole read
 they serve (see BENCHMARKS.md, "The HTTP API"). The hot read handlers (a model, its versions, one version,

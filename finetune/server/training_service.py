@@ -1,6 +1,6 @@
 """The trainings side of the server: the queue and the webhooks, started and stopped with the app.
 
-``create_app`` builds one :class:`TrainingService` and adds it to ``app.state.services``; the trainings routes
+``build_api`` builds one :class:`TrainingService` and adds it to ``app.state.services``; the trainings routes
 reach it as ``request.app.state.trainings``. Starting it recovers the registry's waiting trainings (see
 :class:`~finetune.queue.TrainingQueue`); stopping it puts running trainings back in the queue.
 

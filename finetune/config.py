@@ -31,7 +31,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from .data.formats import FORMATS, OVERLONG
+from .choices import FORMATS, OVERLONG
 from .errors import ConfigError, UsageError
 from .names import UPLOAD_SCHEME, parse_model_name
 

@@ -33,6 +33,7 @@ def _imports(package: str, banned: tuple[str, ...]) -> dict:
 @pytest.mark.parametrize("package, banned", [
     ("finetune.registry", ("torch", "transformers", "peft", "accelerate", "datasets")),
     ("finetune.data.formats", ("datasets", "torch")),
+    ("finetune.config", ("finetune.data", "torch")),  # foundation: reading a config imports no engine
     # serve starts in < 2 s; the web app is an adapter beside the API (finetune.app assembles both)
     ("finetune.server", ("torch", "transformers", "peft", "accelerate", "datasets", "finetune.web")),
 ])

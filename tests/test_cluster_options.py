@@ -81,7 +81,7 @@ def test_a_run_with_fewer_processes_than_its_config_asks_is_refused(tmp_path: Pa
     rc = main(["--registry", str(reg.root), "train", str(config), "--destination", "a/b", "--create-destination",
                "--quiet", "--set", "train.processes=2"])
     assert_one_line_error(rc, capsys.readouterr().err, "train.processes is 2, but this run has 1 process",
-                          "scripts/launch.py --num-processes 2", "--executor ray")
+                          "python -m finetune.launch --num-processes 2", "--executor ray")
     assert Trainings(reg).list() == []  # refused before a record was written
 
 

@@ -1,4 +1,4 @@
-"""Two training processes on the CPU (gloo), started by scripts/launch.py: one record, one version, and the same
+"""Two training processes on the CPU (gloo), started by finetune.launch: one record, one version, and the same
 adapter a single process computes over the same windows.
 
 With ``grad_accum`` 1, a window of two processes is two micro-batches, one each; a single process with
@@ -28,7 +28,6 @@ from finetune.registry.jobs import Trainings
 from finetune.registry.sources import import_base
 from finetune.tiny import sample_data_path
 
-LAUNCH = Path(__file__).resolve().parents[1] / "scripts" / "launch.py"
 STEPS = 4
 
 pytestmark = pytest.mark.slow
@@ -51,7 +50,7 @@ def launched(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     }))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "FINETUNE_FSYNC": "0"}
     proc = subprocess.run(
-        [sys.executable, str(LAUNCH), "--num-processes", "2", "--cpu", "--registry", str(root), "--",
+        [sys.executable, "-m", "finetune.launch", "--num-processes", "2", "--cpu", "--registry", str(root), "--",
          str(config), "--destination", "dist/two", "--create-destination", "--quiet"],
         capture_output=True, text=True, timeout=300, env=env, check=False)
     return {"root": root, "reg": Registry(root), "config": config, "proc": proc}

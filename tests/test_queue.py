@@ -286,9 +286,26 @@ def test_slots_split_the_gpus(tmp_path, gpus, workers, expected) -> None:
     assert [slot.gpus for slot in executor.slots] == expected and executor.capacity == len(expected)
 
 
+def test_the_launcher_runs_from_the_package_and_from_scripts(tmp_path) -> None:
+    """The queue starts a slot of several GPUs with ``python -m finetune.launch`` (no source checkout needed);
+    scripts/launch.py is the same command."""
+    import sys
+    from pathlib import Path
+
+    args = ["--num-processes", "2", "--cpu", "--registry", str(tmp_path), "--dry-run", "--", "--resume", "t1"]
+    printed = []
+    for command in ([sys.executable, "-m", "finetune.launch"],
+                    [sys.executable, str(Path(__file__).resolve().parents[1] / "scripts" / "launch.py")]):
+        out = subprocess.run([*command, *args], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        printed.append(out.stdout.split(" --main_process_port ")[0] + out.stdout.split("-m finetune ")[1])
+    assert printed[0] == printed[1]
+    assert "--num_processes 2" in printed[0] and f"--registry {tmp_path} train --resume t1" in printed[0]
+
+
 @pytest.mark.slow
 def test_a_slot_with_two_devices_trains_through_the_launcher(tiny_model_dir, registry: Registry) -> None:
-    """The multi-GPU path (scripts/launch.py, accelerate's launcher) run on the CPU: this machine's two "GPUs"
+    """The multi-GPU path (finetune.launch, accelerate's launcher) run on the CPU: this machine's two "GPUs"
     are names only, so torch sees none and the two processes train with gloo. One version is published."""
     from finetune.config import config_from_dict
     from finetune.queue import LocalExecutor

@@ -6,7 +6,7 @@ queue decides what runs and when, and settles records whose job died; the job it
 the same call as a remote task and implement the same few methods.
 
 :class:`LocalExecutor` gives each slot its own devices: with 4 GPUs and 4 slots one GPU each, with 4 GPUs and 1
-slot all four, run through ``scripts/launch.py`` (accelerate's launcher, as the CLI uses it). A single-device
+slot all four, run through :mod:`finetune.launch` (accelerate's launcher, as the CLI uses it). A single-device
 slot keeps one spare worker process started ahead of need (imports done, no device touched), so a training
 starts loading in well under a second, also when it waited behind another.
 """
@@ -19,13 +19,10 @@ import signal
 import subprocess
 import sys
 import threading
-from pathlib import Path
 from typing import Protocol
 
 from ..errors import UsageError
 from ..registry.jobs import RUNNER_ENV
-
-LAUNCHER = Path(__file__).resolve().parents[2] / "scripts" / "launch.py"
 
 
 class Job(Protocol):
@@ -188,10 +185,8 @@ class LocalExecutor:
             return slot.job
 
     def _launch(self, slot: _Slot, training_id: str) -> subprocess.Popen:
-        if not LAUNCHER.is_file():
-            raise UsageError(f"multi-GPU workers need {LAUNCHER}", "run from a source checkout, or one GPU per worker")
         return subprocess.Popen(
-            [sys.executable, str(LAUNCHER), "--num-processes", str(len(slot.gpus)), "--registry", self.root,
+            [sys.executable, "-m", "finetune.launch", "--num-processes", str(len(slot.gpus)), "--registry", self.root,
              "--", "--resume", training_id, "--quiet"],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, env=self._env(slot), start_new_session=True,
         )

@@ -9,7 +9,6 @@ import httpx
 import pytest
 from service import running_server
 
-from finetune import atomic
 from finetune.registry import Registry
 from finetune.registry.accounts import Accounts
 from finetune.server.settings import ServerSettings
@@ -26,7 +25,7 @@ MISSING_COMMA = b"""{
 
 @pytest.fixture(autouse=True)
 def _no_fsync(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(atomic, "_FSYNC", False)
+    monkeypatch.setenv("FINETUNE_FSYNC", "0")
 
 
 def publish(reg: Registry, tmp_path: Path, model: str, n: int) -> list:

@@ -10,7 +10,6 @@ import pytest
 from replicate.exceptions import ReplicateError
 from service import running_server
 
-from finetune import atomic
 from finetune.errors import AccessDeniedError, NotFoundError, UsageError
 from finetune.registry import Registry
 from finetune.registry.files import Files
@@ -22,7 +21,7 @@ ROWS = [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(5)]
 
 @pytest.fixture(autouse=True)
 def _no_fsync(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(atomic, "_FSYNC", False)
+    monkeypatch.setenv("FINETUNE_FSYNC", "0")
 
 
 @pytest.fixture

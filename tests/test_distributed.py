@@ -21,7 +21,6 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from finetune import atomic
 from finetune.cli import main
 from finetune.registry import Registry
 from finetune.registry.jobs import Trainings
@@ -38,7 +37,7 @@ def launched(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     tmp = tmp_path_factory.mktemp("distributed")
     root = tmp / "registry"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(atomic, "_FSYNC", False)
+        mp.setenv("FINETUNE_FSYNC", "0")
         import_base(Registry(root), "local/tiny", str(tiny_model_dir))
     config = tmp / "train.yaml"
     config.write_text(yaml.safe_dump({
@@ -79,7 +78,7 @@ def test_two_processes_train_the_adapter_one_process_trains_with_grad_accum(laun
     assert launched["proc"].returncode == 0, launched["proc"].stderr[-3000:]
     out, err = io.StringIO(), io.StringIO()
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        mp.setattr(atomic, "_FSYNC", False)
+        mp.setenv("FINETUNE_FSYNC", "0")
         rc = main(["--registry", str(root), "train", str(launched["config"]), "--destination", "dist/one",
                    "--create-destination", "--quiet", "--set", "train.grad_accum=2"])
     assert rc == 0, err.getvalue()

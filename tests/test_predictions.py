@@ -18,7 +18,7 @@ import pytest
 from replicate.exceptions import ReplicateError
 from service import running_server
 
-from finetune import atomic, training
+from finetune import training
 from finetune.cli import main
 from finetune.config import config_from_dict
 from finetune.registry import Registry
@@ -34,7 +34,7 @@ LONG = {"prompt": "Once upon a time", "max_new_tokens": 1000}
 @pytest.fixture(scope="module")
 def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(atomic, "_FSYNC", False)
+        mp.setenv("FINETUNE_FSYNC", "0")
         reg = Registry(tmp_path_factory.mktemp("predictions") / "registry")
         import_base(reg, "alice/tiny", str(tiny_model_dir))
         import_base(reg, "bob/secret", str(tiny_model_dir))

@@ -22,7 +22,7 @@ import httpx
 import pytest
 from service import running_server
 
-from finetune import atomic, training
+from finetune import training
 from finetune.config import config_from_dict
 from finetune.registry import Registry
 from finetune.registry.sources import import_base
@@ -35,7 +35,7 @@ PROMPT = "Give three tips for staying healthy."
 @pytest.fixture(scope="module")
 def reg(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Registry:
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(atomic, "_FSYNC", False)
+        mp.setenv("FINETUNE_FSYNC", "0")
         reg = Registry(tmp_path_factory.mktemp("limits") / "registry")
         import_base(reg, "alice/tiny", str(tiny_model_dir))
         import_base(reg, "bob/tiny", str(tiny_model_dir))

@@ -11,7 +11,6 @@ import time
 import pytest
 from helpers import FakeExecutor, FakeJob
 
-from finetune import atomic
 from finetune.queue import TrainingQueue
 from finetune.registry import Registry
 from finetune.registry.jobs import TrainingRecord, Trainings, new_record_id
@@ -19,7 +18,7 @@ from finetune.registry.jobs import TrainingRecord, Trainings, new_record_id
 
 @pytest.fixture(autouse=True)
 def _no_fsync(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(atomic, "_FSYNC", False)
+    monkeypatch.setenv("FINETUNE_FSYNC", "0")
 
 
 @pytest.fixture

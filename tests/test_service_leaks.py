@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 from service import running_server
 
-from finetune import atomic
 from finetune.registry import Registry
 from finetune.registry.sources import import_base
 from finetune.server.settings import ServerSettings
@@ -25,7 +24,6 @@ ROWS = [{"prompt": f"Question {i}?", "completion": f" Answer {i}."} for i in ran
 
 @pytest.fixture(autouse=True)
 def _no_fsync(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(atomic, "_FSYNC", False)
     monkeypatch.setenv("FINETUNE_FSYNC", "0")
 
 

@@ -18,7 +18,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from service import running_server
 
-from finetune import atomic
 from finetune.errors import UsageError
 from finetune.registry import Registry
 from finetune.registry.sources import import_base
@@ -42,7 +41,7 @@ REFUSED = [
 
 @pytest.fixture(autouse=True)
 def _no_fsync(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(atomic, "_FSYNC", False)
+    monkeypatch.setenv("FINETUNE_FSYNC", "0")
 
 
 class _NoSlots:

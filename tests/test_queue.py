@@ -285,6 +285,29 @@ def test_slots_split_the_gpus(tmp_path, gpus, workers, expected) -> None:
     assert [slot.gpus for slot in executor.slots] == expected and executor.capacity == len(expected)
 
 
+def test_closing_ends_a_spare_worker_at_once(tmp_path) -> None:
+    """A spare worker still importing the training stack is ended at once, not waited for (it holds nothing)."""
+    from finetune.queue import LocalExecutor
+
+    executor = LocalExecutor(tmp_path, workers=1, gpus=[], prestart=True)
+    spare = executor.slots[0].spare
+    assert spare is not None and spare.poll() is None
+    started = time.monotonic()
+    executor.close()
+    assert time.monotonic() - started < 1.0 and spare.poll() is not None
+
+
+def test_a_server_keeps_a_spare_training_worker_as_its_settings_say(registry: Registry) -> None:
+    from service import running_server, server_settings
+
+    from finetune.server.settings import ServerSettings
+
+    for settings, spare in ((ServerSettings(workers=1), True), (server_settings(workers=1), False)):
+        with running_server(registry, settings) as server:
+            executor = server.app.state.trainings.queue.executor
+            assert (executor.slots[0].spare is not None) == spare
+
+
 def test_the_launcher_runs_from_the_package_and_from_scripts(tmp_path) -> None:
     """The queue starts a slot of several GPUs with ``python -m finetune.launch`` (no source checkout needed);
     scripts/launch.py is the same command."""

@@ -207,8 +207,11 @@ class LocalExecutor:
             spares = [s.spare for s in self.slots if s.spare is not None]
             for slot in self.slots:
                 slot.spare = None
-        for proc in spares:  # end of input: an idle worker exits by itself
+        # A spare never got a training id (start() takes it under the lock), so ending it loses nothing; it may
+        # still be importing torch for seconds, which a closed stdin would only stop once it reads.
+        for proc in spares:
             try:
+                proc.terminate()
                 proc.stdin.close()
             except OSError:
                 pass

@@ -56,7 +56,8 @@ class TrainingService:
 
             executor = RayExecutor(self.registry, self.settings.cluster, workers=self.settings.workers)
         if executor is None:
-            executor = LocalExecutor(self.registry.root, workers=self.settings.workers)
+            executor = LocalExecutor(self.registry.root, workers=self.settings.workers,
+                                     prestart=self.settings.train_prestart)
         self.queue = TrainingQueue(self.registry, executor, listener=lambda event, _id: self.webhooks.poke(),
                                    owner_of=owner_of, max_run_s=self.settings.max_training_time_s)
         self.queue.start()

@@ -65,7 +65,7 @@ _MLFLOW_LOCAL_NEEDS = ("mlflow", "sqlalchemy", "alembic")
 
 def tracker_package_missing(name: str) -> bool:
     """Whether tracker ``name`` lacks a module here (then ``pip install NAME`` brings it)."""
-    needs = _TRACKER_NEEDS[name]
+    needs: tuple[str, ...] = _TRACKER_NEEDS[name]
     if name == "mlflow" and not os.environ.get("MLFLOW_TRACKING_URI"):
         needs = _MLFLOW_LOCAL_NEEDS
     return any(importlib.util.find_spec(module) is None for module in needs)
@@ -180,7 +180,7 @@ def _spellings(cls: type, prefix: str, deep: bool) -> dict[str, str]:
     for f in dataclasses.fields(cls):
         path, tp = _join(prefix, f.name), _hints(cls)[f.name]
         found.update(dict.fromkeys((f.name, *f.metadata.get("aliases", ())), path))
-        if deep and dataclasses.is_dataclass(tp):
+        if deep and isinstance(tp, type) and dataclasses.is_dataclass(tp):
             found.update(_spellings(tp, path, deep))
     return found
 
@@ -229,7 +229,7 @@ def _coerce(tp: Any, raw: Any) -> Any:
             raise _Mismatch from None
     if tp is type(None) or isinstance(raw, bool) != (tp is bool) or not isinstance(raw, _SCALARS[tp]):
         raise _Mismatch
-    if tp is float and not math.isfinite(raw):
+    if tp is float and not math.isfinite(raw):  # type: ignore[arg-type]  # an int or a float here
         raise _Mismatch
     return tp(raw)
 
@@ -326,7 +326,7 @@ class _Checker:
         values: dict[str, Any] = {}
         for name, f in fields.items():
             path, tp = _join(prefix, name), _hints(cls)[name]
-            if dataclasses.is_dataclass(tp):
+            if isinstance(tp, type) and dataclasses.is_dataclass(tp):
                 values[name] = self.section(tp, raw.get(name), path)
             elif name in raw:
                 values[name] = self.value(f, tp, raw[name], path)
@@ -334,7 +334,7 @@ class _Checker:
                 self.report(path, f"missing required key '{path}'")
         return values
 
-    def value(self, f: dataclasses.Field, tp: Any, raw: Any, path: str) -> Any:
+    def value(self, f: dataclasses.Field[Any], tp: Any, raw: Any, path: str) -> Any:
         try:
             value = _coerce(tp, raw)
         except _Mismatch:
@@ -371,15 +371,17 @@ def _build(raw: Any, origins: dict[str, _Origin], default: _Origin, source: str,
            early: Sequence[tuple[float, str]] = ()) -> Config:
     checker = _Checker(origins, default)
     checker.problems.extend(early)
+    values: dict[str, Any] | None = None
     if not isinstance(raw, Mapping):
         got = "an empty document" if raw is None else _show(raw)
         checker.report("", f"expected a mapping of keys at the top level, got {got}")
     else:
         values = checker.section(Config, raw, "")
-        checker.cross_check(values)
-    if checker.problems:
+        checker.cross_check(values or {})
+    if checker.problems or values is None:
         raise ConfigError([text for _, text in sorted(checker.problems, key=lambda p: p[0])], source=source)
-    return _instantiate(Config, values)
+    config: Config = _instantiate(Config, values)
+    return config
 
 
 def config_from_dict(d: Mapping[str, Any], source: str = "<dict>", *,

@@ -47,7 +47,9 @@ class Job(Protocol):
 class Executor(Protocol):
     """Runs trainings: at most ``capacity`` at once."""
 
-    capacity: int
+    @property
+    def capacity(self) -> int:
+        """How many trainings may run at once."""
 
     def start(self, training_id: str) -> Job:
         """Start ``run_training(training_id)``; called only while fewer than ``capacity`` jobs run."""

@@ -20,6 +20,7 @@ into it (or could resume into it).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -190,7 +191,8 @@ def resumable_step(trainings: Trainings, record: TrainingRecord) -> int | None:
     return int(digits) if digits.isdigit() else 0
 
 
-def _training_users(reg: Registry, match) -> tuple[list[TrainingRecord], list[tuple[TrainingRecord, int]]]:
+def _training_users(reg: Registry, match: Callable[[TrainingRecord], bool],
+                    ) -> tuple[list[TrainingRecord], list[tuple[TrainingRecord, int]]]:
     """Trainings that ``match``: those running now, and interrupted ones that could resume (with their step)."""
     from .jobs import FINAL, Trainings
 
@@ -206,7 +208,8 @@ def _training_users(reg: Registry, match) -> tuple[list[TrainingRecord], list[tu
     return running, resumable
 
 
-def _refuse_for_trainings(reg: Registry, what: str, owner: str, match, relation: str) -> None:
+def _refuse_for_trainings(reg: Registry, what: str, owner: str, match: Callable[[TrainingRecord], bool],
+                          relation: str) -> None:
     from .jobs import Trainings
 
     running, resumable = _training_users(reg, match)

@@ -11,6 +11,7 @@ by a dead run and taken by another process is never signalled, nor taken for the
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
 import datetime as _dt
 import json
@@ -21,7 +22,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 from .. import atomic
 from ..errors import ConflictError, IntegrityError, NotFoundError, TrainingNotFoundError, UsageError
@@ -57,7 +58,15 @@ def new_record_id() -> str:
     return f"{now:%Y%m%d-%H%M%S}-{os.urandom(3).hex()}"
 
 
-R = TypeVar("R")
+class _Record(Protocol):
+    """What a record store needs of its records: a dataclass with an id and a creation time."""
+
+    __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]
+    id: str
+    created_at: str
+
+
+R = TypeVar("R", bound=_Record)
 
 
 class RecordStore(Generic[R]):
@@ -133,7 +142,7 @@ class RecordStore(Generic[R]):
                 continue
         return out
 
-    def damaged(self) -> list[IntegrityError]:
+    def damaged(self) -> builtins.list[IntegrityError]:
         """The errors of records that cannot be read, newest first (what :meth:`list` left out)."""
         out = []
         for entry in self._entries():
@@ -143,7 +152,7 @@ class RecordStore(Generic[R]):
                 out.append(err)
         return out
 
-    def _entries(self) -> list[str]:
+    def _entries(self) -> builtins.list[str]:
         root = self.registry.jobs_dir(self.kind)
         try:
             entries = sorted(os.listdir(root), reverse=True)

@@ -15,8 +15,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..errors import NotFoundError
-from .jobs import FINAL, RECORD, RecordStore, Status
+from .jobs import FINAL, RecordStore, Status
 from .manifest import utc_now
+from .store import RECORD
 
 
 class PredictionNotFoundError(NotFoundError):

@@ -21,8 +21,9 @@ from ..errors import ConflictError, FinetuneError, ModelLoadError, ModelNotFound
 from ..names import parse_model_name, parse_ref
 from .integrity import check_loadable, hub_files
 from .lineage import lineage
+from .manifest import Version
 from .publish import WEIGHT_SUFFIXES
-from .store import Registry, Version, not_writable
+from .store import Registry, not_writable
 
 _HUB_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
 
@@ -174,7 +175,7 @@ def import_base(
                     shutil.copytree(item, stage / item.name)
                 else:
                     shutil.copy2(item, stage / item.name)
-            meta = {"source": {"type": "local", "path": str(path.absolute())}}
+            meta: dict[str, Any] = {"source": {"type": "local", "path": str(path.absolute())}}
             return _publish_base(reg, model, stage, {"local_path": str(path.absolute())}, meta,
                                  dict(description=description, visibility=visibility, hardware=hardware))
         except OSError as err:

@@ -246,7 +246,7 @@ class Registry:
     def _lock(self, model_dir: Path) -> FileLock:
         return FileLock(str(model_dir / ".lock"), timeout=LOCK_TIMEOUT_S)
 
-    def _listdir(self, path: Path) -> list[os.DirEntry]:
+    def _listdir(self, path: Path) -> list[os.DirEntry[str]]:
         try:
             with os.scandir(path) as it:
                 return list(it)
@@ -278,8 +278,8 @@ class Registry:
             raise UsageError(f"invalid visibility {visibility!r}", f"use one of: {', '.join(VISIBILITIES)}")
         if hardware is not None and hardware not in HARDWARE:
             raise UsageError(f"invalid hardware {hardware!r}", f"use one of: {', '.join(HARDWARE)}")
-        asked = {"description": description, "visibility": visibility, "hardware": hardware, **fields}
-        asked = {k: v for k, v in asked.items() if v is not None}
+        given = {"description": description, "visibility": visibility, "hardware": hardware, **fields}
+        asked = {k: v for k, v in given.items() if v is not None}
         model_dir = self._model_dir(owner, short)
         try:
             exists = model_dir.exists()
@@ -442,7 +442,7 @@ class Registry:
             kind = latest.kind if latest is not None else None
         except IntegrityError:
             kind = None  # a damaged newest version says nothing about the model; listing shows it
-        if kind == "base":
+        if kind == "base" and latest is not None:
             raise ConflictError(f"{model} holds base model {latest.ref}: a training would make an adapter its latest",
                                 f"train into a model of its own, e.g. --destination {model}-ft --create-destination")
 
@@ -529,7 +529,7 @@ class Registry:
                 )
             return v
         if r.kind == "number":
-            v = self._version(model, int(r.value))
+            v = self._version(model, int(r.value))  # type: ignore[arg-type]  # an int for kind "number"
             if v is None:
                 raise VersionNotFoundError(
                     f"version {r.model}:{r.value} not found", f"see `finetune versions list {r.model}`"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 
@@ -32,6 +33,10 @@ from .settings import ServerSettings
 from .training_service import TrainingService
 from .webhook_targets import WebhookPolicy
 from .wire_cache import VersionJSON
+
+if TYPE_CHECKING:
+    from ..registry.predictions import PredictionRecord
+    from ..serving.service import PredictionService
 
 __all__ = ["ServerSettings", "build_api"]
 
@@ -54,7 +59,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             service.stop()
 
 
-def _prediction_service(registry: Registry, settings: ServerSettings, app: FastAPI):
+def _prediction_service(registry: Registry, settings: ServerSettings, app: FastAPI) -> PredictionService:
     """Inference workers and prediction records (no torch in this process: the workers load the models).
     Webhooks go out through the trainings' sender (signed with the owner's secret, retried)."""
     from ..serving.service import PredictionService
@@ -62,7 +67,7 @@ def _prediction_service(registry: Registry, settings: ServerSettings, app: FastA
 
     sender, accounts = app.state.trainings.webhooks.sender, app.state.accounts
 
-    def send(record, body, event) -> None:
+    def send(record: PredictionRecord, body: dict[str, Any], event: str) -> None:
         sender.send(record.id, record.webhook, body, accounts.webhook_secret(record.owner), account=record.owner)
 
     config = WorkerConfig(str(registry.root), device=settings.predict_device,

@@ -49,7 +49,8 @@ class TrainingCreate(BaseModel):
 
 
 def _service(request: Request) -> TrainingService:
-    return request.app.state.trainings
+    service: TrainingService = request.app.state.trainings
+    return service
 
 
 # ---------------------------------------------------------------------------------------------- input

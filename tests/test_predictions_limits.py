@@ -200,10 +200,11 @@ def test_open_waits_hold_no_thread_so_reads_stay_fast(server):
             still_open = sum(not p.done() for p in pending)
             assert still_open >= 40, still_open  # the read did not wait for the waits to end
         finally:
-            with server.http("alice") as other:
-                for p in other.get("/v1/predictions").json()["results"]:
-                    if p["status"] in ("starting", "processing"):
-                        other.post(f"/v1/predictions/{p['id']}/cancel")
+            # All at once: one by one, each cancel waits for the worker's next step (a minute for the 45).
+            with server.http("alice", timeout=300) as other, ThreadPoolExecutor(45) as cancels:
+                running = [p["id"] for p in other.get("/v1/predictions").json()["results"]
+                           if p["status"] in ("starting", "processing")]
+                list(cancels.map(lambda i: other.post(f"/v1/predictions/{i}/cancel"), running))
             for p in pending:
                 p.result(timeout=300)
 

@@ -65,7 +65,6 @@ def _fmt(seconds: float) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     if not args.fsync:
-        # Must be set before finetune.atomic is imported: it reads the variable once.
         os.environ["FINETUNE_FSYNC"] = "0"
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from finetune import cli

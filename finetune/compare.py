@@ -9,7 +9,7 @@ Versions are loaded one at a time, so comparing many costs the memory of one.
 from __future__ import annotations
 
 import gc
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -17,7 +17,8 @@ from .errors import UsageError
 from .registry import Registry, Version
 
 if TYPE_CHECKING:
-    from .inference import GenerationSettings, LoadedVersion
+    from .generation import GenerationSettings
+    from .inference import LoadedVersion
 
 
 @dataclass
@@ -143,13 +144,15 @@ def compare_versions(
     device: str = "auto",
     prompt_records: Sequence[dict[str, Any]] | None = None,
     max_eval_rows: int | None = None,
+    on_version: Callable[[Comparison, int], None] | None = None,
 ) -> Comparison:
     """Compare versions: config changes against the first, eval loss on ``eval_file``, answers to the prompts of
     ``prompts_file`` (records with ``prompt``, or ``instruction``/``input``: see
     :func:`finetune.inference.load_prompts`) or of ``prompt_records`` (the same records, given directly).
 
     Models are loaded only when there is an eval file or prompts to run. ``max_eval_rows`` bounds the rows of the
-    eval file scored (a larger file is refused; the web app's comparisons set it).
+    eval file scored (a larger file is refused; the web app's comparisons set it). ``on_version(comparison, done)``
+    is called each time one more version has been scored and has answered (the web app shows progress with it).
     """
     if len(refs) < 2:
         raise UsageError("compare needs at least two versions", "give two or more REFs")
@@ -174,7 +177,7 @@ def compare_versions(
     prompts = [[prompt_from_record(prompt_format_of(v), r, f"{source} record {i}")
                 for i, r in enumerate(records, 1)] for v in versions]
     examples = None
-    for report, version_prompts in zip(reports, prompts):
+    for done, (report, version_prompts) in enumerate(zip(reports, prompts), 1):
         loaded = load_version(reg, report.version.ref, device=device)
         if eval_file is not None:
             if examples is None:
@@ -189,5 +192,7 @@ def compare_versions(
         report.answers = [generate(loaded, p, settings) for p in version_prompts]
         del loaded
         gc.collect()  # one model in memory at a time
+        if on_version is not None:
+            on_version(comparison, done)
     return comparison
 

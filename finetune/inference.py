@@ -21,6 +21,7 @@ import torch
 from .data.formats import alpaca_prompt, encode_prompt, prompt_for
 from .data.records import read_records
 from .errors import DataError, IntegrityError, ModelLoadError, UsageError, one_line
+from .generation import GenerationSettings
 from .modeling.load import attach_lora, load_base_model, load_tokenizer
 from .modeling.precision import choose_precision, torch_dtype
 from .names import check_text
@@ -42,25 +43,6 @@ class LoadedVersion:
     prompt_format: str  # alpaca | prompt_completion | messages | text (a base version takes raw text)
     device: torch.device
     precision: str
-
-
-@dataclass(frozen=True)
-class GenerationSettings:
-    """How to sample. ``temperature`` 0 is greedy decoding; ``seed`` makes sampling repeatable."""
-
-    max_new_tokens: int = 128
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-
-    def check(self) -> None:
-        """Raise :class:`UsageError` for a setting out of range (before any model is loaded)."""
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise UsageError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
-        if not self.temperature >= 0:  # also refuses NaN
-            raise UsageError(f"temperature must be 0 (greedy) or more, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise UsageError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
 # ------------------------------------------------------------------ device and precision
@@ -266,74 +248,27 @@ def _eos_ids(loaded: LoadedVersion) -> list[int]:
     return sorted(ids)
 
 
-def context_length(model: Any) -> int | None:
-    """The most positions the model was built for (``max_position_embeddings``), if its config says."""
-    value = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    return value if isinstance(value, int) and value > 0 else None
+def generate_ids(loaded: LoadedVersion, ids: Sequence[int], settings: GenerationSettings | None = None) -> list[int]:
+    """The new token ids after ``ids`` (without the stopping eos), generated as the API's predictions are
+    (:func:`finetune.serving.local.generate_ids`)."""
+    from .serving.local import generate_ids as run
 
-
-def _bounded_new_tokens(loaded: LoadedVersion, prompt_tokens: int, max_new_tokens: int) -> int:
-    """``max_new_tokens``, held within the model's context: a prompt that fills it, or a request for more new
-    tokens than it has at all, is refused; a prompt plus answer that would run past it stops at its end (said)."""
-    context = context_length(loaded.model)
-    if context is None:
-        return max_new_tokens
-    if max_new_tokens > context:
-        raise UsageError(f"max_new_tokens {max_new_tokens} is more than {loaded.version.ref}'s context of "
-                         f"{context} tokens", f"ask for at most {context - min(prompt_tokens, context - 1)}")
-    if prompt_tokens >= context:
-        raise UsageError(f"the prompt is {prompt_tokens} tokens, which fills {loaded.version.ref}'s context of "
-                         f"{context} tokens", "shorten the prompt")
-    if prompt_tokens + max_new_tokens > context:
-        import logging
-
-        logging.getLogger("finetune").warning(
-            "the answer stops after %d new tokens, where the prompt (%d tokens) and the answer fill the model's "
-            "context of %d tokens", context - prompt_tokens, prompt_tokens, context)
-        return context - prompt_tokens
-    return max_new_tokens
-
-
-@torch.no_grad()
-def generate_ids(loaded: LoadedVersion, ids: Sequence[int], settings: GenerationSettings) -> list[int]:
-    """The new token ids after ``ids`` (without the stopping eos)."""
-    from transformers import GenerationConfig
-
-    settings.check()
-    max_new = _bounded_new_tokens(loaded, len(ids), settings.max_new_tokens)
-    eos = _eos_ids(loaded)
-    pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
-    sample = settings.temperature > 0
-    config = GenerationConfig(
-        max_new_tokens=max_new, do_sample=sample, num_beams=1,
-        temperature=settings.temperature if sample else None, top_p=settings.top_p if sample else None,
-        top_k=None, eos_token_id=eos or None, pad_token_id=pad,
-    )
-    input_ids = torch.tensor([list(ids)], dtype=torch.long, device=loaded.device)
-    devices = [loaded.device] if loaded.device.type == "cuda" else []
-    # Seeding the global generators inside fork_rng keeps the caller's random streams as they were.
-    with torch.random.fork_rng(devices=devices):
-        if settings.seed is not None:
-            torch.manual_seed(settings.seed)
-        out = loaded.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                    generation_config=config)
-    new = out[0, input_ids.shape[1]:].tolist()
-    for i, token in enumerate(new):
-        if token in eos:
-            return new[:i]
-    return new
+    return run(loaded, ids, settings or GenerationSettings())[0]
 
 
 def generate(loaded: LoadedVersion, prompt: Prompt | str | list[dict], settings: GenerationSettings | None = None,
              system: str | None = None) -> str:
-    """The completion of one prompt, formatted as the version's training did; only the new text.
+    """The completion of one prompt, formatted as the version's training did; only the new text (up to a stop
+    sequence). It is generated by the engine that serves the API's predictions, so the same settings (and seed)
+    give the same text as a prediction, ``finetune predict`` and ``finetune chat``.
 
     Prompts run one at a time, never padded into a batch: a prompt's answer is then the same whether it comes
     alone or from a file.
     """
-    settings = settings or GenerationSettings()
-    new = generate_ids(loaded, prompt_ids(loaded, prompt, system=system), settings)
-    return loaded.tokenizer.decode(new, skip_special_tokens=True)
+    from .serving.local import generate_ids as run
+
+    settings = (settings or GenerationSettings()).check()  # before the prompt is rendered
+    return run(loaded, prompt_ids(loaded, prompt, system=system), settings)[1]
 
 
 def require_chat(loaded_or_version: LoadedVersion | Version, tokenizer: Any = None) -> None:

@@ -17,7 +17,8 @@ Measured and printed (each a median over the rounds, the ratios from the same ru
   1. warm single request: latency and output tokens/s, contenders alternating request by request, the ratio
      the median of back-to-back pairs (target: ours >= peer-merged);
   2. N concurrent requests of M new tokens (default 16 x 64): total output tokens/s; the peers answer them one at
-     a time (target: ours >= 3x peer-peft's loop);
+     a time (target: ours >= 3x peer-peft's loop); with --openai, also the same requests sent at once to a
+     ``finetune serve`` over the same registry (its own process and worker) through ``POST /openai/v1/completions``;
   3. no reload: fresh workers' 1st, 2nd and 3rd request on a version (target: 2nd within 10% of the 3rd);
   4. memory: weights held with 4 versions of one base loaded vs 1 (the cache's own accounting, and the process's
      resident memory growth) (target: < 1.5x).
@@ -148,6 +149,70 @@ class Peer:
         return time.perf_counter() - start, tokens
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def openai_rounds(root: Path, ref: str, prompts: list[str], new_tokens: int, rounds: int, device: str,
+                  threads: int | None) -> list[tuple[float, int]]:
+    """``rounds`` times: every prompt sent at once to ``finetune serve``'s ``/openai/v1/completions`` (greedy, at most
+    ``new_tokens``); (seconds until the last answer, output tokens in all) per round. The server runs in its own
+    process over the same registry, one inference worker on ``device``; it is stopped at the end."""
+    import subprocess
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    from finetune.registry import Registry
+    from finetune.registry.accounts import Accounts
+
+    token = Accounts(Registry(root)).create_token(ref.split("/", 1)[0], label="bench_predict")
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/openai/v1"
+    cmd = [sys.executable, "-m", "finetune", "--registry", str(root), "serve", "--port", str(port),
+           "--predict-device", device, "--predict-max-per-account", "0", "--predict-max-batch", "32"]
+    cmd += ["--predict-threads", str(threads)] if threads else []
+    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    headers = {"Authorization": f"Bearer {token}"}
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{url}/models", headers=headers, timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"the server did not start: {server.stderr.read() if server.stderr else ''}")
+            time.sleep(0.1)
+        with httpx.Client(headers=headers, timeout=600, limits=httpx.Limits(max_connections=len(prompts))) as http:
+            def complete(prompt: str, tokens: int = new_tokens) -> int:
+                r = http.post(f"{url}/completions", json={"model": ref, "prompt": prompt, "max_tokens": tokens,
+                                                          "temperature": 0})
+                if r.status_code != 200:
+                    raise SystemExit(f"/openai/v1/completions answered {r.status_code}: {r.text}")
+                return r.json()["usage"]["completion_tokens"]
+
+            complete(prompts[0], 4)  # the worker starts and loads the version
+            out = []
+            with ThreadPoolExecutor(len(prompts)) as pool:
+                for _ in range(rounds):
+                    start = time.perf_counter()
+                    tokens = sum(pool.map(complete, prompts))
+                    out.append((time.perf_counter() - start, tokens))
+        return out
+    finally:
+        server.terminate()
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
 def _memory_child(root: str, refs: list[str], device: str, prompt: str, results) -> None:
     """Load versions of one base one by one in a new worker; put (stats, RSS growth) after the 1st and the 4th."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -178,6 +243,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--device", default="auto", help="auto (a GPU when present), cpu or cuda")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    parser.add_argument("--openai", action="store_true",
+                        help="also send figure 2's requests through finetune serve's /openai/v1/completions")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if not args.data.exists():
@@ -270,6 +337,14 @@ def main() -> None:
                           / figures["concurrent"]["peer-merged"]["tokens_per_s"])
     print(f"   ours / peer-peft loop: {ratio_batch:.2f}x (target >= 3); ours / peer-merged loop: "
           f"{ratio_batch_merged:.2f}x; batching: {engine_stats['max_rows']} rows at most in one step")
+    if args.openai:
+        rows = openai_rounds(reg.root, refs[0], prompts, args.new_tokens, args.rounds, device.type, args.threads)
+        f = {"tokens_per_s": med_rate(rows), "seconds": med_latency(rows),
+             "tokens": statistics.median(n for _, n in rows)}
+        figures["concurrent"]["ours-openai"] = f
+        print(f"   {'ours-openai':12s} {f['tokens_per_s']:8.1f} tok/s  {f['seconds']:7.2f} s  ({f['tokens']:.0f} "
+              f"tokens): the same requests over HTTP to finetune serve's /openai/v1/completions, "
+              f"{f['tokens_per_s'] / figures['concurrent']['ours']['tokens_per_s']:.2f}x ours in-process")
 
     # 3. no reload: fresh workers (one per round), three requests each on a version they have not seen
     firsts, seconds, thirds, loads = [], [], [], []

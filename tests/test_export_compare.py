@@ -139,7 +139,11 @@ def test_compare_encodes_the_eval_file_once_and_scores_every_version(built: dict
     calls = []
     real_prepare = preparing.prepare
     monkeypatch.setattr(preparing, "prepare", lambda *a, **k: calls.append(a) or real_prepare(*a, **k))
-    result = compare_versions(reg, ["alice/m:1", "alice/m:2", BASE], eval_file=str(eval_file))
+    seen = []  # (versions done, eval losses known at that moment): progress as each version is scored
+    result = compare_versions(reg, ["alice/m:1", "alice/m:2", BASE], eval_file=str(eval_file),
+                              on_version=lambda c, done: seen.append(
+                                  (done, [v["eval_loss"] is not None for v in c.to_dict()["versions"]])))
+    assert seen == [(1, [True, False, False]), (2, [True, True, False]), (3, [True, True, True])]
     assert len(calls) == 1  # one encoding, reused for all three
     losses = [r.eval_loss for r in result.reports]
     assert all(isinstance(x, float) and x > 0 for x in losses) and len(set(losses)) == 3

@@ -165,10 +165,18 @@ def test_sampling_repeats_with_a_seed(built: dict):
 
 
 def test_generation_stops_at_eos_and_returns_only_new_tokens(built: dict, monkeypatch):
+    from types import SimpleNamespace
+
     loaded = load_version(built["reg"], "alice/m:1")
     eos = loaded.tokenizer.eos_token_id
-    monkeypatch.setattr(loaded.model, "generate",
-                        lambda input_ids, **kw: torch.cat([input_ids, torch.tensor([[40, 41, eos, 42]])], 1))
+    script = iter([40, 41, eos, 42])  # the model's next token at each step
+
+    def forward(input_ids, **kwargs):
+        logits = torch.zeros(*input_ids.shape, loaded.model.config.vocab_size)
+        logits[..., next(script)] = 1.0
+        return SimpleNamespace(logits=logits)
+
+    monkeypatch.setattr(loaded.model, "forward", forward)
     assert inference.generate_ids(loaded, [1, 2, 3], SETTINGS) == [40, 41]
 
 
@@ -201,9 +209,11 @@ def test_chat_keeps_history_and_resets(built: dict, capsys, monkeypatch):
     assert replies[0] == replies[2]  # after /reset the same question starts the same conversation
 
     loaded = load_version(reg, built["chat"].ref)
+    from finetune.serving import local
+
     seen = []
-    real = inference.generate_ids
-    monkeypatch.setattr(inference, "generate_ids", lambda lv, ids, s: seen.append(list(ids)) or real(lv, ids, s))
+    real = local.generate_ids
+    monkeypatch.setattr(local, "generate_ids", lambda lv, ids, s: seen.append(list(ids)) or real(lv, ids, s))
     list(inference.chat(loaded, ["Name a color.", "And another?"], SETTINGS))
     second = loaded.tokenizer.decode(seen[1])
     assert second.count("Name a color.") == 1 and "And another?" in second and seen[1][: len(seen[0])] == seen[0]

@@ -304,6 +304,10 @@ def test_compare_is_a_csrf_post_run_by_the_inference_worker(server, monkeypatch)
         assert r.status_code == 303
         job_page = r.headers["location"]
         assert job_page.startswith("/models/alice/m/compare/cmp-")
+        running = client.get(job_page)  # at once: the worker is still loading the first version
+        assert running.status_code == 200 and 'http-equiv="refresh"' in running.text
+        assert re.search(r"[01] of 2 versions answered", running.text) and "<progress" in running.text
+        assert re.search(r"<button type=\"submit\" disabled>Compare", running.text)  # no second one meanwhile
         done = _until(lambda: (p := client.get(job_page)).status_code == 200 and 'http-equiv="refresh"' not in p.text
                       and p, 120, "the comparison", every=0.5)
         assert done.text.count('<pre class="output">') == 2  # one prompt, two versions

@@ -135,8 +135,12 @@ def test_uploads_are_named_by_file_name_and_sha256_never_by_server_path(tiny_mod
                      for m in tar.getmembers() if m.isfile() and m.name.endswith((".json", ".md"))}
         version = reg.resolve(f"alice/pub:{version_id[:12]}")
         texts["manifest"] = json.dumps(version.manifest)
+        base_id = reg.resolve(base).id
+        for path in (f"/v1/models/alice/pub/versions/{version_id}", f"/v1/models/base/x/versions/{base_id}"):
+            texts[path] = server.http("bob").get(path).text  # the base was imported from a folder of the server
+        assert "local_folder" in texts[f"/v1/models/base/x/versions/{base_id}"]
         for name, text in texts.items():
-            assert root not in text and "content.jsonl" not in text, name
+            assert root not in text and "content.jsonl" not in text and str(tiny_model_dir) not in text, name
         dataset = version.metadata["dataset"]
         assert dataset["path"] == "train.jsonl" and re.fullmatch(r"[0-9a-f]{64}", dataset["sha256"])
         card = next(text for name, text in texts.items() if name.endswith("README.md"))

@@ -384,7 +384,8 @@ def test_a_new_user_trains_and_uses_versions_in_the_browser(web, browser):
     page.fill("#prompts", "What is the capital of Japan?")
     page.select_option("#eval", page.locator("#eval option", has_text="quickstart.jsonl").first.get_attribute("value"))
     page.click("button:has-text('Compare')")
-    page.wait_for_selector("table")
+    # The page shows progress (and each version's answers as they come) until every version has answered.
+    page.wait_for_function("document.querySelector('table') && !document.querySelector('progress')", timeout=180_000)
     table = page.inner_text("table")
     assert "alice/web-bot:1" in table and "alice/web-bot:2" in table and "train.max_steps" in table
     assert "(FILE, 70 ROWS)" in table.upper()  # both scored on the same file

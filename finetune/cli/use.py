@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 
 from ..errors import UsageError
@@ -13,14 +12,11 @@ from .common import add_command, open_registry
 
 
 def generation_settings(args: argparse.Namespace):
-    from ..inference import GenerationSettings
+    """The generation options given as flags, checked by the one rule every caller uses (before a model loads)."""
+    from ..generation import OPTIONS, check_settings, flag
 
-    if not math.isfinite(args.temperature):  # inf samples noise, nan nothing sensible
-        raise UsageError(f"--temperature must be a finite number, 0 (greedy) or more, not {args.temperature}")
-
-    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
-    settings.check()  # before a model is loaded
-    return settings
+    return check_settings({name: getattr(args, name) for name in OPTIONS}, name=flag,
+                          hint=f"see `finetune {getattr(args, 'group', 'predict')} --help`")
 
 
 def quiet() -> None:
@@ -41,11 +37,11 @@ def cmd_predict(args: argparse.Namespace) -> None:
         raise UsageError("give either a PROMPT or --file PROMPTS.jsonl", 'e.g. finetune predict REF "Name a color."')
     if args.prompt is not None and not args.prompt.strip():
         raise UsageError("the prompt is empty", "give the text to complete")
+    settings = generation_settings(args)
     version = open_registry(args).resolve(args.ref)  # an unknown ref fails before the seconds of importing torch
     quiet()
     from ..inference import generate, load_prompts, prompt_format_of
 
-    settings = generation_settings(args)
     prompts = load_prompts(args.file, prompt_format_of(version)) if args.file is not None else None
     loaded = _load_for_inference(args, version)
     if prompts is None:
@@ -58,13 +54,13 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
+    settings = generation_settings(args)
     version = open_registry(args).resolve(args.ref)
     quiet()
     from ..inference import chat, require_chat
 
     if version.kind != "base":  # a base may chat if its tokenizer has a template: known once that is loaded
         require_chat(version)  # refuse before the seconds of loading a model
-    settings = generation_settings(args)
     loaded = _load_for_inference(args, version)
     replies = chat(loaded, _stdin_lines(), settings, system=args.system)
     if sys.stdin.isatty():
@@ -102,11 +98,16 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def add_generation_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=128, metavar="N")
-    p.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default)")
-    p.add_argument("--seed", type=int, default=None, help="makes sampling repeatable")
-    p.add_argument("--device", default="auto", help="auto (follows the model's hardware), cpu, gpu or cuda:N")
+    """The generation options (:data:`finetune.generation.OPTIONS`, the API's inputs too) as flags, and --device."""
+    from ..generation import DEFAULTS, OPTIONS, flag
 
+    for option in OPTIONS.values():
+        default = getattr(DEFAULTS, option.name)
+        shown = f" (default {default})" if default not in (None, ()) else ""
+        p.add_argument(flag(option.name), type=option.kind, default=None, dest=option.name,
+                       metavar={int: "N", float: "X", str: "TEXT"}[option.kind],
+                       help=option.description.replace("%", "%%") + shown)
+    p.add_argument("--device", default="auto", help="auto (follows the model's hardware), cpu, gpu or cuda:N")
 
 
 def add_commands(groups: argparse._SubParsersAction) -> None:

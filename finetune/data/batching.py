@@ -126,7 +126,7 @@ def collate_padded(examples: Sequence[dict], pad_token_id: int) -> dict[str, tor
 
 
 # What one more forward and backward pass costs on a CPU, in padded tokens, for :func:`padding_groups`.
-# Measured on the benchmark's Llama under the AVX2 cap (BENCHMARKS.md, seventh session).
+# Measured on the benchmark's Llama under the AVX2 cap (BENCHMARKS.md, 2026-12-03).
 PAD_GROUP_CALL_COST_CPU = 64
 
 

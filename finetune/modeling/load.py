@@ -13,6 +13,7 @@ import torch
 
 from ..errors import ConfigError, ModelLoadError, PackingError, one_line
 from ..registry.sources import BaseSource
+from .context import context_length
 from .ops.attention import PACKING_HINT, VARLEN_ATTENTION, refuse_inexact_packing, register_varlen_attention
 
 
@@ -49,10 +50,10 @@ def _raise_if_offline(source: BaseSource, err: BaseException) -> None:
         "or import a local folder with `finetune models import OWNER/NAME --from PATH`") from None
 
 
-def base_context(source: BaseSource) -> int | None:
-    """The most positions the base model was built for (its config's ``max_position_embeddings``), if it says."""
-    value = getattr(_base_config(source), "max_position_embeddings", None)
-    return value if isinstance(value, int) and value > 0 else None
+def base_context(source: BaseSource, tokenizer: Any = None) -> int | None:
+    """The context length of the base model (:func:`~finetune.modeling.context.context_length` of its config,
+    then ``tokenizer``), if they say."""
+    return context_length(_base_config(source), tokenizer)
 
 
 def _base_config(source: BaseSource):

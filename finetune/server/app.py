@@ -28,7 +28,7 @@ from .head import HeadAsGet
 from .instance import ServerLock
 from .limits import FRAMING_BYTES, BodyLimit
 from .objects import training_object
-from .routes import account, files, models, predictions, trainings, versions
+from .routes import account, files, models, openai, predictions, trainings, versions
 from .settings import ServerSettings
 from .training_service import TrainingService
 from .webhook_targets import WebhookPolicy
@@ -113,6 +113,7 @@ def build_api(registry: Registry | None = None, settings: ServerSettings | None 
     app.state.predictions = _prediction_service(registry, settings, app)
     app.state.services.append(app.state.predictions)
     app.include_router(predictions.router)
+    app.include_router(openai.router)  # the OpenAI API over the same predictions, under /openai/v1
     if settings.api_docs:
         docs.install(app)
     return app

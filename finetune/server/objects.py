@@ -52,6 +52,15 @@ def is_chat(version: Version) -> bool:
     return isinstance(fmt, dict) and fmt.get("name") == "messages"
 
 
+def public_lineage(entry: Any) -> Any:
+    """A parent or base as other accounts may read it: a registry ref or a hub id as it is; a folder of the
+    server by its folder name and content hash, never its path (public versions are read by every account)."""
+    if isinstance(entry, dict) and "local_path" in entry:
+        name = str(entry["local_path"]).replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+        return {"local_folder": name, **({"sha256": entry["sha256"]} if entry.get("sha256") else {})}
+    return entry
+
+
 def version_object(version: Version) -> dict[str, Any]:
     """A version as ``GET /v1/models/{o}/{n}/versions/{id}`` returns it."""
     meta = version.metadata
@@ -67,9 +76,9 @@ def version_object(version: Version) -> dict[str, Any]:
         "model": version.model,
         "number": version.number,
         "kind": version.kind,
-        "parent": version.parent,
+        "parent": public_lineage(version.parent),
         "metrics": meta.get("metrics", {}),
-        "base": base,
+        "base": public_lineage(base),
         "training_id": meta.get("training_id"),
     }
 

@@ -32,6 +32,7 @@ from ..inference import (
     resolve_device,
     resolve_version,
 )
+from ..modeling.context import context_length
 from ..modeling.precision import torch_dtype
 from ..registry import Registry, Version
 from ..registry.sources import ResolvedModel
@@ -59,7 +60,7 @@ class LoadedBase:
     tokenizer: Any
     device: torch.device
     precision: str
-    context: int  # the model's maximum sequence length (prompt + generated)
+    context: int | None  # the model's context length (prompt + generated; modeling.context); None: unknown
     nbytes: int
     source: str = ""  # where the base loads from (a folder: its files restore merged weights exactly)
     adapters: set[str] = field(default_factory=set)
@@ -200,11 +201,9 @@ class ModelCache:
         model.eval()
         model.requires_grad_(False)
         self.base_loads += 1
-        config = model.config
-        context = (getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-                   or getattr(tokenizer, "model_max_length", None) or 2048)
+        context = context_length(model.config, tokenizer)
         nbytes = _nbytes(model.parameters()) + _nbytes(model.buffers())
-        return LoadedBase(base_key(resolved), model, tokenizer, target, precision, int(context), nbytes,
+        return LoadedBase(base_key(resolved), model, tokenizer, target, precision, context, nbytes,
                           source=resolved.base.load_path)
 
     def _unmerge(self, base: LoadedBase, say: Any) -> None:

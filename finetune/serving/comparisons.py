@@ -45,6 +45,7 @@ class ComparisonJob:
     result: dict[str, Any] | None = None
     error: str | None = None
     error_status: int = 500
+    done: int = 0  # versions compared so far; ``result`` holds their part while the job runs
     created: float = field(default_factory=time.time)
     finished: Signal = field(default_factory=Signal)
 
@@ -120,7 +121,11 @@ class Comparisons:
             job = self._jobs.get(job_id)
         if job is None:
             return
-        if kind == "compared":
+        if kind == "compare_progress":
+            with self._lock:
+                if job.status == "running":
+                    job.done, job.result = int(payload.get("done") or 0), payload.get("result")
+        elif kind == "compared":
             if "result" in payload:
                 self._end(job, payload["result"], None, 200)
             else:

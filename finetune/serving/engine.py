@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from ..errors import FinetuneError, one_line
+from ..generation import GenerationSettings
 from .batch import Batch, cache_argument
 from .cache import BASE_ADAPTER, ModelCache, Servable
 from .text import Detokenizer, StopMatcher
@@ -38,7 +39,9 @@ Emit = Callable[[str, dict[str, Any]], None]
 
 @dataclass
 class Job:
-    """One prediction to run: its version, its prompt ids (already rendered and checked) and how to sample."""
+    """One prediction to run: its version, its prompt ids (already rendered and checked) and how to generate;
+    ``max_new_tokens`` is the settings' own, held within the model's context
+    (:func:`finetune.generation.bounded_new_tokens`)."""
 
     id: str
     ref: str  # the exact version ref (owner/name:N)
@@ -46,12 +49,10 @@ class Job:
     ids: list[int]
     max_new_tokens: int
     emit: Emit
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    stop_sequences: list[str] = field(default_factory=list)
+    settings: GenerationSettings = field(default_factory=GenerationSettings)
     owner: str = ""  # the account: accounts take turns for room in a batch
+    notes: list[str] = field(default_factory=list)  # said in its logs when it starts (an answer cut by the context)
+    output_ids: list[int] = field(default_factory=list)  # the ids generated (without the stopping eos)
     canceled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
     ended: bool = False  # its "done" was sent
@@ -114,6 +115,11 @@ class Engine:
                     self._cond.notify_all()
                     return True
         return False  # the caller also sets the job's own event (it holds the job)
+
+    def run_here(self, job: Job) -> None:
+        """Run ``job`` to its end in the calling thread, without the background one (``finetune predict`` and the
+        Python API: :mod:`finetune.serving.local`); it reports through its ``emit`` as any job does."""
+        self._run_batch([job])
 
     # ------------------------------------------------------------------ scheduling
     def _take(self, base: str | None, room: int) -> list[Job]:
@@ -189,13 +195,16 @@ class Engine:
             try:
                 if not loaded:
                     job.emit("log", {"text": f"{job.ref} was already loaded in this worker (no reload)"})
+                for note in job.notes:
+                    job.emit("log", {"text": note})
+                settings = job.settings
                 generator = None
-                if job.temperature > 0:
+                if settings.temperature > 0:
                     generator = torch.Generator(device=servable.base.device)
-                    seed = job.seed if job.seed is not None else int.from_bytes(_random_bytes(), "little")
+                    seed = settings.seed if settings.seed is not None else int.from_bytes(_random_bytes(), "little")
                     generator.manual_seed(seed)
                 rows.append(_Row(job, servable, Detokenizer(servable.loaded.tokenizer),
-                                 StopMatcher(job.stop_sequences), generator, started))
+                                 StopMatcher(settings.stop_sequences), generator, started))
             except Exception as err:  # this job's settings (its seed): it fails, the others go on
                 traceback.print_exc()
                 self.cache.release(servable)
@@ -311,9 +320,9 @@ class Engine:
         text fails ends ``failed`` alone (it leaves the batch at the next step); the others go on."""
         tokens = logits.argmax(dim=-1)
         for i, row in enumerate(batch.rows):
-            if row.job.temperature > 0 and not row.done:
+            if row.job.settings.temperature > 0 and not row.done:
                 try:
-                    tokens[i] = _sample(logits[i].float(), row.job, row.generator)
+                    tokens[i] = _sample(logits[i].float(), row.job.settings, row.generator)
                 except Exception as err:
                     self._fail_row(row, err)
         batch.last = tokens
@@ -341,6 +350,7 @@ class Engine:
             self._finish(row, "succeeded", None)
             return
         row.generated += 1
+        row.job.output_ids.append(token)
         self._emit_text(row, row.stop.feed(row.detok.add(token)))
         if row.stop.stopped:
             self._finish(row, "succeeded", None)
@@ -389,21 +399,22 @@ class Engine:
         row.job.emit("done", {"status": status, "error": error, "metrics": metrics})
 
 
-def _sample(logits: torch.Tensor, job: Job, generator: torch.Generator | None) -> torch.Tensor:
-    logits = logits / job.temperature
-    if job.top_k and job.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, job.top_k).values[-1]
+def _sample(logits: torch.Tensor, settings: GenerationSettings, generator: torch.Generator | None) -> torch.Tensor:
+    """One token drawn from ``logits`` (one row's) as ``settings`` say: temperature, then top-k, then top-p."""
+    logits = logits / settings.temperature
+    if settings.top_k and settings.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, settings.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if job.top_p < 1.0:
+    if settings.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cumulative - sorted_logits.softmax(-1) > job.top_p  # keep the smallest set reaching top_p
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > settings.top_p  # keep the smallest set reaching top_p
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
     probs = logits.softmax(-1)
     # Checked here, on the host: on a GPU, multinomial over a NaN distribution is a device-side assert that ruins
     # the whole process (every batch after it), where this is an error for this one row.
     if not bool(torch.isfinite(probs).all()):
-        raise ValueError(f"the sampling distribution is not finite (temperature {job.temperature:g} for these "
+        raise ValueError(f"the sampling distribution is not finite (temperature {settings.temperature:g} for these "
                          "logits)")
     return torch.multinomial(probs, 1, generator=generator)[0]
 

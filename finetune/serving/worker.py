@@ -140,16 +140,21 @@ class _Core:
 
     def compare(self, job_id: str, spec: dict[str, Any]) -> None:
         """Run a comparison (:func:`finetune.compare.compare_versions`) on the compare thread; it reports one
+        ``compare_progress`` event after each version (``{"done", "total", "result"}``: the result so far) and one
         ``compared`` event: ``{"result": ...}`` or ``{"status": ..., "detail": ...}``."""
         self._compare.submit(self._run_compare, job_id, spec)
 
     def _run_compare(self, job_id: str, spec: dict[str, Any]) -> None:
         from ..compare import compare_versions
 
+        def progress(comparison: Any, done: int) -> None:  # the page shows each version's answers as they come
+            self.send(job_id, "compare_progress", {"done": done, "total": len(spec["refs"]),
+                                                   "result": comparison.to_dict()})
+
         try:
             result = compare_versions(self.registry, spec["refs"], prompt_records=spec.get("prompts"),
                                       eval_file=spec.get("eval_file"), device=self.config.device,
-                                      max_eval_rows=spec.get("max_eval_rows"))
+                                      max_eval_rows=spec.get("max_eval_rows"), on_version=progress)
             payload: dict[str, Any] = {"result": result.to_dict()}
         except FinetuneError as err:
             payload = {"status": getattr(err, "http_status", 422), "detail": str(err)}

@@ -370,7 +370,7 @@ def _load(run: _Run) -> _Loaded:
     resolved = resolve_model(run.registry, _start_spec(run))
     run.update_record(model=resolved.chain[0].ref if resolved.chain else resolved.base.description)
     tokenizer = load_tokenizer(resolved.base)
-    context = base_context(resolved.base)
+    context = base_context(resolved.base, tokenizer)
     if context is not None and config.data.max_seq_len > context:
         raise ConfigError([f"data.max_seq_len: {config.data.max_seq_len} is more than the {context} positions of "
                            f"base model {resolved.base.description}; set it to {context} or less"])

@@ -5,7 +5,8 @@ Showing the tab loads nothing. Comparing is a form POST carrying the session's C
 the losses recorded in the manifests are read at once; answering prompts or scoring an eval file loads every
 compared version, so that part is a bounded job run by the inference workers
 (:class:`finetune.serving.comparisons.Comparisons`: a few versions and prompts, one comparison at a time per
-account) and the browser is sent to its result page, which reloads itself until the job has ended.
+account) and the browser is sent to its result page, which reloads itself until the job has ended, showing how
+many versions have answered and their answers so far.
 """
 
 from __future__ import annotations
@@ -89,8 +90,10 @@ def compare_result(request: Request, user: User, owner: str, name: str, job_id: 
             pass
     ctx = _context(request, user, owner, name, numbers, job.form.get("prompts", ""), job.form.get("eval", ""))
     if job.status == "running":
-        ctx["running"] = job.refs
+        ctx["running"] = {"refs": job.refs, "done": job.done, "total": len(job.refs)}
         ctx["refresh"] = REFRESH_S
+        if job.result:  # the versions answered so far
+            ctx["comparison"] = comparison_view(reg, job.result)
     elif job.status == "failed":
         ctx["errors"]["_form"] = [job.error or "the comparison failed"]
     else:

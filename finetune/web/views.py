@@ -9,6 +9,7 @@ from typing import Any
 from ..registry import Version
 from ..registry.jobs import FINAL, TrainingRecord
 from ..registry.summary import parent_summary, training_progress
+from ..server.objects import public_lineage
 
 
 def when(stamp: str | None) -> str:
@@ -48,11 +49,10 @@ def parent_label(v: Version) -> str:
     """A version's parent as pages show it: a registry ref, a hub id at its revision, or for a base imported
     from a folder of the server the folder's name and content hash, never its path (pages of public models are
     read by every account)."""
-    parent = v.parent
-    if isinstance(parent, dict) and "local_path" in parent:
-        name = str(parent["local_path"]).replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+    parent = public_lineage(v.parent)
+    if isinstance(parent, dict) and "local_folder" in parent:
         sha = f", sha256 {str(parent['sha256'])[:12]}" if parent.get("sha256") else ""
-        return f"local folder {name}{sha}"
+        return f"local folder {parent['local_folder']}{sha}"
     return parent_summary(v)
 
 

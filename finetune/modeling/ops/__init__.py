@@ -135,7 +135,7 @@ def rewrite_for_training(model, precision: str, device: torch.device) -> FusedPa
     fuse_lora_updates(model)
     rms = fuse_rms_norms(model)
     # The gated-MLP rewrite recomputes two activations in the backward pass rather than keep them. In fp32 on a
-    # CPU that costs 1-2% of a step to save 4-9% of the peak (BENCHMARKS.md, sixth session), so the model's own
+    # CPU that costs 1-2% of a step to save 4-9% of the peak (BENCHMARKS.md, 2026-12-03), so the model's own
     # MLP runs there; in bf16 the two run alike, and GPUs are shorter of memory.
     mlps_off = precision == "fp32" and device.type == "cpu" and bool(gated_mlps(model))
     mlps = 0 if precision == "fp32" and device.type == "cpu" else fuse_gated_mlps(model)

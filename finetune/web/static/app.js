@@ -24,10 +24,15 @@ async function problemText(response) {
   }
 }
 
-// Forms that destroy something ask first.
+// Forms that destroy something ask first; a form that starts slow work (data-busy) disables its button at once,
+// so a second click cannot send it again, and says what it is doing.
 document.addEventListener("submit", (event) => {
   const form = event.target;
-  if (form.dataset.confirm && !window.confirm(form.dataset.confirm)) event.preventDefault();
+  if (form.dataset.confirm && !window.confirm(form.dataset.confirm)) { event.preventDefault(); return; }
+  if (form.dataset.busy && !event.defaultPrevented) {
+    const button = form.querySelector("button[type=submit]");
+    if (button) { button.disabled = true; button.textContent = form.dataset.busy; }
+  }
 });
 
 // Copy buttons next to snippets.

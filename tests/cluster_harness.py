@@ -114,3 +114,13 @@ def write_json(path: Path, data: object) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=2))
     tmp.replace(path)
+
+
+def start_node_without_registry(address: str, root: Path, empty: Path) -> subprocess.Popen:
+    """A worker node (``worker: 1``, ``predictor: 2``) whose registry path is the empty folder ``empty`` (a mount
+    namespace with a bind mount); stop it with ``os.killpg(proc.pid, signal.SIGTERM)``."""
+    ray_start = f"{sys.executable} -m ray.scripts.scripts start --address={address} --num-cpus=1 " \
+                f"--resources='{{\"worker\": 1, \"predictor\": 2}}' --object-store-memory={80 * 2**20} --block " \
+                f"--disable-usage-stats"
+    return subprocess.Popen(["unshare", "-m", "sh", "-c", f"mount --bind {empty} {root} && exec {ray_start}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)

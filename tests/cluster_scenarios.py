@@ -21,7 +21,13 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cluster_harness import Server, quiet_environment, write_json  # noqa: E402
+from cluster_harness import Server, quiet_environment, start_node_without_registry, write_json  # noqa: E402
+from cluster_predictions import (  # noqa: E402
+    predict_no_room,
+    predict_node_lost,
+    predict_nodes,
+    predict_unseen_registry,
+)
 
 from finetune.cluster.local import LocalCluster, check_loopback_only  # noqa: E402
 
@@ -274,11 +280,8 @@ def no_room(w: World) -> dict[str, Any]:
 def unseen_registry(w: World) -> dict[str, Any]:
     """A node whose registry path is an empty folder of its own (a mount namespace with a bind mount)."""
     empty = w.workdir / "empty"
-    empty.mkdir()
-    ray_start = f"{sys.executable} -m ray.scripts.scripts start --address={w.cluster.address} --num-cpus=1 " \
-                f"--resources='{{\"worker\": 1}}' --object-store-memory={80 * 2**20} --block --disable-usage-stats"
-    proc = subprocess.Popen(["unshare", "-m", "sh", "-c", f"mount --bind {empty} {w.root} && exec {ray_start}"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    empty.mkdir(exist_ok=True)
+    proc = start_node_without_registry(w.cluster.address, w.root, empty)
     try:
         line = w.server.wait_output("refused:", 120)
     finally:
@@ -295,7 +298,9 @@ def _last_step(w: World, training_id: str) -> int:
     return max((r["step"] for r in rows), default=0)
 
 
-ORDER = [four_trainings, two_processes, cancel_remote, node_lost, restart_reattach, no_room, unseen_registry]
+# The prediction scenarios restart the server with inference on Ray: they come last.
+ORDER = [four_trainings, two_processes, cancel_remote, node_lost, restart_reattach, no_room, unseen_registry,
+         predict_nodes, predict_node_lost, predict_unseen_registry, predict_no_room]
 
 
 def main() -> int:

@@ -88,3 +88,26 @@ def test_no_room(verdicts: dict) -> None:
 def test_unseen_registry(verdicts: dict) -> None:
     """A node joining with another folder at the registry's path is refused by name, with the path."""
     _verdict(verdicts, "unseen_registry")
+
+
+def test_predict_nodes(verdicts: dict) -> None:
+    """``--predict-executor ray``: predictions of two versions are answered by actors on both worker nodes (the
+    records and the server's log name the nodes); a version goes back to the actor holding it; Prefer: wait,
+    streaming and cancel work as with local workers."""
+    _verdict(verdicts, "predict_nodes")
+
+
+def test_predict_node_lost(verdicts: dict) -> None:
+    """A worker node killed under a running prediction: it fails naming the node, one waiting behind it on that
+    actor moves to another and succeeds, new predictions succeed, and a new actor replaces the lost one."""
+    _verdict(verdicts, "predict_node_lost")
+
+
+def test_predict_unseen_registry(verdicts: dict) -> None:
+    """A node joining with another folder at the registry's path is refused for inference actors, by name."""
+    _verdict(verdicts, "predict_unseen_registry")
+
+
+def test_predict_no_room(verdicts: dict) -> None:
+    """Inference actors no node can hold: the server says so, and a prediction is a 503 saying what they ask."""
+    _verdict(verdicts, "predict_no_room")

@@ -43,6 +43,12 @@ def test_executor_ray_without_ray_says_what_to_install(tmp_path: Path):
     (["--executor", "ray", "--max-retries", "-1"], "--max-retries must be 0 or more"),
     (["--executor", "ray", "--gpus-per-training", "0"], "--gpus-per-training must be 1 or more"),
     (["--executor", "ray", "--cpus-per-process", "0"], "--cpus-per-process must be more than 0"),
+    (["--predict-cpus", "1"], "--predict-cpus needs --predict-executor ray"),
+    (["--executor", "ray", "--predict-ray-resource", "predictor=1"], "--predict-ray-resource needs --predict-executor"),
+    (["--predict-executor", "ray", "--predict-ray-resource", "CPU=1"], "--predict-ray-resource 'CPU=1': CPU has its"),
+    (["--predict-executor", "ray", "--predict-ray-resource", "predictor"], "expected NAME=AMOUNT"),
+    (["--predict-executor", "ray", "--predict-cpus", "-1"], "--predict-cpus must be 0 or more"),
+    (["--predict-executor", "ray", "--predict-gpus", "-1"], "--predict-gpus must be 0 or more"),
 ])
 def test_serve_refuses_bad_cluster_options(tmp_path: Path, capsys: pytest.CaptureFixture[str], args, needle):
     pytest.importorskip("ray")
@@ -51,10 +57,19 @@ def test_serve_refuses_bad_cluster_options(tmp_path: Path, capsys: pytest.Captur
     assert_one_line_error(rc, capsys.readouterr().err, needle)
 
 
+def test_predict_executor_ray_without_ray_says_what_to_install(tmp_path: Path):
+    code = ("import sys; sys.modules['ray'] = None; from finetune.cli import main; "
+            f"sys.exit(main(['--registry', {str(tmp_path / 'r')!r}, 'serve', '--predict-executor', 'ray']))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert_one_line_error(None, proc.stderr, "--predict-executor ray needs Ray", "pip install 'finetune[ray]'")
+
+
 def test_the_server_imports_no_ray_until_asked():
-    code = "import sys, finetune.cli.serve, finetune.app, finetune.cluster.executor; print('ray' in sys.modules)"
+    code = ("import sys, finetune.cli.serve, finetune.app, finetune.cluster.executor, "
+            "finetune.cluster.inference; print('ray' in sys.modules, 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.stdout.strip() == "False", out.stderr
+    assert out.stdout.strip() == "False False", out.stderr
 
 
 def test_train_processes_is_a_checked_config_key(tmp_path: Path):

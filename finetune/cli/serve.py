@@ -18,7 +18,7 @@ import signal
 import socket
 from pathlib import Path
 
-from ..cluster.options import ClusterOptions
+from ..cluster.options import ClusterOptions, PredictOptions
 from ..errors import ConflictError, FinetuneError, UsageError
 from ..server.settings import (
     DEFAULT_MAX_TRAINING_STEPS,
@@ -95,7 +95,8 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     if prompt_bytes < 1:
         raise UsageError(f"--predict-max-prompt-size must be 1 byte or more, not {args.predict_max_prompt_size}")
     cluster = cluster_options(args)
-    return ServerSettings(cluster=cluster, host=args.host, port=args.port, workers=args.workers,
+    return ServerSettings(cluster=cluster, predict_cluster=predict_options(args), host=args.host, port=args.port,
+                          workers=args.workers,
                           max_upload_bytes=parse_size(args.max_upload_size), allowed_data_dirs=tuple(dirs),
                           public_base_url=args.public_url.rstrip("/") if args.public_url else None,
                           allow_webhook_hosts=webhook_hosts, api_docs=args.api_docs,
@@ -135,10 +136,12 @@ def cluster_options(args: argparse.Namespace) -> ClusterOptions | None:
     """The Ray executor's options, or None for the local one; Ray's options without ``--executor ray`` are errors."""
     from ..cluster.options import parse_resource, require_ray
 
-    ray_only = {"--ray-address": args.ray_address, "--gpus-per-training": args.gpus_per_training,
+    ray_only = {"--gpus-per-training": args.gpus_per_training,
                 "--cpus-per-process": args.cpus_per_process, "--max-retries": args.max_retries,
                 "--ray-resource": args.ray_resource, "--warm-actors": args.warm_actors}
     if args.executor != "ray":
+        if args.ray_address is not None and args.predict_executor != "ray":
+            ray_only["--ray-address"] = args.ray_address
         given = [flag for flag, value in ray_only.items() if value is not None]
         if given:
             raise UsageError(f"{', '.join(given)} need{'s' if len(given) == 1 else ''} --executor ray")
@@ -154,6 +157,25 @@ def cluster_options(args: argparse.Namespace) -> ClusterOptions | None:
                           warm_actors=pick(args.warm_actors, defaults.warm_actors))
 
 
+def predict_options(args: argparse.Namespace) -> PredictOptions | None:
+    """Inference on Ray's options, or None for local worker processes; their options alone are errors."""
+    from ..cluster.options import parse_resource, require_ray
+
+    if args.predict_executor != "ray":
+        given = [flag for flag, value in (("--predict-cpus", args.predict_cpus), ("--predict-gpus", args.predict_gpus),
+                                          ("--predict-ray-resource", args.predict_ray_resource)) if value is not None]
+        if given:
+            raise UsageError(f"{', '.join(given)} need{'s' if len(given) == 1 else ''} --predict-executor ray")
+        return None
+    require_ray("--predict-executor ray")
+    if args.predict_gpus is not None and args.predict_gpus < 0:
+        raise UsageError(f"--predict-gpus must be 0 or more, not {args.predict_gpus:g}")
+    return PredictOptions(address=args.ray_address, cpus=1.0 if args.predict_cpus is None else args.predict_cpus,
+                          gpus=args.predict_gpus,
+                          resources=dict(parse_resource(r, "--predict-ray-resource")
+                                         for r in args.predict_ray_resource or []))
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -166,10 +188,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     lock.acquire()  # one server per registry: a second one stops here, having touched nothing
     try:
         sock = bind(settings.host, settings.port)
-        if settings.cluster is not None:  # join the cluster now: a bad address is one line, not a failed startup
+        ray_options = settings.cluster or settings.predict_cluster
+        if ray_options is not None:  # join the cluster now: a bad address is one line, not a failed startup
             from ..cluster.session import connect
 
-            connect(settings.cluster.address, reg.root)
+            connect(ray_options.address, reg.root)
     except BaseException:
         if "sock" in locals():
             sock.close()
@@ -240,9 +263,20 @@ def add_commands(groups: argparse._SubParsersAction) -> None:
     p.add_argument("--executor", choices=("local", "ray"), default="local",
                    help="where trainings run: worker processes on this machine (local, the default), or anywhere "
                         "in a Ray cluster sharing the registry (ray: pip install 'finetune[ray]')")
+    p.add_argument("--predict-executor", choices=("local", "ray"), default="local",
+                   help="where inference workers run: processes on this machine (local, the default), or Ray "
+                        "actors anywhere in a Ray cluster sharing the registry (ray; --predict-workers of them)")
     p.add_argument("--ray-address", default=None, metavar="ADDRESS",
                    help="the Ray cluster to join (default: RAY_ADDRESS, else the one `ray start` ran here, else "
                         "a Ray started for this server)")
+    p.add_argument("--predict-cpus", type=float, default=None, metavar="N",
+                   help="CPUs each inference actor asks Ray for (--predict-executor ray; default 1)")
+    p.add_argument("--predict-gpus", type=float, default=None, metavar="N",
+                   help="GPUs each inference actor asks Ray for (default: 1 when --predict-device names a GPU, or "
+                        "is auto and the cluster has GPUs; else 0)")
+    p.add_argument("--predict-ray-resource", action="append", metavar="NAME=AMOUNT",
+                   help="a custom Ray resource each inference actor asks for, e.g. predictor=1 to keep them on "
+                        "the nodes started with --resources='{\"predictor\": N}' (repeatable)")
     p.add_argument("--gpus-per-training", type=int, default=None, metavar="N",
                    help="GPUs of a training on a gpu destination, one process each (default 1; a config's "
                         "train.processes overrides it)")
@@ -274,7 +308,8 @@ def add_commands(groups: argparse._SubParsersAction) -> None:
     p.add_argument("--web-user", default=None, metavar="OWNER",
                    help="the account --open-browser signs in (default: your OS user name, else 'local')")
     p.add_argument("--predict-workers", type=int, default=1, metavar="N",
-                   help="inference worker processes (default 1; versions of one base always share one)")
+                   help="inference worker processes (default 1; versions of one base always share one); with "
+                        "--predict-executor ray, inference actors (a version goes to the one that holds it loaded)")
     p.add_argument("--predict-memory", default=None, metavar="SIZE",
                    help="each inference worker's budget for loaded model weights, e.g. 8G (default: no limit); "
                         "the least recently used versions are unloaded beyond it")

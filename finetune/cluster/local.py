@@ -7,8 +7,10 @@ can leave the machine. :func:`in_own_netns` re-executes a command there (``unsha
 up``; root or user namespaces needed), and :func:`check_loopback_only` refuses to start a cluster anywhere else.
 
 :class:`LocalCluster` is Ray's own test cluster (``ray.cluster_utils.Cluster``): a head without CPUs (trainings
-never land there) and worker nodes with ``worker_cpus`` CPUs and the custom resource ``worker: 1`` each, so that
-a server started with ``--ray-resource worker=1`` keeps its trainings on the workers, one per worker.
+never land there) and worker nodes with ``worker_cpus`` CPUs and the custom resources ``worker: 1`` and
+``predictor: 2`` each, so that a server started with ``--ray-resource worker=1`` keeps its trainings on the
+workers, one per worker, and one with ``--predict-cpus 0 --predict-ray-resource predictor=1`` its inference
+actors, up to two per worker, beside them.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ def check_loopback_only() -> None:
 
 
 class LocalCluster:
-    """A head (no CPUs) and ``workers`` worker nodes (``worker_cpus`` CPUs and ``worker: 1`` each)."""
+    """A head (no CPUs) and ``workers`` worker nodes (``worker_cpus`` CPUs, ``worker: 1``, ``predictor: 2`` each)."""
 
     def __init__(self, workers: int = 2, worker_cpus: float = 1, fast_health_checks: bool = True):
         from ray.cluster_utils import Cluster
@@ -77,7 +79,7 @@ class LocalCluster:
         return self.cluster.address
 
     def add_worker(self):
-        node = self.cluster.add_node(num_cpus=self.worker_cpus, resources={"worker": 1},
+        node = self.cluster.add_node(num_cpus=self.worker_cpus, resources={"worker": 1, "predictor": 2},
                                      object_store_memory=OBJECT_STORE_BYTES)
         self.workers.append(node)
         return node

@@ -1,4 +1,5 @@
-"""Which nodes may run trainings: every node must see the server's registry, at the same path, writable.
+"""Which nodes may run trainings (and inference actors): every node must see the server's registry, at the same
+path, writable.
 
 A training on a node that cannot see the registry would fail late (or, worse, write into a folder nobody else
 reads), so the server probes each node when it starts and when a node joins: a tiny task pinned to the node
@@ -53,21 +54,23 @@ def probe_registry(root: str, folder: str, token: str, node_id: str) -> str | No
 class Verdict:
     node: NodeInfo
     problem: str | None  # None: usable
+    what: str = "training"  # what the gate keeps off refused nodes
 
     def describe(self) -> str:
         if self.problem is None:
             return f"{self.node.describe()}: usable"
-        return f"{self.node.describe()} refused: {self.problem}; no training runs there"
+        return f"{self.node.describe()} refused: {self.problem}; no {self.what} runs there"
 
 
 class NodeGate:
     """The verdict on every alive node, kept current by :meth:`refresh` (probes are non-blocking)."""
 
-    def __init__(self, registry: Registry, say: Callable[[str], None]):
+    def __init__(self, registry: Registry, say: Callable[[str], None], what: str = "training"):
         import ray
 
         self.registry = registry
         self.say = say
+        self.what = what
         self.verdicts: dict[str, Verdict] = {}
         self._pending: dict[str, tuple[NodeInfo, object, float]] = {}  # node id -> (node, probe ref, started)
         self._unanswered: dict[str, float] = {}  # node id -> when to probe again
@@ -134,7 +137,7 @@ class NodeGate:
                 problem = _failed_probe(err)
             if problem is None:
                 problem = self._check_reply(node)
-            self._record(Verdict(node, problem))
+            self._record(Verdict(node, problem, self.what))
             changed = True
         now = time.monotonic()
         for node_id, (node, ref, started) in list(self._pending.items()):
@@ -143,7 +146,7 @@ class NodeGate:
                 del self._pending[node_id]
                 self._unanswered[node_id] = now + RETRY_UNANSWERED_S
                 self.say(f"{node.describe()} did not answer the registry probe within {PROBE_TIMEOUT_S:.0f} s; "
-                         f"no training runs there until it does")
+                         f"no {self.what} runs there until it does")
         return changed
 
     def _check_reply(self, node: NodeInfo) -> str | None:

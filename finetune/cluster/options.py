@@ -47,24 +47,45 @@ class ClusterOptions:
             raise UsageError(f"--warm-actors must be 0 or more, not {self.warm_actors}")
 
 
-def parse_resource(text: str) -> tuple[str, float]:
+@dataclass(frozen=True)
+class PredictOptions:
+    """Inference workers as Ray actors (``finetune serve --predict-executor ray``).
+
+    ``address``: the cluster to join (the same as the trainings' when both run on Ray).
+    ``cpus``: CPUs each inference actor asks for (0: it may share a node's CPUs with anything).
+    ``gpus``: GPUs each asks for (None: one when ``--predict-device`` names a GPU, or it is ``auto`` and the
+    cluster has GPUs).
+    ``resources``: custom Ray resources each asks for, to keep inference on some nodes.
+    """
+
+    address: str | None = None
+    cpus: float = 1.0
+    gpus: float | None = None
+    resources: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not (self.cpus >= 0 and math.isfinite(self.cpus)):
+            raise UsageError(f"--predict-cpus must be 0 or more, not {self.cpus:g}")
+
+
+def parse_resource(text: str, flag: str = "--ray-resource") -> tuple[str, float]:
     """``NAME=AMOUNT`` (``--ray-resource trainer=1``) as a pair; CPUs and GPUs have their own options."""
     match = _RESOURCE.match(text.strip())
     if not match:
-        raise UsageError(f"--ray-resource {text!r}: expected NAME=AMOUNT, e.g. trainer=1")
+        raise UsageError(f"{flag} {text!r}: expected NAME=AMOUNT, e.g. trainer=1")
     name, amount = match.group(1), float(match.group(2))
     if name in _RESERVED:
-        raise UsageError(f"--ray-resource {text!r}: {name} has its own option",
-                         "use --cpus-per-process or --gpus-per-training")
+        hint = "use --predict-cpus" if flag.startswith("--predict") else "use --cpus-per-process or --gpus-per-training"
+        raise UsageError(f"{flag} {text!r}: {name} has its own option", hint)
     if amount <= 0:
-        raise UsageError(f"--ray-resource {text!r}: the amount must be more than 0")
+        raise UsageError(f"{flag} {text!r}: the amount must be more than 0")
     return name, amount
 
 
-def require_ray() -> None:
+def require_ray(flag: str = "--executor ray") -> None:
     """Raise a one-line :class:`UsageError` saying what to install when Ray is missing."""
     try:
         import ray  # noqa: F401
     except ImportError:
-        raise UsageError("--executor ray needs Ray, which is not installed",
+        raise UsageError(f"{flag} needs Ray, which is not installed",
                          "pip install 'finetune[ray]' (on the server and on every node of the cluster)") from None

@@ -46,6 +46,7 @@ class PredictionRecord:
     webhook: str | None = None
     webhook_events_filter: list[str] | None = None
     source: str = "api"
+    placement: dict[str, Any] | None = None  # where it ran, on a Ray cluster: executor, actor, host, node_id
 
     def __post_init__(self) -> None:
         self.status = Status(self.status)

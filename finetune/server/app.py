@@ -73,10 +73,16 @@ def _prediction_service(registry: Registry, settings: ServerSettings, app: FastA
     config = WorkerConfig(str(registry.root), device=settings.predict_device,
                           memory_budget_mb=settings.predict_memory_mb, max_batch=settings.predict_max_batch,
                           max_prompt_tokens=settings.predict_max_prompt_tokens, threads=settings.predict_threads)
+    pool = None
+    if settings.predict_cluster is not None:  # Ray actors (finetune.cluster.inference), created when it starts
+        from ..cluster.inference import RayInferencePool
+
+        options, count = settings.predict_cluster, settings.predict_workers
+        pool = lambda config, on_event: RayInferencePool(config, on_event, options, count)  # noqa: E731
     return PredictionService(registry, config, workers=settings.predict_workers, prestart=settings.predict_prestart,
                              to_object=predictions.prediction_object, webhook_sender=send,
                              max_prompt_bytes=settings.predict_max_prompt_bytes,
-                             max_per_account=settings.predict_max_per_account)
+                             max_per_account=settings.predict_max_per_account, pool=pool)
 
 
 def build_api(registry: Registry | None = None, settings: ServerSettings | None = None) -> FastAPI:

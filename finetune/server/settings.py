@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..cluster.options import ClusterOptions
+from ..cluster.options import ClusterOptions, PredictOptions
 from ..serving.schema import DEFAULT_MAX_PROMPT_BYTES
 from ..serving.service import DEFAULT_MAX_PER_ACCOUNT
 
@@ -61,3 +61,5 @@ class ServerSettings:
     predict_threads: int | None = None  # torch CPU threads of each inference worker (None: torch's default)
     # trainings on a Ray cluster (`--executor ray`); None: in worker processes on this machine
     cluster: ClusterOptions | None = None
+    # inference workers as Ray actors (`--predict-executor ray`); None: worker processes on this machine
+    predict_cluster: PredictOptions | None = None

@@ -6,7 +6,8 @@
 - :mod:`.engine` — the batched decoding loop (KV cache, joining, cancel, accounts taking turns), over
   :mod:`.batch` (the batch's tensors);
 - :mod:`.prompts` — prompts rendered, tokenized and checked against the context before admission;
-- :mod:`.worker` — the worker process and the handle the server talks to it through;
+- :mod:`.worker` — the worker process and the handle the server talks to it through (Ray actors running the
+  same worker core: :mod:`finetune.cluster.inference`);
 - :mod:`.service` — prediction records, limits, waiting (:mod:`.signals`), streaming, webhooks: what the HTTP
   routes call;
 - :mod:`.comparisons` — the web app's comparisons, bounded, run by the workers.

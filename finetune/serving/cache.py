@@ -126,6 +126,11 @@ class ModelCache:
     def _total(self) -> int:
         return sum(b.nbytes for b in self._bases.values()) + sum(s.nbytes for s in self._versions.values())
 
+    def loaded_refs(self) -> list[str]:
+        """The refs (owner/name:N) of the versions held now."""
+        with self._lock:
+            return [s.version.ref for s in self._versions.values()]
+
     def cached(self, version_id: str) -> bool:
         with self._lock:
             return version_id in self._versions

@@ -15,7 +15,9 @@ The HTTP routes (server/routes/predictions.py) are a thin layer over :class:`Pre
 * :meth:`~PredictionService.cancel` stops it within a decoding step; a prediction its worker no longer answers
   for is settled ``canceled`` by the service itself, so cancel always ends it.
 
-Versions map to workers by their base, so the versions of one base share that worker's memory. The web app's
+Versions map to workers by their base, so the versions of one base share that worker's memory. With
+``pool`` (``--predict-executor ray``) one worker object routes over Ray actors itself
+(:class:`finetune.cluster.inference.RayInferencePool`); the record's ``placement`` names the node. The web app's
 comparisons run on the same workers (:attr:`~PredictionService.comparisons`).
 """
 
@@ -37,7 +39,7 @@ from ..registry.predictions import PredictionRecord, Predictions, new_prediction
 from .comparisons import Comparisons
 from .schema import DEFAULT_MAX_PROMPT_BYTES, check_input, prompt_format
 from .signals import Signal
-from .worker import LocalWorker, WorkerConfig, WorkerProcess
+from .worker import LocalWorker, OnEvent, WorkerConfig, WorkerProcess
 
 DEFAULT_MAX_PER_ACCOUNT = 16  # predictions starting or running at once per account (finetune serve flag)
 ADMIT_TIMEOUT_S = 300.0  # a worker that neither admits, rejects nor dies in this long is stuck
@@ -74,14 +76,18 @@ class PredictionService:
                  in_process: bool = False, webhook_sender: WebhookSender | None = None,
                  to_object: Callable[[PredictionRecord, str], dict[str, Any]] | None = None, prestart: bool = False,
                  max_prompt_bytes: int | None = DEFAULT_MAX_PROMPT_BYTES,
-                 max_per_account: int | None = DEFAULT_MAX_PER_ACCOUNT):
+                 max_per_account: int | None = DEFAULT_MAX_PER_ACCOUNT,
+                 pool: Callable[[WorkerConfig, OnEvent], Any] | None = None):
         self.registry = registry
         self.max_prompt_bytes = max_prompt_bytes
         self.max_per_account = max_per_account
         self.records = Predictions(registry)
         self.config = config or WorkerConfig(str(registry.root))
-        kind = LocalWorker if in_process else WorkerProcess
-        self._workers = [kind(self.config, self._on_event) for _ in range(max(1, workers))]
+        if pool is not None:  # one worker that routes over many (Ray actors: finetune.cluster.inference)
+            self._workers = [pool(self.config, self._on_event)]
+        else:
+            kind = LocalWorker if in_process else WorkerProcess
+            self._workers = [kind(self.config, self._on_event) for _ in range(max(1, workers))]
         self._live: dict[str, _Live] = {}
         self._lock = threading.RLock()
         self.webhook_sender = webhook_sender
@@ -205,6 +211,7 @@ class PredictionService:
         if kind == "admitted":
             with self._lock:
                 record.metrics["input_token_count"] = payload["input_token_count"]
+                record.placement = payload.get("placement")
                 self.records.create(record)
                 self._owners[record.id] = record.owner
                 live.saved_at = time.monotonic()
@@ -213,7 +220,11 @@ class PredictionService:
             return
         if not live.admitted.wait(30.0):  # events come in order; the record exists once admitted
             return
-        if kind == "processing":
+        if kind == "placement":  # moved to another worker before it started (its worker was lost)
+            with self._lock:
+                record.placement = payload.get("placement")
+                self._save(live)
+        elif kind == "processing":
             with self._lock:
                 if record.status == Status.STARTING:
                     record.status, record.started_at = Status.PROCESSING, utc_now()

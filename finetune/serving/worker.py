@@ -14,10 +14,11 @@ prediction, nor a cancel, waits for it. Short prompts have their own lane, so lo
 The worker also runs the web app's comparisons (``compare``: :func:`finetune.compare.compare_versions`), one at a
 time on a thread of their own, so that no model is ever loaded in the server process.
 
-:class:`LocalWorker` runs the same core in the calling process (the benchmark and engine tests use it);
-:class:`WorkerProcess` runs it in a child process (what ``finetune serve`` uses). A worker that dies is noticed
-within :data:`DEATH_POLL_S`: its in-flight predictions end at once with the reason (``done`` with ``died``), and
-the next submit starts a fresh one.
+:class:`LocalWorker` runs the same core (:class:`WorkerCore`) in the calling process (the benchmark and engine
+tests use it); :class:`WorkerProcess` runs it in a child process (what ``finetune serve`` uses);
+:class:`finetune.cluster.inference.InferenceActor` runs it in a Ray actor (``--predict-executor ray``). A worker
+process that dies is noticed within :data:`DEATH_POLL_S`: its in-flight predictions end at once with the reason
+(``done`` with ``died``), and the next submit starts a fresh one.
 """
 
 from __future__ import annotations
@@ -57,8 +58,9 @@ class WorkerConfig:
         return None if self.memory_budget_mb is None else int(self.memory_budget_mb * 2**20)
 
 
-class _Core:
-    """What a worker does with each message; the same in a child process and in-process."""
+class WorkerCore:
+    """What a worker does with each message; the same in a child process, in-process and in a Ray actor
+    (:class:`finetune.cluster.inference.InferenceActor`): only how messages and events travel differs."""
 
     def __init__(self, config: WorkerConfig, send: OnEvent):
         import torch
@@ -167,6 +169,10 @@ class _Core:
         return {**self.cache.stats(), "steps": self.engine.steps, "max_rows": self.engine.max_rows,
                 "pid": os.getpid()}
 
+    def loaded(self) -> list[str]:
+        """The refs of the versions loaded now (a router sends their predictions here: no load)."""
+        return self.cache.loaded_refs()
+
     def stop(self) -> None:
         for pool in (self._short, self._long, self._compare):
             pool.shutdown(wait=False, cancel_futures=True)
@@ -177,7 +183,7 @@ class LocalWorker:
     """A worker in this process (threads): same behaviour as :class:`WorkerProcess`, no IPC."""
 
     def __init__(self, config: WorkerConfig, on_event: OnEvent):
-        self.core = _Core(config, on_event)
+        self.core = WorkerCore(config, on_event)
 
     def submit(self, job_id: str, ref: str, data: dict[str, Any], owner: str = "") -> None:
         self.core.submit(job_id, ref, data, owner)
@@ -201,7 +207,7 @@ def _child_main(config: WorkerConfig, requests: Any, events: Any) -> None:
     from ..training.runlog import quiet_libraries
 
     quiet_libraries()
-    core = _Core(config, lambda job_id, kind, payload: events.put((job_id, kind, payload)))
+    core = WorkerCore(config, lambda job_id, kind, payload: events.put((job_id, kind, payload)))
     events.put(("", "ready", {"pid": os.getpid()}))
     parent = os.getppid()
     while True:

@@ -80,6 +80,7 @@ def prediction_object(record: PredictionRecord, url: str) -> dict[str, Any]:
         "source": record.source,
         # ours
         "version_ref": record.version_ref,
+        "placement": record.placement,
     }
 
 

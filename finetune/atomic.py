@@ -22,13 +22,19 @@ from typing import Any
 
 from .processes import work_name
 
-# Benchmarks that create tens of thousands of versions may set FINETUNE_FSYNC=0; never the default.
-_FSYNC = os.environ.get("FINETUNE_FSYNC", "1") != "0"
+FSYNC_ENV = "FINETUNE_FSYNC"
 _CHUNK = 1 << 20
 
 
+def fsync_enabled() -> bool:
+    """Whether writes are made durable: always, unless ``FINETUNE_FSYNC=0`` (never the default; for benchmarks
+    that create tens of thousands of versions, and tests). Read at each call, so that setting it in a process
+    (or a test's ``monkeypatch.setenv``) applies at once, and child processes inherit it."""
+    return os.environ.get(FSYNC_ENV, "1") != "0"
+
+
 def fsync_file(path: Path) -> None:
-    if not _FSYNC:
+    if not fsync_enabled():
         return
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -38,7 +44,7 @@ def fsync_file(path: Path) -> None:
 
 
 def fsync_dir(path: Path) -> None:
-    if not _FSYNC:
+    if not fsync_enabled():
         return
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -52,7 +58,7 @@ def write_bytes_durable(path: Path, data: bytes) -> None:
     with open(path, "xb") as f:
         f.write(data)
         f.flush()
-        if _FSYNC:
+        if fsync_enabled():
             os.fsync(f.fileno())
 
 
@@ -161,7 +167,7 @@ def copy_and_hash(src: Path, dst: Path) -> tuple[int, str]:
             fout.write(chunk)
             size += len(chunk)
         fout.flush()
-        if _FSYNC:
+        if fsync_enabled():
             os.fsync(fout.fileno())
     return size, h.hexdigest()
 

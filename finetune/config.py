@@ -31,8 +31,8 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError, PydanticUndefined
 
+from .choices import FORMATS, OVERLONG
 from .config_check import Hints, Origin, Reporter, checked, hints_of, join, members, show
-from .data.formats import FORMATS, OVERLONG
 from .errors import ConfigError, UsageError
 from .names import UPLOAD_SCHEME, parse_model_name
 
@@ -78,7 +78,7 @@ _MLFLOW_LOCAL_NEEDS = ("mlflow", "sqlalchemy", "alembic")
 
 def tracker_package_missing(name: str) -> bool:
     """Whether tracker ``name`` lacks a module here (then ``pip install NAME`` brings it)."""
-    needs = _TRACKER_NEEDS[name]
+    needs: tuple[str, ...] = _TRACKER_NEEDS[name]
     if name == "mlflow" and not os.environ.get("MLFLOW_TRACKING_URI"):
         needs = _MLFLOW_LOCAL_NEEDS
     return any(importlib.util.find_spec(module) is None for module in needs)
@@ -244,7 +244,8 @@ def _cross_check(reporter: Reporter, raw: Mapping[str, Any], wrong: set[str]) ->
             "train.method", "data.format"}:
         reporter.report("data.format", "data.format: preference rows train with train.method: dpo")
     if train.get("method") == "dpo" and "train.method" not in wrong:
-        lora = raw.get("lora") if isinstance(raw.get("lora"), Mapping) else {}
+        lora = raw.get("lora")
+        lora = lora if isinstance(lora, Mapping) else {}
         if data.get("format") not in ("auto", "preference", None) and "data.format" not in wrong:
             reporter.report("data.format", f"data.format: dpo trains on preference rows; set it to auto or "
                             f"preference, not {data['format']}")
@@ -285,7 +286,8 @@ def _build(raw: Any, origins: dict[str, Origin], default: Origin, source: str,
         _cross_check(reporter, raw, wrong)
     if reporter.problems or config is None:
         raise ConfigError(reporter.sorted(), source=source)
-    return _resolve_paths(config, reporter.origin)
+    resolved: Config = _resolve_paths(config, reporter.origin)
+    return resolved
 
 
 def config_from_dict(d: Mapping[str, Any], source: str = "<dict>", *,
@@ -333,7 +335,7 @@ def _self_reference(node: yaml.Node, open_nodes: set[int], done: set[int] | None
     return None
 
 
-def _read_yaml(path: Path, source: str) -> tuple[Any, dict[str, int], list[tuple[float, str]]]:
+def _read_yaml(path: Path, source: str) -> tuple[Any, dict[str, int], list[tuple[float, str, str]]]:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:

@@ -203,7 +203,7 @@ def _time_inprocess(fn: Callable[[], object], repeat: int = 50) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
-    os.environ["FINETUNE_FSYNC"] = "0"  # before finetune.atomic is imported: it reads the variable once
+    os.environ["FINETUNE_FSYNC"] = "0"  # the worker processes inherit it
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import httpx

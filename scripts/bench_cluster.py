@@ -297,10 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
     os.environ.update({"RAY_USAGE_STATS_ENABLED": "0", "FINETUNE_FSYNC": "0", "OMP_NUM_THREADS": "1",
                        "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
-    from finetune import atomic
     from finetune.tiny import build_tiny_model
 
-    atomic._FSYNC = False
     work = Path(tempfile.mkdtemp(prefix="bench-cluster-"))
     print(f"bench_cluster: {cpu_name()}, {os.cpu_count()} CPUs; working in {work}", flush=True)
     model_dir = build_tiny_model(work / "model", hidden_size=args.hidden, num_layers=4, num_heads=4)

@@ -46,13 +46,12 @@ class World:
     def __init__(self, workdir: Path):
         import replicate
 
-        from finetune import atomic
         from finetune.registry import Registry
         from finetune.registry.accounts import Accounts
         from finetune.registry.sources import import_base
         from finetune.tiny import build_tiny_model, sample_data_path
 
-        atomic._FSYNC = False
+        os.environ["FINETUNE_FSYNC"] = "0"
         self.workdir = workdir
         self.root = workdir / "registry"
         self.reg = Registry(self.root)

@@ -85,5 +85,5 @@ def fake_executor(monkeypatch: pytest.MonkeyPatch):
     from finetune.server import training_service
 
     executor = FakeExecutor(capacity=1)
-    monkeypatch.setattr(training_service, "LocalExecutor", lambda root, workers=None: executor)
+    monkeypatch.setattr(training_service, "LocalExecutor", lambda root, workers=None, prestart=True: executor)
     return executor

@@ -13,8 +13,12 @@ Accounts ``alice`` and ``bob`` exist with one token each (``live_server.tokens[o
 (a small page size, an upload limit, allowed data folders) or a restart over the same registry, use
 :func:`running_server` directly::
 
-    with running_server(registry, ServerSettings(page_size=2)) as server:
+    with running_server(registry, server_settings(page_size=2)) as server:
         ...
+
+:func:`server_settings` are ``finetune serve``'s settings less the spare training worker (``train_prestart``):
+most test servers train nothing, and a spare would import torch for each of them. Tests of the real workers
+pass ``ServerSettings(...)`` (spare on, as served).
 
 The server runs in a thread of the test process, so the app's services (``app.state.services``) start and
 stop with it; leaving the ``with`` block stops it (a graceful uvicorn shutdown).
@@ -32,9 +36,9 @@ from typing import Any
 
 import httpx
 
+from finetune.app import create_app
 from finetune.registry import Registry
 from finetune.registry.accounts import Accounts
-from finetune.server.app import create_app
 from finetune.server.settings import ServerSettings
 
 ACCOUNTS = ("alice", "bob")
@@ -65,6 +69,11 @@ class LiveServer:
         return replicate.Client(api_token=self.tokens[owner], base_url=self.url)
 
 
+def server_settings(**fields: Any) -> ServerSettings:
+    """Settings for a test server: the defaults, ``fields``, and no spare training worker unless asked."""
+    return ServerSettings(**{"train_prestart": False, **fields})
+
+
 def _free_socket() -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -80,7 +89,7 @@ def running_server(registry: Registry, settings: ServerSettings | None = None,
 
     sock = _free_socket()
     port = sock.getsockname()[1]
-    settings = replace(settings or ServerSettings(), host="127.0.0.1", port=port)
+    settings = replace(settings or server_settings(), host="127.0.0.1", port=port)
     store = Accounts(registry)
     tokens = {owner: store.create_token(owner, label="tests") for owner in accounts}
     app = create_app(registry, settings)

@@ -7,12 +7,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from service import running_server
+from service import running_server, server_settings
 
-from finetune import atomic
 from finetune.registry import Registry
 from finetune.registry.accounts import Accounts
-from finetune.server.settings import ServerSettings
 
 # Replicate's docs create a model with a body like this one; this copy lacks the comma after "alice".
 MISSING_COMMA = b"""{
@@ -26,7 +24,7 @@ MISSING_COMMA = b"""{
 
 @pytest.fixture(autouse=True)
 def _no_fsync(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(atomic, "_FSYNC", False)
+    monkeypatch.setenv("FINETUNE_FSYNC", "0")
 
 
 def publish(reg: Registry, tmp_path: Path, model: str, n: int) -> list:
@@ -225,7 +223,7 @@ def test_versions_pages_newest_first_with_cursors(tmp_path):
     reg = Registry(tmp_path / "registry")
     reg.create_model("alice/m")
     versions = publish(reg, tmp_path, "alice/m", 7)
-    with running_server(reg, ServerSettings(page_size=3)) as server:
+    with running_server(reg, server_settings(page_size=3)) as server:
         http = server.http("alice")
         seen, pages, url = [], 0, "/v1/models/alice/m/versions"
         while url:
@@ -251,7 +249,7 @@ def test_models_list_pages_by_name_and_shows_only_visible(tmp_path):
     for name in ("alice/a", "alice/b", "bob/pub", "alice/c"):
         reg.create_model(name, visibility="public" if name == "bob/pub" else "private")
     reg.create_model("bob/priv")
-    with running_server(reg, ServerSettings(page_size=2)) as server:
+    with running_server(reg, server_settings(page_size=2)) as server:
         http = server.http("alice")
         first = http.get("/v1/models").json()
         second = http.get(first["next"]).json()

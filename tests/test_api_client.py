@@ -8,12 +8,10 @@ from pathlib import Path
 import pytest
 from replicate.exceptions import ReplicateError
 
-from finetune import atomic
-
 
 @pytest.fixture(autouse=True)
 def _no_fsync(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(atomic, "_FSYNC", False)
+    monkeypatch.setenv("FINETUNE_FSYNC", "0")
 
 
 def test_models_create_get_and_versions_list(live_server, tmp_path: Path):

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 from replicate.exceptions import ReplicateError
-from service import running_server
+from service import running_server, server_settings
 
-from finetune import atomic
 from finetune.errors import AccessDeniedError, NotFoundError, UsageError
 from finetune.registry import Registry
 from finetune.registry.files import Files
@@ -22,7 +21,7 @@ ROWS = [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(5)]
 
 @pytest.fixture(autouse=True)
 def _no_fsync(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(atomic, "_FSYNC", False)
+    monkeypatch.setenv("FINETUNE_FSYNC", "0")
 
 
 @pytest.fixture
@@ -59,7 +58,7 @@ def test_client_uploads_a_jsonl_file_that_only_its_owner_sees(live_server, jsonl
 
 def test_oversized_upload_is_413_and_stores_nothing(tmp_path: Path):
     reg = Registry(tmp_path / "registry")
-    with running_server(reg, ServerSettings(max_upload_bytes=1000)) as server:
+    with running_server(reg, server_settings(max_upload_bytes=1000)) as server:
         http = server.http("alice")
         r = http.post("/v1/files", files={"content": ("big.jsonl", b"x" * 1001, "application/jsonl")})
         assert r.status_code == 413 and r.json()["status"] == 413 and "1000" in r.json()["detail"]
@@ -98,7 +97,7 @@ def test_upload_without_a_content_part_or_with_bad_metadata_is_422(live_server):
 
 def test_files_list_pages_newest_first(tmp_path: Path):
     reg = Registry(tmp_path / "registry")
-    with running_server(reg, ServerSettings(page_size=2)) as server:
+    with running_server(reg, server_settings(page_size=2)) as server:
         http = server.http("alice")
         ids = [http.post("/v1/files", files={"content": (f"{i}.jsonl", b"{}", "x")}).json()["id"] for i in range(3)]
         first = http.get("/v1/files").json()

@@ -24,7 +24,6 @@ import pytest
 from helpers import FakeExecutor
 from service import LiveServer, running_server
 
-from finetune import atomic
 from finetune.registry import Registry
 from finetune.registry.jobs import Trainings
 from finetune.registry.sources import import_base
@@ -40,7 +39,6 @@ FINAL = ("succeeded", "failed", "canceled")
 
 @pytest.fixture(autouse=True)
 def _no_fsync(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(atomic, "_FSYNC", False)
     monkeypatch.setenv("FINETUNE_FSYNC", "0")
 
 
@@ -48,7 +46,7 @@ def make_registry(root: Path, tiny_model_dir: Path) -> tuple[Registry, str]:
     """A registry with the public base ``base/x`` (the tiny model); returns it and the base's version id."""
     reg = Registry(root)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(atomic, "_FSYNC", False)
+        mp.setenv("FINETUNE_FSYNC", "0")
         base = import_base(reg, "base/x", str(tiny_model_dir), visibility="public")
     return reg, base.id
 

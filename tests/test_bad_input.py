@@ -20,7 +20,6 @@ import pytest
 import yaml
 from helpers import assert_one_line_error
 
-from finetune import atomic
 from finetune.cli import main
 from finetune.registry import Registry
 from finetune.registry.sources import import_base
@@ -31,7 +30,7 @@ DEST = "bad/dest"
 
 @pytest.fixture(autouse=True)
 def _no_fsync(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(atomic, "_FSYNC", False)
+    monkeypatch.setenv("FINETUNE_FSYNC", "0")
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +38,7 @@ def root(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     """A registry with the tiny base and one trained version of DEST (one step)."""
     tmp = tmp_path_factory.mktemp("bad-input")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(atomic, "_FSYNC", False)
+        mp.setenv("FINETUNE_FSYNC", "0")
         reg = Registry(tmp / "registry")
         import_base(reg, "local/tiny", str(tiny_model_dir))
         reg.create_model(DEST)

@@ -66,7 +66,7 @@ def test_predict_executor_ray_without_ray_says_what_to_install(tmp_path: Path):
 
 
 def test_the_server_imports_no_ray_until_asked():
-    code = ("import sys, finetune.cli.serve, finetune.server.app, finetune.cluster.executor, "
+    code = ("import sys, finetune.cli.serve, finetune.app, finetune.cluster.executor, "
             "finetune.cluster.inference; print('ray' in sys.modules, 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "False False", out.stderr
@@ -96,7 +96,7 @@ def test_a_run_with_fewer_processes_than_its_config_asks_is_refused(tmp_path: Pa
     rc = main(["--registry", str(reg.root), "train", str(config), "--destination", "a/b", "--create-destination",
                "--quiet", "--set", "train.processes=2"])
     assert_one_line_error(rc, capsys.readouterr().err, "train.processes is 2, but this run has 1 process",
-                          "scripts/launch.py --num-processes 2", "--executor ray")
+                          "python -m finetune.launch --num-processes 2", "--executor ray")
     assert Trainings(reg).list() == []  # refused before a record was written
 
 

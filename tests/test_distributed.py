@@ -1,4 +1,4 @@
-"""Two training processes on the CPU (gloo), started by scripts/launch.py: one record, one version, and the same
+"""Two training processes on the CPU (gloo), started by finetune.launch: one record, one version, and the same
 adapter a single process computes over the same windows.
 
 With ``grad_accum`` 1, a window of two processes is two micro-batches, one each; a single process with
@@ -21,14 +21,12 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from finetune import atomic
 from finetune.cli import main
 from finetune.registry import Registry
 from finetune.registry.jobs import Trainings
 from finetune.registry.sources import import_base
 from finetune.tiny import sample_data_path
 
-LAUNCH = Path(__file__).resolve().parents[1] / "scripts" / "launch.py"
 STEPS = 4
 
 pytestmark = pytest.mark.slow
@@ -39,7 +37,7 @@ def launched(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     tmp = tmp_path_factory.mktemp("distributed")
     root = tmp / "registry"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(atomic, "_FSYNC", False)
+        mp.setenv("FINETUNE_FSYNC", "0")
         import_base(Registry(root), "local/tiny", str(tiny_model_dir))
     config = tmp / "train.yaml"
     config.write_text(yaml.safe_dump({
@@ -51,7 +49,7 @@ def launched(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     }))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "FINETUNE_FSYNC": "0"}
     proc = subprocess.run(
-        [sys.executable, str(LAUNCH), "--num-processes", "2", "--cpu", "--registry", str(root), "--",
+        [sys.executable, "-m", "finetune.launch", "--num-processes", "2", "--cpu", "--registry", str(root), "--",
          str(config), "--destination", "dist/two", "--create-destination", "--quiet"],
         capture_output=True, text=True, timeout=300, env=env, check=False)
     return {"root": root, "reg": Registry(root), "config": config, "proc": proc}
@@ -80,7 +78,7 @@ def test_two_processes_train_the_adapter_one_process_trains_with_grad_accum(laun
     assert launched["proc"].returncode == 0, launched["proc"].stderr[-3000:]
     out, err = io.StringIO(), io.StringIO()
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        mp.setattr(atomic, "_FSYNC", False)
+        mp.setenv("FINETUNE_FSYNC", "0")
         rc = main(["--registry", str(root), "train", str(launched["config"]), "--destination", "dist/one",
                    "--create-destination", "--quiet", "--set", "train.grad_accum=2"])
     assert rc == 0, err.getvalue()

@@ -14,7 +14,6 @@ from helpers import assert_one_line_error, snapshot
 
 import finetune
 import finetune.data.prepare as preparing
-from finetune import atomic
 from finetune.cli import main
 from finetune.compare import compare_versions, config_changes
 from finetune.config import config_from_dict
@@ -34,7 +33,7 @@ BASE = "local/tiny:1"
 def built(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """local/tiny:1, a second copy of it (local/other:1), alice/m:1 and alice/m:2 (another lr, 40 rows of data)."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(atomic, "_FSYNC", False)
+        mp.setenv("FINETUNE_FSYNC", "0")
         root = tmp_path_factory.mktemp("export")
         reg = Registry(root / "registry")
         import_base(reg, "local/tiny", str(tiny_model_dir))

@@ -20,7 +20,6 @@ import pytest
 import torch
 from helpers import assert_one_line_error
 
-from finetune import atomic
 from finetune.cli import main
 from finetune.config import config_from_dict
 from finetune.data.formats import encode_prompt, prompt_for
@@ -43,7 +42,7 @@ def reg(tmp_path_factory: pytest.TempPathFactory) -> Registry:
     """base/FAMILY:1 for every family GGUF export writes; base/spm:1 (a Llama with a SentencePiece-style
     tokenizer); alice/m:1 (LoRA on base/llama, Alpaca data) and alice/chat:1 (LoRA on base/qwen2, chat messages)."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(atomic, "_FSYNC", False)
+        mp.setenv("FINETUNE_FSYNC", "0")
         root = tmp_path_factory.mktemp("gguf")
         registry = Registry(root / "registry")
         texts = list(alpaca_texts(load_sample_records()))

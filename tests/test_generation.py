@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 from service import running_server
 
-from finetune import atomic, training
+from finetune import training
 from finetune.cli import main
 from finetune.config import config_from_dict
 from finetune.errors import UsageError
@@ -28,7 +28,7 @@ SAMPLED = {"temperature": 0.9, "top_p": 0.95, "seed": 1234, "max_new_tokens": 24
 @pytest.fixture(scope="module")
 def reg(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Registry:
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(atomic, "_FSYNC", False)
+        mp.setenv("FINETUNE_FSYNC", "0")
         reg = Registry(tmp_path_factory.mktemp("generation") / "registry")
         import_base(reg, "alice/tiny", str(tiny_model_dir))
         cfg = config_from_dict({

@@ -49,7 +49,7 @@ def train(reg: Registry, base: str, destination: str, data_path: Path | None = N
 def built(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """The shared registry: base, alpaca fine-tune (alice/m:1), chat fine-tune, a continuation and a fork."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(atomic, "_FSYNC", False)
+        mp.setenv("FINETUNE_FSYNC", "0")
         root = tmp_path_factory.mktemp("inference")
         reg = Registry(root / "registry")
         import_base(reg, "local/tiny", str(tiny_model_dir))
@@ -315,7 +315,7 @@ def test_a_base_gone_from_the_registry_is_named(damaged_copy: Registry, capsys):
 
 def test_a_version_trained_from_a_local_folder_loads_until_the_folder_moves(
         tiny_model_dir: Path, tmp_path: Path, capsys, monkeypatch):
-    monkeypatch.setattr(atomic, "_FSYNC", False)
+    monkeypatch.setenv("FINETUNE_FSYNC", "0")
     folder = tmp_path / "base"
     shutil.copytree(tiny_model_dir, folder)
     reg = Registry(tmp_path / "registry")

@@ -1,4 +1,5 @@
-"""Import boundaries: storage never pulls in torch; prompt formats never pull in `datasets`.
+"""Import boundaries: storage never pulls in torch; prompt formats never pull in `datasets`; the API never pulls
+in the web app.
 
 Each check runs in a fresh interpreter, since this test process has long imported both.
 """
@@ -32,7 +33,9 @@ def _imports(package: str, banned: tuple[str, ...]) -> dict:
 @pytest.mark.parametrize("package, banned", [
     ("finetune.registry", ("torch", "transformers", "peft", "accelerate", "datasets")),
     ("finetune.data.formats", ("datasets", "torch")),
-    ("finetune.server", ("torch", "transformers", "peft", "accelerate", "datasets")),  # serve starts in < 2 s
+    ("finetune.config", ("finetune.data", "torch")),  # foundation: reading a config imports no engine
+    # serve starts in < 2 s; the web app is an adapter beside the API (finetune.app assembles both)
+    ("finetune.server", ("torch", "transformers", "peft", "accelerate", "datasets", "finetune.web")),
 ])
 def test_package_does_not_import(package: str, banned: tuple[str, ...]):
     result = _imports(package, banned)

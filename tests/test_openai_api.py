@@ -15,14 +15,13 @@ from pathlib import Path
 
 import openai
 import pytest
-from service import running_server
+from service import running_server, server_settings
 
-from finetune import atomic, training
+from finetune import training
 from finetune.config import config_from_dict
 from finetune.errors import LimitError
 from finetune.registry import Registry
 from finetune.registry.sources import import_base
-from finetune.server.settings import ServerSettings
 from finetune.tiny import load_sample_records, sample_data_path
 
 QUESTION = "Give three tips for staying healthy."
@@ -41,7 +40,7 @@ def _train(reg: Registry, destination: str, data: Path) -> None:
 def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("openai")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(atomic, "_FSYNC", False)
+        mp.setenv("FINETUNE_FSYNC", "0")
         reg = Registry(root / "registry")
         import_base(reg, "alice/tiny", str(tiny_model_dir))
         import_base(reg, "bob/tiny", str(tiny_model_dir))
@@ -51,7 +50,7 @@ def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
             {"role": "user", "content": r["instruction"]}, {"role": "assistant", "content": r["output"]}]}) + "\n"
             for r in load_sample_records()[:16]))
         _train(reg, "alice/chat", chats)
-    with running_server(reg, ServerSettings()) as live:
+    with running_server(reg, server_settings()) as live:
         client = _client(live, "alice")
         client.completions.create(model="alice/tiny:1", prompt="Hi", max_tokens=1)  # the worker starts (torch)
         yield live

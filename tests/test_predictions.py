@@ -16,15 +16,14 @@ from pathlib import Path
 
 import pytest
 from replicate.exceptions import ReplicateError
-from service import running_server
+from service import running_server, server_settings
 
-from finetune import atomic, training
+from finetune import training
 from finetune.cli import main
 from finetune.config import config_from_dict
 from finetune.registry import Registry
 from finetune.registry.predictions import PredictionRecord, Predictions
 from finetune.registry.sources import import_base
-from finetune.server.settings import ServerSettings
 from finetune.tiny import sample_data_path
 
 PROMPT = "Give three tips for staying healthy."
@@ -34,7 +33,7 @@ LONG = {"prompt": "Once upon a time", "max_new_tokens": 1000}
 @pytest.fixture(scope="module")
 def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(atomic, "_FSYNC", False)
+        mp.setenv("FINETUNE_FSYNC", "0")
         reg = Registry(tmp_path_factory.mktemp("predictions") / "registry")
         import_base(reg, "alice/tiny", str(tiny_model_dir))
         import_base(reg, "bob/secret", str(tiny_model_dir))
@@ -46,7 +45,7 @@ def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
             })
             training.train(cfg, registry=reg, destination="alice/m", create_destination=True, progress=False)
         # the webhook receivers are on loopback, which a server reaches only when its operator allows it
-        with running_server(reg, ServerSettings(allow_webhook_hosts=("127.0.0.1",))) as live:
+        with running_server(reg, server_settings(allow_webhook_hosts=("127.0.0.1",))) as live:
             yield live
 
 

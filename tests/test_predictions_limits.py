@@ -20,13 +20,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-from service import running_server
+from service import running_server, server_settings
 
-from finetune import atomic, training
+from finetune import training
 from finetune.config import config_from_dict
 from finetune.registry import Registry
 from finetune.registry.sources import import_base
-from finetune.server.settings import ServerSettings
 from finetune.tiny import sample_data_path
 
 PROMPT = "Give three tips for staying healthy."
@@ -35,7 +34,7 @@ PROMPT = "Give three tips for staying healthy."
 @pytest.fixture(scope="module")
 def reg(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Registry:
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(atomic, "_FSYNC", False)
+        mp.setenv("FINETUNE_FSYNC", "0")
         reg = Registry(tmp_path_factory.mktemp("limits") / "registry")
         import_base(reg, "alice/tiny", str(tiny_model_dir))
         import_base(reg, "bob/tiny", str(tiny_model_dir))
@@ -66,7 +65,7 @@ def _warm(live) -> None:
 @pytest.fixture(scope="module")
 def server(reg: Registry):
     """The default limits, except room for one account's 45 open waits."""
-    with running_server(reg, ServerSettings(predict_max_per_account=64)) as live:
+    with running_server(reg, server_settings(predict_max_per_account=64)) as live:
         _warm(live)
         yield live
 
@@ -143,7 +142,7 @@ BIG = "Once upon a time there was a word. " * (2_000_000 // 35)  # seconds of to
 @pytest.fixture(scope="module")
 def big(reg: Registry, tmp_path_factory: pytest.TempPathFactory):
     """A server that takes prompts of megabytes (its size limit raised)."""
-    settings = ServerSettings(predict_max_prompt_bytes=8 << 20)
+    settings = server_settings(predict_max_prompt_bytes=8 << 20)
     with running_server(_own_copy(reg, "big", tmp_path_factory), settings) as live:
         _warm(live)
         yield live
@@ -202,10 +201,11 @@ def test_open_waits_hold_no_thread_so_reads_stay_fast(server):
             still_open = sum(not p.done() for p in pending)
             assert still_open >= 40, still_open  # the read did not wait for the waits to end
         finally:
-            with server.http("alice") as other:
-                for p in other.get("/v1/predictions").json()["results"]:
-                    if p["status"] in ("starting", "processing"):
-                        other.post(f"/v1/predictions/{p['id']}/cancel")
+            # All at once: one by one, each cancel waits for the worker's next step (a minute for the 45).
+            with server.http("alice", timeout=300) as other, ThreadPoolExecutor(45) as cancels:
+                running = [p["id"] for p in other.get("/v1/predictions").json()["results"]
+                           if p["status"] in ("starting", "processing")]
+                list(cancels.map(lambda i: other.post(f"/v1/predictions/{i}/cancel"), running))
             for p in pending:
                 p.result(timeout=300)
 
@@ -217,7 +217,7 @@ LONG = {"prompt": "Once upon a time", "max_new_tokens": 200}
 @pytest.fixture(scope="module")
 def tight(reg: Registry, tmp_path_factory: pytest.TempPathFactory):
     """A server with room for one row in a batch, two predictions per account and 64 prompt tokens."""
-    settings = ServerSettings(predict_max_per_account=2, predict_max_batch=1, predict_max_prompt_tokens=64)
+    settings = server_settings(predict_max_per_account=2, predict_max_batch=1, predict_max_prompt_tokens=64)
     with running_server(_own_copy(reg, "tight", tmp_path_factory), settings) as live:
         _warm(live)
         yield live

@@ -11,7 +11,6 @@ import time
 import pytest
 from helpers import FakeExecutor, FakeJob
 
-from finetune import atomic
 from finetune.queue import TrainingQueue
 from finetune.registry import Registry
 from finetune.registry.jobs import TrainingRecord, Trainings, new_record_id
@@ -19,7 +18,7 @@ from finetune.registry.jobs import TrainingRecord, Trainings, new_record_id
 
 @pytest.fixture(autouse=True)
 def _no_fsync(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(atomic, "_FSYNC", False)
+    monkeypatch.setenv("FINETUNE_FSYNC", "0")
 
 
 @pytest.fixture
@@ -286,9 +285,49 @@ def test_slots_split_the_gpus(tmp_path, gpus, workers, expected) -> None:
     assert [slot.gpus for slot in executor.slots] == expected and executor.capacity == len(expected)
 
 
+def test_closing_ends_a_spare_worker_at_once(tmp_path) -> None:
+    """A spare worker still importing the training stack is ended at once, not waited for (it holds nothing)."""
+    from finetune.queue import LocalExecutor
+
+    executor = LocalExecutor(tmp_path, workers=1, gpus=[], prestart=True)
+    spare = executor.slots[0].spare
+    assert spare is not None and spare.poll() is None
+    started = time.monotonic()
+    executor.close()
+    assert time.monotonic() - started < 1.0 and spare.poll() is not None
+
+
+def test_a_server_keeps_a_spare_training_worker_as_its_settings_say(registry: Registry) -> None:
+    from service import running_server, server_settings
+
+    from finetune.server.settings import ServerSettings
+
+    for settings, spare in ((ServerSettings(workers=1), True), (server_settings(workers=1), False)):
+        with running_server(registry, settings) as server:
+            executor = server.app.state.trainings.queue.executor
+            assert (executor.slots[0].spare is not None) == spare
+
+
+def test_the_launcher_runs_from_the_package_and_from_scripts(tmp_path) -> None:
+    """The queue starts a slot of several GPUs with ``python -m finetune.launch`` (no source checkout needed);
+    scripts/launch.py is the same command."""
+    import sys
+    from pathlib import Path
+
+    args = ["--num-processes", "2", "--cpu", "--registry", str(tmp_path), "--dry-run", "--", "--resume", "t1"]
+    printed = []
+    for command in ([sys.executable, "-m", "finetune.launch"],
+                    [sys.executable, str(Path(__file__).resolve().parents[1] / "scripts" / "launch.py")]):
+        out = subprocess.run([*command, *args], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        printed.append(out.stdout.split(" --main_process_port ")[0] + out.stdout.split("-m finetune ")[1])
+    assert printed[0] == printed[1]
+    assert "--num_processes 2" in printed[0] and f"--registry {tmp_path} train --resume t1" in printed[0]
+
+
 @pytest.mark.slow
 def test_a_slot_with_two_devices_trains_through_the_launcher(tiny_model_dir, registry: Registry) -> None:
-    """The multi-GPU path (scripts/launch.py, accelerate's launcher) run on the CPU: this machine's two "GPUs"
+    """The multi-GPU path (finetune.launch, accelerate's launcher) run on the CPU: this machine's two "GPUs"
     are names only, so torch sees none and the two processes train with gloo. One version is published."""
     from finetune.config import config_from_dict
     from finetune.queue import LocalExecutor

@@ -19,7 +19,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from finetune import atomic
 from finetune.cli import main
 from finetune.registry import Registry
 from finetune.registry.jobs import TrainingRecord, Trainings
@@ -63,7 +62,7 @@ def setup(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
     tmp = tmp_path_factory.mktemp("readonly")
     root = tmp / "registry"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(atomic, "_FSYNC", False)
+        mp.setenv("FINETUNE_FSYNC", "0")
         reg = Registry(root)
         import_base(reg, "local/tiny", str(tiny_model_dir))
         reg.create_model("ro/empty")

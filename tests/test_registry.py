@@ -45,7 +45,7 @@ FILES = {
 def _no_fsync(monkeypatch: pytest.MonkeyPatch) -> None:
     # fsync only matters after a power cut; these tests check logic, and fsync makes each publish ~10x slower.
     # The multi-process tests in test_registry_stress.py keep it on.
-    monkeypatch.setattr(atomic, "_FSYNC", False)
+    monkeypatch.setenv("FINETUNE_FSYNC", "0")
 
 
 @pytest.fixture
@@ -109,6 +109,21 @@ def test_publish_writes_a_complete_read_only_version(reg: Registry, src: Path, v
     assert snapshot(src) == snapshot(make_src(src.parent / "again"))
     assert reg.verify(v1) == [] and reg.verify("o/m:1") == []
     reg.check(v1)
+
+
+def test_publish_syncs_its_writes_unless_fsync_is_turned_off(reg: Registry, src: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Durability is the default; FINETUNE_FSYNC=0 (read at each write) turns it off."""
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+    reg.create_model("o/off")
+    reg.create_model("o/on")
+    reg.publish("o/off", src)
+    assert synced == []
+    monkeypatch.delenv("FINETUNE_FSYNC")
+    reg.publish("o/on", src)
+    assert len(synced) >= len(FILES) + 1  # each file, the manifest and the folders that name them
 
 
 def test_versions_are_numbered_listed_newest_first_and_resolved(reg: Registry, src: Path, v1: Version) -> None:

@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 from helpers import assert_one_line_error, snapshot
 
-from finetune import atomic
 from finetune.cli import main
 from finetune.errors import ModelLoadError
 from finetune.registry import MANIFEST, Registry, sources
@@ -27,7 +26,7 @@ from finetune.registry import MANIFEST, Registry, sources
 @pytest.fixture(autouse=True)
 def _no_fsync(monkeypatch: pytest.MonkeyPatch) -> None:
     # fsync only matters after a power cut; test_registry_stress.py covers the real path.
-    monkeypatch.setattr(atomic, "_FSYNC", False)
+    monkeypatch.setenv("FINETUNE_FSYNC", "0")
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ HUB = {"hub_id": "o/base", "revision": "0" * 40}
 
 @pytest.fixture(autouse=True)
 def _no_fsync(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(atomic, "_FSYNC", False)
+    monkeypatch.setenv("FINETUNE_FSYNC", "0")
 
 
 def adapter(tmp_path: Path, name: str) -> Path:

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 from helpers import assert_one_line_error
 
-from finetune import atomic
 from finetune.cli import main
 from finetune.errors import UsageError
 from finetune.registry import MANIFEST, Registry
@@ -21,7 +20,7 @@ from finetune.registry import MANIFEST, Registry
 
 @pytest.fixture(autouse=True)
 def _no_fsync(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(atomic, "_FSYNC", False)
+    monkeypatch.setenv("FINETUNE_FSYNC", "0")
 
 
 @pytest.fixture

@@ -18,7 +18,6 @@ import pytest
 from filelock import FileLock
 from helpers import assert_one_line_error
 
-from finetune import atomic
 from finetune.cli import main
 from finetune.registry import Registry
 
@@ -28,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(autouse=True)
 def _no_fsync(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(atomic, "_FSYNC", False)
+    monkeypatch.setenv("FINETUNE_FSYNC", "0")
 
 
 @pytest.fixture

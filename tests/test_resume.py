@@ -24,7 +24,6 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from finetune import atomic
 from finetune.cli import main
 from finetune.registry import Registry
 from finetune.registry.jobs import Trainings
@@ -57,14 +56,14 @@ pytestmark = pytest.mark.slow
 def root(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("resume") / "registry"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(atomic, "_FSYNC", False)
+        mp.setenv("FINETUNE_FSYNC", "0")
         import_base(Registry(root), "local/tiny", str(tiny_model_dir))
     return root
 
 
 @pytest.fixture(autouse=True)
 def _no_fsync(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(atomic, "_FSYNC", False)
+    monkeypatch.setenv("FINETUNE_FSYNC", "0")
 
 
 def cli(root: Path, *argv: str) -> tuple[int, str, str]:

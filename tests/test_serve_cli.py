@@ -45,7 +45,7 @@ def test_tokens_create_list_revoke(tmp_path: Path, capsys: pytest.CaptureFixture
 
 
 def test_the_server_imports_no_torch():
-    code = "import sys, finetune.cli, finetune.server.app; print('torch' in sys.modules)"
+    code = "import sys, finetune.cli, finetune.app; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "False", out.stderr
 

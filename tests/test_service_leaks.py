@@ -13,9 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
-from service import running_server
+from service import running_server, server_settings
 
-from finetune import atomic
 from finetune.registry import Registry
 from finetune.registry.sources import import_base
 from finetune.server.settings import ServerSettings
@@ -25,7 +24,6 @@ ROWS = [{"prompt": f"Question {i}?", "completion": f" Answer {i}."} for i in ran
 
 @pytest.fixture(autouse=True)
 def _no_fsync(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(atomic, "_FSYNC", False)
     monkeypatch.setenv("FINETUNE_FSYNC", "0")
 
 
@@ -154,7 +152,7 @@ def test_api_docs_are_off_by_default_and_served_locally_when_asked_for(live_serv
     anonymous = live_server.http(None)
     for path in ("/v1/docs", "/v1/openapi.json", "/docs", "/redoc"):
         assert anonymous.get(path).status_code == 404, path
-    with running_server(Registry(tmp_path / "other"), ServerSettings(api_docs=True)) as server:
+    with running_server(Registry(tmp_path / "other"), server_settings(api_docs=True)) as server:
         http = server.http(None)
         page = http.get("/v1/docs")
         assert page.status_code == 200 and "/v1/models" in page.text
@@ -177,7 +175,7 @@ def test_web_pages_load_no_third_party_script(live_server):
 # ---------------------------------------------------------------------------------------------- links
 def test_links_name_the_servers_own_address_whatever_the_host_header(tmp_path: Path):
     reg = Registry(tmp_path / "registry")
-    with running_server(reg, ServerSettings(page_size=1)) as server:
+    with running_server(reg, server_settings(page_size=1)) as server:
         http = server.http("alice", headers={"Host": "evil.example:666"})
         for name in ("a", "b"):
             assert http.post("/v1/models", json={"owner": "alice", "name": name, "hardware": "cpu"}).status_code == 201

@@ -10,13 +10,12 @@ import re
 
 import pytest
 
-from finetune import atomic
 from finetune.registry.sources import import_base
 
 
 @pytest.fixture(autouse=True)
 def _no_fsync(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(atomic, "_FSYNC", False)
+    monkeypatch.setenv("FINETUNE_FSYNC", "0")
 
 
 class _NoSlots:

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from finetune import atomic
 from finetune.errors import NotFoundError, UsageError
 from finetune.registry import Registry
 from finetune.registry.accounts import Accounts, token_hash
@@ -19,7 +18,7 @@ from finetune.registry.index import VersionIndex
 
 @pytest.fixture(autouse=True)
 def _no_fsync(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(atomic, "_FSYNC", False)
+    monkeypatch.setenv("FINETUNE_FSYNC", "0")
 
 
 def publish(reg: Registry, tmp_path: Path, model: str, i: int):

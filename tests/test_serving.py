@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune import atomic, training
+from finetune import training
 from finetune.config import config_from_dict
 from finetune.errors import InputError, UsageError
 from finetune.registry import Registry
@@ -39,7 +39,7 @@ def _train(reg: Registry, base: str, destination: str, seed: int):
 @pytest.fixture(scope="module")
 def reg(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Registry:
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(atomic, "_FSYNC", False)
+        mp.setenv("FINETUNE_FSYNC", "0")
         reg = Registry(tmp_path_factory.mktemp("serving") / "registry")
         import_base(reg, "alice/tiny", str(tiny_model_dir))
         for seed in range(4):
@@ -297,7 +297,7 @@ def test_a_sliding_window_cache_joins_a_running_batch_to_the_same_greedy_outputs
 
     from finetune.inference import GenerationSettings, generate, load_version
 
-    monkeypatch.setattr(atomic, "_FSYNC", False)
+    monkeypatch.setenv("FINETUNE_FSYNC", "0")
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     base = tmp_path / "mistral"
     torch.manual_seed(0)

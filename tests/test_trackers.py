@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 from helpers import assert_one_line_error
 
-from finetune import atomic
 from finetune.cli import main
 from finetune.config import config_from_dict
 from finetune.errors import ConfigError
@@ -29,7 +28,7 @@ def run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """One training of alice/m reporting to all three trackers, 6 steps with an eval every 3."""
     root = tmp_path_factory.mktemp("trackers")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(atomic, "_FSYNC", False)
+        mp.setenv("FINETUNE_FSYNC", "0")
         for name in ("WANDB_DIR", "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
             mp.setenv(name, str(root / "wandb-home"))
         mp.setenv("WANDB_MODE", "offline")
@@ -201,7 +200,7 @@ def test_a_failed_run_is_marked_failed_in_mlflow_at_mlflow_tracking_uri(tiny_mod
 
     uri = f"sqlite:///{tmp_path / 'elsewhere.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.setattr(atomic, "_FSYNC", False)
+    monkeypatch.setenv("FINETUNE_FSYNC", "0")
     reg = Registry(tmp_path / "registry")
     import_base(reg, "local/tiny", str(tiny_model_dir))
 

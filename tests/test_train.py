@@ -22,7 +22,6 @@ import pytest
 import torch
 import yaml
 
-from finetune import atomic
 from finetune.cli import main
 from finetune.registry import Registry
 from finetune.registry.jobs import Trainings
@@ -60,7 +59,7 @@ def runs(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
                   "precision": "fp32"},
     }))
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(atomic, "_FSYNC", False)
+        mp.setenv("FINETUNE_FSYNC", "0")
         reg = Registry(root)
         import_base(reg, "local/tiny", str(tiny_model_dir))
         refused = cli(root, "train", str(config), "--destination", DEST, "--quiet")
@@ -309,7 +308,7 @@ def test_cancel_marker_alone_stops_the_run(runs: dict, monkeypatch: pytest.Monke
     """The marker is the contract across hosts, where no signal can reach the process."""
     from finetune.errors import TrainingCanceled
 
-    monkeypatch.setattr(atomic, "_FSYNC", False)
+    monkeypatch.setenv("FINETUNE_FSYNC", "0")
     trainings = Trainings(runs["reg"])
     append = MetricsLog.append
 
@@ -332,7 +331,7 @@ def test_cancel_marker_alone_stops_the_run(runs: dict, monkeypatch: pytest.Monke
 def test_crash_mid_run_ends_failed_with_the_reason(runs: dict, monkeypatch: pytest.MonkeyPatch):
     from finetune.modeling.ops.loss import CausalLMLoss
 
-    monkeypatch.setattr(atomic, "_FSYNC", False)
+    monkeypatch.setenv("FINETUNE_FSYNC", "0")
     forward = CausalLMLoss.forward
     calls = []
 
@@ -353,7 +352,7 @@ def test_crash_mid_run_ends_failed_with_the_reason(runs: dict, monkeypatch: pyte
 
 def test_runs_with_different_precisions_in_one_process(runs: dict, monkeypatch: pytest.MonkeyPatch):
     """accelerate keeps its settings in a process-wide singleton; a notebook may still train fp32, then bf16."""
-    monkeypatch.setattr(atomic, "_FSYNC", False)
+    monkeypatch.setenv("FINETUNE_FSYNC", "0")
     for precision in ("fp32", "bf16"):
         result = _in_process(runs, f"alice/{precision}", precision=precision, max_steps=1, eval_every=0,
                              checkpoint_every=0)
@@ -366,7 +365,7 @@ def test_resuming_a_run_killed_after_publishing_settles_it_without_a_second_vers
     train and publish again."""
     from finetune.training import run_training
 
-    monkeypatch.setattr(atomic, "_FSYNC", False)
+    monkeypatch.setenv("FINETUNE_FSYNC", "0")
     trainings = Trainings(runs["reg"])
     result = _in_process(runs, "alice/settle", max_steps=2, checkpoint_every=0, eval_every=0)
     # What the kill would have left: the version exists, the record still says it runs, its process is gone.

@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from finetune import atomic
 from finetune.cli import main
 from finetune.errors import ModelNotFoundError
 from finetune.registry import Registry
@@ -38,7 +37,7 @@ def root(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     cfg.pop("chat_template", None)
     (nochat / "tokenizer_config.json").write_text(json.dumps(cfg))
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(atomic, "_FSYNC", False)
+        mp.setenv("FINETUNE_FSYNC", "0")
         reg = Registry(tmp / "registry")
         import_base(reg, "local/tiny", str(tiny_model_dir))
         import_base(reg, "local/nochat", str(nochat))
@@ -48,7 +47,7 @@ def root(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 
 @pytest.fixture(autouse=True)
 def _no_fsync(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(atomic, "_FSYNC", False)
+    monkeypatch.setenv("FINETUNE_FSYNC", "0")
 
 
 def config_dict(data_path: str | Path, **sections: dict) -> dict:

@@ -15,7 +15,6 @@ import yaml
 from helpers import assert_one_line_error
 from safetensors.torch import save_file
 
-from finetune import atomic
 from finetune.cli import main
 from finetune.errors import NonFiniteError
 from finetune.registry import Registry
@@ -28,14 +27,14 @@ DEST = "guard/dest"
 
 @pytest.fixture(autouse=True)
 def _no_fsync(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(atomic, "_FSYNC", False)
+    monkeypatch.setenv("FINETUNE_FSYNC", "0")
 
 
 @pytest.fixture(scope="module")
 def root(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("train-guards")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(atomic, "_FSYNC", False)
+        mp.setenv("FINETUNE_FSYNC", "0")
         reg = Registry(tmp / "registry")
         import_base(reg, "local/tiny", str(tiny_model_dir))
         reg.create_model(DEST)

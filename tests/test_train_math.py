@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from finetune import atomic, training
+from finetune import training
 from finetune.config import LoraConfig, config_from_dict
 from finetune.data.batching import collate_packed, label_count
 from finetune.data.prepare import prepare
@@ -138,7 +138,7 @@ def test_two_processes_with_ddp_averaging_equal_one_big_batch(setup: dict):
 @pytest.fixture(scope="module")
 def registry_with_base(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Registry:
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(atomic, "_FSYNC", False)
+        mp.setenv("FINETUNE_FSYNC", "0")
         reg = Registry(tmp_path_factory.mktemp("math") / "registry")
         import_base(reg, "local/tiny", str(tiny_model_dir))
         yield reg
@@ -163,7 +163,7 @@ def test_grad_accum_4x2_equals_one_batch_of_8(registry_with_base: Registry, pack
                                                monkeypatch: pytest.MonkeyPatch):
     """Same examples in the same order per optimizer step (plan_epoch cuts the same order either way), so the
     adapters after 3 steps agree; Adam's first step is ~lr * sign(grad), the later ones weigh gradients."""
-    monkeypatch.setattr(atomic, "_FSYNC", False)
+    monkeypatch.setenv("FINETUNE_FSYNC", "0")
     reg = registry_with_base
     tag = "packed" if packing else "padded"
     accum, accum_metrics = _train(reg, f"math/accum-{tag}", batch_size=2, grad_accum=4, max_steps=3, packing=packing)
@@ -186,7 +186,7 @@ def test_padded_micro_batches_run_in_groups_and_train_as_whole_ones(registry_wit
     adapter after 3 steps are those of running each micro-batch whole."""
     from finetune.training import run as run_module
 
-    monkeypatch.setattr(atomic, "_FSYNC", False)
+    monkeypatch.setenv("FINETUNE_FSYNC", "0")
     passes = []
     grouped_collate = run_module.collate_padded_groups
 

@@ -274,19 +274,17 @@ def test_a_training_started_from_the_form_can_be_followed_and_canceled(live_serv
 def test_the_train_form_says_the_servers_training_limits(tmp_path, tiny_model_dir, fake_executor):
     """The step limit is an error at its field; the per-account cap is one above the form (429), as the API
     refuses them. Nothing trains (a fake executor)."""
-    from dataclasses import replace
     from pathlib import Path
 
-    from service import running_server
+    from service import running_server, server_settings
 
     from finetune.registry import Registry
     from finetune.registry.sources import import_base
-    from finetune.server.settings import ServerSettings
 
     reg = Registry(tmp_path / "registry")
     import_base(reg, "alice/tiny", str(tiny_model_dir))
     reg.create_model("alice/c")
-    with running_server(reg, replace(ServerSettings(), max_trainings_per_account=1, max_training_steps=1000)) as server:
+    with running_server(reg, server_settings(max_trainings_per_account=1, max_training_steps=1000)) as server:
         client, csrf = sign_in(server)
         data = Path(__file__).resolve().parent.parent / "finetune" / "assets" / "quickstart.jsonl"
         with open(data, "rb") as f:

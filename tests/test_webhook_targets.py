@@ -16,13 +16,11 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from service import running_server
+from service import running_server, server_settings
 
-from finetune import atomic
 from finetune.errors import UsageError
 from finetune.registry import Registry
 from finetune.registry.sources import import_base
-from finetune.server.settings import ServerSettings
 from finetune.server.webhook_targets import WebhookPolicy, WebhookRefused
 from finetune.server.webhooks import WebhookSender, check_webhook, verify
 
@@ -42,7 +40,7 @@ REFUSED = [
 
 @pytest.fixture(autouse=True)
 def _no_fsync(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(atomic, "_FSYNC", False)
+    monkeypatch.setenv("FINETUNE_FSYNC", "0")
 
 
 class _NoSlots:
@@ -137,7 +135,7 @@ def test_an_allowed_loopback_receiver_gets_signed_webhooks_and_the_server_itself
     reg = Registry(tmp_path / "registry")
     base = import_base(reg, "alice/base", str(tiny_model_dir))
     reg.create_model("alice/y")
-    with running_server(reg, ServerSettings(allow_webhook_hosts=("127.0.0.1",))) as server:
+    with running_server(reg, server_settings(allow_webhook_hosts=("127.0.0.1",))) as server:
         http = server.http("alice")
         url = f"/v1/models/alice/base/versions/{base.id}/trainings"
         data = _upload(http)

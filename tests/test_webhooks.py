@@ -10,7 +10,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from finetune import atomic
 from finetune.registry import Registry
 from finetune.registry.jobs import TrainingRecord, Trainings, new_record_id
 from finetune.server.webhook_targets import WebhookPolicy
@@ -121,7 +120,7 @@ class Captured:
     (["start", "completed"], ["starting", "succeeded"]),
 ])
 def test_events_follow_the_record(registry: Registry, monkeypatch: pytest.MonkeyPatch, events, expected) -> None:
-    monkeypatch.setattr(atomic, "_FSYNC", False)
+    monkeypatch.setenv("FINETUNE_FSYNC", "0")
     registry.create_model("alice/y")
     trainings = Trainings(registry)
     record = trainings.create(TrainingRecord(id=new_record_id(), destination="alice/y", source="api",

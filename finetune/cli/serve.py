@@ -179,7 +179,7 @@ def predict_options(args: argparse.Namespace) -> PredictOptions | None:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from ..server.app import create_app
+    from ..app import create_app
 
     settings = settings_from_args(args)
     reg = open_registry(args)

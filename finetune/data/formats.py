@@ -14,12 +14,11 @@ import difflib
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from ..choices import FORMATS
 from ..errors import DataError, UsageError, one_line
 
 # Labels at positions that take no loss (the prompt, padding); PyTorch's cross-entropy skips them.
 IGNORE_INDEX = -100
-FORMATS = ("auto", "alpaca", "prompt_completion", "messages", "text", "preference")
-OVERLONG = ("truncate", "error")
 
 ALPACA_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "

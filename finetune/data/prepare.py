@@ -19,8 +19,9 @@ import datasets
 import numpy as np
 
 from ..atomic import canonical_json, remove_tree, rename_noreplace, sha256_file
+from ..choices import FORMATS, OVERLONG
 from ..errors import DataError, UsageError, one_line
-from .formats import FORMATS, IGNORE_INDEX, OVERLONG, _check_columns, _encode_many, detect_format
+from .formats import IGNORE_INDEX, _check_columns, _encode_many, detect_format
 from .records import RowLocator, read_records
 
 # Bump whenever encoding rules change: old cache entries then stop matching instead of serving stale ids.

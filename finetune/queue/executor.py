@@ -6,7 +6,7 @@ queue decides what runs and when, and settles records whose job died; the job it
 the same call as a remote task and implement the same few methods.
 
 :class:`LocalExecutor` gives each slot its own devices: with 4 GPUs and 4 slots one GPU each, with 4 GPUs and 1
-slot all four, run through ``scripts/launch.py`` (accelerate's launcher, as the CLI uses it). A single-device
+slot all four, run through :mod:`finetune.launch` (accelerate's launcher, as the CLI uses it). A single-device
 slot keeps one spare worker process started ahead of need (imports done, no device touched), so a training
 starts loading in well under a second, also when it waited behind another.
 """
@@ -19,13 +19,10 @@ import signal
 import subprocess
 import sys
 import threading
-from pathlib import Path
 from typing import Protocol
 
 from ..errors import UsageError
 from ..registry.jobs import RUNNER_ENV
-
-LAUNCHER = Path(__file__).resolve().parents[2] / "scripts" / "launch.py"
 
 
 class Job(Protocol):
@@ -50,7 +47,9 @@ class Job(Protocol):
 class Executor(Protocol):
     """Runs trainings: at most ``capacity`` at once."""
 
-    capacity: int
+    @property
+    def capacity(self) -> int:
+        """How many trainings may run at once."""
 
     def start(self, training_id: str) -> Job:
         """Start ``run_training(training_id)``; called only while fewer than ``capacity`` jobs run."""
@@ -188,10 +187,8 @@ class LocalExecutor:
             return slot.job
 
     def _launch(self, slot: _Slot, training_id: str) -> subprocess.Popen:
-        if not LAUNCHER.is_file():
-            raise UsageError(f"multi-GPU workers need {LAUNCHER}", "run from a source checkout, or one GPU per worker")
         return subprocess.Popen(
-            [sys.executable, str(LAUNCHER), "--num-processes", str(len(slot.gpus)), "--registry", self.root,
+            [sys.executable, "-m", "finetune.launch", "--num-processes", str(len(slot.gpus)), "--registry", self.root,
              "--", "--resume", training_id, "--quiet"],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, env=self._env(slot), start_new_session=True,
         )
@@ -212,8 +209,11 @@ class LocalExecutor:
             spares = [s.spare for s in self.slots if s.spare is not None]
             for slot in self.slots:
                 slot.spare = None
-        for proc in spares:  # end of input: an idle worker exits by itself
+        # A spare never got a training id (start() takes it under the lock), so ending it loses nothing; it may
+        # still be importing torch for seconds, which a closed stdin would only stop once it reads.
+        for proc in spares:
             try:
+                proc.terminate()
                 proc.stdin.close()
             except OSError:
                 pass

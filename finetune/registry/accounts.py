@@ -21,7 +21,7 @@ import os
 import secrets
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from .. import atomic
 from ..errors import IntegrityError, NotFoundError, RegistryAccessError, UsageError
@@ -91,7 +91,7 @@ class Accounts:
 
     def _read(self, path: Path) -> dict[str, Any] | None:
         try:
-            return json.loads(path.read_bytes())
+            return cast("dict[str, Any]", json.loads(path.read_bytes()))
         except FileNotFoundError:
             return None
         except json.JSONDecodeError:
@@ -130,7 +130,7 @@ class Accounts:
         """The account's webhook signing secret (``whsec_`` + base64 key, as Replicate's clients expect)."""
         self.ensure_account(owner)
         info = self._read(self._account_path(owner)) or {}
-        return info["webhook_secret"]
+        return cast(str, info["webhook_secret"])
 
     # ---------------------------------------------------------------- tokens
     def create_token(self, owner: str, label: str = "") -> str:

@@ -22,7 +22,7 @@ def work_name(purpose: str) -> str:
     return processes.work_name(check_name(purpose, "purpose"))
 
 
-def listdir(path: Path) -> list[os.DirEntry]:
+def listdir(path: Path) -> list[os.DirEntry[str]]:
     """The entries of ``path`` (none when it does not exist); a folder that cannot be read is one clear error."""
     try:
         with os.scandir(path) as it:

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
 
 from .. import atomic
 from ..errors import ConflictError, IntegrityError, NotFoundError, TrainingNotFoundError, UsageError
@@ -62,8 +62,9 @@ def new_record_id() -> str:
 
 
 class JobRecord(Protocol):
-    """What every kind of job record has (trainings, predictions)."""
+    """What every kind of job record has (trainings, predictions): a dataclass with these fields."""
 
+    __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]
     id: str
     status: Status
     created_at: str
@@ -147,7 +148,7 @@ class RecordStore(Generic[R]):
                 continue
         return out
 
-    def damaged(self) -> list[IntegrityError]:
+    def damaged(self) -> builtins.list[IntegrityError]:
         """The errors of records that cannot be read, newest first (what :meth:`list` left out)."""
         out = []
         for entry in self.ids():

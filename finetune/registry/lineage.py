@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from ..errors import IntegrityError, ModelLoadError, NotFoundError
 from .deletion import archived
-from .store import Registry, Version
+from .manifest import Version
+from .store import Registry
 
 
 def lineage(reg: Registry, version: Version) -> list[Version]:

@@ -16,7 +16,7 @@ import os
 import sys
 from importlib import metadata as _importlib_metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from .. import atomic
 from ..errors import IntegrityError
@@ -78,7 +78,7 @@ class Version:
 
     @property
     def id(self) -> str:
-        return self.manifest["id"]
+        return cast(str, self.manifest["id"])
 
     @property
     def ref(self) -> str:
@@ -86,7 +86,7 @@ class Version:
 
     @property
     def kind(self) -> str:
-        return self.manifest.get("kind", "files")
+        return cast(str, self.manifest.get("kind", "files"))
 
     @property
     def parent(self) -> dict[str, Any] | None:
@@ -94,11 +94,11 @@ class Version:
 
     @property
     def metadata(self) -> dict[str, Any]:
-        return self.manifest.get("metadata", {})
+        return cast("dict[str, Any]", self.manifest.get("metadata", {}))
 
     @property
     def created_at(self) -> str:
-        return self.manifest.get("created_at", "")
+        return cast(str, self.manifest.get("created_at", ""))
 
     def __repr__(self) -> str:
         return f"Version({self.ref!r})"

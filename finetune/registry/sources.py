@@ -175,7 +175,7 @@ def import_base(
                     shutil.copytree(item, stage / item.name)
                 else:
                     shutil.copy2(item, stage / item.name)
-            meta = {"source": {"type": "local", "path": str(path.absolute())}}
+            meta: dict[str, Any] = {"source": {"type": "local", "path": str(path.absolute())}}
             return _publish_base(reg, model, stage, {"local_path": str(path.absolute())}, meta,
                                  dict(description=description, visibility=visibility, hardware=hardware))
         except OSError as err:

@@ -6,7 +6,7 @@ One function per fact, so that every front end says the same thing the same way.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, cast
 
 from ..errors import IntegrityError
 from .manifest import Version
@@ -36,7 +36,7 @@ def parent_summary(version: Version) -> str:
     if not isinstance(parent, dict):
         return "-"
     if "ref" in parent:
-        return parent["ref"]
+        return cast(str, parent["ref"])
     if "hub_id" in parent:
         return f"hub:{parent['hub_id']}@{str(parent.get('revision'))[:10]}"
     if "local_path" in parent:

@@ -139,7 +139,7 @@ class Versions:
                 )
             return v
         if r.kind == "number":
-            v = self.at(model, int(r.value))
+            v = self.at(model, int(str(r.value)))
             if v is None:
                 raise VersionNotFoundError(
                     f"version {r.model}:{r.value} not found", f"see `finetune versions list {r.model}`"

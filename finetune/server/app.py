@@ -1,17 +1,21 @@
-"""The ASGI application of ``finetune serve``: a thin HTTP adapter over the registry (and, later, the queue).
+"""The HTTP API of ``finetune serve``: a thin adapter over the registry, the queue and the inference workers.
 
-``create_app(registry, settings)`` builds a FastAPI app whose state holds the registry, the settings, the
+``build_api(registry, settings)`` builds a FastAPI app whose state holds the registry, the settings, the
 accounts, a version-id index and a cache of version JSON; routers come from :mod:`finetune.server.routes`.
 Long-lived services (the registry's server lock, the training queue, inference workers) join
 ``app.state.services``: each has ``start()`` and ``stop()``, called when the server starts and stops. A service
 may also have ``abort()``, called instead of ``stop()`` when a later service failed to start: a failed start
 leaves alone the work it found running (runs a previous server's queue started).
+
+The whole application (this API and the web app beside it) is assembled by :func:`finetune.app.create_app`: the
+server knows nothing of the web app.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 
@@ -19,7 +23,6 @@ from .. import __version__
 from ..registry import Registry
 from ..registry.accounts import Accounts
 from ..registry.index import VersionIndex
-from ..web.app import router as web_router
 from . import docs, problems
 from .head import HeadAsGet
 from .instance import ServerLock
@@ -31,7 +34,11 @@ from .training_service import TrainingService
 from .webhook_targets import WebhookPolicy
 from .wire_cache import VersionJSON
 
-__all__ = ["ServerSettings", "create_app"]
+if TYPE_CHECKING:
+    from ..registry.predictions import PredictionRecord
+    from ..serving.service import PredictionService
+
+__all__ = ["ServerSettings", "build_api"]
 
 
 @asynccontextmanager
@@ -52,7 +59,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             service.stop()
 
 
-def _prediction_service(registry: Registry, settings: ServerSettings, app: FastAPI):
+def _prediction_service(registry: Registry, settings: ServerSettings, app: FastAPI) -> PredictionService:
     """Inference workers and prediction records (no torch in this process: the workers load the models).
     Webhooks go out through the trainings' sender (signed with the owner's secret, retried)."""
     from ..serving.service import PredictionService
@@ -60,7 +67,7 @@ def _prediction_service(registry: Registry, settings: ServerSettings, app: FastA
 
     sender, accounts = app.state.trainings.webhooks.sender, app.state.accounts
 
-    def send(record, body, event) -> None:
+    def send(record: PredictionRecord, body: dict[str, Any], event: str) -> None:
         sender.send(record.id, record.webhook, body, accounts.webhook_secret(record.owner), account=record.owner)
 
     config = WorkerConfig(str(registry.root), device=settings.predict_device,
@@ -78,8 +85,8 @@ def _prediction_service(registry: Registry, settings: ServerSettings, app: FastA
                              max_per_account=settings.predict_max_per_account, pool=pool)
 
 
-def create_app(registry: Registry | None = None, settings: ServerSettings | None = None) -> FastAPI:
-    """The app serving ``registry`` (default: ``$FINETUNE_HOME``) with ``settings`` (default: localhost)."""
+def build_api(registry: Registry | None = None, settings: ServerSettings | None = None) -> FastAPI:
+    """The HTTP API over ``registry`` (default: ``$FINETUNE_HOME``) with ``settings`` (default: localhost)."""
     registry = registry if registry is not None else Registry()
     settings = settings or ServerSettings()
     # FastAPI's docs page loads Swagger UI from a CDN: ours (finetune.server.docs) is local and opt-in
@@ -115,5 +122,4 @@ def create_app(registry: Registry | None = None, settings: ServerSettings | None
     app.include_router(openai.router)  # the OpenAI API over the same predictions, under /openai/v1
     if settings.api_docs:
         docs.install(app)
-    app.include_router(web_router)  # the web app's pages at / (last, so that /v1 wins)
     return app

@@ -32,7 +32,7 @@ async def current_account(request: Request) -> Account:
 
     Run on the event loop (one small file read) rather than in the thread pool: see :mod:`.context`."""
     token = token_from_header(request.headers.get("authorization"))
-    account = request.app.state.accounts.resolve(token)
+    account: Account | None = request.app.state.accounts.resolve(token)
     if account is None:
         raise AuthenticationError("invalid or revoked token", _HOW)
     return account

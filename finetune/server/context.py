@@ -1,6 +1,6 @@
 """What a request handler needs from the app it runs in: the registry, the settings, the accounts.
 
-``create_app`` stores them on ``app.state``; handlers take them as FastAPI dependencies
+``build_api`` stores them on ``app.state``; handlers take them as FastAPI dependencies
 (``reg: RegistryDep``) so that no module keeps a global. The dependencies are ``async``: FastAPI runs a plain
 function dependency in its thread pool, and a hop there and back for each one cost more than the whole read
 they serve (see BENCHMARKS.md, "The HTTP API"). The hot read handlers (a model, its versions, one version,
@@ -23,15 +23,18 @@ from .wire_cache import VersionJSON
 
 
 async def get_registry(request: Request) -> Registry:
-    return request.app.state.registry
+    registry: Registry = request.app.state.registry
+    return registry
 
 
 async def get_settings(request: Request) -> ServerSettings:
-    return request.app.state.settings
+    settings: ServerSettings = request.app.state.settings
+    return settings
 
 
 async def get_accounts(request: Request) -> Accounts:
-    return request.app.state.accounts
+    accounts: Accounts = request.app.state.accounts
+    return accounts
 
 
 def base_url(request: Request) -> str:
@@ -40,7 +43,7 @@ def base_url(request: Request) -> str:
     ``--public-url`` when the operator set it; otherwise the address and port of the socket the request came in
     on (``http://127.0.0.1:8000``). Never the request's ``Host`` header: a client chooses that, and the official
     client follows ``next`` links with its token."""
-    settings = request.app.state.settings
+    settings: ServerSettings = request.app.state.settings
     if settings.public_base_url:
         return settings.public_base_url.rstrip("/")
     server = request.scope.get("server")
@@ -51,7 +54,8 @@ def base_url(request: Request) -> str:
 
 def webhook_policy(request: Request) -> WebhookPolicy:
     """Where this server's webhooks may go (``--allow-webhook-host``), for the API's check of a webhook URL."""
-    return request.app.state.webhook_policy
+    policy: WebhookPolicy = request.app.state.webhook_policy
+    return policy
 
 
 RegistryDep = Annotated[Registry, Depends(get_registry)]
@@ -60,14 +64,16 @@ AccountsDep = Annotated[Accounts, Depends(get_accounts)]
 
 
 async def get_version_index(request: Request) -> VersionIndex:
-    return request.app.state.version_index
+    version_index: VersionIndex = request.app.state.version_index
+    return version_index
 
 
 VersionIndexDep = Annotated[VersionIndex, Depends(get_version_index)]
 
 
 async def get_version_json(request: Request) -> VersionJSON:
-    return request.app.state.version_json
+    version_json: VersionJSON = request.app.state.version_json
+    return version_json
 
 
 VersionJSONDep = Annotated[VersionJSON, Depends(get_version_json)]

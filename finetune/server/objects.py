@@ -145,7 +145,7 @@ def _logs(reg: Registry, training_id: str) -> str:
 def training_object(reg: Registry, record: TrainingRecord, base_url: str) -> dict[str, Any]:
     """A training as ``GET /v1/trainings/{id}`` returns it (and webhooks send it)."""
     model, version_id = _trainer(reg, record)
-    output = None
+    output: dict[str, Any] | None = None
     if record.output and record.output.get("version"):
         try:
             published = reg.resolve(record.output["version"])

@@ -10,7 +10,7 @@ penalties, logprobs, tools), naming the parameter. The errors go out in OpenAI's
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, field_validator
 
@@ -40,7 +40,10 @@ def error_body(err: OpenAIError) -> dict[str, Any]:
     return {"error": {"message": err.message, "type": err.kind, "param": err.param, "code": err.code}}
 
 
-def _neutral(name: str, value: Any, neutral: tuple[Any, ...]) -> Any:
+_T = TypeVar("_T")
+
+
+def _neutral(name: str, value: _T, neutral: tuple[Any, ...]) -> _T:
     if value not in neutral:
         raise ValueError(f"not supported by this server (leave {name} out)")
     return value
@@ -84,7 +87,7 @@ class _Request(BaseModel):
 
     @field_validator("logit_bias")
     @classmethod
-    def _no_bias(cls, value: dict | None) -> dict | None:
+    def _no_bias(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
         return _neutral("logit_bias", value or None, (None,))
 
     def limit(self) -> int | None:
@@ -159,7 +162,7 @@ class ChatRequest(_Request):
 
     @field_validator("tools")
     @classmethod
-    def _no_tools(cls, value: list | None) -> list | None:
+    def _no_tools(cls, value: list[Any] | None) -> list[Any] | None:
         return _neutral("tools", value or None, (None,))
 
     @field_validator("tool_choice")
@@ -169,7 +172,7 @@ class ChatRequest(_Request):
 
     @field_validator("response_format")
     @classmethod
-    def _text_only(cls, value: dict | None) -> dict | None:
+    def _text_only(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
         return _neutral("response_format", value, (None, {"type": "text"}))
 
     def limit(self) -> int | None:

@@ -96,7 +96,8 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         status, detail, problems = _validation_detail(exc)
-        return problem(status, detail, **({"errors": problems} if problems else {}))
+        extra: dict[str, Any] = {"errors": problems} if problems else {}
+        return problem(status, detail, **extra)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -43,6 +43,9 @@ class ServerSettings:
     max_trainings_per_account: int | None = DEFAULT_MAX_TRAININGS_PER_ACCOUNT  # queued + running, per account
     max_training_steps: int | None = DEFAULT_MAX_TRAINING_STEPS  # the largest train.max_steps accepted
     max_training_time_s: float | None = DEFAULT_MAX_TRAINING_TIME_S  # a run past it is stopped and fails
+    # each single-device training slot keeps a worker process started ahead of need (its imports done), so a
+    # training starts loading at once; off, a worker starts with its training (seconds later, no idle process)
+    train_prestart: bool = True
     # predictions (finetune.serving): inference worker processes, each one's cache budget for model weights
     # (None: no limit), the device they run on, and whether they start with the server or at the first call
     predict_workers: int = 1

@@ -1,6 +1,6 @@
 """The trainings side of the server: the queue and the webhooks, started and stopped with the app.
 
-``create_app`` builds one :class:`TrainingService` and adds it to ``app.state.services``; the trainings routes
+``build_api`` builds one :class:`TrainingService` and adds it to ``app.state.services``; the trainings routes
 reach it as ``request.app.state.trainings``. Starting it recovers the registry's waiting trainings (see
 :class:`~finetune.queue.TrainingQueue`); stopping it puts running trainings back in the queue.
 
@@ -56,7 +56,8 @@ class TrainingService:
 
             executor = RayExecutor(self.registry, self.settings.cluster, workers=self.settings.workers)
         if executor is None:
-            executor = LocalExecutor(self.registry.root, workers=self.settings.workers)
+            executor = LocalExecutor(self.registry.root, workers=self.settings.workers,
+                                     prestart=self.settings.train_prestart)
         self.queue = TrainingQueue(self.registry, executor, listener=lambda event, _id: self.webhooks.poke(),
                                    owner_of=owner_of, max_run_s=self.settings.max_training_time_s)
         self.queue.start()

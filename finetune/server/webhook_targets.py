@@ -150,7 +150,7 @@ class WebhookPolicy:
                 infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
             except (OSError, UnicodeError) as err:
                 raise WebhookRefused(f"cannot resolve {host}: {err}") from None
-            found = [ipaddress.ip_address(info[4][0].split("%", 1)[0]) for info in infos]
+            found = [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
         if not found:
             raise WebhookRefused(f"{host} resolves to no address")
         for address in found:

@@ -187,7 +187,7 @@ def check_processes(config: Config, world: int) -> None:
     if wanted is not None and wanted != world:
         raise UsageError(
             f"train.processes is {wanted}, but this run has {world} process{'es' if world > 1 else ''}",
-            f"start it with `python scripts/launch.py --num-processes {wanted}`, or on a server started with "
+            f"start it with `python -m finetune.launch --num-processes {wanted}`, or on a server started with "
             f"`finetune serve --executor ray`; or remove train.processes")
 
 

@@ -1,5 +1,5 @@
 """The web app served by ``finetune serve`` at ``/``: server-rendered pages over the same registry, access rules
-and services as the HTTP API; ``create_app`` includes :data:`finetune.web.app.router`.
+and services as the HTTP API; ``finetune.app.create_app`` includes :data:`finetune.web.app.router`.
 
 Modules: ``app`` (the assembled router), ``core`` (rendering, the signed-in user, CSRF, error pages),
 ``session`` (the session store), ``signin``, ``pages`` (models, a model's tabs, versions), ``train`` (the Train

@@ -16,7 +16,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
-from ..data.formats import FORMATS
+from ..choices import FORMATS
 from ..errors import FinetuneError, LimitError, UsageError
 from ..registry import VISIBILITIES
 from ..registry.files import upload_id

@@ -86,6 +86,7 @@ def get_file(file_id: str, request: Request, account: AccountDep, reg: RegistryD
 def download_file(file_id: str, account: AccountDep, reg: RegistryDep) -> FileResponse:
     """The file's bytes, with its name and content type."""
     stored = _own_file(Files(reg), account, file_id)
+    assert stored.path is not None  # Files.get sets it
     return FileResponse(stored.path, media_type=stored.content_type, filename=stored.name)
 
 

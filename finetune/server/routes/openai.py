@@ -116,7 +116,7 @@ def find_model(reg: Any, account: Any, index: Any, model: str) -> Version:
     try:
         if sep:
             return access.visible_version(reg, account, name, selector, index)
-        version = reg.latest(access.visible_model(reg, account, name).full_name)
+        version: Version | None = reg.latest(access.visible_model(reg, account, name).full_name)
         if version is None:
             raise VersionNotFoundError(f"model {name} has no versions")
         return version
@@ -193,7 +193,8 @@ def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
 
-def _stream(request: Request, record: Any, body: Any, chunk: Callable[[str | None, str | None], dict]) -> Response:
+def _stream(request: Request, record: Any, body: Any,
+            chunk: Callable[[str | None, str | None], dict[str, Any]]) -> Response:
     """Server-Sent Events: a chunk per output piece, a last one with the finish reason (and usage when
     ``stream_options.include_usage``), then ``[DONE]``. A client that goes away cancels the prediction."""
     service = request.app.state.predictions

@@ -154,7 +154,7 @@ async def create_model_prediction(owner: str, name: str, body: ModelPredictionCr
 
 def _owned(request: Request, account: Any, prediction_id: str) -> PredictionRecord:
     try:
-        record = _service(request).get(prediction_id)
+        record: PredictionRecord = _service(request).get(prediction_id)
     except (PredictionNotFoundError, UsageError):  # UsageError: an id that cannot name a record
         raise PredictionNotFoundError(f"prediction {prediction_id} not found") from None
     access.check_owns(account, record, "prediction", prediction_id, error=PredictionNotFoundError)

@@ -47,7 +47,8 @@ class TrainingCreate(WebhookOptions):
 
 
 def _service(request: Request) -> TrainingService:
-    return request.app.state.trainings
+    service: TrainingService = request.app.state.trainings
+    return service
 
 
 # ---------------------------------------------------------------------------------------------- input
@@ -142,7 +143,8 @@ def create_training(owner: str, name: str, version_id: str, body: TrainingCreate
         destination = access.owned_model(reg, account, body.destination, "train into").full_name
     except ModelNotFoundError:
         raise ModelNotFoundError(MISSING_DESTINATION) from None
-    webhook, events = body.webhook, body.webhook_events_filter
+    webhook = body.webhook
+    events: list[str] | None = list(body.webhook_events_filter) if body.webhook_events_filter is not None else None
     if webhook is None and body.webhook_completed:
         webhook, events = body.webhook_completed, ["completed"]
     check_webhook(webhook, events, webhook_policy(request))

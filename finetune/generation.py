@@ -5,7 +5,7 @@ input models extend it (:mod:`finetune.serving.inputs`, and a version's ``openap
 predict``/``chat`` derive their flags from :data:`OPTIONS`, and :func:`check_settings` validates with it, naming a
 bad option the way its caller spells it (``--top-p``, ``input.top_p``). What the engine is given is the checked
 result, a :class:`GenerationSettings`. Every way of running a model generates through one engine
-(:mod:`finetune.serving.engine`).
+(:mod:`finetune.decoding.engine`).
 
 No torch here: the server imports this module on its request path.
 """

@@ -197,7 +197,7 @@ def test_ctrl_c_stops_a_generation(root: Path):
     code = (
         "import sys\n"
         "from finetune.cli import main\n"
-        "from finetune.serving.engine import Engine\n"
+        "from finetune.decoding.engine import Engine\n"
         "orig = Engine.run_here\n"
         "def run_here(self, *a, **k):\n"
         "    print('GENERATING', file=sys.stderr, flush=True)\n"

@@ -327,7 +327,6 @@ def test_the_api_takes_the_method_and_dpo_settings_in_the_training_input(tiny_mo
                                                                           fake_executor):
     from service import running_server
 
-    from finetune import atomic
     from finetune.registry import Registry
     from finetune.registry.jobs import Trainings
     from finetune.registry.sources import import_base
@@ -337,7 +336,7 @@ def test_the_api_takes_the_method_and_dpo_settings_in_the_training_input(tiny_mo
     data = _write(tmp_path / "data" / "prefs.jsonl", TEXT_ROWS)
     reg = Registry(tmp_path / "registry")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(atomic, "_FSYNC", False)
+        mp.setenv("FINETUNE_FSYNC", "0")
         base = import_base(reg, "base/x", str(tiny_model_dir), visibility="public")
     settings = ServerSettings(workers=1, allowed_data_dirs=(data.parent.resolve(),))
     with running_server(reg, settings) as server:

@@ -17,7 +17,6 @@ import pytest
 import torch
 import yaml
 
-from finetune import atomic
 from finetune.cli import main
 from finetune.registry import Registry
 from finetune.registry.jobs import Trainings
@@ -61,7 +60,7 @@ def runs(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
         return path
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(atomic, "_FSYNC", False)
+        mp.setenv("FINETUNE_FSYNC", "0")
         reg = Registry(root)
         import_base(reg, "local/tiny", str(tiny_model_dir))
         dpo = cli(root, "train", str(config("dpo", "local/tiny:1", method="dpo", eval_every=3)),
@@ -164,7 +163,7 @@ def test_two_processes_train_what_one_process_does_with_grad_accum(runs: dict):
         capture_output=True, text=True, timeout=300, env=env, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(atomic, "_FSYNC", False)
+        mp.setenv("FINETUNE_FSYNC", "0")
         rc, _, err = cli(root, "train", str(config), "--destination", "alice/one", "--create-destination", "--quiet",
                          "--set", "train.grad_accum=2")
     assert rc == 0, err
@@ -183,7 +182,7 @@ def test_a_stopped_dpo_run_resumes_to_the_uninterrupted_adapter(runs: dict, monk
 
     import finetune.training.run as run
 
-    monkeypatch.setattr(atomic, "_FSYNC", False)
+    monkeypatch.setenv("FINETUNE_FSYNC", "0")
     root = runs["root"]
     config = runs["config"]("resume", "alice/bot:1", method="dpo", max_steps=4, checkpoint_every=2)
     rc, _, err = cli(root, "train", str(config), "--destination", "alice/straight", "--create-destination", "--quiet")

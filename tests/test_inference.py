@@ -209,11 +209,9 @@ def test_chat_keeps_history_and_resets(built: dict, capsys, monkeypatch):
     assert replies[0] == replies[2]  # after /reset the same question starts the same conversation
 
     loaded = load_version(reg, built["chat"].ref)
-    from finetune.serving import local
-
     seen = []
-    real = local.generate_ids
-    monkeypatch.setattr(local, "generate_ids", lambda lv, ids, s: seen.append(list(ids)) or real(lv, ids, s))
+    real = inference._run  # the engine, as finetune.inference calls it
+    monkeypatch.setattr(inference, "_run", lambda lv, ids, s: seen.append(list(ids)) or real(lv, ids, s))
     list(inference.chat(loaded, ["Name a color.", "And another?"], SETTINGS))
     second = loaded.tokenizer.decode(seen[1])
     assert second.count("Name a color.") == 1 and "And another?" in second and seen[1][: len(seen[0])] == seen[0]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from finetune import atomic, training
+from finetune import training
 from finetune.config import config_from_dict
 from finetune.registry import Registry
 from finetune.registry.jobs import Trainings
@@ -39,7 +39,7 @@ def _train(reg: Registry, destination: str, lora: dict, lr: float = 5e-3, steps:
 @pytest.fixture(scope="module")
 def reg(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(atomic, "_FSYNC", False)
+        mp.setenv("FINETUNE_FSYNC", "0")
         reg = Registry(tmp_path_factory.mktemp("variants") / "registry")
         import_base(reg, "alice/tiny", str(tiny_model_dir))
         results = {name: _train(reg, f"alice/{name}", lora) for name, lora in VARIANTS.items()}

@@ -14,12 +14,12 @@ import pytest
 
 from finetune import training
 from finetune.config import config_from_dict
+from finetune.decoding.text import Detokenizer, StopMatcher
 from finetune.errors import InputError, UsageError
 from finetune.registry import Registry
 from finetune.registry.sources import import_base
 from finetune.serving import schema
 from finetune.serving.inputs import WebhookOptions, check_events_filter, input_model
-from finetune.serving.text import Detokenizer, StopMatcher
 from finetune.serving.worker import LocalWorker, WorkerConfig
 from finetune.tiny import sample_data_path
 
@@ -261,7 +261,7 @@ def test_a_single_version_is_merged_in_place_and_the_base_restored_exactly(reg: 
     from peft.tuners.lora.layer import Linear as LoraLinear
     from transformers import AutoModelForCausalLM
 
-    from finetune.serving.cache import ModelCache
+    from finetune.decoding.cache import ModelCache
 
     cache = ModelCache(reg, device="cpu")
     logs: list[str] = []

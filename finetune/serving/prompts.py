@@ -28,10 +28,10 @@ class Prompts:
             return self._versions.get(version.id) or self._load(version)
 
     def _load(self, version: Any) -> tuple[Any, int | None, str]:
-        from ..inference import LoadedVersion, prompt_format_of, resolve_device
+        from ..decoding.cache import base_key
+        from ..loading import LoadedVersion, prompt_format_of, resolve_device
         from ..modeling.load import base_context, load_tokenizer
         from ..registry.sources import resolve_model
-        from .cache import base_key
 
         resolved = resolve_model(self.registry, version.ref)
         tokenizer = load_tokenizer(resolved.base)
@@ -46,10 +46,10 @@ class Prompts:
         return entry
 
     def prepare(self, job_id: str, ref: str, data: dict[str, Any], emit: Any, owner: str = "") -> Any:
-        """A :class:`~finetune.serving.engine.Job` for a checked input, or a FinetuneError saying what is wrong."""
+        """A :class:`~finetune.decoding.engine.Job` for a checked input, or a FinetuneError saying what is wrong."""
+        from ..decoding.engine import Job
         from ..generation import OPTIONS, bounded_new_tokens, check_settings
-        from ..inference import Prompt, prompt_ids
-        from .engine import Job
+        from ..loading import Prompt, prompt_ids
         from .schema import check_input
 
         loaded, context, key = self._entry(ref)

@@ -4,7 +4,7 @@ The server process never imports torch for predictions: it sends each prediction
 (``submit``), which renders and tokenizes the prompt exactly as the version was trained
 (:func:`finetune.inference.prompt_ids`), checks it against the model's context (and the server's token limit),
 answers ``admitted`` (with the token count) or ``rejected`` (with the HTTP status and the reason), and then runs
-it in its :class:`~finetune.serving.engine.Engine`. Everything the job reports (``processing``, ``log``,
+it in its :class:`~finetune.decoding.engine.Engine`. Everything the job reports (``processing``, ``log``,
 ``output``, ``done``) comes back as events on a queue, read by a thread of the handle and passed to ``on_event``.
 
 Prompts are prepared on threads of their own, never on the thread that reads the worker's messages nor on the
@@ -65,9 +65,9 @@ class WorkerCore:
     def __init__(self, config: WorkerConfig, send: OnEvent):
         import torch
 
+        from ..decoding.cache import ModelCache
+        from ..decoding.engine import Engine
         from ..registry import Registry
-        from .cache import ModelCache
-        from .engine import Engine
 
         if config.threads:
             torch.set_num_threads(config.threads)

@@ -1,7 +1,7 @@
 """The generation loop of an inference worker: batched decoding with a KV cache, streaming, cancel.
 
 Requests for versions of one base are decoded together, one token per row per step, in one forward pass
-(each row with its own adapter; see :mod:`finetune.serving.cache`). A request that arrives while a batch runs
+(each row with its own adapter; see :mod:`finetune.decoding.cache`). A request that arrives while a batch runs
 joins it at the next step: its prompt is prefilled on its own, then its KV cache is left-padded to the
 batch's length and stacked onto it (rows keep their own attention masks and positions). Finished and
 canceled rows leave the batch at once, so a cancel stops generation within a step. A request for another
@@ -118,7 +118,7 @@ class Engine:
 
     def run_here(self, job: Job) -> None:
         """Run ``job`` to its end in the calling thread, without the background one (``finetune predict`` and the
-        Python API: :mod:`finetune.serving.local`); it reports through its ``emit`` as any job does."""
+        Python API: :mod:`finetune.decoding.local`); it reports through its ``emit`` as any job does."""
         self._run_batch([job])
 
     # ------------------------------------------------------------------ scheduling

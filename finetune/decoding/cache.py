@@ -25,10 +25,10 @@ from typing import Any
 import torch
 
 from ..errors import ModelLoadError, one_line
-from ..inference import (
+from ..loading import (
     LoadedVersion,
-    _eos_ids,
     _load_base,
+    eos_ids,
     inference_precision,
     prompt_format_of,
     resolve_device,
@@ -212,7 +212,7 @@ class ModelCache:
             tokenizer.chat_template = trained_template
         loaded = LoadedVersion(version, resolved, base.model, tokenizer, prompt_format_of(version), base.device,
                                base.precision)
-        return Servable(version, base, name, loaded, _eos_ids(loaded), nbytes)
+        return Servable(version, base, name, loaded, eos_ids(loaded), nbytes)
 
     def _load_base(self, version: Version, resolved: ResolvedModel, say: Any) -> LoadedBase:
         target = resolve_device(self.device, self.registry.get_model(version.model).hardware)

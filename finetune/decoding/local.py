@@ -1,7 +1,7 @@
 """Generation in this process: the serving engine run over one version loaded here, synchronously.
 
 ``finetune predict``, ``finetune chat``, comparisons and the Python API (:func:`finetune.inference.generate`)
-generate exactly as the HTTP API does: the same :class:`~finetune.serving.engine.Engine` (its prefill and
+generate exactly as the HTTP API does: the same :class:`~finetune.decoding.engine.Engine` (its prefill and
 decoding steps, its sampling with a generator seeded per request, its eos and stop-sequence rules, its
 streamed text), over the version as :func:`finetune.inference.load_version` loaded it, without a server, a
 worker or a background thread. So one seed gives one answer, whichever way it was asked.
@@ -24,7 +24,7 @@ class _Here:
     """What the engine asks of its cache, for the one version loaded in this process: it is always there."""
 
     def __init__(self, loaded: Any):
-        from ..inference import _eos_ids
+        from ..loading import eos_ids
 
         model = loaded.model
         peft = hasattr(model, "peft_config")  # finetune.load(merge=False): the adapter beside the base weights
@@ -32,7 +32,7 @@ class _Here:
         self.base = LoadedBase(f"here:{loaded.version.id}", model, loaded.tokenizer, loaded.device,
                                loaded.precision, context_of(loaded), nbytes=0,
                                adapters={adapter} if peft else set())
-        self.servable = Servable(loaded.version, self.base, adapter, loaded, _eos_ids(loaded), nbytes=0)
+        self.servable = Servable(loaded.version, self.base, adapter, loaded, eos_ids(loaded), nbytes=0)
 
     def acquire(self, ref: str, log: Any = None) -> tuple[Servable, bool]:
         return self.servable, False

@@ -140,6 +140,17 @@ def test_completions_match_a_prediction_and_stop_at_max_tokens(server):
     assert chunks[-1].choices[0].finish_reason == "length" and chunks[-1].model == "alice/tiny:1"
 
 
+def test_completions_take_the_prompt_as_it_is_not_in_the_training_format(server):
+    """On a version trained on Alpaca rows, a completion continues the text itself (raw_prompt), while chat and a
+    plain prediction wrap the user's text in the Alpaca template."""
+    out = _client(server, "alice").completions.create(model="alice/m:1", prompt=QUESTION, max_tokens=4)
+    raw = _prediction(server, "alice", "alice/m:1", {"prompt": QUESTION, "raw_prompt": True, "max_new_tokens": 4})
+    formatted = _prediction(server, "alice", "alice/m:1", {"prompt": QUESTION, "max_new_tokens": 4})
+    assert out.choices[0].text == "".join(raw["output"])
+    assert out.usage.prompt_tokens == raw["metrics"]["input_token_count"]
+    assert out.usage.prompt_tokens < formatted["metrics"]["input_token_count"]  # no template around it
+
+
 def test_a_stream_the_client_leaves_cancels_its_prediction(server):
     """No worker keeps generating for nobody: the prediction behind a closed stream ends canceled."""
     stream = _client(server, "alice").completions.create(model="alice/tiny:1", prompt="Once", max_tokens=1000,

@@ -223,9 +223,9 @@ class CompletionRequest(_Request):
         return _neutral(info.field_name, value, neutral[info.field_name])
 
     def prediction_input(self, prompt_format: str) -> dict[str, Any]:
-        """The prediction's input: the prompt as the Replicate API's ``prompt`` takes it."""
+        """The prediction's input: the prompt as it is (``raw_prompt``), not in the version's training format."""
         prompt = self.prompt if isinstance(self.prompt, str) else self.prompt[0]
-        return {"prompt": prompt, **self.generation_input()}
+        return {"prompt": prompt, "raw_prompt": True, **self.generation_input()}
 
 
 _INPUT_FIELD = re.compile(r"^input\.([a-z_]+)")

@@ -23,6 +23,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictBool,
     StrictStr,
     TypeAdapter,
     ValidationError,
@@ -58,7 +59,19 @@ class _Prompt(BaseModel):
     prompt_not_blank = field_validator("prompt")(_nonblank)
 
 
-class GenerationInput(SamplingOptions, _Prompt):
+class _Raw(BaseModel):
+    raw_prompt: StrictBool = Field(False, title="Raw Prompt",
+                                   description="Take the prompt as it is, not formatted as the version was trained "
+                                               "(a plain continuation; the OpenAI API's completions send it).")
+
+    @model_validator(mode="after")
+    def _prompt_only(self) -> _Raw:
+        if self.raw_prompt and getattr(self, "messages", None) is not None:
+            raise PydanticCustomError("input_either", "applies to prompt, not to messages", {"field": "raw_prompt"})
+        return self
+
+
+class GenerationInput(_Raw, SamplingOptions, _Prompt):
     """The input of a version trained on text or instructions: a prompt and the sampling options."""
 
 
@@ -89,7 +102,7 @@ def conversation_problem(prompt: bool, messages: bool) -> tuple[str, str] | None
     return None
 
 
-class ChatInput(SamplingOptions, _Conversation):
+class ChatInput(_Raw, SamplingOptions, _Conversation):
     """The input of a version trained on chat messages: a prompt or a whole conversation, a system prompt, and
     the sampling options."""
 

@@ -54,7 +54,8 @@ class Prompts:
 
         loaded, context, key = self._entry(ref)
         data = check_input(loaded.prompt_format, data, max_prompt_bytes=None)  # the server checked the size
-        prompt = Prompt(data["messages"]) if "messages" in data else Prompt(data["prompt"])
+        prompt = Prompt(data["messages"]) if "messages" in data else Prompt(data["prompt"],
+                                                                            rendered=bool(data.get("raw_prompt")))
         ids = prompt_ids(loaded, prompt, system=data.get("system_prompt"))
         settings = check_settings({name: data[name] for name in OPTIONS if name in data})
         max_new, note = bounded_new_tokens(loaded.version.ref, context, len(ids), settings.max_new_tokens)

@@ -249,7 +249,7 @@ async def chat_completions(body: ChatRequest, request: Request, account: Account
 @router.post("/completions")
 async def completions(body: CompletionRequest, request: Request, account: AccountDep, reg: RegistryDep,
                       index: VersionIndexDep) -> Response:
-    """Continue a prompt, taken as the Replicate API's ``prompt`` input takes it."""
+    """Continue a prompt, taken as it is (the version's training format is not applied)."""
     record, version = await _predict(request, account, reg, index, body)
     common = {"id": f"cmpl-{record.id}", "object": "text_completion", "created": int(time.time()),
               "model": version.ref, "system_fingerprint": None}

@@ -151,6 +151,25 @@ def test_completions_take_the_prompt_as_it_is_not_in_the_training_format(server)
     assert out.usage.prompt_tokens < formatted["metrics"]["input_token_count"]  # no template around it
 
 
+def test_an_answer_cut_by_the_models_context_finishes_for_length(server, tiny_model_dir):
+    """max_tokens asks for more than the context leaves: the answer stops at the context's end, and says so."""
+    import json as _json
+
+    context = _json.loads((tiny_model_dir / "config.json").read_text())["max_position_embeddings"]
+
+    def tokens(words: int) -> int:
+        data = {"prompt": "a " * words, "raw_prompt": True, "max_new_tokens": 1}
+        return _prediction(server, "alice", "alice/tiny:1", data)["metrics"]["input_token_count"]
+
+    short, long = tokens(100), tokens(200)
+    per_word = (long - short) / 100
+    words = int((context - 6 - (short - 100 * per_word)) / per_word)
+    left = context - tokens(words)
+    assert 0 < left < 20, left
+    out = _client(server, "alice").completions.create(model="alice/tiny:1", prompt="a " * words, max_tokens=left + 30)
+    assert out.usage.completion_tokens == left and out.choices[0].finish_reason == "length"
+
+
 def test_a_stream_the_client_leaves_cancels_its_prediction(server):
     """No worker keeps generating for nobody: the prediction behind a closed stream ends canceled."""
     stream = _client(server, "alice").completions.create(model="alice/tiny:1", prompt="Once", max_tokens=1000,

@@ -387,6 +387,8 @@ class Engine:
             "predict_time": round(predict, 6),
             "input_token_count": len(row.job.ids),
             "output_token_count": row.generated,
+            # "length": it used every token it could (max_new_tokens, or what the context left); else it stopped
+            "finish_reason": "length" if row.generated >= row.job.max_new_tokens else "stop",
         }
         if row.first_token is not None:
             ttft = row.first_token - row.started

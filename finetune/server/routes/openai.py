@@ -166,8 +166,11 @@ def _usage(record: Any) -> dict[str, int]:
 
 
 def _finish_reason(record: Any, body: Any) -> str:
-    """``length`` when the version generated all the tokens the request allowed, else ``stop`` (an end of text
-    or a stop sequence)."""
+    """``length`` when the version generated all the tokens it could (the request's, or what the model's context
+    left), else ``stop`` (an end of text or a stop sequence): the engine says which."""
+    reason = record.metrics.get("finish_reason")
+    if reason in ("length", "stop"):
+        return str(reason)
     return "length" if int(record.metrics.get("output_token_count") or 0) >= body.max_new_tokens() else "stop"
 
 

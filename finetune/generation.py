@@ -236,7 +236,9 @@ def _problem(model: type[BaseModel], error: Any) -> tuple[str, str]:
         return field, f"must be {_range(model, field)}, got {short(value)}"  # an int too large for a float too
     if kind in ("int_type", "int_from_float", "int_parsing"):
         return field, f"must be an integer, got {short(value)}"
-    if kind in ("float_type", "finite_number", "float_parsing"):
+    if kind == "finite_number":
+        return field, f"must be a finite number, got {short(value)}"
+    if kind in ("float_type", "float_parsing"):
         return field, f"must be a number, got {short(value)}"
     if kind == "string_type":
         return field, f"must be a string, got {type(value).__name__}"

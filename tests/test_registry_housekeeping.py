@@ -205,7 +205,7 @@ def test_export_into_an_empty_name_is_refused(reg: Registry, capsys, tmp_path: P
 @pytest.mark.parametrize("value", ["inf", "nan", "-inf"])
 def test_predict_refuses_a_temperature_that_is_not_finite(reg: Registry, capsys, value: str) -> None:
     rc, _, err = cli(capsys, reg, "predict", "o/m:1", "hello", f"--temperature={value}")
-    assert_one_line_error(rc, err, "--temperature must be a finite number")
+    assert_one_line_error(rc, err, "--temperature: must be a finite number")
     assert rc == 2
 
 

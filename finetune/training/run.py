@@ -93,7 +93,7 @@ def run_training(training_id: str, *, registry: Registry | None = None, progress
         raise verdict[0]
     if isinstance(verdict[0], Version):  # it had published already: settled, nothing to train
         return TrainResult(trainings.get(training_id), verdict[0] if state.is_main_process else None)
-    run = open_run(reg, trainings, trainings.get(training_id), state, show_progress=progress)
+    run = open_run(reg, trainings, training_id, state, show_progress=progress)
     record, log = run.record, run.log
     succeeded = False
     try:

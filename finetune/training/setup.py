@@ -84,12 +84,12 @@ class Run:
             self.trainings.update(self.record, **changes)
 
 
-def open_run(reg: Registry, trainings: Trainings, claimed: TrainingRecord, state: PartialState,
-             show_progress: bool) -> Run:
-    """The run of the claimed record: its config and precision, the Accelerator (with the trackers), the log and
-    the stop flag; on every process."""
-    training_id, destination = claimed.id, claimed.destination
+def open_run(reg: Registry, trainings: Trainings, training_id: str, state: PartialState, show_progress: bool) -> Run:
+    """The run of the claimed record ``training_id``: its config and precision, the Accelerator (with the
+    trackers), the log and the stop flag; on every process."""
+    claimed = trainings.get(training_id)
     config = config_from_dict(claimed.input, source=f"training {training_id}")
+    destination = claimed.destination
     started_from = claimed.model  # what an earlier start of this run resolved base_model to (every rank reads it)
     record = claimed if state.is_main_process else None  # only the main process writes the record
 

@@ -180,27 +180,28 @@ def test_two_processes_train_what_one_process_does_with_grad_accum(runs: dict):
 def test_a_stopped_dpo_run_resumes_to_the_uninterrupted_adapter(runs: dict, monkeypatch: pytest.MonkeyPatch):
     from safetensors.torch import load_file
 
-    import finetune.training.run as run
+    from finetune.errors import TrainingCanceled
+    from finetune.training.guards import StopFlag
 
     monkeypatch.setenv("FINETUNE_FSYNC", "0")
     root = runs["root"]
     config = runs["config"]("resume", "alice/bot:1", method="dpo", max_steps=4, checkpoint_every=2)
     rc, _, err = cli(root, "train", str(config), "--destination", "alice/straight", "--create-destination", "--quiet")
     assert rc == 0, err
-    calls, check = 0, run._StopFlag.check
+    calls, check = 0, StopFlag.check
 
     def stop_after_step_2(self, accelerator):  # one check before the first step, then one after each step
         nonlocal calls
         calls += 1
         if calls == 3:
-            raise run.TrainingCanceled("stopped for the test")
+            raise TrainingCanceled("stopped for the test")
         return check(self, accelerator)
 
-    monkeypatch.setattr(run._StopFlag, "check", stop_after_step_2)
+    monkeypatch.setattr(StopFlag, "check", stop_after_step_2)
     rc, _, err = cli(root, "train", str(config), "--destination", "alice/resumed", "--create-destination", "--quiet")
     assert rc == 130, err
     training_id = err.split()[1]
-    monkeypatch.setattr(run._StopFlag, "check", check)
+    monkeypatch.setattr(StopFlag, "check", check)
     rc, out, err = cli(root, "train", "--resume", training_id, "--quiet")
     assert rc == 0 and out == "alice/resumed:1\n", err
     a, b = (load_file(str(runs["reg"].resolve(ref).path / "adapter_model.safetensors"))

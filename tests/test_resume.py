@@ -35,16 +35,16 @@ STEPS, HANG_AFTER = 8, 5
 # The killed process loads, trains steps 1-5 and then waits (at most this long) to be killed.
 RUN_UNTIL_KILLED = f"""
 import sys, time
-import finetune.training.run as train
+import finetune.training.guards as guards
 calls = 0
-check = train._StopFlag.check
+check = guards.StopFlag.check
 def stand_still(self, accelerator):
     global calls
     calls += 1
     if calls == {HANG_AFTER} + 1:  # one check before the first step, then one after each step
         time.sleep(300)
     return check(self, accelerator)
-train._StopFlag.check = stand_still
+guards.StopFlag.check = stand_still
 from finetune.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -176,7 +176,8 @@ def test_a_resumed_run_continues_from_the_version_it_started_from(root: Path, tm
                                                                   monkeypatch: pytest.MonkeyPatch):
     """`base_model: owner/name` means its latest version when the run starts; a resume continues from that same
     version, not from one published into the model while the run was stopped."""
-    import finetune.training.run as train
+    from finetune.errors import TrainingCanceled
+    from finetune.training.guards import StopFlag
 
     reg = Registry(root)
     config = write_config(tmp_path / "train.yaml", 0.0)
@@ -184,21 +185,21 @@ def test_a_resumed_run_continues_from_the_version_it_started_from(root: Path, tm
     rc, out, err = cli(root, "train", str(config), "--destination", "pin/parent", "--create-destination", *short)
     assert rc == 0 and out == "pin/parent:1\n", err
 
-    calls, check = 0, train._StopFlag.check
+    calls, check = 0, StopFlag.check
 
     def stop_after_step_2(self, accelerator):  # one check before the first step, then one after each step
         nonlocal calls
         calls += 1
         if calls == 3:
-            raise train.TrainingCanceled("stopped for the test")
+            raise TrainingCanceled("stopped for the test")
         return check(self, accelerator)
 
-    monkeypatch.setattr(train._StopFlag, "check", stop_after_step_2)
+    monkeypatch.setattr(StopFlag, "check", stop_after_step_2)
     rc, _, err = cli(root, "train", str(config), "--destination", "pin/child", "--create-destination", "--quiet",
                      "--set", "base_model=pin/parent", "--set", "train.max_steps=4")
     assert rc == 130, err
     training_id = err.split()[1]
-    monkeypatch.setattr(train._StopFlag, "check", check)
+    monkeypatch.setattr(StopFlag, "check", check)
     assert Trainings(reg).get(training_id).model == "pin/parent:1"
 
     rc, out, err = cli(root, "train", str(config), "--destination", "pin/parent", *short)  # pin/parent:2 now

@@ -207,7 +207,7 @@ def test_a_failed_run_is_marked_failed_in_mlflow_at_mlflow_tracking_uri(tiny_mod
     def boom(*args, **kwargs):
         raise RuntimeError("the loop broke")
 
-    monkeypatch.setattr(run_module, "_loop", boom)
+    monkeypatch.setattr(run_module, "train_loop", boom)
     config = config_from_dict({"base_model": "local/tiny:1", "data": {"path": str(sample_data_path())},
                                "train": {"max_steps": 2, "report_to": ["mlflow"]}})
     with pytest.raises(RuntimeError, match="the loop broke"):

@@ -108,12 +108,12 @@ def test_train_loss_is_the_mean_of_the_last_steps_beside_the_last_one(root: Path
 
 def test_resume_skips_a_torn_checkpoint_and_names_the_one_it_falls_back_to(root: Path, tmp_path: Path, capsys,
                                                                            monkeypatch: pytest.MonkeyPatch):
-    import finetune.training.run as run_module
     from finetune.errors import TrainingCanceled
+    from finetune.training.guards import StopFlag
 
     reg = Registry(root)
     cfg = write_config(tmp_path / "c.yaml", max_steps=5, checkpoint_every=1)
-    check, calls = run_module._StopFlag.check, []
+    check, calls = StopFlag.check, []
 
     def stop_after_step_3(self, accelerator):
         calls.append(1)
@@ -121,9 +121,9 @@ def test_resume_skips_a_torn_checkpoint_and_names_the_one_it_falls_back_to(root:
             raise TrainingCanceled("test stop")
         return check(self, accelerator)
 
-    monkeypatch.setattr(run_module._StopFlag, "check", stop_after_step_3)
+    monkeypatch.setattr(StopFlag, "check", stop_after_step_3)
     assert main(["--registry", str(root), "train", str(cfg), "--destination", DEST, "--quiet"]) == 130
-    monkeypatch.setattr(run_module._StopFlag, "check", check)
+    monkeypatch.setattr(StopFlag, "check", check)
     record = next(r for r in Trainings(reg).list() if r.destination == DEST and r.status == "canceled")
     paths = Trainings(reg).paths(record.id)
     assert sorted(p.name for p in paths.checkpoints.glob("step-*")) == ["step-00000002", "step-00000003"]
@@ -259,17 +259,17 @@ def test_a_run_that_stops_learning_ends_failed_saying_what_to_lower(root: Path, 
 def test_a_loss_that_sits_still_over_different_data_is_a_stall():
     from finetune.data.batching import Window
     from finetune.errors import TrainingStalledError
-    from finetune.training.run import STALL_STEPS, _Stall
+    from finetune.training.guards import STALL_STEPS, Stall
 
     norm = torch.tensor(0.5)
-    same_rows = _Stall()  # one batch holding the whole dataset: its loss may barely move at a small lr
+    same_rows = Stall()  # one batch holding the whole dataset: its loss may barely move at a small lr
     for step in range(1, 3 * STALL_STEPS):
         same_rows.step(step, 2.0, norm, Window(((1, 2), (3,)) if step % 2 else ((3,), (2, 1)), 9), 1e-6, 1e-6)
-    stall = _Stall()
+    stall = Stall()
     with pytest.raises(TrainingStalledError, match=f"stayed at 6.8013 for {STALL_STEPS} steps over different data"):
         for step in range(1, 3 * STALL_STEPS):
             stall.step(step, 6.80128 + 1e-7 * (step % 2), norm, Window(((step,),), 9), 1e3, 1e3)
-    moving = _Stall()
+    moving = Stall()
     for step in range(1, 3 * STALL_STEPS):
         moving.step(step, 3.0 - 0.01 * step, norm, Window(((step,),), 9), 1e-4, 1e-4)
 

@@ -184,21 +184,21 @@ def test_padded_micro_batches_run_in_groups_and_train_as_whole_ones(registry_wit
                                                                    monkeypatch: pytest.MonkeyPatch):
     """On CPUs a padded micro-batch runs as groups of similar lengths (fewer padded tokens); the losses and the
     adapter after 3 steps are those of running each micro-batch whole."""
-    from finetune.training import run as run_module
+    from finetune.training import setup as setup_module
 
     monkeypatch.setenv("FINETUNE_FSYNC", "0")
     passes = []
-    grouped_collate = run_module.collate_padded_groups
+    grouped_collate = setup_module.collate_padded_groups
 
     def counting(examples, pad, cost):
         batches = grouped_collate(examples, pad, cost)
         passes.append(len(batches))
         return batches
 
-    monkeypatch.setattr(run_module, "collate_padded_groups", counting)
+    monkeypatch.setattr(setup_module, "collate_padded_groups", counting)
     grouped, grouped_metrics = _train(registry_with_base, "math/grouped", batch_size=8, max_steps=3, packing=False)
     assert max(passes) > 1  # some micro-batch did run in groups
-    monkeypatch.setattr(run_module, "PAD_GROUP_CALL_COST_CPU", None)  # as on a GPU: whole micro-batches
+    monkeypatch.setattr(setup_module, "PAD_GROUP_CALL_COST_CPU", None)  # as on a GPU: whole micro-batches
     passes.clear()
     whole, whole_metrics = _train(registry_with_base, "math/whole", batch_size=8, max_steps=3, packing=False)
     assert set(passes) == {1}

@@ -1,4 +1,5 @@
-"""Training: the loop (``run``), its checkpoints, metrics, log, and publishing the result as a version.
+"""Training: the run (``run``, from its ``setup`` through the ``loop`` and its ``guards``), its checkpoints,
+metrics, log, and publishing the result as a version.
 
 ``submit_training`` (``submit``) needs no torch; the rest is imported on first use, so that code which only
 submits (the server) does not pay for torch.

@@ -26,7 +26,7 @@ import numpy as np
 
 from ..errors import DataError
 from .formats import IGNORE_INDEX, _Bad, _bos_ids, _messages, _render
-from .prepare import Prepared, _eval_spec, _split, dataset_fingerprint, tokenizer_fingerprint
+from .prepare import Prepared, _eval_spec, _split, dataset_fingerprint, refuse_overlong, tokenizer_fingerprint
 from .records import RowLocator, read_records
 
 _OPENAI = ("input", "preferred_output", "non_preferred_output")
@@ -181,13 +181,7 @@ def _encode(path: str, label: str | None, tokenizer: Any, max_seq_len: int,
                           fn_kwargs=dict(tokenizer=tokenizer, max_seq_len=max_seq_len, where=where),
                           desc="tokenizing pairs")
     if overlong == "error":
-        raw = encoded.data.column("raw_length").to_numpy()
-        over = np.flatnonzero(raw > max_seq_len)
-        if over.size:
-            i = int(over[0])
-            raise DataError(f"{where(i)}: {int(raw[i])} tokens, longer than max_seq_len {max_seq_len} "
-                            f"({over.size} row{'s are' if over.size != 1 else ' is'})",
-                            "raise max_seq_len, shorten the row, or set overlong: truncate")
+        refuse_overlong(encoded, max_seq_len, where)
     chat = encoded.data.column("chat").to_numpy(zero_copy_only=False)
     other = np.flatnonzero(chat != chat[0])
     if other.size:  # a version answers either raw prompts or chats, as its rows were

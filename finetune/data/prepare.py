@@ -94,14 +94,20 @@ def _encode_dataset(records: datasets.Dataset, path: str, fmt: str, tokenizer: A
         fn_kwargs=dict(fmt=fmt, tokenizer=tokenizer, train_on_inputs=train_on_inputs, max_seq_len=max_seq_len,
                        where=where))
     if overlong == "error":
-        raw = encoded.data.column("raw_length").to_numpy()
-        over = np.flatnonzero(raw > max_seq_len)
-        if over.size:
-            i = int(over[0])
-            raise DataError(f"{where(i)}: {int(raw[i])} tokens, longer than max_seq_len {max_seq_len} "
-                            f"({over.size} row{'s are' if over.size != 1 else ' is'})",
-                            "raise max_seq_len, shorten the row, or set overlong: truncate")
+        refuse_overlong(encoded, max_seq_len, where)
     return encoded
+
+
+def refuse_overlong(encoded: datasets.Dataset, max_seq_len: int, where: Any) -> None:
+    """With ``overlong: error``: a DataError naming the first row whose tokens (its ``raw_length`` column)
+    exceed ``max_seq_len``, and how many do."""
+    raw = encoded.data.column("raw_length").to_numpy()
+    over = np.flatnonzero(raw > max_seq_len)
+    if over.size:
+        i = int(over[0])
+        raise DataError(f"{where(i)}: {int(raw[i])} tokens, longer than max_seq_len {max_seq_len} "
+                        f"({over.size} row{'s are' if over.size != 1 else ' is'})",
+                        "raise max_seq_len, shorten the row, or set overlong: truncate")
 
 
 def info_truncated(encoded: datasets.Dataset, max_seq_len: int) -> bool:

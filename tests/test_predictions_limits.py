@@ -136,7 +136,9 @@ def test_a_prompt_over_the_size_limit_is_422_naming_the_flag(server):
     assert "input.prompt" in detail and "524,289 bytes" in detail and "--predict-max-prompt-size" in detail
 
 
-BIG = "Once upon a time there was a word. " * (2_000_000 // 35)  # seconds of tokenizing, far over the context
+# ~7 s of tokenizing on a fast CPU (2 MB took 1.8 s there: not enough to be sure it is still running), far
+# over the context; under the 8 MiB the fixture allows
+BIG = "Once upon a time there was a word. " * (7_500_000 // 35)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ penalties, logprobs, tools), naming the parameter. The errors go out in OpenAI's
 
 from __future__ import annotations
 
-import re
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, field_validator
@@ -226,12 +225,3 @@ class CompletionRequest(_Request):
         """The prediction's input: the prompt as it is (``raw_prompt``), not in the version's training format."""
         prompt = self.prompt if isinstance(self.prompt, str) else self.prompt[0]
         return {"prompt": prompt, "raw_prompt": True, **self.generation_input()}
-
-
-_INPUT_FIELD = re.compile(r"^input\.([a-z_]+)")
-
-
-def input_field(message: str) -> str | None:
-    """The input field a prediction error names (``input.temperature: ...`` -> ``temperature``), if any."""
-    match = _INPUT_FIELD.match(message)
-    return match.group(1) if match else None

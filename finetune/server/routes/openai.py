@@ -28,14 +28,14 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 
-from ...errors import FinetuneError, IntegrityError, NotFoundError, UsageError, VersionNotFoundError
+from ...errors import FinetuneError, InputError, IntegrityError, NotFoundError, UsageError, VersionNotFoundError
 from ...registry import Version
 from ...registry.jobs import FINAL
 from ...serving.schema import prompt_format
 from .. import access
 from ..auth import AccountDep, current_account
 from ..context import RegistryDep, VersionIndexDep, base_url
-from ..openai_schema import ChatRequest, CompletionRequest, OpenAIError, error_body, input_field
+from ..openai_schema import ChatRequest, CompletionRequest, OpenAIError, error_body
 from ..problems import status_for
 
 log = logging.getLogger("finetune.server")
@@ -66,10 +66,10 @@ def openai_error(err: Exception, body: Any = None) -> OpenAIError:
     if isinstance(err, FinetuneError):
         status = status_for(err)
         status = 400 if status == 422 else 503 if status == 409 else status  # 409: the worker did not take it
-        field = input_field(err.message)
-        if field and body is not None:  # "input.max_new_tokens: ..." -> "max_tokens: ...", as the caller named it
-            param = body.param_of(field)
-            return OpenAIError(status, param + err.message[len(f"input.{field}"):], param=param)
+        if isinstance(err, InputError) and err.fields and body is not None:  # named as the caller named it
+            first = err.fields[0]  # (max_new_tokens -> max_tokens); OpenAI's shape has one param
+            param = body.param_of(first["field"])
+            return OpenAIError(status, f"{param}: {first['message']}", param=param)
         return OpenAIError(status, str(err), code=_CODES.get(status))
     log.exception("an OpenAI API request failed")
     return OpenAIError(500, f"internal error ({type(err).__name__}); the server log has the details")

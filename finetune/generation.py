@@ -134,13 +134,6 @@ class GenerationSettings:
         """These settings checked (:func:`check_settings`); raises :class:`UsageError` naming a bad one."""
         return check_settings(asdict(self))
 
-    def to_input(self) -> dict[str, Any]:
-        """As a prediction's input (JSON): ``seed`` only when set, ``stop_sequences`` as a list."""
-        out = {**asdict(self), "stop_sequences": list(self.stop_sequences)}
-        if self.seed is None:
-            del out["seed"]
-        return out
-
 
 @dataclass(frozen=True)
 class Option:
@@ -187,7 +180,14 @@ def check_settings(values: Mapping[str, Any], name: Callable[[str], str] = _same
     except ValidationError as err:
         field, problem = problems(SamplingOptions, err)[0]
         raise UsageError(f"{name(field)}: {problem}", hint) from None
-    return GenerationSettings(**{**checked.model_dump(), "stop_sequences": tuple(checked.stop_sequences)})
+    return settings_of(checked.model_dump())
+
+
+def settings_of(options: Mapping[str, Any]) -> GenerationSettings:
+    """The settings in option values already checked by :class:`SamplingOptions` (or by an input model that
+    extends it: a checked prediction input); other keys are left out."""
+    given = {name: options[name] for name in OPTIONS if name in options}
+    return GenerationSettings(**{**given, "stop_sequences": tuple(given.get("stop_sequences", ()))})
 
 
 def short(value: Any) -> str:

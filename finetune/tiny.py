@@ -229,6 +229,11 @@ def build_tiny_model(
         init=hidden_size**-0.5 if initializer_range is None else initializer_range,
         special={name: getattr(tokenizer, name) for name in ("bos_token_id", "eos_token_id", "pad_token_id")},
     )
+    return save_random_model(config, tokenizer, out, seed)
+
+
+def save_random_model(config: Any, tokenizer: Any, out: Path, seed: int) -> Path:
+    """A model of ``config`` with weights drawn from ``seed``, saved with ``tokenizer`` into ``out``."""
     # fork_rng: seeding must not disturb the caller's random stream (tests and training seed their own).
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

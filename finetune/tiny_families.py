@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UsageError
-from .tiny import ARCHITECTURES, build_tiny_model
+from .tiny import ARCHITECTURES, build_tiny_model, save_random_model
 
 FAMILIES = (*ARCHITECTURES, "mistral", "qwen3", "gemma", "gemma2", "phi3")
 
@@ -24,8 +24,7 @@ def build_family_model(out_dir: str | os.PathLike[str], family: str, tokenizer: 
     if family in ARCHITECTURES:
         return build_tiny_model(out_dir, tokenizer, arch=family, hidden_size=hidden_size, num_layers=num_layers,
                                 seed=seed)
-    import torch
-    from transformers import AutoModelForCausalLM, Gemma2Config, GemmaConfig, MistralConfig, Phi3Config, Qwen3Config
+    from transformers import Gemma2Config, GemmaConfig, MistralConfig, Phi3Config, Qwen3Config
 
     heads = 4
     common = dict(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=3 * hidden_size,
@@ -45,15 +44,7 @@ def build_family_model(out_dir: str | os.PathLike[str], family: str, tokenizer: 
         config = Phi3Config(**{**common, "num_key_value_heads": heads}, original_max_position_embeddings=1024)
     else:
         raise UsageError(f"unknown family {family!r}", f"use one of {', '.join(FAMILIES)}")
-    out = Path(out_dir)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+    return save_random_model(config, tokenizer, Path(out_dir), seed)
 
 
 def train_sentencepiece_style_tokenizer(texts: Any, vocab_size: int = 1024) -> Any:

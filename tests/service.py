@@ -74,6 +74,24 @@ def server_settings(**fields: Any) -> ServerSettings:
     return ServerSettings(**{"train_prestart": False, **fields})
 
 
+class NoSlots:
+    """A training executor with no slots: trainings are created and queued (their ``start`` webhook goes out),
+    and none runs."""
+
+    capacity = 0
+
+    def start(self, training_id: str) -> None:
+        raise AssertionError("no training may start here")
+
+    def close(self) -> None:
+        pass
+
+
+def idle_training_queue(monkeypatch: Any) -> None:
+    """Servers started after this (in ``monkeypatch``'s scope) queue trainings and never run one."""
+    monkeypatch.setattr("finetune.server.training_service.LocalExecutor", lambda *args, **kwargs: NoSlots())
+
+
 def _free_socket() -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

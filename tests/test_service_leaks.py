@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from service import running_server, server_settings
+from service import idle_training_queue, running_server, server_settings
 
 from finetune.registry import Registry
 from finetune.registry.sources import import_base
@@ -27,21 +27,9 @@ def _no_fsync(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FINETUNE_FSYNC", "0")
 
 
-class _NoSlots:
-    """A training executor with no slots: trainings are created and queued, and none runs."""
-
-    capacity = 0
-
-    def start(self, training_id: str):
-        raise AssertionError("no training may start here")
-
-    def close(self) -> None:
-        pass
-
-
 @pytest.fixture
 def idle_queue(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("finetune.server.training_service.LocalExecutor", lambda *args, **kwargs: _NoSlots())
+    idle_training_queue(monkeypatch)
 
 
 def _problem(r, status: int) -> dict:

@@ -9,6 +9,7 @@ import json
 import re
 
 import pytest
+from service import idle_training_queue
 
 from finetune.registry.sources import import_base
 
@@ -16,18 +17,6 @@ from finetune.registry.sources import import_base
 @pytest.fixture(autouse=True)
 def _no_fsync(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FINETUNE_FSYNC", "0")
-
-
-class _NoSlots:
-    """A training executor with no slots: trainings are created and queued, and none runs."""
-
-    capacity = 0
-
-    def start(self, training_id: str):
-        raise AssertionError("no training may start here")
-
-    def close(self) -> None:
-        pass
 
 
 def _cursor(payload) -> str:
@@ -94,7 +83,7 @@ def test_a_malformed_input_key_is_named_in_the_422(live_server, tiny_model_dir, 
 
 
 def test_an_oversized_training_input_is_422(live_server, tiny_model_dir, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr("finetune.server.training_service.LocalExecutor", lambda *a, **k: _NoSlots())
+    idle_training_queue(monkeypatch)
     base = import_base(live_server.registry, "alice/base", str(tiny_model_dir))
     live_server.registry.create_model("alice/y")
     http = live_server.http("alice")

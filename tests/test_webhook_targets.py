@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from service import running_server, server_settings
+from service import idle_training_queue, running_server, server_settings
 
 from finetune.errors import UsageError
 from finetune.registry import Registry
@@ -43,22 +43,9 @@ def _no_fsync(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FINETUNE_FSYNC", "0")
 
 
-class _NoSlots:
-    """A training executor with no slots: trainings are created and queued (their ``start`` webhook goes out),
-    and none runs."""
-
-    capacity = 0
-
-    def start(self, training_id: str):
-        raise AssertionError("no training may start here")
-
-    def close(self) -> None:
-        pass
-
-
 @pytest.fixture
 def idle_queue(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("finetune.server.training_service.LocalExecutor", lambda *args, **kwargs: _NoSlots())
+    idle_training_queue(monkeypatch)
 
 
 class Receiver:

@@ -167,17 +167,9 @@ class RayExecutor:
         self._refill()
 
     def close(self) -> None:
-        import ray
-
         self._closed.set()
         self._watcher.join(timeout=5)
-        with self._lock:
-            spares, self._spares = self._spares, []
-        for handle, _, _ in spares:
-            try:
-                ray.kill(handle, no_restart=True)
-            except Exception:
-                pass
+        self._drop_spares()
         self.gate.close()
 
     # ---------------------------------------------------------------- what a training asks for
@@ -276,7 +268,8 @@ class RayExecutor:
     def _drop_spares(self) -> None:
         import ray
 
-        spares, self._spares = self._spares, []
+        with self._lock:  # taken under the lock _refill adds them under; killed outside it
+            spares, self._spares = self._spares, []
         for handle, _, _ in spares:
             try:
                 ray.kill(handle, no_restart=True)

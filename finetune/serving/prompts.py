@@ -48,7 +48,7 @@ class Prompts:
     def prepare(self, job_id: str, ref: str, data: dict[str, Any], emit: Any, owner: str = "") -> Any:
         """A :class:`~finetune.decoding.engine.Job` for a checked input, or a FinetuneError saying what is wrong."""
         from ..decoding.engine import Job
-        from ..generation import OPTIONS, bounded_new_tokens, check_settings
+        from ..generation import bounded_new_tokens, settings_of
         from ..loading import Prompt, prompt_ids
         from .schema import check_input
 
@@ -57,7 +57,7 @@ class Prompts:
         prompt = Prompt(data["messages"]) if "messages" in data else Prompt(data["prompt"],
                                                                             rendered=bool(data.get("raw_prompt")))
         ids = prompt_ids(loaded, prompt, system=data.get("system_prompt"))
-        settings = check_settings({name: data[name] for name in OPTIONS if name in data})
+        settings = settings_of(data)  # check_input checked them
         max_new, note = bounded_new_tokens(loaded.version.ref, context, len(ids), settings.max_new_tokens)
         if self.max_tokens is not None and len(ids) > self.max_tokens:
             raise InputError([("prompt", f"the prompt is {len(ids):,} tokens, over this server's limit of "

@@ -24,7 +24,7 @@ from .views import training_view
 LOG_CHUNK = 64 * 1024  # bytes of log sent at once (the first paint shows the last LOG_CHUNK)
 
 
-def _record(request: Request, user: WebUser, training_id: str) -> Any:
+def owned_training(request: Request, user: WebUser, training_id: str) -> Any:
     """The training if the user owns it; 404 otherwise (the access rule for trainings)."""
     try:
         record = Trainings(registry(request)).get(training_id)
@@ -58,7 +58,7 @@ def _log(request: Request, training_id: str, offset: int | None) -> tuple[str, i
 
 @router.get("/trainings/{training_id}")
 def training_page(request: Request, user: User, training_id: str) -> Response:
-    record = _record(request, user, training_id)
+    record = owned_training(request, user, training_id)
     rows = _metrics(request, training_id)
     log, offset = _log(request, training_id, None)
     view = training_view(record, rows, services.queue_position(request, training_id))
@@ -84,7 +84,7 @@ def _chart(rows: list[dict[str, Any]]) -> Any:
 @router.get("/trainings/{training_id}/live")
 def training_live(request: Request, user: User, training_id: str, log_offset: int = 0) -> Response:
     """What changed since the page's last look: JSON for app.js."""
-    record = _record(request, user, training_id)
+    record = owned_training(request, user, training_id)
     rows = _metrics(request, training_id)
     log, offset = _log(request, training_id, log_offset)
     view = training_view(record, rows, services.queue_position(request, training_id))
@@ -99,6 +99,6 @@ def training_live(request: Request, user: User, training_id: str, log_offset: in
 
 @router.post("/trainings/{training_id}/cancel")
 def cancel_training(request: Request, user: User, form: Form, training_id: str) -> Response:
-    _record(request, user, training_id)
+    owned_training(request, user, training_id)
     services.cancel_training(request, user.account, training_id)
     return RedirectResponse(f"/trainings/{training_id}", status_code=303)

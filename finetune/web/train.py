@@ -20,10 +20,10 @@ from ..choices import FORMATS
 from ..errors import FinetuneError, LimitError, UsageError
 from ..registry import VISIBILITIES
 from ..registry.files import upload_id
-from ..registry.jobs import Trainings
 from ..server import access
 from . import services
 from .core import render, router, templates
+from .live import owned_training
 from .pages import Form, User, create_checked_model, model_context, new_model_problems, registry
 from .preview import Preview, preview_data
 from .start_points import (
@@ -110,7 +110,7 @@ def train_tab(request: Request, user: User, owner: str, name: str, again: str = 
     """The form; ``?again=TRAINING_ID`` fills it with that training's start point, data and settings."""
     form, notice = None, None
     if again:
-        record = _own_record(request, user, again)
+        record = owned_training(request, user, again)
         file_id = upload_id((record.input.get("data") or {}).get("path"))
         if file_id is not None and not any(f.id == file_id for f in services.list_files(request, user.account)):
             notice, file_id = "Its data file was deleted since: upload it again.", None
@@ -118,17 +118,6 @@ def train_tab(request: Request, user: User, owner: str, name: str, again: str = 
         notice = f"The settings of training {record.id}." + (f" {notice}" if notice else "")
     ctx = _train_context(request, user, owner, name, form, notice=notice)
     return render(request, "tab_train.html", ctx, user=user)
-
-
-def _own_record(request: Request, user: Any, training_id: str) -> Any:
-    from ..errors import TrainingNotFoundError
-
-    try:
-        record = Trainings(registry(request)).get(training_id)
-    except (TrainingNotFoundError, UsageError):
-        raise TrainingNotFoundError(f"training {training_id} not found") from None
-    access.check_owns(user.account, record, "training", training_id)
-    return record
 
 
 @router.post("/uploads")

@@ -45,12 +45,6 @@ def _plain(schema: Any) -> Any:
     return out
 
 
-def input_properties(chat: bool) -> dict[str, dict[str, Any]]:
-    """The inputs of a version (its input model's JSON schema properties, ``x-order`` numbered in declaration
-    order); ``chat``: trained on messages (it also takes ``messages`` and ``system_prompt``)."""
-    return input_schema(chat)[0]["properties"]
-
-
 def input_schema(chat: bool) -> tuple[dict[str, Any], dict[str, Any]]:
     """The ``Input`` schema of a version and the schemas it refers to (``#/components/schemas/NAME``)."""
     schema = _plain(input_model(chat).model_json_schema(ref_template="#/components/schemas/{model}"))

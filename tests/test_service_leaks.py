@@ -116,14 +116,19 @@ def test_uploads_are_named_by_file_name_and_sha256_never_by_server_path(tiny_mod
             assert root not in json.dumps(obj) and "content.jsonl" not in json.dumps(obj)
         # what another account reads of the public version: its manifest (in the weights archive) and card
         version_id = succeeded["output"]["version"].split(":", 1)[1]
-        r = server.http("bob").get(f"/v1/models/alice/pub/versions/{version_id}/weights")
-        assert r.status_code == 200
-        with tarfile.open(fileobj=io.BytesIO(r.content)) as tar:
-            texts = {m.name: tar.extractfile(m).read().decode("utf-8", "replace")
-                     for m in tar.getmembers() if m.isfile() and m.name.endswith((".json", ".md"))}
+        base_id = reg.resolve(base).id
+        texts = {}
+        for path in (f"alice/pub/versions/{version_id}", f"base/x/versions/{base_id}"):
+            r = server.http("bob").get(f"/v1/models/{path}/weights")
+            assert r.status_code == 200
+            with tarfile.open(fileobj=io.BytesIO(r.content)) as tar:
+                texts.update({m.name: tar.extractfile(m).read().decode("utf-8", "replace")
+                              for m in tar.getmembers() if m.isfile() and m.name.endswith((".json", ".md"))})
+        base_manifest = json.loads(texts[f"base-x-{reg.resolve(base).number}/manifest.json"])
+        assert base_manifest["withheld"] == ["parent.local_path", "metadata.source.path"]
+        assert base_manifest["id"] == base_id and base_manifest["parent"]["local_folder"] == tiny_model_dir.name
         version = reg.resolve(f"alice/pub:{version_id[:12]}")
         texts["manifest"] = json.dumps(version.manifest)
-        base_id = reg.resolve(base).id
         for path in (f"/v1/models/alice/pub/versions/{version_id}", f"/v1/models/base/x/versions/{base_id}"):
             texts[path] = server.http("bob").get(path).text  # the base was imported from a folder of the server
         assert "local_folder" in texts[f"/v1/models/base/x/versions/{base_id}"]

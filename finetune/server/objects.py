@@ -61,6 +61,26 @@ def public_lineage(entry: Any) -> Any:
     return entry
 
 
+def public_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
+    """A version's manifest as the weights archive serves it: lineage and import source naming a folder of the
+    server by its name (see :func:`public_lineage`), never its path. Its ``id`` still names the version on the
+    server; ``withheld`` lists the fields changed, so a client that re-hashes the manifest knows why it differs."""
+    out, meta = dict(manifest), dict(manifest.get("metadata") or {})
+    withheld = []
+    for holder, key, field in ((out, "parent", "parent.local_path"), (meta, "base", "metadata.base.local_path")):
+        if public_lineage(holder.get(key)) != holder.get(key):
+            holder[key] = public_lineage(holder[key])
+            withheld.append(field)
+    source = meta.get("source")
+    if isinstance(source, dict) and source.get("type") == "local" and "path" in source:
+        folder = str(source["path"]).replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+        meta["source"] = {**{k: v for k, v in source.items() if k != "path"}, "folder": folder}
+        withheld.append("metadata.source.path")
+    if withheld:
+        out["metadata"], out["withheld"] = meta, withheld
+    return out
+
+
 def version_object(version: Version) -> dict[str, Any]:
     """A version as ``GET /v1/models/{o}/{n}/versions/{id}`` returns it."""
     meta = version.metadata

@@ -19,13 +19,14 @@ from ...config import Config, config_from_dict
 from ...errors import ConfigError, FinetuneError, ModelNotFoundError, TrainingNotFoundError, UsageError
 from ...registry import Registry
 from ...registry.jobs import TrainingRecord, Trainings
+from ...registry.manifest import MANIFEST
 from ...serving.inputs import WebhookOptions
 from .. import access
 from ..archive import tar_stream
 from ..auth import AccountDep, current_account
 from ..context import RegistryDep, SettingsDep, VersionIndexDep, base_url, webhook_policy
 from ..data_sources import is_number, resolve_data_input
-from ..objects import training_object
+from ..objects import public_manifest, training_object
 from ..pagination import page
 from ..settings import ServerSettings
 from ..training_service import TrainingService
@@ -184,6 +185,8 @@ def download_weights(owner: str, name: str, version_id: str, account: AccountDep
     version = access.visible_version(reg, account, f"{owner}/{name}", version_id, index)
     reg.check(version)  # never hand out files that differ from the manifest
     stem = f"{owner}-{name}-{version.number}"
-    size, chunks = tar_stream(version.path, prefix=stem)
+    public = public_manifest(version.manifest)  # no server folder paths, as in the API's version object
+    replace = {MANIFEST: json.dumps(public, indent=2).encode() + b"\n"} if public != version.manifest else {}
+    size, chunks = tar_stream(version.path, prefix=stem, replace=replace)
     return StreamingResponse(chunks, media_type="application/x-tar", headers={
         "Content-Length": str(size), "Content-Disposition": f'attachment; filename="{stem}.tar"'})

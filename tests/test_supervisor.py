@@ -110,3 +110,35 @@ def test_a_child_runs_in_a_session_of_its_own() -> None:
         assert os.getsid(child.pid) == child.pid != os.getsid(0)
     finally:
         child.stop(0.5)
+
+
+def test_a_child_whose_parent_dies_exits_by_itself(tmp_path) -> None:
+    """The server killed (SIGKILL, out of memory): its waiting worker sees its input end and exits, orphaned."""
+    import json
+    import os
+    import subprocess
+
+    parent = subprocess.Popen([sys.executable, "-c", f"""
+import sys, time
+from finetune.supervisor import Child
+child = Child([sys.executable, "-c", {_ECHO!r}]).start()
+print(child.pid, flush=True)
+time.sleep(60)
+"""], stdout=subprocess.PIPE, text=True)
+    try:
+        pid = json.loads(parent.stdout.readline())
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.05)
+        else:
+            os.kill(pid, signal.SIGKILL)
+            raise AssertionError("the orphaned child still runs")
+    finally:
+        if parent.poll() is None:
+            parent.kill()

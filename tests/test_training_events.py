@@ -146,3 +146,69 @@ def test_webhooks_follow_a_training_through_the_events_without_a_polling_loop(re
         assert hub.followed() == set()  # it ended: the webhooks no longer follow it
     finally:
         hooks.stop()
+
+
+@pytest.mark.slow
+def test_a_local_workers_training_reports_status_steps_log_and_exit(tiny_model_dir, registry: Registry) -> None:
+    """The training worker reports through its supervisor: every status change, each logged step's metrics, the
+    log lines and its exit, all as they happen (and the files hold the same)."""
+    from finetune.config import config_from_dict
+    from finetune.queue import LocalExecutor, TrainingQueue
+    from finetune.registry.sources import import_base
+    from finetune.tiny import sample_data_path
+    from finetune.training import submit_training
+
+    base = import_base(registry, "local/tiny", str(tiny_model_dir))
+    registry.create_model("alice/y")
+    config = config_from_dict({"base_model": base.ref, "data": {"path": str(sample_data_path()), "max_seq_len": 64},
+                               "train": {"max_steps": 3, "batch_size": 2, "log_every": 1}})
+    record = submit_training(config, registry=registry, destination="alice/y", source="api")
+    heard: list[tuple[str, dict]] = []
+    executor = LocalExecutor(registry.root, workers=1, gpus=[], prestart=False)
+    executor.report_to(lambda training_id, event: heard.append((training_id, event)))
+    queue = TrainingQueue(registry, executor).start()
+    try:
+        queue.submit(record.id)
+        assert queue.wait_idle(300)
+    finally:
+        queue.stop()
+    assert {i for i, _ in heard} == {record.id}
+    kinds = [e["kind"] for _, e in heard]
+    statuses = [e["status"] for _, e in heard if e["kind"] == "status"]
+    assert kinds[0] == "attached" and kinds[-1] == "exit" and heard[-1][1]["code"] == 0
+    assert statuses[0] == "starting" and "processing" in statuses and statuses[-1] == "succeeded"
+    assert [e["row"]["step"] for _, e in heard if e["kind"] == "metrics"] == [1, 2, 3]
+    assert any(e["line"].startswith("step 3/3") for _, e in heard if e["kind"] == "log")
+    assert Trainings(registry).get(record.id).status == "succeeded"
+
+
+def test_the_live_view_answers_when_the_training_changes_not_every_second(live_server, monkeypatch) -> None:
+    """The training page's live request, given the ``seq`` of its last answer, waits for the training's next event
+    (here: a record changed by another process, seen by the one file watcher) instead of being asked again each
+    second; with nothing happening it answers after LIVE_WAIT_S."""
+    from test_web import sign_in
+
+    monkeypatch.setattr("finetune.web.live.LIVE_WAIT_S", 1.0)
+    monkeypatch.setenv("FINETUNE_FSYNC", "0")
+    reg = live_server.registry
+    reg.create_model("alice/y")
+    trainings = Trainings(reg)
+    record = trainings.create(TrainingRecord(id=new_record_id(), destination="alice/y", source="cli",
+                                             status="processing"))
+    client, _ = sign_in(live_server)
+    url = f"/trainings/{record.id}/live"
+    live = client.get(url).json()  # no `since`: at once
+    assert live["status"] == "processing" and isinstance(live["seq"], int)
+    live = client.get(url, params={"since": live["seq"]}).json()  # the watcher's first look: the status
+    started = time.monotonic()
+    quiet = client.get(url, params={"since": live["seq"]}).json()
+    assert time.monotonic() - started >= 0.9 and quiet["seq"] == live["seq"]  # nothing changed: the wait ran out
+    monkeypatch.setattr("finetune.web.live.LIVE_WAIT_S", 30.0)
+    threading.Timer(0.5, trainings.update, (record,), {"status": "succeeded"}).start()
+    started = time.monotonic()
+    done = client.get(url, params={"since": quiet["seq"]}).json()
+    assert done["status"] == "succeeded" and done["final"] and done["seq"] > quiet["seq"]
+    assert 0.4 <= time.monotonic() - started < 5  # answered on the change, well before the 30 s wait
+    started = time.monotonic()
+    assert client.get(url, params={"since": done["seq"]}).json()["final"]  # ended: answers at once
+    assert time.monotonic() - started < 1

@@ -2,9 +2,9 @@
 
 The training queue's workers (:mod:`finetune.queue.executor`) and the inference worker
 (:mod:`finetune.serving.worker`) are both a :class:`Child`: started (perhaps ahead of need, as a spare that has
-done its imports), sent messages, read by one thread that hands each event to a callback and notices the exit
-within :data:`DEATH_POLL_S`, reporting how it ended (:func:`describe_exit`), stopped with SIGTERM and then
-SIGKILL after a grace period.
+done its imports), sent messages (written by a thread of its own: a sender never waits for the child to read),
+read by one thread that hands each event to a callback and notices the exit within :data:`DEATH_POLL_S`,
+reporting how it ended (:func:`describe_exit`), stopped with SIGTERM and then SIGKILL after a grace period.
 
 Transport: JSON lines over the child's own stdin and stdout pipes (:mod:`subprocess`). Pipes work for every
 child we start: a ``python -m`` worker, and ``python -m finetune.launch``, whose training processes inherit the
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import selectors
 import signal
 import subprocess
@@ -65,7 +66,9 @@ class Child:
         self.work: str | None = None  # what the child works on (the caller's name for its job; None: a spare)
         self.proc: subprocess.Popen | None = None
         self.returncode: int | None = None
-        self._lock = threading.Lock()  # the input pipe: one message at a time, never cut by a close
+        self._lock = threading.Lock()
+        self._outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()  # messages the writer thread sends
+        self._input_closed = False
         self._ended = threading.Event()
 
     def start(self) -> Child:
@@ -80,6 +83,9 @@ class Child:
                 stdout=subprocess.PIPE if self.events else subprocess.DEVNULL,
             )
         threading.Thread(target=self._read, name=f"finetune-{self.name}-events", daemon=True).start()
+        if self.proc.stdin is not None:
+            threading.Thread(target=self._write, args=(self.proc.stdin,), name=f"finetune-{self.name}-input",
+                             daemon=True).start()
         return self
 
     @property
@@ -94,30 +100,40 @@ class Child:
         return self.proc is not None and self.proc.poll() is None
 
     def send(self, message: dict[str, Any]) -> bool:
-        """Write one message to the child's input; False when it cannot take it (it ended, or input is closed)."""
+        """Queue one message for the child's input (never waits for the child to read it, even while it still
+        starts); False when it can take no more (it ended, or its input was closed)."""
         line = (json.dumps(message, separators=(",", ":")) + "\n").encode()
         with self._lock:
-            if self.proc is None or self.proc.stdin is None or self.proc.stdin.closed:
+            if self.proc is None or not self.stdin or self._input_closed or self.returncode is not None:
                 return False
-            try:
-                self.proc.stdin.write(line)
-                self.proc.stdin.flush()
-                return True
-            except (BrokenPipeError, OSError, ValueError):
-                return False
+            self._outbox.put(line)
+            return True
 
     def close_input(self) -> None:
-        """End the child's input: a child waiting for work exits (see :meth:`Channel.messages`)."""
+        """End the child's input once the messages sent before are written: a child waiting for work exits
+        (see :meth:`Channel.messages`)."""
         with self._lock:
-            if self.proc is not None and self.proc.stdin is not None:
-                try:
-                    self.proc.stdin.close()
-                except OSError:
-                    pass
+            if not self._input_closed:
+                self._input_closed = True
+                self._outbox.put(None)
+
+    def _write(self, stdin: Any) -> None:
+        """The writer thread: the queued messages to the child's input, in order, then end of input."""
+        while (line := self._outbox.get()) is not None:
+            try:
+                stdin.write(line)
+                stdin.flush()
+            except (OSError, ValueError):  # it ended: what is left has nobody to read it
+                with self._lock:
+                    self._input_closed = True
+                break
+        try:
+            stdin.close()
+        except OSError:
+            pass
 
     def signal(self, sig: int) -> None:
-        """Send ``sig`` to the child if it still runs (without the input's lock: a write blocked on a child
-        that reads nothing must not keep it from being stopped)."""
+        """Send ``sig`` to the child if it still runs."""
         proc = self.proc
         if proc is not None and proc.poll() is None:
             try:

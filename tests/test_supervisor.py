@@ -142,3 +142,19 @@ time.sleep(60)
     finally:
         if parent.poll() is None:
             parent.kill()
+
+
+def test_sending_never_waits_for_a_child_that_still_starts() -> None:
+    """A request is never held while a worker imports its libraries: a megabyte of messages (far over a pipe's
+    buffer) is queued at once, and the child reads it all, in order, once it reads."""
+    recorder = Recorder()
+    slow = "import time; time.sleep(1.5)\n" + _ECHO
+    child = Child([sys.executable, "-c", slow], on_event=recorder.event, on_exit=recorder.exit).start()
+    started = time.monotonic()
+    for n in range(8):
+        assert child.send({"op": "big", "n": n, "text": "x" * 128 * 1024})
+    assert time.monotonic() - started < 0.5
+    recorder.wait_for(lambda: sum(e["kind"] == "echo" for e in recorder.events) == 8, timeout=30)
+    assert [e["message"]["n"] for e in recorder.events if e["kind"] == "echo"] == list(range(8))
+    child.close_input()
+    assert child.wait(20) == 0

@@ -303,10 +303,10 @@ class WorkerProcess:
         child = self._ensure()
         with self._lock:
             self._in_flight[job_id] = child
-        if not child.send(message) and child.poll() is not None:
-            # It died just now: its reader may have reported the exit before this request was counted.
+        child.send(message)
+        if not child.alive():  # it died just now, perhaps before its reader counted this request
             child.wait(5.0)
-            self._died(child, child.poll() or 0)
+            self._died(child, child.poll() if child.poll() is not None else -9)
 
     def submit(self, job_id: str, ref: str, data: dict[str, Any], owner: str = "") -> None:
         self._send(job_id, {"op": "submit", "id": job_id, "ref": ref, "data": data, "owner": owner})

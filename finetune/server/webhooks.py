@@ -36,7 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..queue.events import Subscription, TrainingEvents
+from ..queue.events import Subscription, TrainingEvent, TrainingEvents
 from ..registry.jobs import FINAL, TrainingRecord, Trainings
 from ..serving.inputs import WEBHOOK_EVENTS, check_events_filter
 from .webhook_targets import WebhookPolicy, WebhookRefused, post
@@ -45,6 +45,7 @@ log = logging.getLogger("finetune.webhooks")
 
 EVENTS = WEBHOOK_EVENTS
 _LOGS_EVERY_S = 1.0  # Replicate throttles `logs` webhooks too; a log line per step would flood a receiver
+_GATHER_S = 0.25  # a step's or a log line's event is looked at this much later, with those that follow it
 
 
 def check_webhook(url: str | None, events: list[str] | None, policy: WebhookPolicy | None = None) -> None:
@@ -269,6 +270,7 @@ class TrainingWebhooks:
         self.events = events if events is not None else TrainingEvents()
         self._watched: dict[str, _Watch] = {}
         self._due: list[tuple[float, str]] = []  # (when, training id): looks to take, soonest first
+        self._scheduled: dict[str, float] = {}  # training id -> when its next look is due
         self._lock = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="webhook-watch", daemon=True)
@@ -287,7 +289,10 @@ class TrainingWebhooks:
             self._lock.notify_all()
         if self._thread.is_alive():
             self._thread.join()
-        self._check_all()  # a last look: events of trainings the queue just settled
+        with self._lock:
+            ids = list(self._watched)
+        for training_id in ids:  # a last look: events of trainings the queue just settled
+            self._check_quietly(training_id)
         self.sender.stop()
 
     def watch(self, record: TrainingRecord, base_url: str | None = None) -> None:
@@ -297,23 +302,24 @@ class TrainingWebhooks:
         self._follow(record.id, _Watch(base_url or self.base_url))
         self._check(record.id)
 
-    def poke(self) -> None:
-        """Look at every watched training now."""
-        with self._lock:
-            for training_id in self._watched:
-                heapq.heappush(self._due, (0.0, training_id))
-            self._lock.notify_all()
-
     def _follow(self, training_id: str, watch: _Watch) -> None:
         with self._lock:
             old = self._watched.get(training_id)
             self._watched[training_id] = watch
         if old is not None and old.follow is not None:
             old.follow.close()
-        watch.follow = self.events.listen(lambda event: self._look_soon(event.training_id, 0.0), training_id)
+        watch.follow = self.events.listen(self._heard, training_id)
+
+    def _heard(self, event: TrainingEvent) -> None:
+        # A status change is looked at now; steps and log lines a moment later, many to one look.
+        soon = 0.0 if event.kind in ("status", "exit") else _GATHER_S
+        self._look_soon(event.training_id, time.monotonic() + soon)
 
     def _look_soon(self, training_id: str, when: float) -> None:
         with self._lock:
+            if self._scheduled.get(training_id, float("inf")) <= when:
+                return  # a look that soon is due already
+            self._scheduled[training_id] = when
             heapq.heappush(self._due, (when, training_id))
             self._lock.notify_all()
 
@@ -324,17 +330,14 @@ class TrainingWebhooks:
                     self._lock.wait(self._due[0][0] - time.monotonic() if self._due else None)
                 if self._stopping:
                     return
-                due = {heapq.heappop(self._due)[1]}
+                due = set()
                 while self._due and self._due[0][0] <= time.monotonic():
-                    due.add(heapq.heappop(self._due)[1])
+                    when, training_id = heapq.heappop(self._due)
+                    if self._scheduled.get(training_id) == when:  # else an earlier look replaced this one
+                        del self._scheduled[training_id]
+                        due.add(training_id)
             for training_id in due:
                 self._check_quietly(training_id)
-
-    def _check_all(self) -> None:
-        with self._lock:
-            ids = list(self._watched)
-        for training_id in ids:
-            self._check_quietly(training_id)
 
     def _check_quietly(self, training_id: str) -> None:
         try:

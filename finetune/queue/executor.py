@@ -8,7 +8,9 @@ the same call as a remote task and implement the same few methods.
 :class:`LocalExecutor` gives each slot its own devices: with 4 GPUs and 4 slots one GPU each, with 4 GPUs and 1
 slot all four, run through :mod:`finetune.launch` (accelerate's launcher, as the CLI uses it). A single-device
 slot keeps one spare worker process started ahead of need (imports done, no device touched), so a training
-starts loading in well under a second, also when it waited behind another.
+starts loading in well under a second, also when it waited behind another. Each worker is a
+:class:`finetune.supervisor.Child`: what its training reports (status, steps, log lines) and how it ended go to
+the callback given to :meth:`LocalExecutor.report_to` (the server's training events, :mod:`finetune.queue.events`).
 """
 
 from __future__ import annotations
@@ -161,7 +163,7 @@ class LocalExecutor:
                 self._on_event(child.work, {"kind": "exit", "code": code, "how": describe_exit(code)})
 
         child = Child(argv, env=self._env(slot), on_event=event, on_exit=exited, name="train", **options)
-        return child
+        return child  # (named: the callbacks above read the training it was given)
 
     def _spawn_worker(self, slot: _Slot) -> Child:
         # A session of its own (Child): Ctrl-C in the server's terminal reaches the server, which stops its workers

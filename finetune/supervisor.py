@@ -237,6 +237,7 @@ class Channel:
                 sys.stdout.flush()
                 out = os.dup(1)
                 os.dup2(2, 1)
+                os.environ.pop(EVENTS_ENV, None)  # this process's own children report to nobody
                 cls._current = cls(out)
             return cls._current
 

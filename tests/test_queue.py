@@ -342,6 +342,8 @@ def test_a_slot_with_two_devices_trains_through_the_launcher(tiny_model_dir, reg
     record = submit_training(config, registry=registry, destination="alice/y", source="api")
     executor = LocalExecutor(registry.root, workers=1, gpus=["0", "1"])
     assert executor.slots[0].spare is None  # launched cold: torchrun starts the processes
+    heard: list[dict] = []
+    executor.report_to(lambda training_id, event: heard.append(event))
     queue = TrainingQueue(registry, executor).start()
     try:
         queue.submit(record.id)
@@ -351,3 +353,6 @@ def test_a_slot_with_two_devices_trains_through_the_launcher(tiny_model_dir, reg
     done = Trainings(registry).get(record.id)
     assert done.status == "succeeded", done.error
     assert done.metrics["processes"] == 2 and [v.ref for v in registry.list_versions("alice/y")] == ["alice/y:1"]
+    # The launched processes report through the launcher's pipe too (the main one: each step once).
+    assert [e["row"]["step"] for e in heard if e["kind"] == "metrics"] == [1, 2]
+    assert [e["status"] for e in heard if e["kind"] == "status"][-1] == "succeeded" and heard[-1]["kind"] == "exit"

@@ -8,7 +8,9 @@ the same call as a remote task and implement the same few methods.
 :class:`LocalExecutor` gives each slot its own devices: with 4 GPUs and 4 slots one GPU each, with 4 GPUs and 1
 slot all four, run through :mod:`finetune.launch` (accelerate's launcher, as the CLI uses it). A single-device
 slot keeps one spare worker process started ahead of need (imports done, no device touched), so a training
-starts loading in well under a second, also when it waited behind another.
+starts loading in well under a second, also when it waited behind another. Each worker is a
+:class:`finetune.supervisor.Child`: what its training reports (status, steps, log lines) and how it ended go to
+the callback given to :meth:`LocalExecutor.report_to` (the server's training events, :mod:`finetune.queue.events`).
 """
 
 from __future__ import annotations
@@ -19,10 +21,18 @@ import signal
 import subprocess
 import sys
 import threading
-from typing import Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from ..errors import UsageError
 from ..registry.jobs import RUNNER_ENV
+from ..supervisor import Child, describe_exit
+
+__all__ = ["Executor", "Job", "LocalExecutor", "describe_exit", "visible_gpus"]
+
+# Hears (training id, event) for each event a worker reports (``{"kind": "status" | "metrics" | "log", ...}``,
+# see finetune.queue.worker) and ``{"kind": "exit", "code": ..., "how": ...}`` once it ended.
+OnJobEvent = Callable[[str, dict[str, Any]], None]
 
 
 class Job(Protocol):
@@ -72,47 +82,32 @@ def visible_gpus() -> list[str]:
     return [str(i) for i, line in enumerate(line for line in out.splitlines() if line.startswith("GPU "))]
 
 
-def describe_exit(code: int) -> str:
-    """``exited with code 3`` or ``was killed by SIGKILL``."""
-    if code < 0:
-        try:
-            return f"was killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"was killed by signal {-code}"
-    return f"exited with code {code}"
-
-
 class _ProcessJob:
-    def __init__(self, training_id: str, proc: subprocess.Popen):
+    """A training in a worker process of this machine (a :class:`~finetune.supervisor.Child`)."""
+
+    def __init__(self, training_id: str, child: Child):
         self.training_id = training_id
-        self.proc = proc
+        self.child = child
 
     @property
-    def pid(self) -> int:
-        return self.proc.pid
+    def pid(self) -> int | None:
+        return self.child.pid
 
     def poll(self) -> int | None:
-        return self.proc.poll()
+        return self.child.poll()
 
     def stop(self) -> None:
-        self._signal(signal.SIGTERM)
+        self.child.signal(signal.SIGTERM)
 
     def kill(self) -> None:
-        self._signal(signal.SIGKILL)
-
-    def _signal(self, sig: int) -> None:
-        if self.proc.poll() is None:
-            try:
-                self.proc.send_signal(sig)
-            except ProcessLookupError:
-                pass
+        self.child.signal(signal.SIGKILL)
 
 
 class _Slot:
     def __init__(self, index: int, gpus: list[str]):
         self.index = index
         self.gpus = gpus
-        self.spare: subprocess.Popen | None = None  # a worker with its imports done, waiting for an id
+        self.spare: Child | None = None  # a worker with its imports done, waiting for an id
         self.job: _ProcessJob | None = None
 
 
@@ -137,6 +132,7 @@ class LocalExecutor:
         self.prestart = prestart
         self._lock = threading.Lock()
         self._closed = False
+        self._on_event: OnJobEvent | None = None
         if prestart:
             for slot in self.slots:
                 self._prepare(slot)
@@ -152,17 +148,30 @@ class LocalExecutor:
         env[RUNNER_ENV] = "queue"  # the record says a queue runs it: the next server may adopt it, and only such
         return env
 
-    def _spawn_worker(self, slot: _Slot) -> subprocess.Popen:
-        # A session of its own: Ctrl-C in the server's terminal reaches the server, which stops its workers in
-        # order (see TrainingQueue.stop), instead of every worker at once.
-        return subprocess.Popen(
-            [sys.executable, "-m", "finetune.queue.worker", "--registry", self.root],
-            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, env=self._env(slot), start_new_session=True,
-            text=True,
-        )
+    def report_to(self, on_event: OnJobEvent) -> None:
+        """Send each event of the workers' trainings, and each worker's exit, to ``on_event`` (on the worker's
+        reader thread: it must return quickly)."""
+        self._on_event = on_event
+
+    def _child(self, slot: _Slot, argv: list[str], **options: Any) -> Child:
+        def event(message: dict[str, Any]) -> None:
+            if child.work is not None and self._on_event is not None:  # a spare has no training yet
+                self._on_event(child.work, message)
+
+        def exited(code: int) -> None:
+            if child.work is not None and self._on_event is not None:
+                self._on_event(child.work, {"kind": "exit", "code": code, "how": describe_exit(code)})
+
+        child = Child(argv, env=self._env(slot), on_event=event, on_exit=exited, name="train", **options)
+        return child  # (named: the callbacks above read the training it was given)
+
+    def _spawn_worker(self, slot: _Slot) -> Child:
+        # A session of its own (Child): Ctrl-C in the server's terminal reaches the server, which stops its workers
+        # in order (see TrainingQueue.stop), instead of every worker at once.
+        return self._child(slot, [sys.executable, "-m", "finetune.queue.worker", "--registry", self.root]).start()
 
     def _prepare(self, slot: _Slot) -> None:
-        if len(slot.gpus) <= 1 and (slot.spare is None or slot.spare.poll() is not None):
+        if len(slot.gpus) <= 1 and (slot.spare is None or not slot.spare.alive()):
             slot.spare = self._spawn_worker(slot)
 
     def start(self, training_id: str) -> _ProcessJob:
@@ -170,28 +179,29 @@ class LocalExecutor:
             slot = next((s for s in self.slots if s.job is None or s.job.poll() is not None), None)
             if slot is None:
                 raise RuntimeError("no free worker slot")  # the queue never asks beyond capacity
+            if self._on_event is not None:  # from now on its worker reports on it (until its "exit")
+                self._on_event(training_id, {"kind": "attached"})
             if len(slot.gpus) > 1:
-                proc = self._launch(slot, training_id)
+                child = self._launch(slot, training_id)
             else:
-                proc = slot.spare if slot.spare is not None and slot.spare.poll() is None else self._spawn_worker(slot)
+                child = slot.spare if slot.spare is not None and slot.spare.alive() else self._spawn_worker(slot)
                 slot.spare = None
-                try:
-                    proc.stdin.write(training_id + "\n")
-                    proc.stdin.close()
-                except (BrokenPipeError, OSError):
-                    pass  # it died while waiting: the job ends at once and the queue reports how
+                child.work = training_id
+                # If it died while waiting, the job ends at once and the queue reports how.
+                child.send({"op": "run", "training_id": training_id})
+                child.close_input()
                 if self.prestart and not self._closed:
                     # The next training in this slot starts warm too, even straight after this one.
                     self._prepare(slot)
-            slot.job = _ProcessJob(training_id, proc)
+            slot.job = _ProcessJob(training_id, child)
             return slot.job
 
-    def _launch(self, slot: _Slot, training_id: str) -> subprocess.Popen:
-        return subprocess.Popen(
-            [sys.executable, "-m", "finetune.launch", "--num-processes", str(len(slot.gpus)), "--registry", self.root,
-             "--", "--resume", training_id, "--quiet"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, env=self._env(slot), start_new_session=True,
-        )
+    def _launch(self, slot: _Slot, training_id: str) -> Child:
+        # The launched training processes inherit the event pipe (stdout); the main one reports on it.
+        child = self._child(slot, [sys.executable, "-m", "finetune.launch", "--num-processes", str(len(slot.gpus)),
+                                   "--registry", self.root, "--", "--resume", training_id, "--quiet"], stdin=False)
+        child.work = training_id
+        return child.start()
 
     def refill(self) -> None:
         """Forget ended jobs; start a spare worker where one is missing or died (called after a job ends)."""
@@ -210,16 +220,10 @@ class LocalExecutor:
             for slot in self.slots:
                 slot.spare = None
         # A spare never got a training id (start() takes it under the lock), so ending it loses nothing; it may
-        # still be importing torch for seconds, which a closed stdin would only stop once it reads.
-        for proc in spares:
-            try:
-                proc.terminate()
-                proc.stdin.close()
-            except OSError:
-                pass
-        for proc in spares:
-            try:
-                proc.wait(timeout=2)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        # still be importing torch for seconds, which a closed input would only stop once it reads.
+        for child in spares:
+            child.signal(signal.SIGTERM)
+            child.close_input()
+        for child in spares:
+            if child.wait(2) is None:
+                child.stop(0)

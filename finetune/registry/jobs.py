@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
 from .. import atomic
 from ..errors import ConflictError, IntegrityError, NotFoundError, TrainingNotFoundError, UsageError
 from ..processes import ProcessRef
+from ..supervisor import notify
 from .layout import RECORD, TrainingPaths
 from .manifest import utc_now
 
@@ -278,7 +279,10 @@ class Trainings(RecordStore[TrainingRecord]):
     def update(self, record: TrainingRecord, **changes: Any) -> TrainingRecord:
         if changes.get("status") in FINAL and not record.completed_at and "completed_at" not in changes:
             changes["completed_at"] = utc_now()
-        return super().update(record, **changes)
+        updated = super().update(record, **changes)
+        status = updated.status
+        notify("status", training_id=updated.id, status=getattr(status, "value", status))  # under a supervisor
+        return updated
 
     # ---------------------------------------------------------------- the process that runs it
     def claim(self, record: TrainingRecord) -> TrainingRecord:

@@ -20,6 +20,7 @@ from typing import Any
 from ..config import Config
 from ..errors import ConfigError, LimitError
 from ..queue import Executor, LocalExecutor, TrainingQueue
+from ..queue.events import FileWatcher, TrainingEvents
 from ..registry import Registry
 from ..registry.accounts import Accounts
 from ..registry.jobs import FINAL, TrainingRecord, Trainings
@@ -44,9 +45,12 @@ class TrainingService:
         self.queue: TrainingQueue | None = None
         self._lock = threading.Lock()
         self._submitting: Counter[str] = Counter()  # per account: submits past the cap check, not yet queued
+        # Every follower of a training's progress subscribes here: the webhooks, the web app's live page.
+        self.events = TrainingEvents()
+        self.watcher = FileWatcher(self.events, self.trainings)  # for the runs no local worker reports on
         self.webhooks = TrainingWebhooks(
             self.trainings, WebhookSender(policy=webhook_policy), training_object, accounts.webhook_secret, owner_of,
-            base_url=settings.public_base_url or f"http://{settings.host}:{settings.port}",
+            base_url=settings.public_base_url or f"http://{settings.host}:{settings.port}", events=self.events,
         )
 
     def start(self) -> None:
@@ -58,21 +62,51 @@ class TrainingService:
         if executor is None:
             executor = LocalExecutor(self.registry.root, workers=self.settings.workers,
                                      prestart=self.settings.train_prestart)
-        self.queue = TrainingQueue(self.registry, executor, listener=lambda event, _id: self.webhooks.poke(),
+        report_to = getattr(executor, "report_to", None)
+        if report_to is not None:  # its workers report their trainings' progress
+            report_to(self._worker_event)
+        self.queue = TrainingQueue(self.registry, executor, listener=self._queue_event,
                                    owner_of=owner_of, max_run_s=self.settings.max_training_time_s)
         self.queue.start()
         self.webhooks.start()
+        self.watcher.start()
 
     def stop(self) -> None:
         if self.queue is not None:
             self.queue.stop()
+        self.watcher.stop()
         self.webhooks.stop()
 
     def abort(self) -> None:
         """The server failed to start after this service started: stop, leaving adopted runs alone."""
         if self.queue is not None:
             self.queue.stop(abort=True)
+        self.watcher.stop()
         self.webhooks.stop()
+
+    def _worker_event(self, training_id: str, event: dict[str, Any]) -> None:
+        """One event of a local worker's training, passed on to the followers (see finetune.queue.events)."""
+        kind = event.get("kind")
+        if kind == "attached":
+            self.events.feeding(training_id, True)
+        elif kind == "exit":
+            self.events.feeding(training_id, False)
+            self.events.publish(training_id, "exit", {"code": event.get("code"), "how": event.get("how")})
+        elif kind in ("status", "metrics", "log"):
+            self.events.publish(training_id, kind, {k: v for k, v in event.items() if k != "kind"})
+
+    def _queue_event(self, event: str, training_id: str) -> None:
+        if event == "ended":  # whatever its worker said or did not say: nobody reports on it any more
+            self.events.feeding(training_id, False)
+        self._record_changed(training_id)
+
+    def _record_changed(self, training_id: str) -> None:
+        """The queue changed the training's record (queued, started, settled): its followers hear the status."""
+        try:
+            status = self.trainings.get(training_id).status
+        except Exception:  # deleted meanwhile: nobody to tell
+            return
+        self.events.publish(training_id, "status", {"status": getattr(status, "value", status)})
 
     def check_limits(self, config: Config) -> None:
         """422 for a config over the server's step limit (the time limit is the queue's to apply)."""
@@ -123,4 +157,4 @@ class TrainingService:
         try:
             return self.queue.cancel(training_id)
         finally:
-            self.webhooks.poke()
+            self._record_changed(training_id)

@@ -12,10 +12,11 @@ them (default: all). Each request is signed the Standard Webhooks way, which Rep
 where ``key`` is the base64-decoded part of the account's ``whsec_...`` secret
 (``GET /v1/webhooks/default/secret``).
 
-Trainings run in other processes, so :class:`TrainingWebhooks` watches the records of trainings that have a
-webhook (a cheap read every half second) and hands events to :class:`WebhookSender`, whose background threads
-(one lane per account) deliver them and retry failures with exponential backoff. A slow or dead receiver delays
-only its own account's deliveries; it never blocks or fails a training. Where a webhook may go is the business
+Trainings run in other processes: :class:`TrainingWebhooks` follows the trainings that have a webhook on the
+server's training events (:mod:`finetune.queue.events`), looks at the record when one changed, and hands webhook
+events to :class:`WebhookSender`, whose background threads (one lane per account) deliver them and retry failures
+with exponential backoff. A slow or dead receiver delays only its own account's deliveries; it never blocks or
+fails a training. Where a webhook may go is the business
 of :mod:`.webhook_targets`: the API refuses bad URLs, and every attempt resolves and checks the address.
 """
 
@@ -35,6 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..queue.events import Subscription, TrainingEvent, TrainingEvents
 from ..registry.jobs import FINAL, TrainingRecord, Trainings
 from ..serving.inputs import WEBHOOK_EVENTS, check_events_filter
 from .webhook_targets import WebhookPolicy, WebhookRefused, post
@@ -43,7 +45,7 @@ log = logging.getLogger("finetune.webhooks")
 
 EVENTS = WEBHOOK_EVENTS
 _LOGS_EVERY_S = 1.0  # Replicate throttles `logs` webhooks too; a log line per step would flood a receiver
-_WATCH_EVERY_S = 0.5
+_GATHER_S = 0.25  # a step's or a log line's event is looked at this much later, with those that follow it
 
 
 def check_webhook(url: str | None, events: list[str] | None, policy: WebhookPolicy | None = None) -> None:
@@ -246,31 +248,38 @@ class _Watch:
     sent_output: bool = False
     log_size: int = 0
     last_logs: float = 0.0
+    follow: Subscription | None = None
 
 
 class TrainingWebhooks:
-    """Turns changes of training records into webhook events.
+    """Turns a training's events (:class:`~finetune.queue.events.TrainingEvents`) into webhook events.
 
-    ``training_object(record, base_url)`` builds the payload; ``secret(owner)`` gives the account's signing
-    secret; ``owner_of(record)`` names the account a training belongs to.
+    Each event of a watched training makes one look at its record and log size (the truth), on this class's
+    thread; nothing is looked at between events, except once more when a ``logs`` webhook was held back by the
+    one-a-second limit. ``training_object(record, base_url)`` builds the payload; ``secret(owner)`` gives the
+    account's signing secret; ``owner_of(record)`` names the account a training belongs to.
     """
 
     def __init__(self, trainings: Trainings, sender: WebhookSender,
                  training_object: Callable[[TrainingRecord, str], dict[str, Any]],
-                 secret: Callable[[str], str], owner_of: Callable[[TrainingRecord], str], base_url: str):
+                 secret: Callable[[str], str], owner_of: Callable[[TrainingRecord], str], base_url: str,
+                 events: TrainingEvents | None = None):
         self.trainings, self.sender = trainings, sender
         self.training_object, self.secret, self.owner_of = training_object, secret, owner_of
         self.base_url = base_url
+        self.events = events if events is not None else TrainingEvents()
         self._watched: dict[str, _Watch] = {}
+        self._due: list[tuple[float, str]] = []  # (when, training id): looks to take, soonest first
+        self._scheduled: dict[str, float] = {}  # training id -> when its next look is due
         self._lock = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="webhook-watch", daemon=True)
 
     def start(self) -> None:
-        """Resume watching the registry's unfinished trainings that have a webhook, then start."""
+        """Resume following the registry's unfinished trainings that have a webhook, then start."""
         for record in self.trainings.unfinished():
             if _webhook(record):
-                self._watched[record.id] = _Watch(self.base_url, sent_start=True)
+                self._follow(record.id, _Watch(self.base_url, sent_start=True))
         self.sender.start()
         self._thread.start()
 
@@ -280,41 +289,61 @@ class TrainingWebhooks:
             self._lock.notify_all()
         if self._thread.is_alive():
             self._thread.join()
-        self._check_all()  # a last look: events of trainings the queue just settled
+        with self._lock:
+            ids = list(self._watched)
+        for training_id in ids:  # a last look: events of trainings the queue just settled
+            self._check_quietly(training_id)
         self.sender.stop()
 
     def watch(self, record: TrainingRecord, base_url: str | None = None) -> None:
         """Follow ``record`` (a new training): ``start`` is sent now, the rest as it happens."""
         if not _webhook(record):
             return
-        with self._lock:
-            self._watched[record.id] = _Watch(base_url or self.base_url)
-            self._lock.notify_all()
+        self._follow(record.id, _Watch(base_url or self.base_url))
         self._check(record.id)
 
-    def poke(self) -> None:
-        """Look now rather than at the next tick (the queue calls this when a training starts or ends)."""
+    def _follow(self, training_id: str, watch: _Watch) -> None:
         with self._lock:
+            old = self._watched.get(training_id)
+            self._watched[training_id] = watch
+        if old is not None and old.follow is not None:
+            old.follow.close()
+        watch.follow = self.events.listen(self._heard, training_id)
+
+    def _heard(self, event: TrainingEvent) -> None:
+        # A status change is looked at now; steps and log lines a moment later, many to one look.
+        soon = 0.0 if event.kind in ("status", "exit") else _GATHER_S
+        self._look_soon(event.training_id, time.monotonic() + soon)
+
+    def _look_soon(self, training_id: str, when: float) -> None:
+        with self._lock:
+            if self._scheduled.get(training_id, float("inf")) <= when:
+                return  # a look that soon is due already
+            self._scheduled[training_id] = when
+            heapq.heappush(self._due, (when, training_id))
             self._lock.notify_all()
 
     def _run(self) -> None:
         while True:
             with self._lock:
+                while not self._stopping and not (self._due and self._due[0][0] <= time.monotonic()):
+                    self._lock.wait(self._due[0][0] - time.monotonic() if self._due else None)
                 if self._stopping:
                     return
-                self._lock.wait(_WATCH_EVERY_S)
-                if self._stopping:
-                    return
-            self._check_all()
+                due = set()
+                while self._due and self._due[0][0] <= time.monotonic():
+                    when, training_id = heapq.heappop(self._due)
+                    if self._scheduled.get(training_id) == when:  # else an earlier look replaced this one
+                        del self._scheduled[training_id]
+                        due.add(training_id)
+            for training_id in due:
+                self._check_quietly(training_id)
 
-    def _check_all(self) -> None:
-        with self._lock:
-            ids = list(self._watched)
-        for training_id in ids:
-            try:
-                self._check(training_id)
-            except Exception:  # one unreadable record must not stop the others' webhooks
-                log.exception("webhooks: checking training %s failed", training_id)
+    def _check_quietly(self, training_id: str) -> None:
+        try:
+            self._check(training_id)
+        except Exception:  # one unreadable record must not stop the others' webhooks
+            log.exception("webhooks: checking training %s failed", training_id)
 
     def _check(self, training_id: str) -> None:
         with self._lock:
@@ -335,9 +364,12 @@ class TrainingWebhooks:
         except FileNotFoundError:
             size = 0
         final = record.status in FINAL
-        if size > watch.log_size and (final or now - watch.last_logs >= _LOGS_EVERY_S):
-            watch.log_size, watch.last_logs = size, now
-            events.append("logs")
+        if size > watch.log_size:
+            if final or now - watch.last_logs >= _LOGS_EVERY_S:
+                watch.log_size, watch.last_logs = size, now
+                events.append("logs")
+            else:  # held back by the limit: look again when it allows one
+                self._look_soon(training_id, watch.last_logs + _LOGS_EVERY_S)
         if record.output and not watch.sent_output:
             watch.sent_output = True
             events.append("output")
@@ -345,6 +377,8 @@ class TrainingWebhooks:
             events.append("completed")
             with self._lock:
                 self._watched.pop(training_id, None)
+            if watch.follow is not None:
+                watch.follow.close()
         events = [e for e in events if e in wanted]
         if not events:
             return

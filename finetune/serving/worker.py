@@ -5,7 +5,8 @@ The server process never imports torch for predictions: it sends each prediction
 (:func:`finetune.inference.prompt_ids`), checks it against the model's context (and the server's token limit),
 answers ``admitted`` (with the token count) or ``rejected`` (with the HTTP status and the reason), and then runs
 it in its :class:`~finetune.decoding.engine.Engine`. Everything the job reports (``processing``, ``log``,
-``output``, ``done``) comes back as events on a queue, read by a thread of the handle and passed to ``on_event``.
+``output``, ``done``) comes back as an event, read by the handle's reader thread (:class:`finetune.supervisor.Child`)
+and passed to ``on_event``.
 
 Prompts are prepared on threads of their own, never on the thread that reads the worker's messages nor on the
 engine's: a long prompt takes seconds to tokenize (the tokenizer releases the GIL meanwhile), and nobody else's
@@ -23,9 +24,7 @@ process that dies is noticed within :data:`DEATH_POLL_S`: its in-flight predicti
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
-import queue
 import threading
 import traceback
 from collections.abc import Callable
@@ -34,10 +33,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import FinetuneError, one_line
+from ..supervisor import DEATH_POLL_S, Child, describe_exit
 from .prompts import Prompts
 
 OnEvent = Callable[[str, str, dict[str, Any]], None]  # (prediction id, kind, payload)
-DEATH_POLL_S = 0.2  # how often the handle looks whether its worker process is still alive
+__all__ = ["DEATH_POLL_S", "LocalWorker", "OnEvent", "WorkerConfig", "WorkerCore", "WorkerProcess"]
 SHORT_PROMPT_BYTES = 16 * 1024  # prompts up to this size are prepared in their own lane (milliseconds each)
 
 
@@ -201,141 +201,133 @@ class LocalWorker:
         self.core.stop()
 
 
-def _child_main(config: WorkerConfig, requests: Any, events: Any) -> None:
-    """The worker process: read messages until told to stop (or the parent goes away)."""
+def main(argv: list[str] | None = None) -> int:
+    """The worker process (``python -m finetune.serving.worker CONFIG_JSON``): messages in, events out through
+    its :class:`~finetune.supervisor.Channel`, until told to stop or its input ends (the server is gone)."""
+    import json
+    import sys
+
+    from ..supervisor import Channel
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    channel = Channel.open()  # before the libraries' imports: their prints go to stderr
+    config = WorkerConfig(**json.loads((argv if argv is not None else sys.argv[1:])[0]))
     from ..training.runlog import quiet_libraries
 
     quiet_libraries()
-    core = WorkerCore(config, lambda job_id, kind, payload: events.put((job_id, kind, payload)))
-    events.put(("", "ready", {"pid": os.getpid()}))
-    parent = os.getppid()
-    while True:
-        try:
-            message = requests.get(timeout=1.0)
-        except queue.Empty:
-            if os.getppid() != parent:  # orphaned: the server is gone
-                break
-            continue
-        op = message[0]
+    core = WorkerCore(config, lambda job_id, kind, payload: channel.send(kind, job=job_id, payload=payload))
+    channel.send("ready", job="", payload={"pid": os.getpid()})
+    for message in channel.messages():
+        op = message.get("op")
         if op == "submit":
-            core.submit(*message[1:])
+            core.submit(message["id"], message["ref"], message["data"], message.get("owner", ""))
         elif op == "cancel":
-            core.cancel(message[1])
+            core.cancel(message["id"])
         elif op == "compare":
-            core.compare(message[1], message[2])
+            core.compare(message["id"], message["spec"])
         elif op == "stats":
-            events.put((message[1], "stats", core.stats()))
+            channel.send("stats", job=message["id"], payload=core.stats())
         elif op == "stop":
             break
     core.stop()
+    return 0
 
 
 class WorkerProcess:
-    """A worker in a child process (spawned: no CUDA state or locks inherited from the server).
+    """A worker in a child process (a :class:`~finetune.supervisor.Child`: a fresh interpreter, so no CUDA state
+    or locks are inherited from the server).
 
-    Nothing here waits for the child to start: messages queue until it reads them, so a request never holds a
-    server thread while a worker starts (only :meth:`stats` waits, for its answer). Each request is tracked with
-    the process it went to, so the death of one process fails exactly its own requests.
+    Nothing here waits for the child to start: messages queue in its input pipe until it reads them, so a request
+    never holds a server thread while a worker starts (only :meth:`stats` waits, for its answer). Each request is
+    tracked with the process it went to, so the death of one process fails exactly its own requests.
     """
 
     def __init__(self, config: WorkerConfig, on_event: OnEvent):
         self.config = config
         self.on_event = on_event
-        self._ctx = mp.get_context("spawn")
         self._lock = threading.Lock()
-        self._process: Any = None
-        self._requests: Any = None
-        self._in_flight: dict[str, Any] = {}  # request id -> the process it was sent to
-        self._replies: dict[str, Any] = {}
+        self._child: Child | None = None
+        self._in_flight: dict[str, Child] = {}  # request id -> the process it was sent to
+        self._replies: dict[str, list[Any]] = {}
         self._closed = False
 
-    def _ensure(self) -> tuple[Any, Any]:
-        """The running process and its request queue, starting a fresh one if there is none (without waiting)."""
+    def _ensure(self) -> Child:
+        """The running process, starting a fresh one if there is none (without waiting)."""
+        import dataclasses
+        import json
+        import sys
+
         with self._lock:
-            if self._process is None or not self._process.is_alive():
-                requests, events = self._ctx.Queue(), self._ctx.Queue()
-                process = self._ctx.Process(target=_child_main, args=(self.config, requests, events),
-                                            name="finetune-inference", daemon=True)
-                process.start()
-                threading.Thread(target=self._read, args=(process, events), name="finetune-worker-events",
-                                 daemon=True).start()
-                self._process, self._requests = process, requests
-            return self._process, self._requests
+            if self._child is None or not self._child.alive():
+                child = Child([sys.executable, "-m", "finetune.serving.worker",
+                               json.dumps(dataclasses.asdict(self.config))], name="inference")
+                child.on_event = lambda event: self._event(event)
+                child.on_exit = lambda code: self._died(child, code)
+                self._child = child.start()
+            return self._child
 
-    def _read(self, process: Any, events: Any) -> None:
-        while True:
-            try:
-                job_id, kind, payload = events.get(timeout=DEATH_POLL_S)
-            except queue.Empty:
-                if not process.is_alive():
-                    self._died(process)
-                    return
-                continue
-            except (EOFError, OSError):
-                self._died(process)
-                return
-            if kind == "ready":
-                continue
-            if kind == "stats":
-                reply = self._replies.get(job_id)
-                if reply is not None:
-                    reply[1] = payload
-                    reply[0].set()
-                continue
-            if kind in ("done", "rejected", "compared"):
-                with self._lock:
-                    self._in_flight.pop(job_id, None)
-            try:
-                self.on_event(job_id, kind, payload)
-            except Exception:
-                traceback.print_exc()
+    def _event(self, event: dict[str, Any]) -> None:
+        job_id, kind, payload = event.get("job", ""), event.get("kind"), event.get("payload") or {}
+        if kind == "ready" or not job_id:  # not about a request (a library's notice through the channel)
+            return
+        if kind == "stats":
+            reply = self._replies.get(job_id)
+            if reply is not None:
+                reply[1] = payload
+                reply[0].set()
+            return
+        if kind in ("done", "rejected", "compared"):
+            with self._lock:
+                self._in_flight.pop(job_id, None)
+        try:
+            self.on_event(job_id, kind, payload)
+        except Exception:
+            traceback.print_exc()
 
-    def _died(self, process: Any) -> None:
+    def _died(self, child: Child, code: int) -> None:
         if self._closed:
             return
-        process.join(1.0)
-        code = process.exitcode
-        how = f"was killed by signal {-code}" if isinstance(code, int) and code < 0 else f"exited (code {code})"
         with self._lock:
-            lost = [job_id for job_id, p in self._in_flight.items() if p is process]
+            lost = [job_id for job_id, c in self._in_flight.items() if c is child]
             for job_id in lost:
                 del self._in_flight[job_id]
         for job_id in lost:
             try:
                 self.on_event(job_id, "done", {"status": "failed", "metrics": {}, "died": True,
-                                               "error": f"the inference worker {how} during the prediction"})
+                                               "error": f"the inference worker {describe_exit(code)} during the "
+                                                        f"prediction"})
             except Exception:
                 traceback.print_exc()
 
-    def _send(self, job_id: str, message: tuple) -> None:
-        process, requests = self._ensure()
+    def _send(self, job_id: str, message: dict[str, Any]) -> None:
+        child = self._ensure()
         with self._lock:
-            self._in_flight[job_id] = process
-        requests.put(message)
-        if not process.is_alive():  # it died just now, perhaps before its reader could count this request
-            self._died(process)
+            self._in_flight[job_id] = child
+        child.send(message)
+        if not child.alive():  # it died just now, perhaps before its reader counted this request
+            child.wait(5.0)
+            self._died(child, child.poll() if child.poll() is not None else -9)
 
     def submit(self, job_id: str, ref: str, data: dict[str, Any], owner: str = "") -> None:
-        self._send(job_id, ("submit", job_id, ref, data, owner))
+        self._send(job_id, {"op": "submit", "id": job_id, "ref": ref, "data": data, "owner": owner})
 
     def compare(self, job_id: str, spec: dict[str, Any]) -> None:
-        self._send(job_id, ("compare", job_id, spec))
+        self._send(job_id, {"op": "compare", "id": job_id, "spec": spec})
 
     def cancel(self, job_id: str) -> None:
         with self._lock:
-            process = self._in_flight.get(job_id)
-        if process is not None and process is self._process and self._requests is not None:
-            self._requests.put(("cancel", job_id))
+            child = self._in_flight.get(job_id)
+        if child is not None and child is self._child:
+            child.send({"op": "cancel", "id": job_id})
 
     def stats(self, timeout: float = 30.0) -> dict[str, Any]:
         """The worker's cache accounting and batching counters."""
-        _, requests = self._ensure()
+        child = self._ensure()
         token = os.urandom(8).hex()
         reply: list[Any] = [threading.Event(), None]
         self._replies[token] = reply
         try:
-            requests.put(("stats", token))
+            child.send({"op": "stats", "id": token})
             if not reply[0].wait(timeout):
                 raise TimeoutError("the inference worker did not answer")
             return reply[1]
@@ -344,17 +336,18 @@ class WorkerProcess:
 
     @property
     def pid(self) -> int | None:
-        return self._process.pid if self._process is not None else None
+        return self._child.pid if self._child is not None else None
 
     def close(self, timeout: float = 10.0) -> None:
         self._closed = True
-        if self._process is None:
+        child = self._child
+        if child is None:
             return
-        try:
-            self._requests.put(("stop",))
-        except (OSError, ValueError):
-            pass
-        self._process.join(timeout)
-        if self._process.is_alive():
-            self._process.kill()
-            self._process.join(5)
+        child.send({"op": "stop"})
+        child.close_input()
+        if child.wait(timeout) is None:
+            child.stop(0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from ..supervisor import notify
+
 
 class Throughput:
     """Tokens per second of training proper.
@@ -91,6 +93,7 @@ class MetricsLog:
     def append(self, row: dict[str, Any]) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row, sort_keys=True) + "\n")
+        notify("metrics", row=row)  # the parent's live views hear of it at once (the file stays the truth)
 
     def read(self) -> list[dict[str, Any]]:
         if not self.path.exists():

@@ -6,6 +6,8 @@ import sys
 import time
 from pathlib import Path
 
+from ..supervisor import notify
+
 
 def step_line(row: dict, total_steps: int | None = None) -> str:
     """The log line of one logged step (``metrics.jsonl`` row): ``step 3/8: loss 6.9312, lr 0.002, 63 tokens/s``,
@@ -35,6 +37,7 @@ class RunLog:
                 self._file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
             except OSError:
                 pass  # a full disk loses a log line; the run's own error says why, and the record keeps it
+            notify("log", line=message[:2000])
         if self._echo and echo:
             from tqdm.auto import tqdm
 

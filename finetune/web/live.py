@@ -1,7 +1,10 @@
 """The training page: status, place in the queue, loss chart, log, what it trains, cancel, train again.
 
-The page polls ``/trainings/{id}/live`` once a second for what changed (status, progress, the chart redrawn
-from ``metrics.jsonl``, the log from the byte offset the page has). The playground is in :mod:`.playground`.
+The page asks ``/trainings/{id}/live`` for what changed (status, progress, the chart redrawn from
+``metrics.jsonl``, the log from the byte offset the page has). Given the ``since`` of its last answer, the request
+waits (up to :data:`LIVE_WAIT_S`, holding no thread) for the training's next event on the server's training events
+(:mod:`finetune.queue.events`) before it reads the files, and the page asks again at once: it hears of a step
+when it happens, and nothing is read while nothing changes. The playground is in :mod:`.playground`.
 """
 
 from __future__ import annotations
@@ -9,10 +12,11 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 
 from ..errors import FinetuneError, TrainingNotFoundError, UsageError
-from ..registry.jobs import Trainings
+from ..registry.jobs import FINAL, Trainings
 from ..server import access
 from . import services
 from .charts import loss_chart_svg
@@ -22,6 +26,7 @@ from .start_points import receives_trainings, training_facts
 from .views import training_view
 
 LOG_CHUNK = 64 * 1024  # bytes of log sent at once (the first paint shows the last LOG_CHUNK)
+LIVE_WAIT_S = 10.0  # how long a live request waits for the training's next event before it answers anyway
 
 
 def owned_training(request: Request, user: WebUser, training_id: str) -> Any:
@@ -82,9 +87,23 @@ def _chart(rows: list[dict[str, Any]]) -> Any:
 
 
 @router.get("/trainings/{training_id}/live")
-def training_live(request: Request, user: User, training_id: str, log_offset: int = 0) -> Response:
-    """What changed since the page's last look: JSON for app.js."""
-    record = owned_training(request, user, training_id)
+async def training_live(request: Request, user: User, training_id: str, log_offset: int = 0,
+                        since: int | None = None) -> Response:
+    """What changed since the page's last look: JSON for app.js. With ``since`` (the ``seq`` of the last answer),
+    it first waits for the training's next event, or :data:`LIVE_WAIT_S`."""
+    record = await run_in_threadpool(owned_training, request, user, training_id)
+    events = services.training_events(request)
+    seq = None  # no training events (a web app without the API's queue): the page asks again after a second
+    if events is not None:
+        if since is not None and record.status not in FINAL:
+            seq = await events.wait_async(training_id, since, LIVE_WAIT_S)
+        else:
+            seq = events.seq(training_id)
+    return await run_in_threadpool(_live, request, training_id, log_offset, seq)
+
+
+def _live(request: Request, training_id: str, log_offset: int, seq: int | None) -> Response:
+    record = Trainings(registry(request)).get(training_id)
     rows = _metrics(request, training_id)
     log, offset = _log(request, training_id, log_offset)
     view = training_view(record, rows, services.queue_position(request, training_id))
@@ -93,7 +112,8 @@ def training_live(request: Request, user: User, training_id: str, log_offset: in
         version_url = f"/models/{record.destination}/versions/{view['version_number']}"
     return JSONResponse({**{k: view[k] for k in ("status", "final", "progress", "tokens_per_s", "eta", "duration",
                                                  "error", "version", "points", "where")},
-                         "version_url": version_url, "chart": str(_chart(rows)), "log": log, "log_offset": offset},
+                         "version_url": version_url, "chart": str(_chart(rows)), "log": log, "log_offset": offset,
+                         "seq": seq},
                         headers={"Cache-Control": "no-store"})
 
 

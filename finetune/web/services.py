@@ -119,6 +119,12 @@ def cancel_training(request: Request, account: str, training_id: str) -> None:
     request.app.state.trainings.cancel(training_id)
 
 
+def training_events(request: Request) -> Any:
+    """The server's training events (:class:`~finetune.queue.events.TrainingEvents`), or None without a queue."""
+    trainings = getattr(request.app.state, "trainings", None)
+    return getattr(trainings, "events", None)
+
+
 def queue_position(request: Request, training_id: str) -> int | None:
     """The training's 0-based place among the waiting ones of this server's queue; None when not waiting."""
     queue = getattr(getattr(request.app.state, "trainings", None), "queue", None)

@@ -140,7 +140,7 @@ function initTrain() {
   }
 }
 
-// ---- Training page: status, chart and log follow the run without a reload (polling the live endpoint).
+// ---- Training page: status, chart and log follow the run without a reload (the live endpoint answers on change).
 function initTraining() {
   const root = document.getElementById("training");
   if (!root || root.dataset.final === "true") return;
@@ -150,7 +150,9 @@ function initTraining() {
   async function tick() {
     let data;
     try {
-      const response = await fetch(root.dataset.liveUrl + "?log_offset=" + log.dataset.offset,
+      // With the seq of the last answer, the server answers when the training next changes (or after a while).
+      const since = root.dataset.seq ? "&since=" + root.dataset.seq : "";
+      const response = await fetch(root.dataset.liveUrl + "?log_offset=" + log.dataset.offset + since,
                                    { credentials: "same-origin", headers: { "Accept": "application/json" } });
       if (!response.ok) throw new Error(response.status);
       data = await response.json();
@@ -188,7 +190,9 @@ function initTraining() {
       root.dataset.final = "true";
       return;
     }
-    setTimeout(tick, 1000);
+    if (data.seq === null || data.seq === undefined) { setTimeout(tick, 1000); return; }
+    root.dataset.seq = data.seq;
+    setTimeout(tick, 50);  // the next request waits on the server for the next change
   }
   setTimeout(tick, 500);
 }

@@ -26,16 +26,15 @@ The queue writes a record only while no worker runs it, so it never races a work
 from __future__ import annotations
 
 import logging
-import signal
 import threading
 import time
 from collections.abc import Callable
 
 from ..errors import ConflictError
-from ..processes import ProcessRef, started_at
 from ..registry import Registry
 from ..registry.jobs import FINAL, QUEUED_SOURCES, TrainingRecord, Trainings
 from .executor import Executor, Job, describe_exit
+from .recovery import recover
 
 log = logging.getLogger("finetune.queue")
 
@@ -57,23 +56,6 @@ def format_duration(seconds: float) -> str:
         if seconds >= size and seconds % size == 0:
             return f"{int(seconds // size)}{unit}"
     return f"{seconds:g}s"
-
-
-class _AdoptedJob:
-    """A queue run that outlived the previous server (its process is not our child): watched through the
-    process that claimed it (pid and start mark, so a reused pid is neither watched nor signalled)."""
-
-    def __init__(self, training_id: str, process: ProcessRef):
-        self.training_id, self.process = training_id, process
-
-    def poll(self) -> int | None:
-        return None if self.process.alive() else 0
-
-    def stop(self) -> None:
-        self.process.send(signal.SIGTERM)
-
-    def kill(self) -> None:
-        self.process.send(signal.SIGKILL)
 
 
 class TrainingQueue:
@@ -356,39 +338,17 @@ class TrainingQueue:
 
     # ---------------------------------------------------------------- recovery
     def _recover(self) -> None:
-        """Queue waiting records and watch the queue runs that outlived the previous server, oldest first.
-
-        A run that is not a queue's (``finetune train``, the Python API, a CLI ``--resume`` of an API
-        training) is left to its process: never adopted, so never stopped with this server."""
-        records = sorted(self.trainings.unfinished(), key=lambda r: (r.created_at, r.id))
-        adopt = getattr(self.executor, "adopt", None)  # an executor whose runs outlive the server finds its own
-        for record in records:
-            if record.status in FINAL:
-                continue
-            job = adopt(record) if adopt is not None else None
-            if job is not None:
-                self._running[record.id] = job
-                self._owner[record.id] = self.owner_of(record)
-                self._began[record.id] = time.monotonic()
-                continue
-            process = self.trainings.process(record)
-            if process is not None and not process.local:
-                continue  # claimed on another machine (a cluster's node): not this queue's to judge, never run twice
-            if process is not None and process.alive():
-                # Records written before runners were noted: a server-submitted one was run by its queue.
-                legacy_queue_run = record.runner is None and record.pid_mark is None \
-                    and record.source in self.resubmit_sources
-                if record.runner == "queue" or legacy_queue_run:
-                    self._running[record.id] = _AdoptedJob(record.id, process)
-                    self._owner[record.id] = self.owner_of(record)
-                    self._adopted.add(record.id)
-                    # Its run time counts from when its worker started, as for the runs this queue starts.
-                    self._began[record.id] = _monotonic_at(started_at(process.pid))
-            elif record.source in self.resubmit_sources:
-                if record.status != "starting" or record.pid:  # interrupted mid-run (server and worker gone)
-                    self.trainings.update(record, status="starting", pid=None, pid_mark=None, host=None, runner=None)
-                self._pending.append(record.id)
-                self._owner[record.id] = self.owner_of(record)
+        """Take back what a previous server left (see :func:`~finetune.queue.recovery.recover`)."""
+        found = recover(self.trainings, self.executor, self.resubmit_sources)
+        for run in found.running:
+            self._running[run.record.id] = run.job
+            self._owner[run.record.id] = self.owner_of(run.record)
+            self._began[run.record.id] = run.began
+            if run.adopted:
+                self._adopted.add(run.record.id)
+        for record in found.pending:
+            self._pending.append(record.id)
+            self._owner[record.id] = self.owner_of(record)
 
     def _emit(self, event: str, training_id: str) -> None:
         if self.listener is None:
@@ -397,12 +357,3 @@ class TrainingQueue:
             self.listener(event, training_id)
         except Exception:  # a listener's bug must not stop the queue
             log.exception("queue listener failed on %s %s", event, training_id)
-
-
-def _monotonic_at(epoch_s: float | None) -> float:
-    """The ``time.monotonic()`` value of a wall-clock time (now, when it is unknown or in the future)."""
-    now = time.monotonic()
-    if epoch_s is None:
-        return now
-    age = time.time() - epoch_s
-    return now - age if age > 0 else now

@@ -28,18 +28,17 @@ import hashlib
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import ConflictError, FinetuneError, LimitError, UnavailableError
+from ..errors import ConflictError, LimitError
 from ..registry import Registry, Version
 from ..registry.jobs import FINAL, Status
 from ..registry.manifest import utc_now
 from ..registry.predictions import PredictionRecord, Predictions, new_prediction_id
 from .comparisons import Comparisons
 from .inputs import check_events_filter
+from .live import LivePrediction, copy_record, final_event, publish, rejection_error, seconds_between
 from .schema import DEFAULT_MAX_PROMPT_BYTES, check_input, prompt_format
-from .signals import Signal
 from .worker import LocalWorker, OnEvent, WorkerConfig, WorkerProcess
 
 DEFAULT_MAX_PER_ACCOUNT = 16  # predictions starting or running at once per account (finetune serve flag)
@@ -51,22 +50,6 @@ WEBHOOK_EVERY_S = 0.5  # output and logs webhooks, like Replicate's, at most thi
 # A webhook sender: (the record, the prediction object as JSON, the event) -> None; it delivers in the
 # background (to record.webhook, signed with record.owner's secret).
 WebhookSender = Callable[[PredictionRecord, dict[str, Any], str], None]
-
-
-@dataclass
-class _Live:
-    """A prediction the service is running: its record and who waits for it."""
-
-    record: PredictionRecord
-    worker: Any = None
-    admitted: Signal = field(default_factory=Signal)
-    rejection: dict[str, Any] | None = None
-    finished: Signal = field(default_factory=Signal)
-    subscribers: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = field(default_factory=list)
-    base_url: str = ""  # the server's URL as the creating client saw it, for the links in webhooks
-    saved_at: float = 0.0
-    webhook_at: float = 0.0
-    webhook_pending: bool = False
 
 
 class PredictionService:
@@ -88,7 +71,7 @@ class PredictionService:
         else:
             kind = LocalWorker if in_process else WorkerProcess
             self._workers = [kind(self.config, self._on_event) for _ in range(max(1, workers))]
-        self._live: dict[str, _Live] = {}
+        self._live: dict[str, LivePrediction] = {}
         self._lock = threading.RLock()
         self.webhook_sender = webhook_sender
         self.prestart = prestart
@@ -126,7 +109,7 @@ class PredictionService:
 
     def submit(self, version: Version, data: Any, owner: str = "", stream: bool = False,
                webhook: str | None = None, webhook_events_filter: list[str] | None = None,
-               base_url: str = "") -> _Live:
+               base_url: str = "") -> LivePrediction:
         """Check a prediction and hand it to its worker, without waiting: the caller then waits for admission
         (:meth:`create` or :meth:`create_async`). Raises :class:`UsageError` (422) for input the version cannot
         take, naming the field, and :class:`LimitError` (429) past the account's limit."""
@@ -138,7 +121,7 @@ class PredictionService:
             created_at=utc_now(),
         )
         worker = self._worker_for(version)
-        live = _Live(record, worker=worker, base_url=base_url)
+        live = LivePrediction(record, worker=worker, base_url=base_url)
         with self._lock:
             if self.max_per_account is not None:
                 mine = sum(1 for other in self._live.values() if other.record.owner == owner)
@@ -174,7 +157,7 @@ class PredictionService:
         live = self.submit(version, data, owner, stream, webhook, webhook_events_filter, base_url)
         return self._admission(live, await live.admitted.wait_async(admit_timeout))
 
-    def _admission(self, live: _Live, admitted: bool) -> PredictionRecord:
+    def _admission(self, live: LivePrediction, admitted: bool) -> PredictionRecord:
         record_id = live.record.id
         if not admitted:
             live.worker.cancel(record_id)
@@ -184,7 +167,7 @@ class PredictionService:
         if live.rejection is not None:
             with self._lock:
                 self._live.pop(record_id, None)
-            raise _rejection_error(live.rejection)
+            raise rejection_error(live.rejection)
         return self.get(record_id)
 
     # ------------------------------------------------------------------ events from workers
@@ -232,7 +215,7 @@ class PredictionService:
             with self._lock:
                 record.logs += payload["text"] + "\n"
                 targets = list(live.subscribers)
-            self._publish(targets, "logs", payload["text"])
+            publish(targets, "logs", payload["text"])
             self._webhook(live, "logs")
         elif kind == "output":
             with self._lock:  # appended and announced under one lock: a new subscriber sees it exactly once
@@ -240,7 +223,7 @@ class PredictionService:
                 if time.monotonic() - live.saved_at >= SAVE_EVERY_S:
                     self._save(live)
                 targets = list(live.subscribers)
-            self._publish(targets, "output", payload["text"])
+            publish(targets, "output", payload["text"])
             self._webhook(live, "output")
         elif kind == "done":
             with self._lock:
@@ -252,27 +235,19 @@ class PredictionService:
                     record.output = []
                 record.completed_at = utc_now()
                 record.started_at = record.started_at or record.completed_at
-                record.metrics["total_time"] = round(_seconds_between(record.created_at, record.completed_at), 6)
+                record.metrics["total_time"] = round(seconds_between(record.created_at, record.completed_at), 6)
                 self._save(live)
                 self._live.pop(prediction_id, None)
                 targets = list(live.subscribers)
             live.finished.set()
-            self._publish(targets, *_final_event(record))
+            publish(targets, *final_event(record))
             self._webhook(live, "completed")
 
-    def _save(self, live: _Live) -> None:
+    def _save(self, live: LivePrediction) -> None:
         self.records.save(live.record)
         live.saved_at = time.monotonic()
 
-    @staticmethod
-    def _publish(targets: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue]], event: str, data: str) -> None:
-        for loop, q in targets:
-            try:
-                loop.call_soon_threadsafe(q.put_nowait, (event, data))
-            except RuntimeError:  # that client's event loop is closed
-                pass
-
-    def _webhook(self, live: _Live, event: str) -> None:
+    def _webhook(self, live: LivePrediction, event: str) -> None:
         record = live.record
         if not record.webhook or self.webhook_sender is None:
             return
@@ -282,7 +257,7 @@ class PredictionService:
             return
         live.webhook_at = time.monotonic()
         with self._lock:
-            body = self.to_object(_copy(record), live.base_url)
+            body = self.to_object(copy_record(record), live.base_url)
         try:
             self.webhook_sender(record, body, event)
         except Exception:  # a webhook problem never fails the prediction
@@ -293,7 +268,7 @@ class PredictionService:
         with self._lock:
             live = self._live.get(prediction_id)
             if live is not None and live.admitted.is_set() and live.rejection is None:
-                return _copy(live.record)
+                return copy_record(live.record)
         return self.records.get(prediction_id)
 
     def list_ids(self, owner: str | None = None) -> list[str]:
@@ -336,14 +311,14 @@ class PredictionService:
             self._settle_canceled(live)
         return self.get(prediction_id)
 
-    def _ask_to_cancel(self, prediction_id: str) -> _Live | None:
+    def _ask_to_cancel(self, prediction_id: str) -> LivePrediction | None:
         with self._lock:
             live = self._live.get(prediction_id)
         if live is not None:
             live.worker.cancel(prediction_id)
         return live
 
-    def _settle_canceled(self, live: _Live) -> None:
+    def _settle_canceled(self, live: LivePrediction) -> None:
         """The worker did not end a canceled prediction: end it here, so that it is never left running. (Should
         the worker still send an end later, it finds no live prediction and changes nothing.)"""
         if live.admitted.is_set() and live.rejection is None:
@@ -361,7 +336,7 @@ class PredictionService:
         q: asyncio.Queue = asyncio.Queue()
         with self._lock:
             live = self._live.get(prediction_id)
-            record = _copy(live.record) if live is not None else None
+            record = copy_record(live.record) if live is not None else None
             if live is not None:
                 live.subscribers.append((loop, q))
         if record is None:
@@ -372,7 +347,7 @@ class PredictionService:
                 yield "output", piece
             if live is None or record.status in FINAL:
                 finished = True
-                yield _final_event(record)
+                yield final_event(record)
                 return
             while True:
                 event, data = await q.get()
@@ -398,39 +373,3 @@ def _quietly(fn: Callable[[], Any]) -> Callable[[], None]:
         except Exception:  # reported again, with its reason, by the first prediction that needs the worker
             pass
     return run
-
-
-def _final_event(record: PredictionRecord) -> tuple[str, str]:
-    if record.status == "failed":
-        return "error", record.error or "the prediction failed"
-    return "done", "{}" if record.status == "succeeded" else '{"reason": "canceled"}'
-
-
-def _copy(record: PredictionRecord) -> PredictionRecord:
-    data = record.to_dict()
-    return PredictionRecord(**data)
-
-
-class PredictionRejected(FinetuneError):
-    """A worker refused a prediction's input (e.g. a prompt longer than the model's context)."""
-
-    http_status = 422
-
-
-def _rejection_error(payload: dict[str, Any]) -> FinetuneError:
-    if payload.get("status") == 503:
-        return UnavailableError(payload.get("detail") or "the inference worker stopped")
-    err = PredictionRejected(payload.get("detail") or "the input was rejected")
-    err.http_status = int(payload.get("status") or 422)
-    return err
-
-
-def _seconds_between(start: str, end: str) -> float:
-    import datetime as dt
-
-    try:
-        a = dt.datetime.fromisoformat(start.replace("Z", "+00:00"))
-        b = dt.datetime.fromisoformat(end.replace("Z", "+00:00"))
-    except (ValueError, AttributeError):
-        return 0.0
-    return max(0.0, (b - a).total_seconds())

@@ -49,6 +49,18 @@ def test_a_slow_subscriber_keeps_only_the_newest_events_and_counts_what_it_misse
     assert sub.get(0) is None  # closed: nothing more
 
 
+def test_the_hub_forgets_the_oldest_ended_trainings_past_its_bound(monkeypatch) -> None:
+    import finetune.queue.events as events
+
+    monkeypatch.setattr(events, "KEEP_ENDED", 2)
+    hub = TrainingEvents()
+    hub.publish("running", "status", {"status": "processing"})
+    for name in ("a", "b", "c"):
+        hub.publish(name, "status", {"status": "succeeded"})
+    assert hub.latest("a") is None  # the oldest ended one is forgotten (its files still say everything)
+    assert [hub.latest(n).data["status"] for n in ("b", "c", "running")] == ["succeeded", "succeeded", "processing"]
+
+
 def test_a_wait_ends_at_the_next_event_or_at_once_when_one_came_already() -> None:
     hub = TrainingEvents()
     hub.publish("t1", "status", {"status": "processing"})

@@ -36,6 +36,7 @@ log = logging.getLogger("finetune.queue")
 
 WATCH_EVERY_S = 0.5  # how often the file watcher looks at followed trainings no local worker reports on
 FORGET_AFTER_S = 60.0  # the watcher forgets a training's files this long after its last follower left
+KEEP_ENDED = 10_000  # ended trainings whose final state the hub keeps for late followers (the oldest go first)
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,7 @@ class TrainingEvents:
         self._states: dict[str, _State] = {}
         self._subs: list[Subscription] = []
         self._waiters: dict[str, list[Signal]] = {}  # training id -> the open waits for its next event
+        self._ended: deque[str] = deque()  # trainings whose final status came, oldest first (see KEEP_ENDED)
 
     # ---------------------------------------------------------------- publishing
     def publish(self, training_id: str, kind: str, data: dict[str, Any] | None = None) -> TrainingEvent:
@@ -136,6 +138,8 @@ class TrainingEvents:
             elif kind == "metrics" and isinstance(data.get("row"), dict) and "step" in data["row"]:
                 state.step = data["row"]["step"]
             event = TrainingEvent(state.seq, training_id, kind, data)
+            if event.final:
+                self._forget_oldest_ended(training_id)
             subs = [s for s in self._subs if s.training_id in (None, training_id)]
             waiters = list(self._waiters.get(training_id, ()))
         for waiter in waiters:
@@ -143,6 +147,16 @@ class TrainingEvents:
         for sub in subs:
             sub._put(event)
         return event
+
+    def _forget_oldest_ended(self, training_id: str) -> None:
+        # A long-running server hears of every training it ever ran: past KEEP_ENDED, the oldest ended ones
+        # are forgotten (a follower of one then reads its files, which hold everything, as for an unknown one).
+        self._ended.append(training_id)
+        while len(self._ended) > KEEP_ENDED:
+            old = self._ended.popleft()
+            state = self._states.get(old)
+            if state is not None and state.status in FINAL and not state.fed and not self._waiters.get(old):
+                del self._states[old]
 
     def feeding(self, training_id: str, on: bool) -> None:
         """Whether a local worker reports on ``training_id`` (then the file watcher leaves it alone)."""

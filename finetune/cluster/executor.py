@@ -21,7 +21,6 @@ with the resources asked for, and watches it:
 
 from __future__ import annotations
 
-import math
 import secrets
 import threading
 from collections.abc import Callable
@@ -33,6 +32,7 @@ from ..registry.jobs import FINAL, Status, TrainingRecord, Trainings
 from ..training.runlog import RunLog
 from .nodes import NodeGate
 from .options import ClusterOptions
+from .placement import actor_options, count_capacity, has_gpus, infeasible, plan_attempt
 from .runner import TrainingActor
 from .session import connect, describe_node, namespace_for, nodes, short
 
@@ -116,7 +116,7 @@ class RayExecutor:
         self._closed = threading.Event()
         self.gate = NodeGate(registry, say=lambda line: self.say(f"finetune: {line}"))
         self.gate.refresh(wait_s=30.0)
-        self._capacity = self._count_capacity()
+        self._capacity = count_capacity(self.options, self.gate.usable())
         self.say(f"finetune: trainings run on {self.how}: {len(self.gate.usable())} usable node(s), "
                  f"{self.capacity} training(s) at once")
         self._reap_idle_actors()
@@ -174,37 +174,22 @@ class RayExecutor:
 
     # ---------------------------------------------------------------- what a training asks for
     def plan(self, record: TrainingRecord, attempt: int) -> dict[str, Any]:
-        """The resources, processes and node exclusions of one attempt."""
+        """The resources, processes and node exclusions of one attempt (see :func:`.placement.plan_attempt`)."""
         try:
             hardware = self.registry.get_model(record.destination).hardware
         except Exception:
             hardware = "auto"
-        gpu = hardware == "gpu" or (hardware == "auto" and self._cluster_has_gpus())
-        processes = (record.input.get("train") or {}).get("processes") or \
-            (self.options.gpus_per_training if gpu else 1)
-        return {"attempt": attempt, "max_attempts": 1 + self.options.max_retries, "processes": int(processes),
-                "gpu": gpu, "cpus": self.options.cpus_per_process, "resources": dict(self.options.resources),
-                "refused": self.gate.refused()}
-
-    def _actor_options(self, name: str, plan: dict[str, Any]) -> dict[str, Any]:
-        options: dict[str, Any] = {"name": name, "namespace": self.namespace, "lifetime": "detached",
-                                   "max_restarts": 0, "max_concurrency": 4}
-        if plan["processes"] > 1:  # it only coordinates: Ray Train's workers ask for the resources
-            options.update(num_cpus=0)
-        else:
-            options.update(num_cpus=plan["cpus"], num_gpus=1 if plan["gpu"] else 0, resources=plan["resources"])
-        if plan["refused"]:
-            options["label_selector"] = {"ray.io/node-id": f"!in({','.join(plan['refused'])})"}
-        return options
+        return plan_attempt(self.options, self.gate, hardware, record.input, attempt)
 
     def _new_actor(self, plan: dict[str, Any]) -> tuple[Any, str]:
         name = f"train-{secrets.token_hex(6)}"
-        handle = self._actor_class.options(**self._actor_options(name, plan)).remote(str(self.registry.root), name)
+        options = actor_options(name, self.namespace, plan)
+        handle = self._actor_class.options(**options).remote(str(self.registry.root), name)
         return handle, name
 
     def _launch(self, record: TrainingRecord, attempt: int) -> tuple[Any, str, dict[str, Any], int]:
         plan = self.plan(record, attempt)
-        problem = self._infeasible(plan)
+        problem = infeasible(plan, self.gate.usable())
         if problem is not None:  # Ray would keep it pending for ever: the queue fails it with this reason
             raise UsageError(problem, "add such a node, or change --cpus-per-process, --ray-resource or the "
                                       "destination's hardware")
@@ -226,23 +211,9 @@ class RayExecutor:
         handle.run.remote(record.id, plan)
         return handle, name, node, plan["processes"]
 
-    def _infeasible(self, plan: dict[str, Any]) -> str | None:
-        """Why no usable node (or set of nodes) can ever hold this attempt's processes, or None."""
-        need = {"CPU": plan["cpus"], **plan["resources"]}
-        if plan["gpu"]:
-            need["GPU"] = 1
-        fits = sum(math.floor(min(node.resources.get(k, 0) / v for k, v in need.items()) + 1e-9)
-                   for node in self.gate.usable())
-        if fits >= plan["processes"]:
-            return None
-        asked = ", ".join(f"{k} {v:g}" for k, v in need.items())
-        where = "one node" if plan["processes"] == 1 else f"the usable nodes together ({fits} fit)"
-        return (f"no room for this training in the cluster: {plan['processes']} process(es) of {asked} each, "
-                f"and {where} cannot hold them")
-
     # ---------------------------------------------------------------- warm actors
     def _spare_gpu(self) -> bool:
-        return self._cluster_has_gpus()
+        return has_gpus(self.gate.usable())
 
     def _take_spare(self, refused: list[str]) -> tuple[Any, str, dict[str, Any]] | None:
         """An idle warm actor (with where it runs, when known), ready ones first."""
@@ -307,28 +278,13 @@ class RayExecutor:
                 ray.kill(handle, no_restart=True)
 
     # ---------------------------------------------------------------- nodes
-    def _cluster_has_gpus(self) -> bool:
-        return any(n.resources.get("GPU", 0) > 0 for n in self.gate.usable())
-
-    def _count_capacity(self) -> int:
-        """How many single-process trainings the usable nodes hold at once (at least 1)."""
-        gpu = self._cluster_has_gpus()
-        total = 0
-        for node in self.gate.usable():
-            fits = [node.resources.get("CPU", 0) / self.options.cpus_per_process]
-            if gpu:
-                fits.append(node.resources.get("GPU", 0))
-            fits += [node.resources.get(k, 0) / v for k, v in self.options.resources.items()]
-            total += math.floor(min(fits) + 1e-9)
-        return max(1, total)
-
     def _watch(self) -> None:
         said = None
         while not self._closed.wait(WATCH_S):
             try:
                 with self._lock:  # the dispatcher reads the verdicts (plan, capacity) under the same lock
                     if self.gate.refresh():
-                        self._capacity = self._count_capacity()
+                        self._capacity = count_capacity(self.options, self.gate.usable())
                         # a warm actor on a node refused since is of no use
                         self._spares = [s for s in self._spares if self._spare_usable(s)]
                 self._refill()

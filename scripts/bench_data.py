@@ -25,7 +25,10 @@ KINDS = ("alpaca", "long", "text")
 FORMATS = {"alpaca": "alpaca", "long": "alpaca", "text": "text"}
 VOCABS = {"8k": 8192, "32k": 32768, "128k": 131072}
 TOKENIZER_VOCAB = VOCABS["8k"]  # what the BPE trainer is asked for; more than the rows' merges would not fit
-LONG_SHARE = 0.25  # the long set: this share of the rows, those with the longest answers (1,250 of 5,000)
+LONG_SHARE = 0.1  # the long set: this share of the rows, those with the longest answers (500 of 5,000)
+# Held-out rows per set: about the same tokens in each (~30K: an Alpaca row is ~150 tokens, a long one ~300, a
+# document ~500), since every contender's adapter is evaluated on them in fp32, at 128K a minute or more per 10K.
+HELD_OUT = {"alpaca": 200, "long": 100, "text": 50}
 DOC_CHARS = 2000  # a text document: rows joined until it has this many characters (~500 tokens at 8k)
 
 

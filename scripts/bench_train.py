@@ -71,7 +71,7 @@ ARCH_MODELS = {
 PADDED_FAMILIES = {"stablelm": {}, "falcon": dict(new_decoder_architecture=True), "bloom": {}}
 VOCAB = 8192
 LORA = dict(r=16, alpha=32)  # dropout: each side's default (0 in peft and in finetune)
-BATCH, MAX_LEN, LR, EVAL_ROWS, SEED = 8, 512, 2e-4, 200, 42
+BATCH, MAX_LEN, LR, SEED = 8, 512, 2e-4, 42
 BUSY_CORES = 0.1  # other work during a round above this is flagged: see _timed_child and BENCHMARKS.md
 # What a CPU without AVX-512 can run, for every library torch calls; read when torch loads, so set before that and
 # inherited by every contender's process.
@@ -88,7 +88,7 @@ def build_inputs(data: Path, work: Path, arch: str, kind: str = "alpaca", vocab:
     from finetune.tiny import alpaca_texts, build_tiny_model, train_tokenizer
 
     records = json.loads(data.read_text())
-    train, held_out = bench_data.split(bench_data.build_records(records, kind), EVAL_ROWS)
+    train, held_out = bench_data.split(bench_data.build_records(records, kind), bench_data.HELD_OUT[kind])
     paths = {"model": work / f"base-{arch}-{vocab}", "train": work / f"{kind}-train.jsonl",
              "eval": work / f"{kind}-eval.jsonl", "tokenizer": work / "tokenizer"}
     if not (paths["tokenizer"] / "tokenizer.json").exists():

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Training throughput and memory: finetune against the Hugging Face Trainer + PEFT, side by side, in one run.
 
-    python scripts/bench_train.py [--data ../shared/data/alpaca_5000.json] [--steps 30] [--warmup 3] [--rows N]
+    python scripts/bench_train.py [--source ../shared/data/alpaca_5000.json] [--data alpaca|long|text]
+                                  [--vocab 8k|32k|128k] [--steps 30] [--warmup 3] [--rows N]
                                   [--arch llama|qwen2|gpt2|stablelm|falcon|bloom] [--precision auto|fp32|bf16]
                                   [--isa native|avx2]
                                   [--set KEY=VALUE ...]
@@ -36,6 +37,10 @@ trained tokens: each peer's adapter saved at the first step at which it has trai
 all its steps), our ratios, and the machine's measured bf16/fp32 matmul rates (on the GPU when there is one). On
 Linux it also prints, per round, how many cores other processes and the hypervisor took meanwhile: a round beside
 other work is not comparable (PyTorch's threads spin while they wait for each other, and a shared core stalls them).
+`--data` picks the data built from the source file (alpaca rows as they are; `long`: the rows with the longest
+answers; `text`: rows joined into documents, trained with format text, so every token carries loss) and `--vocab`
+the model's vocabulary (the 8k tokenizer's model widened to that many embedding rows): see scripts/bench_data.py.
+The share of tokens that carry loss is printed with the results.
 """
 
 from __future__ import annotations
@@ -49,6 +54,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import bench_data  # scripts/: beside this file, on sys.path when it runs as a script
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "alpaca_5000.json"
@@ -64,7 +71,7 @@ ARCH_MODELS = {
 PADDED_FAMILIES = {"stablelm": {}, "falcon": dict(new_decoder_architecture=True), "bloom": {}}
 VOCAB = 8192
 LORA = dict(r=16, alpha=32)  # dropout: each side's default (0 in peft and in finetune)
-BATCH, MAX_LEN, LR, EVAL_ROWS, SEED = 8, 512, 2e-4, 200, 42
+BATCH, MAX_LEN, LR, SEED = 8, 512, 2e-4, 42
 BUSY_CORES = 0.1  # other work during a round above this is flagged: see _timed_child and BENCHMARKS.md
 # What a CPU without AVX-512 can run, for every library torch calls; read when torch loads, so set before that and
 # inherited by every contender's process.
@@ -72,21 +79,23 @@ AVX2_ONLY = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_E
 
 
 # ---------------------------------------------------------------- set-up shared by all contenders
-def build_inputs(data: Path, work: Path, arch: str) -> dict:
-    """The base model folder, the train/eval split files, in ``work`` (reused when already there). Every
-    architecture's model shares one tokenizer, trained once on the data, so the tokenized data are the same."""
+def build_inputs(data: Path, work: Path, arch: str, kind: str = "alpaca", vocab: str = "8k") -> dict:
+    """The base model folder, the train/eval split files of data set ``kind``, in ``work`` (reused when already
+    there). Every architecture's model shares one tokenizer, trained once on the source rows, so the tokenized data
+    are the same; ``vocab`` widens the model's embedding (scripts/bench_data.py)."""
     from transformers import AutoTokenizer
 
     from finetune.tiny import alpaca_texts, build_tiny_model, train_tokenizer
 
     records = json.loads(data.read_text())
-    train, held_out = records[EVAL_ROWS:], records[:EVAL_ROWS]
-    paths = {"model": work / f"base-{arch}", "train": work / "train.jsonl", "eval": work / "eval.jsonl",
-             "tokenizer": work / "tokenizer"}
+    train, held_out = bench_data.split(bench_data.build_records(records, kind), bench_data.HELD_OUT[kind])
+    paths = {"model": work / f"base-{arch}-{vocab}", "train": work / f"{kind}-train.jsonl",
+             "eval": work / f"{kind}-eval.jsonl", "tokenizer": work / "tokenizer"}
     if not (paths["tokenizer"] / "tokenizer.json").exists():
         train_tokenizer(alpaca_texts(records), vocab_size=VOCAB).save_pretrained(paths["tokenizer"])
+    if not paths["train"].exists():
         for key, rows in (("train", train), ("eval", held_out)):
-            paths[key].write_text("".join(json.dumps(r) + "\n" for r in rows))
+            bench_data.write_jsonl(paths[key], rows)
     if not (paths["model"] / "config.json").exists():
         tokenizer = AutoTokenizer.from_pretrained(paths["tokenizer"])
         if arch in ARCH_MODELS:
@@ -94,7 +103,8 @@ def build_inputs(data: Path, work: Path, arch: str) -> dict:
                              **ARCH_MODELS[arch])
         else:
             _build_family(paths["model"], tokenizer, arch)
-    return {k: str(v) for k, v in paths.items()}
+        bench_data.widen_vocabulary(paths["model"], bench_data.VOCABS[vocab], SEED)
+    return {k: str(v) for k, v in paths.items()} | {"format": bench_data.FORMATS[kind]}
 
 
 def _build_family(out: Path, tokenizer, family: str) -> None:
@@ -152,15 +162,15 @@ def capability() -> dict:
 
 
 def tokenized(paths: dict, cache: Path):
-    """The data exactly as finetune encodes it (alpaca prompt, loss on completions only)."""
+    """The data exactly as finetune encodes it (alpaca: loss on completions only; text: on every token)."""
     from transformers import AutoTokenizer
 
     import finetune.data.prepare as preparing
 
-    tok = AutoTokenizer.from_pretrained(paths["model"])
-    train = preparing.prepare(paths["train"], "alpaca", tok, max_seq_len=MAX_LEN, train_on_inputs=False,
+    tok, fmt = AutoTokenizer.from_pretrained(paths["model"]), paths.get("format", "alpaca")
+    train = preparing.prepare(paths["train"], fmt, tok, max_seq_len=MAX_LEN, train_on_inputs=False,
                          cache_dir=str(cache)).train
-    held_out = preparing.prepare(paths["eval"], "alpaca", tok, max_seq_len=MAX_LEN, train_on_inputs=False,
+    held_out = preparing.prepare(paths["eval"], fmt, tok, max_seq_len=MAX_LEN, train_on_inputs=False,
                             cache_dir=str(cache)).train
     return tok, train, held_out
 
@@ -210,7 +220,7 @@ def run_ours(paths: dict, steps: int, work: Path, precision: str, overrides: lis
     cfg = work / "ours.yaml"
     cfg.write_text(json.dumps({
         "base_model": paths["model"], "destination": "bench/ours",
-        "data": {"path": paths["train"], "format": "alpaca", "max_seq_len": MAX_LEN},
+        "data": {"path": paths["train"], "format": paths.get("format", "alpaca"), "max_seq_len": MAX_LEN},
         "lora": {**LORA, "target_modules": "all-linear"},  # everything else: our defaults
         "train": {"max_steps": steps, "batch_size": BATCH, "lr": LR, "seed": SEED, "precision": precision},
     }))
@@ -389,7 +399,11 @@ def held_out_loss(paths: dict, adapter: str, work: Path) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--source", type=Path, default=DEFAULT_DATA, help="the Alpaca rows the data are built from")
+    parser.add_argument("--data", choices=bench_data.KINDS, default="alpaca",
+                        help="long: the rows with the longest answers; text: rows joined into documents")
+    parser.add_argument("--vocab", choices=tuple(bench_data.VOCABS), default="8k",
+                        help="the model's vocabulary: the 8k tokenizer's embedding widened to that many rows")
     parser.add_argument("--arch", choices=(*ARCH_MODELS, *PADDED_FAMILIES), default="llama",
                         help="the tiny base model's architecture (stablelm, falcon, bloom: ones that train padded)")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
@@ -417,12 +431,12 @@ def main() -> None:
 
     if args.role:
         return peer_main(args)
-    if not args.data.exists():
-        raise SystemExit(f"data file {args.data} not found (pass --data PATH)")
+    if not args.source.exists():
+        raise SystemExit(f"data file {args.source} not found (pass --source PATH)")
     work = args.work or Path(tempfile.mkdtemp(prefix="ft-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     total_steps = args.steps + args.warmup
-    paths = build_inputs(args.data, work, args.arch)
+    paths = build_inputs(args.source, work, args.arch, args.data, args.vocab)
     rows = total_steps * BATCH if args.rows is None else args.rows
     if rows:
         subset = work / f"train-{rows}.jsonl"
@@ -434,7 +448,8 @@ def main() -> None:
     # Llama), which a real epoch of hundreds of steps amortises. Both run their largest batch first (length
     # grouping; our plan), so each grows its memory to its peak in that step.
     warmup = 1 if rows == total_steps * BATCH else args.warmup
-    tokenized(paths, work / "cache")  # encode once up front; every contender then reads the same cache
+    # encode once up front; every contender then reads the same cache
+    share = bench_data.loss_share(tokenized(paths, work / "cache")[1])
     cap = capability()
     precision = cap["auto"] if args.precision == "auto" else args.precision
     precisions = {"ours": precision, "peer-default": "fp32", "peer-tuned": precision}
@@ -499,19 +514,21 @@ def main() -> None:
              f" step" if rows == total_steps * BATCH else f"{args.steps} timed steps after {warmup} warm-up over "
              + (f"{rows} rows" if rows else "all rows"))
     print(f"{timed}, batch {BATCH}, max length {MAX_LEN}; medians of {args.repeat} interleaved rounds")
+    print(f"data: {args.data} (format {paths['format']}), vocabulary {bench_data.VOCABS[args.vocab]}; "
+          f"{share:.0%} of the training tokens carry loss")
     if args.set:
         print(f"ours with {' '.join(f'--set {item}' for item in args.set)}")
     print("loss columns: mean training loss over the first N trained tokens (N = the fewest any contender trained);"
           " held-out loss after the same steps; held-out loss at equal tokens (@ours: each peer's adapter from the"
           " first step at which it had trained as many tokens as ours did in all its steps)\n")
     print(f"{'':13}{'precision':>10}{'tokens/s':>10}{'of peak':>9}{memory_name:>13}{'wall s':>9}{'trained tokens':>16}"
-          f"{'train loss @N':>15}{'held-out':>10}{'held-out @ours':>16}")
+          f"{'train loss @N':>15}{'held-out':>10}{'held-out @ours':>16}{'loss share':>12}")
     for role, r in results.items():
         frac = r["rate"] * flop_per_token / (rates[precisions[role]] * 1e9)  # of the peak of its own precision
         at_n = f"{r['loss_at_budget']:.4f}" if "loss_at_budget" in r else "n/a"
         print(f"{role:13}{precisions[role]:>10}{r['rate']:>10.0f}{frac:>8.0%} {r['memory_mb']:>12.0f}"
               f"{r['wall_s']:>9.1f}{r['trained']:>16}"
-              f"{r['train_loss_at_budget']:>15.4f}{r['loss']:>10.4f}{at_n:>16}   rounds: "
+              f"{r['train_loss_at_budget']:>15.4f}{r['loss']:>10.4f}{at_n:>16}{share:>12.0%}   rounds: "
               + " ".join(f"{x:.0f}" for x in r["rates"]) + " tok/s, "
               + " ".join(f"{x:.0f}" for x in r["memory_rounds"]) + " MB")
     others = {role: r["others_rounds"] for role, r in results.items() if None not in r["others_rounds"]}
@@ -540,7 +557,8 @@ def main() -> None:
     (work / "results.json").write_text(json.dumps({k: {kk: vv for kk, vv in v.items() if kk not in ("stdout", "stderr")}
                                                    for k, v in results.items()}
                                                 | {"matmul": rates, "matmul_readings": readings, "capability": cap,
-                                                   "arch": args.arch,
+                                                   "arch": args.arch, "data": args.data, "vocab": args.vocab,
+                                                   "loss_share": share,
                                                    "precisions": {k: precisions[k] for k in results}}, indent=2))
     print(f"\ndetails: {work / 'results.json'}")
 

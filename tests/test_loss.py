@@ -100,3 +100,51 @@ def test_no_grad_evaluation_and_trained_heads_take_the_right_path(monkeypatch):
         value = CausalLMLoss(model).token_loss(hidden, targets)
     assert calls == [False]  # evaluation computes no gradient
     torch.testing.assert_close(value, _reference(hidden, model.lm_head.weight, targets, None))
+
+
+def test_band_rows_follow_the_vocabulary_on_cpus_only():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert loss_mod._band_rows(8192, 128, cpu) == 128  # up to 32K: the whole chunk at once, as before
+    assert loss_mod._band_rows(131072, 128, cpu) == 32
+    assert loss_mod._band_rows(10**8, 128, cpu) == 1
+    assert loss_mod._band_rows(131072, 128, gpu) == 128
+
+
+@pytest.mark.parametrize("rows_per_chunk", [1000, 7])
+def test_loss_in_bands_of_rows_is_the_unbanded_arithmetic(rows_per_chunk, monkeypatch):
+    """A large vocabulary's chunks run their softmax a band of rows at a time. Rows are independent, so bands
+    compute exactly what whole chunks do: in bf16 the loss and gradient are bit for bit the unbanded ones (only
+    the loss's fp32 sum is taken in another order: one rounding of fp32, ~6e-8 relative per addition), and in
+    fp32 they match autograd's unchunked cross-entropy as the fused loss always has (test above)."""
+    vocab = 301
+    monkeypatch.setattr(loss_mod, "_CPU_CHUNK_ROWS", rows_per_chunk)
+    torch.manual_seed(3)
+    banded_calls = []
+    original = loss_mod._rows_loss
+    monkeypatch.setattr(loss_mod, "_rows_loss", lambda x, *a: banded_calls.append(x.shape[0]) or original(x, *a))
+    for dtype in (torch.bfloat16, torch.float32):
+        model = _Head(24, vocab, None).to(dtype).requires_grad_(False)
+        hidden = (torch.randn(45, 24) * 3).to(dtype)
+        targets = torch.randint(0, vocab, (45,))
+        results = []
+        for band_logits in (10**9, 4 * vocab):  # whole chunks; bands of 4 rows (the last band of a chunk ragged)
+            monkeypatch.setattr(loss_mod, "_CPU_BAND_LOGITS", band_logits)
+            banded_calls.clear()
+            h = hidden.clone().requires_grad_(True)
+            value = CausalLMLoss(model).token_loss(h, targets)
+            (value * 0.37).backward()
+            every = loss_mod._head_rows(hidden, model.lm_head.weight, targets, None, rows_per_chunk, False)[1]
+            results.append((value.detach(), h.grad, every))  # every: each row's log-probability (DPO's)
+            assert max(banded_calls) == min(rows_per_chunk, 45 if band_logits > 10**8 else 4)
+        (whole, whole_grad, whole_every), (banded, banded_grad, banded_every) = results
+        torch.testing.assert_close(banded, whole, rtol=1e-6, atol=0)
+        assert torch.equal(banded_every, whole_every)
+        if dtype == torch.bfloat16:
+            assert torch.equal(banded_grad, whole_grad)
+        else:
+            h = hidden.clone().requires_grad_(True)
+            (_reference(h, model.lm_head.weight, targets, None) * 0.37).backward()
+            torch.testing.assert_close(banded, _reference(hidden, model.lm_head.weight, targets, None),
+                                       rtol=1e-6, atol=1e-5)
+            torch.testing.assert_close(banded_grad, h.grad, rtol=1e-5, atol=1e-7)
+        assert banded_grad.abs().max() > 1e-3

@@ -174,7 +174,12 @@ def references() -> list:
 def _loss_description(path: str, inner, head) -> str:
     if path == "model":
         return f"through {type(inner).__name__}.forward (its logits are more than its output layer's)"
-    return "fused" if path == "fused" else f"autograd ({type(head).__name__} head)"
+    if path != "fused":
+        return f"autograd ({type(head).__name__} head)"
+    from .loss import softmax_rows
+
+    rows, band = softmax_rows(head.weight.shape[0], head.weight.device)
+    return "fused" if band == rows else f"fused (softmax {band} rows at a time)"
 
 
 def _unchanged(model, suffixes: tuple[str, ...]) -> tuple[str, ...]:

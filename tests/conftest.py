@@ -13,6 +13,10 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # silences the fork warning in DataLoader tests
+# No fsync in the suite's registry writes, nor in the processes it starts (they inherit it): fsync only matters
+# after a power cut, and costs ~8 ms a file here. test_registry.py checks that durability is the default, and
+# test_registry_stress.py turns it back on for the real publish path.
+os.environ["FINETUNE_FSYNC"] = "0"
 
 from pathlib import Path  # noqa: E402
 

@@ -50,9 +50,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config: pytest.Config, log):
-    """With pytest-xdist (``-n auto``, the README's test command), each test file runs whole on one worker: its
-    module fixtures (a trained registry, a server and its inference worker, the Ray cluster of test_cluster.py)
-    are built once, as in a serial run, not once per worker that got one of its tests."""
+    """With pytest-xdist (``-n auto``), each test file runs whole on one worker: its module fixtures (a trained
+    registry, a server and its inference worker, the Ray cluster of test_cluster.py) are built once, as in a
+    serial run, not once per worker that got one of its tests."""
     from xdist.scheduler import LoadFileScheduling
 
     return LoadFileScheduling(config, log)

@@ -27,12 +27,12 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError, PydanticUndefined
 
 from .choices import FORMATS, OVERLONG
 from .config_check import Hints, Origin, Reporter, checked, hints_of, join, members, show
+from .config_file import apply_override, read_yaml
 from .errors import ConfigError, UsageError
 from .names import UPLOAD_SCHEME, parse_model_name
 
@@ -301,97 +301,6 @@ def config_from_dict(d: Mapping[str, Any], source: str = "<dict>", *,
     return _build(d, {}, Origin(None, base), source)
 
 
-def _key_lines(node: yaml.Node, prefix: str, lines: dict[str, int], early: list[tuple[float, str, str]]) -> None:
-    """Map each dotted key in a composed YAML tree to its 1-based line; note keys written twice."""
-    if not isinstance(node, yaml.MappingNode):
-        return
-    for key_node, value_node in node.value:
-        if not isinstance(key_node, yaml.ScalarNode):
-            continue
-        path, line = join(prefix, key_node.value), key_node.start_mark.line + 1
-        if path in lines:
-            early.append((line, f"line {line}: duplicate key '{path}' (first set at line {lines[path]})", path))
-            continue
-        lines[path] = line
-        _key_lines(value_node, path, lines, early)
-
-
-def _self_reference(node: yaml.Node, open_nodes: set[int], done: set[int] | None = None) -> yaml.Node | None:
-    """The first node that contains itself (``&a [*a]``, ``&a {k: *a}``), which no config value can be. Each
-    node is walked once, however many aliases share it."""
-    done = set() if done is None else done
-    if not isinstance(node, (yaml.MappingNode, yaml.SequenceNode)) or id(node) in done:
-        return None
-    if id(node) in open_nodes:
-        return node
-    open_nodes.add(id(node))
-    children = [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else node.value
-    for child in children:
-        found = _self_reference(child, open_nodes, done)
-        if found is not None:
-            return found
-    open_nodes.discard(id(node))
-    done.add(id(node))
-    return None
-
-
-def _read_yaml(path: Path, source: str) -> tuple[Any, dict[str, int], list[tuple[float, str, str]]]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(["config file not found"], source=source) from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError([f"cannot read config file: {err}"], source=source) from None
-    loader = yaml.SafeLoader(text)
-    try:
-        node = loader.get_single_node()
-        lines: dict[str, int] = {}
-        early: list[tuple[float, str, str]] = []
-        if node is not None:
-            loop = _self_reference(node, set())
-            if loop is not None:
-                raise ConfigError([f"line {loop.start_mark.line + 1}: invalid YAML: the value anchored here "
-                                   "(&name) contains its own alias (*name); write the value out"], source=source)
-            _key_lines(node, "", lines, early)  # before construction, which rewrites merge keys in place
-        raw = loader.construct_document(node) if node is not None else None
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"line {mark.line + 1}: " if mark is not None else ""
-        raise ConfigError([f"{where}invalid YAML: {getattr(err, 'problem', None) or err}"], source=source) from None
-    finally:
-        loader.dispose()
-    return raw, lines, early
-
-
-def _apply_override(raw: dict[str, Any], item: str, origins: dict[str, Origin],
-                    early: list[tuple[float, str, str]]) -> None:
-    key, sep, text = item.partition("=")
-    key = key.strip()
-    parts = key.split(".")
-    if not sep or not all(parts):
-        early.append((math.inf, f"--set {item!r}: expected KEY=VALUE with a dotted key, for example train.lr=1e-4",
-                      ""))
-        return
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        early.append((math.inf, f"--set {item}: cannot parse the value {text!r} as YAML", key))
-        return
-    section = raw
-    for i, part in enumerate(parts[:-1]):
-        if section.get(part) is None:
-            section[part] = {}
-        section = section[part]
-        if not isinstance(section, dict):
-            where = ".".join(parts[: i + 1])
-            early.append((math.inf, f"--set {item}: '{where}' is not a section", where))
-            return
-    section[parts[-1]] = value
-    for path in [p for p in origins if p == key or p.startswith(key + ".")]:
-        del origins[path]  # the override replaced whatever the file had at and below this key
-    origins[key] = Origin(f"--set {item}", Path.cwd())
-
-
 def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> Config:
     """Read a YAML training config, apply ``--set KEY=VALUE`` overrides, check everything, return a Config.
 
@@ -400,12 +309,12 @@ def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> 
     """
     source = os.fspath(path)
     config_path = Path(source)
-    raw, lines, early = _read_yaml(config_path, source)
+    raw, lines, early = read_yaml(config_path, source)
     base = config_path.absolute().parent
     origins = {key: Origin(f"line {line}", base) for key, line in lines.items()}
     if raw is None and overrides:
         raw = {}  # an empty file plus --set for everything is a complete config
     if isinstance(raw, dict):
         for item in overrides:
-            _apply_override(raw, item, origins, early)
+            apply_override(raw, item, origins, early)
     return _build(raw, origins, Origin(None, base), source, early)

@@ -13,6 +13,10 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # silences the fork warning in DataLoader tests
+# No fsync in the suite's registry writes, nor in the processes it starts (they inherit it): fsync only matters
+# after a power cut, and costs ~8 ms a file here. test_registry.py checks that durability is the default, and
+# test_registry_stress.py turns it back on for the real publish path.
+os.environ["FINETUNE_FSYNC"] = "0"
 
 from pathlib import Path  # noqa: E402
 
@@ -22,7 +26,16 @@ import finetune  # noqa: E402
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Skip tests marked ``gpu`` on machines without CUDA (torch is imported only if such tests exist)."""
+    """Skip tests marked ``gpu`` on machines without CUDA (torch is imported only if such tests exist). Under
+    pytest-xdist, files whose tests are all ``slow`` come first."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # The workers are handed whole files in this order (every worker sorts alike): the long end-to-end files
+        # (the Ray cluster, the browser) start first, and short files fill in around them at the end, instead of
+        # one worker running a long file alone while the other has finished.
+        files: dict[Path, bool] = {}
+        for item in items:
+            files[item.path] = files.get(item.path, True) and item.get_closest_marker("slow") is not None
+        items.sort(key=lambda item: not files[item.path])
     gpu_items = [item for item in items if item.get_closest_marker("gpu")]
     if not gpu_items:
         return
@@ -33,6 +46,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     skip = pytest.mark.skip(reason="needs a CUDA device")
     for item in gpu_items:
         item.add_marker(skip)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """With pytest-xdist (``-n auto``), each test file runs whole on one worker: its module fixtures (a trained
+    registry, a server and its inference worker, the Ray cluster of test_cluster.py) are built once, as in a
+    serial run, not once per worker that got one of its tests."""
+    from xdist.scheduler import LoadFileScheduling
+
+    return LoadFileScheduling(config, log)
 
 
 @pytest.fixture(scope="session", autouse=True)

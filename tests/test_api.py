@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import httpx
-import pytest
 from service import running_server, server_settings
 
 from finetune.registry import Registry
@@ -20,11 +19,6 @@ MISSING_COMMA = b"""{
   "visibility": "public",
   "hardware": "cpu"
 }"""
-
-
-@pytest.fixture(autouse=True)
-def _no_fsync(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("FINETUNE_FSYNC", "0")
 
 
 def publish(reg: Registry, tmp_path: Path, model: str, n: int) -> list:

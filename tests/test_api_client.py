@@ -9,11 +9,6 @@ import pytest
 from replicate.exceptions import ReplicateError
 
 
-@pytest.fixture(autouse=True)
-def _no_fsync(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("FINETUNE_FSYNC", "0")
-
-
 def test_models_create_get_and_versions_list(live_server, tmp_path: Path):
     client = live_server.replicate("alice")
     model = client.models.create("alice", "y", visibility="private", hardware="cpu", description="dest")

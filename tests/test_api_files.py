@@ -19,11 +19,6 @@ from finetune.server.settings import ServerSettings
 ROWS = [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(5)]
 
 
-@pytest.fixture(autouse=True)
-def _no_fsync(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("FINETUNE_FSYNC", "0")
-
-
 @pytest.fixture
 def jsonl(tmp_path: Path) -> Path:
     path = tmp_path / "train.jsonl"

@@ -37,11 +37,6 @@ LONG = {**SHORT, "train.max_steps": 100_000}  # runs until canceled or killed
 FINAL = ("succeeded", "failed", "canceled")
 
 
-@pytest.fixture(autouse=True)
-def _no_fsync(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("FINETUNE_FSYNC", "0")
-
-
 def make_registry(root: Path, tiny_model_dir: Path) -> tuple[Registry, str]:
     """A registry with the public base ``base/x`` (the tiny model); returns it and the base's version id."""
     reg = Registry(root)

@@ -28,11 +28,6 @@ from finetune.tiny import sample_data_path
 DEST = "bad/dest"
 
 
-@pytest.fixture(autouse=True)
-def _no_fsync(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("FINETUNE_FSYNC", "0")
-
-
 @pytest.fixture(scope="module")
 def root(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A registry with the tiny base and one trained version of DEST (one step)."""

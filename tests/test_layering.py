@@ -48,8 +48,8 @@ def test_package_does_not_import(package: str, banned: tuple[str, ...]):
 # ------------------------------------------------------------------------------------------- the layers
 # Each top-level module or package of finetune, by layer; a module imports from its own layer and those below.
 LAYERS = {
-    "foundation": {"errors", "atomic", "names", "processes", "supervisor", "config", "config_check", "choices",
-                   "generation"},
+    "foundation": {"errors", "atomic", "names", "processes", "supervisor", "config", "config_check", "config_file",
+                   "choices", "generation"},
     "storage": {"registry"},
     "engine": {"data", "modeling", "training", "decoding", "loading", "inference", "compare", "export", "export_gguf",
                "gguf_files", "gguf_template", "gguf_vocab", "tiny", "tiny_families", "launch"},

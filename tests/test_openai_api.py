@@ -15,7 +15,7 @@ from pathlib import Path
 
 import openai
 import pytest
-from service import running_server, server_settings
+from service import TLS, running_server, server_settings
 
 from finetune import training
 from finetune.config import config_from_dict
@@ -57,7 +57,8 @@ def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
 
 
 def _client(live, owner: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{live.url}/openai/v1", api_key=live.tokens[owner], timeout=600, max_retries=0)
+    return openai.OpenAI(base_url=f"{live.url}/openai/v1", api_key=live.tokens[owner], timeout=600, max_retries=0,
+                         http_client=openai.DefaultHttpxClient(verify=TLS))  # the suite's one TLS context
 
 
 def _prediction(live, owner: str, model: str, data: dict) -> dict:

@@ -16,11 +16,6 @@ from finetune.registry import Registry
 from finetune.registry.jobs import TrainingRecord, Trainings, new_record_id
 
 
-@pytest.fixture(autouse=True)
-def _no_fsync(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("FINETUNE_FSYNC", "0")
-
-
 @pytest.fixture
 def reg(registry: Registry) -> Registry:
     registry.create_model("alice/y")

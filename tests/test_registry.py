@@ -41,13 +41,6 @@ FILES = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _no_fsync(monkeypatch: pytest.MonkeyPatch) -> None:
-    # fsync only matters after a power cut; these tests check logic, and fsync makes each publish ~10x slower.
-    # The multi-process tests in test_registry_stress.py keep it on.
-    monkeypatch.setenv("FINETUNE_FSYNC", "0")
-
-
 @pytest.fixture
 def reg(tmp_path: Path) -> Registry:
     return Registry(tmp_path / "registry")

@@ -23,12 +23,6 @@ from finetune.errors import ModelLoadError
 from finetune.registry import MANIFEST, Registry, sources
 
 
-@pytest.fixture(autouse=True)
-def _no_fsync(monkeypatch: pytest.MonkeyPatch) -> None:
-    # fsync only matters after a power cut; test_registry_stress.py covers the real path.
-    monkeypatch.setenv("FINETUNE_FSYNC", "0")
-
-
 @pytest.fixture
 def root(tmp_path: Path) -> Path:
     return tmp_path / "registry"

@@ -24,11 +24,6 @@ from finetune.registry.jobs import TrainingRecord, Trainings
 HUB = {"hub_id": "o/base", "revision": "0" * 40}
 
 
-@pytest.fixture(autouse=True)
-def _no_fsync(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("FINETUNE_FSYNC", "0")
-
-
 def adapter(tmp_path: Path, name: str) -> Path:
     import numpy as np
     from safetensors.numpy import save_file

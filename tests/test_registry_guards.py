@@ -18,11 +18,6 @@ from finetune.errors import UsageError
 from finetune.registry import MANIFEST, Registry
 
 
-@pytest.fixture(autouse=True)
-def _no_fsync(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("FINETUNE_FSYNC", "0")
-
-
 @pytest.fixture
 def reg(tmp_path: Path) -> Registry:
     """o/m with versions 1-3 (3 derives from 1)."""

@@ -25,11 +25,6 @@ HUB = {"hub_id": "o/base", "revision": "0" * 40}
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _no_fsync(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("FINETUNE_FSYNC", "0")
-
-
 @pytest.fixture
 def reg(tmp_path: Path) -> Registry:
     """o/m with versions 1-3 (adapters on a hub base), and o/n with one."""

@@ -23,11 +23,6 @@ from finetune.registry import Registry, Version
 HUB = {"hub_id": "o/base", "revision": "0" * 40}  # an adapter's parent outside the registry
 
 
-@pytest.fixture(autouse=True)
-def _no_fsync(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("FINETUNE_FSYNC", "0")
-
-
 def cli(capsys: pytest.CaptureFixture[str], reg: Registry, *argv: str) -> tuple[int, str, str]:
     try:
         rc = main(["--registry", str(reg.root), *argv])

@@ -23,6 +23,11 @@ pytestmark = pytest.mark.slow
 
 CHILD_ENV = {**os.environ, "FINETUNE_FSYNC": "1"}
 
+
+@pytest.fixture(autouse=True)
+def _fsync(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FINETUNE_FSYNC", "1")  # this process's writes too (the suite turns fsync off)
+
 # Publishes its source folder again and again until killed; says "ready" once imports are done so that the
 # parent's random delay falls inside publishing, not inside interpreter start-up, and says how long each
 # publish took so that the parent can wait for a completed one before killing.

@@ -61,11 +61,6 @@ def root(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     return root
 
 
-@pytest.fixture(autouse=True)
-def _no_fsync(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("FINETUNE_FSYNC", "0")
-
-
 def cli(root: Path, *argv: str) -> tuple[int, str, str]:
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):

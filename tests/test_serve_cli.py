@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 from helpers import assert_one_line_error
+from service import TLS
 
 from finetune.cli import main
 from finetune.registry import Registry
@@ -62,7 +63,8 @@ def test_serve_answers_then_stops_cleanly_on_a_signal(tmp_path: Path, sig: int):
         deadline = time.monotonic() + 60
         while True:
             try:
-                r = httpx.get(f"http://127.0.0.1:{port}/v1/account", headers={"Authorization": f"Bearer {token}"})
+                r = httpx.get(f"http://127.0.0.1:{port}/v1/account", headers={"Authorization": f"Bearer {token}"},
+                              verify=TLS)  # not a CA bundle loaded at each try while the server starts
                 break
             except httpx.TransportError:
                 assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.stdout else ""

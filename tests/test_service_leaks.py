@@ -22,11 +22,6 @@ from finetune.server.settings import ServerSettings
 ROWS = [{"prompt": f"Question {i}?", "completion": f" Answer {i}."} for i in range(12)]
 
 
-@pytest.fixture(autouse=True)
-def _no_fsync(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("FINETUNE_FSYNC", "0")
-
-
 @pytest.fixture
 def idle_queue(monkeypatch: pytest.MonkeyPatch) -> None:
     idle_training_queue(monkeypatch)

@@ -16,11 +16,6 @@ from finetune.registry.accounts import Accounts, token_hash
 from finetune.registry.index import VersionIndex
 
 
-@pytest.fixture(autouse=True)
-def _no_fsync(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("FINETUNE_FSYNC", "0")
-
-
 def publish(reg: Registry, tmp_path: Path, model: str, i: int):
     src = tmp_path / f"src-{model.replace('/', '-')}-{i}"
     src.mkdir()

@@ -45,11 +45,6 @@ def root(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     return reg.root
 
 
-@pytest.fixture(autouse=True)
-def _no_fsync(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("FINETUNE_FSYNC", "0")
-
-
 def config_dict(data_path: str | Path, **sections: dict) -> dict:
     cfg = {"base_model": "local/tiny:1", "data": {"path": str(data_path), "max_seq_len": 256},
            "lora": {"r": 4, "alpha": 8}, "train": {"max_steps": 1, "batch_size": 4, "precision": "fp32"}}

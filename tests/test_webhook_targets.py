@@ -38,11 +38,6 @@ REFUSED = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _no_fsync(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("FINETUNE_FSYNC", "0")
-
-
 @pytest.fixture
 def idle_queue(monkeypatch: pytest.MonkeyPatch) -> None:
     idle_training_queue(monkeypatch)

@@ -19,43 +19,23 @@ canceled), error and metrics.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import traceback
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ..errors import FinetuneError, one_line
-from ..generation import GenerationSettings
 from .batch import Batch, cache_argument
 from .cache import BASE_ADAPTER, ModelCache, Servable
+from .job import Job, done_metrics, finish_unstarted
+from .sampling import sample
 from .text import Detokenizer, StopMatcher
 
-Emit = Callable[[str, dict[str, Any]], None]
-
-
-@dataclass
-class Job:
-    """One prediction to run: its version, its prompt ids (already rendered and checked) and how to generate;
-    ``max_new_tokens`` is the settings' own, held within the model's context
-    (:func:`finetune.generation.bounded_new_tokens`)."""
-
-    id: str
-    ref: str  # the exact version ref (owner/name:N)
-    base: str  # the base key (cache.base_key): jobs with one base share a batch
-    ids: list[int]
-    max_new_tokens: int
-    emit: Emit
-    settings: GenerationSettings = field(default_factory=GenerationSettings)
-    owner: str = ""  # the account: accounts take turns for room in a batch
-    notes: list[str] = field(default_factory=list)  # said in its logs when it starts (an answer cut by the context)
-    output_ids: list[int] = field(default_factory=list)  # the ids generated (without the stopping eos)
-    canceled: threading.Event = field(default_factory=threading.Event)
-    submitted: float = field(default_factory=time.perf_counter)
-    ended: bool = False  # its "done" was sent
+__all__ = ["Engine", "Job"]  # Job: the serving layer builds jobs through this module
 
 
 @dataclass
@@ -161,7 +141,7 @@ class Engine:
                     self._cond.wait()
                 if self._stopping:
                     for job in self._pending:
-                        _finish_unstarted(job, "canceled", "the inference worker stopped")
+                        finish_unstarted(job, "canceled", "the inference worker stopped")
                     self._pending.clear()
                     return
             jobs = self._take(None, self.max_batch)
@@ -172,7 +152,7 @@ class Engine:
                     traceback.print_exc()
                     for job in jobs:
                         if not job.ended:
-                            _finish_unstarted(job, "failed", f"internal error: {one_line(err)}")
+                            finish_unstarted(job, "failed", f"internal error: {one_line(err)}")
 
     # ------------------------------------------------------------------ one batch
     def _admit(self, jobs: list[Job]) -> list[_Row]:
@@ -180,17 +160,17 @@ class Engine:
         rows = []
         for job in jobs:
             if job.canceled.is_set():
-                _finish_unstarted(job, "canceled", None)
+                finish_unstarted(job, "canceled", None)
                 continue
             started = time.perf_counter()
             job.emit("processing", {})
             try:
                 servable, loaded = self.cache.acquire(job.ref, log=lambda text, j=job: j.emit("log", {"text": text}))
             except FinetuneError as err:
-                _finish_unstarted(job, "failed", str(err))
+                finish_unstarted(job, "failed", str(err))
                 continue
             except Exception as err:
-                _finish_unstarted(job, "failed", f"cannot load {job.ref}: {one_line(err)}")
+                finish_unstarted(job, "failed", f"cannot load {job.ref}: {one_line(err)}")
                 continue
             try:
                 if not loaded:
@@ -201,14 +181,14 @@ class Engine:
                 generator = None
                 if settings.temperature > 0:
                     generator = torch.Generator(device=servable.base.device)
-                    seed = settings.seed if settings.seed is not None else int.from_bytes(_random_bytes(), "little")
+                    seed = settings.seed if settings.seed is not None else int.from_bytes(os.urandom(7), "little")
                     generator.manual_seed(seed)
                 rows.append(_Row(job, servable, Detokenizer(servable.loaded.tokenizer),
                                  StopMatcher(settings.stop_sequences), generator, started))
             except Exception as err:  # this job's settings (its seed): it fails, the others go on
                 traceback.print_exc()
                 self.cache.release(servable)
-                _finish_unstarted(job, "failed", f"cannot start generating: {one_line(err)}")
+                finish_unstarted(job, "failed", f"cannot start generating: {one_line(err)}")
         return rows
 
     @torch.inference_mode()
@@ -247,7 +227,7 @@ class Engine:
         finally:
             for job in taken:
                 if not job.ended:  # never left processing for ever, whatever failed above
-                    _finish_unstarted(job, "failed", "internal error: the inference worker lost the prediction")
+                    finish_unstarted(job, "failed", "internal error: the inference worker lost the prediction")
 
     def _prefill_alone(self, base: Any, rows: list[_Row]) -> Batch | None:
         """Prefill ``rows``; if that fails, they fail (and only they: a running batch they were to join goes on)."""
@@ -322,7 +302,7 @@ class Engine:
         for i, row in enumerate(batch.rows):
             if row.job.settings.temperature > 0 and not row.done:
                 try:
-                    tokens[i] = _sample(logits[i].float(), row.job.settings, row.generator)
+                    tokens[i] = sample(logits[i].float(), row.job.settings, row.generator)
                 except Exception as err:
                     self._fail_row(row, err)
         batch.last = tokens
@@ -381,53 +361,6 @@ class Engine:
         if status == "succeeded" and not row.stop.stopped:
             self._emit_text(row, row.stop.feed(row.detok.flush()))
             self._emit_text(row, row.stop.finish())
-        end = time.perf_counter()
-        predict = end - row.started
-        metrics: dict[str, Any] = {
-            "predict_time": round(predict, 6),
-            "input_token_count": len(row.job.ids),
-            "output_token_count": row.generated,
-            # "length": it used every token it could (max_new_tokens, or what the context left); else it stopped
-            "finish_reason": "length" if row.generated >= row.job.max_new_tokens else "stop",
-        }
-        if row.first_token is not None:
-            ttft = row.first_token - row.started
-            metrics["time_to_first_token"] = round(ttft, 6)
-            # Decoding speed: tokens after the first over the time after it (the first also pays the prefill).
-            decoding = end - row.first_token
-            metrics["tokens_per_second"] = round((row.generated - 1) / decoding, 3) if row.generated > 1 and \
-                decoding > 0 else round(row.generated / predict, 3) if predict > 0 else 0.0
+        metrics = done_metrics(row.job, row.generated, row.started, row.first_token, time.perf_counter())
         row.job.ended = True
         row.job.emit("done", {"status": status, "error": error, "metrics": metrics})
-
-
-def _sample(logits: torch.Tensor, settings: GenerationSettings, generator: torch.Generator | None) -> torch.Tensor:
-    """One token drawn from ``logits`` (one row's) as ``settings`` say: temperature, then top-k, then top-p."""
-    logits = logits / settings.temperature
-    if settings.top_k and settings.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, settings.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if settings.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs > settings.top_p  # keep the smallest set reaching top_p
-        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
-    probs = logits.softmax(-1)
-    # Checked here, on the host: on a GPU, multinomial over a NaN distribution is a device-side assert that ruins
-    # the whole process (every batch after it), where this is an error for this one row.
-    if not bool(torch.isfinite(probs).all()):
-        raise ValueError(f"the sampling distribution is not finite (temperature {settings.temperature:g} for these "
-                         "logits)")
-    return torch.multinomial(probs, 1, generator=generator)[0]
-
-
-def _random_bytes() -> bytes:
-    import os
-
-    return os.urandom(7)
-
-
-def _finish_unstarted(job: Job, status: str, error: str | None) -> None:
-    job.ended = True
-    job.emit("done", {"status": status, "error": error, "metrics": {"input_token_count": len(job.ids),
-                                                                    "output_token_count": 0}})

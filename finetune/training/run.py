@@ -200,9 +200,10 @@ def _publish(run: Run, loaded: Loaded, schedule: Schedule, progress: Progress, o
         run.registry, run.trainings, run.record, run.destination, schedule.model, loaded.tokenizer, run.config,
         loaded.resolved, loaded.prepared.info, summary, metrics,
     )
+    # The log line first: whoever sees the final status reads a log that already says it (as _finish does).
+    run.log.info(f"published {version.ref} ({version.id[:12]})")
     run.update_record(status=Status.SUCCEEDED, metrics=summary,
                       output={"version": version.ref, "weights": str(version.path)})
-    run.log.info(f"published {version.ref} ({version.id[:12]})")
     return version
 
 

@@ -5,7 +5,7 @@
                                   [--vocab 8k|32k|128k] [--steps 30] [--warmup 3] [--rows N]
                                   [--arch llama|qwen2|gpt2|stablelm|falcon|bloom] [--precision auto|fp32|bf16]
                                   [--isa native|avx2]
-                                  [--set KEY=VALUE ...]
+                                  [--set KEY=VALUE ...] [--method sft|dpo]
 
 Runs, one after the other, each in its own process (so peak memory is each contender's own):
   1. ours         the real `finetune train` command, with its defaults but for the precision;
@@ -421,6 +421,8 @@ def main() -> None:
                         help="rounds of all contenders, interleaved; speed and memory are the medians")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override for ours only (finetune train --set), e.g. train.packing=false")
+    parser.add_argument("--method", choices=("sft", "dpo"), default="sft",
+                        help="dpo: preference training against TRL's DPOTrainer (scripts/bench_dpo.py)")
     parser.add_argument("--role", help=argparse.SUPPRESS)
     parser.add_argument("--paths", help=argparse.SUPPRESS)
     parser.add_argument("--budget", type=int, default=0, help=argparse.SUPPRESS)
@@ -429,6 +431,10 @@ def main() -> None:
         os.environ.update(AVX2_ONLY)
     import torch  # after the ISA cap: the libraries read it when they load
 
+    if args.method == "dpo":
+        import bench_dpo
+
+        return bench_dpo.main(args)
     if args.role:
         return peer_main(args)
     if not args.source.exists():

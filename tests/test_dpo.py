@@ -164,6 +164,34 @@ def test_sequence_logps_of_a_padded_batch_equal_a_direct_computation(tiny_model_
         assert int(counts[k]) == sum(1 for t in labels[1:] if t != IGNORE_INDEX)
 
 
+def test_pairs_in_groups_of_similar_lengths_give_the_one_batch_loss_rewards_and_gradients(tiny_model_dir: Path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rows = TEXT_ROWS + [{"prompt": "Q: Tell a long story.\nA:", "chosen": " Once upon a time " * 12,
+                         "rejected": " Once upon a time."}]
+    examples = _examples(rows, tok)
+    results = []
+    for call_cost in (None, 1):
+        model = _policy(tiny_model_dir)
+        dpo = DpoLoss(model, 0.1)
+        batches = collate_pairs(examples, tok.pad_token_id, call_cost)
+        total = 0.0
+        for batch in batches:  # as the training loop does: a backward per batch, normalised by the step's pairs
+            loss_sum, _ = dpo(**batch)
+            (loss_sum / len(rows)).backward()
+            total += float(loss_sum.detach())
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((len(batches), total, dpo.take_stats(_OneProcess()), grads))
+    (whole, loss, stats, grads), (split, loss_split, stats_split, grads_split) = results
+    assert whole == 1 and split > 1  # the long pair goes alone
+    assert loss_split == pytest.approx(loss, rel=1e-5)
+    assert stats_split == pytest.approx(stats, rel=1e-5, abs=1e-6)
+    assert grads_split.keys() == grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads_split[name], grad, rtol=1e-4, atol=1e-6)
+
+
 def test_sft_weight_adds_the_chosen_answers_mean_token_nll(tiny_model_dir: Path):
     from transformers import AutoTokenizer
 

@@ -9,9 +9,10 @@ The policy is the model being trained; the reference is where it started, withou
   loaded beside the trained one under the name :data:`REFERENCE` (adapter-sized, the base is shared) and made
   the active adapter for the reference pass. Only the trained adapter is saved and published.
 
-A row's chosen and rejected sequences go through the model together, as one padded batch (chosen rows first,
-then rejected), and the reference log-probabilities are computed in the same step under ``no_grad``: a step
-costs about two supervised forwards (the reference one without a backward pass) and one backward.
+A row's chosen and rejected sequences go through the model together, in one padded batch (chosen rows first,
+then rejected; on a CPU a step's pairs go in batches of similar lengths, as supervised rows do), and the
+reference log-probabilities are computed in the same step under ``no_grad``: a step costs about two supervised
+forwards (the reference one without a backward pass) and one backward.
 
 The loss per pair, with ``d = (log p(chosen) - log p_ref(chosen)) - (log p(rejected) - log p_ref(rejected))``
 (log-probabilities summed over the answer's tokens): ``sigmoid``: ``-log sigmoid(beta d)``; ``hinge``:
@@ -30,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.batching import collate_padded
+from ..data.batching import collate_padded, padding_groups
 from ..modeling.ops.loss import CausalLMLoss
 
 REFERENCE = "reference"  # the frozen copy of a parent adapter, when the run continues one
@@ -62,11 +63,21 @@ def reference_of(model: Any, adapter: str | None) -> Iterator[None]:
         model.set_adapter(trained)
 
 
-def collate_pairs(examples: Sequence[dict], pad_token_id: int) -> list[dict[str, torch.Tensor]]:
-    """One padded batch: the chosen sequences of ``examples``, then their rejected ones."""
-    rows = [{"input_ids": ex[f"{side}_ids"], "labels": ex[f"{side}_labels"]}
-            for side in ("chosen", "rejected") for ex in examples]
-    return [collate_padded(rows, pad_token_id)]
+def collate_pairs(examples: Sequence[dict], pad_token_id: int,
+                  call_cost: int | None = None) -> list[dict[str, torch.Tensor]]:
+    """Padded batches of whole pairs, each holding its pairs' chosen sequences, then their rejected ones: one batch
+    with ``call_cost`` None (GPUs), else the pairs in groups of similar lengths (:func:`padding_groups` on each
+    pair's longer side; a pair's two sequences are padded alike, so each pass of a pair costs twice its tokens).
+    The split changes no figure: a pair's loss and rewards depend on that pair alone, and the step's loss is
+    normalised by its pairs."""
+    lengths = [max(len(ex["chosen_ids"]), len(ex["rejected_ids"])) for ex in examples]
+    groups = padding_groups(lengths, None if call_cost is None else max(1, call_cost // 2))
+    batches = []
+    for group in groups:
+        rows = [{"input_ids": examples[i][f"{side}_ids"], "labels": examples[i][f"{side}_labels"]}
+                for side in ("chosen", "rejected") for i in sorted(group)]  # in the examples' order
+        batches.append(collate_padded(rows, pad_token_id))
+    return batches
 
 
 def dpo_losses(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,

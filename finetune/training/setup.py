@@ -246,7 +246,7 @@ def build_schedule(run: Run, loaded: Loaded) -> Schedule:
 
     def batches(examples: list[dict[str, Any]]) -> list[dict[str, torch.Tensor]]:
         if dpo is not None:
-            return collate_pairs(examples, pad)
+            return collate_pairs(examples, pad, group_cost)
         if loaded.packing:
             return [collate_packed(examples, pad, PACK_MULTIPLE)]
         return collate_padded_groups(examples, pad, group_cost)

@@ -226,13 +226,16 @@ def main(args) -> None:
 
     if args.role:
         return peer_main(args)
-    if not args.data.exists():
-        raise SystemExit(f"data file {args.data} not found (pass --data PATH)")
+    if not args.source.exists():
+        raise SystemExit(f"data file {args.source} not found (pass --source PATH)")
+    if args.data != "alpaca":
+        raise SystemExit(f"--method dpo builds its pairs from the Alpaca rows: --data {args.data} does not apply")
     work = args.work or Path(tempfile.mkdtemp(prefix="ft-bench-dpo-"))
     work.mkdir(parents=True, exist_ok=True)
     total_steps = args.steps + args.warmup
     rows = total_steps * common.BATCH
-    paths = {**common.build_inputs(args.data, work, args.arch), **write_pairs(args.data, work, rows)}
+    paths = {**common.build_inputs(args.source, work, args.arch, "alpaca", args.vocab),
+             **write_pairs(args.source, work, rows)}
     cap = common.capability()
     precision = cap["auto"] if args.precision == "auto" else args.precision
     precisions = {"ours": precision, "peer-default": "fp32", "peer-tuned": precision}

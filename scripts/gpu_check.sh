@@ -39,7 +39,7 @@ run)
     set +e
     python3 -m pytest -q -m gpu tests/test_gpu.py 2>&1 | tee "$out/gpu_tests.log"
     tests=${PIPESTATUS[0]}
-    python3 scripts/bench_train.py --data .gpu/alpaca_5000.json --steps 30 --warmup 3 --repeat 1 \
+    python3 scripts/bench_train.py --source .gpu/alpaca_5000.json --steps 30 --warmup 3 --repeat 1 \
         --work /tmp/gpu-bench 2>&1 | grep -v "Loading weights" | tee "$out/bench.log"
     bench=${PIPESTATUS[0]}
     cp /tmp/gpu-bench/results.json "$out/" 2>/dev/null

@@ -66,9 +66,9 @@ def build_pairs(records: list[dict]) -> list[dict]:
 
 def write_pairs(data: Path, work: Path, rows: int) -> dict:
     """The training pairs (the first ``rows`` of the training split) and the held-out pairs, as JSONL files."""
-    records = json.loads(data.read_text())
+    train, held_out = common.bench_data.split(json.loads(data.read_text()), common.bench_data.HELD_OUT["alpaca"])
     out = {"pairs": work / f"pairs-{rows}.jsonl", "held_out_pairs": work / "pairs-held-out.jsonl"}
-    for key, chosen in (("pairs", records[common.EVAL_ROWS:][:rows]), ("held_out_pairs", records[:common.EVAL_ROWS])):
+    for key, chosen in (("pairs", train[:rows]), ("held_out_pairs", held_out)):
         out[key].write_text("".join(json.dumps(p) + "\n" for p in build_pairs(chosen)))
     return {k: str(v) for k, v in out.items()}
 

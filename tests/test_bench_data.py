@@ -83,3 +83,28 @@ def test_widened_vocabulary_keeps_the_old_rows_and_ties(tiny_model_dir, tmp_path
     assert torch.equal(emb, outs[1].get_input_embeddings().weight)  # seeded: the same rows every time
     logits = widened(input_ids=torch.tensor([[1, 2, 3]])).logits
     assert logits.shape[-1] == 4096
+
+
+def test_dpo_pairs_are_built_from_the_training_split_and_held_out_apart(tmp_path: Path, monkeypatch):
+    """scripts/bench_dpo.py's pairs: chosen is the row's answer, rejected never equals it, and the held-out pairs
+    come from the rows no contender trains on."""
+    import json
+
+    from finetune.data.preference import pair_parts
+
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))  # bench_dpo imports bench_train as the scripts do
+    spec = importlib.util.spec_from_file_location("bench_dpo", SCRIPT.parent / "bench_dpo.py")
+    bench_dpo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_dpo)
+    records = [{"instruction": f"question {i}", "input": "", "output": f"answer number {i} in four words"}
+               for i in range(50)]
+    source = tmp_path / "alpaca.json"
+    source.write_text(json.dumps(records))
+    paths = bench_dpo.write_pairs(source, tmp_path, rows=8)
+    train = [json.loads(line) for line in Path(paths["pairs"]).read_text().splitlines()]
+    held = [json.loads(line) for line in Path(paths["held_out_pairs"]).read_text().splitlines()]
+    assert len(train) == 8 and len(held) == 10  # a fifth of 50 rows is held out
+    assert not {p["prompt"] for p in train} & {p["prompt"] for p in held}
+    for pair in train + held:
+        prompt, chosen, rejected = pair_parts(pair)
+        assert chosen != rejected and "question" in prompt

@@ -75,3 +75,16 @@ class FakeExecutor:
 
     def close(self) -> None:
         self.closed = True
+
+
+def run_queued(registry, executor, training_id: str, timeout_s: float = 300) -> None:
+    """Run one training through a real :class:`~finetune.queue.TrainingQueue` over ``executor`` until the queue
+    is idle again (the queue is stopped either way)."""
+    from finetune.queue import TrainingQueue
+
+    queue = TrainingQueue(registry, executor).start()
+    try:
+        queue.submit(training_id)
+        assert queue.wait_idle(timeout_s), f"training {training_id} still runs after {timeout_s} s"
+    finally:
+        queue.stop()

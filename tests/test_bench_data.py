@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 from pathlib import Path
 
 import torch
+from scripts_dir import load_script
 
 from finetune.data.formats import IGNORE_INDEX
 from finetune.tiny import load_sample_records
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_data.py"
-
 
 def _script():
-    spec = importlib.util.spec_from_file_location("bench_data", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_data")
 
 
 def test_long_rows_are_those_with_the_longest_answers_in_file_order():
@@ -85,17 +80,14 @@ def test_widened_vocabulary_keeps_the_old_rows_and_ties(tiny_model_dir, tmp_path
     assert logits.shape[-1] == 4096
 
 
-def test_dpo_pairs_are_built_from_the_training_split_and_held_out_apart(tmp_path: Path, monkeypatch):
+def test_dpo_pairs_are_built_from_the_training_split_and_held_out_apart(tmp_path: Path):
     """scripts/bench_dpo.py's pairs: chosen is the row's answer, rejected never equals it, and the held-out pairs
     come from the rows no contender trains on."""
     import json
 
     from finetune.data.preference import pair_parts
 
-    monkeypatch.syspath_prepend(str(SCRIPT.parent))  # bench_dpo imports bench_train as the scripts do
-    spec = importlib.util.spec_from_file_location("bench_dpo", SCRIPT.parent / "bench_dpo.py")
-    bench_dpo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench_dpo)
+    bench_dpo = load_script("bench_dpo")
     records = [{"instruction": f"question {i}", "input": "", "output": f"answer number {i} in four words"}
                for i in range(50)]
     source = tmp_path / "alpaca.json"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import subprocess
@@ -11,17 +10,15 @@ from pathlib import Path
 
 import pytest
 import yaml
+from scripts_dir import SCRIPTS, load_script
 
 from finetune.tiny import sample_data_path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "profile_train.py"
+SCRIPT = SCRIPTS / "profile_train.py"
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("profile_train", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("profile_train")
 
 
 def test_products_are_told_apart_by_the_rank():

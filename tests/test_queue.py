@@ -9,7 +9,7 @@ import subprocess
 import time
 
 import pytest
-from helpers import FakeExecutor, FakeJob
+from helpers import FakeExecutor, FakeJob, run_queued
 
 from finetune.queue import TrainingQueue
 from finetune.registry import Registry
@@ -339,12 +339,7 @@ def test_a_slot_with_two_devices_trains_through_the_launcher(tiny_model_dir, reg
     assert executor.slots[0].spare is None  # launched cold: torchrun starts the processes
     heard: list[dict] = []
     executor.report_to(lambda training_id, event: heard.append(event))
-    queue = TrainingQueue(registry, executor).start()
-    try:
-        queue.submit(record.id)
-        assert queue.wait_idle(300)
-    finally:
-        queue.stop()
+    run_queued(registry, executor, record.id)
     done = Trainings(registry).get(record.id)
     assert done.status == "succeeded", done.error
     assert done.metrics["processes"] == 2 and [v.ref for v in registry.list_versions("alice/y")] == ["alice/y:1"]

@@ -8,6 +8,7 @@ import threading
 import time
 
 import pytest
+from helpers import run_queued
 
 from finetune.queue.events import FileWatcher, TrainingEvents
 from finetune.registry import Registry
@@ -165,7 +166,7 @@ def test_a_local_workers_training_reports_status_steps_log_and_exit(tiny_model_d
     """The training worker reports through its supervisor: every status change, each logged step's metrics, the
     log lines and its exit, all as they happen (and the files hold the same)."""
     from finetune.config import config_from_dict
-    from finetune.queue import LocalExecutor, TrainingQueue
+    from finetune.queue import LocalExecutor
     from finetune.registry.sources import import_base
     from finetune.tiny import sample_data_path
     from finetune.training import submit_training
@@ -178,12 +179,7 @@ def test_a_local_workers_training_reports_status_steps_log_and_exit(tiny_model_d
     heard: list[tuple[str, dict]] = []
     executor = LocalExecutor(registry.root, workers=1, gpus=[], prestart=False)
     executor.report_to(lambda training_id, event: heard.append((training_id, event)))
-    queue = TrainingQueue(registry, executor).start()
-    try:
-        queue.submit(record.id)
-        assert queue.wait_idle(300)
-    finally:
-        queue.stop()
+    run_queued(registry, executor, record.id)
     assert {i for i, _ in heard} == {record.id}
     kinds = [e["kind"] for _, e in heard]
     statuses = [e["status"] for _, e in heard if e["kind"] == "status"]

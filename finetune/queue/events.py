@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 from ..registry.jobs import FINAL, Trainings
-from ..registry.layout import RECORD
 from ..serving.signals import Signal
 
 log = logging.getLogger("finetune.queue")
@@ -298,7 +297,7 @@ class FileWatcher:
 
     def _look_at(self, training_id: str) -> None:
         paths = self.trainings.paths(training_id)
-        stamps = tuple(_stamp(p) for p in (self.trainings.dir(training_id) / RECORD, paths.metrics, paths.log))
+        stamps = tuple(_stamp(p) for p in (paths.record, paths.metrics, paths.log))
         seen = self._seen.setdefault(training_id, _Seen())
         if stamps == seen.stamps:
             return

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -125,3 +126,20 @@ def start_node_without_registry(address: str, root: Path, empty: Path) -> subpro
                 f"--disable-usage-stats"
     return subprocess.Popen(["unshare", "-m", "sh", "-c", f"mount --bind {empty} {root} && exec {ray_start}"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def refusal_of_node_without_registry(cluster_address: str, root: Path, workdir: Path, server: Any,
+                                     refusal: str) -> str:
+    """Join a node whose registry path is an empty folder (:func:`start_node_without_registry`), wait for the
+    server's output line saying ``refusal`` about it, stop the node, and return that line (it must name the
+    registry's path and say that the node sees another folder)."""
+    empty = workdir / "empty"
+    empty.mkdir(exist_ok=True)
+    proc = start_node_without_registry(cluster_address, root, empty)
+    try:
+        line = server.wait_output(refusal, 120)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+    assert str(root) in line and "another folder" in line, line
+    return line

@@ -6,12 +6,10 @@ Not collected by pytest (tests/test_cluster.py runs them through tests/cluster_s
 
 from __future__ import annotations
 
-import os
-import signal
 import time
 from typing import Any
 
-from cluster_harness import start_node_without_registry
+from cluster_harness import refusal_of_node_without_registry
 
 FINAL = ("succeeded", "failed", "canceled")
 # --predict-max-batch 1: a second prediction for a busy actor's version waits (admitted, not started) behind the
@@ -162,15 +160,7 @@ def predict_unseen_registry(w: Any) -> dict[str, Any]:
     """A node joining with another folder at the registry's path is refused for inference by name (no inference
     actor is placed there), as for trainings."""
     _predict_server(w)
-    empty = w.workdir / "empty"
-    empty.mkdir(exist_ok=True)
-    proc = start_node_without_registry(w.cluster.address, w.root, empty)
-    try:
-        line = w.server.wait_output("no inference runs there", 120)
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=60)
-    assert str(w.root) in line and "another folder" in line, line
+    line = refusal_of_node_without_registry(w.cluster.address, w.root, w.workdir, w.server, "no inference runs there")
     return {"line": line}
 
 

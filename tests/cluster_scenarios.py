@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -21,7 +20,12 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cluster_harness import Server, quiet_environment, start_node_without_registry, write_json  # noqa: E402
+from cluster_harness import (  # noqa: E402
+    Server,
+    quiet_environment,
+    refusal_of_node_without_registry,
+    write_json,
+)
 from cluster_predictions import (  # noqa: E402
     predict_no_room,
     predict_node_lost,
@@ -279,15 +283,7 @@ def no_room(w: World) -> dict[str, Any]:
 
 def unseen_registry(w: World) -> dict[str, Any]:
     """A node whose registry path is an empty folder of its own (a mount namespace with a bind mount)."""
-    empty = w.workdir / "empty"
-    empty.mkdir(exist_ok=True)
-    proc = start_node_without_registry(w.cluster.address, w.root, empty)
-    try:
-        line = w.server.wait_output("refused:", 120)
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=60)
-    assert str(w.root) in line and "another folder" in line, line
+    line = refusal_of_node_without_registry(w.cluster.address, w.root, w.workdir, w.server, "refused:")
     return {"line": line}
 
 

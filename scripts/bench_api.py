@@ -35,10 +35,7 @@ import argparse
 import functools
 import os
 import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -72,12 +69,6 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     if min(args.versions, args.requests, args.concurrency) < 1 or args.trainings < 0:
         p.error("--versions, --requests and --concurrency must be at least 1")
     return args
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _percentile(sorted_values: list[float], q: float) -> float:
@@ -206,11 +197,14 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["FINETUNE_FSYNC"] = "0"  # the worker processes inherit it
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     import httpx
     import replicate
     import torch
     from safetensors.torch import save_file
+    from serve_process import start_server, stop_server
 
+    from finetune.launch import free_port
     from finetune.registry import Registry
     from finetune.registry.accounts import Accounts
     from finetune.registry.jobs import Trainings
@@ -245,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
             flood_token = Accounts(reg).create_token("flood", label="bench_api")
 
         # ---------------------------------------------------------------- the server, in its own process
-        port = _free_port()
+        port = free_port()
         url = f"http://127.0.0.1:{port}"
         cmd = [sys.executable, "-m", "finetune", "--registry", str(root), "serve", "--port", str(port),
                "--workers", "1", "--allow-data-dir", str(sample_data_path().parent)]
@@ -253,18 +247,9 @@ def main(argv: list[str] | None = None) -> int:
             if getattr(args, flag) is not None:
                 cmd += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
         t0 = time.perf_counter()
-        server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         headers = {"Authorization": f"Bearer {token}"}
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/v1/account", headers=headers, timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"the server did not start: {server.stderr.read() if server.stderr else ''}")
-            time.sleep(0.05)
+        server = start_server(cmd, url, work / "serve.log", probe="/v1/account", headers=headers, timeout_s=60,
+                              interval_s=0.05, output="errors")
         print(f"server: {' '.join(cmd[1:4])} ... serve --workers 1 answered after {time.perf_counter() - t0:.2f} s")
         print(f"machine: {os.cpu_count()} CPUs, shared by the server, its worker and this load generator")
         time.sleep(15)  # the queue's spare worker imports torch when the server starts: not during the reads
@@ -383,12 +368,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{TARGET_PICKUP_S:.0f} s: {verdict}")
         return 0
     finally:
-        if server is not None and server.poll() is None:
-            server.send_signal(signal.SIGTERM)
-            try:
-                server.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                server.kill()
+        stop_server(server)
         if args.keep:
             print(f"kept {work}")
         else:

@@ -33,8 +33,6 @@ import json
 import os
 import platform
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -64,46 +62,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Server:
-    """``finetune serve`` in its own process over ``root``."""
+    """``finetune serve`` in its own process over ``root`` (started and stopped by tests/serve_process.py)."""
 
     def __init__(self, root: Path, log: Path, *options: str):
-        import httpx
+        from serve_process import start_server
+
+        from finetune.launch import free_port
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        out = open(log, "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "finetune", "--registry", str(root), "serve", "--port",
-                                      str(self.port), "--no-access-log", "--log-level", "warning", *options],
-                                     stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        out.close()
-        deadline = time.monotonic() + 300
-        while True:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"the server exited: {log.read_text()[-2000:]}")
-            try:
-                if httpx.get(f"{self.url}/v1/hardware", timeout=2).status_code < 500:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit(f"the server did not start: {log.read_text()[-2000:]}")
-            time.sleep(0.2)
+        self.proc = start_server([sys.executable, "-m", "finetune", "--registry", str(root), "serve", "--port",
+                                  str(self.port), "--no-access-log", "--log-level", "warning", *options],
+                                 self.url, log, timeout_s=300)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        from serve_process import stop_server
+
+        stop_server(self.proc)
 
 
 class CpuMeter:
@@ -286,6 +262,7 @@ def cpu_name() -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     sys.path.insert(0, str(REPO))
+    sys.path.insert(0, str(REPO / "tests"))  # serve_process: the servers in their own processes
     from finetune.cluster.local import LocalCluster, in_own_netns, loopback_only, netns_problem
 
     if not loopback_only():  # run again, in a network namespace of our own

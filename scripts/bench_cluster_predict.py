@@ -44,22 +44,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def serve(root: Path, log: Path, *options: str):
-    import httpx
-    from cluster_harness import free_port
+    from serve_process import start_server
+
+    from finetune.launch import free_port
 
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "finetune", "--registry", str(root), "serve", "--port", str(port),
-                             "--log-level", "warning", "--no-access-log", "--predict-threads", "1", *options],
-                            stdout=open(log, "a"), stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/v1/hardware", timeout=2).status_code < 500:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    raise SystemExit(f"the server did not start:\n{log.read_text()[-3000:]}")
+    proc = start_server([sys.executable, "-m", "finetune", "--registry", str(root), "serve", "--port", str(port),
+                         "--log-level", "warning", "--no-access-log", "--predict-threads", "1", *options],
+                        url, log, timeout_s=180)
+    return proc, url
 
 
 def measure(sides: dict[str, tuple[str, str, str]], args: argparse.Namespace) -> dict[str, dict[str, float]]:
@@ -110,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         command = in_own_netns([sys.executable, __file__, "--in-netns", *(argv or sys.argv[1:])])
         return subprocess.run(command).returncode
     from cluster_harness import quiet_environment
+    from serve_process import stop_server
 
     from finetune.cluster.local import LocalCluster, check_loopback_only
     from finetune.registry import Registry
@@ -137,8 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         results = measure(sides, args)
     finally:
         for proc in procs:
-            proc.terminate()
-            proc.wait(60)
+            stop_server(proc)
         cluster.shutdown()
         shutil.rmtree(work, ignore_errors=True)
     for side, figures in results.items():

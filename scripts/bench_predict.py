@@ -38,6 +38,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
+sys.path.insert(0, str(REPO / "tests"))  # serve_process: the server in its own process
 _DATA_CANDIDATES = [REPO.parent / "shared" / "data" / "alpaca_5000.json",
                     REPO.parent.parent / "shared" / "data" / "alpaca_5000.json"]
 DEFAULT_DATA = next((p for p in _DATA_CANDIDATES if p.exists()), _DATA_CANDIDATES[0])
@@ -149,46 +150,30 @@ class Peer:
         return time.perf_counter() - start, tokens
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def openai_rounds(root: Path, ref: str, prompts: list[str], new_tokens: int, rounds: int, device: str,
                   threads: int | None) -> list[tuple[float, int]]:
     """``rounds`` times: every prompt sent at once to ``finetune serve``'s ``/openai/v1/completions`` (greedy, at most
     ``new_tokens``); (seconds until the last answer, output tokens in all) per round. The server runs in its own
     process over the same registry, one inference worker on ``device``; it is stopped at the end."""
-    import subprocess
     from concurrent.futures import ThreadPoolExecutor
 
     import httpx
+    from serve_process import start_server, stop_server
 
+    from finetune.launch import free_port
     from finetune.registry import Registry
     from finetune.registry.accounts import Accounts
 
     token = Accounts(Registry(root)).create_token(ref.split("/", 1)[0], label="bench_predict")
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}/openai/v1"
     cmd = [sys.executable, "-m", "finetune", "--registry", str(root), "serve", "--port", str(port),
            "--predict-device", device, "--predict-max-per-account", "0", "--predict-max-batch", "32"]
     cmd += ["--predict-threads", str(threads)] if threads else []
-    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     headers = {"Authorization": f"Bearer {token}"}
+    server = start_server(cmd, url, root.parent / "serve.log", probe="/models", headers=headers, timeout_s=120,
+                          interval_s=0.1, output="errors")
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{url}/models", headers=headers, timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"the server did not start: {server.stderr.read() if server.stderr else ''}")
-            time.sleep(0.1)
         with httpx.Client(headers=headers, timeout=600, limits=httpx.Limits(max_connections=len(prompts))) as http:
             def complete(prompt: str, tokens: int = new_tokens) -> int:
                 r = http.post(f"{url}/completions", json={"model": ref, "prompt": prompt, "max_tokens": tokens,
@@ -206,11 +191,7 @@ def openai_rounds(root: Path, ref: str, prompts: list[str], new_tokens: int, rou
                     out.append((time.perf_counter() - start, tokens))
         return out
     finally:
-        server.terminate()
-        try:
-            server.wait(30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop_server(server, 30)
 
 
 def _memory_child(root: str, refs: list[str], device: str, prompt: str, results) -> None:

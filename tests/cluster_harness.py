@@ -1,7 +1,8 @@
 """What the cluster tests run with: a script re-executed in a network namespace of its own (only loopback:
 Ray falls back to 127.0.0.1 and nothing leaves the machine), the environment its processes inherit, and
-:class:`Server`, ``finetune serve --executor ray`` as a subprocess keeping its output. The cluster itself is
-:class:`finetune.cluster.local.LocalCluster` (a head without CPUs, worker nodes with ``worker: 1`` each).
+:class:`Server`, ``finetune serve --executor ray`` as a subprocess keeping its output (started and stopped by
+tests/serve_process.py). The cluster itself is :class:`finetune.cluster.local.LocalCluster` (a head without
+CPUs, worker nodes with ``worker: 1`` each).
 
 Not collected by pytest (tests/test_cluster.py runs the scenarios in tests/cluster_scenarios.py through it).
 """
@@ -11,12 +12,15 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from serve_process import start_server, stop_server
+
+from finetune.launch import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -48,12 +52,6 @@ def quiet_environment() -> None:
     os.environ.pop("RAY_ADDRESS", None)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Server:
     """``finetune serve --executor ray`` as a subprocess; its output goes to ``log``."""
 
@@ -65,28 +63,12 @@ class Server:
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout_s: float = 180.0) -> Server:
-        import httpx
-
         self.started_at = time.monotonic()
-        out = open(self.log, "a")
-        self.proc = subprocess.Popen(
+        self.proc = start_server(
             [sys.executable, "-m", "finetune", "--registry", str(self.root), "serve", "--executor", "ray",
              "--ray-address", self.address, "--port", str(self.port), "--log-level", "warning", "--no-access-log",
-             *self.options], stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        out.close()
-        deadline = time.monotonic() + timeout_s
-        tls = httpx.create_ssl_context()  # once: each client would load the CA bundle (0.1 s on a busy machine)
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited with {self.proc.returncode}:\n{self.output()[-3000:]}")
-            try:
-                if httpx.get(f"{self.url}/v1/hardware", timeout=2, verify=tls).status_code < 500:
-                    return self
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the server did not answer in {timeout_s:.0f} s:\n{self.output()[-3000:]}")
-            time.sleep(0.2)
+             *self.options], self.url, self.log, timeout_s=timeout_s)
+        return self
 
     def output(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
@@ -102,14 +84,7 @@ class Server:
         raise AssertionError(f"the server never said {needle!r}:\n{self.output()[-3000:]}")
 
     def stop(self, timeout_s: float = 60.0) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_server(self.proc, timeout_s)
 
 
 def write_json(path: Path, data: object) -> None:

@@ -13,18 +13,14 @@ from pathlib import Path
 import httpx
 import pytest
 from helpers import assert_one_line_error
+from serve_process import start_server, stop_server
 from service import TLS
 
 from finetune.cli import main
+from finetune.launch import free_port
 from finetune.registry import Registry
 from finetune.registry.accounts import Accounts
 from finetune.registry.jobs import Trainings
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_tokens_create_list_revoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
@@ -56,26 +52,18 @@ def test_serve_answers_then_stops_cleanly_on_a_signal(tmp_path: Path, sig: int):
     root = tmp_path / "registry"
     token = Accounts(Registry(root)).create_token("alice")
     port = free_port()
+    url, log = f"http://127.0.0.1:{port}", tmp_path / "serve.log"
     env = {**os.environ, "FINETUNE_HOME": str(root)}
-    proc = subprocess.Popen([sys.executable, "-m", "finetune", "serve", "--port", str(port), "--no-access-log"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = start_server([sys.executable, "-m", "finetune", "serve", "--port", str(port), "--no-access-log"], url,
+                        log, probe="/v1/account", timeout_s=60, interval_s=0.05, env=env)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                r = httpx.get(f"http://127.0.0.1:{port}/v1/account", headers={"Authorization": f"Bearer {token}"},
-                              verify=TLS)  # not a CA bundle loaded at each try while the server starts
-                break
-            except httpx.TransportError:
-                assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.stdout else ""
-                time.sleep(0.05)
+        r = httpx.get(f"{url}/v1/account", headers={"Authorization": f"Bearer {token}"}, verify=TLS)
         assert r.status_code == 200 and r.json()["username"] == "alice"
         proc.send_signal(sig)
-        out, _ = proc.communicate(timeout=30)
+        proc.wait(timeout=30)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        stop_server(proc, timeout_s=0)
+    out = log.read_text()
     assert proc.returncode == 0, out
     assert "Traceback" not in out and "Shutting down" in out
 

@@ -10,15 +10,17 @@ import threading
 import time
 from typing import Any
 
-from ..serving.worker import WorkerConfig
+from ..serving.worker import CoreCalls, WorkerConfig
 
 # Decoding makes a piece every few ms: each answer waits this long after its first event for the next ones, so
 # the server reads them a batch per round trip (not one call per token, whose cost the engine's CPU would share).
 GATHER_S = 0.01
 
 
-class InferenceActor:
-    """One inference worker on a node (see :mod:`finetune.cluster.inference`). Methods are called by the server."""
+class InferenceActor(CoreCalls):
+    """One inference worker on a node (see :mod:`finetune.cluster.inference`). Methods are called by the server:
+    ``submit``, ``cancel`` and ``compare`` go to the core as they are (:class:`~finetune.serving.worker.CoreCalls`),
+    and its events wait in a list until :meth:`events` reads them."""
 
     def __init__(self, config: WorkerConfig, name: str):
         import socket
@@ -46,15 +48,6 @@ class InferenceActor:
     # ---------------------------------------------------------------- the server's calls
     def info(self) -> dict[str, Any]:
         return {**self.where, "pid": os.getpid(), "name": self.name}
-
-    def submit(self, job_id: str, ref: str, data: dict[str, Any], owner: str = "") -> None:
-        self.core.submit(job_id, ref, data, owner)
-
-    def cancel(self, job_id: str) -> None:
-        self.core.cancel(job_id)
-
-    def compare(self, job_id: str, spec: dict[str, Any]) -> None:
-        self.core.compare(job_id, spec)
 
     def stats(self) -> dict[str, Any]:
         return {**self.core.stats(), **self.info(), "loaded": self.core.loaded()}

@@ -17,7 +17,7 @@ time on a thread of their own, so that no model is ever loaded in the server pro
 
 :class:`LocalWorker` runs the same core (:class:`WorkerCore`) in the calling process (the benchmark and engine
 tests use it); :class:`WorkerProcess` runs it in a child process (what ``finetune serve`` uses);
-:class:`finetune.cluster.inference.InferenceActor` runs it in a Ray actor (``--predict-executor ray``). A worker
+:class:`finetune.cluster.inference_actor.InferenceActor` runs it in a Ray actor (``--predict-executor ray``). A worker
 process that dies is noticed within :data:`DEATH_POLL_S`: its in-flight predictions end at once with the reason
 (``done`` with ``died``), and the next submit starts a fresh one.
 """
@@ -37,7 +37,7 @@ from ..supervisor import DEATH_POLL_S, Child, describe_exit
 from .prompts import Prompts
 
 OnEvent = Callable[[str, str, dict[str, Any]], None]  # (prediction id, kind, payload)
-__all__ = ["DEATH_POLL_S", "LocalWorker", "OnEvent", "WorkerConfig", "WorkerCore", "WorkerProcess"]
+__all__ = ["DEATH_POLL_S", "CoreCalls", "LocalWorker", "OnEvent", "WorkerConfig", "WorkerCore", "WorkerProcess"]
 SHORT_PROMPT_BYTES = 16 * 1024  # prompts up to this size are prepared in their own lane (milliseconds each)
 
 
@@ -60,7 +60,7 @@ class WorkerConfig:
 
 class WorkerCore:
     """What a worker does with each message; the same in a child process, in-process and in a Ray actor
-    (:class:`finetune.cluster.inference.InferenceActor`): only how messages and events travel differs."""
+    (:class:`finetune.cluster.inference_actor.InferenceActor`): only how messages and events travel differs."""
 
     def __init__(self, config: WorkerConfig, send: OnEvent):
         import torch
@@ -179,11 +179,12 @@ class WorkerCore:
         self.engine.stop()
 
 
-class LocalWorker:
-    """A worker in this process (threads): same behaviour as :class:`WorkerProcess`, no IPC."""
+class CoreCalls:
+    """``submit``, ``cancel`` and ``compare`` handed as they are to ``self.core``, a :class:`WorkerCore` in this
+    process: :class:`LocalWorker`'s and :class:`finetune.cluster.inference_actor.InferenceActor`'s (whose events
+    travel differently; the calls do not)."""
 
-    def __init__(self, config: WorkerConfig, on_event: OnEvent):
-        self.core = WorkerCore(config, on_event)
+    core: WorkerCore
 
     def submit(self, job_id: str, ref: str, data: dict[str, Any], owner: str = "") -> None:
         self.core.submit(job_id, ref, data, owner)
@@ -193,6 +194,13 @@ class LocalWorker:
 
     def compare(self, job_id: str, spec: dict[str, Any]) -> None:
         self.core.compare(job_id, spec)
+
+
+class LocalWorker(CoreCalls):
+    """A worker in this process (threads): same behaviour as :class:`WorkerProcess`, no IPC."""
+
+    def __init__(self, config: WorkerConfig, on_event: OnEvent):
+        self.core = WorkerCore(config, on_event)
 
     def stats(self, timeout: float = 30.0) -> dict[str, Any]:
         return self.core.stats()

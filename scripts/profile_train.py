@@ -2,11 +2,16 @@
 """Where a training step's time goes: the real ``finetune train`` under PyTorch's profiler, grouped.
 
     python scripts/profile_train.py CONFIG.yaml [--skip 4] [--steps 10] [--isa native|avx2] [--set KEY=VALUE ...]
-                                    [--table N]
+                                    [--table N] [--threads N] [--peer]
 
 Runs ``finetune train CONFIG.yaml`` in this process, into a throwaway registry, and profiles optimizer steps
-``skip+1 .. skip+steps`` (the config must train at least that many). Operators are grouped by what they compute,
-from their names and shapes:
+``skip+1 .. skip+steps`` (the config must train at least that many). ``--peer``: profiles the tuned peer of
+``scripts/bench_train.py`` (Trainer + PEFT, length grouping) instead, on the same model, data, steps and precision
+(those of CONFIG; ``--set`` does not apply to it), so that the two can be set side by side group by group.
+``--threads N``: torch's intra-op threads (default: torch's own choice); on a machine shared with other work, 1
+keeps the shares honest: with more threads than free cores, every parallel operator waits at its barrier for a
+thread the scheduler has put aside, and small operators (copies, element-wise passes) swell by 10x.
+Operators are grouped by what they compute, from their names and shapes:
   frozen products  matrix products of the base model's weights: forward and input gradient (no dimension = r)
   rank-r products  LoRA's own products, each with one dimension equal to the rank r (x @ A.T, its gradients...)
   attention        the score and value products, softmax and its backward, SDPA's kernels
@@ -19,6 +24,7 @@ table of the N operators that took longest, too. The profiler adds a few percent
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -65,6 +71,8 @@ def main() -> int:
                         help="avx2: run as on a CPU without AVX-512 (set before torch loads), as bench_train does")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a finetune train override")
     parser.add_argument("--table", type=int, default=0, metavar="N", help="also PyTorch's table of the top N")
+    parser.add_argument("--threads", type=int, default=0, metavar="N", help="torch's intra-op threads (0: its own)")
+    parser.add_argument("--peer", action="store_true", help="profile the tuned peer (bench_train.py) instead")
     args = parser.parse_args()
     if args.skip < 1 or args.steps < 1:
         # the profiler's first step runs from its start to the first optimizer step: model and data loading
@@ -81,9 +89,12 @@ def main() -> int:
     from finetune.errors import FinetuneError
 
     try:
-        rank = load_config(args.config, overrides=args.set).lora.r
+        config = load_config(args.config, overrides=args.set)
     except FinetuneError as err:
         raise SystemExit(f"profile_train: error: {err}") from None
+    rank = config.lora.r
+    if args.threads:
+        torch.set_num_threads(args.threads)
     profiler = torch.profiler.profile(
         activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True,
         schedule=torch.profiler.schedule(wait=args.skip - 1, warmup=1, active=args.steps,
@@ -98,8 +109,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="ft-profile-") as home:
         os.environ["FINETUNE_HOME"] = home
         with profiler:
-            code = finetune_main(["train", args.config, "--create-destination", "--quiet",
-                                  *(arg for item in args.set for arg in ("--set", item))])
+            code = (_run_peer(config, home) if args.peer else
+                    finetune_main(["train", args.config, "--create-destination", "--quiet",
+                                   *(arg for item in args.set for arg in ("--set", item))]))
     hook.remove()
     if code:
         return code
@@ -123,6 +135,26 @@ def main() -> int:
         print(f"  {kind:17} {time_us[kind] / 1e6:7.2f} s {time_us[kind] / total:6.1%}  {rate}")
     if args.table:
         print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.table))
+    return 0
+
+
+def _run_peer(config, work: str) -> int:
+    """The tuned peer of bench_train.py on CONFIG's model, data, steps and precision, in this process."""
+    from argparse import Namespace
+
+    import bench_train  # scripts/ is on the path when this runs as a script
+
+    if config.lora.r != bench_train.LORA["r"] or config.train.batch_size != bench_train.BATCH:
+        raise SystemExit(f"profile_train: error: --peer trains LoRA r {bench_train.LORA['r']} on batches of "
+                         f"{bench_train.BATCH}, as bench_train.py does; the config has r {config.lora.r}, batch "
+                         f"{config.train.batch_size}")
+    data = str(config.data.path)  # bench_train tokenizes a held-out file too: the peer never reads it
+    paths = {"model": str(config.base_model), "train": data, "eval": data, "format": config.data.format}
+    precision = config.train.precision
+    if precision == "auto":  # the rule the benchmark gives both sides: finetune's own choice
+        precision = bench_train.capability()["auto"]
+    bench_train.peer_main(Namespace(role="peer-tuned", paths=json.dumps(paths), steps=config.train.max_steps,
+                                    work=work, budget=0, precision=precision))
     return 0
 
 

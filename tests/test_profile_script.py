@@ -38,12 +38,12 @@ def test_products_are_told_apart_by_the_rank():
     assert group("aten::mm", [[3, 4, 5], [5, 6]], 16) == ("everything else", 0.0)  # not a 2-d product
 
 
-def _config(tmp_path: Path, model_dir: Path, max_seq_len: int, train: dict) -> Path:
+def _config(tmp_path: Path, model_dir: Path, max_seq_len: int, train: dict, rank: int = 4) -> Path:
     config = tmp_path / "train.yaml"
     config.write_text(yaml.safe_dump({
         "base_model": str(model_dir), "destination": "profile/tiny",
         "data": {"path": str(sample_data_path()), "max_seq_len": max_seq_len},
-        "lora": {"r": 4, "alpha": 8}, "train": {"batch_size": 2, "precision": "fp32", **train},
+        "lora": {"r": rank, "alpha": 2 * rank}, "train": {"batch_size": 2, "precision": "fp32", **train},
     }))
     return config
 
@@ -89,3 +89,23 @@ def test_no_warm_up_step_is_refused(tmp_path: Path):
     """The profiler's first step would hold the model and data loading."""
     proc = _profile(str(tmp_path / "train.yaml"), "--skip", "0")
     assert proc.returncode == 2 and "--skip and --steps must be at least 1" in proc.stderr, proc.stderr
+
+
+def test_the_peer_needs_the_benchmarks_rank_and_batch(tiny_model_dir: Path, tmp_path: Path):
+    config = _config(tmp_path, tiny_model_dir, 64, {"max_steps": 2})
+    proc = _profile(str(config), "--skip", "1", "--steps", "1", "--peer")
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "profile_train: error: --peer trains LoRA r 16 on batches of 8, as bench_train.py does; the config has "
+        "r 4, batch 2"), proc.stderr
+
+
+@pytest.mark.slow
+def test_profiles_the_tuned_peer_on_the_same_config(tiny_model_dir: Path, tmp_path: Path):
+    config = _config(tmp_path, tiny_model_dir, 64, {"max_steps": 3, "seed": 0, "batch_size": 8}, rank=16)
+    proc = _profile(str(config), "--skip", "1", "--steps", "2", "--peer", "--threads", "1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "2 steps profiled" in proc.stdout and "LoRA rank 16, 1 threads" in proc.stdout, proc.stdout
+    # PEFT's products, both kinds, were seen under the Trainer's optimizer steps (their GFLOP and rates printed)
+    assert re.search(r"^  frozen products .* GFLOP/s$", proc.stdout, re.M), proc.stdout
+    assert re.search(r"^  rank-r products .* GFLOP/s$", proc.stdout, re.M), proc.stdout

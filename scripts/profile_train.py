@@ -6,8 +6,8 @@
 
 Runs ``finetune train CONFIG.yaml`` in this process, into a throwaway registry, and profiles optimizer steps
 ``skip+1 .. skip+steps`` (the config must train at least that many). ``--peer``: profiles the tuned peer of
-``scripts/bench_train.py`` (Trainer + PEFT, length grouping) instead, on the same model, data, steps and precision
-(those of CONFIG; ``--set`` does not apply to it), so that the two can be set side by side group by group.
+``scripts/bench_train.py`` (Trainer + PEFT, length grouping) instead, on the same model, data, maximum length, steps
+and precision (CONFIG's; ``--set`` does not apply to it), so that the two can be set side by side group by group.
 ``--threads N``: torch's intra-op threads (default: torch's own choice); on a machine shared with other work, 1
 keeps the shares honest: with more threads than free cores, every parallel operator waits at its barrier for a
 thread the scheduler has put aside, and small operators (copies, element-wise passes) swell by 10x.
@@ -148,6 +148,7 @@ def _run_peer(config, work: str) -> int:
         raise SystemExit(f"profile_train: error: --peer trains LoRA r {bench_train.LORA['r']} on batches of "
                          f"{bench_train.BATCH}, as bench_train.py does; the config has r {config.lora.r}, batch "
                          f"{config.train.batch_size}")
+    bench_train.MAX_LEN = config.data.max_seq_len  # read by its tokenizing when the peer starts: CONFIG's
     data = str(config.data.path)  # bench_train tokenizes a held-out file too: the peer never reads it
     paths = {"model": str(config.base_model), "train": data, "eval": data, "format": config.data.format}
     precision = config.train.precision

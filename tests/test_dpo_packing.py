@@ -41,10 +41,10 @@ def _continued(model_dir: Path, parent: Path, packed: bool):
     return model, reference
 
 
-def _step(model, reference: str | None, examples: list[dict], pad: int, packed: bool):
+def _step(model, reference: str | None, examples: list[dict], pad: int, packed: bool, row_tokens: int | None = None):
     """One step as the training loop takes it: a backward per batch, normalised by the step's pairs."""
     dpo = DpoLoss(model, 0.1, sft_weight=0.5, reference=reference)
-    batches = collate_pairs(examples, pad, call_cost=None, packed=packed)
+    batches = collate_pairs(examples, pad, call_cost=None, packed=packed, row_tokens=row_tokens)
     total = 0.0
     for batch in batches:
         loss_sum, _ = dpo(**batch)
@@ -63,12 +63,15 @@ def test_packed_pairs_give_the_padded_loss_rewards_and_gradients(continued: bool
     examples = _examples(ROWS, tok)
     if continued:
         _policy(tiny_model_dir, fused=False).save_pretrained(tmp_path / "parent")
+    # the longest pair alone passes the bound: it goes into a second row
+    bound = sum(len(ex["chosen_ids"]) + len(ex["rejected_ids"]) for ex in examples[:3])
     results = []
-    for packed in (False, True):
+    for packed, row_tokens in ((False, None), (True, None), (True, bound)):
         model, reference = _continued(tiny_model_dir, tmp_path / "parent", packed) if continued else \
             (_policy(tiny_model_dir, packed=packed), None)
-        results.append(_step(model, reference, examples, tok.pad_token_id, packed))
-    (padded, loss, stats, grads), (packed_batches, loss_packed, stats_packed, grads_packed) = results
+        results.append(_step(model, reference, examples, tok.pad_token_id, packed, row_tokens))
+    (padded, loss, stats, grads), (packed_batches, loss_packed, stats_packed, grads_packed), bounded = results
+    assert [len(b["cu_seq_lens"]) - 1 for b in bounded[0]] == [2 * 3 + 1, 2 + 1]  # whole pairs, each with filler
     (row,) = packed_batches
     sequences = [len(ex[f"{side}_ids"]) for side in ("chosen", "rejected") for ex in examples]
     assert row["input_ids"].shape == (1, row["cu_seq_lens"][-1]) and "attention_mask" not in row
@@ -82,6 +85,11 @@ def test_packed_pairs_give_the_padded_loss_rewards_and_gradients(continued: bool
     assert grads_packed.keys() == grads.keys() and grads
     for name, grad in grads.items():
         torch.testing.assert_close(grads_packed[name], grad, rtol=1e-4, atol=1e-6)
+    _, loss_bounded, stats_bounded, grads_bounded = bounded  # two rows: the same figures again
+    assert loss_bounded == pytest.approx(loss, rel=1e-5)
+    assert stats_bounded == pytest.approx(stats, rel=1e-5, abs=1e-5)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads_bounded[name], grad, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.slow

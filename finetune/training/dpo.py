@@ -9,13 +9,15 @@ The policy is the model being trained; the reference is where it started, withou
   loaded beside the trained one under the name :data:`REFERENCE` (adapter-sized, the base is shared) and made
   the active adapter for the reference pass. Only the trained adapter is saved and published.
 
-A micro-batch's chosen and rejected sequences go through the model together (its pairs' chosen sequences first,
-then their rejected ones), laid out as supervised rows are (``train.packing``, the same rule):
+A pair's chosen and rejected sequences go through the model together: each batch holds whole pairs, its pairs'
+chosen sequences first, then their rejected ones, laid out as supervised rows are (``train.packing``, the same
+rule, and the log says which):
 
-* packed, where the model keeps packed sequences apart: all of them end to end in one row, positions
-  restarting per sequence, ``cu_seq_lens`` marking the boundaries, filled to a multiple of ``PACK_MULTIPLE``
-  (:func:`~finetune.data.batching.collate_packed`); no padding at all. Sequence ``k`` is the ``k``-th segment,
-  and a filler segment, when there is one, comes last;
+* packed, where the model keeps packed sequences apart: end to end in one row, positions restarting per
+  sequence, ``cu_seq_lens`` marking the boundaries, filled to a multiple of ``PACK_MULTIPLE``
+  (:func:`~finetune.data.batching.collate_packed`); no padding at all. A micro-batch is one row, or more where
+  one would hold more tokens than a supervised row can (``batch_size x max_seq_len``). Sequence ``k`` is the
+  ``k``-th segment, and a filler segment, when there is one, comes last;
 * padded otherwise: sequence ``k`` is row ``k``; on a CPU a step's pairs go in batches of similar lengths, as
   supervised rows do.
 
@@ -73,18 +75,21 @@ def reference_of(model: Any, adapter: str | None) -> Iterator[None]:
 
 
 def collate_pairs(examples: Sequence[dict], pad_token_id: int, call_cost: int | None = None,
-                  packed: bool = False) -> list[dict[str, torch.Tensor]]:
-    """The model inputs of a micro-batch of pairs: its chosen sequences, then its rejected ones.
+                  packed: bool = False, row_tokens: int | None = None) -> list[dict[str, torch.Tensor]]:
+    """The model inputs of a micro-batch of pairs, each batch holding its pairs' chosen sequences, then their
+    rejected ones.
 
-    ``packed``: one packed row of them all (:func:`~finetune.data.batching.collate_packed`, filled to a multiple of
-    ``PACK_MULTIPLE``). Otherwise padded batches of whole pairs: one batch with ``call_cost`` None (GPUs), else the
-    pairs in groups of similar lengths (:func:`padding_groups` on each pair's longer side; a pair's two sequences
-    are padded alike, so each pass of a pair costs twice its tokens). Neither layout nor split changes a figure:
-    a pair's loss and rewards depend on that pair alone, and the step's loss is normalised by its pairs."""
+    ``packed``: packed rows (:func:`~finetune.data.batching.collate_packed`, filled to a multiple of
+    ``PACK_MULTIPLE``) of whole pairs, in order; one row for them all unless it would pass ``row_tokens`` (None: no
+    bound), where a new row starts (training bounds a row as a supervised one is, ``batch_size x max_seq_len``).
+    Otherwise padded batches of whole pairs: one batch with ``call_cost`` None (GPUs), else the pairs in groups of
+    similar lengths (:func:`padding_groups` on each pair's longer side; a pair's two sequences are padded alike,
+    so each pass of a pair costs twice its tokens). Neither layout nor split changes a figure: a pair's loss and
+    rewards depend on that pair alone, and the step's loss is normalised by its pairs."""
     if packed:
-        rows = [{"input_ids": ex[f"{side}_ids"], "labels": ex[f"{side}_labels"]}
-                for side in ("chosen", "rejected") for ex in examples]
-        return [collate_packed(rows, pad_token_id, PACK_MULTIPLE)]
+        return [collate_packed([{"input_ids": ex[f"{side}_ids"], "labels": ex[f"{side}_labels"]}
+                                for side in ("chosen", "rejected") for ex in row], pad_token_id, PACK_MULTIPLE)
+                for row in _rows_of_pairs(examples, row_tokens)]
     lengths = [max(len(ex["chosen_ids"]), len(ex["rejected_ids"])) for ex in examples]
     groups = padding_groups(lengths, None if call_cost is None else max(1, call_cost // 2))
     batches = []
@@ -93,6 +98,20 @@ def collate_pairs(examples: Sequence[dict], pad_token_id: int, call_cost: int | 
                 for side in ("chosen", "rejected") for i in sorted(group)]  # in the examples' order
         batches.append(collate_padded(rows, pad_token_id))
     return batches
+
+
+def _rows_of_pairs(examples: Sequence[dict], row_tokens: int | None) -> list[list[dict]]:
+    """Whole pairs in order, a new row where the next pair would take a row past ``row_tokens``."""
+    rows: list[list[dict]] = [[]]
+    used = 0
+    for ex in examples:
+        tokens = len(ex["chosen_ids"]) + len(ex["rejected_ids"])
+        if rows[-1] and row_tokens is not None and used + tokens > row_tokens:
+            rows.append([])
+            used = 0
+        rows[-1].append(ex)
+        used += tokens
+    return rows
 
 
 def dpo_losses(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,

@@ -244,10 +244,13 @@ def build_schedule(run: Run, loaded: Loaded) -> Schedule:
     # Padded micro-batches go in groups of similar lengths on CPUs, where the padding saved outweighs the extra
     # passes; GPUs keep them whole (not measured there).
     group_cost = PAD_GROUP_CALL_COST_CPU if run.accelerator.device.type == "cpu" else None
+    # A packed row of pairs holds at most what a supervised one can (batch_size rows of max_seq_len tokens), though
+    # a micro-batch of pairs has twice the sequences: its activations stay within what supervised steps allow.
+    row_tokens = tcfg.batch_size * run.config.data.max_seq_len
 
     def batches(examples: list[dict[str, Any]]) -> list[dict[str, torch.Tensor]]:
         if dpo is not None:
-            return collate_pairs(examples, pad, group_cost, packed=loaded.packing)
+            return collate_pairs(examples, pad, group_cost, packed=loaded.packing, row_tokens=row_tokens)
         if loaded.packing:
             return [collate_packed(examples, pad, PACK_MULTIPLE)]
         return collate_padded_groups(examples, pad, group_cost)

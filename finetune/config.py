@@ -249,9 +249,6 @@ def _cross_check(reporter: Reporter, raw: Mapping[str, Any], wrong: set[str]) ->
         if data.get("format") not in ("auto", "preference", None) and "data.format" not in wrong:
             reporter.report("data.format", f"data.format: dpo trains on preference rows; set it to auto or "
                             f"preference, not {data['format']}")
-        if train.get("packing") is True:
-            reporter.report("train.packing", "train.packing: dpo trains on padded pairs; set packing to auto or "
-                            "false")
         if lora.get("init") in BASE_CHANGING_INITS and "lora.init" not in wrong:
             reporter.report("lora.init", f"lora.init: {lora['init']} changes the base weights, so the base with "
                             "the adapter off is no longer the reference model dpo needs; use default or gaussian")

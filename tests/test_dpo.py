@@ -40,16 +40,21 @@ def _lora_config():
     return LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
 
 
-def _policy(model_dir: Path, fused: bool = True):
+def _policy(model_dir: Path, fused: bool = True, packed: bool = False):
     """The tiny model with a LoRA adapter whose B is random (seeded), so the policy differs from the reference
-    (the base) at the first step; with ``fused``, through the training's rewritten paths."""
+    (the base) at the first step; with ``fused``, through the training's rewritten paths; ``packed``: with the
+    packed attention, for packed rows."""
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
     from finetune.modeling.ops import rewrite_for_training
+    from finetune.modeling.ops.attention import VARLEN_ATTENTION, register_varlen_attention
 
+    register_varlen_attention()
+    attn = {"attn_implementation": VARLEN_ATTENTION} if packed else {}
     torch.manual_seed(0)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), _lora_config())
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **attn)
+    model = get_peft_model(base, _lora_config())
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -314,10 +319,11 @@ def test_dpo_config_defaults_and_refusals():
     assert (cfg.train.method, cfg.dpo.beta, cfg.dpo.loss, cfg.dpo.sft_weight) == ("dpo", 0.1, "sigmoid", 0.0)
     assert config_from_dict(base).train.method == "sft"
     with pytest.raises(ConfigError) as err:
-        config_from_dict({**base, "train": {"method": "dpo", "packing": True}, "lora": {"init": "pissa"},
+        config_from_dict({**base, "train": {"method": "dpo"}, "lora": {"init": "pissa"},
                           "dpo": {"beta": 0, "loss": "ipo"}})
     text = str(err.value)
-    for expected in ("train.packing: dpo trains on padded pairs", "lora.init: pissa changes the base weights",
+    assert config_from_dict({**base, "train": {"method": "dpo", "packing": True}}).train.packing is True
+    for expected in ("lora.init: pissa changes the base weights",
                      "dpo.beta: must be > 0", "dpo.loss: must be one of sigmoid, hinge"):
         assert expected in text
     with pytest.raises(ConfigError, match="data.format: preference rows train with train.method: dpo"):

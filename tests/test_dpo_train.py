@@ -107,7 +107,7 @@ def test_dpo_from_a_base_publishes_a_version_that_prefers_held_out_chosen_answer
     assert meta["config"]["train"]["method"] == "dpo" and meta["prompt_format"]["name"] == "prompt_completion"
     assert meta["dataset"]["preference"] == "prompt/chosen/rejected"
     assert meta["metrics"]["method"] == "dpo" and meta["metrics"] == record.metrics
-    assert meta["metrics"]["packing"] is False  # pairs train on padded batches
+    assert meta["metrics"]["packing"] is True  # the tiny Llama keeps packed sequences apart: pairs in packed rows
     assert {"reward_accuracy", "reward_margin", "reward_chosen", "reward_rejected"} <= set(meta["metrics"])
     assert "## Preference training" in (version.path / "README.md").read_text()
     rows = [json.loads(line) for line in Trainings(runs["reg"]).paths(record.id).metrics.read_text().splitlines()]
@@ -116,7 +116,8 @@ def test_dpo_from_a_base_publishes_a_version_that_prefers_held_out_chosen_answer
     evals = [r["eval_reward_margin"] for r in rows if "eval_reward_margin" in r]
     assert len(evals) == 2 and 0 < evals[0] < evals[1]
     log = Trainings(runs["reg"]).paths(record.id).log.read_text()
-    assert "preference pairs (prompt/chosen/rejected)" in log and "reference: the base (adapter off)" in log
+    assert "preference pairs (prompt/chosen/rejected)" in log
+    assert "reference: the base (adapter off); pairs in packed rows" in log
 
     # Independently of the trainer: plain peft on the base, held-out pairs, the model's own logits.
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)

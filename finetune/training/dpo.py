@@ -9,16 +9,27 @@ The policy is the model being trained; the reference is where it started, withou
   loaded beside the trained one under the name :data:`REFERENCE` (adapter-sized, the base is shared) and made
   the active adapter for the reference pass. Only the trained adapter is saved and published.
 
-A row's chosen and rejected sequences go through the model together, in one padded batch (chosen rows first,
-then rejected; on a CPU a step's pairs go in batches of similar lengths, as supervised rows do), and the
-reference log-probabilities are computed in the same step under ``no_grad``: a step costs about two supervised
-forwards (the reference one without a backward pass) and one backward.
+A pair's chosen and rejected sequences go through the model together: each batch holds whole pairs, its pairs'
+chosen sequences first, then their rejected ones, laid out as supervised rows are (``train.packing``, the same
+rule, and the log says which):
+
+* packed, where the model keeps packed sequences apart: end to end in one row, positions restarting per
+  sequence, ``cu_seq_lens`` marking the boundaries, filled to a multiple of ``PACK_MULTIPLE``
+  (:func:`~finetune.data.batching.collate_packed`); no padding at all. A micro-batch is one row, or more where
+  one would hold more tokens than a supervised row can (``batch_size x max_seq_len``). Sequence ``k`` is the
+  ``k``-th segment, and a filler segment, when there is one, comes last;
+* padded otherwise: sequence ``k`` is row ``k``; on a CPU a step's pairs go in batches of similar lengths, as
+  supervised rows do.
+
+The reference log-probabilities are computed on the same batch in the same step under ``no_grad``: a step costs
+about two supervised forwards (the reference one without a backward pass) and one backward.
 
 The loss per pair, with ``d = (log p(chosen) - log p_ref(chosen)) - (log p(rejected) - log p_ref(rejected))``
 (log-probabilities summed over the answer's tokens): ``sigmoid``: ``-log sigmoid(beta d)``; ``hinge``:
 ``max(0, 1 - beta d)`` (TRL's definitions), plus ``dpo.sft_weight`` times the chosen answer's mean token NLL
 (RPO's term, per answer). A step's loss is the mean over its pairs. The rewards are ``beta`` times each side's
-log-ratio; the reward accuracy is the share of pairs whose chosen reward is higher.
+log-ratio; the reward accuracy is the share of pairs whose chosen reward is higher. Packed and padded batches
+give the same figures (up to float rounding): a sequence's log-probabilities depend on that sequence alone.
 """
 
 from __future__ import annotations
@@ -31,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.batching import collate_padded, padding_groups
+from ..data.batching import PACK_MULTIPLE, collate_packed, collate_padded, padding_groups
 from ..modeling.ops.loss import CausalLMLoss
 
 REFERENCE = "reference"  # the frozen copy of a parent adapter, when the run continues one
@@ -63,13 +74,22 @@ def reference_of(model: Any, adapter: str | None) -> Iterator[None]:
         model.set_adapter(trained)
 
 
-def collate_pairs(examples: Sequence[dict], pad_token_id: int,
-                  call_cost: int | None = None) -> list[dict[str, torch.Tensor]]:
-    """Padded batches of whole pairs, each holding its pairs' chosen sequences, then their rejected ones: one batch
-    with ``call_cost`` None (GPUs), else the pairs in groups of similar lengths (:func:`padding_groups` on each
-    pair's longer side; a pair's two sequences are padded alike, so each pass of a pair costs twice its tokens).
-    The split changes no figure: a pair's loss and rewards depend on that pair alone, and the step's loss is
-    normalised by its pairs."""
+def collate_pairs(examples: Sequence[dict], pad_token_id: int, call_cost: int | None = None,
+                  packed: bool = False, row_tokens: int | None = None) -> list[dict[str, torch.Tensor]]:
+    """The model inputs of a micro-batch of pairs, each batch holding its pairs' chosen sequences, then their
+    rejected ones.
+
+    ``packed``: packed rows (:func:`~finetune.data.batching.collate_packed`, filled to a multiple of
+    ``PACK_MULTIPLE``) of whole pairs, in order; one row for them all unless it would pass ``row_tokens`` (None: no
+    bound), where a new row starts (training bounds a row as a supervised one is, ``batch_size x max_seq_len``).
+    Otherwise padded batches of whole pairs: one batch with ``call_cost`` None (GPUs), else the pairs in groups of
+    similar lengths (:func:`padding_groups` on each pair's longer side; a pair's two sequences are padded alike,
+    so each pass of a pair costs twice its tokens). Neither layout nor split changes a figure: a pair's loss and
+    rewards depend on that pair alone, and the step's loss is normalised by its pairs."""
+    if packed:
+        return [collate_packed([{"input_ids": ex[f"{side}_ids"], "labels": ex[f"{side}_labels"]}
+                                for side in ("chosen", "rejected") for ex in row], pad_token_id, PACK_MULTIPLE)
+                for row in _rows_of_pairs(examples, row_tokens)]
     lengths = [max(len(ex["chosen_ids"]), len(ex["rejected_ids"])) for ex in examples]
     groups = padding_groups(lengths, None if call_cost is None else max(1, call_cost // 2))
     batches = []
@@ -78,6 +98,20 @@ def collate_pairs(examples: Sequence[dict], pad_token_id: int,
                 for side in ("chosen", "rejected") for i in sorted(group)]  # in the examples' order
         batches.append(collate_padded(rows, pad_token_id))
     return batches
+
+
+def _rows_of_pairs(examples: Sequence[dict], row_tokens: int | None) -> list[list[dict]]:
+    """Whole pairs in order, a new row where the next pair would take a row past ``row_tokens``."""
+    rows: list[list[dict]] = [[]]
+    used = 0
+    for ex in examples:
+        tokens = len(ex["chosen_ids"]) + len(ex["rejected_ids"])
+        if rows[-1] and row_tokens is not None and used + tokens > row_tokens:
+            rows.append([])
+            used = 0
+        rows[-1].append(ex)
+        used += tokens
+    return rows
 
 
 def dpo_losses(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
@@ -107,28 +141,40 @@ class DpoLoss(nn.Module):
         self._sums = torch.zeros(len(STATS))  # on the device of the pairs once one is seen: no sync per batch
 
     def sequence_logps(self, input_ids: torch.Tensor, labels: torch.Tensor,
-                       attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per sequence (row): the summed log-probability of its labelled tokens, and how many there are."""
-        logps, rows = self.lm.label_logps(input_ids, labels, attention_mask=attention_mask)
-        seq = torch.div(rows, input_ids.shape[1], rounding_mode="floor")
-        sums = torch.zeros(input_ids.shape[0], dtype=logps.dtype, device=logps.device).index_add(0, seq, logps)
-        counts = torch.zeros(input_ids.shape[0], dtype=torch.long, device=logps.device).index_add(
+                       attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                       cu_seq_lens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per sequence (a padded batch's rows, a packed row's segments): the summed log-probability of its
+        labelled tokens, and how many there are."""
+        logps, rows = self.lm.label_logps(input_ids, labels, position_ids=position_ids,
+                                          attention_mask=attention_mask, cu_seq_lens=cu_seq_lens)
+        if cu_seq_lens is None:
+            sequences = input_ids.shape[0]
+            seq = torch.div(rows, input_ids.shape[1], rounding_mode="floor")
+        else:  # a position belongs to the segment it lies in (a segment's first token is never a target)
+            sequences = cu_seq_lens.numel() - 1
+            seq = torch.bucketize(rows, cu_seq_lens[1:].to(rows.device, rows.dtype), right=True)
+        sums = torch.zeros(sequences, dtype=logps.dtype, device=logps.device).index_add(0, seq, logps)
+        counts = torch.zeros(sequences, dtype=torch.long, device=logps.device).index_add(
             0, seq, torch.ones_like(seq))
         return sums, counts
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor,
-                attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        pairs = input_ids.shape[0] // 2
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None,
+                cu_seq_lens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        # 2 x pairs sequences, and in a packed row possibly one filler segment after them
+        pairs = (input_ids.shape[0] if cu_seq_lens is None else cu_seq_lens.numel() - 1) // 2
+        batch = dict(input_ids=input_ids, labels=labels, attention_mask=attention_mask, position_ids=position_ids,
+                     cu_seq_lens=cu_seq_lens)
         with torch.no_grad(), reference_of(self.model, self.reference):
-            ref, _ = self.sequence_logps(input_ids, labels, attention_mask)
-        logps, counts = self.sequence_logps(input_ids, labels, attention_mask)
-        chosen, rejected = logps[:pairs], logps[pairs:]
-        losses = dpo_losses(chosen, rejected, ref[:pairs], ref[pairs:], self.beta, self.loss)
+            ref, _ = self.sequence_logps(**batch)
+        logps, counts = self.sequence_logps(**batch)
+        chosen, rejected = logps[:pairs], logps[pairs:2 * pairs]
+        losses = dpo_losses(chosen, rejected, ref[:pairs], ref[pairs:2 * pairs], self.beta, self.loss)
         if self.sft_weight:
             losses = losses + self.sft_weight * (-chosen / counts[:pairs].clamp(min=1))
         with torch.no_grad():
             reward_chosen = self.beta * (chosen - ref[:pairs])
-            reward_rejected = self.beta * (rejected - ref[pairs:])
+            reward_rejected = self.beta * (rejected - ref[pairs:2 * pairs])
             step = torch.stack([torch.tensor(float(pairs), device=chosen.device),
                                 (reward_chosen > reward_rejected).sum().float(), reward_chosen.sum(),
                                 reward_rejected.sum()])

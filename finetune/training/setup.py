@@ -192,13 +192,14 @@ def load_run(run: Run) -> Loaded:
     run.log.info(format_summary(prepared.info))
 
     set_seed(tcfg.seed)  # LoRA init and dropout draw from the global generators
-    base, packing = _load_base(run, resolved, packing=not dpo)
+    base, packing = _load_base(run, resolved)
     adapter_dir = str(resolved.adapter.path) if resolved.adapter else None
     model = attach_lora(base, config.lora, adapter_dir=adapter_dir)
     reference = attach_reference(model, adapter_dir) if dpo else None
     if dpo:
         run.log.info(f"dpo: beta {config.dpo.beta}, loss {config.dpo.loss}, sft_weight {config.dpo.sft_weight}; "
-                     f"reference: {'the starting adapter, frozen' if reference else 'the base (adapter off)'}")
+                     f"reference: {'the starting adapter, frozen' if reference else 'the base (adapter off)'}; "
+                     f"pairs in {'packed rows' if packing else 'padded batches'}")
     if adapter_dir is None and config.lora.init in BASE_CHANGING_INITS:
         save_initial_adapter(model, run.paths.folder, run.main)
     run.log.info(str(rewrite_for_training(model, run.precision, run.accelerator.device)))  # the fused paths on
@@ -209,11 +210,11 @@ def load_run(run: Run) -> Loaded:
     return Loaded(resolved, tokenizer, prepared, label_counts, lengths, model, trainable, packing, reference)
 
 
-def _load_base(run: Run, resolved: ResolvedModel, packing: bool = True) -> tuple[Any, bool]:
-    """The frozen base, and whether it trains on packed rows: with ``packing: auto``, packed where loading finds
-    that the model keeps packed sequences apart, else padded (the log says why); ``true`` insists. ``packing``
-    False: padded batches whatever the config says (dpo's pairs)."""
-    dtype, wanted = torch_dtype(run.precision), run.config.train.packing if packing else False
+def _load_base(run: Run, resolved: ResolvedModel) -> tuple[Any, bool]:
+    """The frozen base, and whether it trains on packed rows (supervised rows and dpo's pairs alike): with
+    ``packing: auto``, packed where loading finds that the model keeps packed sequences apart, else padded (the
+    log says why); ``true`` insists."""
+    dtype, wanted = torch_dtype(run.precision), run.config.train.packing
     if wanted:
         try:
             return load_base_model(resolved.base, dtype, attn_implementation=VARLEN_ATTENTION), True
@@ -243,10 +244,13 @@ def build_schedule(run: Run, loaded: Loaded) -> Schedule:
     # Padded micro-batches go in groups of similar lengths on CPUs, where the padding saved outweighs the extra
     # passes; GPUs keep them whole (not measured there).
     group_cost = PAD_GROUP_CALL_COST_CPU if run.accelerator.device.type == "cpu" else None
+    # A packed row of pairs holds at most what a supervised one can (batch_size rows of max_seq_len tokens), though
+    # a micro-batch of pairs has twice the sequences: its activations stay within what supervised steps allow.
+    row_tokens = tcfg.batch_size * run.config.data.max_seq_len
 
     def batches(examples: list[dict[str, Any]]) -> list[dict[str, torch.Tensor]]:
         if dpo is not None:
-            return collate_pairs(examples, pad, group_cost)
+            return collate_pairs(examples, pad, group_cost, packed=loaded.packing, row_tokens=row_tokens)
         if loaded.packing:
             return [collate_packed(examples, pad, PACK_MULTIPLE)]
         return collate_padded_groups(examples, pad, group_cost)

@@ -86,14 +86,16 @@ class CausalLMLoss(nn.Module):
         return self.token_loss(selected, targets), count
 
     def label_logps(self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None = None,
-                    attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    attention_mask: torch.Tensor | None = None,
+                    cu_seq_lens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Per labelled position: the fp32 log-probability of its target token, and the position's flat index
         over batch x tokens (position t predicts token t+1), for losses that weigh sequences apart (DPO). A frozen
         output layer runs fused with the log-softmax, as the token loss does (:class:`_HeadLogProbs`)."""
         targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
         read = targets != IGNORE_INDEX
         rows = read.nonzero().squeeze(1)
-        inputs = dict(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False)
+        inputs = dict(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False,
+                      **({} if cu_seq_lens is None else {"cu_seq_lens_q": cu_seq_lens}))
         targets = targets.index_select(0, rows)
         with loss_rows(self.model, read):
             if logits_path(self.model) == "model":

@@ -3,7 +3,7 @@
 Packed rows hold several sequences end to end (see :mod:`finetune.batching`); position ids restart at every
 sequence and ``cu_seq_lens`` marks the boundaries. Each sequence attends only to itself: no padding, and no dense
 block-diagonal mask to build or to multiply by zero. On GPUs every sequence goes to SDPA's flash kernel; on CPUs
-short sequences take a plain two-matmul path that is faster there (see ``_MATH_MAX_LEN``). Sliding windows are
+short sequences take a plain two-matmul path that is faster there (see ``_math_max_len``). Sliding windows are
 honoured; what this path cannot compute (soft-capped logits, attention sinks, bidirectional attention) stops
 training with an error rather than training on something else.
 """
@@ -33,6 +33,10 @@ PACKING_HINT = "set train.packing: auto (the default) or false to train it on pa
 # as large (Qwen2 on the benchmark: peak RSS -80 MB at equal speed). So from 256 tokens up, in any dtype, the
 # flash kernel takes them; shorter sequences' matrices are small (1 MB per 8 heads at 256, bf16).
 _MATH_MAX_LEN = 256
+
+
+def _math_max_len(dtype: torch.dtype) -> int:
+    return _MATH_MAX_LEN  # the same in every dtype since 2026-12-08 (see above)
 
 # In bf16 and fp16, sequences are padded at their end to a multiple of this inside attention. Causal attention
 # never lets a real token see the padding (it lies in its future), so results are exact; but the matmul shapes
@@ -176,12 +180,12 @@ def _causal_attention_math(q, k, v, dropout: float, scaling: float | None,
     """Causal attention as two batched matmuls and a softmax accumulated in fp32.
 
     For short sequences this beats SDPA's CPU flash kernel, whose fixed costs dominate there (see
-    ``_MATH_MAX_LEN``); longer ones go to the flash kernel. With grouped-query attention the query heads that
+    ``_math_max_len``); longer ones go to the flash kernel. With grouped-query attention the query heads that
     share a key/value head are stacked along the query axis (``[kv_heads, groups * tokens, dim]``), so each
     key/value head is used as it is: no repeated copies, and their gradients come out of the matmuls summed.
     """
     n = q.shape[2]
-    if n > _MATH_MAX_LEN or dropout > 0:
+    if n > _math_max_len(q.dtype) or dropout > 0:
         return _causal_attention_sdpa(q, k, v, dropout, scaling, window)
     scale = scaling if scaling is not None else q.shape[-1] ** -0.5
     pad = (-n) % _len_quantum(q.dtype)
@@ -207,4 +211,4 @@ def attention_path(config, device: torch.device, dtype: torch.dtype) -> str:
     implementation = getattr(config, "_attn_implementation", None) or "default"
     if implementation != VARLEN_ATTENTION:
         return implementation
-    return f"varlen-math (<= {_MATH_MAX_LEN} tokens, SDPA above)" if device.type == "cpu" else "varlen-sdpa"
+    return f"varlen-math (<= {_math_max_len(dtype)} tokens, SDPA above)" if device.type == "cpu" else "varlen-sdpa"

@@ -23,20 +23,17 @@ from . import evaluating
 VARLEN_ATTENTION = "finetune_varlen"
 PACKING_HINT = "set train.packing: auto (the default) or false to train it on padded batches"
 
-# Inside whole bf16 training steps on CPUs, per-sequence math attention beat SDPA's CPU flash kernel in speed for
-# every length tried (BENCHMARKS.md), though in isolation the flash kernel wins on longer sequences. But the math
-# path keeps each head's score matrix (softmax output) for the backward pass, the square of the length, where the
-# flash kernel keeps one number per query: on text documents of ~500 tokens (format text, batch 8) those matrices
-# were 256 MB of a Llama step's 690 MB of saved activations, in bf16, and peak RSS 1,870 -> 1,695 MB with the
-# flash kernel above 256 tokens, at no loss of speed measurable on the shared machine (user CPU time 118 -> 112 s).
-# In fp32 the two run alike from ~256 tokens up (alone and in whole steps), and the fp32 score matrices are twice
-# as large (Qwen2 on the benchmark: peak RSS -80 MB at equal speed). So from 256 tokens up, in any dtype, the
-# flash kernel takes them; shorter sequences' matrices are small (1 MB per 8 heads at 256, bf16).
-_MATH_MAX_LEN = 256
+# Inside whole bf16 training steps on CPUs, per-sequence math attention beat SDPA's CPU flash kernel in speed and
+# peak memory for every length tried (BENCHMARKS.md), though in isolation the flash kernel wins on longer
+# sequences. In fp32 the two run alike from ~256 tokens up (alone and in whole steps), and the math path keeps an
+# fp32 score matrix per head for the backward pass, the square of the length: from there the flash kernel, which
+# keeps one number per query, takes them (Qwen2 on the benchmark: peak RSS -80 MB at equal speed).
+_MATH_MAX_LEN = 1024
+_MATH_MAX_LEN_FP32 = 256
 
 
 def _math_max_len(dtype: torch.dtype) -> int:
-    return _MATH_MAX_LEN  # the same in every dtype since 2026-12-08 (see above)
+    return _MATH_MAX_LEN_FP32 if dtype == torch.float32 else _MATH_MAX_LEN
 
 # In bf16 and fp16, sequences are padded at their end to a multiple of this inside attention. Causal attention
 # never lets a real token see the padding (it lies in its future), so results are exact; but the matmul shapes

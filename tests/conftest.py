@@ -24,10 +24,15 @@ import pytest  # noqa: E402
 
 import finetune  # noqa: E402
 
+# The files that take longest (the Ray cluster's scenarios ~2.7 min, the browser journey): under pytest-xdist they
+# start first, one worker each, while the other files fill in around them (longest first is what keeps the workers
+# busy to the end).
+LONGEST_FILES = ("test_cluster.py", "test_web_browser.py")
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Skip tests marked ``gpu`` on machines without CUDA (torch is imported only if such tests exist). Under
-    pytest-xdist, files whose tests are all ``slow`` come first."""
+    pytest-xdist, the longest files come first, then the files whose tests are all ``slow``."""
     if os.environ.get("PYTEST_XDIST_WORKER"):
         # The workers are handed whole files in this order (every worker sorts alike): the long end-to-end files
         # (the Ray cluster, the browser) start first, and short files fill in around them at the end, instead of
@@ -35,7 +40,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         files: dict[Path, bool] = {}
         for item in items:
             files[item.path] = files.get(item.path, True) and item.get_closest_marker("slow") is not None
-        items.sort(key=lambda item: not files[item.path])
+        items.sort(key=lambda item: (item.path.name not in LONGEST_FILES, not files[item.path]))
     gpu_items = [item for item in items if item.get_closest_marker("gpu")]
     if not gpu_items:
         return
@@ -55,6 +60,8 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log):
     serial run, not once per worker that got one of its tests."""
     from xdist.scheduler import LoadFileScheduling
 
+    # xdist would hand the files out by their number of tests (many short tests first), not in the order above
+    config.option.loadscopereorder = False
     return LoadFileScheduling(config, log)
 
 

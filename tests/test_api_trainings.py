@@ -24,6 +24,7 @@ import pytest
 from helpers import FakeExecutor
 from service import LiveServer, running_server
 
+from finetune.launch import free_port
 from finetune.registry import Registry
 from finetune.registry.jobs import Trainings
 from finetune.registry.sources import import_base
@@ -118,11 +119,7 @@ def receiver() -> Iterator[Receiver]:
 
 def dead_url() -> str:
     """A URL nothing listens on."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{s.getsockname()[1]}/hook"
+    return f"http://127.0.0.1:{free_port()}/hook"
 
 
 # ---------------------------------------------------------------------------------------------- the client

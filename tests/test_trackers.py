@@ -16,6 +16,7 @@ from helpers import assert_one_line_error
 from finetune.cli import main
 from finetune.config import config_from_dict
 from finetune.errors import ConfigError
+from finetune.launch import free_port
 from finetune.registry import Registry
 from finetune.registry.sources import import_base
 from finetune.tiny import sample_data_path
@@ -163,9 +164,7 @@ def test_the_log_says_where_each_tracker_writes_and_the_record_links_nowhere(run
 def test_wandb_goes_offline_without_a_key_or_a_reachable_host(monkeypatch, tmp_path: Path):
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
     assert wandb_mode({}) == ("offline", "no W&B API key (WANDB_API_KEY or `wandb login`)")
-    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # a port that was free a moment ago: nothing listens there
     mode, why = wandb_mode({"WANDB_API_KEY": "x" * 40, "WANDB_BASE_URL": f"http://127.0.0.1:{port}"}, timeout=2)
     assert (mode, why) == ("offline", "127.0.0.1 is not reachable")
     with socket.create_server(("127.0.0.1", 0)) as server:

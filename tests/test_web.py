@@ -8,6 +8,7 @@ import re
 import httpx
 import pytest
 
+from finetune.launch import free_port
 from finetune.registry.accounts import Accounts
 
 
@@ -200,9 +201,7 @@ def test_serve_open_browser_prints_a_link_that_signs_in(tmp_path):
 
     root = tmp_path / "registry"
     Registry(root).create_model("alice/mine")
-    with __import__("socket").socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "FINETUNE_HOME": str(root), "BROWSER": "true"}  # "open" the link with true(1)
     proc = subprocess.Popen([sys.executable, "-m", "finetune", "serve", "--port", str(port), "--no-access-log",
                              "--open-browser", "--web-user", "alice"],

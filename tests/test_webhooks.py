@@ -10,6 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from finetune.launch import free_port
 from finetune.registry import Registry
 from finetune.registry.jobs import TrainingRecord, Trainings, new_record_id
 from finetune.server.webhook_targets import WebhookPolicy
@@ -78,11 +79,7 @@ def test_failed_deliveries_are_retried_with_the_same_message_id(flaky_receiver) 
 
 
 def test_a_dead_receiver_never_blocks_the_sender() -> None:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        dead = f"http://127.0.0.1:{s.getsockname()[1]}/"
+    dead = f"http://127.0.0.1:{free_port()}/"
     sender = WebhookSender(attempts=2, backoff_s=0.05, timeout_s=1, policy=LOOPBACK)
     sender.start()
     t0 = time.monotonic()

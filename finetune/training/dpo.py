@@ -87,17 +87,18 @@ def collate_pairs(examples: Sequence[dict], pad_token_id: int, call_cost: int | 
     so each pass of a pair costs twice its tokens). Neither layout nor split changes a figure: a pair's loss and
     rewards depend on that pair alone, and the step's loss is normalised by its pairs."""
     if packed:
-        return [collate_packed([{"input_ids": ex[f"{side}_ids"], "labels": ex[f"{side}_labels"]}
-                                for side in ("chosen", "rejected") for ex in row], pad_token_id, PACK_MULTIPLE)
+        return [collate_packed(_sequences(row), pad_token_id, PACK_MULTIPLE)
                 for row in _rows_of_pairs(examples, row_tokens)]
     lengths = [max(len(ex["chosen_ids"]), len(ex["rejected_ids"])) for ex in examples]
     groups = padding_groups(lengths, None if call_cost is None else max(1, call_cost // 2))
-    batches = []
-    for group in groups:
-        rows = [{"input_ids": examples[i][f"{side}_ids"], "labels": examples[i][f"{side}_labels"]}
-                for side in ("chosen", "rejected") for i in sorted(group)]  # in the examples' order
-        batches.append(collate_padded(rows, pad_token_id))
-    return batches
+    # each group's pairs in the examples' order
+    return [collate_padded(_sequences([examples[i] for i in sorted(group)]), pad_token_id) for group in groups]
+
+
+def _sequences(pairs: Sequence[dict]) -> list[dict]:
+    """The pairs' chosen sequences, then their rejected ones, as examples (``input_ids``, ``labels``)."""
+    return [{"input_ids": ex[f"{side}_ids"], "labels": ex[f"{side}_labels"]}
+            for side in ("chosen", "rejected") for ex in pairs]
 
 
 def _rows_of_pairs(examples: Sequence[dict], row_tokens: int | None) -> list[list[dict]]:
@@ -169,12 +170,13 @@ class DpoLoss(nn.Module):
             ref, _ = self.sequence_logps(**batch)
         logps, counts = self.sequence_logps(**batch)
         chosen, rejected = logps[:pairs], logps[pairs:2 * pairs]
-        losses = dpo_losses(chosen, rejected, ref[:pairs], ref[pairs:2 * pairs], self.beta, self.loss)
+        ref_chosen, ref_rejected = ref[:pairs], ref[pairs:2 * pairs]
+        losses = dpo_losses(chosen, rejected, ref_chosen, ref_rejected, self.beta, self.loss)
         if self.sft_weight:
             losses = losses + self.sft_weight * (-chosen / counts[:pairs].clamp(min=1))
         with torch.no_grad():
-            reward_chosen = self.beta * (chosen - ref[:pairs])
-            reward_rejected = self.beta * (rejected - ref[pairs:2 * pairs])
+            reward_chosen = self.beta * (chosen - ref_chosen)
+            reward_rejected = self.beta * (rejected - ref_rejected)
             step = torch.stack([torch.tensor(float(pairs), device=chosen.device),
                                 (reward_chosen > reward_rejected).sum().float(), reward_chosen.sum(),
                                 reward_rejected.sum()])

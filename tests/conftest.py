@@ -34,9 +34,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """Skip tests marked ``gpu`` on machines without CUDA (torch is imported only if such tests exist). Under
     pytest-xdist, the longest files come first, then the files whose tests are all ``slow``."""
     if os.environ.get("PYTEST_XDIST_WORKER"):
-        # The workers are handed whole files in this order (every worker sorts alike): the long end-to-end files
-        # (the Ray cluster, the browser) start first, and short files fill in around them at the end, instead of
-        # one worker running a long file alone while the other has finished.
+        # The workers are handed whole files in this order (every worker sorts alike; see LONGEST_FILES).
         files: dict[Path, bool] = {}
         for item in items:
             files[item.path] = files.get(item.path, True) and item.get_closest_marker("slow") is not None
